@@ -1,0 +1,5 @@
+//! Trust and enrollment for perch: creating an org and maintaining its
+//! trust document. (Enrollment and the provisioner service come next.)
+#![forbid(unsafe_code)]
+
+pub mod org;

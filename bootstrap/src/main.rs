@@ -1,0 +1,235 @@
+//! `perch-bootstrap`: org init and trust document maintenance.
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use perch_bootstrap::org::{self, InitParams, TRUST_DOC};
+use perch_protocol::trust::{SignedTrust, TrustBody, MAX_TRUST_FILE_LEN};
+use perch_protocol::PublicKey;
+use perch_support::durable::{self, read_bounded, Replace};
+use perch_support::exit::{self, UsageError};
+use perch_support::{keyfile, now_unix};
+use serde_json::json;
+
+#[derive(Parser)]
+#[command(
+    name = "perch-bootstrap",
+    version,
+    about = "perch trust and enrollment: org init and trust documents"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create an org: root key pair and a version-1 trust document.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        /// A release public key (PREFIX.pub); repeat for each key.
+        #[arg(long = "release-key", value_name = "PUB", required = true)]
+        release_keys: Vec<PathBuf>,
+        /// How many distinct release keys must sign a bundle.
+        #[arg(long)]
+        threshold: u32,
+        /// Org name.
+        #[arg(long, default_value = "perch")]
+        org: String,
+        /// Make the trust document expire, e.g. "2y".
+        #[arg(long, value_parser = humantime::parse_duration)]
+        expires_in: Option<Duration>,
+    },
+    /// Rotate, co-sign, check and show trust documents.
+    #[command(subcommand)]
+    Trust(TrustCommand),
+}
+
+#[derive(Subcommand)]
+enum TrustCommand {
+    /// Root-sign the next version of DIR/trust.doc into OUT (needs co-signing).
+    Rotate {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long = "release-key", value_name = "PUB", required = true)]
+        release_keys: Vec<PathBuf>,
+        #[arg(long)]
+        threshold: u32,
+        #[arg(long, value_parser = humantime::parse_duration)]
+        expires_in: Option<Duration>,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Add a rotation signature by one of the current version's release keys.
+    Sign {
+        #[arg(long)]
+        key: PathBuf,
+        file: PathBuf,
+    },
+    /// Check that NEW may replace CURRENT (root signature and k-of-n rotation).
+    Verify {
+        #[arg(long)]
+        current: PathBuf,
+        new: PathBuf,
+    },
+    /// Print a trust document.
+    Show {
+        file: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("perch-bootstrap: {e:#}");
+            ExitCode::from(exit::code_for(e.chain()) as u8)
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let now = now_unix();
+    match cli.command {
+        Command::Init { dir, release_keys, threshold, org, expires_in } => {
+            let params = InitParams {
+                org,
+                release_keys: read_pubs(&release_keys)?,
+                threshold,
+                now,
+                expires_at: expires_in.map(|d| now + d.as_secs()),
+            };
+            let mut seed = [0u8; 32];
+            getrandom::getrandom(&mut seed).context("reading OS randomness")?;
+            let doc = org::init(&dir, &seed, params).map_err(usage_unless_io)?;
+            let b = doc.unverified_body();
+            println!("created org '{}' in {}", b.org, dir.display());
+            println!(
+                "  root key   {} ({}; keep it offline)",
+                b.root_key.id(),
+                dir.join(org::ROOT_KEY).display()
+            );
+            println!(
+                "  trust doc  {} version {}, {} of {} release keys",
+                dir.join(TRUST_DOC).display(),
+                b.version,
+                b.threshold,
+                b.release_keys.len()
+            );
+            println!("  fingerprint {}", hex::encode(doc.fingerprint()));
+            Ok(())
+        }
+        Command::Trust(TrustCommand::Rotate { dir, release_keys, threshold, expires_in, out }) => {
+            let current = read_trust(&dir.join(TRUST_DOC))?;
+            let params = InitParams {
+                org: String::new(),
+                release_keys: read_pubs(&release_keys)?,
+                threshold,
+                now,
+                expires_at: expires_in.map(|d| now + d.as_secs()),
+            };
+            let next = org::rotate(&dir, &current, params).map_err(usage_unless_io)?;
+            durable::write_bytes(&out, 0o644, Replace::Refuse, &next.to_bytes())?;
+            let cur = current.unverified_body();
+            println!(
+                "wrote {} (version {}); it needs rotation signatures from {} of the {} current release keys: `perch-bootstrap trust sign --key KEY {}`",
+                out.display(),
+                next.unverified_body().version,
+                cur.threshold,
+                cur.release_keys.len(),
+                out.display()
+            );
+            Ok(())
+        }
+        Command::Trust(TrustCommand::Sign { key, file }) => {
+            let key = keyfile::read_secret(&key)?;
+            let mut doc = read_trust(&file)?;
+            if doc.add_rotation_signature(&key) {
+                durable::write_bytes(&file, 0o644, Replace::Allow, &doc.to_bytes())?;
+                println!("added rotation signature by key {}", key.public().id());
+            } else {
+                println!(
+                    "{} already carries a signature by key {}; nothing changed",
+                    file.display(),
+                    key.public().id()
+                );
+            }
+            Ok(())
+        }
+        Command::Trust(TrustCommand::Verify { current, new }) => {
+            let cur = read_trust(&current)?
+                .verify_anchor(now, None)
+                .with_context(|| current.display().to_string())?;
+            let next =
+                read_trust(&new)?.verify_rotation(&cur, now).with_context(|| new.display().to_string())?;
+            println!(
+                "OK {} may replace version {} with version {}",
+                new.display(),
+                cur.body().version,
+                next.body().version
+            );
+            Ok(())
+        }
+        Command::Trust(TrustCommand::Show { file, json }) => {
+            let doc = read_trust(&file)?;
+            show(&doc, json);
+            Ok(())
+        }
+    }
+}
+
+fn show(doc: &SignedTrust, json: bool) {
+    let b: &TrustBody = doc.unverified_body();
+    let ids = |keys: &[PublicKey]| keys.iter().map(|k| k.id().to_string()).collect::<Vec<_>>();
+    let rotation: Vec<String> = doc.rotation_signers().map(|k| k.to_string()).collect();
+    if json {
+        let doc = json!({
+            "org": b.org,
+            "version": b.version,
+            "issued_at": b.issued_at,
+            "expires_at": b.expires_at,
+            "root_key": b.root_key.id().to_string(),
+            "release_keys": ids(&b.release_keys),
+            "threshold": b.threshold,
+            "issuing_keys": ids(&b.issuing_keys),
+            "rotation_signers": rotation,
+            "fingerprint": hex::encode(doc.fingerprint()),
+        });
+        println!("{doc}");
+        return;
+    }
+    println!("org          {}", b.org);
+    println!("version      {}", b.version);
+    println!("fingerprint  {}", hex::encode(doc.fingerprint()));
+    println!("root key     {}", b.root_key.id());
+    println!("release keys {} (threshold {})", ids(&b.release_keys).join(" "), b.threshold);
+    println!("issuing keys {}", ids(&b.issuing_keys).join(" "));
+    println!("expires      {}", b.expires_at.map(|e| e.to_string()).unwrap_or_else(|| "never".into()));
+    println!("rotation sigs {}", rotation.join(" "));
+}
+
+fn read_pubs(paths: &[PathBuf]) -> Result<Vec<PublicKey>> {
+    paths.iter().map(|p| Ok(keyfile::read_public(p)?)).collect()
+}
+
+fn read_trust(path: &Path) -> Result<SignedTrust> {
+    let bytes = read_bounded(path, MAX_TRUST_FILE_LEN)?;
+    SignedTrust::parse(&bytes).with_context(|| path.display().to_string())
+}
+
+/// Org errors are the operator's to fix (existing org, bad threshold),
+/// except plain I/O failures.
+fn usage_unless_io(e: org::OrgError) -> anyhow::Error {
+    match e {
+        org::OrgError::CreateDir { .. } | org::OrgError::Key(_) | org::OrgError::Write(_) => e.into(),
+        other => UsageError(other.to_string()).into(),
+    }
+}

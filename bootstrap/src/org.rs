@@ -1,0 +1,101 @@
+//! The org directory: `root.key` (0600), `root.pub` and `trust.doc`.
+
+use std::path::{Path, PathBuf};
+
+use perch_protocol::trust::{SignedTrust, TrustBody, TrustError};
+use perch_protocol::{PublicKey, SecretKey};
+use perch_support::durable::{self, Replace, WriteError};
+use perch_support::keyfile::{self, KeyFileError};
+
+pub const ROOT_KEY: &str = "root.key";
+pub const ROOT_PUB: &str = "root.pub";
+pub const TRUST_DOC: &str = "trust.doc";
+
+/// Why an org could not be created or its trust document changed.
+#[derive(Debug, thiserror::Error)]
+pub enum OrgError {
+    #[error("{} already holds an org ({}); refusing to overwrite it", dir.display(), found.display())]
+    Exists { dir: PathBuf, found: PathBuf },
+    #[error("creating {}", path.display())]
+    CreateDir { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Key(#[from] KeyFileError),
+    #[error(transparent)]
+    Write(#[from] WriteError),
+    #[error(transparent)]
+    Trust(#[from] TrustError),
+}
+
+/// What `init` is asked to create.
+pub struct InitParams {
+    pub org: String,
+    pub release_keys: Vec<PublicKey>,
+    pub threshold: u32,
+    pub now: u64,
+    pub expires_at: Option<u64>,
+}
+
+/// Creates a new org in `dir`: a fresh root key and a version-1 trust document.
+pub fn init(dir: &Path, root_seed: &[u8; 32], p: InitParams) -> Result<SignedTrust, OrgError> {
+    for name in [ROOT_KEY, ROOT_PUB, TRUST_DOC] {
+        let found = dir.join(name);
+        if found.exists() {
+            return Err(OrgError::Exists { dir: dir.into(), found });
+        }
+    }
+    std::fs::create_dir_all(dir).map_err(|source| OrgError::CreateDir { path: dir.into(), source })?;
+    let root = SecretKey::from_seed(root_seed);
+    let body = TrustBody {
+        org: p.org,
+        version: 1,
+        issued_at: p.now,
+        expires_at: p.expires_at,
+        root_key: root.public(),
+        release_keys: p.release_keys,
+        threshold: p.threshold,
+        issuing_keys: Vec::new(),
+    };
+    // Check the document before any file exists, so a bad threshold leaves nothing behind.
+    let doc = SignedTrust::create(body, &root)?;
+    keyfile::write_pair(&dir.join("root"), &root)?;
+    durable::write_bytes(&dir.join(TRUST_DOC), 0o644, Replace::Refuse, &doc.to_bytes())?;
+    Ok(doc)
+}
+
+/// Root-signs the next version of the org's trust document. It still needs
+/// rotation signatures from a threshold of the current release keys.
+pub fn rotate(dir: &Path, current: &SignedTrust, p: InitParams) -> Result<SignedTrust, OrgError> {
+    let root = keyfile::read_secret(&dir.join(ROOT_KEY))?;
+    let cur = current.unverified_body();
+    let body = TrustBody {
+        org: cur.org.clone(),
+        version: cur.version + 1,
+        issued_at: p.now,
+        expires_at: p.expires_at,
+        root_key: root.public(),
+        release_keys: p.release_keys,
+        threshold: p.threshold,
+        issuing_keys: cur.issuing_keys.clone(),
+    };
+    Ok(SignedTrust::create(body, &root)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(keys: Vec<PublicKey>, threshold: u32) -> InitParams {
+        InitParams { org: "acme".into(), release_keys: keys, threshold, now: 100, expires_at: None }
+    }
+
+    #[test]
+    fn init_refuses_existing_org_and_bad_threshold_leaves_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let rel = SecretKey::from_seed(&[2; 32]).public();
+        let bad = init(d.path(), &[1; 32], params(vec![rel], 2));
+        assert!(matches!(bad, Err(OrgError::Trust(_))));
+        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 0);
+        init(d.path(), &[1; 32], params(vec![rel], 1)).unwrap();
+        assert!(matches!(init(d.path(), &[9; 32], params(vec![rel], 1)), Err(OrgError::Exists { .. })));
+    }
+}

@@ -1,0 +1,273 @@
+//! `perch`: the operator's CLI.
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use perch_fleet::build::{build_bundle, BuildError};
+use perch_fleet::sign::{sign_file, SignOutcome};
+use perch_fleet::verify::verify_file;
+use perch_protocol::bundle::{BundleHead, BundleReader, Manifest, ManifestParams, PayloadKind};
+use perch_protocol::limits::DEFAULT_CHUNK_SIZE;
+use perch_protocol::SecretKey;
+use perch_support::exit::{self, UsageError};
+use perch_support::trustfile::load_trust;
+use perch_support::{keyfile, now_unix};
+use serde_json::json;
+
+#[derive(Parser)]
+#[command(name = "perch", version, about = "perch operator CLI: release keys and signed bundles")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Make a release key pair: PREFIX.key (mode 0600) and PREFIX.pub.
+    Keygen {
+        /// Path prefix of the two files.
+        #[arg(long, value_name = "PREFIX")]
+        out: PathBuf,
+    },
+    /// Build, sign, verify and inspect bundles.
+    #[command(subcommand)]
+    Bundle(BundleCommand),
+}
+
+#[derive(Subcommand)]
+enum BundleCommand {
+    /// Build an unsigned bundle from an image file or a directory.
+    Build(BuildArgs),
+    /// Add one signature to a bundle, in place and atomically.
+    Sign {
+        /// The release secret key (PREFIX.key).
+        #[arg(long)]
+        key: PathBuf,
+        file: PathBuf,
+    },
+    /// Check a bundle completely: signatures, threshold, expiry, every chunk.
+    Verify {
+        /// The org trust document.
+        #[arg(long)]
+        trust: PathBuf,
+        file: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a bundle's manifest and signers without verifying them.
+    Inspect {
+        file: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Kind {
+    Image,
+    Archive,
+}
+
+#[derive(Args)]
+struct BuildArgs {
+    /// Bundle name (A-Z a-z 0-9 - _).
+    #[arg(long)]
+    name: String,
+    /// Release counter, monotonic per name.
+    #[arg(long)]
+    counter: u64,
+    /// image: raw bytes for a block slot; archive: a directory for a dir slot.
+    #[arg(long, value_enum)]
+    kind: Kind,
+    /// The image file, or the directory to archive.
+    #[arg(long)]
+    input: PathBuf,
+    #[arg(long)]
+    out: PathBuf,
+    /// Chunk size in bytes (one chunk travels as one NATS message).
+    #[arg(long, default_value_t = DEFAULT_CHUNK_SIZE)]
+    chunk_size: u32,
+    /// A compatible device target; repeat for several. None means any target.
+    #[arg(long = "target", value_name = "T")]
+    targets: Vec<String>,
+    /// Display version (defaults to the counter).
+    #[arg(long = "release-version", value_name = "V")]
+    version: Option<String>,
+    /// Refuse the bundle after this long, e.g. "90d".
+    #[arg(long, value_parser = humantime::parse_duration)]
+    expires_in: Option<Duration>,
+    /// Lowest agent version able to install it.
+    #[arg(long)]
+    min_agent_version: Option<String>,
+    /// Signed permission to install below a device's highest committed counter.
+    #[arg(long)]
+    allow_downgrade: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("perch: {e:#}");
+            ExitCode::from(exit::code_for(e.chain()) as u8)
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Keygen { out } => keygen(&out),
+        Command::Bundle(BundleCommand::Build(args)) => build(args),
+        Command::Bundle(BundleCommand::Sign { key, file }) => {
+            let key = keyfile::read_secret(&key)?;
+            match sign_file(&file, &key)? {
+                SignOutcome::Added(id) => println!("signed {} with key {id}", file.display()),
+                SignOutcome::AlreadySigned(id) => {
+                    println!("{} is already signed by key {id}; nothing changed", file.display())
+                }
+            }
+            Ok(())
+        }
+        Command::Bundle(BundleCommand::Verify { trust, file, json }) => verify(&trust, &file, json),
+        Command::Bundle(BundleCommand::Inspect { file, json }) => inspect(&file, json),
+    }
+}
+
+fn keygen(prefix: &Path) -> Result<()> {
+    let mut seed = [0u8; 32];
+    getrandom::getrandom(&mut seed).context("reading OS randomness")?;
+    let key = SecretKey::from_seed(&seed);
+    let (secret, public) = keyfile::write_pair(prefix, &key)?;
+    println!("key id {}", key.public().id());
+    println!("secret {} (keep it offline; mode 0600)", secret.display());
+    println!("public {}", public.display());
+    Ok(())
+}
+
+fn build(a: BuildArgs) -> Result<()> {
+    let now = now_unix();
+    let params = ManifestParams {
+        name: a.name,
+        counter: a.counter,
+        version: a.version.unwrap_or_else(|| a.counter.to_string()),
+        targets: a.targets,
+        kind: match a.kind {
+            Kind::Image => PayloadKind::Image,
+            Kind::Archive => PayloadKind::Archive,
+        },
+        chunk_size: a.chunk_size,
+        created_at: now,
+        expires_at: a.expires_in.map(|d| now.saturating_add(d.as_secs())),
+        min_agent_version: a.min_agent_version,
+        allow_downgrade: a.allow_downgrade,
+    };
+    if !a.input.exists() {
+        return Err(UsageError(format!("{}: no such file or directory", a.input.display())).into());
+    }
+    let manifest = build_bundle(params, &a.input, &a.out).map_err(|e| match e {
+        BuildError::InvalidParams(m) => anyhow::Error::new(UsageError(m)),
+        BuildError::Archive(e) => anyhow::Error::new(UsageError(e.to_string())),
+        other => other.into(),
+    })?;
+    println!(
+        "built {} ({} {}, {} bytes in {} chunks); unsigned: sign it with `perch bundle sign`",
+        a.out.display(),
+        manifest.name,
+        manifest.counter,
+        manifest.payload_len,
+        manifest.chunk_count()
+    );
+    Ok(())
+}
+
+fn verify(trust: &Path, file: &Path, json: bool) -> Result<()> {
+    let now = now_unix();
+    if !file.is_file() {
+        return Err(UsageError(format!("{}: no such bundle file", file.display())).into());
+    }
+    let trust = load_trust(trust, now)?;
+    let verified = verify_file(&trust, file, now)?;
+    let m = verified.manifest();
+    let signers: Vec<String> = verified.signers().iter().map(|k| k.to_string()).collect();
+    if json {
+        let mut doc = manifest_json(m);
+        doc["verified"] = json!(true);
+        doc["digest"] = json!(verified.digest().to_string());
+        doc["signers"] = json!(signers);
+        doc["threshold"] = json!(trust.threshold());
+        println!("{doc}");
+    } else {
+        println!(
+            "OK {}: {} counter {} (version {}), {} chunks, sha256 {}, signed by {} of {} required: {}",
+            file.display(),
+            m.name,
+            m.counter,
+            m.version,
+            m.chunk_count(),
+            hex::encode(m.payload_sha256),
+            signers.len(),
+            trust.threshold(),
+            signers.join(", ")
+        );
+    }
+    Ok(())
+}
+
+fn inspect(file: &Path, json: bool) -> Result<()> {
+    let f = std::fs::File::open(file).map_err(|e| UsageError(format!("{}: {e}", file.display())))?;
+    let reader = BundleReader::open(f).with_context(|| file.display().to_string())?;
+    let head: &BundleHead = reader.head();
+    let m = head.unverified_manifest();
+    let sigs: Vec<String> = head.signatures().iter().map(|s| s.key_id.to_string()).collect();
+    if json {
+        let mut doc = manifest_json(m);
+        doc["verified"] = json!(false);
+        doc["digest"] = json!(head.digest().to_string());
+        doc["signatures"] = json!(sigs);
+        println!("{doc}");
+        return Ok(());
+    }
+    let targets = if m.targets.is_empty() { "any".to_string() } else { m.targets.join(", ") };
+    println!("{} (NOT verified: run `perch bundle verify` to check it)", file.display());
+    println!("  name        {}", m.name);
+    println!("  counter     {}", m.counter);
+    println!("  version     {}", m.version);
+    println!("  kind        {}", m.kind.as_str());
+    println!("  payload     {} bytes in {} chunks of {}", m.payload_len, m.chunk_count(), m.chunk_size);
+    println!("  sha256      {}", hex::encode(m.payload_sha256));
+    println!("  digest      {}", head.digest());
+    println!("  targets     {targets}");
+    println!("  created     {}", time(m.created_at));
+    println!("  expires     {}", m.expires_at.map(time).unwrap_or_else(|| "never".into()));
+    println!("  min agent   {}", m.min_agent_version.as_deref().unwrap_or("any"));
+    println!("  downgrade   {}", if m.allow_downgrade { "allowed" } else { "refused" });
+    println!("  signatures  {} {}", sigs.len(), sigs.join(" "));
+    Ok(())
+}
+
+fn manifest_json(m: &Manifest) -> serde_json::Value {
+    json!({
+        "name": m.name,
+        "counter": m.counter,
+        "version": m.version,
+        "kind": m.kind.as_str(),
+        "targets": m.targets,
+        "payload_len": m.payload_len,
+        "chunk_size": m.chunk_size,
+        "chunk_count": m.chunk_count(),
+        "payload_sha256": hex::encode(m.payload_sha256),
+        "created_at": m.created_at,
+        "expires_at": m.expires_at,
+        "min_agent_version": m.min_agent_version,
+        "allow_downgrade": m.allow_downgrade,
+    })
+}
+
+fn time(unix: u64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(unix)).to_string()
+}

@@ -1,0 +1,103 @@
+//! The `.perch` bundle format.
+//!
+//! ```text
+//! header      magic "PERCHBDL", format version, manifest len, signatures len
+//! manifest    postcard Manifest (signed)
+//! signatures  postcard [(key id, ed25519 signature over the manifest)]
+//! payload     the chunks, one after another
+//! ```
+//!
+//! Reading is streaming and check-before-use: [`BundleReader::open`] parses
+//! the head, [`BundleReader::verify`] checks the signatures against a
+//! [`VerifiedTrust`](crate::trust::VerifiedTrust) and only then hands out a
+//! [`VerifiedBundle`], which yields each chunk after its hash matched.
+
+mod manifest;
+mod reader;
+mod writer;
+
+pub use manifest::{Manifest, PayloadKind};
+pub use reader::{verify_stream, BundleReader, PayloadHasher, VerifiedBundle, VerifiedManifest};
+pub use writer::{BundleHead, ManifestBuilder, ManifestParams};
+
+use crate::keys::SignatureCheckError;
+
+pub const BUNDLE_MAGIC: &[u8; 8] = b"PERCHBDL";
+pub const BUNDLE_FORMAT_VERSION: u16 = 1;
+/// Context string mixed into every manifest signature.
+pub(crate) const MANIFEST_CONTEXT: &[u8] = b"perch/bundle-manifest/v1\0";
+
+/// Identifies a bundle: the SHA-256 of its manifest bytes. Two bundles with
+/// the same digest have the same payload (the manifest lists every chunk hash).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct BundleDigest(pub [u8; 32]);
+
+impl core::fmt::Display for BundleDigest {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+/// Which part of the bundle a truncation or size error is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Section {
+    Header,
+    Manifest,
+    Signatures,
+    Payload,
+}
+
+impl core::fmt::Display for Section {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            Section::Header => "header",
+            Section::Manifest => "manifest",
+            Section::Signatures => "signatures",
+            Section::Payload => "payload",
+        })
+    }
+}
+
+/// Why a bundle was refused or could not be read.
+///
+/// Everything but [`BundleError::Io`] is a security rejection (exit code 3).
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    #[error("not a perch bundle (bad magic)")]
+    BadMagic,
+    #[error("unsupported bundle format version {0} (this build reads {BUNDLE_FORMAT_VERSION})")]
+    UnsupportedVersion(u16),
+    #[error("bundle header: reserved bytes are not zero")]
+    Reserved,
+    #[error("bundle truncated in the {0}")]
+    Truncated(Section),
+    #[error("bundle {section} is {len} bytes, over the {max}-byte limit")]
+    TooLarge { section: Section, len: u32, max: u32 },
+    #[error("bundle {section} is malformed: {detail}")]
+    Malformed { section: Section, detail: String },
+    #[error("bundle manifest is invalid: {0}")]
+    InvalidManifest(String),
+    #[error(transparent)]
+    Signatures(#[from] SignatureCheckError),
+    #[error("bundle expired at {expires_at} (now {now})")]
+    Expired { expires_at: u64, now: u64 },
+    #[error("chunk {index} of {count}: sha256 mismatch")]
+    ChunkMismatch { index: u32, count: u32 },
+    #[error("chunk {index} of {count}: length {got}, expected {expected}")]
+    ChunkLength { index: u32, count: u32, got: usize, expected: usize },
+    #[error("chunk {index} is out of range (bundle has {count})")]
+    ChunkOutOfRange { index: u32, count: u32 },
+    #[error("payload sha256 mismatch (every chunk matched, the whole-payload digest did not)")]
+    PayloadMismatch,
+    #[error("bundle has unexpected data after the payload")]
+    TrailingData,
+    #[error("reading bundle")]
+    Io(#[source] std::io::Error),
+}
+
+impl BundleError {
+    /// True for rejections of the bundle itself, false for I/O trouble.
+    pub fn is_security(&self) -> bool {
+        !matches!(self, BundleError::Io(_))
+    }
+}
