@@ -1,1 +1,46 @@
-fn main() {}
+//! Developer automation for perch: `cargo xtask <setup|ci|demo|cross|bench>`.
+
+mod bench;
+mod ci;
+mod cross;
+mod demo;
+mod docs;
+mod setup;
+mod util;
+
+use anyhow::{bail, Result};
+
+const USAGE: &str = "usage: cargo xtask <command>
+
+commands:
+  setup               install what perch needs on Debian (idempotent)
+  ci                  the whole test suite, exactly as CI runs it
+  demo                walk through the release flow on this machine
+  cross [TARGET...]   release perch-agent for the ARM targets with Debian's rustc 1.85
+  bench verify [--size-mib N]   bundle verify throughput against sha256sum and openssl
+  docs                build the Hugo site and check its links";
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("xtask: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let rest = args.get(1..).unwrap_or_default();
+    match args.first().map(String::as_str) {
+        Some("setup") => setup::run(),
+        Some("ci") => ci::run(),
+        Some("demo") => demo::run(),
+        Some("cross") => cross::run(rest).map(drop),
+        Some("bench") => bench::run(rest),
+        Some("docs") => docs::run(),
+        Some("-h" | "--help" | "help") => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        _ => bail!("{USAGE}"),
+    }
+}

@@ -1,0 +1,33 @@
+//! `cargo xtask ci`: every check, in the order a failure is cheapest to see.
+
+use std::time::Instant;
+
+use anyhow::Result;
+
+use crate::util::{cargo, sh, step};
+
+pub fn run() -> Result<()> {
+    let started = Instant::now();
+    crate::setup::run()?;
+
+    step("format");
+    sh(cargo().args(["fmt", "--all", "--check"]))?;
+
+    step("clippy");
+    sh(cargo().args(["clippy", "--workspace", "--all-targets", "--locked", "--", "-D", "warnings"]))?;
+
+    step("tests");
+    // The end-to-end tests run the real binaries; build them first.
+    sh(cargo().args(["build", "--workspace", "--bins", "--locked"]))?;
+    sh(cargo().args(["test", "--workspace", "--locked"]))?;
+
+    crate::docs::run()?;
+
+    for (target, bin) in crate::cross::run(&[])? {
+        step(&format!("qemu: {} --version", target.triple));
+        crate::cross::qemu_version(target, &bin)?;
+    }
+
+    step(&format!("ci passed in {:.0?}", started.elapsed()));
+    Ok(())
+}

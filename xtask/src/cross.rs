@@ -1,0 +1,98 @@
+//! `cargo xtask cross`: release `perch-agent` for the ARM targets with
+//! Debian's rustc 1.85 (the MSRV), linked by the Debian cross gcc.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{bail, Result};
+
+use crate::setup::{sysroot, ARM_ARCHES};
+use crate::util::{root, sh, step};
+
+pub struct Target {
+    pub triple: &'static str,
+    pub arch: &'static str,
+    /// qemu-user binary and its `-L` prefix for dynamic builds.
+    pub qemu: &'static str,
+    pub qemu_prefix: Option<&'static str>,
+    pub static_crt: bool,
+}
+
+pub const TARGETS: &[Target] = &[
+    Target {
+        triple: "aarch64-unknown-linux-gnu",
+        arch: "arm64",
+        qemu: "qemu-aarch64-static",
+        qemu_prefix: None,
+        static_crt: true,
+    },
+    Target {
+        triple: "armv7-unknown-linux-gnueabihf",
+        arch: "armhf",
+        qemu: "qemu-arm-static",
+        qemu_prefix: Some("/usr/arm-linux-gnueabihf"),
+        static_crt: false,
+    },
+];
+
+/// Builds the agent for each requested target (all by default); returns the binaries.
+pub fn run(args: &[String]) -> Result<Vec<(&'static Target, PathBuf)>> {
+    let mut out = Vec::new();
+    for t in TARGETS {
+        if !args.is_empty() && !args.iter().any(|a| a == t.triple) {
+            continue;
+        }
+        out.push((t, build(t)?));
+    }
+    if out.is_empty() {
+        let known: Vec<_> = TARGETS.iter().map(|t| t.triple).collect();
+        bail!("unknown target; known: {}", known.join(", "));
+    }
+    Ok(out)
+}
+
+fn build(t: &Target) -> Result<PathBuf> {
+    step(&format!("cross: perch-agent for {} with Debian's rustc 1.85", t.triple));
+    debug_assert!(ARM_ARCHES.iter().any(|(a, _)| *a == t.arch));
+    let sysroot = sysroot(t.arch);
+    if !sysroot.join("lib/rustlib").join(t.triple).is_dir() {
+        bail!("{} is missing: run `cargo xtask setup` first", sysroot.display());
+    }
+    let mut rustflags = format!("--sysroot={}", sysroot.display());
+    if t.static_crt {
+        rustflags.push_str(" -C target-feature=+crt-static");
+    }
+    let target_dir = root().join("target/cross");
+    let mut c = Command::new("/usr/bin/cargo");
+    // Debian's cargo and rustc, not rustup's: this build is the MSRV check.
+    for var in ["RUSTUP_TOOLCHAIN", "RUSTC", "RUSTC_WRAPPER", "RUSTFLAGS", "CARGO_BUILD_RUSTFLAGS", "CARGO_TARGET_DIR"] {
+        c.env_remove(var);
+    }
+    c.current_dir(root())
+        .env("RUSTC", "/usr/bin/rustc")
+        .env("CARGO_TARGET_DIR", &target_dir)
+        .env(format!("CARGO_TARGET_{}_RUSTFLAGS", t.triple.to_uppercase().replace('-', "_")), &rustflags)
+        .args(["build", "--locked", "--release", "-p", "perch-agent", "--target", t.triple]);
+    sh(&mut c)?;
+    let bin = target_dir.join(t.triple).join("release/perch-agent");
+    let size = std::fs::metadata(&bin)?.len();
+    println!("built {} ({} bytes, {:.2} MiB)", bin.display(), size, size as f64 / 1048576.0);
+    Ok(bin)
+}
+
+/// Runs `perch-agent --version` under qemu-user and checks the answer.
+pub fn qemu_version(t: &Target, bin: &PathBuf) -> Result<()> {
+    let mut c = Command::new(t.qemu);
+    if let Some(prefix) = t.qemu_prefix {
+        c.args(["-L", prefix]);
+    }
+    c.arg(bin).arg("--version");
+    println!("$ {}", crate::util::show(&c));
+    let out = c.output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    print!("{text}");
+    if !out.status.success() || !text.starts_with("perch-agent ") {
+        bail!("{} --version under {} failed: {}", t.triple, t.qemu, String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
