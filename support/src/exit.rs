@@ -12,6 +12,7 @@ use perch_protocol::trust::TrustError;
 
 use crate::durable::{ReadError, WriteError};
 use crate::keyfile::KeyFileError;
+use crate::trustfile::LoadTrustError;
 
 pub const SUCCESS: i32 = 0;
 pub const RUNTIME: i32 = 1;
@@ -43,7 +44,7 @@ pub fn code_for<'a>(chain: impl IntoIterator<Item = &'a (dyn std::error::Error +
         }
         if let Some(k) = e.downcast_ref::<KeyFileError>() {
             return match k {
-                KeyFileError::Read(ReadError::Io { source, .. }) if !is_missing(source) => RUNTIME,
+                KeyFileError::Read(r) => read_code(r),
                 KeyFileError::Write(WriteError::Io { .. }) => RUNTIME,
                 _ => USAGE,
             };
@@ -51,11 +52,27 @@ pub fn code_for<'a>(chain: impl IntoIterator<Item = &'a (dyn std::error::Error +
         if let Some(WriteError::Exists(_)) = e.downcast_ref::<WriteError>() {
             return USAGE;
         }
-        if let Some(ReadError::Io { source, .. }) = e.downcast_ref::<ReadError>() {
-            return if is_missing(source) { USAGE } else { RUNTIME };
+        if let Some(r) = e.downcast_ref::<ReadError>() {
+            return read_code(r);
+        }
+        if let Some(t) = e.downcast_ref::<LoadTrustError>() {
+            return match t {
+                // An oversized trust document is hostile input, not a typo.
+                LoadTrustError::Read(ReadError::TooLarge { .. }) => SECURITY,
+                LoadTrustError::Read(r) => read_code(r),
+                LoadTrustError::Trust { .. } => SECURITY,
+            };
         }
     }
     RUNTIME
+}
+
+/// A named file that is missing or too large is the operator's to fix.
+fn read_code(r: &ReadError) -> i32 {
+    match r {
+        ReadError::Io { source, .. } if !is_missing(source) => RUNTIME,
+        _ => USAGE,
+    }
 }
 
 fn is_missing(e: &std::io::Error) -> bool {

@@ -1,1 +1,92 @@
+//! Helpers for perch's end-to-end tests: locate the real binaries and run
+//! them in a scratch directory.
+#![forbid(unsafe_code)]
 
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// Path of a workspace binary (`perch`, `perch-agent`, `perch-bootstrap`)
+/// built next to this test executable.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is not built; run `cargo build --workspace --bins` (cargo xtask ci does)",
+        path.display()
+    );
+    path
+}
+
+/// Result of one CLI run.
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl From<Output> for Run {
+    fn from(o: Output) -> Self {
+        Run {
+            code: o.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+}
+
+/// A scratch directory where commands run.
+pub struct Scratch {
+    pub dir: tempfile::TempDir,
+}
+
+impl Default for Scratch {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Scratch {
+    pub fn new() -> Self {
+        Scratch { dir: tempfile::tempdir().expect("tempdir") }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// Runs `program args...` in the scratch directory.
+    pub fn run(&self, program: &str, args: &[&str]) -> Run {
+        Command::new(bin(program)).args(args).current_dir(self.dir.path()).output().expect("spawn").into()
+    }
+
+    /// Runs and asserts the exit code, returning the output.
+    pub fn ok(&self, program: &str, args: &[&str]) -> Run {
+        let r = self.run(program, args);
+        assert_eq!(r.code, 0, "{program} {args:?} failed: {}", r.stderr);
+        r
+    }
+
+    /// An org with `n` release keys `k1..kn` and the given threshold, in `org/`.
+    pub fn org(&self, n: usize, threshold: u32) {
+        let mut args = vec!["init".to_string(), "--dir".into(), "org".into()];
+        for i in 1..=n {
+            self.ok("perch", &["keygen", "--out", &format!("k{i}")]);
+            args.push("--release-key".into());
+            args.push(format!("k{i}.pub"));
+        }
+        args.push("--threshold".into());
+        args.push(threshold.to_string());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.ok("perch-bootstrap", &args);
+    }
+
+    /// Writes `len` pseudo-random bytes to `rel`.
+    pub fn write_payload(&self, rel: &str, len: usize, seed: u8) -> Vec<u8> {
+        let data: Vec<u8> = (0..len).map(|i| ((i * 7919) as u8) ^ seed ^ ((i >> 8) as u8)).collect();
+        std::fs::write(self.path(rel), &data).expect("write payload");
+        data
+    }
+}

@@ -50,11 +50,29 @@ fn verify(args: &[String]) -> Result<()> {
     quiet(Command::new(&perch).args(["keygen", "--out", "k1"]))?;
     quiet(Command::new(&perch).args(["keygen", "--out", "k2"]))?;
     quiet(Command::new(bin.join("perch-bootstrap")).args([
-        "init", "--dir", "org", "--release-key", "k1.pub", "--release-key", "k2.pub", "--threshold", "2",
+        "init",
+        "--dir",
+        "org",
+        "--release-key",
+        "k1.pub",
+        "--release-key",
+        "k2.pub",
+        "--threshold",
+        "2",
     ]))?;
     quiet(Command::new(&perch).args([
-        "bundle", "build", "--name", "bench", "--counter", "1", "--kind", "image", "--input", "payload.img",
-        "--out", "b.perch",
+        "bundle",
+        "build",
+        "--name",
+        "bench",
+        "--counter",
+        "1",
+        "--kind",
+        "image",
+        "--input",
+        "payload.img",
+        "--out",
+        "b.perch",
     ]))?;
     quiet(Command::new(&perch).args(["bundle", "sign", "--key", "k1.key", "b.perch"]))?;
     quiet(Command::new(&perch).args(["bundle", "sign", "--key", "k2.key", "b.perch"]))?;
@@ -63,10 +81,13 @@ fn verify(args: &[String]) -> Result<()> {
     let bytes = (mib << 20) as f64;
     let sha256sum = best(&dir, Command::new("sha256sum").arg("payload.img"))?;
     let openssl = best(&dir, Command::new("openssl").args(["dgst", "-sha256", "payload.img"]))?;
-    let verify = best(&dir, Command::new(&perch).args(["bundle", "verify", "--trust", "org/trust.doc", "b.perch"]))?;
+    let verify =
+        best(&dir, Command::new(&perch).args(["bundle", "verify", "--trust", "org/trust.doc", "b.perch"]))?;
     let rate = |d: Duration| bytes / d.as_secs_f64() / 1e6;
     println!("{:<28} {:>10} {:>12}", "command", "seconds", "MB/s");
-    for (name, d) in [("sha256sum", sha256sum), ("openssl dgst -sha256", openssl), ("perch bundle verify", verify)] {
+    for (name, d) in
+        [("sha256sum", sha256sum), ("openssl dgst -sha256", openssl), ("perch bundle verify", verify)]
+    {
         println!("{name:<28} {:>10.3} {:>12.0}", d.as_secs_f64(), rate(d));
     }
     println!();

@@ -65,7 +65,14 @@ fn build(t: &Target) -> Result<PathBuf> {
     let target_dir = root().join("target/cross");
     let mut c = Command::new("/usr/bin/cargo");
     // Debian's cargo and rustc, not rustup's: this build is the MSRV check.
-    for var in ["RUSTUP_TOOLCHAIN", "RUSTC", "RUSTC_WRAPPER", "RUSTFLAGS", "CARGO_BUILD_RUSTFLAGS", "CARGO_TARGET_DIR"] {
+    for var in [
+        "RUSTUP_TOOLCHAIN",
+        "RUSTC",
+        "RUSTC_WRAPPER",
+        "RUSTFLAGS",
+        "CARGO_BUILD_RUSTFLAGS",
+        "CARGO_TARGET_DIR",
+    ] {
         c.env_remove(var);
     }
     c.current_dir(root())

@@ -19,7 +19,8 @@ impl Demo {
     fn sh(&self, program: &str, args: &[&str], expect: i32) -> Result<String> {
         println!("  $ {program} {}", args.join(" "));
         let out = Command::new(self.bin.join(program)).args(args).current_dir(&self.dir).output()?;
-        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let text =
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         for line in text.lines() {
             println!("    {line}");
         }
@@ -40,8 +41,19 @@ fn say(n: u32, text: &str) {
 
 pub fn run() -> Result<()> {
     println!("perch demo: signed bundles from key to device check\n(building the binaries first)");
-    sh(cargo().args(["build", "-q", "--bins", "-p", "perch-fleet", "-p", "perch-bootstrap", "-p", "perch-agent"]))?;
-    let target_dir = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target"));
+    sh(cargo().args([
+        "build",
+        "-q",
+        "--bins",
+        "-p",
+        "perch-fleet",
+        "-p",
+        "perch-bootstrap",
+        "-p",
+        "perch-agent",
+    ]))?;
+    let target_dir =
+        std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target"));
     let dir = target_dir.join("demo");
     if dir.exists() {
         fs::remove_dir_all(&dir)?;
@@ -58,7 +70,21 @@ pub fn run() -> Result<()> {
     say(2, "The org is created offline: a root key signs a trust document that says any 2 of the 3 release keys may sign a release.");
     d.sh(
         "perch-bootstrap",
-        &["init", "--dir", "org", "--org", "demo", "--release-key", "alice.pub", "--release-key", "bob.pub", "--release-key", "carol.pub", "--threshold", "2"],
+        &[
+            "init",
+            "--dir",
+            "org",
+            "--org",
+            "demo",
+            "--release-key",
+            "alice.pub",
+            "--release-key",
+            "bob.pub",
+            "--release-key",
+            "carol.pub",
+            "--threshold",
+            "2",
+        ],
         0,
     )?;
 
@@ -66,7 +92,24 @@ pub fn run() -> Result<()> {
     write_image(&dir.join("rootfs.img"), 4 << 20)?;
     d.sh(
         "perch",
-        &["bundle", "build", "--name", "drone-os", "--counter", "7", "--release-version", "2.4.1", "--kind", "image", "--input", "rootfs.img", "--out", "drone-os.perch", "--target", "aarch64-drone"],
+        &[
+            "bundle",
+            "build",
+            "--name",
+            "drone-os",
+            "--counter",
+            "7",
+            "--release-version",
+            "2.4.1",
+            "--kind",
+            "image",
+            "--input",
+            "rootfs.img",
+            "--out",
+            "drone-os.perch",
+            "--target",
+            "aarch64-drone",
+        ],
         0,
     )?;
 
@@ -104,17 +147,42 @@ pub fn run() -> Result<()> {
     fs::write(dir.join("app/VERSION"), "1.0.0\n")?;
     d.sh(
         "perch",
-        &["bundle", "build", "--name", "desk-app", "--counter", "1", "--kind", "archive", "--input", "app", "--out", "desk-app.perch", "--target", "x86_64-desktop"],
+        &[
+            "bundle",
+            "build",
+            "--name",
+            "desk-app",
+            "--counter",
+            "1",
+            "--kind",
+            "archive",
+            "--input",
+            "app",
+            "--out",
+            "desk-app.perch",
+            "--target",
+            "x86_64-desktop",
+        ],
         0,
     )?;
     d.sh("perch", &["bundle", "sign", "--key", "bob.key", "desk-app.perch"], 0)?;
     d.sh("perch", &["bundle", "sign", "--key", "carol.key", "desk-app.perch"], 0)?;
 
     say(10, "On a device, the agent runs the same checks offline, including the device's target.");
-    d.sh("perch-agent", &["check", "--trust", "org/trust.doc", "--target", "x86_64-desktop", "desk-app.perch"], 0)?;
-    d.sh("perch-agent", &["check", "--trust", "org/trust.doc", "--target", "x86_64-desktop", "drone-os.perch"], 3)?;
+    d.sh(
+        "perch-agent",
+        &["check", "--trust", "org/trust.doc", "--target", "x86_64-desktop", "desk-app.perch"],
+        0,
+    )?;
+    d.sh(
+        "perch-agent",
+        &["check", "--trust", "org/trust.doc", "--target", "x86_64-desktop", "drone-os.perch"],
+        3,
+    )?;
 
-    println!("\nDemo complete: every good bundle verified, every damaged or under-signed one refused with exit 3.");
+    println!(
+        "\nDemo complete: every good bundle verified, every damaged or under-signed one refused with exit 3."
+    );
     println!("Files are in {}; nothing is left running.", dir.display());
     Ok(())
 }

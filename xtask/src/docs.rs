@@ -59,7 +59,8 @@ fn links(html: &str) -> Vec<String> {
             rest = &rest[i + attr.len()..];
             let Some(end) = rest.find('"') else { break };
             let v = &rest[..end];
-            let external = v.contains("://") || v.starts_with("mailto:") || v.starts_with('#') || v.is_empty();
+            let external =
+                v.contains("://") || v.starts_with("mailto:") || v.starts_with('#') || v.is_empty();
             if !external {
                 found.push(v.to_string());
             }

@@ -21,8 +21,14 @@ pub struct BundleReader<R> {
 impl<R: Read> BundleReader<R> {
     /// Reads and parses the header, manifest and signatures. Reads no payload.
     pub fn open(mut r: R) -> Result<Self, BundleError> {
-        let mut header = [0u8; HEADER_LEN];
-        read_exact(&mut r, &mut header, Section::Header)?;
+        // Read what is there first, so that a short file that is not a bundle
+        // at all is called that, rather than a truncated bundle.
+        let mut got = Vec::with_capacity(HEADER_LEN);
+        r.by_ref().take(HEADER_LEN as u64).read_to_end(&mut got).map_err(BundleError::Io)?;
+        if got.len() >= BUNDLE_MAGIC.len() && got[..BUNDLE_MAGIC.len()] != BUNDLE_MAGIC[..] {
+            return Err(BundleError::BadMagic);
+        }
+        let header: [u8; HEADER_LEN] = got.try_into().map_err(|_| BundleError::Truncated(Section::Header))?;
         let frame = codec::decode_header(BUNDLE_MAGIC, &header).map_err(|e| match e {
             FrameError::BadMagic => BundleError::BadMagic,
             FrameError::Reserved => BundleError::Reserved,

@@ -1,0 +1,196 @@
+//! Property tests for the bundle format: round trips, and rejection of every
+//! kind of damage (flipped bytes, truncation, arbitrary input).
+
+use std::io::Cursor;
+
+use perch_protocol::bundle::{
+    verify_stream, BundleError, BundleHead, BundleReader, ManifestBuilder, ManifestParams, PayloadKind,
+};
+use perch_protocol::trust::{SignedTrust, TrustBody, VerifiedTrust};
+use perch_protocol::SecretKey;
+use proptest::prelude::*;
+
+const NOW: u64 = 1_800_000_000;
+
+fn key(n: u8) -> SecretKey {
+    SecretKey::from_seed(&[n; 32])
+}
+
+fn trust(n: u8, threshold: u32) -> VerifiedTrust {
+    let root = key(200);
+    let body = TrustBody {
+        org: "acme".into(),
+        version: 1,
+        issued_at: NOW - 10,
+        expires_at: None,
+        root_key: root.public(),
+        release_keys: (1..=n).map(|i| key(i).public()).collect(),
+        threshold,
+        issuing_keys: vec![],
+    };
+    SignedTrust::create(body, &root).unwrap().verify_anchor(NOW, None).unwrap()
+}
+
+fn params(chunk_size: u32) -> ManifestParams {
+    ManifestParams {
+        name: "app".into(),
+        counter: 3,
+        version: "1.0".into(),
+        targets: vec!["aarch64-drone".into()],
+        kind: PayloadKind::Image,
+        chunk_size,
+        created_at: NOW - 5,
+        expires_at: None,
+        min_agent_version: None,
+        allow_downgrade: false,
+    }
+}
+
+fn build(payload: &[u8], chunk_size: u32, signers: &[u8]) -> Vec<u8> {
+    let mut b = ManifestBuilder::new(params(chunk_size)).unwrap();
+    b.update(payload);
+    let mut head = BundleHead::new(b.finish().unwrap()).unwrap();
+    for s in signers {
+        head.add_signature(&key(*s)).unwrap();
+    }
+    let mut out = Vec::new();
+    head.write_to(&mut out).unwrap();
+    out.extend_from_slice(payload);
+    out
+}
+
+fn verify(bytes: &[u8], trust: &VerifiedTrust) -> Result<Vec<u8>, BundleError> {
+    let mut got = Vec::new();
+    verify_stream(Cursor::new(bytes), trust, NOW, |_, c| {
+        got.extend_from_slice(c);
+        Ok(())
+    })?;
+    Ok(got)
+}
+
+fn payload(len: usize, seed: u8) -> Vec<u8> {
+    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+}
+
+#[test]
+fn every_single_byte_flip_and_every_truncation_is_refused() {
+    let t = trust(3, 2);
+    let bytes = build(&payload(5000, 1), 1024, &[1, 2, 3]);
+    assert_eq!(verify(&bytes, &t).unwrap(), payload(5000, 1));
+    for i in 0..bytes.len() {
+        for mask in [0x01u8, 0x80, 0xff] {
+            let mut b = bytes.clone();
+            b[i] ^= mask;
+            let e = verify(&b, &t).expect_err(&format!("flip {mask:#x} at {i} accepted"));
+            assert!(e.is_security(), "flip at {i}: {e}");
+        }
+    }
+    for n in 0..bytes.len() {
+        let e = verify(&bytes[..n], &t).expect_err(&format!("truncation to {n} accepted"));
+        assert!(e.is_security());
+    }
+    let mut longer = bytes.clone();
+    longer.push(0);
+    assert!(matches!(verify(&longer, &t), Err(BundleError::TrailingData)));
+}
+
+#[test]
+fn named_failures() {
+    let t = trust(3, 2);
+    let bytes = build(&payload(5000, 1), 1024, &[1, 2]);
+    let head_len = bytes.len() - 5000;
+    let mut b = bytes.clone();
+    b[head_len + 3 * 1024 + 7] ^= 1;
+    assert_eq!(verify(&b, &t).unwrap_err().to_string(), "chunk 3 of 5: sha256 mismatch");
+    let mut b = bytes.clone();
+    b[8] = 9;
+    assert_eq!(
+        verify(&b, &t).unwrap_err().to_string(),
+        "unsupported bundle format version 9 (this build reads 1)"
+    );
+    let one = build(&payload(5000, 1), 1024, &[1]);
+    assert_eq!(
+        verify(&one, &t).unwrap_err().to_string(),
+        "threshold not met: 1 valid signature(s), 2 required"
+    );
+    let stray = build(&payload(5000, 1), 1024, &[1, 2, 9]);
+    assert!(verify(&stray, &t).unwrap_err().to_string().starts_with("signature by unknown key"));
+    assert!(verify(b"PERCHXXX", &t).unwrap_err().to_string().contains("bad magic"));
+}
+
+#[test]
+fn expired_bundles_are_refused() {
+    let t = trust(1, 1);
+    let mut p = params(1024);
+    p.expires_at = Some(NOW);
+    let mut b = ManifestBuilder::new(p).unwrap();
+    b.update(&[1; 10]);
+    let mut head = BundleHead::new(b.finish().unwrap()).unwrap();
+    head.add_signature(&key(1)).unwrap();
+    let mut out = Vec::new();
+    head.write_to(&mut out).unwrap();
+    out.extend_from_slice(&[1; 10]);
+    assert!(matches!(verify(&out, &t), Err(BundleError::Expired { .. })));
+}
+
+#[test]
+fn signing_twice_adds_nothing() {
+    let mut b = ManifestBuilder::new(params(1024)).unwrap();
+    b.update(&[0; 100]);
+    let mut head = BundleHead::new(b.finish().unwrap()).unwrap();
+    assert!(head.add_signature(&key(1)).unwrap());
+    assert!(!head.add_signature(&key(1)).unwrap());
+    assert_eq!(head.signatures().len(), 1);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, .. ProptestConfig::default() })]
+
+    #[test]
+    fn round_trip(len in 1usize..20_000, chunk in prop::sample::select(vec![1024u32, 1500, 4096]), seed: u8) {
+        let t = trust(2, 2);
+        let p = payload(len, seed);
+        let bytes = build(&p, chunk, &[2, 1]);
+        prop_assert_eq!(verify(&bytes, &t).unwrap(), p);
+        let reader = BundleReader::open(Cursor::new(&bytes)).unwrap();
+        let m = reader.head().unverified_manifest();
+        prop_assert_eq!(m.payload_len, len as u64);
+        prop_assert_eq!(m.chunk_count() as usize, len.div_ceil(chunk as usize));
+    }
+
+    #[test]
+    fn any_corruption_is_refused(len in 1usize..6000, at: prop::sample::Index, mask in 1u8..=255, cut: prop::sample::Index) {
+        let t = trust(2, 1);
+        let bytes = build(&payload(len, 7), 1024, &[1]);
+        let mut flipped = bytes.clone();
+        let i = at.index(bytes.len());
+        flipped[i] ^= mask;
+        prop_assert!(verify(&flipped, &t).is_err());
+        let n = cut.index(bytes.len());
+        prop_assert!(verify(&bytes[..n], &t).is_err());
+    }
+
+    #[test]
+    fn arbitrary_input_never_panics(data in prop::collection::vec(any::<u8>(), 0..4096)) {
+        let t = trust(1, 1);
+        let _ = verify(&data, &t);
+        let mut with_magic = b"PERCHBDL\x01\x00\x00\x00".to_vec();
+        with_magic.extend_from_slice(&data);
+        let _ = verify(&with_magic, &t);
+        let _ = SignedTrust::parse(&data);
+        let mut trust_magic = b"PERCHTRU\x01\x00\x00\x00".to_vec();
+        trust_magic.extend_from_slice(&data);
+        let _ = SignedTrust::parse(&trust_magic);
+    }
+
+    #[test]
+    fn hostile_lengths_are_bounded(a: u32, b: u32) {
+        // Huge declared section lengths with nothing behind them must fail
+        // fast, without allocating what they claim.
+        let mut bytes = b"PERCHBDL\x01\x00\x00\x00".to_vec();
+        bytes.extend_from_slice(&a.to_le_bytes());
+        bytes.extend_from_slice(&b.to_le_bytes());
+        let e = verify(&bytes, &trust(1, 1)).unwrap_err();
+        prop_assert!(e.is_security());
+    }
+}

@@ -1,0 +1,456 @@
+//! The CLI contract for keys, orgs and bundles, run against the real binaries.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+
+use perch_tests::Scratch;
+
+fn signed_bundle(s: &Scratch, len: usize, chunk: u32) {
+    s.write_payload("img", len, 1);
+    s.ok(
+        "perch",
+        &[
+            "bundle",
+            "build",
+            "--name",
+            "app",
+            "--counter",
+            "5",
+            "--kind",
+            "image",
+            "--input",
+            "img",
+            "--out",
+            "b.perch",
+            "--chunk-size",
+            &chunk.to_string(),
+            "--target",
+            "aarch64-drone",
+        ],
+    );
+    s.ok("perch", &["bundle", "sign", "--key", "k1.key", "b.perch"]);
+    s.ok("perch", &["bundle", "sign", "--key", "k2.key", "b.perch"]);
+}
+
+fn verify(s: &Scratch, file: &str) -> perch_tests::Run {
+    s.run("perch", &["bundle", "verify", "--trust", "org/trust.doc", file])
+}
+
+#[test]
+fn every_binary_answers_help_and_version() {
+    let s = Scratch::new();
+    for b in ["perch", "perch-agent", "perch-bootstrap"] {
+        let v = s.ok(b, &["--version"]);
+        assert!(v.stdout.starts_with(&format!("{b} ")), "{}", v.stdout);
+        assert!(s.ok(b, &["--help"]).stdout.contains("Usage"));
+        assert_eq!(s.run(b, &["--no-such-flag"]).code, 2);
+    }
+}
+
+#[test]
+fn keygen_writes_a_private_key_and_never_overwrites() {
+    let s = Scratch::new();
+    s.ok("perch", &["keygen", "--out", "rel"]);
+    let mode = fs::metadata(s.path("rel.key")).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    assert!(fs::read_to_string(s.path("rel.pub")).unwrap().starts_with("perch-ed25519-public "));
+    let before = fs::read(s.path("rel.key")).unwrap();
+    let again = s.run("perch", &["keygen", "--out", "rel"]);
+    assert_eq!(again.code, 2, "{}", again.stderr);
+    assert_eq!(fs::read(s.path("rel.key")).unwrap(), before);
+}
+
+#[test]
+fn init_writes_the_org_and_refuses_to_overwrite_it() {
+    let s = Scratch::new();
+    s.org(3, 2);
+    let mode = fs::metadata(s.path("org/root.key")).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    assert!(s.path("org/root.pub").is_file());
+    let doc = fs::read(s.path("org/trust.doc")).unwrap();
+    let again =
+        s.run("perch-bootstrap", &["init", "--dir", "org", "--release-key", "k1.pub", "--threshold", "1"]);
+    assert_eq!(again.code, 2, "{}", again.stderr);
+    assert!(again.stderr.contains("refusing to overwrite"));
+    assert_eq!(fs::read(s.path("org/trust.doc")).unwrap(), doc);
+    // A threshold above the number of keys is a usage error, and leaves nothing.
+    let bad =
+        s.run("perch-bootstrap", &["init", "--dir", "org2", "--release-key", "k1.pub", "--threshold", "2"]);
+    assert_eq!(bad.code, 2, "{}", bad.stderr);
+    assert!(!s.path("org2/root.key").exists());
+    let show = s.ok("perch-bootstrap", &["trust", "show", "--json", "org/trust.doc"]);
+    let v: serde_json::Value = serde_json::from_str(&show.stdout).unwrap();
+    assert_eq!(v["threshold"], 2);
+    assert_eq!(v["release_keys"].as_array().unwrap().len(), 3);
+}
+
+#[test]
+fn build_sign_verify_with_threshold() {
+    let s = Scratch::new();
+    s.org(3, 2);
+    s.write_payload("img", 300_000, 3);
+    s.ok(
+        "perch",
+        &[
+            "bundle",
+            "build",
+            "--name",
+            "app",
+            "--counter",
+            "1",
+            "--kind",
+            "image",
+            "--input",
+            "img",
+            "--out",
+            "b.perch",
+        ],
+    );
+    let unsigned = verify(&s, "b.perch");
+    assert_eq!(unsigned.code, 3);
+    assert_eq!(unsigned.stderr.lines().count(), 1, "{}", unsigned.stderr);
+    assert!(unsigned.stderr.contains("threshold not met: 0 valid signature(s), 2 required"));
+    s.ok("perch", &["bundle", "sign", "--key", "k1.key", "b.perch"]);
+    let signed_once = fs::read(s.path("b.perch")).unwrap();
+    s.ok("perch", &["bundle", "sign", "--key", "k1.key", "b.perch"]);
+    assert_eq!(
+        fs::read(s.path("b.perch")).unwrap(),
+        signed_once,
+        "second signature by one key changed the file"
+    );
+    assert_eq!(verify(&s, "b.perch").code, 3);
+    s.ok("perch", &["bundle", "sign", "--key", "k3.key", "b.perch"]);
+    let ok = s.ok("perch", &["bundle", "verify", "--trust", "org/trust.doc", "--json", "b.perch"]);
+    let v: serde_json::Value = serde_json::from_str(&ok.stdout).unwrap();
+    assert_eq!(v["verified"], true);
+    assert_eq!(v["signers"].as_array().unwrap().len(), 2);
+    assert_eq!(v["chunk_count"], 2);
+    let insp = s.ok("perch", &["bundle", "inspect", "--json", "b.perch"]);
+    let v: serde_json::Value = serde_json::from_str(&insp.stdout).unwrap();
+    assert_eq!(v["verified"], false);
+    assert_eq!(v["payload_len"], 300_000);
+    assert_eq!(v["chunk_size"], 262_144);
+    assert_eq!(v["kind"], "image");
+}
+
+#[test]
+fn a_key_outside_the_trust_document_is_refused() {
+    let s = Scratch::new();
+    s.org(2, 1);
+    s.ok("perch", &["keygen", "--out", "stranger"]);
+    s.write_payload("img", 5000, 1);
+    s.ok(
+        "perch",
+        &[
+            "bundle",
+            "build",
+            "--name",
+            "app",
+            "--counter",
+            "1",
+            "--kind",
+            "image",
+            "--input",
+            "img",
+            "--out",
+            "b.perch",
+        ],
+    );
+    s.ok("perch", &["bundle", "sign", "--key", "stranger.key", "b.perch"]);
+    let r = verify(&s, "b.perch");
+    assert_eq!(r.code, 3);
+    assert!(r.stderr.contains("unknown key"), "{}", r.stderr);
+}
+
+/// The promise: any single flipped byte, anywhere, exits 3 with one line.
+#[test]
+fn every_flipped_byte_and_truncation_exits_3() {
+    let s = Scratch::new();
+    s.org(2, 2);
+    signed_bundle(&s, 9000, 2048);
+    let good = fs::read(s.path("b.perch")).unwrap();
+    assert_eq!(verify(&s, "b.perch").code, 0);
+    let payload_start = good.len() - 9000;
+    // Every byte of header, manifest and signatures; every 97th of the payload.
+    let positions = (0..payload_start).chain((payload_start..good.len()).step_by(97)).chain([good.len() - 1]);
+    for i in positions {
+        let mut bad = good.clone();
+        bad[i] ^= 0x20;
+        fs::write(s.path("bad.perch"), &bad).unwrap();
+        let r = verify(&s, "bad.perch");
+        assert_eq!(r.code, 3, "flip at {i} exited {}: {}", r.code, r.stderr);
+        assert_eq!(r.stderr.lines().count(), 1, "flip at {i}: {}", r.stderr);
+        assert!(!r.stderr.contains("panicked"));
+    }
+    for n in (0..good.len()).step_by(41) {
+        fs::write(s.path("cut.perch"), &good[..n]).unwrap();
+        let r = verify(&s, "cut.perch");
+        assert_eq!(r.code, 3, "truncation at {n} exited {}: {}", r.code, r.stderr);
+    }
+}
+
+#[test]
+fn failures_name_what_failed() {
+    let s = Scratch::new();
+    s.org(2, 2);
+    signed_bundle(&s, 10 * 1024, 2048);
+    let good = fs::read(s.path("b.perch")).unwrap();
+    let payload_start = good.len() - 10 * 1024;
+    let mut bad = good.clone();
+    bad[payload_start + 3 * 2048 + 5] ^= 1;
+    fs::write(s.path("bad.perch"), &bad).unwrap();
+    assert!(verify(&s, "bad.perch").stderr.contains("chunk 3 of 5: sha256 mismatch"));
+    let mut v2 = good.clone();
+    v2[8] = 2;
+    fs::write(s.path("v2.perch"), &v2).unwrap();
+    let r = verify(&s, "v2.perch");
+    assert_eq!(r.code, 3);
+    assert!(r.stderr.contains("unsupported bundle format version 2"), "{}", r.stderr);
+    fs::write(s.path("junk.perch"), b"hello, this is not a bundle at all").unwrap();
+    let r = verify(&s, "junk.perch");
+    assert_eq!(r.code, 3);
+    assert!(r.stderr.contains("bad magic"), "{}", r.stderr);
+    let r = s.run("perch", &["bundle", "inspect", "junk.perch"]);
+    assert_eq!(r.code, 3);
+}
+
+#[test]
+fn a_damaged_bundle_is_never_signed() {
+    let s = Scratch::new();
+    s.org(2, 2);
+    signed_bundle(&s, 5000, 1024);
+    let mut bad = fs::read(s.path("b.perch")).unwrap();
+    let n = bad.len();
+    bad[n - 10] ^= 1;
+    fs::write(s.path("b.perch"), &bad).unwrap();
+    s.ok("perch", &["keygen", "--out", "k9"]);
+    let r = s.run("perch", &["bundle", "sign", "--key", "k9.key", "b.perch"]);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert_eq!(fs::read(s.path("b.perch")).unwrap(), bad, "file changed");
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let s = Scratch::new();
+    s.org(1, 1);
+    s.write_payload("img", 100, 1);
+    let build = |extra: &[&str]| {
+        let mut a = vec![
+            "bundle",
+            "build",
+            "--name",
+            "app",
+            "--counter",
+            "1",
+            "--kind",
+            "image",
+            "--input",
+            "img",
+            "--out",
+            "b.perch",
+        ];
+        a.extend_from_slice(extra);
+        s.run("perch", &a)
+    };
+    assert_eq!(build(&["--chunk-size", "10"]).code, 2);
+    assert_eq!(build(&["--target", "bad target"]).code, 2);
+    assert_eq!(
+        s.run(
+            "perch",
+            &[
+                "bundle",
+                "build",
+                "--name",
+                "a.b",
+                "--counter",
+                "1",
+                "--kind",
+                "image",
+                "--input",
+                "img",
+                "--out",
+                "x"
+            ]
+        )
+        .code,
+        2
+    );
+    assert_eq!(
+        s.run(
+            "perch",
+            &[
+                "bundle",
+                "build",
+                "--name",
+                "a",
+                "--counter",
+                "1",
+                "--kind",
+                "image",
+                "--input",
+                "missing",
+                "--out",
+                "x"
+            ]
+        )
+        .code,
+        2
+    );
+    assert_eq!(s.run("perch", &["bundle", "verify", "--trust", "org/trust.doc", "missing.perch"]).code, 2);
+    assert_eq!(s.run("perch", &["bundle", "verify", "--trust", "nope.doc", "img"]).code, 2);
+    fs::set_permissions(s.path("k1.key"), fs::Permissions::from_mode(0o644)).unwrap();
+    let r = s.run("perch", &["bundle", "sign", "--key", "k1.key", "img"]);
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("chmod 600"), "{}", r.stderr);
+}
+
+#[test]
+fn archive_bundles_are_deterministic_and_unpack_to_the_tree() {
+    let s = Scratch::new();
+    s.org(1, 1);
+    fs::create_dir_all(s.path("tree/etc")).unwrap();
+    fs::write(s.path("tree/etc/app.conf"), "port=80\n").unwrap();
+    fs::write(s.path("tree/run.sh"), "#!/bin/sh\n").unwrap();
+    fs::set_permissions(s.path("tree/run.sh"), fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::symlink("run.sh", s.path("tree/start")).unwrap();
+    let build = |out: &str| {
+        s.ok(
+            "perch",
+            &[
+                "bundle",
+                "build",
+                "--name",
+                "app",
+                "--counter",
+                "1",
+                "--kind",
+                "archive",
+                "--input",
+                "tree",
+                "--out",
+                out,
+            ],
+        );
+        let v: serde_json::Value =
+            serde_json::from_str(&s.ok("perch", &["bundle", "inspect", "--json", out]).stdout).unwrap();
+        v["payload_sha256"].as_str().unwrap().to_string()
+    };
+    let first = build("a.perch");
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    fs::write(s.path("tree/etc/app.conf"), "port=80\n").unwrap(); // same content, new mtime
+    assert_eq!(build("b.perch"), first);
+    s.ok("perch", &["bundle", "sign", "--key", "k1.key", "a.perch"]);
+    s.ok("perch", &["bundle", "verify", "--trust", "org/trust.doc", "a.perch"]);
+    s.ok("perch-agent", &["check", "--trust", "org/trust.doc", "a.perch"]);
+    // The payload is a tar of the tree.
+    let bytes = fs::read(s.path("a.perch")).unwrap();
+    let reader = perch_protocol::bundle::BundleReader::open(&bytes[..]).unwrap();
+    let len = reader.head().unverified_manifest().payload_len as usize;
+    fs::write(s.path("p.tar"), &bytes[bytes.len() - len..]).unwrap();
+    let out =
+        std::process::Command::new("tar").args(["-tvf", "p.tar"]).current_dir(s.dir.path()).output().unwrap();
+    let listing = String::from_utf8_lossy(&out.stdout);
+    assert!(listing.contains("etc/app.conf"), "{listing}");
+    assert!(listing.contains("-rwxr-xr-x"), "{listing}");
+    assert!(listing.contains("start -> run.sh"), "{listing}");
+}
+
+#[test]
+fn the_agent_refuses_a_bundle_for_another_target() {
+    let s = Scratch::new();
+    s.org(2, 2);
+    signed_bundle(&s, 5000, 1024);
+    s.ok("perch-agent", &["check", "--trust", "org/trust.doc", "--target", "aarch64-drone", "b.perch"]);
+    let r =
+        s.run("perch-agent", &["check", "--trust", "org/trust.doc", "--target", "x86_64-desktop", "b.perch"]);
+    assert_eq!(r.code, 3);
+    assert!(r.stderr.contains("not 'x86_64-desktop'"));
+}
+
+#[test]
+fn trust_rotation_needs_a_threshold_of_the_current_keys() {
+    let s = Scratch::new();
+    s.org(3, 2);
+    s.ok("perch", &["keygen", "--out", "k4"]);
+    s.ok(
+        "perch-bootstrap",
+        &[
+            "trust",
+            "rotate",
+            "--dir",
+            "org",
+            "--release-key",
+            "k2.pub",
+            "--release-key",
+            "k3.pub",
+            "--release-key",
+            "k4.pub",
+            "--threshold",
+            "2",
+            "--out",
+            "next.doc",
+        ],
+    );
+    let check = || s.run("perch-bootstrap", &["trust", "verify", "--current", "org/trust.doc", "next.doc"]);
+    let r = check();
+    assert_eq!(r.code, 3);
+    assert!(r.stderr.contains("threshold not met"), "{}", r.stderr);
+    s.ok("perch-bootstrap", &["trust", "sign", "--key", "k1.key", "next.doc"]);
+    assert_eq!(check().code, 3);
+    s.ok("perch-bootstrap", &["trust", "sign", "--key", "k4.key", "next.doc"]);
+    let r = check();
+    assert_eq!(r.code, 3, "a key that is not in the current version must not count");
+    assert!(r.stderr.contains("unknown key"), "{}", r.stderr);
+}
+
+#[test]
+fn trust_rotation_accepted_with_threshold() {
+    let s = Scratch::new();
+    s.org(3, 2);
+    s.ok(
+        "perch-bootstrap",
+        &[
+            "trust",
+            "rotate",
+            "--dir",
+            "org",
+            "--release-key",
+            "k2.pub",
+            "--release-key",
+            "k3.pub",
+            "--threshold",
+            "1",
+            "--out",
+            "next.doc",
+        ],
+    );
+    s.ok("perch-bootstrap", &["trust", "sign", "--key", "k1.key", "next.doc"]);
+    s.ok("perch-bootstrap", &["trust", "sign", "--key", "k2.key", "next.doc"]);
+    let r = s.ok("perch-bootstrap", &["trust", "verify", "--current", "org/trust.doc", "next.doc"]);
+    assert!(r.stdout.contains("version 1 with version 2"), "{}", r.stdout);
+    // And a corrupted trust document is refused everywhere it is used.
+    let mut doc = fs::read(s.path("org/trust.doc")).unwrap();
+    doc[30] ^= 1;
+    fs::write(s.path("org/trust.doc"), &doc).unwrap();
+    s.write_payload("img", 100, 1);
+    s.ok(
+        "perch",
+        &[
+            "bundle",
+            "build",
+            "--name",
+            "a",
+            "--counter",
+            "1",
+            "--kind",
+            "image",
+            "--input",
+            "img",
+            "--out",
+            "b.perch",
+        ],
+    );
+    let r = verify(&s, "b.perch");
+    assert_eq!(r.code, 3);
+    assert!(r.stderr.contains("trust.doc"), "{}", r.stderr);
+}
