@@ -246,6 +246,20 @@ mod tests {
         assert_eq!(pk.id().to_string().len(), 16);
     }
 
+    proptest::proptest! {
+        #[test]
+        fn key_text_never_panics(s in "\\PC{0,200}") {
+            let _ = PublicKey::from_text(&s);
+            let _ = SecretKey::from_text(&s);
+        }
+
+        #[test]
+        fn key_text_round_trips(seed: [u8; 32]) {
+            let sk = SecretKey::from_seed(&seed);
+            proptest::prop_assert_eq!(PublicKey::from_text(&sk.public().to_text()).unwrap(), sk.public());
+        }
+    }
+
     #[test]
     fn rejects_swapped_and_garbled_files() {
         let sk = SecretKey::from_seed(&[1; 32]);

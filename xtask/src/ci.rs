@@ -4,7 +4,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 
-use crate::util::{cargo, sh, step};
+use crate::util::{cargo, root, sh, step};
 
 pub fn run() -> Result<()> {
     let started = Instant::now();
@@ -23,9 +23,18 @@ pub fn run() -> Result<()> {
 
     crate::docs::run()?;
 
+    step("msrv: the whole workspace with Debian's rustc 1.85");
+    sh(&mut crate::cross::debian_cargo(&root().join("target/msrv")).args([
+        "check",
+        "--workspace",
+        "--all-targets",
+        "--locked",
+    ]))?;
+
     for (target, bin) in crate::cross::run(&[])? {
-        step(&format!("qemu: {} --version", target.triple));
+        step(&format!("qemu: {} perch-agent", target.triple));
         crate::cross::qemu_version(target, &bin)?;
+        crate::cross::qemu_check(target, &bin)?;
     }
 
     step(&format!("ci passed in {:.0?}", started.elapsed()));

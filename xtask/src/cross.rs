@@ -1,7 +1,7 @@
 //! `cargo xtask cross`: release `perch-agent` for the ARM targets with
 //! Debian's rustc 1.85 (the MSRV), linked by the Debian cross gcc.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Result};
@@ -87,13 +87,92 @@ fn build(t: &Target) -> Result<PathBuf> {
     Ok(bin)
 }
 
-/// Runs `perch-agent --version` under qemu-user and checks the answer.
-pub fn qemu_version(t: &Target, bin: &PathBuf) -> Result<()> {
+/// Debian's cargo and rustc 1.85 (not rustup's): builds with it prove the MSRV.
+pub fn debian_cargo(target_dir: &Path) -> Command {
+    let mut c = Command::new("/usr/bin/cargo");
+    for var in [
+        "RUSTUP_TOOLCHAIN",
+        "RUSTC",
+        "RUSTC_WRAPPER",
+        "RUSTFLAGS",
+        "CARGO_BUILD_RUSTFLAGS",
+        "CARGO_TARGET_DIR",
+    ] {
+        c.env_remove(var);
+    }
+    c.current_dir(root()).env("RUSTC", "/usr/bin/rustc").env("CARGO_TARGET_DIR", target_dir);
+    c
+}
+
+fn qemu(t: &Target, bin: &Path) -> Command {
     let mut c = Command::new(t.qemu);
     if let Some(prefix) = t.qemu_prefix {
         c.args(["-L", prefix]);
     }
-    c.arg(bin).arg("--version");
+    c.arg(bin);
+    c
+}
+
+/// Runs the ARM agent's offline bundle check under qemu-user on a bundle the
+/// host `perch` built and signed: a good one must pass, a tampered one exit 3.
+pub fn qemu_check(t: &Target, bin: &Path) -> Result<()> {
+    let host = root().join("target/debug");
+    let dir = root().join("target/qemu-check").join(t.triple);
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir)?;
+    }
+    std::fs::create_dir_all(&dir)?;
+    let host_run = |program: &str, args: &[&str]| -> Result<()> {
+        let out = Command::new(host.join(program)).args(args).current_dir(&dir).output()?;
+        if !out.status.success() {
+            bail!("{program} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    };
+    host_run("perch", &["keygen", "--out", "k"])?;
+    host_run("perch-bootstrap", &["init", "--dir", "org", "--release-key", "k.pub", "--threshold", "1"])?;
+    crate::demo::write_image(&dir.join("img"), 3 << 20)?;
+    host_run(
+        "perch",
+        &[
+            "bundle",
+            "build",
+            "--name",
+            "os",
+            "--counter",
+            "1",
+            "--kind",
+            "image",
+            "--input",
+            "img",
+            "--out",
+            "b.perch",
+            "--target",
+            "drone",
+        ],
+    )?;
+    host_run("perch", &["bundle", "sign", "--key", "k.key", "b.perch"])?;
+    let mut bytes = std::fs::read(dir.join("b.perch"))?;
+    let n = bytes.len();
+    bytes[n - 1000] ^= 0x01;
+    std::fs::write(dir.join("bad.perch"), bytes)?;
+    for (file, expect) in [("b.perch", 0), ("bad.perch", 3)] {
+        let mut c = qemu(t, bin);
+        c.current_dir(&dir).args(["check", "--trust", "org/trust.doc", "--target", "drone", file]);
+        println!("$ {}", crate::util::show(&c));
+        let out = c.output()?;
+        print!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        if out.status.code() != Some(expect) {
+            bail!("{} check {file} exited {:?}, expected {expect}", t.triple, out.status.code());
+        }
+    }
+    Ok(())
+}
+
+/// Runs `perch-agent --version` under qemu-user and checks the answer.
+pub fn qemu_version(t: &Target, bin: &Path) -> Result<()> {
+    let mut c = qemu(t, bin);
+    c.arg("--version");
     println!("$ {}", crate::util::show(&c));
     let out = c.output()?;
     let text = String::from_utf8_lossy(&out.stdout);

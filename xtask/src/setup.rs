@@ -166,6 +166,7 @@ fn unpack_std(sudo: &[String], arch: &str, triple: &str) -> Result<()> {
     if dest.exists() {
         std::fs::remove_dir_all(&dest)?;
     }
+    std::fs::create_dir_all(&dest)?;
     sh(Command::new("dpkg").arg("-x").arg(&deb).arg(&dest))?;
     std::fs::remove_file(&deb)?;
     if !libdir.is_dir() {

@@ -1,0 +1,26 @@
+#![no_main]
+//! Arbitrary manifest and signature sections behind a valid header, so the
+//! fuzzer spends its time in manifest and signature decoding.
+use libfuzzer_sys::fuzz_target;
+use perch_protocol::bundle::BundleReader;
+
+#[path = "common.rs"]
+mod common;
+
+fuzz_target!(|data: &[u8]| {
+    if data.len() < 4 {
+        return;
+    }
+    let split = u16::from_le_bytes([data[0], data[1]]) as usize % (data.len() - 1);
+    let body = &data[2..];
+    let (manifest, sigs) = body.split_at(split.min(body.len()));
+    let mut bytes = b"PERCHBDL\x01\x00\x00\x00".to_vec();
+    bytes.extend_from_slice(&(manifest.len() as u32).to_le_bytes());
+    bytes.extend_from_slice(&(sigs.len() as u32).to_le_bytes());
+    bytes.extend_from_slice(manifest);
+    bytes.extend_from_slice(sigs);
+    if let Ok(reader) = BundleReader::open(&bytes[..]) {
+        let _ = reader.head().unverified_manifest().chunk_count();
+        assert!(reader.verify(common::trust(), common::NOW).is_err());
+    }
+});
