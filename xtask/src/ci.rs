@@ -24,7 +24,7 @@ pub fn run() -> Result<()> {
     crate::docs::run()?;
 
     step("msrv: the whole workspace with Debian's rustc 1.85");
-    sh(&mut crate::cross::debian_cargo(&root().join("target/msrv")).args([
+    sh(crate::cross::debian_cargo(&root().join("target/msrv")).args([
         "check",
         "--workspace",
         "--all-targets",
