@@ -84,7 +84,7 @@ mod tests {
         let mut ar = tar::Archive::new(&ta[..]);
         let names: Vec<String> =
             ar.entries().unwrap().map(|e| e.unwrap().path().unwrap().display().to_string()).collect();
-        assert_eq!(names, ["bin", "etc/", "etc/app/", "etc/app/conf", "run"]);
+        assert_eq!(names, ["bin", "etc", "etc/app", "etc/app/conf", "run"]);
     }
 
     #[test]
