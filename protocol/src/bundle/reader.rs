@@ -151,6 +151,27 @@ impl<R: Read> VerifiedBundle<R> {
     }
 }
 
+impl<R: Read + io::Seek> VerifiedBundle<R> {
+    /// Skips ahead to chunk `index` without reading the chunks before it
+    /// (they were verified and recorded by an earlier, interrupted install).
+    /// Only valid before the first [`read_chunk`](Self::read_chunk).
+    pub fn skip_to_chunk(&mut self, index: u32) -> Result<(), BundleError> {
+        let m = &self.manifest.head.manifest;
+        let count = m.chunk_count();
+        if self.next != 0 || index > count {
+            return Err(BundleError::ChunkOutOfRange { index, count });
+        }
+        let offset = u64::from(index) * u64::from(m.chunk_size);
+        let offset = i64::try_from(offset).map_err(|_| BundleError::ChunkOutOfRange { index, count })?;
+        self.r.seek(io::SeekFrom::Current(offset)).map_err(BundleError::Io)?;
+        self.next = index;
+        if index == count {
+            expect_eof(&mut self.r)?;
+        }
+        Ok(())
+    }
+}
+
 /// The payload stream of [`BundleReader::into_resign_parts`].
 pub struct ChunkStream<R> {
     manifest: Manifest,

@@ -1,0 +1,506 @@
+//! The A/B deploy engine: stage a verified bundle into the slot that is not
+//! running, activate it, try it, and commit or roll back. Every state is in
+//! the journal before its side effects, and [`Engine::resume`] picks up
+//! whatever a crash or reboot interrupted.
+
+use std::fs::File;
+use std::io::{BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::thread;
+
+use perch_protocol::bundle::{BundleError, BundleReader, PayloadHasher, VerifiedBundle, VerifiedManifest};
+use perch_support::now_unix;
+use perch_support::trustfile::{load_trust, LoadTrustError};
+
+use crate::config::Config;
+use crate::failpoint::{self, hit};
+use crate::journal::{
+    BundleRef, DeployState, Journal, JournalError, JournalStore, LastOutcome, Outcome, RollbackReason, SlotId,
+};
+use crate::progress::Progress;
+use crate::slots::{self, SlotBackend, SlotError, Switch};
+use crate::{health, inhibit};
+
+/// This agent's version, compared with a manifest's `min_agent_version`.
+pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Why a deploy step failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DeployError {
+    #[error("{}", path.display())]
+    Bundle { path: PathBuf, source: BundleError },
+    /// Refused for security (target, downgrade, agent version).
+    #[error("{0}")]
+    Refused(String),
+    #[error(transparent)]
+    Trust(#[from] LoadTrustError),
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error(transparent)]
+    Slot(#[from] SlotError),
+    /// A deploy is mid-switch; it must finish first.
+    #[error("{0}")]
+    Busy(String),
+    #[error("{0}")]
+    Nothing(String),
+}
+
+impl DeployError {
+    pub fn is_security(&self) -> bool {
+        match self {
+            DeployError::Bundle { source, .. } => source.is_security(),
+            DeployError::Refused(_) => true,
+            _ => false,
+        }
+    }
+}
+
+/// How a command left the device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Finished {
+    Committed(BundleRef),
+    RolledBack(BundleRef, RollbackReason),
+    /// Activated; the trial starts after this reboot.
+    AwaitingReboot(SlotId),
+    /// Nothing was left to do.
+    Idle,
+    AlreadyRunning(BundleRef),
+    /// Staging was interrupted and needs the bundle again.
+    NeedsBundle(BundleRef),
+}
+
+pub struct Engine {
+    cfg: Config,
+    store: JournalStore,
+    backend: Box<dyn SlotBackend>,
+    pub journal: Journal,
+    pub progress: Progress,
+}
+
+impl Engine {
+    /// Opens the state directory. A corrupt journal is moved aside and the
+    /// device falls back to the safe state: the bootloader is pointed at the
+    /// slot that is running now. The error is returned alongside so the
+    /// caller can say so.
+    pub fn open(cfg: Config, state_dir: &Path) -> Result<(Engine, Option<JournalError>), DeployError> {
+        std::fs::create_dir_all(state_dir).map_err(|source| SlotError::Io { path: state_dir.into(), source })?;
+        let store = JournalStore::new(state_dir);
+        let backend = slots::from_config(&cfg.slots, state_dir);
+        let (journal, problem) = match store.load() {
+            Ok(j) => (j, None),
+            Err(e @ JournalError::Corrupt { .. }) => {
+                let booted = backend.booted()?;
+                backend.rollback(booted)?;
+                let _ = store.quarantine();
+                let mut j = Journal::default();
+                j.highest = crate::counters::load(state_dir);
+                store.save(&mut j)?;
+                (j, Some(e))
+            }
+            Err(e) => return Err(e.into()),
+        };
+        Ok((Engine { cfg, store, backend, journal, progress: Progress::new() }, problem))
+    }
+
+    pub fn backend(&self) -> &dyn SlotBackend {
+        self.backend.as_ref()
+    }
+
+    fn save(&mut self, state: DeployState) -> Result<(), DeployError> {
+        self.journal.state = state;
+        self.store.save(&mut self.journal)?;
+        Ok(())
+    }
+
+    fn boot_id(&self) -> String {
+        std::fs::read_to_string(&self.cfg.boot_id).map(|s| s.trim().to_string()).unwrap_or_default()
+    }
+
+    // ---------------------------------------------------------------- install
+
+    /// Installs the bundle at `path` into the inactive slot and takes it as
+    /// far as it can go: committed, rolled back, or awaiting a reboot.
+    pub fn install(&mut self, path: &Path) -> Result<Finished, DeployError> {
+        let now = now_unix();
+        let trust = load_trust(&self.cfg.trust, now)?;
+        let bundle_err = |source| DeployError::Bundle { path: path.into(), source };
+        let file = File::open(path).map_err(|e| bundle_err(BundleError::Io(e)))?;
+        let mut reader = BundleReader::open(BufReader::with_capacity(256 * 1024, file))
+            .and_then(|r| r.verify(&trust, now))
+            .map_err(bundle_err)?;
+        let bundle = BundleRef::of(reader.manifest());
+        if let Err(e) = self.admit(reader.manifest()) {
+            self.journal.last = Some(LastOutcome { bundle: Some(bundle), outcome: Outcome::Failed(e.to_string()), at: now });
+            self.store.save(&mut self.journal)?;
+            return Err(e);
+        }
+        if self.journal.state.is_switching() {
+            return Err(DeployError::Busy(format!(
+                "a deploy is {} ({}); it must finish first (perch-agent run, commit or rollback)",
+                self.journal.state.name(),
+                self.journal.state.bundle().map(|b| b.to_string()).unwrap_or_default()
+            )));
+        }
+        let booted = self.backend.booted()?;
+        if self.journal.slot(booted).is_some_and(|b| b.digest == bundle.digest)
+            && matches!(self.journal.state, DeployState::Committed { .. } | DeployState::Idle)
+        {
+            return Ok(Finished::AlreadyRunning(bundle));
+        }
+        let slot = booted.other();
+        let resume_at = match &self.journal.state {
+            DeployState::Staging { bundle: b, slot: s, next_chunk } if b.digest == bundle.digest && *s == slot => {
+                Some(*next_chunk)
+            }
+            DeployState::Staged { bundle: b, slot: s } if b.digest == bundle.digest && *s == slot => None,
+            _ => Some(0),
+        };
+        if let Some(from_chunk) = resume_at {
+            if from_chunk == 0 {
+                self.journal.set_slot(slot, None);
+                self.save(DeployState::Staging { bundle: bundle.clone(), slot, next_chunk: 0 })?;
+            } else {
+                self.progress.note(&format!("resuming {bundle} at chunk {from_chunk} of {}", bundle.chunk_count));
+            }
+            if let Err(e) = self.stage(&mut reader, &bundle, slot, from_chunk) {
+                let reason = e.to_string();
+                self.journal.last = Some(LastOutcome {
+                    bundle: Some(bundle.clone()),
+                    outcome: Outcome::Failed(reason.clone()),
+                    at: now_unix(),
+                });
+                self.save(DeployState::Failed { bundle: Some(bundle), reason })?;
+                return Err(match e {
+                    DeployError::Bundle { source, .. } => DeployError::Bundle { path: path.into(), source },
+                    other => other,
+                });
+            }
+        }
+        self.activate_when_allowed()
+    }
+
+    /// The checks on a verified manifest before anything is written.
+    fn admit(&self, m: &VerifiedManifest) -> Result<(), DeployError> {
+        let man = m.manifest();
+        if !man.allows_target(&self.cfg.target) {
+            return Err(DeployError::Refused(format!(
+                "bundle {} is for targets [{}], this device is '{}'",
+                man.name,
+                man.targets.join(", "),
+                self.cfg.target
+            )));
+        }
+        if let Some(&highest) = self.journal.highest.get(&man.name) {
+            if man.counter <= highest && !man.allow_downgrade {
+                return Err(DeployError::Refused(format!(
+                    "downgrade: bundle {} counter {} is not above the committed counter {highest}",
+                    man.name, man.counter
+                )));
+            }
+        }
+        if let Some(min) = &man.min_agent_version {
+            if version_key(min) > version_key(AGENT_VERSION) {
+                return Err(DeployError::Refused(format!(
+                    "bundle {} needs agent {min} or newer; this is {AGENT_VERSION}",
+                    man.name
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Streams the verified payload into `slot`, from chunk `from_chunk`.
+    fn stage<R: Read + std::io::Seek>(
+        &mut self,
+        reader: &mut VerifiedBundle<R>,
+        bundle: &BundleRef,
+        slot: SlotId,
+        from_chunk: u32,
+    ) -> Result<(), DeployError> {
+        let chunk_size = u64::from(reader.manifest().manifest().chunk_size);
+        let mut writer = self.backend.open_writer(slot, bundle.kind, from_chunk > 0)?;
+        let bundle_err = |source| DeployError::Bundle { path: PathBuf::new(), source };
+        reader.skip_to_chunk(from_chunk).map_err(bundle_err)?;
+        let fresh = from_chunk == 0;
+        // A fresh install hashes the whole payload on a second thread as it
+        // goes; a resumed one reads the slot back at the end instead.
+        let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(4);
+        let (back_tx, back_rx) = mpsc::channel::<Vec<u8>>();
+        let hasher = fresh.then(|| {
+            thread::spawn(move || {
+                let mut h = PayloadHasher::default();
+                for buf in rx {
+                    h.update(&buf);
+                    let _ = back_tx.send(buf);
+                }
+                h.finalize()
+            })
+        });
+        self.progress.start(&format!("staging {bundle} into slot {slot}"), u64::from(from_chunk) * chunk_size, bundle.payload_len);
+        let mut since_checkpoint = 0u64;
+        let mut buf = Vec::new();
+        let result = (|| -> Result<(), DeployError> {
+            while let Some(index) = reader.read_chunk(&mut buf).map_err(bundle_err)? {
+                hit("chunk-verified");
+                let offset = u64::from(index) * chunk_size;
+                writer.write_at(offset, &buf)?;
+                failpoint::trace(format_args!("write {index}"));
+                hit("chunk-written");
+                since_checkpoint += buf.len() as u64;
+                let next = index + 1;
+                if since_checkpoint >= self.cfg.checkpoint_bytes && next < bundle.chunk_count {
+                    // Chunks are durable before the journal says so.
+                    writer.sync()?;
+                    self.save(DeployState::Staging { bundle: bundle.clone(), slot, next_chunk: next })?;
+                    since_checkpoint = 0;
+                }
+                self.progress.set(offset + buf.len() as u64);
+                if fresh {
+                    let spare = back_rx.try_recv().unwrap_or_default();
+                    let full = std::mem::replace(&mut buf, spare);
+                    if tx.send(full).is_err() {
+                        break;
+                    }
+                }
+            }
+            writer.sync()?;
+            Ok(())
+        })();
+        drop(tx);
+        let digest = match hasher {
+            Some(h) => Some(h.join().map_err(|_| DeployError::Nothing("payload hasher panicked".into()))?),
+            None => None,
+        };
+        self.progress.finish();
+        result?;
+        hit("staging-written");
+        let digest = match digest {
+            Some(d) => d,
+            None => {
+                let mut back = self.backend.read_back(slot, bundle.payload_len)?;
+                let mut h = PayloadHasher::default();
+                let mut piece = vec![0u8; 64 * 1024];
+                loop {
+                    let n = back.read(&mut piece).map_err(|e| bundle_err(BundleError::Io(e)))?;
+                    if n == 0 {
+                        break;
+                    }
+                    h.update(&piece[..n]);
+                }
+                h.finalize()
+            }
+        };
+        reader.manifest().check_payload_digest(digest).map_err(bundle_err)?;
+        self.backend.finish(slot, bundle.kind, bundle.payload_len)?;
+        hit("slot-finished");
+        self.journal.set_slot(slot, Some(bundle.clone()));
+        self.save(DeployState::Staged { bundle: bundle.clone(), slot })?;
+        self.progress.note(&format!("staged {bundle} in slot {slot}"));
+        Ok(())
+    }
+
+    // -------------------------------------------------------------- activation
+
+    /// From `Staged`: waits for the inhibit gate, then activates.
+    fn activate_when_allowed(&mut self) -> Result<Finished, DeployError> {
+        let DeployState::Staged { bundle, slot } = self.journal.state.clone() else {
+            return self.resume();
+        };
+        let mut said = String::new();
+        while let Some(reason) = inhibit::reason(&self.cfg.inhibit) {
+            if reason != said {
+                self.progress.note(&format!("activation deferred: {reason}; checking again every {:?}", self.cfg.inhibit.poll));
+                said = reason;
+            }
+            thread::sleep(self.cfg.inhibit.poll);
+        }
+        let from = slot.other();
+        self.save(DeployState::Activating { bundle: bundle.clone(), slot, from })?;
+        self.activate(bundle, slot, from)
+    }
+
+    /// From `Activating` (persisted): switch, then start or await the trial.
+    fn activate(&mut self, bundle: BundleRef, slot: SlotId, from: SlotId) -> Result<Finished, DeployError> {
+        hit("activating");
+        let switch = match self.backend.activate(slot) {
+            Ok(s) => s,
+            Err(e) => return self.roll_back(bundle, slot, from, RollbackReason::Activation(e.to_string())),
+        };
+        hit("activated");
+        let boot = self.boot_id();
+        match switch {
+            Switch::Running => {
+                let deadline = now_unix() + self.cfg.health.trial.as_secs();
+                self.save(DeployState::Trial { bundle: bundle.clone(), slot, from, boot, deadline: Some(deadline) })?;
+                self.run_trial(bundle, slot, from, deadline)
+            }
+            Switch::RebootRequired => {
+                self.save(DeployState::Trial { bundle, slot, from, boot, deadline: None })?;
+                self.progress.note(&format!("slot {slot} is set up for one trial boot"));
+                self.reboot(slot)
+            }
+        }
+    }
+
+    fn reboot(&mut self, into: SlotId) -> Result<Finished, DeployError> {
+        hit("rebooting");
+        if self.backend.reboot()? {
+            self.progress.note("rebooting");
+        } else {
+            self.progress.note(&format!("reboot the device to boot slot {into}"));
+        }
+        Ok(Finished::AwaitingReboot(into))
+    }
+
+    fn run_trial(&mut self, bundle: BundleRef, slot: SlotId, from: SlotId, deadline: u64) -> Result<Finished, DeployError> {
+        hit("trial");
+        self.progress.note(&format!("trial of {bundle} in slot {slot}: health checks until {deadline}"));
+        let progress = &self.progress;
+        match health::trial(&self.cfg.health, deadline, |m| progress.note(m)) {
+            Ok(()) => self.commit_trial(bundle, slot),
+            Err(e) => self.roll_back(bundle, slot, from, RollbackReason::Health(e)),
+        }
+    }
+
+    fn commit_trial(&mut self, bundle: BundleRef, slot: SlotId) -> Result<Finished, DeployError> {
+        self.save(DeployState::Committing { bundle: bundle.clone(), slot })?;
+        self.finish_commit(bundle, slot)
+    }
+
+    /// From `Committing` (persisted): mark the slot good, then record it.
+    fn finish_commit(&mut self, bundle: BundleRef, slot: SlotId) -> Result<Finished, DeployError> {
+        hit("committing");
+        self.backend.confirm(slot)?;
+        hit("confirmed");
+        let highest = self.journal.highest.entry(bundle.name.clone()).or_insert(0);
+        *highest = (*highest).max(bundle.counter);
+        crate::counters::save(self.store.path().parent().unwrap_or(Path::new(".")), &self.journal.highest)
+            .map_err(JournalError::from)?;
+        self.journal.last = Some(LastOutcome { bundle: Some(bundle.clone()), outcome: Outcome::Committed, at: now_unix() });
+        self.save(DeployState::Committed { bundle: bundle.clone(), slot })?;
+        self.progress.note(&format!("committed {bundle} in slot {slot}"));
+        Ok(Finished::Committed(bundle))
+    }
+
+    fn roll_back(&mut self, bundle: BundleRef, slot: SlotId, from: SlotId, reason: RollbackReason) -> Result<Finished, DeployError> {
+        self.progress.note(&format!("rolling back {bundle} from slot {slot} to slot {from}: {reason}"));
+        self.save(DeployState::RollingBack { bundle: bundle.clone(), slot, from, reason: reason.clone() })?;
+        self.finish_roll_back(bundle, slot, from, reason)
+    }
+
+    /// From `RollingBack` (persisted).
+    fn finish_roll_back(&mut self, bundle: BundleRef, slot: SlotId, from: SlotId, reason: RollbackReason) -> Result<Finished, DeployError> {
+        hit("rolling-back");
+        let switch = self.backend.rollback(from)?;
+        hit("rolled-back");
+        if switch == Switch::RebootRequired && self.backend.booted()? != from {
+            return self.reboot(from);
+        }
+        self.done_rolled_back(bundle, slot, reason)
+    }
+
+    fn done_rolled_back(&mut self, bundle: BundleRef, slot: SlotId, reason: RollbackReason) -> Result<Finished, DeployError> {
+        self.journal.last = Some(LastOutcome {
+            bundle: Some(bundle.clone()),
+            outcome: Outcome::RolledBack(reason.clone()),
+            at: now_unix(),
+        });
+        self.save(DeployState::RolledBack { bundle: bundle.clone(), slot, reason: reason.clone() })?;
+        self.progress.note(&format!("rolled back {bundle}: {reason}"));
+        Ok(Finished::RolledBack(bundle, reason))
+    }
+
+    // ------------------------------------------------------------------ replay
+
+    /// Finishes or undoes whatever the journal says was in flight.
+    pub fn resume(&mut self) -> Result<Finished, DeployError> {
+        let booted = self.backend.booted()?;
+        match self.journal.state.clone() {
+            DeployState::Idle | DeployState::Failed { .. } | DeployState::RolledBack { .. } => Ok(Finished::Idle),
+            DeployState::Committed { bundle, slot } => {
+                if booted != slot {
+                    // The committed slot stopped booting and the bootloader
+                    // (or someone) went back: say so rather than pretend.
+                    return self.done_rolled_back(bundle, slot, RollbackReason::BootFallback);
+                }
+                Ok(Finished::Idle)
+            }
+            DeployState::Staging { bundle, .. } => Ok(Finished::NeedsBundle(bundle)),
+            DeployState::Staged { .. } => self.activate_when_allowed(),
+            DeployState::Activating { bundle, slot, from } => {
+                if booted == slot {
+                    // Switched and rebooted before the trial was recorded.
+                    let deadline = now_unix() + self.cfg.health.trial.as_secs();
+                    let boot = self.boot_id();
+                    self.save(DeployState::Trial { bundle: bundle.clone(), slot, from, boot, deadline: Some(deadline) })?;
+                    return self.run_trial(bundle, slot, from, deadline);
+                }
+                self.activate(bundle, slot, from)
+            }
+            DeployState::Trial { bundle, slot, from, boot, deadline } => {
+                if booted != slot {
+                    if deadline.is_none() && boot == self.boot_id() {
+                        // Activated, but this boot is the one before the trial.
+                        return Ok(Finished::AwaitingReboot(slot));
+                    }
+                    // We rebooted (or the trial was running) and the old slot is
+                    // what runs: the bootloader fell back on its own.
+                    return self.roll_back(bundle, slot, from, RollbackReason::BootFallback);
+                }
+                let deadline = match deadline {
+                    Some(d) => d,
+                    None => {
+                        let d = now_unix() + self.cfg.health.trial.as_secs();
+                        let boot = self.boot_id();
+                        self.save(DeployState::Trial { bundle: bundle.clone(), slot, from, boot, deadline: Some(d) })?;
+                        d
+                    }
+                };
+                if now_unix() >= deadline {
+                    return self.roll_back(bundle, slot, from, RollbackReason::Health("trial deadline passed".into()));
+                }
+                self.run_trial(bundle, slot, from, deadline)
+            }
+            DeployState::Committing { bundle, slot } => self.finish_commit(bundle, slot),
+            DeployState::RollingBack { bundle, slot, from, reason } => {
+                if booted == from {
+                    self.backend.rollback(from)?;
+                    return self.done_rolled_back(bundle, slot, reason);
+                }
+                self.finish_roll_back(bundle, slot, from, reason)
+            }
+        }
+    }
+
+    // ------------------------------------------------------------ operator acts
+
+    /// Commits the slot on trial now, without waiting for health checks.
+    pub fn commit(&mut self) -> Result<Finished, DeployError> {
+        let booted = self.backend.booted()?;
+        match self.journal.state.clone() {
+            DeployState::Trial { bundle, slot, .. } if booted == slot => self.commit_trial(bundle, slot),
+            DeployState::Committing { bundle, slot } => self.finish_commit(bundle, slot),
+            other => Err(DeployError::Nothing(format!("nothing to commit: the deploy is {}", other.name()))),
+        }
+    }
+
+    /// Rolls back the trial, or a committed deploy to the other slot.
+    pub fn rollback(&mut self) -> Result<Finished, DeployError> {
+        match self.journal.state.clone() {
+            DeployState::Trial { bundle, slot, from, .. } | DeployState::Activating { bundle, slot, from } => {
+                self.roll_back(bundle, slot, from, RollbackReason::Manual)
+            }
+            DeployState::Committed { bundle, slot } if self.journal.slot(slot.other()).is_some() => {
+                self.roll_back(bundle, slot, slot.other(), RollbackReason::Manual)
+            }
+            DeployState::RollingBack { bundle, slot, from, reason } => self.finish_roll_back(bundle, slot, from, reason),
+            other => Err(DeployError::Nothing(format!("nothing to roll back: the deploy is {}", other.name()))),
+        }
+    }
+}
+
+/// Orders dotted versions numerically ("1.10.0" > "1.9.2"); non-numeric parts sort as 0.
+fn version_key(v: &str) -> Vec<u64> {
+    v.split(['.', '-', '+']).map(|p| p.parse().unwrap_or(0)).collect()
+}

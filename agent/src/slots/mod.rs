@@ -1,0 +1,127 @@
+//! Slot backends: where payloads are written and how the device switches
+//! between slot a and slot b. All four share [`SlotBackend`].
+
+mod block;
+mod dir;
+mod grub;
+mod hook;
+mod uboot;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use perch_protocol::bundle::PayloadKind;
+
+use crate::config::Slots;
+use crate::journal::SlotId;
+
+/// Why a slot operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SlotError {
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("`{command}` failed: {detail}")]
+    Command { command: String, detail: String },
+    #[error("cannot tell which slot is running: {0}")]
+    Booted(String),
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("unpacking the archive into slot {slot}: {detail}")]
+    Unpack { slot: SlotId, detail: String },
+}
+
+pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SlotError + '_ {
+    move |source| SlotError::Io { path: path.to_path_buf(), source }
+}
+
+/// What happens after the bootloader (or symlink) was switched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Switch {
+    /// The new slot is running now.
+    Running,
+    /// The device must reboot for the switch to take effect.
+    RebootRequired,
+}
+
+/// Receives verified chunks for one slot.
+pub trait SlotWriter {
+    /// Writes `data` at byte `offset` of the payload.
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), SlotError>;
+    /// Makes everything written so far durable.
+    fn sync(&mut self) -> Result<(), SlotError>;
+}
+
+pub trait SlotBackend {
+    fn name(&self) -> &'static str;
+
+    /// The slot the device is running from now.
+    fn booted(&self) -> Result<SlotId, SlotError>;
+
+    /// Which slot the bootloader (or symlink) will run next, if it says.
+    fn next_boot(&self) -> Result<Option<SlotId>, SlotError>;
+
+    /// Opens `slot` for the payload. With `resume`, what is already there is kept.
+    fn open_writer(&self, slot: SlotId, kind: PayloadKind, resume: bool) -> Result<Box<dyn SlotWriter>, SlotError>;
+
+    /// Reads back the first `len` payload bytes written to `slot`.
+    fn read_back(&self, slot: SlotId, len: u64) -> Result<Box<dyn Read>, SlotError>;
+
+    /// Turns the staged payload into a usable slot (unpack an archive, hand
+    /// an image to a hook). Must be safe to repeat after a crash.
+    fn finish(&self, slot: SlotId, kind: PayloadKind, len: u64) -> Result<(), SlotError>;
+
+    /// Points the bootloader (or symlink) at `slot` for one trial.
+    fn activate(&self, slot: SlotId) -> Result<Switch, SlotError>;
+
+    /// The trial passed: make `slot` the permanent choice.
+    fn confirm(&self, slot: SlotId) -> Result<(), SlotError>;
+
+    /// Points back at `to` for good.
+    fn rollback(&self, to: SlotId) -> Result<Switch, SlotError>;
+
+    /// Reboots the device, if a reboot command is configured. Returns false if not.
+    fn reboot(&self) -> Result<bool, SlotError>;
+}
+
+/// Builds the backend the config names.
+pub fn from_config(slots: &Slots, state_dir: &Path) -> Box<dyn SlotBackend> {
+    match slots {
+        Slots::Dir(c) => Box::new(dir::DirBackend::new(c.clone())),
+        Slots::Uboot(c) => Box::new(uboot::UbootBackend::new(c.clone())),
+        Slots::Grub(c) => Box::new(grub::GrubBackend::new(c.clone())),
+        Slots::Hook(c) => Box::new(hook::HookBackend::new(c.clone(), state_dir.to_path_buf())),
+    }
+}
+
+/// Runs `sh -c COMMAND` with extra environment, failing on a non-zero exit.
+pub(crate) fn shell(command: &str, env: &[(&str, &str)]) -> Result<String, SlotError> {
+    let mut c = Command::new("sh");
+    c.arg("-c").arg(command);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    run(&mut c, command)
+}
+
+/// Runs a command, returning stdout, or an error with its stderr.
+pub(crate) fn run(c: &mut Command, shown: &str) -> Result<String, SlotError> {
+    let out = c.output().map_err(|e| SlotError::Command { command: shown.into(), detail: e.to_string() })?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        return Err(SlotError::Command {
+            command: shown.into(),
+            detail: format!("{}: {}", out.status, stderr.trim().lines().last().unwrap_or("")),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Reads `perch.slot=a|b` from a kernel command line file.
+pub(crate) fn booted_from_cmdline(path: &Path) -> Result<SlotId, SlotError> {
+    let text = std::fs::read_to_string(path).map_err(io_err(path))?;
+    text.split_whitespace()
+        .find_map(|t| t.strip_prefix("perch.slot="))
+        .and_then(SlotId::parse)
+        .ok_or_else(|| SlotError::Booted(format!("{} has no perch.slot=a|b", path.display())))
+}

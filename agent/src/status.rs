@@ -1,0 +1,136 @@
+//! `perch-agent status`: the running slot, what each slot holds, the deploy
+//! state and the last outcome, as text or one JSON document.
+
+use serde_json::{json, Value};
+
+use crate::journal::{BundleRef, DeployState, Journal, Outcome, SlotId};
+
+fn bundle_json(b: &BundleRef) -> Value {
+    json!({
+        "name": b.name,
+        "counter": b.counter,
+        "version": b.version,
+        "digest": hex::encode(b.digest),
+        "kind": b.kind.as_str(),
+    })
+}
+
+fn state_json(s: &DeployState) -> Value {
+    let mut v = json!({ "state": s.name() });
+    if let Some(b) = s.bundle() {
+        v["bundle"] = bundle_json(b);
+    }
+    match s {
+        DeployState::Staging { slot, next_chunk, bundle } => {
+            v["slot"] = json!(slot.as_str());
+            v["next_chunk"] = json!(next_chunk);
+            v["chunk_count"] = json!(bundle.chunk_count);
+        }
+        DeployState::Staged { slot, .. } | DeployState::Committing { slot, .. } | DeployState::Committed { slot, .. } => {
+            v["slot"] = json!(slot.as_str());
+        }
+        DeployState::Activating { slot, from, .. } => {
+            v["slot"] = json!(slot.as_str());
+            v["from"] = json!(from.as_str());
+        }
+        DeployState::Trial { slot, from, deadline, .. } => {
+            v["slot"] = json!(slot.as_str());
+            v["from"] = json!(from.as_str());
+            v["deadline"] = json!(deadline);
+        }
+        DeployState::RollingBack { slot, from, reason, .. } => {
+            v["slot"] = json!(slot.as_str());
+            v["from"] = json!(from.as_str());
+            v["reason"] = json!(reason.to_string());
+        }
+        DeployState::RolledBack { slot, reason, .. } => {
+            v["slot"] = json!(slot.as_str());
+            v["reason"] = json!(reason.to_string());
+        }
+        DeployState::Failed { reason, .. } => v["reason"] = json!(reason),
+        DeployState::Idle => {}
+    }
+    v
+}
+
+fn outcome_text(o: &Outcome) -> (String, Option<String>) {
+    match o {
+        Outcome::Committed => ("committed".into(), None),
+        Outcome::RolledBack(r) => ("rolled_back".into(), Some(r.to_string())),
+        Outcome::Failed(r) => ("failed".into(), Some(r.clone())),
+    }
+}
+
+/// The status document.
+pub fn to_json(j: &Journal, backend: &str, booted: Option<SlotId>, next_boot: Option<SlotId>, problem: Option<&str>) -> Value {
+    let slot = |s: SlotId| j.slot(s).map(bundle_json).unwrap_or(Value::Null);
+    let last = j.last.as_ref().map(|l| {
+        let (outcome, reason) = outcome_text(&l.outcome);
+        json!({ "outcome": outcome, "reason": reason, "at": l.at, "bundle": l.bundle.as_ref().map(bundle_json) })
+    });
+    json!({
+        "backend": backend,
+        "booted_slot": booted.map(SlotId::as_str),
+        "next_boot_slot": next_boot.map(SlotId::as_str),
+        "slots": { "a": slot(SlotId::A), "b": slot(SlotId::B) },
+        "deploy": state_json(&j.state),
+        "last_outcome": last,
+        "highest_counters": j.highest,
+        "journal_seq": j.seq,
+        "journal_problem": problem,
+    })
+}
+
+/// The same, for people.
+pub fn to_text(v: &Value) -> String {
+    let mut out = String::new();
+    let s = |v: &Value| match v {
+        Value::Null => "-".to_string(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let b = |v: &Value| {
+        if v.is_null() {
+            "(empty)".to_string()
+        } else {
+            format!("{} #{} ({})", s(&v["name"]), s(&v["counter"]), s(&v["version"]))
+        }
+    };
+    out.push_str(&format!("backend      {}\n", s(&v["backend"])));
+    out.push_str(&format!("running      slot {}\n", s(&v["booted_slot"])));
+    out.push_str(&format!("next boot    slot {}\n", s(&v["next_boot_slot"])));
+    out.push_str(&format!("slot a       {}\n", b(&v["slots"]["a"])));
+    out.push_str(&format!("slot b       {}\n", b(&v["slots"]["b"])));
+    let d = &v["deploy"];
+    let mut state = s(&d["state"]);
+    if !d["bundle"].is_null() {
+        state.push_str(&format!(": {}", b(&d["bundle"])));
+    }
+    if !d["slot"].is_null() {
+        state.push_str(&format!(" in slot {}", s(&d["slot"])));
+    }
+    if !d["next_chunk"].is_null() {
+        state.push_str(&format!(", chunk {} of {}", s(&d["next_chunk"]), s(&d["chunk_count"])));
+    }
+    if !d["reason"].is_null() {
+        state.push_str(&format!(" ({})", s(&d["reason"])));
+    }
+    out.push_str(&format!("deploy       {state}\n"));
+    match &v["last_outcome"] {
+        Value::Null => out.push_str("last         -\n"),
+        l => {
+            let mut line = s(&l["outcome"]);
+            if !l["bundle"].is_null() {
+                line.push_str(&format!(": {}", b(&l["bundle"])));
+            }
+            if !l["reason"].is_null() {
+                line.push_str(&format!(" ({})", s(&l["reason"])));
+            }
+            out.push_str(&format!("last         {line}\n"));
+        }
+    }
+    if let Some(p) = v["journal_problem"].as_str() {
+        out.push_str(&format!("WARNING      {p}\n"));
+    }
+    out
+}
