@@ -216,7 +216,8 @@ fn default_bootlimit() -> u32 {
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
-    humantime::parse_duration(&s).map_err(|e| serde::de::Error::custom(format!("'{s}' is not a duration ({e})")))
+    humantime::parse_duration(&s)
+        .map_err(|e| serde::de::Error::custom(format!("'{s}' is not a duration ({e})")))
 }
 
 /// Why the config could not be used. Always a config error (exit 2).
@@ -313,7 +314,9 @@ trial = "1m"
             .to_string();
         assert!(e.starts_with("agent.toml:14:"), "{e}");
         assert!(e.contains("3 parsecs"), "{e}");
-        let e = Config::parse(&GOOD.replace("[health]", "[health]\ncolour = 1"), "agent.toml").unwrap_err().to_string();
+        let e = Config::parse(&GOOD.replace("[health]", "[health]\ncolour = 1"), "agent.toml")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("unknown field `colour`"), "{e}");
         assert!(e.starts_with("agent.toml:11:"), "{e}");
         let e = Config::parse(&GOOD.replace("uboot", "floppy"), "agent.toml").unwrap_err().to_string();

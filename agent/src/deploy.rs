@@ -84,7 +84,8 @@ impl Engine {
     /// slot that is running now. The error is returned alongside so the
     /// caller can say so.
     pub fn open(cfg: Config, state_dir: &Path) -> Result<(Engine, Option<JournalError>), DeployError> {
-        std::fs::create_dir_all(state_dir).map_err(|source| SlotError::Io { path: state_dir.into(), source })?;
+        std::fs::create_dir_all(state_dir)
+            .map_err(|source| SlotError::Io { path: state_dir.into(), source })?;
         let store = JournalStore::new(state_dir);
         let backend = slots::from_config(&cfg.slots, state_dir);
         let (journal, problem) = match store.load() {
@@ -93,8 +94,7 @@ impl Engine {
                 let booted = backend.booted()?;
                 backend.rollback(booted)?;
                 let _ = store.quarantine();
-                let mut j = Journal::default();
-                j.highest = crate::counters::load(state_dir);
+                let mut j = Journal { highest: crate::counters::load(state_dir), ..Journal::default() };
                 store.save(&mut j)?;
                 (j, Some(e))
             }
@@ -131,7 +131,8 @@ impl Engine {
             .map_err(bundle_err)?;
         let bundle = BundleRef::of(reader.manifest());
         if let Err(e) = self.admit(reader.manifest()) {
-            self.journal.last = Some(LastOutcome { bundle: Some(bundle), outcome: Outcome::Failed(e.to_string()), at: now });
+            self.journal.last =
+                Some(LastOutcome { bundle: Some(bundle), outcome: Outcome::Failed(e.to_string()), at: now });
             self.store.save(&mut self.journal)?;
             return Err(e);
         }
@@ -150,7 +151,9 @@ impl Engine {
         }
         let slot = booted.other();
         let resume_at = match &self.journal.state {
-            DeployState::Staging { bundle: b, slot: s, next_chunk } if b.digest == bundle.digest && *s == slot => {
+            DeployState::Staging { bundle: b, slot: s, next_chunk }
+                if b.digest == bundle.digest && *s == slot =>
+            {
                 Some(*next_chunk)
             }
             DeployState::Staged { bundle: b, slot: s } if b.digest == bundle.digest && *s == slot => None,
@@ -161,7 +164,8 @@ impl Engine {
                 self.journal.set_slot(slot, None);
                 self.save(DeployState::Staging { bundle: bundle.clone(), slot, next_chunk: 0 })?;
             } else {
-                self.progress.note(&format!("resuming {bundle} at chunk {from_chunk} of {}", bundle.chunk_count));
+                self.progress
+                    .note(&format!("resuming {bundle} at chunk {from_chunk} of {}", bundle.chunk_count));
             }
             if let Err(e) = self.stage(&mut reader, &bundle, slot, from_chunk) {
                 let reason = e.to_string();
@@ -237,7 +241,11 @@ impl Engine {
                 h.finalize()
             })
         });
-        self.progress.start(&format!("staging {bundle} into slot {slot}"), u64::from(from_chunk) * chunk_size, bundle.payload_len);
+        self.progress.start(
+            &format!("staging {bundle} into slot {slot}"),
+            u64::from(from_chunk) * chunk_size,
+            bundle.payload_len,
+        );
         let mut since_checkpoint = 0u64;
         let mut buf = Vec::new();
         let result = (|| -> Result<(), DeployError> {
@@ -310,7 +318,10 @@ impl Engine {
         let mut said = String::new();
         while let Some(reason) = inhibit::reason(&self.cfg.inhibit) {
             if reason != said {
-                self.progress.note(&format!("activation deferred: {reason}; checking again every {:?}", self.cfg.inhibit.poll));
+                self.progress.note(&format!(
+                    "activation deferred: {reason}; checking again every {:?}",
+                    self.cfg.inhibit.poll
+                ));
                 said = reason;
             }
             thread::sleep(self.cfg.inhibit.poll);
@@ -332,7 +343,13 @@ impl Engine {
         match switch {
             Switch::Running => {
                 let deadline = now_unix() + self.cfg.health.trial.as_secs();
-                self.save(DeployState::Trial { bundle: bundle.clone(), slot, from, boot, deadline: Some(deadline) })?;
+                self.save(DeployState::Trial {
+                    bundle: bundle.clone(),
+                    slot,
+                    from,
+                    boot,
+                    deadline: Some(deadline),
+                })?;
                 self.run_trial(bundle, slot, from, deadline)
             }
             Switch::RebootRequired => {
@@ -353,7 +370,13 @@ impl Engine {
         Ok(Finished::AwaitingReboot(into))
     }
 
-    fn run_trial(&mut self, bundle: BundleRef, slot: SlotId, from: SlotId, deadline: u64) -> Result<Finished, DeployError> {
+    fn run_trial(
+        &mut self,
+        bundle: BundleRef,
+        slot: SlotId,
+        from: SlotId,
+        deadline: u64,
+    ) -> Result<Finished, DeployError> {
         hit("trial");
         self.progress.note(&format!("trial of {bundle} in slot {slot}: health checks until {deadline}"));
         let progress = &self.progress;
@@ -377,20 +400,33 @@ impl Engine {
         *highest = (*highest).max(bundle.counter);
         crate::counters::save(self.store.path().parent().unwrap_or(Path::new(".")), &self.journal.highest)
             .map_err(JournalError::from)?;
-        self.journal.last = Some(LastOutcome { bundle: Some(bundle.clone()), outcome: Outcome::Committed, at: now_unix() });
+        self.journal.last =
+            Some(LastOutcome { bundle: Some(bundle.clone()), outcome: Outcome::Committed, at: now_unix() });
         self.save(DeployState::Committed { bundle: bundle.clone(), slot })?;
         self.progress.note(&format!("committed {bundle} in slot {slot}"));
         Ok(Finished::Committed(bundle))
     }
 
-    fn roll_back(&mut self, bundle: BundleRef, slot: SlotId, from: SlotId, reason: RollbackReason) -> Result<Finished, DeployError> {
+    fn roll_back(
+        &mut self,
+        bundle: BundleRef,
+        slot: SlotId,
+        from: SlotId,
+        reason: RollbackReason,
+    ) -> Result<Finished, DeployError> {
         self.progress.note(&format!("rolling back {bundle} from slot {slot} to slot {from}: {reason}"));
         self.save(DeployState::RollingBack { bundle: bundle.clone(), slot, from, reason: reason.clone() })?;
         self.finish_roll_back(bundle, slot, from, reason)
     }
 
     /// From `RollingBack` (persisted).
-    fn finish_roll_back(&mut self, bundle: BundleRef, slot: SlotId, from: SlotId, reason: RollbackReason) -> Result<Finished, DeployError> {
+    fn finish_roll_back(
+        &mut self,
+        bundle: BundleRef,
+        slot: SlotId,
+        from: SlotId,
+        reason: RollbackReason,
+    ) -> Result<Finished, DeployError> {
         hit("rolling-back");
         let switch = self.backend.rollback(from)?;
         hit("rolled-back");
@@ -400,7 +436,12 @@ impl Engine {
         self.done_rolled_back(bundle, slot, reason)
     }
 
-    fn done_rolled_back(&mut self, bundle: BundleRef, slot: SlotId, reason: RollbackReason) -> Result<Finished, DeployError> {
+    fn done_rolled_back(
+        &mut self,
+        bundle: BundleRef,
+        slot: SlotId,
+        reason: RollbackReason,
+    ) -> Result<Finished, DeployError> {
         self.journal.last = Some(LastOutcome {
             bundle: Some(bundle.clone()),
             outcome: Outcome::RolledBack(reason.clone()),
@@ -417,7 +458,9 @@ impl Engine {
     pub fn resume(&mut self) -> Result<Finished, DeployError> {
         let booted = self.backend.booted()?;
         match self.journal.state.clone() {
-            DeployState::Idle | DeployState::Failed { .. } | DeployState::RolledBack { .. } => Ok(Finished::Idle),
+            DeployState::Idle | DeployState::Failed { .. } | DeployState::RolledBack { .. } => {
+                Ok(Finished::Idle)
+            }
             DeployState::Committed { bundle, slot } => {
                 if booted != slot {
                     // The committed slot stopped booting and the bootloader
@@ -433,7 +476,13 @@ impl Engine {
                     // Switched and rebooted before the trial was recorded.
                     let deadline = now_unix() + self.cfg.health.trial.as_secs();
                     let boot = self.boot_id();
-                    self.save(DeployState::Trial { bundle: bundle.clone(), slot, from, boot, deadline: Some(deadline) })?;
+                    self.save(DeployState::Trial {
+                        bundle: bundle.clone(),
+                        slot,
+                        from,
+                        boot,
+                        deadline: Some(deadline),
+                    })?;
                     return self.run_trial(bundle, slot, from, deadline);
                 }
                 self.activate(bundle, slot, from)
@@ -453,12 +502,23 @@ impl Engine {
                     None => {
                         let d = now_unix() + self.cfg.health.trial.as_secs();
                         let boot = self.boot_id();
-                        self.save(DeployState::Trial { bundle: bundle.clone(), slot, from, boot, deadline: Some(d) })?;
+                        self.save(DeployState::Trial {
+                            bundle: bundle.clone(),
+                            slot,
+                            from,
+                            boot,
+                            deadline: Some(d),
+                        })?;
                         d
                     }
                 };
                 if now_unix() >= deadline {
-                    return self.roll_back(bundle, slot, from, RollbackReason::Health("trial deadline passed".into()));
+                    return self.roll_back(
+                        bundle,
+                        slot,
+                        from,
+                        RollbackReason::Health("trial deadline passed".into()),
+                    );
                 }
                 self.run_trial(bundle, slot, from, deadline)
             }
@@ -488,14 +548,19 @@ impl Engine {
     /// Rolls back the trial, or a committed deploy to the other slot.
     pub fn rollback(&mut self) -> Result<Finished, DeployError> {
         match self.journal.state.clone() {
-            DeployState::Trial { bundle, slot, from, .. } | DeployState::Activating { bundle, slot, from } => {
+            DeployState::Trial { bundle, slot, from, .. }
+            | DeployState::Activating { bundle, slot, from } => {
                 self.roll_back(bundle, slot, from, RollbackReason::Manual)
             }
             DeployState::Committed { bundle, slot } if self.journal.slot(slot.other()).is_some() => {
                 self.roll_back(bundle, slot, slot.other(), RollbackReason::Manual)
             }
-            DeployState::RollingBack { bundle, slot, from, reason } => self.finish_roll_back(bundle, slot, from, reason),
-            other => Err(DeployError::Nothing(format!("nothing to roll back: the deploy is {}", other.name()))),
+            DeployState::RollingBack { bundle, slot, from, reason } => {
+                self.finish_roll_back(bundle, slot, from, reason)
+            }
+            other => {
+                Err(DeployError::Nothing(format!("nothing to roll back: the deploy is {}", other.name())))
+            }
         }
     }
 }

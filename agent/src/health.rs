@@ -87,8 +87,11 @@ pub fn http_ok(url: &str, timeout: Duration) -> Result<(), String> {
     let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect: {e}"))?;
     s.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
     s.set_write_timeout(Some(timeout)).map_err(|e| e.to_string())?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {authority}\r\nUser-Agent: perch-agent\r\nConnection: close\r\n\r\n")
-        .map_err(|e| format!("send: {e}"))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.0\r\nHost: {authority}\r\nUser-Agent: perch-agent\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| format!("send: {e}"))?;
     let mut head = [0u8; 64];
     let mut got = 0;
     while got < 12 {
@@ -99,7 +102,8 @@ pub fn http_ok(url: &str, timeout: Duration) -> Result<(), String> {
         }
     }
     let line = String::from_utf8_lossy(&head[..got]);
-    let status = line.split_whitespace().nth(1).and_then(|c| c.parse::<u16>().ok()).ok_or("no HTTP status line")?;
+    let status =
+        line.split_whitespace().nth(1).and_then(|c| c.parse::<u16>().ok()).ok_or("no HTTP status line")?;
     if (200..300).contains(&status) {
         Ok(())
     } else {

@@ -128,27 +128,63 @@ impl fmt::Display for RollbackReason {
 
 /// Where a deploy stands. `slot` is always the slot being installed or tried;
 /// `from` the slot that was running before.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub enum DeployState {
+    #[default]
     Idle,
     /// Chunks `0..next_chunk` are verified and durable in `slot`.
-    Staging { bundle: BundleRef, slot: SlotId, next_chunk: u32 },
+    Staging {
+        bundle: BundleRef,
+        slot: SlotId,
+        next_chunk: u32,
+    },
     /// `slot` holds the complete, verified payload.
-    Staged { bundle: BundleRef, slot: SlotId },
+    Staged {
+        bundle: BundleRef,
+        slot: SlotId,
+    },
     /// Switching the bootloader (or symlink) to `slot`.
-    Activating { bundle: BundleRef, slot: SlotId, from: SlotId },
+    Activating {
+        bundle: BundleRef,
+        slot: SlotId,
+        from: SlotId,
+    },
     /// `slot` is on trial. `boot` is the boot id when it was activated, so a
     /// reboot can be told from no reboot; `deadline` (Unix seconds) is set
     /// once the new slot is running.
-    Trial { bundle: BundleRef, slot: SlotId, from: SlotId, boot: String, deadline: Option<u64> },
+    Trial {
+        bundle: BundleRef,
+        slot: SlotId,
+        from: SlotId,
+        boot: String,
+        deadline: Option<u64>,
+    },
     /// Health passed; marking `slot` good in the bootloader.
-    Committing { bundle: BundleRef, slot: SlotId },
-    Committed { bundle: BundleRef, slot: SlotId },
+    Committing {
+        bundle: BundleRef,
+        slot: SlotId,
+    },
+    Committed {
+        bundle: BundleRef,
+        slot: SlotId,
+    },
     /// Switching back to `from`.
-    RollingBack { bundle: BundleRef, slot: SlotId, from: SlotId, reason: RollbackReason },
-    RolledBack { bundle: BundleRef, slot: SlotId, reason: RollbackReason },
+    RollingBack {
+        bundle: BundleRef,
+        slot: SlotId,
+        from: SlotId,
+        reason: RollbackReason,
+    },
+    RolledBack {
+        bundle: BundleRef,
+        slot: SlotId,
+        reason: RollbackReason,
+    },
     /// Failed before activation: the running slot never changed.
-    Failed { bundle: Option<BundleRef>, reason: String },
+    Failed {
+        bundle: Option<BundleRef>,
+        reason: String,
+    },
 }
 
 impl DeployState {
@@ -223,12 +259,6 @@ pub struct Journal {
     pub last: Option<LastOutcome>,
 }
 
-impl Default for DeployState {
-    fn default() -> Self {
-        DeployState::Idle
-    }
-}
-
 impl Journal {
     pub fn slot(&self, s: SlotId) -> Option<&BundleRef> {
         self.slots[s.index()].as_ref()
@@ -239,7 +269,8 @@ impl Journal {
     }
 
     pub fn encode(&self) -> Vec<u8> {
-        let body = postcard::to_allocvec(self).expect("postcard encoding of an in-memory struct is infallible");
+        let body =
+            postcard::to_allocvec(self).expect("postcard encoding of an in-memory struct is infallible");
         let mut out = Vec::with_capacity(HEADER_LEN + body.len());
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&VERSION.to_le_bytes());

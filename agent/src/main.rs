@@ -98,7 +98,9 @@ fn report(engine: &Engine, f: &Finished) -> u8 {
         Finished::AwaitingReboot(s) => format!("waiting for a reboot into slot {s}"),
         Finished::Idle => format!("nothing in flight ({})", engine.journal.state.name()),
         Finished::AlreadyRunning(b) => format!("{b} is already running; nothing to do"),
-        Finished::NeedsBundle(b) => format!("staging of {b} was interrupted; run `perch-agent install` with the bundle again to resume"),
+        Finished::NeedsBundle(b) => format!(
+            "staging of {b} was interrupted; run `perch-agent install` with the bundle again to resume"
+        ),
     };
     println!("{line}");
     // A rolled-back deploy is a failed deploy for scripts.

@@ -1,5 +1,6 @@
 //! What the agent tells the person watching: an indicatif bar on a
-//! terminal, plain lines otherwise (logs, tests, serial consoles).
+//! terminal, plain lines on stdout otherwise (logs, tests, serial consoles).
+//! stderr is kept for the one-line error.
 
 use std::io::IsTerminal;
 
@@ -21,16 +22,16 @@ impl Progress {
         self.total = total.max(1);
         if std::io::stderr().is_terminal() {
             let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
-            if let Ok(style) =
-                ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-            {
+            if let Ok(style) = ProgressStyle::with_template(
+                "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            ) {
                 bar.set_style(style.progress_chars("=> "));
             }
             bar.set_message(what.to_string());
             bar.set_position(done);
             self.bar = Some(bar);
         } else {
-            eprintln!("{what}: {} of {} bytes already staged", done, total);
+            println!("{what}: {} of {} bytes already staged", done, total);
         }
         self.last_pct = done * 100 / self.total;
     }
@@ -42,7 +43,7 @@ impl Progress {
         }
         let pct = done * 100 / self.total;
         if pct / 10 != self.last_pct / 10 {
-            eprintln!("staging: {pct}% ({done}/{} bytes)", self.total);
+            println!("staging: {pct}% ({done}/{} bytes)", self.total);
             self.last_pct = pct;
         }
     }
@@ -57,7 +58,7 @@ impl Progress {
     pub fn note(&self, line: &str) {
         match &self.bar {
             Some(bar) => bar.println(line),
-            None => eprintln!("{line}"),
+            None => println!("{line}"),
         }
     }
 }

@@ -26,7 +26,9 @@ fn state_json(s: &DeployState) -> Value {
             v["next_chunk"] = json!(next_chunk);
             v["chunk_count"] = json!(bundle.chunk_count);
         }
-        DeployState::Staged { slot, .. } | DeployState::Committing { slot, .. } | DeployState::Committed { slot, .. } => {
+        DeployState::Staged { slot, .. }
+        | DeployState::Committing { slot, .. }
+        | DeployState::Committed { slot, .. } => {
             v["slot"] = json!(slot.as_str());
         }
         DeployState::Activating { slot, from, .. } => {
@@ -62,7 +64,13 @@ fn outcome_text(o: &Outcome) -> (String, Option<String>) {
 }
 
 /// The status document.
-pub fn to_json(j: &Journal, backend: &str, booted: Option<SlotId>, next_boot: Option<SlotId>, problem: Option<&str>) -> Value {
+pub fn to_json(
+    j: &Journal,
+    backend: &str,
+    booted: Option<SlotId>,
+    next_boot: Option<SlotId>,
+    problem: Option<&str>,
+) -> Value {
     let slot = |s: SlotId| j.slot(s).map(bundle_json).unwrap_or(Value::Null);
     let last = j.last.as_ref().map(|l| {
         let (outcome, reason) = outcome_text(&l.outcome);

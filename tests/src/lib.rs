@@ -2,6 +2,8 @@
 //! them in a scratch directory.
 #![forbid(unsafe_code)]
 
+pub mod device;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

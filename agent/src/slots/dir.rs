@@ -58,8 +58,9 @@ impl SlotBackend for DirBackend {
     fn booted(&self) -> Result<SlotId, SlotError> {
         let cur = self.current();
         match fs::read_link(&cur) {
-            Ok(target) => SlotId::parse(&target.to_string_lossy())
-                .ok_or_else(|| SlotError::Booted(format!("{} points at {}", cur.display(), target.display()))),
+            Ok(target) => SlotId::parse(&target.to_string_lossy()).ok_or_else(|| {
+                SlotError::Booted(format!("{} points at {}", cur.display(), target.display()))
+            }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(SlotId::A),
             Err(e) => Err(io_err(&cur)(e)),
         }
@@ -69,7 +70,12 @@ impl SlotBackend for DirBackend {
         self.booted().map(Some)
     }
 
-    fn open_writer(&self, slot: SlotId, kind: PayloadKind, resume: bool) -> Result<Box<dyn SlotWriter>, SlotError> {
+    fn open_writer(
+        &self,
+        slot: SlotId,
+        kind: PayloadKind,
+        resume: bool,
+    ) -> Result<Box<dyn SlotWriter>, SlotError> {
         if kind != PayloadKind::Archive {
             return Err(SlotError::Unsupported("directory slots take archive bundles, not images".into()));
         }

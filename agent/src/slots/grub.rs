@@ -41,7 +41,10 @@ impl GrubBackend {
 
     fn var(&self, name: &str) -> Result<Option<String>, SlotError> {
         let list = self.editenv(&["list".into()])?;
-        Ok(list.lines().find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix('='))).map(str::to_string))
+        Ok(list
+            .lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix('=')))
+            .map(str::to_string))
     }
 }
 
@@ -61,7 +64,12 @@ impl SlotBackend for GrubBackend {
         Ok(self.var("perch_slot")?.as_deref().and_then(SlotId::parse))
     }
 
-    fn open_writer(&self, slot: SlotId, kind: PayloadKind, _resume: bool) -> Result<Box<dyn SlotWriter>, SlotError> {
+    fn open_writer(
+        &self,
+        slot: SlotId,
+        kind: PayloadKind,
+        _resume: bool,
+    ) -> Result<Box<dyn SlotWriter>, SlotError> {
         self.block.open_writer(slot, kind)
     }
 
@@ -84,7 +92,11 @@ impl SlotBackend for GrubBackend {
     }
 
     fn confirm(&self, slot: SlotId) -> Result<(), SlotError> {
-        self.editenv(&["set".into(), format!("saved_entry={}", self.entry(slot)), format!("perch_slot={slot}")])?;
+        self.editenv(&[
+            "set".into(),
+            format!("saved_entry={}", self.entry(slot)),
+            format!("perch_slot={slot}"),
+        ])?;
         self.editenv(&["unset".into(), "perch_trial".into(), "next_entry".into()]).map(drop)
     }
 

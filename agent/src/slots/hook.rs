@@ -44,14 +44,20 @@ impl SlotBackend for HookBackend {
 
     fn booted(&self) -> Result<SlotId, SlotError> {
         let out = shell(&self.cfg.booted, &[])?;
-        SlotId::parse(&out).ok_or_else(|| SlotError::Booted(format!("`{}` printed '{}'", self.cfg.booted, out.trim())))
+        SlotId::parse(&out)
+            .ok_or_else(|| SlotError::Booted(format!("`{}` printed '{}'", self.cfg.booted, out.trim())))
     }
 
     fn next_boot(&self) -> Result<Option<SlotId>, SlotError> {
         Ok(None)
     }
 
-    fn open_writer(&self, slot: SlotId, _kind: PayloadKind, resume: bool) -> Result<Box<dyn SlotWriter>, SlotError> {
+    fn open_writer(
+        &self,
+        slot: SlotId,
+        _kind: PayloadKind,
+        resume: bool,
+    ) -> Result<Box<dyn SlotWriter>, SlotError> {
         let path = self.staged(slot);
         let file = OpenOptions::new()
             .write(true)
@@ -71,7 +77,10 @@ impl SlotBackend for HookBackend {
     fn finish(&self, slot: SlotId, kind: PayloadKind, _len: u64) -> Result<(), SlotError> {
         let payload = self.staged(slot);
         let payload_str = payload.to_string_lossy().into_owned();
-        shell(&self.cfg.write, &[("PERCH_SLOT", slot.as_str()), ("PERCH_KIND", kind.as_str()), ("PERCH_PAYLOAD", &payload_str)])?;
+        shell(
+            &self.cfg.write,
+            &[("PERCH_SLOT", slot.as_str()), ("PERCH_KIND", kind.as_str()), ("PERCH_PAYLOAD", &payload_str)],
+        )?;
         Ok(())
     }
 

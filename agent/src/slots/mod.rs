@@ -62,7 +62,12 @@ pub trait SlotBackend {
     fn next_boot(&self) -> Result<Option<SlotId>, SlotError>;
 
     /// Opens `slot` for the payload. With `resume`, what is already there is kept.
-    fn open_writer(&self, slot: SlotId, kind: PayloadKind, resume: bool) -> Result<Box<dyn SlotWriter>, SlotError>;
+    fn open_writer(
+        &self,
+        slot: SlotId,
+        kind: PayloadKind,
+        resume: bool,
+    ) -> Result<Box<dyn SlotWriter>, SlotError>;
 
     /// Reads back the first `len` payload bytes written to `slot`.
     fn read_back(&self, slot: SlotId, len: u64) -> Result<Box<dyn Read>, SlotError>;

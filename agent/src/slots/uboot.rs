@@ -67,7 +67,12 @@ impl SlotBackend for UbootBackend {
         Ok(self.printenv(&self.cfg.vars.slot)?.as_deref().and_then(SlotId::parse))
     }
 
-    fn open_writer(&self, slot: SlotId, kind: PayloadKind, _resume: bool) -> Result<Box<dyn SlotWriter>, SlotError> {
+    fn open_writer(
+        &self,
+        slot: SlotId,
+        kind: PayloadKind,
+        _resume: bool,
+    ) -> Result<Box<dyn SlotWriter>, SlotError> {
         self.block.open_writer(slot, kind)
     }
 
@@ -92,12 +97,20 @@ impl SlotBackend for UbootBackend {
 
     fn confirm(&self, slot: SlotId) -> Result<(), SlotError> {
         let v = &self.cfg.vars;
-        self.setenv(&[(&v.slot, slot.as_str().into()), (&v.upgrade_available, "0".into()), (&v.bootcount, "0".into())])
+        self.setenv(&[
+            (&v.slot, slot.as_str().into()),
+            (&v.upgrade_available, "0".into()),
+            (&v.bootcount, "0".into()),
+        ])
     }
 
     fn rollback(&self, to: SlotId) -> Result<Switch, SlotError> {
         let v = &self.cfg.vars;
-        self.setenv(&[(&v.slot, to.as_str().into()), (&v.upgrade_available, "0".into()), (&v.bootcount, "0".into())])?;
+        self.setenv(&[
+            (&v.slot, to.as_str().into()),
+            (&v.upgrade_available, "0".into()),
+            (&v.bootcount, "0".into()),
+        ])?;
         Ok(Switch::RebootRequired)
     }
 

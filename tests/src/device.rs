@@ -1,0 +1,332 @@
+//! A simulated device for end-to-end deploy tests: real slot files, a real
+//! file-backed U-Boot environment (fw_setenv/fw_printenv) or grubenv
+//! (grub-editenv), and a small bootloader model that plays the firmware's
+//! part on "reboot" using those same real tools.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::{bin, Run, Scratch};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Dir,
+    Uboot,
+    Grub,
+    Hook,
+}
+
+/// Size of each block slot file.
+pub const SLOT_SIZE: usize = 4 << 20;
+
+pub struct Device {
+    pub s: Scratch,
+    pub backend: Backend,
+    boots: u32,
+    /// Extra `[health]` lines.
+    pub health: String,
+    pub inhibit: String,
+    pub target: String,
+    pub checkpoint_bytes: u64,
+}
+
+impl Device {
+    /// A device with an org (2 release keys, threshold 2), running slot a,
+    /// which holds `old` (for block slots) or the tree made by `old_tree`.
+    pub fn new(backend: Backend) -> Device {
+        let s = Scratch::new();
+        s.org(2, 2);
+        fs::create_dir_all(s.path("state")).unwrap();
+        let d = Device {
+            s,
+            backend,
+            boots: 0,
+            health: "commands = [\"true\"]\ntrial = \"20s\"\ninterval = \"100ms\"\ntimeout = \"5s\"\n".into(),
+            inhibit: String::new(),
+            target: "test-board".into(),
+            checkpoint_bytes: 64 * 1024,
+        };
+        match backend {
+            Backend::Dir => {
+                fs::create_dir_all(d.path("root/a")).unwrap();
+                fs::write(d.path("root/a/app"), "old app\n").unwrap();
+                std::os::unix::fs::symlink("a", d.path("root/current")).unwrap();
+            }
+            Backend::Uboot | Backend::Grub | Backend::Hook => {
+                fs::write(d.path("a.img"), old_image()).unwrap();
+                fs::write(d.path("b.img"), vec![0u8; SLOT_SIZE]).unwrap();
+            }
+        }
+        match backend {
+            Backend::Uboot => {
+                fs::write(d.path("env"), vec![0u8; 0x4000]).unwrap();
+                fs::write(d.path("fw_env.config"), format!("{} 0x0000 0x4000\n", d.path("env").display()))
+                    .unwrap();
+                fs::write(d.path("defenv"), "perch_slot=a\nbootlimit=3\n").unwrap();
+                let st = Command::new("fw_setenv")
+                    .arg("-c")
+                    .arg(d.path("fw_env.config"))
+                    .arg("-f")
+                    .arg(d.path("defenv"))
+                    .args(["perch_slot", "a"])
+                    .output()
+                    .unwrap();
+                assert!(st.status.success(), "fw_setenv init: {}", String::from_utf8_lossy(&st.stderr));
+            }
+            Backend::Grub => {
+                let env = d.path("grubenv");
+                assert!(Command::new("grub-editenv").arg(&env).arg("create").status().unwrap().success());
+                assert!(Command::new("grub-editenv")
+                    .arg(&env)
+                    .args(["set", "saved_entry=perch-a", "perch_slot=a"])
+                    .status()
+                    .unwrap()
+                    .success());
+            }
+            Backend::Hook => fs::write(d.path("hook-booted"), "a\n").unwrap(),
+            Backend::Dir => {}
+        }
+        fs::write(d.path("cmdline"), "console=ttyS0 perch.slot=a quiet\n").unwrap();
+        fs::write(d.path("boot_id"), "boot-0\n").unwrap();
+        d.write_config();
+        d
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.s.path(rel)
+    }
+
+    /// (Re)writes agent.toml from the current settings.
+    pub fn write_config(&self) {
+        let p = |r: &str| self.path(r).display().to_string();
+        let slots = match self.backend {
+            Backend::Dir => format!("backend = \"dir\"\nroot = \"{}\"\n", p("root")),
+            Backend::Uboot => format!(
+                "backend = \"uboot\"\ndevices = {{ a = \"{}\", b = \"{}\" }}\nfw_env_config = \"{}\"\ncmdline = \"{}\"\nbootlimit = 2\n",
+                p("a.img"),
+                p("b.img"),
+                p("fw_env.config"),
+                p("cmdline")
+            ),
+            Backend::Grub => format!(
+                "backend = \"grub\"\ndevices = {{ a = \"{}\", b = \"{}\" }}\nenvfile = \"{}\"\ncmdline = \"{}\"\n",
+                p("a.img"),
+                p("b.img"),
+                p("grubenv"),
+                p("cmdline")
+            ),
+            Backend::Hook => {
+                let log = p("hook.log");
+                format!(
+                    "backend = \"hook\"\n\
+                     write = 'echo write $PERCH_SLOT $PERCH_KIND >> {log}; dd if=\"$PERCH_PAYLOAD\" of={dir}/$PERCH_SLOT.img conv=notrunc,fsync status=none'\n\
+                     activate = 'echo activate $PERCH_SLOT >> {log}; echo $PERCH_SLOT > {dir}/hook-booted'\n\
+                     confirm = 'echo confirm $PERCH_SLOT >> {log}'\n\
+                     rollback = 'echo rollback $PERCH_SLOT >> {log}; echo $PERCH_SLOT > {dir}/hook-booted'\n\
+                     booted = 'cat {dir}/hook-booted'\n",
+                    dir = self.s.dir.path().display()
+                )
+            }
+        };
+        let cfg = format!(
+            "target = \"{}\"\ntrust = \"{}\"\nboot_id = \"{}\"\ncheckpoint_bytes = {}\n\n[slots]\n{slots}\n[health]\n{}\n[inhibit]\npoll = \"100ms\"\n{}\n",
+            self.target,
+            p("org/trust.doc"),
+            p("boot_id"),
+            self.checkpoint_bytes,
+            self.health,
+            self.inhibit
+        );
+        fs::write(self.path("agent.toml"), cfg).unwrap();
+    }
+
+    /// Runs perch-agent with this device's config and state dir.
+    pub fn agent(&self, args: &[&str]) -> Run {
+        self.agent_env(args, &[])
+    }
+
+    pub fn agent_env(&self, args: &[&str], env: &[(&str, &str)]) -> Run {
+        let mut c = Command::new(bin("perch-agent"));
+        c.arg("--config").arg(self.path("agent.toml")).arg("--state-dir").arg(self.path("state"));
+        c.args(args).current_dir(self.s.dir.path());
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c.output().expect("spawn perch-agent").into()
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        let r = self.agent(&["status", "--json"]);
+        assert_eq!(r.code, 0, "status: {}", r.stderr);
+        serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("status json: {e}: {}", r.stdout))
+    }
+
+    pub fn state(&self) -> String {
+        self.status()["deploy"]["state"].as_str().unwrap_or("").to_string()
+    }
+
+    /// Builds and signs (with both keys) an image bundle, returning its payload.
+    pub fn image_bundle(&self, out: &str, counter: u64, seed: u8, len: usize, chunk: u32) -> Vec<u8> {
+        let payload = new_image(seed, len);
+        fs::write(self.path(&format!("{out}.payload")), &payload).unwrap();
+        self.build(out, counter, "image", &format!("{out}.payload"), chunk, &[]);
+        payload
+    }
+
+    /// Builds and signs an archive bundle of `tree/` files `(name, content)`.
+    pub fn archive_bundle(&self, out: &str, counter: u64, files: &[(&str, &str)]) {
+        let tree = self.path(&format!("{out}.tree"));
+        fs::create_dir_all(&tree).unwrap();
+        for (name, content) in files {
+            fs::write(tree.join(name), content).unwrap();
+        }
+        self.build(out, counter, "archive", &format!("{out}.tree"), 1024, &[]);
+    }
+
+    pub fn build(&self, out: &str, counter: u64, kind: &str, input: &str, chunk: u32, extra: &[&str]) {
+        let counter = counter.to_string();
+        let chunk = chunk.to_string();
+        let mut args = vec![
+            "bundle",
+            "build",
+            "--name",
+            "os",
+            "--counter",
+            &counter,
+            "--kind",
+            kind,
+            "--input",
+            input,
+            "--out",
+            out,
+            "--chunk-size",
+            &chunk,
+            "--target",
+            &self.target,
+        ];
+        args.extend_from_slice(extra);
+        self.s.ok("perch", &args);
+        self.s.ok("perch", &["bundle", "sign", "--key", "k1.key", out]);
+        self.s.ok("perch", &["bundle", "sign", "--key", "k2.key", out]);
+    }
+
+    /// The bootloader's part of a reboot, with the real env tools: U-Boot's
+    /// boot counting and altbootcmd fallback, or GRUB's one-shot next_entry.
+    /// Writes the booted slot into the kernel command line and a new boot id.
+    pub fn reboot(&mut self) -> &'static str {
+        self.boots += 1;
+        let slot = match self.backend {
+            Backend::Uboot => {
+                let get = |v: &str| -> String {
+                    let o = Command::new("fw_printenv")
+                        .arg("-c")
+                        .arg(self.path("fw_env.config"))
+                        .args(["-n", v])
+                        .output()
+                        .unwrap();
+                    String::from_utf8_lossy(&o.stdout).trim().to_string()
+                };
+                let mut slot = get("perch_slot");
+                let mut upgrade = get("upgrade_available");
+                let mut count: u32 = get("bootcount").parse().unwrap_or(0);
+                let limit: u32 = get("bootlimit").parse().unwrap_or(3);
+                if upgrade == "1" {
+                    count += 1;
+                    if count > limit {
+                        // altbootcmd: go back to the other slot for good.
+                        slot = if slot == "a" { "b".into() } else { "a".into() };
+                        upgrade = "0".into();
+                        count = 0;
+                    }
+                }
+                let script = self.path("bootsim.script");
+                fs::write(
+                    &script,
+                    format!("perch_slot={slot}\nupgrade_available={upgrade}\nbootcount={count}\n"),
+                )
+                .unwrap();
+                let st = Command::new("fw_setenv")
+                    .arg("-c")
+                    .arg(self.path("fw_env.config"))
+                    .arg("-s")
+                    .arg(&script)
+                    .status();
+                assert!(st.unwrap().success());
+                slot
+            }
+            Backend::Grub => {
+                let env = self.path("grubenv");
+                let list = Command::new("grub-editenv").arg(&env).arg("list").output().unwrap();
+                let list = String::from_utf8_lossy(&list.stdout).into_owned();
+                let var =
+                    |n: &str| list.lines().find_map(|l| l.strip_prefix(&format!("{n}="))).map(str::to_string);
+                let entry = match var("next_entry").filter(|e| !e.is_empty()) {
+                    Some(e) => {
+                        assert!(Command::new("grub-editenv")
+                            .arg(&env)
+                            .args(["unset", "next_entry"])
+                            .status()
+                            .unwrap()
+                            .success());
+                        e
+                    }
+                    None => var("saved_entry").unwrap_or_else(|| "perch-a".into()),
+                };
+                entry.trim_start_matches("perch-").to_string()
+            }
+            Backend::Hook => fs::read_to_string(self.path("hook-booted")).unwrap().trim().to_string(),
+            Backend::Dir => fs::read_link(self.path("root/current")).unwrap().display().to_string(),
+        };
+        fs::write(self.path("cmdline"), format!("console=ttyS0 perch.slot={slot} quiet\n")).unwrap();
+        fs::write(self.path("boot_id"), format!("boot-{}\n", self.boots)).unwrap();
+        if slot == "a" {
+            "a"
+        } else {
+            "b"
+        }
+    }
+
+    /// What the bootloader (or symlink) will run next.
+    pub fn next_boot(&self) -> String {
+        self.status()["next_boot_slot"].as_str().unwrap_or("").to_string()
+    }
+
+    /// Contents of a block slot, first `len` bytes.
+    pub fn slot_bytes(&self, slot: &str, len: usize) -> Vec<u8> {
+        let mut b = fs::read(self.path(&format!("{slot}.img"))).unwrap();
+        b.truncate(len);
+        b
+    }
+}
+
+/// The image slot a starts with.
+pub fn old_image() -> Vec<u8> {
+    let mut v = new_image(200, SLOT_SIZE);
+    v.truncate(SLOT_SIZE);
+    v
+}
+
+/// A reproducible image of `len` bytes.
+pub fn new_image(seed: u8, len: usize) -> Vec<u8> {
+    let mut x: u32 = 0x1234_5678 ^ (u32::from(seed) * 0x0101_0101);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
+
+/// SHA-256 of a directory tree's files (sorted paths and contents), via sha256sum.
+pub fn tree_digest(root: &Path) -> String {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg("find . -type f -print0 | sort -z | xargs -0 sha256sum | sha256sum")
+        .current_dir(root)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

@@ -1,0 +1,396 @@
+//! The A/B deploy engine end to end, per backend, with the real binaries and
+//! the real bootloader tools.
+
+use std::fs;
+
+use perch_tests::device::{old_image, tree_digest, Backend, Device, SLOT_SIZE};
+
+const LEN: usize = 300 * 1024;
+
+fn install(d: &Device, bundle: &str) -> perch_tests::Run {
+    d.agent(&["install", bundle])
+}
+
+// ---------------------------------------------------------------- dir slots
+
+#[test]
+fn dir_good_bundle_commits() {
+    let d = Device::new(Backend::Dir);
+    d.archive_bundle("v2.perch", 2, &[("app", "new app\n"), ("conf", "x=1\n")]);
+    let r = install(&d, "v2.perch");
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("committed os #2"), "{}", r.stdout);
+    assert_eq!(fs::read_link(d.path("root/current")).unwrap().to_str(), Some("b"));
+    assert_eq!(fs::read_to_string(d.path("root/b/app")).unwrap(), "new app\n");
+    let st = d.status();
+    assert_eq!(st["deploy"]["state"], "committed");
+    assert_eq!(st["booted_slot"], "b");
+    assert_eq!(st["slots"]["b"]["counter"], 2);
+    assert_eq!(st["last_outcome"]["outcome"], "committed");
+    assert_eq!(st["highest_counters"]["os"], 2);
+    // Installing the same bundle again is a no-op.
+    let again = install(&d, "v2.perch");
+    assert_eq!(again.code, 3, "a replayed counter must be refused: {}", again.stdout);
+}
+
+#[test]
+fn dir_failing_health_rolls_back() {
+    let mut d = Device::new(Backend::Dir);
+    d.health =
+        "commands = [\"test -f current/healthy\"]\ntrial = \"2s\"\ninterval = \"200ms\"\ntimeout = \"1s\"\n"
+            .into();
+    d.write_config();
+    let before = tree_digest(&d.path("root/a"));
+    d.archive_bundle("v2.perch", 2, &[("app", "broken\n")]);
+    let r = d.agent(&["install", "v2.perch"]);
+    assert_eq!(r.code, 1, "rolled back is a failed deploy: {}", r.stdout);
+    assert!(r.stdout.contains("rolled back os #2"), "{}", r.stdout);
+    assert_eq!(fs::read_link(d.path("root/current")).unwrap().to_str(), Some("a"));
+    assert_eq!(tree_digest(&d.path("root/a")), before);
+    let st = d.status();
+    assert_eq!(st["deploy"]["state"], "rolled_back");
+    assert!(st["deploy"]["reason"]
+        .as_str()
+        .unwrap()
+        .starts_with("health: command `test -f current/healthy`"));
+    assert!(st["highest_counters"]["os"].is_null(), "a rolled-back counter is not committed");
+}
+
+#[test]
+fn dir_health_checks_pass_with_the_new_slot() {
+    let mut d = Device::new(Backend::Dir);
+    d.health = format!(
+        "commands = [\"test -f {}/current/healthy\"]\ntrial = \"10s\"\ninterval = \"100ms\"\n",
+        d.path("root").display()
+    );
+    d.write_config();
+    d.archive_bundle("v2.perch", 2, &[("app", "new\n"), ("healthy", "yes\n")]);
+    let r = d.agent(&["install", "v2.perch"]);
+    assert_eq!(r.code, 0, "{} {}", r.stdout, r.stderr);
+    assert_eq!(d.state(), "committed");
+}
+
+#[test]
+fn dir_fallback_during_trial_is_detected() {
+    let d = Device::new(Backend::Dir);
+    d.archive_bundle("v2.perch", 2, &[("app", "new\n")]);
+    // Killed in the middle of the trial...
+    let r = d.agent_env(&["install", "v2.perch"], &[("PERCH_FAILPOINT", "trial:1")]);
+    assert_eq!(r.code, -1, "expected SIGKILL: {}", r.stderr);
+    assert_eq!(d.state(), "trial");
+    // ...and something (a watchdog, a person) put the old slot back.
+    fs::remove_file(d.path("root/current")).unwrap();
+    std::os::unix::fs::symlink("a", d.path("root/current")).unwrap();
+    let r = d.agent(&["run", "--once"]);
+    assert_eq!(r.code, 1, "{}", r.stdout);
+    let st = d.status();
+    assert_eq!(st["deploy"]["state"], "rolled_back");
+    assert_eq!(st["deploy"]["reason"], "boot_fallback");
+}
+
+#[test]
+fn dir_refuses_image_bundles() {
+    let d = Device::new(Backend::Dir);
+    d.image_bundle("img.perch", 2, 1, 10_000, 4096);
+    let r = install(&d, "img.perch");
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains("directory slots take archive bundles"), "{}", r.stderr);
+    assert_eq!(fs::read_link(d.path("root/current")).unwrap().to_str(), Some("a"));
+}
+
+// ------------------------------------------------------------- block slots
+
+fn block_good_bundle_commits(backend: Backend) {
+    let mut d = Device::new(backend);
+    let payload = d.image_bundle("v2.perch", 2, 1, LEN, 16 * 1024);
+    let r = install(&d, "v2.perch");
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("waiting for a reboot into slot b"), "{}", r.stdout);
+    assert_eq!(d.state(), "trial");
+    assert_eq!(d.next_boot(), "b");
+    assert_eq!(d.slot_bytes("b", LEN), payload);
+    assert_eq!(d.slot_bytes("a", SLOT_SIZE), old_image(), "running slot untouched");
+    // Running `run` before the reboot changes nothing.
+    let r = d.agent(&["run", "--once"]);
+    assert!(r.stdout.contains("waiting for a reboot into slot b"), "{}", r.stdout);
+    assert_eq!(d.reboot(), "b");
+    let r = d.agent(&["run", "--once"]);
+    assert_eq!(r.code, 0, "{} {}", r.stdout, r.stderr);
+    assert!(r.stdout.contains("committed os #2"), "{}", r.stdout);
+    let st = d.status();
+    assert_eq!(st["deploy"]["state"], "committed");
+    assert_eq!(st["booted_slot"], "b");
+    assert_eq!(st["next_boot_slot"], "b");
+    // The bootloader no longer counts boots; the next reboot stays on b.
+    for _ in 0..4 {
+        assert_eq!(d.reboot(), "b");
+    }
+}
+
+fn block_failing_health_rolls_back(backend: Backend) {
+    let mut d = Device::new(backend);
+    d.health = "commands = [\"false\"]\ntrial = \"1s\"\ninterval = \"100ms\"\n".into();
+    d.write_config();
+    d.image_bundle("v2.perch", 2, 1, LEN, 16 * 1024);
+    assert_eq!(install(&d, "v2.perch").code, 0);
+    assert_eq!(d.reboot(), "b");
+    let r = d.agent(&["run", "--once"]);
+    assert!(r.stdout.contains("waiting for a reboot into slot a"), "{} {}", r.stdout, r.stderr);
+    assert_eq!(d.state(), "rolling_back");
+    assert_eq!(d.next_boot(), "a");
+    assert_eq!(d.reboot(), "a");
+    let r = d.agent(&["run", "--once"]);
+    assert_eq!(r.code, 1, "{}", r.stdout);
+    let st = d.status();
+    assert_eq!(st["deploy"]["state"], "rolled_back");
+    assert!(st["deploy"]["reason"].as_str().unwrap().starts_with("health: command `false` failed"), "{st}");
+    assert_eq!(st["booted_slot"], "a");
+    assert_eq!(d.slot_bytes("a", SLOT_SIZE), old_image());
+    assert_eq!(d.reboot(), "a");
+}
+
+fn block_boot_fallback_detected(backend: Backend) {
+    let mut d = Device::new(backend);
+    d.image_bundle("v2.perch", 2, 1, LEN, 16 * 1024);
+    assert_eq!(install(&d, "v2.perch").code, 0);
+    // The new slot hangs at boot: the agent never runs there. The bootloader
+    // gives up by itself (U-Boot after bootlimit, GRUB after one try).
+    let mut booted = d.reboot();
+    for _ in 0..5 {
+        if booted == "a" {
+            break;
+        }
+        booted = d.reboot();
+    }
+    assert_eq!(booted, "a", "the bootloader must fall back");
+    let r = d.agent(&["run", "--once"]);
+    assert_eq!(r.code, 1, "{} {}", r.stdout, r.stderr);
+    let st = d.status();
+    assert_eq!(st["deploy"]["state"], "rolled_back");
+    assert_eq!(st["deploy"]["reason"], "boot_fallback");
+    assert_eq!(st["last_outcome"]["reason"], "boot_fallback");
+    assert_eq!(d.next_boot(), "a");
+}
+
+#[test]
+fn uboot_good_bundle_commits() {
+    block_good_bundle_commits(Backend::Uboot);
+}
+
+#[test]
+fn uboot_failing_health_rolls_back() {
+    block_failing_health_rolls_back(Backend::Uboot);
+}
+
+#[test]
+fn uboot_boot_fallback_detected() {
+    block_boot_fallback_detected(Backend::Uboot);
+}
+
+#[test]
+fn grub_good_bundle_commits() {
+    block_good_bundle_commits(Backend::Grub);
+}
+
+#[test]
+fn grub_failing_health_rolls_back() {
+    block_failing_health_rolls_back(Backend::Grub);
+}
+
+#[test]
+fn grub_boot_fallback_detected() {
+    block_boot_fallback_detected(Backend::Grub);
+}
+
+// -------------------------------------------------------------------- hook
+
+#[test]
+fn hook_good_bundle_commits_and_bad_health_rolls_back() {
+    let mut d = Device::new(Backend::Hook);
+    let payload = d.image_bundle("v2.perch", 2, 1, LEN, 16 * 1024);
+    let r = install(&d, "v2.perch");
+    assert_eq!(r.code, 0, "{} {}", r.stdout, r.stderr);
+    assert_eq!(d.state(), "committed");
+    assert_eq!(d.slot_bytes("b", LEN), payload);
+    let log = fs::read_to_string(d.path("hook.log")).unwrap();
+    assert_eq!(log, "write b image\nactivate b\nconfirm b\n");
+    d.health = "commands = [\"false\"]\ntrial = \"1s\"\ninterval = \"100ms\"\n".into();
+    d.write_config();
+    d.image_bundle("v3.perch", 3, 2, LEN, 16 * 1024);
+    let r = install(&d, "v3.perch");
+    assert_eq!(r.code, 1, "{} {}", r.stdout, r.stderr);
+    let log = fs::read_to_string(d.path("hook.log")).unwrap();
+    assert!(log.ends_with("write a image\nactivate a\nrollback b\n"), "{log}");
+    assert_eq!(d.status()["booted_slot"], "b");
+}
+
+// ---------------------------------------------------------- operator acts
+
+#[test]
+fn manual_commit_and_rollback() {
+    let mut d = Device::new(Backend::Uboot);
+    d.image_bundle("v2.perch", 2, 1, LEN, 16 * 1024);
+    assert_eq!(install(&d, "v2.perch").code, 0);
+    assert_eq!(d.reboot(), "b");
+    let r = d.agent(&["commit"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(d.state(), "committed");
+    assert_ne!(d.agent(&["commit"]).code, 0, "nothing left to commit");
+    // Slot a holds nothing perch installed: there is nothing to go back to.
+    assert_ne!(d.agent(&["rollback"]).code, 0);
+    d.image_bundle("v3.perch", 3, 2, LEN, 16 * 1024);
+    assert_eq!(install(&d, "v3.perch").code, 0);
+    assert_eq!(d.reboot(), "a");
+    assert_eq!(d.agent(&["run", "--once"]).code, 0);
+    // Rolling back a committed deploy goes to the other slot, which still
+    // holds the previous release.
+    let r = d.agent(&["rollback"]);
+    assert_eq!(r.code, 0, "{} {}", r.stdout, r.stderr);
+    assert_eq!(d.next_boot(), "b");
+    assert_eq!(d.reboot(), "b");
+    assert_eq!(d.agent(&["run", "--once"]).code, 1);
+    let st = d.status();
+    assert_eq!(st["deploy"]["reason"], "manual");
+    assert_eq!(st["booted_slot"], "b");
+}
+
+// ---------------------------------------------------------- inhibit gate
+
+#[test]
+fn inhibit_defers_activation_not_staging() {
+    let mut d = Device::new(Backend::Dir);
+    d.inhibit = format!("file = \"{}\"\n", d.path("armed").display());
+    d.write_config();
+    fs::write(d.path("armed"), "").unwrap();
+    d.archive_bundle("v2.perch", 2, &[("app", "new\n")]);
+    let child = std::process::Command::new(perch_tests::bin("perch-agent"))
+        .arg("--config")
+        .arg(d.path("agent.toml"))
+        .arg("--state-dir")
+        .arg(d.path("state"))
+        .args(["install", "v2.perch"])
+        .current_dir(d.s.dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Staging completes while armed...
+    let mut staged = false;
+    for _ in 0..100 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        if d.state() == "staged" {
+            staged = true;
+            break;
+        }
+    }
+    assert!(staged, "staging must not wait for the gate");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_eq!(d.state(), "staged", "activation must wait while armed");
+    assert_eq!(fs::read_link(d.path("root/current")).unwrap().to_str(), Some("a"));
+    // ...and activation follows once disarmed.
+    fs::remove_file(d.path("armed")).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("activation deferred: inhibit file"));
+    assert_eq!(d.state(), "committed");
+}
+
+// --------------------------------------------------------- hostile bundles
+
+#[test]
+fn hostile_bundles_are_refused_and_the_running_slot_is_untouched() {
+    let mut d = Device::new(Backend::Uboot);
+    d.image_bundle("v5.perch", 5, 1, LEN, 16 * 1024);
+    assert_eq!(install(&d, "v5.perch").code, 0);
+    assert_eq!(d.reboot(), "b");
+    assert_eq!(d.agent(&["run", "--once"]).code, 0);
+    let running = d.slot_bytes("b", SLOT_SIZE);
+    let env_before = fs::read(d.path("env")).unwrap();
+    let check = |d: &Device, file: &str, needle: &str| {
+        let r = d.agent(&["install", file]);
+        assert_eq!(r.code, 3, "{file}: {} {}", r.stdout, r.stderr);
+        assert!(r.stderr.contains(needle), "{file}: {}", r.stderr);
+        assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+        assert_eq!(d.slot_bytes("b", SLOT_SIZE), running, "{file}: running slot changed");
+        assert_eq!(fs::read(d.path("env")).unwrap(), env_before, "{file}: bootloader env changed");
+        assert_eq!(d.status()["booted_slot"], "b");
+    };
+    // Wrong target.
+    d.target = "other-board".into();
+    d.image_bundle("wrong-target.perch", 9, 2, LEN, 16 * 1024);
+    d.target = "test-board".into();
+    check(&d, "wrong-target.perch", "this device is 'test-board'");
+    // Replay of a lower (and of the same) counter.
+    d.image_bundle("old.perch", 4, 3, LEN, 16 * 1024);
+    check(&d, "old.perch", "downgrade");
+    check(&d, "v5.perch", "downgrade");
+    // Bad signature: one flipped byte in the first signature.
+    d.image_bundle("good6.perch", 6, 4, LEN, 16 * 1024);
+    let good = fs::read(d.path("good6.perch")).unwrap();
+    let sig_at = good.len() - LEN - 40;
+    let mut bad = good.clone();
+    bad[sig_at] ^= 0x10;
+    fs::write(d.path("badsig.perch"), &bad).unwrap();
+    check(&d, "badsig.perch", "bad signature");
+    // A chunk corrupted in the middle.
+    let mut bad = good.clone();
+    bad[good.len() - LEN / 2] ^= 0x01;
+    fs::write(d.path("badchunk.perch"), &bad).unwrap();
+    check(&d, "badchunk.perch", "sha256 mismatch");
+    assert_eq!(d.state(), "failed");
+    // Truncated.
+    fs::write(d.path("short.perch"), &good[..good.len() - 1000]).unwrap();
+    check(&d, "short.perch", "truncated");
+    // And the real one still installs.
+    assert_eq!(install(&d, "good6.perch").code, 0);
+    assert_eq!(d.state(), "trial");
+}
+
+#[test]
+fn corrupt_journal_keeps_the_running_slot() {
+    let mut d = Device::new(Backend::Uboot);
+    d.image_bundle("v2.perch", 2, 1, LEN, 16 * 1024);
+    assert_eq!(install(&d, "v2.perch").code, 0);
+    assert_eq!(d.reboot(), "b");
+    assert_eq!(d.agent(&["run", "--once"]).code, 0);
+    d.image_bundle("v3.perch", 3, 2, LEN, 16 * 1024);
+    assert_eq!(install(&d, "v3.perch").code, 0, "now on trial of slot a");
+    assert_eq!(d.next_boot(), "a");
+    let mut j = fs::read(d.path("state/journal")).unwrap();
+    let n = j.len();
+    j[n - 3] ^= 0xff;
+    fs::write(d.path("state/journal"), &j).unwrap();
+    let r = d.agent(&["run", "--once"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("journal") && r.stderr.contains("CRC mismatch"), "{}", r.stderr);
+    assert!(r.stderr.contains("kept the running slot"), "{}", r.stderr);
+    // The bootloader points at the slot that is running (b), not the trial.
+    assert_eq!(d.next_boot(), "b");
+    assert_eq!(d.reboot(), "b");
+    let st = d.status();
+    assert_eq!(st["deploy"]["state"], "idle");
+    // Rollback protection survived in the counters file.
+    assert_eq!(st["highest_counters"]["os"], 2);
+    let r = install(&d, "v2.perch");
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert!(fs::read_dir(d.path("state")).unwrap().any(|e| e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .starts_with("journal.corrupt")));
+}
+
+#[test]
+fn bad_config_names_the_key() {
+    let d = Device::new(Backend::Dir);
+    let cfg = fs::read_to_string(d.path("agent.toml")).unwrap();
+    fs::write(d.path("agent.toml"), cfg.replace("[health]", "[health]\nretries = 3")).unwrap();
+    let r = d.agent(&["status"]);
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("unknown field `retries`"), "{}", r.stderr);
+    assert_eq!(r.stderr.lines().count(), 1);
+    fs::write(d.path("agent.toml"), cfg.replace("trial = \"20s\"", "trial = \"soon\"")).unwrap();
+    let r = d.agent(&["status"]);
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("'soon' is not a duration"), "{}", r.stderr);
+}
