@@ -130,6 +130,12 @@ impl Engine {
             .and_then(|r| r.verify(&trust, now))
             .map_err(bundle_err)?;
         let bundle = BundleRef::of(reader.manifest());
+        let booted = self.backend.booted()?;
+        if self.journal.slot(booted).is_some_and(|b| b.digest == bundle.digest)
+            && matches!(self.journal.state, DeployState::Committed { .. } | DeployState::Idle)
+        {
+            return Ok(Finished::AlreadyRunning(bundle));
+        }
         if let Err(e) = self.admit(reader.manifest()) {
             self.journal.last =
                 Some(LastOutcome { bundle: Some(bundle), outcome: Outcome::Failed(e.to_string()), at: now });
@@ -143,12 +149,6 @@ impl Engine {
                 self.journal.state.bundle().map(|b| b.to_string()).unwrap_or_default()
             )));
         }
-        let booted = self.backend.booted()?;
-        if self.journal.slot(booted).is_some_and(|b| b.digest == bundle.digest)
-            && matches!(self.journal.state, DeployState::Committed { .. } | DeployState::Idle)
-        {
-            return Ok(Finished::AlreadyRunning(bundle));
-        }
         let slot = booted.other();
         let resume_at = match &self.journal.state {
             DeployState::Staging { bundle: b, slot: s, next_chunk }
@@ -159,7 +159,12 @@ impl Engine {
             DeployState::Staged { bundle: b, slot: s } if b.digest == bundle.digest && *s == slot => None,
             _ => Some(0),
         };
-        if let Some(from_chunk) = resume_at {
+        if let Some(recorded) = resume_at {
+            // Trust, but verify: re-hash what the journal says is on the slot
+            // (reading is cheap, fetching again is not) and resume at the
+            // first chunk that is not there intact.
+            let from_chunk =
+                if recorded > 0 { self.intact_prefix(reader.manifest(), slot, recorded)? } else { 0 };
             if from_chunk == 0 {
                 self.journal.set_slot(slot, None);
                 self.save(DeployState::Staging { bundle: bundle.clone(), slot, next_chunk: 0 })?;
@@ -182,6 +187,22 @@ impl Engine {
             }
         }
         self.activate_when_allowed()
+    }
+
+    /// How many of the first `recorded` chunks read back from `slot` intact.
+    fn intact_prefix(&self, m: &VerifiedManifest, slot: SlotId, recorded: u32) -> Result<u32, DeployError> {
+        let chunk_size = m.manifest().chunk_size as usize;
+        let len = u64::from(recorded) * chunk_size as u64;
+        let Ok(mut back) = self.backend.read_back(slot, len) else { return Ok(0) };
+        let mut buf = vec![0u8; chunk_size];
+        for index in 0..recorded {
+            if back.read_exact(&mut buf).is_err() || m.check_chunk(index, &buf).is_err() {
+                self.progress
+                    .note(&format!("chunk {index} on slot {slot} is not intact; staging again from there"));
+                return Ok(index);
+            }
+        }
+        Ok(recorded)
     }
 
     /// The checks on a verified manifest before anything is written.
@@ -304,6 +325,7 @@ impl Engine {
         hit("slot-finished");
         self.journal.set_slot(slot, Some(bundle.clone()));
         self.save(DeployState::Staged { bundle: bundle.clone(), slot })?;
+        self.backend.cleanup(slot);
         self.progress.note(&format!("staged {bundle} in slot {slot}"));
         Ok(())
     }

@@ -123,9 +123,13 @@ fn run(cli: Cli) -> Result<u8> {
             }
             let (mut engine, problem) = open(&cli)?;
             warn(problem);
-            // Finish anything a crash interrupted before starting something new.
+            // Finish anything a crash interrupted before starting something new;
+            // if it cannot finish yet (it awaits a reboot), say so and stop.
             if engine.journal.state.is_switching() {
-                engine.resume()?;
+                let f = engine.resume()?;
+                if engine.journal.state.is_switching() {
+                    return Ok(report(&engine, &f));
+                }
             }
             let f = engine.install(bundle)?;
             Ok(report(&engine, &f))

@@ -287,6 +287,60 @@ impl Device {
         }
     }
 
+    /// Files that make up the device's persistent state.
+    fn persistent(&self) -> Vec<&'static str> {
+        let mut v = vec!["cmdline", "boot_id", "state"];
+        match self.backend {
+            Backend::Dir => v.push("root"),
+            Backend::Uboot => v.extend(["a.img", "b.img", "env"]),
+            Backend::Grub => v.extend(["a.img", "b.img", "grubenv"]),
+            Backend::Hook => v.extend(["a.img", "b.img", "hook-booted"]),
+        }
+        v
+    }
+
+    /// Saves the device's disks and firmware state (to roll many crash runs
+    /// back to the same starting point).
+    pub fn snapshot(&self) {
+        let snap = self.path("snap");
+        let _ = fs::remove_dir_all(&snap);
+        fs::create_dir_all(&snap).unwrap();
+        for f in self.persistent() {
+            copy(&self.path(f), &snap.join(f));
+        }
+    }
+
+    pub fn restore(&mut self) {
+        let snap = self.path("snap");
+        for f in self.persistent() {
+            let p = self.path(f);
+            if p.is_dir() {
+                fs::remove_dir_all(&p).unwrap();
+            } else if p.exists() {
+                fs::remove_file(&p).unwrap();
+            }
+            copy(&snap.join(f), &p);
+        }
+    }
+
+    /// The slot the bootloader (or symlink) will run next, read directly
+    /// from the firmware state rather than through the agent.
+    pub fn firmware_next(&self) -> String {
+        match self.backend {
+            Backend::Uboot => {
+                let o = Command::new("fw_printenv")
+                    .arg("-c")
+                    .arg(self.path("fw_env.config"))
+                    .args(["-n", "perch_slot"])
+                    .output()
+                    .unwrap();
+                String::from_utf8_lossy(&o.stdout).trim().to_string()
+            }
+            Backend::Dir => fs::read_link(self.path("root/current")).unwrap().display().to_string(),
+            _ => self.next_boot(),
+        }
+    }
+
     /// What the bootloader (or symlink) will run next.
     pub fn next_boot(&self) -> String {
         self.status()["next_boot_slot"].as_str().unwrap_or("").to_string()
@@ -298,6 +352,15 @@ impl Device {
         b.truncate(len);
         b
     }
+}
+
+/// Copies a file or a tree (symlinks as symlinks).
+fn copy(from: &Path, to: &Path) {
+    if !from.exists() && fs::symlink_metadata(from).is_err() {
+        return;
+    }
+    let st = Command::new("cp").arg("-a").arg(from).arg(to).status().unwrap();
+    assert!(st.success(), "cp -a {} {}", from.display(), to.display());
 }
 
 /// The image slot a starts with.

@@ -117,9 +117,13 @@ impl SlotBackend for DirBackend {
         }
         fs::rename(&fresh, &dest).map_err(io_err(&fresh))?;
         sync_dir(&self.cfg.root).map_err(io_err(&self.cfg.root))?;
-        // The tar is no longer needed; if this is lost in a crash, finish runs again.
-        let _ = fs::remove_file(&tar_path);
         Ok(())
+    }
+
+    /// The tar is kept until the journal says staged, so a crash before
+    /// that can unpack it again.
+    fn cleanup(&self, slot: SlotId) {
+        let _ = fs::remove_file(self.staging(slot));
     }
 
     fn activate(&self, slot: SlotId) -> Result<Switch, SlotError> {

@@ -84,6 +84,10 @@ impl SlotBackend for HookBackend {
         Ok(())
     }
 
+    fn cleanup(&self, slot: SlotId) {
+        let _ = std::fs::remove_file(self.staged(slot));
+    }
+
     fn activate(&self, slot: SlotId) -> Result<Switch, SlotError> {
         shell(&self.cfg.activate, &[("PERCH_SLOT", slot.as_str())])?;
         Ok(self.switch())

@@ -76,6 +76,9 @@ pub trait SlotBackend {
     /// an image to a hook). Must be safe to repeat after a crash.
     fn finish(&self, slot: SlotId, kind: PayloadKind, len: u64) -> Result<(), SlotError>;
 
+    /// Drops staging leftovers once the journal says `slot` is staged.
+    fn cleanup(&self, _slot: SlotId) {}
+
     /// Points the bootloader (or symlink) at `slot` for one trial.
     fn activate(&self, slot: SlotId) -> Result<Switch, SlotError>;
 
