@@ -400,7 +400,8 @@ impl Engine {
         deadline: u64,
     ) -> Result<Finished, DeployError> {
         hit("trial");
-        self.progress.note(&format!("trial of {bundle} in slot {slot}: health checks until {deadline}"));
+        let left = deadline.saturating_sub(now_unix());
+        self.progress.note(&format!("trial of {bundle} in slot {slot}: health checks for up to {left}s"));
         let progress = &self.progress;
         match health::trial(&self.cfg.health, deadline, |m| progress.note(m)) {
             Ok(()) => self.commit_trial(bundle, slot),
@@ -425,7 +426,6 @@ impl Engine {
         self.journal.last =
             Some(LastOutcome { bundle: Some(bundle.clone()), outcome: Outcome::Committed, at: now_unix() });
         self.save(DeployState::Committed { bundle: bundle.clone(), slot })?;
-        self.progress.note(&format!("committed {bundle} in slot {slot}"));
         Ok(Finished::Committed(bundle))
     }
 
@@ -470,7 +470,6 @@ impl Engine {
             at: now_unix(),
         });
         self.save(DeployState::RolledBack { bundle: bundle.clone(), slot, reason: reason.clone() })?;
-        self.progress.note(&format!("rolled back {bundle}: {reason}"));
         Ok(Finished::RolledBack(bundle, reason))
     }
 

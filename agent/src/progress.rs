@@ -31,7 +31,11 @@ impl Progress {
             bar.set_position(done);
             self.bar = Some(bar);
         } else {
-            println!("{what}: {} of {} bytes already staged", done, total);
+            if done == 0 {
+                println!("{what} ({total} bytes)");
+            } else {
+                println!("{what}: {done} of {total} bytes already staged");
+            }
         }
         self.last_pct = done * 100 / self.total;
     }

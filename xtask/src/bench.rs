@@ -15,7 +15,8 @@ const RUNS: usize = 5;
 pub fn run(args: &[String]) -> Result<()> {
     match args.first().map(String::as_str) {
         Some("verify") => verify(&args[1..]),
-        _ => bail!("usage: cargo xtask bench verify [--size-mib N]"),
+        Some("install") => install(&args[1..]),
+        _ => bail!("usage: cargo xtask bench verify|install [--size-mib N]"),
     }
 }
 
@@ -23,7 +24,7 @@ fn size_mib(args: &[String]) -> Result<usize> {
     match args {
         [] => Ok(1024),
         [flag, n] if flag == "--size-mib" => n.parse().context("--size-mib takes a number"),
-        _ => bail!("usage: cargo xtask bench verify [--size-mib N]"),
+        _ => bail!("usage: cargo xtask bench verify|install [--size-mib N]"),
     }
 }
 
@@ -111,4 +112,154 @@ fn best(dir: &std::path::Path, cmd: &mut Command) -> Result<Duration> {
         }
     }
     Ok(timed[1..].iter().copied().min().unwrap_or_default())
+}
+
+/// `cargo xtask bench install`: `perch-agent install` of an image bundle into
+/// a file-backed U-Boot slot, against `dd ... conv=fsync` of the same payload
+/// onto a slot file on the same disk.
+fn install(args: &[String]) -> Result<()> {
+    let mib = size_mib(args)?;
+    step("bench install: building release binaries");
+    sh(cargo().args([
+        "build",
+        "--release",
+        "--locked",
+        "-p",
+        "perch-fleet",
+        "-p",
+        "perch-bootstrap",
+        "-p",
+        "perch-agent",
+    ]))?;
+    let bin = root().join("target/release");
+    let dir = root().join("target/bench-install");
+    if dir.exists() {
+        fs::remove_dir_all(&dir)?;
+    }
+    fs::create_dir_all(&dir)?;
+    let perch = bin.join("perch");
+    let quiet = |c: &mut Command| -> Result<()> {
+        let out = c.current_dir(&dir).output()?;
+        if !out.status.success() {
+            bail!("{}: {}", crate::util::show(c), String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    };
+    step(&format!("bench install: a {mib} MiB image bundle into a file-backed uboot slot"));
+    crate::demo::write_image(&dir.join("payload.img"), mib << 20)?;
+    quiet(Command::new(&perch).args(["keygen", "--out", "k1"]))?;
+    quiet(Command::new(bin.join("perch-bootstrap")).args([
+        "init",
+        "--dir",
+        "org",
+        "--release-key",
+        "k1.pub",
+        "--threshold",
+        "1",
+    ]))?;
+    quiet(Command::new(&perch).args([
+        "bundle",
+        "build",
+        "--name",
+        "bench",
+        "--counter",
+        "1",
+        "--kind",
+        "image",
+        "--input",
+        "payload.img",
+        "--out",
+        "b.perch",
+        "--target",
+        "bench",
+    ]))?;
+    quiet(Command::new(&perch).args(["bundle", "sign", "--key", "k1.key", "b.perch"]))?;
+    for slot in ["a.img", "b.img", "dd.img", "dd-direct.img"] {
+        quiet(Command::new("dd").args([
+            "if=/dev/zero",
+            &format!("of={slot}"),
+            "bs=1M",
+            &format!("count={mib}"),
+            "conv=fsync",
+            "status=none",
+        ]))?;
+    }
+    fs::write(dir.join("fw_env.config"), format!("{} 0x0000 0x4000\n", dir.join("env").display()))?;
+    fs::write(dir.join("defenv"), "perch_slot=a\nbootlimit=3\n")?;
+    fs::write(dir.join("cmdline"), "perch.slot=a\n")?;
+    fs::write(dir.join("boot_id"), "bench\n")?;
+    let p = |f: &str| dir.join(f).display().to_string();
+    fs::write(
+        dir.join("agent.toml"),
+        format!(
+            "target = \"bench\"\ntrust = \"{}\"\nboot_id = \"{}\"\n[slots]\nbackend = \"uboot\"\ndevices = {{ a = \"{}\", b = \"{}\" }}\nfw_env_config = \"{}\"\ncmdline = \"{}\"\n",
+            p("org/trust.doc"), p("boot_id"), p("a.img"), p("b.img"), p("fw_env.config"), p("cmdline")
+        ),
+    )?;
+    let reset = |dir: &std::path::Path| -> Result<()> {
+        let _ = fs::remove_dir_all(dir.join("state"));
+        fs::write(dir.join("env"), vec![0u8; 0x4000])?;
+        let st = Command::new("fw_setenv")
+            .arg("-c")
+            .arg(dir.join("fw_env.config"))
+            .arg("-f")
+            .arg(dir.join("defenv"))
+            .args(["perch_slot", "a"])
+            .output()?;
+        if !st.status.success() {
+            bail!("fw_setenv: {}", String::from_utf8_lossy(&st.stderr));
+        }
+        Ok(())
+    };
+    step(&format!("bench install: best of {RUNS} runs each, payload and bundle in page cache"));
+    let bytes = (mib << 20) as f64;
+    let dd = best(
+        &dir,
+        Command::new("dd").args([
+            "if=payload.img",
+            "of=dd.img",
+            "bs=1M",
+            "conv=notrunc,fsync",
+            "status=none",
+        ]),
+    )?;
+    let dd_direct = best(
+        &dir,
+        Command::new("dd").args([
+            "if=payload.img",
+            "of=dd-direct.img",
+            "bs=1M",
+            "oflag=direct",
+            "conv=notrunc,fsync",
+            "status=none",
+        ]),
+    )?;
+    let mut timed = Vec::new();
+    for _ in 0..=RUNS {
+        reset(&dir)?;
+        let t = Instant::now();
+        let out = Command::new(bin.join("perch-agent"))
+            .current_dir(&dir)
+            .args(["--config", "agent.toml", "--state-dir", "state", "install", "b.perch"])
+            .output()?;
+        timed.push(t.elapsed());
+        if !out.status.success() {
+            bail!("perch-agent install: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+    let install = timed[1..].iter().copied().min().unwrap_or_default();
+    let rate = |d: Duration| bytes / d.as_secs_f64() / 1e6;
+    println!("{:<44} {:>10} {:>12}", "command", "seconds", "MB/s");
+    for (name, d) in [
+        ("dd bs=1M conv=fsync", dd),
+        ("dd bs=1M oflag=direct conv=fsync", dd_direct),
+        ("perch-agent install (verify + write + fsync)", install),
+    ] {
+        println!("{name:<44} {:>10.3} {:>12.0}", d.as_secs_f64(), rate(d));
+    }
+    println!();
+    println!("install / dd conv=fsync = {:.2}x  (goal >= 0.90)", rate(install) / rate(dd));
+    println!("install / dd oflag=direct = {:.2}x", rate(install) / rate(dd_direct));
+    fs::remove_dir_all(&dir)?;
+    Ok(())
 }

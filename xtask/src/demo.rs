@@ -180,10 +180,81 @@ pub fn run() -> Result<()> {
         3,
     )?;
 
-    println!(
-        "\nDemo complete: every good bundle verified, every damaged or under-signed one refused with exit 3."
-    );
+    desktop(&d)?;
+
+    println!("\nDemo complete: good bundles verified and committed, a broken release rolled back by its health check,");
+    println!("and every damaged, under-signed, misdirected or replayed bundle refused with exit 3.");
     println!("Files are in {}; nothing is left running.", dir.display());
+    Ok(())
+}
+
+/// A desktop with directory slots: install, a failing release rolled back,
+/// a replayed old release refused.
+fn desktop(d: &Demo) -> Result<()> {
+    let root = d.dir.join("desktop");
+    fs::create_dir_all(root.join("slots/a/bin"))?;
+    fs::write(root.join("slots/a/bin/hello"), "echo hello from the factory image\n")?;
+    std::os::unix::fs::symlink("a", root.join("slots/current"))?;
+    fs::write(root.join("boot_id"), "demo\n")?;
+    let p = |rel: &str| d.dir.join(rel).display().to_string();
+    fs::write(
+        root.join("agent.toml"),
+        format!(
+            "target = \"x86_64-desktop\"\ntrust = \"{}\"\nboot_id = \"{}\"\n\n[slots]\nbackend = \"dir\"\nroot = \"{}\"\n\n[health]\ncommands = [\"sh {}/current/bin/hello\"]\ntrial = \"3s\"\ninterval = \"500ms\"\n",
+            p("org/trust.doc"),
+            p("desktop/boot_id"),
+            p("desktop/slots"),
+            p("desktop/slots"),
+        ),
+    )?;
+    let run = |rest: &[&str], expect: i32| -> Result<String> {
+        let mut args = vec!["--config", "desktop/agent.toml", "--state-dir", "desktop/state"];
+        args.extend_from_slice(rest);
+        d.sh("perch-agent", &args, expect)
+    };
+    let release = |counter: &str, hello: &str, signers: [&str; 2]| -> Result<String> {
+        fs::write(d.dir.join("app/bin/hello"), hello)?;
+        let out = format!("desk-app-{counter}.perch");
+        d.sh(
+            "perch",
+            &[
+                "bundle",
+                "build",
+                "--name",
+                "desk-app",
+                "--counter",
+                counter,
+                "--kind",
+                "archive",
+                "--input",
+                "app",
+                "--out",
+                &out,
+                "--target",
+                "x86_64-desktop",
+            ],
+            0,
+        )?;
+        for k in signers {
+            d.sh("perch", &["bundle", "sign", "--key", k, &out], 0)?;
+        }
+        Ok(out)
+    };
+
+    say(11, "A desktop with directory slots a and b runs slot a. The agent installs the desktop release into slot b, switches `current` to it, runs the health check (`sh current/bin/hello`) and commits.");
+    run(&["install", "desk-app.perch"], 0)?;
+    run(&["status"], 0)?;
+
+    say(12, "Release 2 is broken: its hello exits 1. It installs into the idle slot, fails its trial, and the agent rolls back by itself (exit 1).");
+    let broken = release("2", "echo this release is broken >&2; exit 1\n", ["alice.key", "carol.key"])?;
+    run(&["install", &broken], 1)?;
+    run(&["status"], 0)?;
+
+    say(13, "Release 3 fixes it and commits. Then someone replays the old release 1: it is validly signed, but its counter is below the committed one, so it is refused (exit 3).");
+    let fixed = release("3", "echo hello from release 3\n", ["alice.key", "bob.key"])?;
+    run(&["install", &fixed], 0)?;
+    run(&["install", "desk-app.perch"], 3)?;
+    run(&["status"], 0)?;
     Ok(())
 }
 

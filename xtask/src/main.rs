@@ -18,6 +18,7 @@ commands:
   demo                walk through the release flow on this machine
   cross [TARGET...]   release perch-agent for the ARM targets with Debian's rustc 1.85
   bench verify [--size-mib N]   bundle verify throughput against sha256sum and openssl
+  bench install [--size-mib N]  agent install into a uboot slot against dd conv=fsync
   docs                build the Hugo site and check its links";
 
 fn main() {
