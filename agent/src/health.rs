@@ -136,6 +136,13 @@ mod tests {
     }
 
     #[test]
+    fn an_inactive_unit_fails_the_round() {
+        let cfg = Health { units: vec!["perch-no-such-unit.service".into()], ..Health::default() };
+        let e = round(&cfg, Duration::from_secs(5)).unwrap_err();
+        assert!(e.starts_with("unit perch-no-such-unit.service is not active"), "{e}");
+    }
+
+    #[test]
     fn commands_time_out() {
         let mut c = Command::new("sleep");
         c.arg("5");

@@ -3,6 +3,7 @@
 //! extensions: the practical ceiling), in one run on one machine.
 
 use std::fs;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -28,56 +29,79 @@ fn size_mib(args: &[String]) -> Result<usize> {
     }
 }
 
-fn verify(args: &[String]) -> Result<()> {
-    let mib = size_mib(args)?;
-    step("bench verify: building release binaries");
-    sh(cargo().args(["build", "--release", "--locked", "-p", "perch-fleet", "-p", "perch-bootstrap"]))?;
-    let bin = root().join("target/release");
-    let dir = root().join("target/bench");
-    if dir.exists() {
-        fs::remove_dir_all(&dir)?;
+/// A scratch directory with release binaries, an org whose `keys` release
+/// keys all sign, and `b.perch`: a MIB MiB image bundle.
+struct Fixture {
+    bin: PathBuf,
+    dir: PathBuf,
+}
+
+impl Fixture {
+    fn new(name: &str, mib: usize, keys: usize, packages: &[&str]) -> Result<Fixture> {
+        step(&format!("bench {name}: building release binaries"));
+        let mut build = cargo();
+        build.args(["build", "--release", "--locked"]);
+        for p in packages {
+            build.args(["-p", p]);
+        }
+        sh(&mut build)?;
+        let f =
+            Fixture { bin: root().join("target/release"), dir: root().join(format!("target/bench-{name}")) };
+        if f.dir.exists() {
+            fs::remove_dir_all(&f.dir)?;
+        }
+        fs::create_dir_all(&f.dir)?;
+        step(&format!("bench {name}: a {mib} MiB image bundle, 256 KiB chunks, {keys}-of-{keys} signed"));
+        crate::demo::write_image(&f.dir.join("payload.img"), mib << 20)?;
+        let mut init =
+            vec!["init".to_string(), "--dir".into(), "org".into(), "--threshold".into(), keys.to_string()];
+        for k in 1..=keys {
+            f.quiet(&f.bin.join("perch"), &["keygen", "--out", &format!("k{k}")])?;
+            init.extend(["--release-key".into(), format!("k{k}.pub")]);
+        }
+        let init: Vec<&str> = init.iter().map(String::as_str).collect();
+        f.quiet(&f.bin.join("perch-bootstrap"), &init)?;
+        f.quiet(
+            &f.bin.join("perch"),
+            &[
+                "bundle",
+                "build",
+                "--name",
+                "bench",
+                "--counter",
+                "1",
+                "--kind",
+                "image",
+                "--input",
+                "payload.img",
+                "--out",
+                "b.perch",
+                "--target",
+                "bench",
+            ],
+        )?;
+        for k in 1..=keys {
+            f.quiet(&f.bin.join("perch"), &["bundle", "sign", "--key", &format!("k{k}.key"), "b.perch"])?;
+        }
+        Ok(f)
     }
-    fs::create_dir_all(&dir)?;
-    let perch = bin.join("perch");
-    let quiet = |c: &mut Command| -> Result<()> {
-        let out = c.current_dir(&dir).output()?;
+
+    /// Runs a command in the fixture directory, failing with its stderr.
+    fn quiet(&self, program: &Path, args: &[&str]) -> Result<()> {
+        let mut c = Command::new(program);
+        c.args(args).current_dir(&self.dir);
+        let out = c.output()?;
         if !out.status.success() {
-            bail!("{}: {}", crate::util::show(c), String::from_utf8_lossy(&out.stderr));
+            bail!("{}: {}", crate::util::show(&c), String::from_utf8_lossy(&out.stderr));
         }
         Ok(())
-    };
-    step(&format!("bench verify: a {mib} MiB image bundle, 256 KiB chunks, 2-of-2 signed"));
-    crate::demo::write_image(&dir.join("payload.img"), mib << 20)?;
-    quiet(Command::new(&perch).args(["keygen", "--out", "k1"]))?;
-    quiet(Command::new(&perch).args(["keygen", "--out", "k2"]))?;
-    quiet(Command::new(bin.join("perch-bootstrap")).args([
-        "init",
-        "--dir",
-        "org",
-        "--release-key",
-        "k1.pub",
-        "--release-key",
-        "k2.pub",
-        "--threshold",
-        "2",
-    ]))?;
-    quiet(Command::new(&perch).args([
-        "bundle",
-        "build",
-        "--name",
-        "bench",
-        "--counter",
-        "1",
-        "--kind",
-        "image",
-        "--input",
-        "payload.img",
-        "--out",
-        "b.perch",
-    ]))?;
-    quiet(Command::new(&perch).args(["bundle", "sign", "--key", "k1.key", "b.perch"]))?;
-    quiet(Command::new(&perch).args(["bundle", "sign", "--key", "k2.key", "b.perch"]))?;
+    }
+}
 
+fn verify(args: &[String]) -> Result<()> {
+    let mib = size_mib(args)?;
+    let f = Fixture::new("verify", mib, 2, &["perch-fleet", "perch-bootstrap"])?;
+    let (dir, perch) = (f.dir.clone(), f.bin.join("perch"));
     step(&format!("bench verify: best of {RUNS} runs each, files in page cache"));
     let bytes = (mib << 20) as f64;
     let sha256sum = best(&dir, Command::new("sha256sum").arg("payload.img"))?;
@@ -119,25 +143,8 @@ fn best(dir: &std::path::Path, cmd: &mut Command) -> Result<Duration> {
 /// onto a slot file on the same disk.
 fn install(args: &[String]) -> Result<()> {
     let mib = size_mib(args)?;
-    step("bench install: building release binaries");
-    sh(cargo().args([
-        "build",
-        "--release",
-        "--locked",
-        "-p",
-        "perch-fleet",
-        "-p",
-        "perch-bootstrap",
-        "-p",
-        "perch-agent",
-    ]))?;
-    let bin = root().join("target/release");
-    let dir = root().join("target/bench-install");
-    if dir.exists() {
-        fs::remove_dir_all(&dir)?;
-    }
-    fs::create_dir_all(&dir)?;
-    let perch = bin.join("perch");
+    let f = Fixture::new("install", mib, 1, &["perch-fleet", "perch-bootstrap", "perch-agent"])?;
+    let (dir, bin) = (f.dir.clone(), f.bin.clone());
     let quiet = |c: &mut Command| -> Result<()> {
         let out = c.current_dir(&dir).output()?;
         if !out.status.success() {
@@ -145,35 +152,6 @@ fn install(args: &[String]) -> Result<()> {
         }
         Ok(())
     };
-    step(&format!("bench install: a {mib} MiB image bundle into a file-backed uboot slot"));
-    crate::demo::write_image(&dir.join("payload.img"), mib << 20)?;
-    quiet(Command::new(&perch).args(["keygen", "--out", "k1"]))?;
-    quiet(Command::new(bin.join("perch-bootstrap")).args([
-        "init",
-        "--dir",
-        "org",
-        "--release-key",
-        "k1.pub",
-        "--threshold",
-        "1",
-    ]))?;
-    quiet(Command::new(&perch).args([
-        "bundle",
-        "build",
-        "--name",
-        "bench",
-        "--counter",
-        "1",
-        "--kind",
-        "image",
-        "--input",
-        "payload.img",
-        "--out",
-        "b.perch",
-        "--target",
-        "bench",
-    ]))?;
-    quiet(Command::new(&perch).args(["bundle", "sign", "--key", "k1.key", "b.perch"]))?;
     for slot in ["a.img", "b.img", "dd.img", "dd-direct.img"] {
         quiet(Command::new("dd").args([
             "if=/dev/zero",

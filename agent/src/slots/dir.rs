@@ -3,15 +3,14 @@
 //! payload is staged as `ROOT/.staging-<slot>.tar`, then unpacked into
 //! `ROOT/.<slot>.new`, fsynced, and renamed over `ROOT/<slot>`.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::Read;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use perch_protocol::bundle::PayloadKind;
 use perch_support::durable::sync_dir;
 
-use super::{io_err, shell, SlotBackend, SlotError, SlotWriter, Switch};
+use super::{io_err, read_prefix, shell, FileWriter, SlotBackend, SlotError, SlotWriter, Switch};
 use crate::config::DirSlots;
 use crate::journal::SlotId;
 
@@ -80,20 +79,11 @@ impl SlotBackend for DirBackend {
             return Err(SlotError::Unsupported("directory slots take archive bundles, not images".into()));
         }
         fs::create_dir_all(&self.cfg.root).map_err(io_err(&self.cfg.root))?;
-        let path = self.staging(slot);
-        let file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(!resume)
-            .open(&path)
-            .map_err(io_err(&path))?;
-        Ok(Box::new(FileWriter { file, path }))
+        FileWriter::open(&self.staging(slot), true, !resume)
     }
 
     fn read_back(&self, slot: SlotId, len: u64) -> Result<Box<dyn Read>, SlotError> {
-        let path = self.staging(slot);
-        let f = File::open(&path).map_err(io_err(&path))?;
-        Ok(Box::new(f.take(len)))
+        read_prefix(&self.staging(slot), len)
     }
 
     fn finish(&self, slot: SlotId, _kind: PayloadKind, len: u64) -> Result<(), SlotError> {
@@ -142,21 +132,6 @@ impl SlotBackend for DirBackend {
 
     fn reboot(&self) -> Result<bool, SlotError> {
         Ok(false)
-    }
-}
-
-struct FileWriter {
-    file: File,
-    path: PathBuf,
-}
-
-impl SlotWriter for FileWriter {
-    fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), SlotError> {
-        self.file.write_all_at(data, offset).map_err(io_err(&self.path))
-    }
-
-    fn sync(&mut self) -> Result<(), SlotError> {
-        self.file.sync_data().map_err(io_err(&self.path))
     }
 }
 

@@ -11,7 +11,7 @@ use std::process::Command;
 use perch_protocol::bundle::PayloadKind;
 
 use super::block::BlockSlots;
-use super::{booted_from_cmdline, run, shell, SlotBackend, SlotError, SlotWriter, Switch};
+use super::{booted_from_cmdline, reboot_with, run, SlotBackend, SlotError, SlotWriter, Switch};
 use crate::config::GrubSlots;
 use crate::journal::SlotId;
 
@@ -107,9 +107,6 @@ impl SlotBackend for GrubBackend {
     }
 
     fn reboot(&self) -> Result<bool, SlotError> {
-        match &self.cfg.reboot {
-            Some(cmd) => shell(cmd, &[]).map(|_| true),
-            None => Ok(false),
-        }
+        reboot_with(self.cfg.reboot.as_deref())
     }
 }

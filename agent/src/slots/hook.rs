@@ -3,14 +3,12 @@
 //! `PERCH_KIND` and `PERCH_PAYLOAD` (the staged file). Every hook must be
 //! safe to run twice: after a crash the agent repeats the step it was in.
 
-use std::fs::{File, OpenOptions};
 use std::io::Read;
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
 use perch_protocol::bundle::PayloadKind;
 
-use super::{io_err, shell, SlotBackend, SlotError, SlotWriter, Switch};
+use super::{read_prefix, reboot_with, shell, FileWriter, SlotBackend, SlotError, SlotWriter, Switch};
 use crate::config::HookSlots;
 use crate::journal::SlotId;
 
@@ -58,20 +56,11 @@ impl SlotBackend for HookBackend {
         _kind: PayloadKind,
         resume: bool,
     ) -> Result<Box<dyn SlotWriter>, SlotError> {
-        let path = self.staged(slot);
-        let file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(!resume)
-            .open(&path)
-            .map_err(io_err(&path))?;
-        Ok(Box::new(StagedFile { file, path }))
+        FileWriter::open(&self.staged(slot), true, !resume)
     }
 
     fn read_back(&self, slot: SlotId, len: u64) -> Result<Box<dyn Read>, SlotError> {
-        let path = self.staged(slot);
-        let f = File::open(&path).map_err(io_err(&path))?;
-        Ok(Box::new(f.take(len)))
+        read_prefix(&self.staged(slot), len)
     }
 
     fn finish(&self, slot: SlotId, kind: PayloadKind, _len: u64) -> Result<(), SlotError> {
@@ -103,24 +92,6 @@ impl SlotBackend for HookBackend {
     }
 
     fn reboot(&self) -> Result<bool, SlotError> {
-        match &self.cfg.reboot {
-            Some(cmd) => shell(cmd, &[]).map(|_| true),
-            None => Ok(false),
-        }
-    }
-}
-
-struct StagedFile {
-    file: File,
-    path: PathBuf,
-}
-
-impl super::SlotWriter for StagedFile {
-    fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), SlotError> {
-        self.file.write_all_at(data, offset).map_err(io_err(&self.path))
-    }
-
-    fn sync(&mut self) -> Result<(), SlotError> {
-        self.file.sync_data().map_err(io_err(&self.path))
+        reboot_with(self.cfg.reboot.as_deref())
     }
 }

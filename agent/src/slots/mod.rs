@@ -125,6 +125,51 @@ pub(crate) fn run(c: &mut Command, shown: &str) -> Result<String, SlotError> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// A slot (or a staging file for one) that is a plain file or block device.
+pub(crate) struct FileWriter {
+    file: std::fs::File,
+    path: PathBuf,
+}
+
+impl FileWriter {
+    /// Opens `path` for writing: staging files are created (and truncated
+    /// for a fresh install); devices are opened as they are.
+    pub(crate) fn open(path: &Path, create: bool, truncate: bool) -> Result<Box<dyn SlotWriter>, SlotError> {
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(create)
+            .truncate(truncate)
+            .open(path)
+            .map_err(io_err(path))?;
+        Ok(Box::new(FileWriter { file, path: path.to_path_buf() }))
+    }
+}
+
+impl SlotWriter for FileWriter {
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), SlotError> {
+        use std::os::unix::fs::FileExt;
+        self.file.write_all_at(data, offset).map_err(io_err(&self.path))
+    }
+
+    fn sync(&mut self) -> Result<(), SlotError> {
+        self.file.sync_data().map_err(io_err(&self.path))
+    }
+}
+
+/// The first `len` bytes of a file.
+pub(crate) fn read_prefix(path: &Path, len: u64) -> Result<Box<dyn Read>, SlotError> {
+    let f = std::fs::File::open(path).map_err(io_err(path))?;
+    Ok(Box::new(f.take(len)))
+}
+
+/// Runs the configured reboot command, if there is one.
+pub(crate) fn reboot_with(command: Option<&str>) -> Result<bool, SlotError> {
+    match command {
+        Some(cmd) => shell(cmd, &[]).map(|_| true),
+        None => Ok(false),
+    }
+}
+
 /// Reads `perch.slot=a|b` from a kernel command line file.
 pub(crate) fn booted_from_cmdline(path: &Path) -> Result<SlotId, SlotError> {
     let text = std::fs::read_to_string(path).map_err(io_err(path))?;
