@@ -4,12 +4,12 @@
 //! whatever a crash or reboot interrupted.
 
 use std::fs::File;
-use std::io::{BufReader, Read};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::thread;
 
-use perch_protocol::bundle::{BundleError, BundleReader, PayloadHasher, VerifiedBundle, VerifiedManifest};
+use perch_protocol::bundle::{BundleError, BundleReader, VerifiedBundle, VerifiedManifest};
 use perch_support::now_unix;
 use perch_support::trustfile::{load_trust, LoadTrustError};
 
@@ -126,9 +126,8 @@ impl Engine {
         let trust = load_trust(&self.cfg.trust, now)?;
         let bundle_err = |source| DeployError::Bundle { path: path.into(), source };
         let file = File::open(path).map_err(|e| bundle_err(BundleError::Io(e)))?;
-        let mut reader = BundleReader::open(BufReader::with_capacity(256 * 1024, file))
-            .and_then(|r| r.verify(&trust, now))
-            .map_err(bundle_err)?;
+        // Unbuffered: the reader asks for 64 KiB pieces, which a buffer would only copy.
+        let mut reader = BundleReader::open(file).and_then(|r| r.verify(&trust, now)).map_err(bundle_err)?;
         let bundle = BundleRef::of(reader.manifest());
         let booted = self.backend.booted()?;
         if self.journal.slot(booted).is_some_and(|b| b.digest == bundle.digest)
@@ -236,6 +235,16 @@ impl Engine {
     }
 
     /// Streams the verified payload into `slot`, from chunk `from_chunk`.
+    ///
+    /// This thread reads each chunk and checks its hash; a writer thread
+    /// writes it to the slot; every `checkpoint_bytes` a syncer thread syncs
+    /// the slot and then records in the journal how far it is durable.
+    /// Hashing, writing and syncing all overlap.
+    ///
+    /// Every byte that reaches the slot matched its signed chunk hash, and
+    /// chunks kept from an interrupted install were re-hashed on the slot
+    /// before resuming, so no whole-payload pass is needed here (that
+    /// digest is checked by `perch bundle verify`).
     fn stage<R: Read + std::io::Seek>(
         &mut self,
         reader: &mut VerifiedBundle<R>,
@@ -247,80 +256,72 @@ impl Engine {
         let mut writer = self.backend.open_writer(slot, bundle.kind, from_chunk > 0)?;
         let bundle_err = |source| DeployError::Bundle { path: PathBuf::new(), source };
         reader.skip_to_chunk(from_chunk).map_err(bundle_err)?;
-        let fresh = from_chunk == 0;
-        // A fresh install hashes the whole payload on a second thread as it
-        // goes; a resumed one reads the slot back at the end instead.
-        let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(4);
-        let (back_tx, back_rx) = mpsc::channel::<Vec<u8>>();
-        let hasher = fresh.then(|| {
-            thread::spawn(move || {
-                let mut h = PayloadHasher::default();
-                for buf in rx {
-                    h.update(&buf);
-                    let _ = back_tx.send(buf);
-                }
-                h.finalize()
-            })
-        });
         self.progress.start(
             &format!("staging {bundle} into slot {slot}"),
             u64::from(from_chunk) * chunk_size,
             bundle.payload_len,
         );
-        let mut since_checkpoint = 0u64;
-        let mut buf = Vec::new();
-        let result = (|| -> Result<(), DeployError> {
-            while let Some(index) = reader.read_chunk(&mut buf).map_err(bundle_err)? {
-                hit("chunk-verified");
-                let offset = u64::from(index) * chunk_size;
-                writer.write_at(offset, &buf)?;
+        let (full_tx, full_rx) = mpsc::sync_channel::<(u32, Vec<u8>)>(16);
+        let (spare_tx, spare_rx) = mpsc::channel::<Vec<u8>>();
+        let (sync_tx, sync_rx) = mpsc::channel::<u32>();
+        let (checkpoint, count) = (self.cfg.checkpoint_bytes, bundle.chunk_count);
+        // Syncs and the journal checkpoints after them run on their own
+        // thread, so neither hashing nor writing waits for the disk: a sync
+        // that returns covers every write issued before it started, and
+        // only then does the journal record the progress.
+        let mut sync_handle = writer.sync_handle()?;
+        let (store, mut journal, staging) = (self.store.clone(), self.journal.clone(), bundle.clone());
+        let sync_thread = thread::spawn(move || -> Result<Journal, DeployError> {
+            while let Ok(mut upto) = sync_rx.recv() {
+                while let Ok(later) = sync_rx.try_recv() {
+                    upto = later;
+                }
+                sync_handle.sync()?;
+                journal.state = DeployState::Staging { bundle: staging.clone(), slot, next_chunk: upto };
+                store.save(&mut journal)?;
+            }
+            Ok(journal)
+        });
+        let write_thread = thread::spawn(move || -> Result<(), SlotError> {
+            let mut since = 0u64;
+            for (index, buf) in full_rx {
+                writer.write_at(u64::from(index) * chunk_size, &buf)?;
                 failpoint::trace(format_args!("write {index}"));
                 hit("chunk-written");
-                since_checkpoint += buf.len() as u64;
-                let next = index + 1;
-                if since_checkpoint >= self.cfg.checkpoint_bytes && next < bundle.chunk_count {
-                    // Chunks are durable before the journal says so.
-                    writer.sync()?;
-                    self.save(DeployState::Staging { bundle: bundle.clone(), slot, next_chunk: next })?;
-                    since_checkpoint = 0;
+                since += buf.len() as u64;
+                if since >= checkpoint && index + 1 < count {
+                    since = 0;
+                    let _ = sync_tx.send(index + 1);
                 }
-                self.progress.set(offset + buf.len() as u64);
-                if fresh {
-                    let spare = back_rx.try_recv().unwrap_or_default();
-                    let full = std::mem::replace(&mut buf, spare);
-                    if tx.send(full).is_err() {
-                        break;
-                    }
-                }
+                let _ = spare_tx.send(buf);
             }
-            writer.sync()?;
-            Ok(())
+            drop(sync_tx);
+            writer.sync()
+        });
+        let read_all = (|| -> Result<(), DeployError> {
+            loop {
+                let mut buf = spare_rx.try_recv().unwrap_or_default();
+                let Some(index) = reader.read_chunk(&mut buf).map_err(bundle_err)? else { return Ok(()) };
+                hit("chunk-verified");
+                let end = u64::from(index) * chunk_size + buf.len() as u64;
+                if full_tx.send((index, buf)).is_err() {
+                    return Ok(()); // the writer failed; its error is reported below
+                }
+                self.progress.set(end);
+            }
         })();
-        drop(tx);
-        let digest = match hasher {
-            Some(h) => Some(h.join().map_err(|_| DeployError::Nothing("payload hasher panicked".into()))?),
-            None => None,
-        };
+        drop(full_tx);
+        let written = write_thread.join().map_err(|_| DeployError::Nothing("slot writer panicked".into()))?;
+        let synced = sync_thread.join().map_err(|_| DeployError::Nothing("slot syncer panicked".into()))?;
         self.progress.finish();
-        result?;
+        // The syncer's copy of the journal is the newest one.
+        if let Ok(j) = &synced {
+            self.journal = j.clone();
+        }
+        read_all?;
+        written?;
+        synced?;
         hit("staging-written");
-        let digest = match digest {
-            Some(d) => d,
-            None => {
-                let mut back = self.backend.read_back(slot, bundle.payload_len)?;
-                let mut h = PayloadHasher::default();
-                let mut piece = vec![0u8; 64 * 1024];
-                loop {
-                    let n = back.read(&mut piece).map_err(|e| bundle_err(BundleError::Io(e)))?;
-                    if n == 0 {
-                        break;
-                    }
-                    h.update(&piece[..n]);
-                }
-                h.finalize()
-            }
-        };
-        reader.manifest().check_payload_digest(digest).map_err(bundle_err)?;
         self.backend.finish(slot, bundle.kind, bundle.payload_len)?;
         hit("slot-finished");
         self.journal.set_slot(slot, Some(bundle.clone()));

@@ -324,6 +324,7 @@ pub enum JournalError {
 }
 
 /// The journal file in a state directory.
+#[derive(Clone)]
 pub struct JournalStore {
     path: PathBuf,
 }

@@ -189,43 +189,47 @@ fn install(args: &[String]) -> Result<()> {
         }
         Ok(())
     };
-    step(&format!("bench install: best of {RUNS} runs each, payload and bundle in page cache"));
+    step(&format!(
+        "bench install: best of {RUNS} rounds, the three interleaved, payload and bundle in page cache"
+    ));
     let bytes = (mib << 20) as f64;
-    let dd = best(
-        &dir,
-        Command::new("dd").args([
-            "if=payload.img",
-            "of=dd.img",
-            "bs=1M",
-            "conv=notrunc,fsync",
-            "status=none",
-        ]),
-    )?;
-    let dd_direct = best(
-        &dir,
-        Command::new("dd").args([
-            "if=payload.img",
-            "of=dd-direct.img",
-            "bs=1M",
-            "oflag=direct",
-            "conv=notrunc,fsync",
-            "status=none",
-        ]),
-    )?;
-    let mut timed = Vec::new();
-    for _ in 0..=RUNS {
+    let mut dd_cmd = Command::new("dd");
+    dd_cmd.args(["if=payload.img", "of=dd.img", "bs=1M", "conv=notrunc,fsync", "status=none"]);
+    let mut direct_cmd = Command::new("dd");
+    direct_cmd.args([
+        "if=payload.img",
+        "of=dd-direct.img",
+        "bs=1M",
+        "oflag=direct",
+        "conv=notrunc,fsync",
+        "status=none",
+    ]);
+    let mut install_cmd = Command::new(bin.join("perch-agent"));
+    install_cmd.args(["--config", "agent.toml", "--state-dir", "state", "install", "b.perch"]);
+    let (mut dd, mut dd_direct, mut install) = (Duration::MAX, Duration::MAX, Duration::MAX);
+    // Rounds interleave the commands so that drift in the disk's speed
+    // (writeback of earlier runs, a noisy neighbour) hits all of them alike.
+    for round in 0..=RUNS {
+        let timed = |c: &mut Command| -> Result<Duration> {
+            Command::new("sync").status()?;
+            let t = Instant::now();
+            let out = c.current_dir(&dir).output()?;
+            let took = t.elapsed();
+            if !out.status.success() {
+                bail!("{}: {}", crate::util::show(c), String::from_utf8_lossy(&out.stderr));
+            }
+            Ok(took)
+        };
+        let a = timed(&mut dd_cmd)?;
+        let b = timed(&mut direct_cmd)?;
         reset(&dir)?;
-        let t = Instant::now();
-        let out = Command::new(bin.join("perch-agent"))
-            .current_dir(&dir)
-            .args(["--config", "agent.toml", "--state-dir", "state", "install", "b.perch"])
-            .output()?;
-        timed.push(t.elapsed());
-        if !out.status.success() {
-            bail!("perch-agent install: {}", String::from_utf8_lossy(&out.stderr));
+        let c = timed(&mut install_cmd)?;
+        if round > 0 {
+            dd = dd.min(a);
+            dd_direct = dd_direct.min(b);
+            install = install.min(c);
         }
     }
-    let install = timed[1..].iter().copied().min().unwrap_or_default();
     let rate = |d: Duration| bytes / d.as_secs_f64() / 1e6;
     println!("{:<44} {:>10} {:>12}", "command", "seconds", "MB/s");
     for (name, d) in [
@@ -238,6 +242,8 @@ fn install(args: &[String]) -> Result<()> {
     println!();
     println!("install / dd conv=fsync = {:.2}x  (goal >= 0.90)", rate(install) / rate(dd));
     println!("install / dd oflag=direct = {:.2}x", rate(install) / rate(dd_direct));
-    fs::remove_dir_all(&dir)?;
+    if std::env::var_os("PERCH_BENCH_KEEP").is_none() {
+        fs::remove_dir_all(&dir)?;
+    }
     Ok(())
 }

@@ -45,11 +45,14 @@ pub enum Switch {
 }
 
 /// Receives verified chunks for one slot.
-pub trait SlotWriter {
+pub trait SlotWriter: Send {
     /// Writes `data` at byte `offset` of the payload.
     fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), SlotError>;
     /// Makes everything written so far durable.
     fn sync(&mut self) -> Result<(), SlotError>;
+    /// A second handle whose `sync` can run on another thread while writing
+    /// goes on, so the device never waits for the writer.
+    fn sync_handle(&self) -> Result<Box<dyn SlotWriter>, SlotError>;
 }
 
 pub trait SlotBackend {
@@ -153,6 +156,11 @@ impl SlotWriter for FileWriter {
 
     fn sync(&mut self) -> Result<(), SlotError> {
         self.file.sync_data().map_err(io_err(&self.path))
+    }
+
+    fn sync_handle(&self) -> Result<Box<dyn SlotWriter>, SlotError> {
+        let file = self.file.try_clone().map_err(io_err(&self.path))?;
+        Ok(Box::new(FileWriter { file, path: self.path.clone() }))
     }
 }
 
