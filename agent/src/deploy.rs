@@ -3,13 +3,17 @@
 //! the journal before its side effects, and [`Engine::resume`] picks up
 //! whatever a crash or reboot interrupted.
 
+use std::collections::BTreeSet;
 use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 
-use perch_protocol::bundle::{BundleError, BundleReader, VerifiedBundle, VerifiedManifest};
+use perch_protocol::bundle::{
+    BundleError, BundleReader, CheckedChunk, UncheckedChunk, VerifiedBundle, VerifiedManifest,
+};
 use perch_support::now_unix;
 use perch_support::trustfile::{load_trust, LoadTrustError};
 
@@ -21,6 +25,10 @@ use crate::journal::{
 use crate::progress::Progress;
 use crate::slots::{self, SlotBackend, SlotError, Switch};
 use crate::{health, inhibit};
+
+/// Threads that hash chunks while staging: two keep up with a fast disk
+/// on a two-core device, while reading and writing run beside them.
+const HASHERS: usize = 2;
 
 /// This agent's version, compared with a manifest's `min_agent_version`.
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -236,10 +244,12 @@ impl Engine {
 
     /// Streams the verified payload into `slot`, from chunk `from_chunk`.
     ///
-    /// This thread reads each chunk and checks its hash; a writer thread
-    /// writes it to the slot; every `checkpoint_bytes` a syncer thread syncs
-    /// the slot and then records in the journal how far it is durable.
-    /// Hashing, writing and syncing all overlap.
+    /// A pipeline, so that reading, hashing, writing and syncing overlap:
+    /// this thread reads chunks; [`HASHERS`] threads compare each with its
+    /// signed hash; a writer thread writes the checked chunks (and only
+    /// those: it takes [`CheckedChunk`]s) to the slot; every
+    /// `checkpoint_bytes` a syncer thread syncs the slot and then records in
+    /// the journal the first chunk not yet known to be durable.
     ///
     /// Every byte that reaches the slot matched its signed chunk hash, and
     /// chunks kept from an interrupted install were re-hashed on the slot
@@ -261,14 +271,42 @@ impl Engine {
             u64::from(from_chunk) * chunk_size,
             bundle.payload_len,
         );
-        let (full_tx, full_rx) = mpsc::sync_channel::<(u32, Vec<u8>)>(16);
+        let abort = Arc::new(AtomicBool::new(false));
+        let (raw_tx, raw_rx) = mpsc::sync_channel::<UncheckedChunk>(8);
+        let raw_rx = Arc::new(Mutex::new(raw_rx));
+        let (checked_tx, checked_rx) = mpsc::sync_channel::<CheckedChunk>(8);
         let (spare_tx, spare_rx) = mpsc::channel::<Vec<u8>>();
+        let (done_tx, done_rx) = mpsc::channel::<u64>();
         let (sync_tx, sync_rx) = mpsc::channel::<u32>();
         let (checkpoint, count) = (self.cfg.checkpoint_bytes, bundle.chunk_count);
+
+        let manifest = Arc::new(reader.manifest().clone());
+        let hashers: Vec<_> = (0..HASHERS)
+            .map(|_| {
+                let (rx, tx, manifest, abort) =
+                    (raw_rx.clone(), checked_tx.clone(), manifest.clone(), abort.clone());
+                thread::spawn(move || -> Result<(), BundleError> {
+                    loop {
+                        let next = rx
+                            .lock()
+                            .map_err(|_| BundleError::Io(std::io::Error::other("hasher lock")))?
+                            .recv();
+                        let Ok(chunk) = next else { return Ok(()) };
+                        let checked =
+                            manifest.check(chunk).inspect_err(|_| abort.store(true, Ordering::SeqCst))?;
+                        hit("chunk-verified");
+                        if tx.send(checked).is_err() {
+                            return Ok(());
+                        }
+                    }
+                })
+            })
+            .collect();
+        drop(checked_tx);
+
         // Syncs and the journal checkpoints after them run on their own
-        // thread, so neither hashing nor writing waits for the disk: a sync
-        // that returns covers every write issued before it started, and
-        // only then does the journal record the progress.
+        // thread: a sync that returns covers every write issued before it
+        // started, and only then does the journal record the progress.
         let mut sync_handle = writer.sync_handle()?;
         let (store, mut journal, staging) = (self.store.clone(), self.journal.clone(), bundle.clone());
         let sync_thread = thread::spawn(move || -> Result<Journal, DeployError> {
@@ -282,42 +320,68 @@ impl Engine {
             }
             Ok(journal)
         });
+
+        let write_abort = abort.clone();
         let write_thread = thread::spawn(move || -> Result<(), SlotError> {
-            let mut since = 0u64;
-            for (index, buf) in full_rx {
-                writer.write_at(u64::from(index) * chunk_size, &buf)?;
+            // Chunks arrive out of order from the hashers; `durable_from` is
+            // the first chunk not yet written, the only safe checkpoint.
+            let (mut since, mut durable_from, mut written) = (0u64, from_chunk, BTreeSet::new());
+            for chunk in checked_rx {
+                let index = chunk.index();
+                if let Err(e) = writer.write_at(u64::from(index) * chunk_size, chunk.data()) {
+                    write_abort.store(true, Ordering::SeqCst);
+                    return Err(e);
+                }
                 failpoint::trace(format_args!("write {index}"));
                 hit("chunk-written");
-                since += buf.len() as u64;
-                if since >= checkpoint && index + 1 < count {
-                    since = 0;
-                    let _ = sync_tx.send(index + 1);
+                written.insert(index);
+                while written.remove(&durable_from) {
+                    durable_from += 1;
                 }
-                let _ = spare_tx.send(buf);
+                since += chunk.data().len() as u64;
+                let _ = done_tx.send(chunk.data().len() as u64);
+                if since >= checkpoint && durable_from < count {
+                    since = 0;
+                    let _ = sync_tx.send(durable_from);
+                }
+                let _ = spare_tx.send(chunk.into_buffer());
             }
             drop(sync_tx);
             writer.sync()
         });
+
+        let mut staged_bytes = u64::from(from_chunk) * chunk_size;
         let read_all = (|| -> Result<(), DeployError> {
-            loop {
-                let mut buf = spare_rx.try_recv().unwrap_or_default();
-                let Some(index) = reader.read_chunk(&mut buf).map_err(bundle_err)? else { return Ok(()) };
-                hit("chunk-verified");
-                let end = u64::from(index) * chunk_size + buf.len() as u64;
-                if full_tx.send((index, buf)).is_err() {
-                    return Ok(()); // the writer failed; its error is reported below
+            while !abort.load(Ordering::SeqCst) {
+                let buf = spare_rx.try_recv().unwrap_or_default();
+                let Some(chunk) = reader.read_unchecked(buf).map_err(bundle_err)? else { return Ok(()) };
+                if raw_tx.send(chunk).is_err() {
+                    return Ok(()); // the hashers stopped; their error is reported below
                 }
-                self.progress.set(end);
+                while let Ok(n) = done_rx.try_recv() {
+                    staged_bytes += n;
+                }
+                self.progress.set(staged_bytes);
             }
+            Ok(())
         })();
-        drop(full_tx);
-        let written = write_thread.join().map_err(|_| DeployError::Nothing("slot writer panicked".into()))?;
-        let synced = sync_thread.join().map_err(|_| DeployError::Nothing("slot syncer panicked".into()))?;
+        drop(raw_tx);
+        let join_err = |what: &str| DeployError::Nothing(format!("{what} thread panicked"));
+        let mut hashed = Ok(());
+        for h in hashers {
+            let r = h.join().map_err(|_| join_err("hasher"))?;
+            if hashed.is_ok() {
+                hashed = r;
+            }
+        }
+        let written = write_thread.join().map_err(|_| join_err("slot writer"))?;
+        let synced = sync_thread.join().map_err(|_| join_err("slot syncer"))?;
         self.progress.finish();
         // The syncer's copy of the journal is the newest one.
         if let Ok(j) = &synced {
             self.journal = j.clone();
         }
+        hashed.map_err(bundle_err)?;
         read_all?;
         written?;
         synced?;

@@ -17,7 +17,10 @@ mod reader;
 mod writer;
 
 pub use manifest::{Manifest, PayloadKind};
-pub use reader::{verify_stream, BundleReader, PayloadHasher, VerifiedBundle, VerifiedManifest};
+pub use reader::{
+    verify_stream, BundleReader, CheckedChunk, PayloadHasher, UncheckedChunk, VerifiedBundle,
+    VerifiedManifest,
+};
 pub use writer::{BundleHead, ManifestBuilder, ManifestParams};
 
 use crate::keys::SignatureCheckError;

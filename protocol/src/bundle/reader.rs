@@ -60,7 +60,7 @@ impl<R: Read> BundleReader<R> {
     /// Checks the signatures against the trust document and the expiry.
     /// Only after this can the payload be read.
     pub fn verify(self, trust: &VerifiedTrust, now: u64) -> Result<VerifiedBundle<R>, BundleError> {
-        let manifest = VerifiedManifest::check(self.head, trust, now)?;
+        let manifest = VerifiedManifest::from_head(self.head, trust, now)?;
         Ok(VerifiedBundle { manifest, r: self.r, next: 0 })
     }
 
@@ -81,7 +81,7 @@ pub struct VerifiedManifest {
 }
 
 impl VerifiedManifest {
-    fn check(head: BundleHead, trust: &VerifiedTrust, now: u64) -> Result<Self, BundleError> {
+    fn from_head(head: BundleHead, trust: &VerifiedTrust, now: u64) -> Result<Self, BundleError> {
         let signers = check_signatures(
             &head.signatures,
             trust.release_keys(),
@@ -148,6 +148,69 @@ impl<R: Read> VerifiedBundle<R> {
 
     pub fn into_manifest(self) -> VerifiedManifest {
         self.manifest
+    }
+}
+
+impl<R: Read> VerifiedBundle<R> {
+    /// Reads the next chunk without hashing it, so that hashing can run on
+    /// other threads. Its bytes are reachable only through
+    /// [`VerifiedManifest::check`]. `None` once every chunk was read and
+    /// nothing follows the payload.
+    pub fn read_unchecked(&mut self, mut buf: Vec<u8>) -> Result<Option<UncheckedChunk>, BundleError> {
+        let m = &self.manifest.head.manifest;
+        let count = m.chunk_count();
+        if self.next >= count {
+            return Ok(None);
+        }
+        let index = self.next;
+        buf.resize(m.chunk_len(index), 0);
+        read_exact(&mut self.r, &mut buf, Section::Payload)?;
+        self.next += 1;
+        if self.next == count {
+            expect_eof(&mut self.r)?;
+        }
+        Ok(Some(UncheckedChunk { index, data: buf }))
+    }
+}
+
+/// A payload chunk as read, not yet compared with its signed hash.
+pub struct UncheckedChunk {
+    index: u32,
+    data: Vec<u8>,
+}
+
+impl UncheckedChunk {
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+}
+
+/// A payload chunk whose SHA-256 matched the verified manifest.
+pub struct CheckedChunk {
+    index: u32,
+    data: Vec<u8>,
+}
+
+impl CheckedChunk {
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    pub fn data(&self) -> &[u8] {
+        &self.data
+    }
+
+    /// Gives the buffer back for reuse.
+    pub fn into_buffer(self) -> Vec<u8> {
+        self.data
+    }
+}
+
+impl VerifiedManifest {
+    /// Compares a chunk read with [`VerifiedBundle::read_unchecked`] with its signed hash.
+    pub fn check(&self, chunk: UncheckedChunk) -> Result<CheckedChunk, BundleError> {
+        self.check_chunk(chunk.index, &chunk.data)?;
+        Ok(CheckedChunk { index: chunk.index, data: chunk.data })
     }
 }
 
