@@ -87,6 +87,26 @@ fn build(t: &Target) -> Result<PathBuf> {
     Ok(bin)
 }
 
+/// Builds the ARM agents and runs each under qemu-user. The host binaries
+/// that make the test bundles must be built (`cargo build --bins`).
+pub fn qemu_all(args: &[String]) -> Result<()> {
+    crate::util::sh(crate::util::cargo().args([
+        "build",
+        "-q",
+        "--bins",
+        "-p",
+        "perch-fleet",
+        "-p",
+        "perch-bootstrap",
+    ]))?;
+    for (target, bin) in run(args)? {
+        step(&format!("qemu: {} perch-agent", target.triple));
+        qemu_version(target, &bin)?;
+        qemu_check(target, &bin)?;
+    }
+    Ok(())
+}
+
 /// Debian's cargo and rustc 1.85 (not rustup's): builds with it prove the MSRV.
 pub fn debian_cargo(target_dir: &Path) -> Command {
     let mut c = Command::new("/usr/bin/cargo");
@@ -156,16 +176,53 @@ pub fn qemu_check(t: &Target, bin: &Path) -> Result<()> {
     let n = bytes.len();
     bytes[n - 1000] ^= 0x01;
     std::fs::write(dir.join("bad.perch"), bytes)?;
-    for (file, expect) in [("b.perch", 0), ("bad.perch", 3)] {
+    let agent = |args: &[&str], expect: i32| -> Result<()> {
         let mut c = qemu(t, bin);
-        c.current_dir(&dir).args(["check", "--trust", "org/trust.doc", "--target", "drone", file]);
+        c.current_dir(&dir).args(args);
         println!("$ {}", crate::util::show(&c));
         let out = c.output()?;
         print!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         if out.status.code() != Some(expect) {
-            bail!("{} check {file} exited {:?}, expected {expect}", t.triple, out.status.code());
+            bail!("{}: `{}` exited {:?}, expected {expect}", t.triple, args.join(" "), out.status.code());
         }
+        Ok(())
+    };
+    agent(&["check", "--trust", "org/trust.doc", "--target", "drone", "b.perch"], 0)?;
+    agent(&["check", "--trust", "org/trust.doc", "--target", "drone", "bad.perch"], 3)?;
+    // A whole A/B install by the ARM agent: stage, switch, trial, commit.
+    std::fs::create_dir_all(dir.join("slots/a"))?;
+    std::os::unix::fs::symlink("a", dir.join("slots/current"))?;
+    std::fs::create_dir_all(dir.join("tree"))?;
+    std::fs::write(dir.join("tree/app"), "built on x86_64, installed by an ARM agent\n")?;
+    host_run(
+        "perch",
+        &[
+            "bundle",
+            "build",
+            "--name",
+            "app",
+            "--counter",
+            "1",
+            "--kind",
+            "archive",
+            "--input",
+            "tree",
+            "--out",
+            "app.perch",
+            "--target",
+            "drone",
+        ],
+    )?;
+    host_run("perch", &["bundle", "sign", "--key", "k.key", "app.perch"])?;
+    std::fs::write(
+        dir.join("agent.toml"),
+        "target = \"drone\"\ntrust = \"org/trust.doc\"\n[slots]\nbackend = \"dir\"\nroot = \"slots\"\n[health]\ncommands = [\"test -f slots/current/app\"]\ntrial = \"30s\"\n",
+    )?;
+    agent(&["--config", "agent.toml", "--state-dir", "state", "install", "app.perch"], 0)?;
+    if std::fs::read_link(dir.join("slots/current"))? != Path::new("b") {
+        bail!("{}: the ARM agent did not switch to slot b", t.triple);
     }
+    agent(&["--config", "agent.toml", "--state-dir", "state", "status", "--json"], 0)?;
     Ok(())
 }
 

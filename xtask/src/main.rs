@@ -17,6 +17,7 @@ commands:
   ci                  the whole test suite, exactly as CI runs it
   demo                walk through the release flow on this machine
   cross [TARGET...]   release perch-agent for the ARM targets with Debian's rustc 1.85
+  qemu [TARGET...]    cross, then run each ARM agent under qemu-user: --version, check, an A/B install
   bench verify [--size-mib N]   bundle verify throughput against sha256sum and openssl
   bench install [--size-mib N]  agent install into a uboot slot against dd conv=fsync
   docs                build the Hugo site and check its links";
@@ -36,6 +37,7 @@ fn run() -> Result<()> {
         Some("ci") => ci::run(),
         Some("demo") => demo::run(),
         Some("cross") => cross::run(rest).map(drop),
+        Some("qemu") => cross::qemu_all(rest),
         Some("bench") => bench::run(rest),
         Some("docs") => docs::run(),
         Some("-h" | "--help" | "help") => {
