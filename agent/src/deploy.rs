@@ -121,8 +121,18 @@ impl Engine {
         Ok(())
     }
 
-    fn boot_id(&self) -> String {
-        std::fs::read_to_string(&self.cfg.boot_id).map(|s| s.trim().to_string()).unwrap_or_default()
+    /// This boot's id. Unreadable or empty is an error: without it a reboot
+    /// cannot be told from none, and a fallback could go unnoticed.
+    fn boot_id(&self) -> Result<String, DeployError> {
+        let path = &self.cfg.boot_id;
+        let id = std::fs::read_to_string(path)
+            .map_err(|source| SlotError::Io { path: path.clone(), source })?
+            .trim()
+            .to_string();
+        if id.is_empty() {
+            return Err(SlotError::Booted(format!("boot id file {} is empty", path.display())).into());
+        }
+        Ok(id)
     }
 
     // ---------------------------------------------------------------- install
@@ -172,6 +182,14 @@ impl Engine {
             // first chunk that is not there intact.
             let from_chunk =
                 if recorded > 0 { self.intact_prefix(reader.manifest(), slot, recorded)? } else { 0 };
+            if self.backend.next_boot()? == Some(slot) {
+                // The bootloader would boot the slot about to be overwritten
+                // (a fallback it made by itself): pin the running slot first.
+                self.backend.rollback(booted)?;
+            }
+            if from_chunk < recorded {
+                self.save(DeployState::Staging { bundle: bundle.clone(), slot, next_chunk: from_chunk })?;
+            }
             if from_chunk == 0 {
                 self.journal.set_slot(slot, None);
                 self.save(DeployState::Staging { bundle: bundle.clone(), slot, next_chunk: 0 })?;
@@ -303,6 +321,8 @@ impl Engine {
             })
             .collect();
         drop(checked_tx);
+        // Only the hashers hold the receiver: once they stop, sends fail.
+        drop(raw_rx);
 
         // Syncs and the journal checkpoints after them run on their own
         // thread: a sync that returns covers every write issued before it
@@ -366,22 +386,27 @@ impl Engine {
             Ok(())
         })();
         drop(raw_tx);
+        // Join every thread before looking at any result, so none outlives
+        // this call (a late syncer must not overwrite the journal).
         let join_err = |what: &str| DeployError::Nothing(format!("{what} thread panicked"));
-        let mut hashed = Ok(());
-        for h in hashers {
-            let r = h.join().map_err(|_| join_err("hasher"))?;
-            if hashed.is_ok() {
-                hashed = r;
+        let hashed: Vec<_> = hashers.into_iter().map(|h| h.join()).collect();
+        let written = write_thread.join().map_err(|_| join_err("slot writer"));
+        let synced = sync_thread.join().map_err(|_| join_err("slot syncer")).and_then(|r| r);
+        let mut hashed_ok = Ok(());
+        for h in hashed {
+            match h {
+                Err(_) => hashed_ok = Err(join_err("hasher")),
+                Ok(Err(e)) if hashed_ok.is_ok() => hashed_ok = Err(bundle_err(e)),
+                Ok(_) => {}
             }
         }
-        let written = write_thread.join().map_err(|_| join_err("slot writer"))?;
-        let synced = sync_thread.join().map_err(|_| join_err("slot syncer"))?;
+        let written = written.and_then(|r| r.map_err(DeployError::from));
         self.progress.finish();
         // The syncer's copy of the journal is the newest one.
         if let Ok(j) = &synced {
             self.journal = j.clone();
         }
-        hashed.map_err(bundle_err)?;
+        hashed_ok?;
         read_all?;
         written?;
         synced?;
@@ -419,15 +444,20 @@ impl Engine {
     }
 
     /// From `Activating` (persisted): switch, then start or await the trial.
+    /// Safe to repeat: after a crash it runs again, so that a restart
+    /// command that may not have run does run before the trial.
     fn activate(&mut self, bundle: BundleRef, slot: SlotId, from: SlotId) -> Result<Finished, DeployError> {
         hit("activating");
+        let boot = self.boot_id()?;
         let switch = match self.backend.activate(slot) {
             Ok(s) => s,
             Err(e) => return self.roll_back(bundle, slot, from, RollbackReason::Activation(e.to_string())),
         };
         hit("activated");
-        let boot = self.boot_id();
-        match switch {
+        // Already running the new slot (a crash and reboot after the switch):
+        // the trial starts now.
+        let running = switch == Switch::Running || self.backend.booted()? == slot;
+        match if running { Switch::Running } else { Switch::RebootRequired } {
             Switch::Running => {
                 let deadline = now_unix() + self.cfg.health.trial.as_secs();
                 self.save(DeployState::Trial {
@@ -550,32 +580,24 @@ impl Engine {
             DeployState::Committed { bundle, slot } => {
                 if booted != slot {
                     // The committed slot stopped booting and the bootloader
-                    // (or someone) went back: say so rather than pretend.
+                    // (or someone) went back: pin the slot that runs, so the
+                    // next install may overwrite the other, and say so.
+                    self.backend.rollback(booted)?;
                     return self.done_rolled_back(bundle, slot, RollbackReason::BootFallback);
                 }
                 Ok(Finished::Idle)
             }
             DeployState::Staging { bundle, .. } => Ok(Finished::NeedsBundle(bundle)),
-            DeployState::Staged { .. } => self.activate_when_allowed(),
-            DeployState::Activating { bundle, slot, from } => {
-                if booted == slot {
-                    // Switched and rebooted before the trial was recorded.
-                    let deadline = now_unix() + self.cfg.health.trial.as_secs();
-                    let boot = self.boot_id();
-                    self.save(DeployState::Trial {
-                        bundle: bundle.clone(),
-                        slot,
-                        from,
-                        boot,
-                        deadline: Some(deadline),
-                    })?;
-                    return self.run_trial(bundle, slot, from, deadline);
-                }
-                self.activate(bundle, slot, from)
+            DeployState::Staged { bundle, slot } if booted == slot => {
+                let reason = format!("slot {slot} was staged but is now the running slot; not activating it");
+                self.save(DeployState::Failed { bundle: Some(bundle), reason: reason.clone() })?;
+                Err(DeployError::Nothing(reason))
             }
+            DeployState::Staged { .. } => self.activate_when_allowed(),
+            DeployState::Activating { bundle, slot, from } => self.activate(bundle, slot, from),
             DeployState::Trial { bundle, slot, from, boot, deadline } => {
                 if booted != slot {
-                    if deadline.is_none() && boot == self.boot_id() {
+                    if deadline.is_none() && boot == self.boot_id()? {
                         // Activated, but this boot is the one before the trial.
                         return Ok(Finished::AwaitingReboot(slot));
                     }
@@ -587,7 +609,7 @@ impl Engine {
                     Some(d) => d,
                     None => {
                         let d = now_unix() + self.cfg.health.trial.as_secs();
-                        let boot = self.boot_id();
+                        let boot = self.boot_id()?;
                         self.save(DeployState::Trial {
                             bundle: bundle.clone(),
                             slot,
@@ -608,7 +630,15 @@ impl Engine {
                 }
                 self.run_trial(bundle, slot, from, deadline)
             }
-            DeployState::Committing { bundle, slot } => self.finish_commit(bundle, slot),
+            DeployState::Committing { bundle, slot } => {
+                if booted != slot {
+                    // The bootloader gave up on the slot before it was marked
+                    // good: confirming now would make a slot that failed to
+                    // boot permanent.
+                    return self.roll_back(bundle, slot, slot.other(), RollbackReason::BootFallback);
+                }
+                self.finish_commit(bundle, slot)
+            }
             DeployState::RollingBack { bundle, slot, from, reason } => {
                 if booted == from {
                     self.backend.rollback(from)?;
@@ -626,7 +656,7 @@ impl Engine {
         let booted = self.backend.booted()?;
         match self.journal.state.clone() {
             DeployState::Trial { bundle, slot, .. } if booted == slot => self.commit_trial(bundle, slot),
-            DeployState::Committing { bundle, slot } => self.finish_commit(bundle, slot),
+            DeployState::Committing { bundle, slot } if booted == slot => self.finish_commit(bundle, slot),
             other => Err(DeployError::Nothing(format!("nothing to commit: the deploy is {}", other.name()))),
         }
     }

@@ -169,6 +169,13 @@ fn build(a: BuildArgs) -> Result<()> {
     if !a.input.exists() {
         return Err(UsageError(format!("{}: no such file or directory", a.input.display())).into());
     }
+    if params.kind == PayloadKind::Image && !a.input.is_file() {
+        return Err(UsageError(format!(
+            "{}: an image bundle takes a file (use --kind archive for a directory)",
+            a.input.display()
+        ))
+        .into());
+    }
     let manifest = build_bundle(params, &a.input, &a.out).map_err(|e| match e {
         BuildError::InvalidParams(m) => anyhow::Error::new(UsageError(m)),
         BuildError::Archive(e) => anyhow::Error::new(UsageError(e.to_string())),

@@ -225,6 +225,65 @@ fn hook_good_bundle_commits_and_bad_health_rolls_back() {
     assert_eq!(d.status()["booted_slot"], "b");
 }
 
+#[test]
+fn hook_fallback_during_trial_is_detected() {
+    let d = Device::new(Backend::Hook);
+    d.image_bundle("v2.perch", 2, 1, LEN, 16 * 1024);
+    let r = d.agent_env(&["install", "v2.perch"], &[("PERCH_FAILPOINT", "trial:1")]);
+    assert_eq!(r.code, -1, "expected SIGKILL: {}", r.stderr);
+    assert_eq!(d.state(), "trial");
+    // The device's own watchdog went back to slot a while the agent was down.
+    fs::write(d.path("hook-booted"), "a\n").unwrap();
+    let r = d.agent(&["run", "--once"]);
+    assert_eq!(r.code, 1, "{} {}", r.stdout, r.stderr);
+    let st = d.status();
+    assert_eq!(st["deploy"]["reason"], "boot_fallback");
+    let log = fs::read_to_string(d.path("hook.log")).unwrap();
+    assert!(log.ends_with("rollback a\n"), "{log}");
+}
+
+#[test]
+fn power_cut_before_confirm_then_fallback_is_not_committed() {
+    let mut d = Device::new(Backend::Uboot);
+    d.image_bundle("v2.perch", 2, 1, LEN, 16 * 1024);
+    assert_eq!(install(&d, "v2.perch").code, 0);
+    assert_eq!(d.reboot(), "b");
+    // Health passed and Committing is recorded, then the power goes before
+    // the bootloader was told. The slot keeps failing to come up after
+    // that, so U-Boot falls back by itself.
+    let r = d.agent_env(&["run", "--once"], &[("PERCH_FAILPOINT", "committing:1")]);
+    assert_eq!(r.code, -1, "{}", r.stderr);
+    assert_eq!(d.state(), "committing");
+    let mut booted = d.reboot();
+    while booted == "b" {
+        booted = d.reboot();
+    }
+    let r = d.agent(&["run", "--once"]);
+    assert_eq!(r.code, 1, "{} {}", r.stdout, r.stderr);
+    let st = d.status();
+    assert_eq!(st["deploy"]["state"], "rolled_back", "{st}");
+    assert_eq!(st["deploy"]["reason"], "boot_fallback");
+    assert!(st["highest_counters"]["os"].is_null(), "a slot that never came up is not committed");
+    assert_eq!(d.next_boot(), "a");
+    assert_eq!(d.reboot(), "a");
+}
+
+#[test]
+fn a_slot_write_error_fails_cleanly() {
+    let d = Device::new(Backend::Uboot);
+    let cfg = fs::read_to_string(d.path("agent.toml")).unwrap();
+    fs::write(d.path("agent.toml"), cfg.replace(&d.path("b.img").display().to_string(), "/dev/full"))
+        .unwrap();
+    d.image_bundle("v2.perch", 2, 1, LEN, 16 * 1024);
+    let r = install(&d, "v2.perch");
+    assert_eq!(r.code, 1, "{} {}", r.stdout, r.stderr);
+    assert!(r.stderr.contains("/dev/full"), "{}", r.stderr);
+    let st = d.status();
+    assert_eq!(st["deploy"]["state"], "failed");
+    assert_eq!(st["next_boot_slot"], "a");
+    assert_eq!(d.slot_bytes("a", SLOT_SIZE), old_image());
+}
+
 // ---------------------------------------------------------- operator acts
 
 #[test]

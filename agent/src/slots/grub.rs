@@ -101,8 +101,10 @@ impl SlotBackend for GrubBackend {
     }
 
     fn rollback(&self, to: SlotId) -> Result<Switch, SlotError> {
-        self.editenv(&["set".into(), format!("saved_entry={}", self.entry(to)), format!("perch_slot={to}")])?;
+        // Drop the one-shot entry first: a crash between the two edits must
+        // not boot the abandoned slot again.
         self.editenv(&["unset".into(), "next_entry".into(), "perch_trial".into()])?;
+        self.editenv(&["set".into(), format!("saved_entry={}", self.entry(to)), format!("perch_slot={to}")])?;
         Ok(Switch::RebootRequired)
     }
 

@@ -138,12 +138,18 @@ impl FileWriter {
     /// Opens `path` for writing: staging files are created (and truncated
     /// for a fresh install); devices are opened as they are.
     pub(crate) fn open(path: &Path, create: bool, truncate: bool) -> Result<Box<dyn SlotWriter>, SlotError> {
+        let existed = path.exists();
         let file = std::fs::OpenOptions::new()
             .write(true)
             .create(create)
             .truncate(truncate)
             .open(path)
             .map_err(io_err(path))?;
+        if !existed {
+            // A new staging file must survive a power cut as well as its data.
+            let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            perch_support::durable::sync_dir(dir).map_err(io_err(dir))?;
+        }
         Ok(Box::new(FileWriter { file, path: path.to_path_buf() }))
     }
 }
