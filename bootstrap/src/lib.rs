@@ -2,4 +2,5 @@
 //! trust document. (Enrollment and the provisioner service come next.)
 #![forbid(unsafe_code)]
 
+pub mod nats;
 pub mod org;

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use perch_bootstrap::nats;
 use perch_bootstrap::org::{self, InitParams, TRUST_DOC};
 use perch_protocol::trust::{SignedTrust, TrustBody, MAX_TRUST_FILE_LEN};
 use perch_protocol::PublicKey;
@@ -48,6 +49,35 @@ enum Command {
     /// Rotate, co-sign, check and show trust documents.
     #[command(subcommand)]
     Trust(TrustCommand),
+    /// NATS credentials for the org's accounts.
+    #[command(subcommand)]
+    Nats(NatsCommand),
+}
+
+#[derive(Subcommand)]
+enum NatsCommand {
+    /// Issue a user credential (.creds, mode 0600) in an account, signed by
+    /// the account's signing key: for services and operators.
+    Creds {
+        #[arg(long)]
+        dir: PathBuf,
+        /// fleet or provisioning.
+        #[arg(long)]
+        account: String,
+        #[arg(long)]
+        name: String,
+        /// A subject the user may publish to; repeat for several.
+        #[arg(long = "pub", value_name = "SUBJECT")]
+        publish: Vec<String>,
+        /// A subject the user may subscribe to; repeat for several.
+        #[arg(long = "sub", value_name = "SUBJECT")]
+        subscribe: Vec<String>,
+        /// Let the user reply to requests it receives.
+        #[arg(long)]
+        allow_responses: bool,
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -125,6 +155,10 @@ fn run(cli: Cli) -> Result<()> {
                 b.release_keys.len()
             );
             println!("  fingerprint {}", hex::encode(doc.fingerprint()));
+            println!(
+                "  nats       {} (operator mode, full resolver: include it in nats-server's config)",
+                nats::nats_dir(&dir).join("server.conf").display()
+            );
             Ok(())
         }
         Command::Trust(TrustCommand::Rotate { dir, release_keys, threshold, expires_in, out }) => {
@@ -175,6 +209,36 @@ fn run(cli: Cli) -> Result<()> {
                 new.display(),
                 cur.body().version,
                 next.body().version
+            );
+            Ok(())
+        }
+        Command::Nats(NatsCommand::Creds {
+            dir,
+            account,
+            name,
+            publish,
+            subscribe,
+            allow_responses,
+            out,
+        }) => {
+            let account = account.to_lowercase();
+            if account != "fleet" && account != "provisioning" {
+                return Err(
+                    UsageError(format!("--account must be fleet or provisioning, not '{account}'")).into()
+                );
+            }
+            let ndir = nats::nats_dir(&dir);
+            let signer = nats::read_seed(&ndir.join(format!("{account}-signing.nk")))?;
+            let account_pub = nats::account_public(&dir, &account)?;
+            let user = nats::new_key(nkeys::KeyPairType::User)?;
+            let perms = nats::Permissions { publish, subscribe, allow_responses };
+            let jwt = nats::user_jwt(&signer, &account_pub, &user.public_key(), &name, &perms, now, None)?;
+            durable::write_bytes(&out, 0o600, Replace::Refuse, nats::creds(&jwt, &user)?.as_bytes())?;
+            println!(
+                "wrote {} for user {} in account {}",
+                out.display(),
+                user.public_key(),
+                account.to_uppercase()
             );
             Ok(())
         }
@@ -229,7 +293,10 @@ fn read_trust(path: &Path) -> Result<SignedTrust> {
 /// except plain I/O failures.
 fn usage_unless_io(e: org::OrgError) -> anyhow::Error {
     match e {
-        org::OrgError::CreateDir { .. } | org::OrgError::Key(_) | org::OrgError::Write(_) => e.into(),
+        org::OrgError::CreateDir { .. }
+        | org::OrgError::Key(_)
+        | org::OrgError::Write(_)
+        | org::OrgError::Nats(_) => e.into(),
         other => UsageError(other.to_string()).into(),
     }
 }

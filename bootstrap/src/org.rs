@@ -24,6 +24,8 @@ pub enum OrgError {
     Write(#[from] WriteError),
     #[error(transparent)]
     Trust(#[from] TrustError),
+    #[error(transparent)]
+    Nats(#[from] crate::nats::NatsError),
 }
 
 /// What `init` is asked to create.
@@ -37,7 +39,7 @@ pub struct InitParams {
 
 /// Creates a new org in `dir`: a fresh root key and a version-1 trust document.
 pub fn init(dir: &Path, root_seed: &[u8; 32], p: InitParams) -> Result<SignedTrust, OrgError> {
-    for name in [ROOT_KEY, ROOT_PUB, TRUST_DOC] {
+    for name in [ROOT_KEY, ROOT_PUB, TRUST_DOC, "nats"] {
         let found = dir.join(name);
         if found.exists() {
             return Err(OrgError::Exists { dir: dir.into(), found });
@@ -59,6 +61,7 @@ pub fn init(dir: &Path, root_seed: &[u8; 32], p: InitParams) -> Result<SignedTru
     let doc = SignedTrust::create(body, &root)?;
     keyfile::write_pair(&dir.join("root"), &root)?;
     durable::write_bytes(&dir.join(TRUST_DOC), 0o644, Replace::Refuse, &doc.to_bytes())?;
+    crate::nats::create(dir, &doc.unverified_body().org, p.now)?;
     Ok(doc)
 }
 

@@ -1,0 +1,142 @@
+//! A real nats-server for tests: free loopback port, JetStream in a temp
+//! dir, killed on drop. And a minimal NATS protocol client over TCP, so
+//! tests can see the server's own permission errors.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct NatsServer {
+    child: Child,
+    pub port: u16,
+}
+
+impl NatsServer {
+    /// Starts nats-server with `extra` config (e.g. an `include`), storing
+    /// JetStream data and the log under `dir`.
+    pub fn start(dir: &Path, extra: &str) -> NatsServer {
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let conf = dir.join("nats-server.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listen: \"127.0.0.1:{port}\"\njetstream {{ store_dir: \"{}\" }}\n{extra}\n",
+                dir.join("js").display()
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.join("nats-server.log")).unwrap();
+        let child = Command::new("nats-server")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("nats-server (install it with `cargo xtask setup`)");
+        let s = NatsServer { child, port };
+        let start = Instant::now();
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "nats-server did not start: {}",
+                std::fs::read_to_string(dir.join("nats-server.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        s
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A line-level NATS client: just enough protocol to authenticate with a
+/// user JWT and see what the server allows.
+pub struct RawClient {
+    r: BufReader<TcpStream>,
+    w: TcpStream,
+}
+
+impl RawClient {
+    /// Connects and authenticates with `jwt`, signing the server's nonce
+    /// with `sign`. Returns the client and the server's first answer to
+    /// `CONNECT` + `PING` (`PONG`, or an `-ERR ...` line).
+    pub fn connect(port: u16, jwt: &str, sign: impl Fn(&[u8]) -> String) -> (RawClient, String) {
+        let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut c = RawClient { r: BufReader::new(s.try_clone().unwrap()), w: s };
+        let info = c.line();
+        let info: serde_json::Value = serde_json::from_str(info.trim_start_matches("INFO ")).unwrap();
+        let nonce = info["nonce"].as_str().unwrap_or("").to_string();
+        let connect = serde_json::json!({
+            "jwt": jwt, "sig": sign(nonce.as_bytes()), "verbose": false, "pedantic": false,
+            "protocol": 1, "headers": false, "name": "perch-test",
+        });
+        c.send(&format!("CONNECT {connect}\r\nPING\r\n"));
+        let answer = c.line();
+        (c, answer)
+    }
+
+    pub fn send(&mut self, s: &str) {
+        self.w.write_all(s.as_bytes()).unwrap();
+    }
+
+    /// The next protocol line, skipping PINGs from the server ("" on timeout).
+    pub fn line(&mut self) -> String {
+        loop {
+            let mut l = String::new();
+            if self.r.read_line(&mut l).unwrap_or(0) == 0 {
+                return String::new();
+            }
+            let l = l.trim_end().to_string();
+            if l == "PING" {
+                self.send("PONG\r\n");
+                continue;
+            }
+            return l;
+        }
+    }
+
+    /// Publishes, then PINGs: returns `PONG` if the server took it, or its `-ERR`.
+    pub fn publish(&mut self, subject: &str, reply: Option<&str>, payload: &str) -> String {
+        let reply = reply.map(|r| format!(" {r}")).unwrap_or_default();
+        self.send(&format!("PUB {subject}{reply} {}\r\n{payload}\r\nPING\r\n", payload.len()));
+        let answer = self.line();
+        if answer.starts_with("-ERR") {
+            // The PING still gets its PONG after a refused PUB.
+            let _ = self.line();
+        }
+        answer
+    }
+
+    /// Sends a request and returns the reply's payload (None on timeout).
+    pub fn request(&mut self, subject: &str, inbox: &str, sid: u32) -> Option<String> {
+        self.send(&format!("SUB {inbox} {sid}\r\nPUB {subject} {inbox} 0\r\n\r\n"));
+        loop {
+            let l = self.line();
+            if l.is_empty() {
+                return None;
+            }
+            if l.starts_with("MSG ") {
+                return Some(self.line());
+            }
+        }
+    }
+
+    /// Reads the next MSG's payload.
+    pub fn next_msg(&mut self) -> Option<(String, String)> {
+        let head = self.line();
+        if !head.starts_with("MSG ") {
+            return None;
+        }
+        let subject = head.split_whitespace().nth(1)?.to_string();
+        let payload = self.line();
+        Some((subject, payload))
+    }
+}
