@@ -28,6 +28,10 @@ pub enum KeyFileError {
 /// overwrite either: losing a release or root key cannot be undone.
 pub fn write_pair(prefix: &Path, key: &SecretKey) -> Result<(PathBuf, PathBuf), KeyFileError> {
     let (secret, public) = (with_ext(prefix, "key"), with_ext(prefix, "pub"));
+    if let Some(parent) = prefix.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .map_err(|source| durable::WriteError::Io { path: parent.into(), source })?;
+    }
     if public.exists() {
         return Err(durable::WriteError::Exists(public).into());
     }

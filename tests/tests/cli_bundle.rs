@@ -58,6 +58,8 @@ fn keygen_writes_a_private_key_and_never_overwrites() {
     let again = s.run("perch", &["keygen", "--out", "rel"]);
     assert_eq!(again.code, 2, "{}", again.stderr);
     assert_eq!(fs::read(s.path("rel.key")).unwrap(), before);
+    s.ok("perch", &["keygen", "--out", "keys/ci/release"]);
+    assert!(s.path("keys/ci/release.pub").is_file());
 }
 
 #[test]
