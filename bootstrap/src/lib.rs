@@ -4,3 +4,4 @@
 
 pub mod nats;
 pub mod org;
+pub mod token;

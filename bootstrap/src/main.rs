@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use perch_bootstrap::nats;
 use perch_bootstrap::org::{self, InitParams, TRUST_DOC};
+use perch_bootstrap::{nats, token};
+use perch_protocol::token::{Approval, SignedToken, TokenError};
 use perch_protocol::trust::{SignedTrust, TrustBody, MAX_TRUST_FILE_LEN};
 use perch_protocol::PublicKey;
 use perch_support::durable::{self, read_bounded, Replace};
@@ -52,6 +53,55 @@ enum Command {
     /// NATS credentials for the org's accounts.
     #[command(subcommand)]
     Nats(NatsCommand),
+    /// Enrollment tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Issue an enrollment token (printed on stdout).
+    Issue {
+        #[arg(long)]
+        dir: PathBuf,
+        /// A group enrolled devices may join; repeat for several.
+        #[arg(long = "group", value_name = "G", required = true)]
+        groups: Vec<String>,
+        /// How many devices may enroll with it.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+        /// How long it is valid, e.g. "24h".
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "24h")]
+        ttl: Duration,
+        /// auto: enroll at once; manual: wait for `approve`.
+        #[arg(long, value_enum, default_value = "auto")]
+        approval: ApprovalArg,
+        /// A glob the device id must match, e.g. "drone-*".
+        #[arg(long)]
+        id_pattern: Option<String>,
+        /// The provisioner's NATS URL; repeat for several.
+        #[arg(long = "url", default_value = "tls://127.0.0.1:4222")]
+        urls: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check a token against a trust document and print what it allows.
+    Check {
+        #[arg(long)]
+        trust: PathBuf,
+        /// The token text (or use --file).
+        token: Option<String>,
+        #[arg(long)]
+        file: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ApprovalArg {
+    Auto,
+    Manual,
 }
 
 #[derive(Subcommand)]
@@ -137,9 +187,10 @@ fn run(cli: Cli) -> Result<()> {
                 now,
                 expires_at: expires_in.map(|d| now + d.as_secs()),
             };
-            let mut seed = [0u8; 32];
+            let (mut seed, mut issuing) = ([0u8; 32], [0u8; 32]);
             getrandom::getrandom(&mut seed).context("reading OS randomness")?;
-            let doc = org::init(&dir, &seed, params).map_err(usage_unless_io)?;
+            getrandom::getrandom(&mut issuing).context("reading OS randomness")?;
+            let doc = org::init(&dir, &seed, &issuing, params).map_err(usage_unless_io)?;
             let b = doc.unverified_body();
             println!("created org '{}' in {}", b.org, dir.display());
             println!(
@@ -240,6 +291,67 @@ fn run(cli: Cli) -> Result<()> {
                 user.public_key(),
                 account.to_uppercase()
             );
+            Ok(())
+        }
+        Command::Token(TokenCommand::Issue { dir, groups, uses, ttl, approval, id_pattern, urls, json }) => {
+            let trust = read_trust(&dir.join(TRUST_DOC))?;
+            let params = token::IssueParams {
+                groups,
+                uses,
+                approval: match approval {
+                    ApprovalArg::Auto => Approval::Auto,
+                    ApprovalArg::Manual => Approval::Manual,
+                },
+                id_pattern,
+                urls,
+                now,
+                expires_at: now + ttl.as_secs().max(1),
+            };
+            let t = token::issue(&dir, &trust, params).map_err(|e| match e {
+                token::IssueError::Token(TokenError::Invalid(m)) => anyhow::Error::new(UsageError(m)),
+                other => other.into(),
+            })?;
+            let text = t.to_text();
+            if json {
+                let b = t.unverified_body();
+                println!(
+                    "{}",
+                    json!({ "token": text, "id": hex::encode(b.token_id), "length": text.len(), "expires_at": b.expires_at })
+                );
+            } else {
+                println!("{text}");
+            }
+            Ok(())
+        }
+        Command::Token(TokenCommand::Check { trust, token, file, json }) => {
+            let text = match (token, file) {
+                (Some(t), None) => t,
+                (None, Some(f)) => {
+                    String::from_utf8_lossy(&read_bounded(&f, perch_protocol::token::MAX_TOKEN_TEXT + 64)?)
+                        .into_owned()
+                }
+                _ => return Err(UsageError("give the token or --file, not both".into()).into()),
+            };
+            let trust = read_trust(&trust)?.verify_anchor(now, None)?;
+            let v = SignedToken::parse(&text).and_then(|t| t.verify(&trust, now))?;
+            let b = v.body();
+            let approval = if b.approval == Approval::Auto { "auto" } else { "manual" };
+            if json {
+                println!(
+                    "{}",
+                    json!({ "id": hex::encode(b.token_id), "org": b.org, "groups": b.groups, "uses": b.uses,
+                            "expires_at": b.expires_at, "approval": approval, "id_pattern": b.id_pattern, "urls": b.urls })
+                );
+            } else {
+                println!(
+                    "OK token {} for org '{}': {} use(s), groups [{}], approval {approval}, expires {}",
+                    hex::encode(b.token_id),
+                    b.org,
+                    b.uses,
+                    b.groups.join(", "),
+                    b.expires_at
+                );
+            }
             Ok(())
         }
         Command::Trust(TrustCommand::Show { file, json }) => {

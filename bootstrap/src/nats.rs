@@ -136,7 +136,7 @@ pub fn nats_dir(org_dir: &Path) -> PathBuf {
 
 /// Creates the operator, the accounts and the server config include in
 /// `ORG/nats/`. Refuses to overwrite any of it.
-pub fn create(org_dir: &Path, org: &str, now: u64) -> Result<(), NatsError> {
+pub fn create(org_dir: &Path, org: &str, now: u64, issuing_seed: &[u8; 32]) -> Result<(), NatsError> {
     let dir = nats_dir(org_dir);
     std::fs::create_dir_all(dir.join("jwt"))
         .map_err(|source| NatsError::Read { path: dir.clone(), source })?;
@@ -144,7 +144,7 @@ pub fn create(org_dir: &Path, org: &str, now: u64) -> Result<(), NatsError> {
     let accounts: Vec<KeyPair> =
         ACCOUNTS.iter().map(|_| new_key(KeyPairType::Account)).collect::<Result<_, _>>()?;
     let sys = &accounts[0];
-    let fleet_signing = new_key(KeyPairType::Account)?;
+    let fleet_signing = KeyPair::new_from_raw(KeyPairType::Account, *issuing_seed).map_err(key_err)?;
     let provisioning_signing = new_key(KeyPairType::Account)?;
 
     let op_jwt = encode_jwt(
@@ -219,6 +219,14 @@ pub fn read_seed(path: &Path) -> Result<KeyPair, NatsError> {
     let text =
         std::fs::read_to_string(path).map_err(|source| NatsError::Read { path: path.into(), source })?;
     KeyPair::from_seed(text.trim()).map_err(key_err)
+}
+
+/// The provisioner issuing key, as a perch key: the FLEET signing nkey.
+pub fn issuing_key(org_dir: &Path) -> Result<perch_protocol::SecretKey, NatsError> {
+    let path = nats_dir(org_dir).join("fleet-signing.nk");
+    let text = std::fs::read_to_string(&path).map_err(|source| NatsError::Read { path, source })?;
+    let (_, raw) = nkeys::decode_seed(text.trim()).map_err(key_err)?;
+    Ok(perch_protocol::SecretKey::from_seed(&raw))
 }
 
 /// The public key of an account, from its seed file in `ORG/nats/`.

@@ -37,8 +37,16 @@ pub struct InitParams {
     pub expires_at: Option<u64>,
 }
 
-/// Creates a new org in `dir`: a fresh root key and a version-1 trust document.
-pub fn init(dir: &Path, root_seed: &[u8; 32], p: InitParams) -> Result<SignedTrust, OrgError> {
+/// Creates a new org in `dir`: a fresh root key, a version-1 trust document
+/// and the NATS side. The provisioner issuing key (from `issuing_seed`) is
+/// listed in the trust document and is also the FLEET account's signing key,
+/// so one key signs tokens, device credentials and device user JWTs.
+pub fn init(
+    dir: &Path,
+    root_seed: &[u8; 32],
+    issuing_seed: &[u8; 32],
+    p: InitParams,
+) -> Result<SignedTrust, OrgError> {
     for name in [ROOT_KEY, ROOT_PUB, TRUST_DOC, "nats"] {
         let found = dir.join(name);
         if found.exists() {
@@ -55,13 +63,13 @@ pub fn init(dir: &Path, root_seed: &[u8; 32], p: InitParams) -> Result<SignedTru
         root_key: root.public(),
         release_keys: p.release_keys,
         threshold: p.threshold,
-        issuing_keys: Vec::new(),
+        issuing_keys: vec![SecretKey::from_seed(issuing_seed).public()],
     };
     // Check the document before any file exists, so a bad threshold leaves nothing behind.
     let doc = SignedTrust::create(body, &root)?;
     keyfile::write_pair(&dir.join("root"), &root)?;
     durable::write_bytes(&dir.join(TRUST_DOC), 0o644, Replace::Refuse, &doc.to_bytes())?;
-    crate::nats::create(dir, &doc.unverified_body().org, p.now)?;
+    crate::nats::create(dir, &doc.unverified_body().org, p.now, issuing_seed)?;
     Ok(doc)
 }
 
@@ -95,10 +103,13 @@ mod tests {
     fn init_refuses_existing_org_and_bad_threshold_leaves_nothing() {
         let d = tempfile::tempdir().unwrap();
         let rel = SecretKey::from_seed(&[2; 32]).public();
-        let bad = init(d.path(), &[1; 32], params(vec![rel], 2));
+        let bad = init(d.path(), &[1; 32], &[3; 32], params(vec![rel], 2));
         assert!(matches!(bad, Err(OrgError::Trust(_))));
         assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 0);
-        init(d.path(), &[1; 32], params(vec![rel], 1)).unwrap();
-        assert!(matches!(init(d.path(), &[9; 32], params(vec![rel], 1)), Err(OrgError::Exists { .. })));
+        init(d.path(), &[1; 32], &[3; 32], params(vec![rel], 1)).unwrap();
+        assert!(matches!(
+            init(d.path(), &[9; 32], &[3; 32], params(vec![rel], 1)),
+            Err(OrgError::Exists { .. })
+        ));
     }
 }

@@ -17,6 +17,7 @@
 pub mod bundle;
 pub mod keys;
 pub mod limits;
+pub mod token;
 pub mod trust;
 
 mod codec;

@@ -36,7 +36,7 @@ pub fn code_for<'a>(chain: impl IntoIterator<Item = &'a (dyn std::error::Error +
         if let Some(b) = e.downcast_ref::<BundleError>() {
             return if b.is_security() { SECURITY } else { RUNTIME };
         }
-        if e.is::<TrustError>() || e.is::<SecurityError>() {
+        if e.is::<TrustError>() || e.is::<SecurityError>() || e.is::<perch_protocol::token::TokenError>() {
             return SECURITY;
         }
         if e.is::<UsageError>() {

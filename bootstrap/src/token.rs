@@ -1,0 +1,89 @@
+//! Issuing enrollment tokens: a PROVISIONING credential that may only ask
+//! to enroll, wrapped in a token signed by the org's issuing key.
+
+use std::path::Path;
+
+use nkeys::KeyPairType;
+use perch_protocol::token::{Approval, SignedToken, TokenBody, TokenError};
+use perch_protocol::trust::SignedTrust;
+
+use crate::nats::{self, NatsError, Permissions};
+
+/// The subject devices send enrollment requests to.
+pub const ENROLL_SUBJECT: &str = "perch.enroll.request";
+
+/// Why a token could not be issued.
+#[derive(Debug, thiserror::Error)]
+pub enum IssueError {
+    #[error(transparent)]
+    Nats(#[from] NatsError),
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    #[error("{0}")]
+    Trust(String),
+}
+
+/// What the operator asks for.
+pub struct IssueParams {
+    pub groups: Vec<String>,
+    pub uses: u32,
+    pub approval: Approval,
+    pub id_pattern: Option<String>,
+    pub urls: Vec<String>,
+    pub now: u64,
+    pub expires_at: u64,
+}
+
+/// Issues a token for the org in `dir`.
+pub fn issue(dir: &Path, trust: &SignedTrust, p: IssueParams) -> Result<SignedToken, IssueError> {
+    let issuing = nats::issuing_key(dir)?;
+    if !trust.unverified_body().issuing_keys.contains(&issuing.public()) {
+        return Err(IssueError::Trust("the trust document does not list this org's issuing key".into()));
+    }
+    let signer = nats::read_seed(&nats::nats_dir(dir).join("provisioning-signing.nk"))?;
+    let account = nats::account_public(dir, "provisioning")?;
+    let user = nats::new_key(KeyPairType::User)?;
+    // It may send the enrollment request and read the reply, nothing else.
+    let perms = Permissions {
+        publish: vec![ENROLL_SUBJECT.into()],
+        subscribe: vec!["_INBOX.>".into()],
+        allow_responses: false,
+    };
+    let jwt =
+        nats::user_jwt(&signer, &account, &user.public_key(), "enroll", &perms, p.now, Some(p.expires_at))?;
+    let (claims, sig) = split_jwt(&jwt)?;
+    let (_, seed) = nkeys::decode_seed(&user.seed().map_err(|e| NatsError::Key(e.to_string()))?)
+        .map_err(|e| NatsError::Key(e.to_string()))?;
+    let mut token_id = [0u8; 16];
+    getrandom::getrandom(&mut token_id).map_err(|e| NatsError::Random(e.to_string()))?;
+    let body = TokenBody {
+        token_id,
+        org: trust.unverified_body().org.clone(),
+        trust_fingerprint: trust.fingerprint(),
+        urls: p.urls,
+        provisioning_claims: claims,
+        provisioning_sig: sig,
+        provisioning_seed: seed,
+        groups: p.groups,
+        uses: p.uses,
+        issued_at: p.now,
+        expires_at: p.expires_at,
+        id_pattern: p.id_pattern,
+        approval: p.approval,
+    };
+    Ok(SignedToken::issue(body, &issuing)?)
+}
+
+/// The claims and signature of a JWT perch made (the header is fixed).
+fn split_jwt(jwt: &str) -> Result<(Vec<u8>, perch_protocol::keys::Signature), NatsError> {
+    use data_encoding::BASE64URL_NOPAD as B64;
+    let bad = || NatsError::Key("malformed JWT".into());
+    let mut parts = jwt.split('.');
+    let (Some(_), Some(claims), Some(sig), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(bad());
+    };
+    let claims = B64.decode(claims.as_bytes()).map_err(|_| bad())?;
+    let sig: [u8; 64] = B64.decode(sig.as_bytes()).map_err(|_| bad())?.try_into().map_err(|_| bad())?;
+    Ok((claims, perch_protocol::keys::Signature(sig)))
+}
