@@ -30,6 +30,7 @@ pub struct IssueParams {
     pub approval: Approval,
     pub id_pattern: Option<String>,
     pub urls: Vec<String>,
+    pub ca_fingerprint: [u8; 32],
     pub now: u64,
     pub expires_at: u64,
 }
@@ -61,6 +62,7 @@ pub fn issue(dir: &Path, trust: &SignedTrust, p: IssueParams) -> Result<SignedTo
         org: trust.unverified_body().org.clone(),
         trust_fingerprint: trust.fingerprint(),
         urls: p.urls,
+        ca_fingerprint: p.ca_fingerprint,
         provisioning_claims: claims,
         provisioning_sig: sig,
         provisioning_seed: seed,

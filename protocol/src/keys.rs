@@ -81,6 +81,32 @@ impl PublicKey {
     }
 }
 
+impl PublicKey {
+    /// The key in NATS's nkey text form for a user (`U...`): the device key
+    /// is also the device's NATS user nkey.
+    pub fn nats_user(&self) -> String {
+        // nkeys: base32(prefix byte | 32 key bytes | CRC-16/XMODEM little-endian).
+        const USER_PREFIX: u8 = 20 << 3;
+        let mut raw = Vec::with_capacity(35);
+        raw.push(USER_PREFIX);
+        raw.extend_from_slice(&self.to_bytes());
+        let crc = crc16_xmodem(&raw);
+        raw.extend_from_slice(&crc.to_le_bytes());
+        data_encoding::BASE32_NOPAD.encode(&raw)
+    }
+}
+
+fn crc16_xmodem(data: &[u8]) -> u16 {
+    let mut crc: u16 = 0;
+    for &b in data {
+        crc ^= u16::from(b) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 { (crc << 1) ^ 0x1021 } else { crc << 1 };
+        }
+    }
+    crc
+}
+
 impl fmt::Debug for PublicKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "PublicKey({})", self.id())
@@ -190,6 +216,18 @@ impl SecretKey {
         Signature(self.0.sign(&domain_separated(context, message)).to_bytes())
     }
 
+    /// Signs a NATS server's connect nonce, raw (without a perch context),
+    /// as NATS requires of the device key in its role as user nkey. Only a
+    /// nonce that looks like one (at most 64 base64url characters) is signed,
+    /// so a hostile server cannot get a perch-context message signed this
+    /// way: every perch context contains '/'.
+    pub fn sign_nats_nonce(&self, nonce: &[u8]) -> Option<[u8; 64]> {
+        let plausible = !nonce.is_empty()
+            && nonce.len() <= 64
+            && nonce.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'-' || *c == b'_' || *c == b'=');
+        plausible.then(|| self.0.sign(nonce).to_bytes())
+    }
+
     /// The one-line text form written to `.key` files (mode 0600).
     pub fn to_text(&self) -> String {
         format!("{SECRET_TAG} {}\n", hex::encode(self.0.to_bytes()))
@@ -258,6 +296,18 @@ mod tests {
             let sk = SecretKey::from_seed(&seed);
             proptest::prop_assert_eq!(PublicKey::from_text(&sk.public().to_text()).unwrap(), sk.public());
         }
+    }
+
+    #[test]
+    fn nats_user_key_matches_nkeys() {
+        let seed = [11u8; 32];
+        let nk = nkeys::KeyPair::new_from_raw(nkeys::KeyPairType::User, seed).unwrap();
+        let sk = SecretKey::from_seed(&seed);
+        assert_eq!(sk.public().nats_user(), nk.public_key());
+        let sig = sk.sign_nats_nonce(b"abcDEF-_12").unwrap();
+        nk.verify(b"abcDEF-_12", &sig).unwrap();
+        assert!(sk.sign_nats_nonce(b"perch/enroll-request/v1\0x").is_none());
+        assert!(sk.sign_nats_nonce(b"").is_none());
     }
 
     #[test]

@@ -15,8 +15,10 @@
 #![forbid(unsafe_code)]
 
 pub mod bundle;
+pub mod enroll;
 pub mod keys;
 pub mod limits;
+pub mod subjects;
 pub mod token;
 pub mod trust;
 

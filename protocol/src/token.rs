@@ -44,6 +44,10 @@ pub struct TokenBody {
     pub trust_fingerprint: [u8; 32],
     /// The provisioner's NATS URLs.
     pub urls: Vec<String>,
+    /// SHA-256 of the fleet CA certificate (DER). The device accepts a
+    /// server only if its chain carries this CA and the CA signed it; the
+    /// whole certificate would not fit a QR code.
+    pub ca_fingerprint: [u8; 32],
     /// A PROVISIONING-account user JWT allowed only to request enrollment,
     /// stored compactly: its claims JSON and its signature (the JWT header
     /// is always the same). See [`TokenBody::provisioning_jwt`].
@@ -194,6 +198,12 @@ impl VerifiedToken {
     }
 }
 
+/// A NATS URL perch accepts: `tls://` or `nats://`, no spaces, at most 256 bytes.
+pub fn valid_url(u: &str) -> bool {
+    let ok_scheme = u.starts_with("nats://") || u.starts_with("tls://");
+    ok_scheme && u.len() <= 256 && !u.chars().any(|c| c.is_whitespace() || c.is_control())
+}
+
 fn validate(b: &TokenBody) -> Result<(), TokenError> {
     let invalid = |m: String| Err(TokenError::Invalid(m));
     let label = |s: &str| {
@@ -207,14 +217,11 @@ fn validate(b: &TokenBody) -> Result<(), TokenError> {
     if b.urls.is_empty() || b.urls.len() > MAX_URLS {
         return invalid(format!("1 to {MAX_URLS} provisioner URLs"));
     }
-    for u in &b.urls {
-        let ok_scheme = u.starts_with("nats://") || u.starts_with("tls://");
-        if !ok_scheme || u.len() > 256 || u.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            return invalid(format!("provisioner URL '{}'", u.escape_default()));
-        }
+    if let Some(u) = b.urls.iter().find(|u| !valid_url(u)) {
+        return invalid(format!("provisioner URL '{}'", u.escape_default()));
     }
-    if b.groups.is_empty() || b.groups.len() > MAX_GROUPS || !b.groups.iter().all(|g| label(g)) {
-        return invalid(format!("1 to {MAX_GROUPS} groups of A-Z a-z 0-9 - _ ."));
+    if b.groups.is_empty() || b.groups.len() > MAX_GROUPS || !b.groups.iter().all(|g| crate::subjects::is_token(g)) {
+        return invalid(format!("1 to {MAX_GROUPS} groups of A-Z a-z 0-9 - _"));
     }
     if b.uses == 0 {
         return invalid("uses must be at least 1".into());
@@ -262,6 +269,7 @@ mod tests {
             org: "acme".into(),
             trust_fingerprint: trust.fingerprint(),
             urls: vec!["tls://prov.example:4222".into()],
+            ca_fingerprint: [6; 32],
             // Real PROVISIONING user claims are about 420 bytes.
             provisioning_claims: vec![b'c'; 440],
             provisioning_sig: crate::keys::Signature([9; 64]),

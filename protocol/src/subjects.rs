@@ -1,0 +1,110 @@
+//! NATS subject names, stream and bucket names, and the permissions each
+//! kind of user gets. Both sides build subjects only through this module, so
+//! a device's grant and the subjects it uses cannot drift apart.
+
+/// Devices send enrollment requests here (PROVISIONING account).
+pub const ENROLL_REQUEST: &str = "perch.enroll.request";
+/// The provisioners' queue group: one instance answers each request.
+pub const ENROLL_QUEUE: &str = "perch-provisioner";
+/// JetStream KV bucket (FLEET) holding the device registry and token use counters.
+pub const REGISTRY_BUCKET: &str = "PERCH_REGISTRY";
+/// JetStream KV bucket (FLEET) with the desired state: `device.<id>`, `group.<g>`.
+pub const DESIRED_BUCKET: &str = "PERCH_DESIRED";
+/// JetStream stream (FLEET) holding bundle chunks.
+pub const CHUNKS_STREAM: &str = "PERCH_CHUNKS";
+/// JetStream stream (FLEET) holding device reports.
+pub const REPORTS_STREAM: &str = "PERCH_REPORTS";
+/// Where the SYS account takes account JWT updates (full resolver).
+pub const CLAIMS_UPDATE: &str = "$SYS.REQ.CLAIMS.UPDATE";
+
+/// Longest device id (it is a subject token and a file name).
+pub const MAX_DEVICE_ID: usize = 64;
+
+/// Whether `s` can stand as one subject token, a device id or a group name:
+/// 1 to 64 of `A-Z a-z 0-9 - _`. No dots or wildcards, so an id can never
+/// widen a permission it is put into.
+pub fn is_token(s: &str) -> bool {
+    !s.is_empty() && s.len() <= MAX_DEVICE_ID && s.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+}
+
+/// Subjects a device publishes its reports on: `perch.report.<id>.<kind>`.
+pub fn reports(device: &str) -> String {
+    format!("perch.report.{device}")
+}
+
+/// The device announces itself (its signed credential) here on every
+/// connect; the provisioner learns of offline-enrolled devices this way.
+pub fn hello(device: &str) -> String {
+    format!("perch.hello.{device}")
+}
+
+/// Wildcard the provisioner listens on for [`hello`].
+pub const HELLO_ALL: &str = "perch.hello.*";
+
+/// A device's private inbox prefix; its replies arrive under `<prefix>.>`.
+pub fn inbox_prefix(device: &str) -> String {
+    format!("_INBOX_{device}")
+}
+
+/// The desired-state KV key of a device.
+pub fn desired_device_key(device: &str) -> String {
+    format!("device.{device}")
+}
+
+/// The desired-state KV key of a group.
+pub fn desired_group_key(group: &str) -> String {
+    format!("group.{group}")
+}
+
+/// A NATS permission grant: the subjects a user may publish and subscribe to.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Grant {
+    pub publish: Vec<String>,
+    pub subscribe: Vec<String>,
+}
+
+/// What an enrolled device may do in the FLEET account, and nothing more:
+/// publish its own reports and hello; read its own and its groups'
+/// desired-state keys (direct get, or a consumer filtered to the key); read
+/// bundle chunks; receive on its own inbox.
+pub fn device_grant(device: &str, groups: &[String]) -> Grant {
+    let kv_stream = format!("KV_{DESIRED_BUCKET}");
+    let mut keys = vec![desired_device_key(device)];
+    keys.extend(groups.iter().map(|g| desired_group_key(g)));
+    let mut publish = vec![format!("{}.>", reports(device)), hello(device)];
+    for k in &keys {
+        let subject = format!("$KV.{DESIRED_BUCKET}.{k}");
+        publish.push(format!("$JS.API.DIRECT.GET.{kv_stream}.{subject}"));
+        publish.push(format!("$JS.API.CONSUMER.CREATE.{kv_stream}.*.{subject}"));
+    }
+    publish.push(format!("$JS.API.DIRECT.GET.{CHUNKS_STREAM}.perch.chunk.>"));
+    Grant { publish, subscribe: vec![format!("{}.>", inbox_prefix(device))] }
+}
+
+/// What an enrollment token's PROVISIONING credential may do: send an
+/// enrollment request and receive the reply.
+pub fn token_grant() -> Grant {
+    Grant { publish: vec![ENROLL_REQUEST.into()], subscribe: vec!["_INBOX.>".into()] }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_cannot_smuggle_wildcards_or_levels() {
+        for bad in ["", "a.b", "a*", ">", "a b", "ä", &"x".repeat(65)] {
+            assert!(!is_token(bad), "{bad:?}");
+        }
+        assert!(is_token("drone-07_A"));
+    }
+
+    #[test]
+    fn device_grant_is_specific_to_the_device() {
+        let g = device_grant("d1", &["north".into()]);
+        assert!(g.publish.contains(&"perch.report.d1.>".to_string()));
+        assert!(g.publish.iter().any(|s| s.ends_with("$KV.PERCH_DESIRED.group.north")));
+        assert!(g.publish.iter().all(|s| !s.contains("d2")));
+        assert_eq!(g.subscribe, vec!["_INBOX_d1.>".to_string()]);
+    }
+}
