@@ -1,7 +1,19 @@
-//! Trust and enrollment for perch: creating an org and maintaining its
-//! trust document. (Enrollment and the provisioner service come next.)
+//! Trust and enrollment for perch.
+//!
+//! - [`org`]: the org directory (root key, trust document) and `init`.
+//! - [`nats`]: the NATS operator, accounts and JWTs; [`tls`]: the fleet CA.
+//! - [`token`]: enrollment tokens.
+//! - [`registry`]: the device registry and token use counters in JetStream KV.
+//! - [`issue`]: what an enrolled device gets (credential, user JWT, CA).
+//! - [`provisioner`]: the NATS service that answers enrollment requests.
+//! - [`admin`]: operator commands against a running fleet (approve, revoke...).
 #![forbid(unsafe_code)]
 
+pub mod admin;
+pub mod issue;
 pub mod nats;
 pub mod org;
+pub mod provisioner;
+pub mod registry;
+pub mod tls;
 pub mod token;

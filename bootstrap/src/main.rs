@@ -8,7 +8,9 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use perch_bootstrap::org::{self, InitParams, TRUST_DOC};
-use perch_bootstrap::{nats, token};
+use perch_bootstrap::{nats, provisioner, token};
+
+mod fleet;
 use perch_protocol::token::{Approval, SignedToken, TokenError};
 use perch_protocol::trust::{SignedTrust, TrustBody, MAX_TRUST_FILE_LEN};
 use perch_protocol::PublicKey;
@@ -46,6 +48,18 @@ enum Command {
         /// Make the trust document expire, e.g. "2y".
         #[arg(long, value_parser = humantime::parse_duration)]
         expires_in: Option<Duration>,
+        /// A DNS name or IP address devices reach nats-server by; repeat for several.
+        #[arg(long = "tls-name", value_name = "NAME", default_values = ["localhost", "127.0.0.1"])]
+        tls_names: Vec<String>,
+        /// Use your own fleet CA certificate (PEM) instead of making one.
+        #[arg(long, requires_all = ["tls_cert", "tls_key"])]
+        tls_ca: Option<PathBuf>,
+        /// Your nats-server certificate (PEM, signed by --tls-ca).
+        #[arg(long, requires = "tls_ca")]
+        tls_cert: Option<PathBuf>,
+        /// Its private key (PEM).
+        #[arg(long, requires = "tls_ca")]
+        tls_key: Option<PathBuf>,
     },
     /// Rotate, co-sign, check and show trust documents.
     #[command(subcommand)]
@@ -56,6 +70,90 @@ enum Command {
     /// Enrollment tokens.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Run the provisioner: answer enrollment requests until stopped.
+    Run {
+        #[arg(long)]
+        dir: PathBuf,
+        #[command(flatten)]
+        server: Server,
+        /// URL enrolled devices connect to for FLEET; repeat for several (default: --url).
+        #[arg(long = "fleet-url", value_name = "URL")]
+        fleet_urls: Vec<String>,
+        /// How long device credentials are valid.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "365d")]
+        credential_ttl: Duration,
+        /// Enrollment requests handled at once.
+        #[arg(long, default_value_t = 256)]
+        concurrency: usize,
+    },
+    /// List devices waiting for approval (new devices and re-enrollments).
+    Pending {
+        #[arg(long)]
+        dir: PathBuf,
+        #[command(flatten)]
+        server: Server,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List every device in the registry.
+    Devices {
+        #[arg(long)]
+        dir: PathBuf,
+        #[command(flatten)]
+        server: Server,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Approve a pending device (or its re-enrollment with a new key).
+    Approve {
+        #[arg(long)]
+        dir: PathBuf,
+        #[command(flatten)]
+        server: Server,
+        id: String,
+    },
+    /// Reject a pending device (or its re-enrollment with a new key).
+    Reject {
+        #[arg(long)]
+        dir: PathBuf,
+        #[command(flatten)]
+        server: Server,
+        id: String,
+    },
+    /// Revoke a device: the server cuts it off within seconds and refuses it from then on.
+    Revoke {
+        #[arg(long)]
+        dir: PathBuf,
+        #[command(flatten)]
+        server: Server,
+        id: String,
+    },
+    /// Offline enrollment: answer a device's request file with an enrollment file.
+    SignRequest {
+        #[arg(long)]
+        dir: PathBuf,
+        /// The request from `perch-agent enroll --request-out`.
+        file: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// A group the device joins; repeat for several.
+        #[arg(long = "group", value_name = "G", required = true)]
+        groups: Vec<String>,
+        /// URL the device connects to for FLEET; repeat for several.
+        #[arg(long = "fleet-url", value_name = "URL", default_value = "tls://127.0.0.1:4222")]
+        fleet_urls: Vec<String>,
+        /// How long the credential is valid.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "365d")]
+        credential_ttl: Duration,
+    },
+}
+
+/// Where the fleet's nats-server is.
+#[derive(clap::Args)]
+struct Server {
+    /// NATS URL; repeat for several.
+    #[arg(long = "url", value_name = "URL", default_value = "tls://127.0.0.1:4222")]
+    urls: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -84,6 +182,9 @@ enum TokenCommand {
         urls: Vec<String>,
         #[arg(long)]
         json: bool,
+        /// Also print the token as a QR code for the terminal.
+        #[arg(long)]
+        qr: bool,
     },
     /// Check a token against a trust document and print what it allows.
     Check {
@@ -179,13 +280,19 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<()> {
     let now = now_unix();
     match cli.command {
-        Command::Init { dir, release_keys, threshold, org, expires_in } => {
+        Command::Init { dir, release_keys, threshold, org, expires_in, tls_names, tls_ca, tls_cert, tls_key } => {
+            let own_tls = match (tls_ca, tls_cert, tls_key) {
+                (Some(ca), Some(cert), Some(key)) => Some(perch_bootstrap::tls::OwnCerts { ca, cert, key }),
+                _ => None,
+            };
             let params = InitParams {
                 org,
                 release_keys: read_pubs(&release_keys)?,
                 threshold,
                 now,
                 expires_at: expires_in.map(|d| now + d.as_secs()),
+                tls_names,
+                own_tls,
             };
             let (mut seed, mut issuing) = ([0u8; 32], [0u8; 32]);
             getrandom::getrandom(&mut seed).context("reading OS randomness")?;
@@ -220,6 +327,8 @@ fn run(cli: Cli) -> Result<()> {
                 threshold,
                 now,
                 expires_at: expires_in.map(|d| now + d.as_secs()),
+                tls_names: vec![],
+                own_tls: None,
             };
             let next = org::rotate(&dir, &current, params).map_err(usage_unless_io)?;
             durable::write_bytes(&out, 0o644, Replace::Refuse, &next.to_bytes())?;
@@ -293,7 +402,7 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::Token(TokenCommand::Issue { dir, groups, uses, ttl, approval, id_pattern, urls, json }) => {
+        Command::Token(TokenCommand::Issue { dir, groups, uses, ttl, approval, id_pattern, urls, json, qr }) => {
             let trust = read_trust(&dir.join(TRUST_DOC))?;
             let params = token::IssueParams {
                 groups,
@@ -304,6 +413,7 @@ fn run(cli: Cli) -> Result<()> {
                 },
                 id_pattern,
                 urls,
+                ca_fingerprint: perch_net::tls::fingerprint(&perch_bootstrap::tls::ca_der(&dir)?),
                 now,
                 expires_at: now + ttl.as_secs().max(1),
             };
@@ -321,7 +431,26 @@ fn run(cli: Cli) -> Result<()> {
             } else {
                 println!("{text}");
             }
+            if qr {
+                print!("{}", fleet::qr(&text)?);
+            }
             Ok(())
+        }
+        Command::Run { dir, server, fleet_urls, credential_ttl, concurrency } => {
+            fleet::init_logging(tracing::Level::INFO);
+            provisioner::preflight(&dir)?;
+            let fleet_urls = if fleet_urls.is_empty() { server.urls.clone() } else { fleet_urls };
+            let settings = provisioner::Settings { org_dir: dir, urls: server.urls, fleet_urls, credential_ttl, concurrency };
+            fleet::runtime()?.block_on(provisioner::run(settings, fleet::shutdown_signal()))?;
+            Ok(())
+        }
+        Command::Pending { dir, server, json } => fleet::list(&dir, &server.urls, json, true),
+        Command::Devices { dir, server, json } => fleet::list(&dir, &server.urls, json, false),
+        Command::Approve { dir, server, id } => fleet::act(&dir, &server.urls, fleet::Action::Approve, &id),
+        Command::Reject { dir, server, id } => fleet::act(&dir, &server.urls, fleet::Action::Reject, &id),
+        Command::Revoke { dir, server, id } => fleet::act(&dir, &server.urls, fleet::Action::Revoke, &id),
+        Command::SignRequest { dir, file, out, groups, fleet_urls, credential_ttl } => {
+            fleet::sign_request(&dir, &file, &out, &groups, &fleet_urls, credential_ttl)
         }
         Command::Token(TokenCommand::Check { trust, token, file, json }) => {
             let text = match (token, file) {

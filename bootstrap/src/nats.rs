@@ -136,7 +136,13 @@ pub fn nats_dir(org_dir: &Path) -> PathBuf {
 
 /// Creates the operator, the accounts and the server config include in
 /// `ORG/nats/`. Refuses to overwrite any of it.
-pub fn create(org_dir: &Path, org: &str, now: u64, issuing_seed: &[u8; 32]) -> Result<(), NatsError> {
+pub fn create(
+    org_dir: &Path,
+    org: &str,
+    now: u64,
+    issuing_seed: &[u8; 32],
+    tls_block: &str,
+) -> Result<(), NatsError> {
     let dir = nats_dir(org_dir);
     std::fs::create_dir_all(dir.join("jwt"))
         .map_err(|source| NatsError::Read { path: dir.clone(), source })?;
@@ -146,6 +152,9 @@ pub fn create(org_dir: &Path, org: &str, now: u64, issuing_seed: &[u8; 32]) -> R
     let sys = &accounts[0];
     let fleet_signing = KeyPair::new_from_raw(KeyPairType::Account, *issuing_seed).map_err(key_err)?;
     let provisioning_signing = new_key(KeyPairType::Account)?;
+    // Account updates (revocations) are signed with this, so the operator
+    // identity key can stay offline.
+    let operator_signing = new_key(KeyPairType::Operator)?;
 
     let op_jwt = encode_jwt(
         &operator,
@@ -154,7 +163,10 @@ pub fn create(org_dir: &Path, org: &str, now: u64, issuing_seed: &[u8; 32]) -> R
             &operator.public_key(),
             org,
             now,
-            json!({ "type": "operator", "version": 2, "system_account": sys.public_key() }),
+            json!({
+                "type": "operator", "version": 2, "system_account": sys.public_key(),
+                "signing_keys": [operator_signing.public_key()],
+            }),
         ),
     )?;
     let mut preload = Vec::new();
@@ -191,6 +203,12 @@ pub fn create(org_dir: &Path, org: &str, now: u64, issuing_seed: &[u8; 32]) -> R
         seed_line(&fleet_signing)?.as_bytes(),
     )?;
     durable::write_bytes(
+        &dir.join("operator-signing.nk"),
+        0o600,
+        Replace::Refuse,
+        seed_line(&operator_signing)?.as_bytes(),
+    )?;
+    durable::write_bytes(
         &dir.join("provisioning-signing.nk"),
         0o600,
         Replace::Refuse,
@@ -201,7 +219,8 @@ pub fn create(org_dir: &Path, org: &str, now: u64, issuing_seed: &[u8; 32]) -> R
          operator: {op_jwt}\n\
          system_account: {sys}\n\
          resolver: {{\n    type: full\n    dir: \"{jwt_dir}\"\n    allow_delete: false\n    interval: \"2m\"\n}}\n\
-         resolver_preload: {{\n{preload}\n}}\n",
+         resolver_preload: {{\n{preload}\n}}\n\
+         {tls_block}",
         sys = sys.public_key(),
         jwt_dir = dir.join("jwt").display(),
         preload = preload.join("\n"),
@@ -212,6 +231,23 @@ pub fn create(org_dir: &Path, org: &str, now: u64, issuing_seed: &[u8; 32]) -> R
 
 fn seed_line(kp: &KeyPair) -> Result<String, NatsError> {
     Ok(format!("{}\n", kp.seed().map_err(key_err)?))
+}
+
+/// The FLEET account JWT with its revocations (NATS user public key →
+/// Unix time; JWTs issued at or before it are refused), signed by the
+/// operator signing key, ready for `$SYS.REQ.CLAIMS.UPDATE`.
+pub fn fleet_account_jwt(
+    org_dir: &Path,
+    revocations: &std::collections::BTreeMap<String, u64>,
+    iat: u64,
+) -> Result<String, NatsError> {
+    let dir = nats_dir(org_dir);
+    let signer = read_seed(&dir.join("operator-signing.nk"))?;
+    let fleet = read_seed(&dir.join("fleet.nk"))?.public_key();
+    let fleet_signing = read_seed(&dir.join("fleet-signing.nk"))?.public_key();
+    let mut nats = account_nats(true, &[fleet_signing]);
+    nats["revocations"] = json!(revocations);
+    encode_jwt(&signer, base_claims(&signer, &fleet, "FLEET", iat, nats))
 }
 
 /// Reads a seed file written by [`create`].

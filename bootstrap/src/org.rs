@@ -26,6 +26,8 @@ pub enum OrgError {
     Trust(#[from] TrustError),
     #[error(transparent)]
     Nats(#[from] crate::nats::NatsError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// What `init` is asked to create.
@@ -35,6 +37,10 @@ pub struct InitParams {
     pub threshold: u32,
     pub now: u64,
     pub expires_at: Option<u64>,
+    /// DNS names and IP addresses for the nats-server certificate.
+    pub tls_names: Vec<String>,
+    /// The operator's own CA and server certificate, instead of new ones.
+    pub own_tls: Option<crate::tls::OwnCerts>,
 }
 
 /// Creates a new org in `dir`: a fresh root key, a version-1 trust document
@@ -47,7 +53,7 @@ pub fn init(
     issuing_seed: &[u8; 32],
     p: InitParams,
 ) -> Result<SignedTrust, OrgError> {
-    for name in [ROOT_KEY, ROOT_PUB, TRUST_DOC, "nats"] {
+    for name in [ROOT_KEY, ROOT_PUB, TRUST_DOC, "nats", "tls"] {
         let found = dir.join(name);
         if found.exists() {
             return Err(OrgError::Exists { dir: dir.into(), found });
@@ -69,7 +75,8 @@ pub fn init(
     let doc = SignedTrust::create(body, &root)?;
     keyfile::write_pair(&dir.join("root"), &root)?;
     durable::write_bytes(&dir.join(TRUST_DOC), 0o644, Replace::Refuse, &doc.to_bytes())?;
-    crate::nats::create(dir, &doc.unverified_body().org, p.now, issuing_seed)?;
+    crate::tls::create(dir, &doc.unverified_body().org, &p.tls_names, p.own_tls.as_ref())?;
+    crate::nats::create(dir, &doc.unverified_body().org, p.now, issuing_seed, &crate::tls::server_block(dir))?;
     Ok(doc)
 }
 
@@ -96,7 +103,15 @@ mod tests {
     use super::*;
 
     fn params(keys: Vec<PublicKey>, threshold: u32) -> InitParams {
-        InitParams { org: "acme".into(), release_keys: keys, threshold, now: 100, expires_at: None }
+        InitParams {
+            org: "acme".into(),
+            release_keys: keys,
+            threshold,
+            now: 100,
+            expires_at: None,
+            tls_names: vec!["localhost".into()],
+            own_tls: None,
+        }
     }
 
     #[test]

@@ -213,6 +213,9 @@ pub struct CredentialBody {
     pub device_id: String,
     pub device_key: PublicKey,
     pub groups: Vec<String>,
+    /// SHA-256 of the fleet CA certificate: the issuer vouches for the CA,
+    /// so an enrollment file carried by hand cannot have its CA swapped.
+    pub ca_fingerprint: [u8; 32],
     pub issued_at: u64,
     pub expires_at: u64,
 }
@@ -380,7 +383,8 @@ impl Enrollment {
             });
         }
         let trust = signed.verify_anchor(expect.now, None).map_err(EnrollError::Trust)?;
-        if let Some(ca) = expect.ca_fingerprint {
+        let credential = SignedCredential::from_bytes(&self.credential)?.verify(&trust, expect.now)?.clone();
+        for ca in [Some(credential.ca_fingerprint), expect.ca_fingerprint].into_iter().flatten() {
             if self.ca_fingerprint() != ca {
                 return Err(EnrollError::WrongCa {
                     found: hex::encode(&self.ca_fingerprint()[..8]),
@@ -388,7 +392,6 @@ impl Enrollment {
                 });
             }
         }
-        let credential = SignedCredential::from_bytes(&self.credential)?.verify(&trust, expect.now)?.clone();
         if credential.device_id != expect.device_id || credential.device_key != expect.device_key {
             return Err(EnrollError::NotForThisDevice {
                 found: format!("device '{}' key {}", credential.device_id, credential.device_key.id()),
@@ -544,6 +547,7 @@ mod tests {
                 device_id: "drone-1".into(),
                 device_key: device.public(),
                 groups: vec!["north".into()],
+                ca_fingerprint: Sha256::digest([1u8, 2, 3]).into(),
                 issued_at: 100,
                 expires_at: 1000,
             },

@@ -1,0 +1,361 @@
+//! The provisioner: a NATS service that answers enrollment requests.
+//!
+//! It subscribes to `perch.enroll.request` in the queue group
+//! `perch-provisioner` (PROVISIONING account), so any number of instances
+//! can run and each request is answered once. All state is in the registry
+//! (JetStream KV in FLEET), changed only by compare-and-swap: an N-use token
+//! enrolls exactly N devices however many instances race.
+//!
+//! It also listens on `perch.hello.*` (FLEET) to register devices that were
+//! enrolled offline, when they first connect.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use perch_protocol::enroll::{EnrollResponse, Rejection, SignedCredential, SignedRequest, VerifiedRequest};
+use perch_protocol::subjects::{self, ENROLL_QUEUE, ENROLL_REQUEST, HELLO_ALL};
+use perch_protocol::token::{Approval, SignedToken, VerifiedToken};
+use perch_protocol::PublicKey;
+use perch_support::now_unix;
+use tokio::sync::Semaphore;
+use tracing::{debug, info, warn};
+
+use crate::admin::{self, Account, AdminError};
+use crate::issue::{Issuer, IssuerError};
+use crate::registry::{Cas, DeviceRecord, Registry, RegistryError, Rekey, Status};
+
+/// How the provisioner runs.
+pub struct Settings {
+    pub org_dir: PathBuf,
+    /// Where this instance connects (PROVISIONING and FLEET live on one server or cluster).
+    pub urls: Vec<String>,
+    /// What enrolled devices are told to connect to; default `urls`.
+    pub fleet_urls: Vec<String>,
+    pub credential_ttl: Duration,
+    /// Requests handled at once.
+    pub concurrency: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProvisionerError {
+    #[error(transparent)]
+    Admin(#[from] AdminError),
+    #[error(transparent)]
+    Issuer(#[from] IssuerError),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error("subscribing to {subject}: {detail}")]
+    Subscribe { subject: &'static str, detail: String },
+}
+
+struct Service {
+    settings: Settings,
+    issuer: Issuer,
+    registry: Registry,
+}
+
+/// Runs until `shutdown` resolves. Returns once in-flight requests are answered.
+pub async fn run(settings: Settings, shutdown: impl std::future::Future<Output = ()>) -> Result<(), ProvisionerError> {
+    let now = now_unix();
+    let issuer = Issuer::load(&settings.org_dir, now)?;
+    let fleet = admin::connect(&settings.org_dir, &settings.urls, Account::Fleet, "perch-provisioner", now).await?;
+    let prov =
+        admin::connect(&settings.org_dir, &settings.urls, Account::Provisioning, "perch-provisioner", now).await?;
+    let registry = Registry::open(&async_nats::jetstream::new(fleet.clone())).await?;
+    let mut requests = prov
+        .queue_subscribe(ENROLL_REQUEST, ENROLL_QUEUE.into())
+        .await
+        .map_err(|e| ProvisionerError::Subscribe { subject: ENROLL_REQUEST, detail: e.to_string() })?;
+    let mut hellos = fleet
+        .queue_subscribe(HELLO_ALL, ENROLL_QUEUE.into())
+        .await
+        .map_err(|e| ProvisionerError::Subscribe { subject: HELLO_ALL, detail: e.to_string() })?;
+    // Make sure the server has the subscriptions before we say we are ready.
+    let _ = prov.flush().await;
+    let _ = fleet.flush().await;
+    info!(org = %issuer.trust.body().org, urls = %settings.urls.join(","), "provisioner ready");
+    println!("provisioner ready");
+
+    let service = Arc::new(Service { settings, issuer, registry });
+    let slots = Arc::new(Semaphore::new(service.settings.concurrency.max(1)));
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            msg = requests.next() => {
+                let Some(msg) = msg else { break };
+                let Some(reply) = msg.reply.clone() else { continue };
+                let permit = slots.clone().acquire_owned().await;
+                let (svc, client) = (service.clone(), prov.clone());
+                tokio::spawn(async move {
+                    let answer = svc.answer(&msg.payload).await;
+                    if let Err(e) = client.publish(reply, answer.to_bytes().into()).await {
+                        warn!(error = %e, "could not send an enrollment answer");
+                    }
+                    drop(permit);
+                });
+            }
+            msg = hellos.next() => {
+                let Some(msg) = msg else { break };
+                let svc = service.clone();
+                tokio::spawn(async move { svc.hello(&msg.subject, &msg.payload).await });
+            }
+        }
+    }
+    // Let in-flight answers finish.
+    let _ = slots.acquire_many(service.settings.concurrency.max(1) as u32).await;
+    let _ = prov.flush().await;
+    info!("provisioner stopped");
+    Ok(())
+}
+
+/// Loads the org and checks that it can issue, without connecting.
+pub fn preflight(org_dir: &Path) -> Result<(), ProvisionerError> {
+    Issuer::load(org_dir, now_unix())?;
+    Ok(())
+}
+
+impl Service {
+    async fn answer(&self, payload: &[u8]) -> EnrollResponse {
+        let request = match SignedRequest::from_bytes(payload) {
+            Ok(r) => r,
+            Err(e) => return reject("?", Rejection::Malformed(e.to_string())),
+        };
+        let id = request.unverified_body().device_id.clone();
+        let request = match request.verify_possession() {
+            Ok(r) => r,
+            Err(_) => return reject(&id, Rejection::BadPossession),
+        };
+        match self.enroll(&request).await {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(device = %id, error = %e, "enrollment failed inside the provisioner");
+                EnrollResponse::Rejected(Rejection::Internal(e.to_string()))
+            }
+        }
+    }
+
+    async fn enroll(&self, req: &VerifiedRequest) -> Result<EnrollResponse, ProvisionerError> {
+        let b = req.body();
+        let id = b.device_id.as_str();
+        let now = now_unix();
+        let Some(text) = &b.token else {
+            return Ok(reject(id, Rejection::Token("the request carries no token".into())));
+        };
+        let token = match SignedToken::parse(text).and_then(|t| t.verify(&self.issuer.trust, now)) {
+            Ok(t) => t,
+            Err(e) => return Ok(reject(id, Rejection::Token(e.to_string()))),
+        };
+        let tb = token.body();
+        if let Some(g) = b.groups.iter().find(|g| !tb.groups.contains(g)) {
+            return Ok(reject(id, Rejection::GroupNotAllowed(g.clone())));
+        }
+        if let Some(p) = &tb.id_pattern {
+            if !glob_match(p, id) {
+                return Ok(reject(id, Rejection::IdNotAllowed { id: id.into(), pattern: p.clone() }));
+            }
+        }
+        let groups = if b.groups.is_empty() { tb.groups.clone() } else { b.groups.clone() };
+        let key_hex = hex::encode(b.device_key.to_bytes());
+        loop {
+            let Some((mut rec, rev)) = self.registry.device(id).await? else {
+                match self.first_request(req, &token, &groups, now).await? {
+                    Some(answer) => return Ok(answer),
+                    None => continue, // lost a race for the same id; look again
+                }
+            };
+            if rec.has_nonce(&b.nonce) {
+                return Ok(reject(id, Rejection::Replay));
+            }
+            rec.remember_nonce(&b.nonce);
+            rec.updated_at = now;
+            let mut revoke_old = None;
+            let answer = if rec.key == key_hex {
+                match rec.status {
+                    Status::Enrolled => None,
+                    Status::Approved => {
+                        rec.status = Status::Enrolled;
+                        rec.enrolled_at = Some(now);
+                        None
+                    }
+                    Status::Pending => Some(pending(id)),
+                    Status::Rejected => Some(reject(id, Rejection::RejectedByOperator(id.into()))),
+                    Status::Revoked => Some(reject(id, Rejection::Revoked(id.into()))),
+                }
+            } else {
+                match &rec.rekey {
+                    Some(Rekey { key, approved: true, .. }) if *key == key_hex => {
+                        info!(device = %id, "re-enrollment with a new key, approved by an operator");
+                        revoke_old = Some(rec.nats_user.clone());
+                        rec.key = key_hex.clone();
+                        rec.nats_user = b.device_key.nats_user();
+                        rec.rekey = None;
+                        rec.status = Status::Enrolled;
+                        rec.enrolled_at = Some(now);
+                        rec.groups = groups.clone();
+                        None
+                    }
+                    _ => {
+                        rec.rekey = Some(Rekey { key: key_hex.clone(), requested_at: now, approved: false });
+                        Some(reject(id, Rejection::KeyMismatch(id.into())))
+                    }
+                }
+            };
+            if let Cas::Conflict = self.registry.put_device(&rec, Some(rev)).await? {
+                continue;
+            }
+            if let Some(old) = revoke_old {
+                admin::revoke_users(&self.settings.org_dir, &self.settings.urls, &self.registry, &[old], now).await?;
+            }
+            return Ok(match answer {
+                Some(a) => a,
+                None => self.enrolled(&rec, b.device_key, now)?,
+            });
+        }
+    }
+
+    /// A device id the registry has never seen. None if another request for
+    /// the same id got there first.
+    async fn first_request(
+        &self,
+        req: &VerifiedRequest,
+        token: &VerifiedToken,
+        groups: &[String],
+        now: u64,
+    ) -> Result<Option<EnrollResponse>, ProvisionerError> {
+        let b = req.body();
+        let token_id = hex::encode(token.body().token_id);
+        if !self.registry.claim_token_use(&token_id, token.body().uses).await? {
+            return Ok(Some(reject(&b.device_id, Rejection::TokenUsedUp)));
+        }
+        let manual = token.body().approval == Approval::Manual;
+        let mut rec = DeviceRecord {
+            id: b.device_id.clone(),
+            status: if manual { Status::Pending } else { Status::Enrolled },
+            key: hex::encode(b.device_key.to_bytes()),
+            nats_user: b.device_key.nats_user(),
+            groups: groups.to_vec(),
+            target: b.target.clone(),
+            agent_version: b.agent_version.clone(),
+            token: Some(token_id.clone()),
+            via: "token".into(),
+            created_at: now,
+            updated_at: now,
+            enrolled_at: (!manual).then_some(now),
+            rekey: None,
+            nonces: vec![],
+        };
+        rec.remember_nonce(&b.nonce);
+        if let Cas::Conflict = self.registry.put_device(&rec, None).await? {
+            self.registry.release_token_use(&token_id).await?;
+            return Ok(None);
+        }
+        if manual {
+            info!(device = %rec.id, "enrollment pending approval");
+            return Ok(Some(pending(&rec.id)));
+        }
+        Ok(Some(self.enrolled(&rec, b.device_key, now)?))
+    }
+
+    fn enrolled(&self, rec: &DeviceRecord, key: PublicKey, now: u64) -> Result<EnrollResponse, ProvisionerError> {
+        let expires = now + self.settings.credential_ttl.as_secs().max(1);
+        let e = self.issuer.enrollment(&rec.id, key, &rec.groups, &self.settings.fleet_urls, now, expires)?;
+        info!(device = %rec.id, groups = %rec.groups.join(","), "device enrolled");
+        Ok(EnrollResponse::Enrolled(Box::new(e)))
+    }
+
+    /// A device enrolled offline says hello with its credential: register it.
+    async fn hello(&self, subject: &str, payload: &[u8]) {
+        let Some(id) = subject.strip_prefix("perch.hello.") else { return };
+        let now = now_unix();
+        let cred = match SignedCredential::from_bytes(payload) {
+            Ok(c) => c,
+            Err(e) => return warn!(device = %id, error = %e, "unreadable hello"),
+        };
+        let body = match cred.verify(&self.issuer.trust, now) {
+            Ok(b) if b.device_id == id => b.clone(),
+            Ok(_) => return warn!(device = %id, "hello carries another device's credential"),
+            Err(e) => return warn!(device = %id, error = %e, "hello with a credential that does not verify"),
+        };
+        match self.registry.device(id).await {
+            Ok(Some(_)) => debug!(device = %id, "hello from a known device"),
+            Ok(None) => {
+                let rec = DeviceRecord {
+                    id: id.into(),
+                    status: Status::Enrolled,
+                    key: hex::encode(body.device_key.to_bytes()),
+                    nats_user: body.device_key.nats_user(),
+                    groups: body.groups.clone(),
+                    target: String::new(),
+                    agent_version: String::new(),
+                    token: None,
+                    via: "offline".into(),
+                    created_at: now,
+                    updated_at: now,
+                    enrolled_at: Some(body.issued_at),
+                    rekey: None,
+                    nonces: vec![],
+                };
+                match self.registry.put_device(&rec, None).await {
+                    Ok(_) => info!(device = %id, "registered a device enrolled offline"),
+                    Err(e) => warn!(device = %id, error = %e, "could not register an offline device"),
+                }
+            }
+            Err(e) => warn!(device = %id, error = %e, "registry read failed"),
+        }
+    }
+}
+
+fn reject(id: &str, why: Rejection) -> EnrollResponse {
+    info!(device = %id, reason = %why, "enrollment refused");
+    EnrollResponse::Rejected(why)
+}
+
+fn pending(id: &str) -> EnrollResponse {
+    EnrollResponse::Pending(format!("waiting for a technician: `perch-bootstrap approve {id}`"))
+}
+
+/// `*` matches any run of characters, `?` one character; nothing else is special.
+pub fn glob_match(pattern: &str, s: &str) -> bool {
+    let (p, s) = (pattern.as_bytes(), s.as_bytes());
+    let (mut pi, mut si, mut star, mut mark) = (0, 0, None, 0);
+    while si < s.len() {
+        if pi < p.len() && (p[pi] == b'?' || p[pi] == s[si]) {
+            pi += 1;
+            si += 1;
+        } else if pi < p.len() && p[pi] == b'*' {
+            star = Some(pi);
+            mark = si;
+            pi += 1;
+        } else if let Some(st) = star {
+            pi = st + 1;
+            mark += 1;
+            si = mark;
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == b'*')
+}
+
+/// The subject-safe id check, for the CLI.
+pub fn valid_device_id(id: &str) -> bool {
+    subjects::is_token(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::glob_match;
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("drone-*", "drone-7"));
+        assert!(glob_match("drone-?", "drone-7"));
+        assert!(!glob_match("drone-?", "drone-17"));
+        assert!(glob_match("*", ""));
+        assert!(!glob_match("desk-*", "drone-1"));
+        assert!(glob_match("a*b*c", "aXbYc"));
+    }
+}

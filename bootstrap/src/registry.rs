@@ -1,0 +1,302 @@
+//! The device registry and token use counters, in the JetStream KV bucket
+//! `PERCH_REGISTRY` (FLEET account). Every change is a compare-and-swap on
+//! the key's revision, so several provisioners and operators can work at
+//! once without losing an update or issuing a token use twice.
+//!
+//! Keys:
+//! - `device.<id>`: a [`DeviceRecord`] (JSON, so `nats kv get` reads it);
+//! - `token.<token id hex>`: how many uses of a token were claimed (decimal);
+//! - `revocations`: the FLEET account's revocation list ([`Revocations`]).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use async_nats::jetstream::kv::{self, CreateErrorKind, Operation, Store, UpdateErrorKind};
+use async_nats::jetstream::{self, stream::StorageType};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+
+use perch_protocol::subjects::REGISTRY_BUCKET;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("JetStream KV {REGISTRY_BUCKET}: {0}")]
+    Kv(String),
+    #[error("registry record {key} is corrupt: {detail}")]
+    Corrupt { key: String, detail: String },
+    #[error("no device '{0}' in the registry")]
+    NoSuchDevice(String),
+    #[error("device '{id}' is {status}; {action} does not apply")]
+    WrongStatus { id: String, status: Status, action: &'static str },
+}
+
+fn kv_err(e: impl std::fmt::Display) -> RegistryError {
+    RegistryError::Kv(e.to_string())
+}
+
+/// Where a device stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Asked with a manual-approval token; waits for `approve`.
+    Pending,
+    /// Approved; enrolled the next time it asks.
+    Approved,
+    Enrolled,
+    Rejected,
+    Revoked,
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Status::Pending => "pending",
+            Status::Approved => "approved",
+            Status::Enrolled => "enrolled",
+            Status::Rejected => "rejected",
+            Status::Revoked => "revoked",
+        })
+    }
+}
+
+/// A request to enroll a known device id with a new key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rekey {
+    /// The new perch device key (hex).
+    pub key: String,
+    pub requested_at: u64,
+    pub approved: bool,
+}
+
+/// What the registry knows of one device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceRecord {
+    pub id: String,
+    pub status: Status,
+    /// The perch device key (hex); also its NATS user nkey.
+    pub key: String,
+    pub nats_user: String,
+    pub groups: Vec<String>,
+    pub target: String,
+    pub agent_version: String,
+    /// The token it enrolled with (hex id); none for the offline path.
+    pub token: Option<String>,
+    /// `token` or `offline`.
+    pub via: String,
+    pub created_at: u64,
+    pub updated_at: u64,
+    pub enrolled_at: Option<u64>,
+    #[serde(default)]
+    pub rekey: Option<Rekey>,
+    /// The last request nonces seen (hex): a replayed request is refused.
+    #[serde(default)]
+    pub nonces: Vec<String>,
+}
+
+/// How many request nonces a record remembers.
+const NONCES_KEPT: usize = 16;
+
+impl DeviceRecord {
+    pub fn remember_nonce(&mut self, nonce: &[u8; 16]) {
+        self.nonces.push(hex::encode(nonce));
+        let excess = self.nonces.len().saturating_sub(NONCES_KEPT);
+        self.nonces.drain(..excess);
+    }
+
+    pub fn has_nonce(&self, nonce: &[u8; 16]) -> bool {
+        let n = hex::encode(nonce);
+        self.nonces.iter().any(|x| *x == n)
+    }
+}
+
+/// The FLEET account's revoked users, and the `iat` of the last account
+/// JWT pushed (each push must be newer than the last).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revocations {
+    pub users: BTreeMap<String, u64>,
+    pub last_iat: u64,
+}
+
+/// Whether a compare-and-swap write went through.
+pub enum Cas {
+    Done(u64),
+    Conflict,
+}
+
+/// The registry bucket, plus a per-token lock so one instance never races
+/// itself on a token counter (instances still race each other, safely).
+#[derive(Clone)]
+pub struct Registry {
+    kv: Store,
+    token_locks: Arc<Mutex<HashMap<String, Arc<Mutex<Option<(u64, u32)>>>>>>,
+}
+
+fn device_key(id: &str) -> String {
+    format!("device.{id}")
+}
+
+impl Registry {
+    /// Opens the bucket, creating it on first use.
+    pub async fn open(js: &jetstream::Context) -> Result<Self, RegistryError> {
+        let kv = match js.get_key_value(REGISTRY_BUCKET).await {
+            Ok(kv) => kv,
+            Err(_) => match js
+                .create_key_value(kv::Config {
+                    bucket: REGISTRY_BUCKET.into(),
+                    description: "perch device registry and token use counters".into(),
+                    history: 5,
+                    storage: StorageType::File,
+                    ..Default::default()
+                })
+                .await
+            {
+                Ok(kv) => kv,
+                // Another instance created it in the meantime.
+                Err(_) => js.get_key_value(REGISTRY_BUCKET).await.map_err(kv_err)?,
+            },
+        };
+        Ok(Self { kv, token_locks: Arc::default() })
+    }
+
+    async fn get_json<T: for<'de> Deserialize<'de>>(&self, key: &str) -> Result<Option<(T, u64)>, RegistryError> {
+        let Some(entry) = self.kv.entry(key).await.map_err(kv_err)? else {
+            return Ok(None);
+        };
+        if entry.operation != Operation::Put {
+            return Ok(None);
+        }
+        let v = serde_json::from_slice(&entry.value)
+            .map_err(|e| RegistryError::Corrupt { key: key.into(), detail: e.to_string() })?;
+        Ok(Some((v, entry.revision)))
+    }
+
+    async fn put_cas<T: Serialize>(&self, key: &str, v: &T, revision: Option<u64>) -> Result<Cas, RegistryError> {
+        let bytes: Bytes = serde_json::to_vec(v).map_err(kv_err)?.into();
+        match revision {
+            None => match self.kv.create(key, bytes).await {
+                Ok(r) => Ok(Cas::Done(r)),
+                Err(e) if e.kind() == CreateErrorKind::AlreadyExists => Ok(Cas::Conflict),
+                Err(e) => Err(kv_err(e)),
+            },
+            Some(rev) => match self.kv.update(key, bytes, rev).await {
+                Ok(r) => Ok(Cas::Done(r)),
+                Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => Ok(Cas::Conflict),
+                Err(e) => Err(kv_err(e)),
+            },
+        }
+    }
+
+    pub async fn device(&self, id: &str) -> Result<Option<(DeviceRecord, u64)>, RegistryError> {
+        self.get_json(&device_key(id)).await
+    }
+
+    /// Writes a record if the stored revision is still `revision` (None: if absent).
+    pub async fn put_device(&self, rec: &DeviceRecord, revision: Option<u64>) -> Result<Cas, RegistryError> {
+        self.put_cas(&device_key(&rec.id), rec, revision).await
+    }
+
+    /// Applies `change` to a device record with compare-and-swap, retrying
+    /// on conflicts. `change` returns an error to leave the record alone.
+    pub async fn update_device(
+        &self,
+        id: &str,
+        mut change: impl FnMut(&mut DeviceRecord) -> Result<(), RegistryError>,
+    ) -> Result<DeviceRecord, RegistryError> {
+        loop {
+            let (mut rec, rev) = self.device(id).await?.ok_or_else(|| RegistryError::NoSuchDevice(id.into()))?;
+            change(&mut rec)?;
+            if let Cas::Done(_) = self.put_device(&rec, Some(rev)).await? {
+                return Ok(rec);
+            }
+        }
+    }
+
+    /// Every device record, sorted by id.
+    pub async fn devices(&self) -> Result<Vec<DeviceRecord>, RegistryError> {
+        use futures_util::StreamExt;
+        let mut keys = match self.kv.keys().await {
+            Ok(k) => k,
+            Err(e) => return Err(kv_err(e)),
+        };
+        let mut ids = Vec::new();
+        while let Some(k) = keys.next().await {
+            let k = k.map_err(kv_err)?;
+            if let Some(id) = k.strip_prefix("device.") {
+                ids.push(id.to_string());
+            }
+        }
+        ids.sort();
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some((rec, _)) = self.device(&id).await? {
+                out.push(rec);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn token_lock(&self, token: &str) -> Arc<Mutex<Option<(u64, u32)>>> {
+        self.token_locks.lock().await.entry(token.to_string()).or_default().clone()
+    }
+
+    /// Claims one use of a token with `uses` uses. False when none are left.
+    /// Exactly `uses` claims succeed, across all provisioner instances.
+    pub async fn claim_token_use(&self, token: &str, uses: u32) -> Result<bool, RegistryError> {
+        self.adjust_token(token, uses, 1).await
+    }
+
+    /// Gives back a use claimed for an enrollment that did not happen.
+    pub async fn release_token_use(&self, token: &str) -> Result<(), RegistryError> {
+        self.adjust_token(token, u32::MAX, -1).await.map(drop)
+    }
+
+    async fn adjust_token(&self, token: &str, uses: u32, delta: i64) -> Result<bool, RegistryError> {
+        let key = format!("token.{token}");
+        let lock = self.token_lock(token).await;
+        // The cached (revision, used) saves a read when this instance wrote last.
+        let mut cached = lock.lock().await;
+        loop {
+            let (rev, used) = match *cached {
+                Some(c) => (Some(c.0), c.1),
+                None => match self.kv.entry(&key).await.map_err(kv_err)? {
+                    Some(e) if e.operation == Operation::Put => {
+                        let used = std::str::from_utf8(&e.value)
+                            .ok()
+                            .and_then(|s| s.parse::<u32>().ok())
+                            .ok_or_else(|| RegistryError::Corrupt { key: key.clone(), detail: "not a count".into() })?;
+                        (Some(e.revision), used)
+                    }
+                    _ => (None, 0),
+                },
+            };
+            let next = i64::from(used) + delta;
+            if next < 0 {
+                return Ok(false);
+            }
+            if delta > 0 && used >= uses {
+                *cached = None; // re-read next time: another instance may have given one back
+                return Ok(false);
+            }
+            let next = next as u32;
+            match self.put_cas(&key, &next, rev).await? {
+                Cas::Done(r) => {
+                    *cached = Some((r, next));
+                    return Ok(true);
+                }
+                Cas::Conflict => *cached = None,
+            }
+        }
+    }
+
+    pub async fn revocations(&self) -> Result<(Revocations, Option<u64>), RegistryError> {
+        Ok(match self.get_json::<Revocations>("revocations").await? {
+            Some((r, rev)) => (r, Some(rev)),
+            None => (Revocations::default(), None),
+        })
+    }
+
+    pub async fn put_revocations(&self, r: &Revocations, revision: Option<u64>) -> Result<Cas, RegistryError> {
+        self.put_cas("revocations", r, revision).await
+    }
+}

@@ -1,0 +1,135 @@
+//! perch's NATS links, shared by the agent and the provisioner.
+//!
+//! - [`tls`]: rustls configs that trust the fleet CA only, by certificate or
+//!   by the fingerprint an enrollment token carries.
+//! - [`connect`]: connection options for a NATS user JWT whose nonce is
+//!   signed by a perch device key or an nkey seed.
+//!
+//! Invariant: every connection made through here requires TLS and never
+//! consults the system certificate store.
+#![forbid(unsafe_code)]
+
+pub mod tls;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::{AuthError, ConnectOptions};
+use perch_protocol::SecretKey;
+
+pub use tls::CaTrust;
+
+/// What signs the server's connect nonce.
+#[derive(Clone)]
+pub enum Signer {
+    /// A perch device key (it is the device's NATS user nkey).
+    Device(Arc<SecretKey>),
+    /// An nkey seed (services and operators).
+    Nkey(Arc<nkeys::KeyPair>),
+}
+
+impl Signer {
+    fn sign(&self, nonce: &[u8]) -> Result<Vec<u8>, AuthError> {
+        match self {
+            Signer::Device(k) => k
+                .sign_nats_nonce(nonce)
+                .map(|s| s.to_vec())
+                .ok_or_else(|| AuthError::new("server sent an implausible nonce; refusing to sign it")),
+            Signer::Nkey(k) => k.sign(nonce).map_err(AuthError::new),
+        }
+    }
+}
+
+/// A NATS user: its JWT and what signs for it.
+#[derive(Clone)]
+pub struct User {
+    pub jwt: String,
+    pub signer: Signer,
+}
+
+/// How a connection behaves.
+#[derive(Debug, Clone)]
+pub struct LinkOptions {
+    /// Client name the server shows (`perch-agent drone-7`).
+    pub name: String,
+    /// Private inbox prefix (devices may only receive on their own).
+    pub inbox_prefix: Option<String>,
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+    pub ping_interval: Duration,
+}
+
+impl Default for LinkOptions {
+    fn default() -> Self {
+        Self {
+            name: "perch".into(),
+            inbox_prefix: None,
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(10),
+            ping_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("bad NATS URL '{url}': {detail}")]
+    Url { url: String, detail: String },
+    #[error("connecting to {urls}: {source}")]
+    Connect { urls: String, source: async_nats::ConnectError },
+}
+
+impl LinkError {
+    /// The server failed the fleet CA check: a security refusal, not an outage.
+    pub fn is_tls_rejection(&self) -> bool {
+        matches!(self, LinkError::Connect { source, .. } if source.kind() == async_nats::ConnectErrorKind::Tls)
+    }
+
+    /// The server refused the credential (revoked, expired, unknown).
+    pub fn is_auth_rejection(&self) -> bool {
+        matches!(self, LinkError::Connect { source, .. }
+            if matches!(source.kind(), async_nats::ConnectErrorKind::AuthorizationViolation | async_nats::ConnectErrorKind::Authentication))
+    }
+}
+
+/// Connection options for `user`, requiring TLS trusted by `ca` only.
+pub fn options(user: &User, ca: &CaTrust, link: &LinkOptions) -> Result<ConnectOptions, LinkError> {
+    let signer = user.signer.clone();
+    let mut o = ConnectOptions::with_jwt(user.jwt.clone(), move |nonce| {
+        let r = signer.sign(&nonce);
+        async move { r }
+    })
+    .require_tls(true)
+    .tls_client_config(tls::client_config(ca)?)
+    .name(&link.name)
+    .connection_timeout(link.connect_timeout)
+    .request_timeout(Some(link.request_timeout))
+    .ping_interval(link.ping_interval);
+    if let Some(p) = &link.inbox_prefix {
+        o = o.custom_inbox_prefix(p);
+    }
+    Ok(o)
+}
+
+/// Parses URLs (`tls://host:port`) for async-nats.
+pub fn server_addrs(urls: &[String]) -> Result<Vec<async_nats::ServerAddr>, LinkError> {
+    urls.iter()
+        .map(|u| u.parse().map_err(|e: std::io::Error| LinkError::Url { url: u.clone(), detail: e.to_string() }))
+        .collect()
+}
+
+/// Connects once (no retry on the first attempt; callers own their retry policy).
+pub async fn connect(
+    urls: &[String],
+    user: &User,
+    ca: &CaTrust,
+    link: &LinkOptions,
+) -> Result<async_nats::Client, LinkError> {
+    let addrs = server_addrs(urls)?;
+    options(user, ca, link)?
+        .connect(addrs)
+        .await
+        .map_err(|source| LinkError::Connect { urls: urls.join(","), source })
+}
