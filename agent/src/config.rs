@@ -29,6 +29,40 @@ pub struct Config {
     /// Write the slot to disk and record progress every this many bytes.
     #[serde(default = "default_checkpoint")]
     pub checkpoint_bytes: u64,
+    #[serde(default)]
+    pub device: DeviceConfig,
+    #[serde(default)]
+    pub enroll: EnrollConfig,
+}
+
+/// Who this device is.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeviceConfig {
+    /// The device id (1 to 64 of A-Z a-z 0-9 - _).
+    pub id: Option<String>,
+    /// Else the first line of this file (e.g. /etc/machine-id); else the hostname.
+    pub id_file: Option<PathBuf>,
+}
+
+/// How the device enrolls.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EnrollConfig {
+    /// A file holding an enrollment token: with it, `run` enrolls in the
+    /// background until it succeeds (zero-touch first boot).
+    pub token_file: Option<PathBuf>,
+    /// Groups to ask for; empty means every group the token allows.
+    pub groups: Vec<String>,
+    /// Longest pause between enrollment attempts (they back off with jitter).
+    #[serde(deserialize_with = "duration")]
+    pub max_backoff: Duration,
+}
+
+impl Default for EnrollConfig {
+    fn default() -> Self {
+        Self { token_file: None, groups: vec![], max_backoff: Duration::from_secs(60) }
+    }
 }
 
 fn default_boot_id() -> PathBuf {
@@ -275,6 +309,17 @@ impl Config {
             if !u.starts_with("http://") {
                 return Err(format!("health.urls: '{u}' must start with http:// (health checks are local)"));
             }
+        }
+        if let Some(id) = &self.device.id {
+            if !perch_protocol::subjects::is_token(id) {
+                return Err(format!("device.id: '{id}' must be 1 to 64 of A-Z a-z 0-9 - _"));
+            }
+        }
+        if let Some(g) = self.enroll.groups.iter().find(|g| !perch_protocol::subjects::is_token(g)) {
+            return Err(format!("enroll.groups: '{g}' must be 1 to 64 of A-Z a-z 0-9 - _"));
+        }
+        if self.enroll.max_backoff.is_zero() {
+            return Err("enroll.max_backoff must be above 0".into());
         }
         if let Slots::Uboot(u) = &self.slots {
             if u.bootlimit == 0 {

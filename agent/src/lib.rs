@@ -5,16 +5,21 @@
 //! - [`slots`]: the `dir`, `uboot`, `grub` and `hook` backends.
 //! - [`health`] and [`inhibit`]: what decides a trial, and what defers activation.
 //! - [`check`]: the offline verification an install starts with.
+//! - [`identity`], [`enroll`] and [`link`]: the device key, enrollment
+//!   (online with a token, or offline with files) and the FLEET link.
 #![forbid(unsafe_code)]
 
 pub mod check;
 pub mod config;
 pub mod counters;
 pub mod deploy;
+pub mod enroll;
 pub mod failpoint;
 pub mod health;
+pub mod identity;
 pub mod inhibit;
 pub mod journal;
+pub mod link;
 pub mod progress;
 pub mod slots;
 pub mod status;

@@ -11,6 +11,8 @@ use perch_agent::check::check_bundle;
 use perch_agent::config::Config;
 use perch_agent::deploy::{DeployError, Engine, Finished};
 use perch_agent::journal::JournalError;
+use perch_agent::enroll::{self as enrolling, EnrollFailure, Plan};
+use perch_agent::identity::{self, Identity, IdentityError};
 use perch_agent::status;
 use perch_support::exit::{self, SecurityError, UsageError};
 use perch_support::now_unix;
@@ -48,6 +50,8 @@ enum Command {
         #[arg(long)]
         once: bool,
     },
+    /// Enroll this device: online with a token, or offline with files.
+    Enroll(EnrollArgs),
     /// Check a bundle offline against the trust document. Writes nothing.
     Check {
         #[arg(long)]
@@ -57,6 +61,35 @@ enum Command {
         target: Option<String>,
         bundle: PathBuf,
     },
+}
+
+#[derive(clap::Args)]
+struct EnrollArgs {
+    /// The enrollment token text (prefer --token-file: command lines are visible to other users).
+    #[arg(long, conflicts_with_all = ["token_file", "import"])]
+    token: Option<String>,
+    /// A file holding the enrollment token (default: enroll.token_file from the config).
+    #[arg(long, conflicts_with = "import")]
+    token_file: Option<PathBuf>,
+    /// Keep trying until enrolled: through outages and pending approval.
+    #[arg(long)]
+    wait: bool,
+    /// Without --wait, give up after this long.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "2m")]
+    timeout: Duration,
+    /// This device's id (default: device.id, device.id_file or the hostname).
+    #[arg(long)]
+    device_id: Option<String>,
+    /// A group to ask for; repeat for several (default: enroll.groups, else all the token allows).
+    #[arg(long = "group", value_name = "G")]
+    groups: Vec<String>,
+    /// Offline: write a signed enrollment request to FILE for a technician.
+    /// (With --token or --token-file, the request carries the token.)
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["import", "wait"])]
+    request_out: Option<PathBuf>,
+    /// Offline: import the enrollment a technician made with `perch-bootstrap sign-request`.
+    #[arg(long, value_name = "FILE", conflicts_with = "wait")]
+    import: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -82,8 +115,27 @@ fn code_for(e: &anyhow::Error) -> i32 {
         if cause.is::<perch_agent::config::ConfigError>() {
             return exit::USAGE;
         }
+        if let Some(f) = cause.downcast_ref::<EnrollFailure>() {
+            return match f {
+                _ if f.is_security() => exit::SECURITY,
+                EnrollFailure::Identity(IdentityError::DeviceId(_) | IdentityError::NoTrust(_)) => exit::USAGE,
+                EnrollFailure::Identity(i) => identity_code(i, e),
+                _ => exit::RUNTIME,
+            };
+        }
+        if let Some(i) = cause.downcast_ref::<IdentityError>() {
+            return identity_code(i, e);
+        }
     }
     exit::code_for(e.chain())
+}
+
+fn identity_code(i: &IdentityError, e: &anyhow::Error) -> i32 {
+    match i {
+        _ if i.is_security() => exit::SECURITY,
+        IdentityError::DeviceId(_) | IdentityError::NoTrust(_) => exit::USAGE,
+        _ => exit::code_for(e.chain().skip(1)),
+    }
 }
 
 fn open(cli: &Cli) -> Result<(Engine, Option<JournalError>)> {
@@ -144,10 +196,29 @@ fn run(cli: Cli) -> Result<u8> {
                 b.next_boot().ok().flatten(),
                 problem.map(|p| p.to_string()).as_deref(),
             );
+            let mut doc = doc;
+            let cfg = Config::load(&cli.config)?;
+            let (enrollment, line) = match Identity::new(&cli.state_dir).enrollment(&cfg, now_unix()) {
+                Ok(Some(v)) => (
+                    serde_json::json!({
+                        "enrolled": true, "device_id": v.credential.device_id, "org": v.trust.body().org,
+                        "groups": v.credential.groups, "expires_at": v.credential.expires_at,
+                        "fleet_urls": v.enrollment.fleet_urls,
+                    }),
+                    format!("enrolled   as {} in groups [{}]", v.credential.device_id, v.credential.groups.join(", ")),
+                ),
+                Ok(None) => (serde_json::json!({ "enrolled": false }), "enrolled   no".to_string()),
+                Err(e) => (
+                    serde_json::json!({ "enrolled": false, "problem": e.to_string() }),
+                    format!("enrolled   no ({e})"),
+                ),
+            };
+            doc["enrollment"] = enrollment;
             if *json {
                 println!("{doc}");
             } else {
                 print!("{}", status::to_text(&doc));
+                println!("{line}");
             }
             Ok(0)
         }
@@ -164,19 +235,41 @@ fn run(cli: Cli) -> Result<u8> {
             Ok(report(&engine, &f))
         }
         Command::Run { once } => {
-            let (mut engine, problem) = open(&cli)?;
-            warn(problem);
-            let f = engine.resume()?;
-            let code = report(&engine, &f);
             if *once {
-                return Ok(code);
+                let (mut engine, problem) = open(&cli)?;
+                warn(problem);
+                let f = engine.resume()?;
+                return Ok(report(&engine, &f));
             }
-            // No link yet: stay up so the service manager sees a healthy
-            // agent; pending work was finished above.
-            loop {
-                std::thread::sleep(Duration::from_secs(3600));
-            }
+            init_logging();
+            let cfg = Config::load(&cli.config)?;
+            let state_dir = cli.state_dir.clone();
+            let (config_path, engine_dir) = (cli.config.clone(), cli.state_dir.clone());
+            runtime()?.block_on(async move {
+                // The link (enrolling first if need be) runs while the
+                // engine finishes whatever the journal says is in flight.
+                let link = tokio::spawn(background_link(cfg, state_dir));
+                let resumed = tokio::task::spawn_blocking(move || -> Result<()> {
+                    // The engine is not Send: it lives on this thread only.
+                    let (mut engine, problem) = Engine::open(Config::load(&config_path)?, &engine_dir)?;
+                    warn(problem);
+                    let f = engine.resume()?;
+                    report(&engine, &f);
+                    Ok(())
+                })
+                .await;
+                match resumed {
+                    Ok(r) => r?,
+                    Err(e) => anyhow::bail!("the deploy engine stopped: {e}"),
+                }
+                let _ = link.await;
+                // Without a link to keep, stay up so the service manager
+                // sees a healthy agent.
+                std::future::pending::<()>().await;
+                Ok(0)
+            })
         }
+        Command::Enroll(args) => enroll_cmd(&cli, args),
     }
 }
 
@@ -206,4 +299,159 @@ fn check(trust: &Path, target: Option<&str>, bundle: &Path) -> Result<()> {
     }
     println!("OK {} {} counter {} ({} chunks)", bundle.display(), m.name, m.counter, m.chunk_count());
     Ok(())
+}
+
+fn init_logging() {
+    // PERCH_LOG: error, warn, info (default), debug or trace. Secrets are never logged.
+    let level = std::env::var("PERCH_LOG").ok().and_then(|l| l.parse().ok()).unwrap_or(tracing::Level::INFO);
+    let _ = tracing_subscriber::fmt().with_writer(std::io::stderr).with_max_level(level).with_ansi(false).try_init();
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
+}
+
+fn plan(cfg: &Config, args: &EnrollArgs) -> Result<Plan> {
+    let groups = if args.groups.is_empty() { cfg.enroll.groups.clone() } else { args.groups.clone() };
+    if let Some(g) = groups.iter().find(|g| !perch_protocol::subjects::is_token(g)) {
+        return Err(UsageError(format!("--group '{g}': use 1 to 64 of A-Z a-z 0-9 - _")).into());
+    }
+    Ok(Plan {
+        device_id: identity::device_id(cfg, args.device_id.as_deref())?,
+        groups,
+        target: cfg.target.clone(),
+        wait: args.wait,
+        timeout: args.timeout,
+        max_backoff: cfg.enroll.max_backoff,
+    })
+}
+
+fn read_text_file(path: &Path, what: &str) -> Result<String> {
+    if !path.is_file() {
+        return Err(UsageError(format!("{}: no such {what} file", path.display())).into());
+    }
+    let bytes = perch_support::durable::read_bounded(path, perch_protocol::enroll::MAX_MESSAGE * 2)?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+fn enroll_cmd(cli: &Cli, args: &EnrollArgs) -> Result<u8> {
+    let cfg = Config::load(&cli.config)?;
+    let plan = plan(&cfg, args)?;
+    if let Some(out) = &args.request_out {
+        let token = match (&args.token, &args.token_file) {
+            (Some(t), _) => Some(t.trim().to_string()),
+            (None, Some(f)) => Some(read_text_file(f, "token")?.trim().to_string()),
+            (None, None) => None,
+        };
+        let text = enrolling::request_text(&cli.state_dir, &plan, token.as_deref())?;
+        perch_support::durable::write_bytes(out, 0o644, perch_support::durable::Replace::Allow, text.as_bytes())?;
+        println!(
+            "wrote {} for device {}; on a machine with the org's issuing key run `perch-bootstrap sign-request --dir ORG {} --out RESPONSE --group G`, then `perch-agent enroll --import RESPONSE` here",
+            out.display(),
+            plan.device_id,
+            out.display()
+        );
+        return Ok(0);
+    }
+    if let Some(file) = &args.import {
+        let text = read_text_file(file, "enrollment")?;
+        let v = enrolling::import(&cfg, &cli.state_dir, &text, &plan.device_id)?;
+        print_enrolled(&v);
+        return Ok(0);
+    }
+    init_logging();
+    let identity = Identity::new(&cli.state_dir);
+    if let Some(v) = identity.enrollment(&cfg, now_unix())? {
+        if v.credential.device_id == plan.device_id {
+            println!("already enrolled as {} (groups {}); nothing to do", plan.device_id, v.credential.groups.join(","));
+            return Ok(0);
+        }
+    }
+    let token = match (&args.token, &args.token_file, &cfg.enroll.token_file) {
+        (Some(t), _, _) => t.clone(),
+        (None, Some(f), _) | (None, None, Some(f)) => read_text_file(f, "token")?,
+        (None, None, None) => {
+            return Err(UsageError("give --token, --token-file, --request-out or --import (or set enroll.token_file)".into()).into())
+        }
+    };
+    let v = runtime()?.block_on(async {
+        let v = enrolling::online(&cfg, &cli.state_dir, &token, &plan).await?;
+        // Prove the new credential works: connect to FLEET and say hello.
+        let key = std::sync::Arc::new(identity.key()?);
+        match tokio::time::timeout(Duration::from_secs(15), perch_agent::link::connect_once(&v, key)).await {
+            Ok(Ok(c)) => drop(c),
+            Ok(Err(e)) => eprintln!("perch-agent: enrolled, but the first FLEET connection failed: {e}"),
+            Err(_) => eprintln!("perch-agent: enrolled, but the first FLEET connection timed out"),
+        }
+        Ok::<_, anyhow::Error>(v)
+    })?;
+    print_enrolled(&v);
+    Ok(0)
+}
+
+fn print_enrolled(v: &perch_protocol::enroll::VerifiedEnrollment) {
+    println!(
+        "enrolled as {} in org '{}', groups [{}]; credential valid until {}",
+        v.credential.device_id,
+        v.trust.body().org,
+        v.credential.groups.join(", "),
+        v.credential.expires_at
+    );
+}
+
+/// Enrolls in the background if need be, then keeps the FLEET link up.
+async fn background_link(cfg: Config, state_dir: PathBuf) {
+    let identity = Identity::new(&state_dir);
+    let enrolled = match identity.enrollment(&cfg, now_unix()) {
+        Ok(Some(v)) => Some(v),
+        Ok(None) => match &cfg.enroll.token_file {
+            Some(f) => match read_text_file(f, "token") {
+                Ok(token) => {
+                    let args = EnrollArgs {
+                        token: None,
+                        token_file: None,
+                        wait: true,
+                        timeout: Duration::MAX,
+                        device_id: None,
+                        groups: vec![],
+                        request_out: None,
+                        import: None,
+                    };
+                    match plan(&cfg, &args) {
+                        Ok(p) => match enrolling::online(&cfg, &state_dir, &token, &p).await {
+                            Ok(v) => Some(v),
+                            Err(e) => {
+                                tracing::error!("enrollment stopped: {e}");
+                                None
+                            }
+                        },
+                        Err(e) => {
+                            tracing::error!("cannot enroll: {e:#}");
+                            None
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::error!("cannot enroll: {e:#}");
+                    None
+                }
+            },
+            None => {
+                tracing::info!("not enrolled and no enroll.token_file: working offline (local installs only)");
+                None
+            }
+        },
+        Err(e) => {
+            tracing::error!("stored enrollment unusable: {e}");
+            None
+        }
+    };
+    let Some(v) = enrolled else { return };
+    let key = match identity.key() {
+        Ok(k) => std::sync::Arc::new(k),
+        Err(e) => return tracing::error!("device key unusable: {e}"),
+    };
+    if let Err(e) = perch_agent::link::maintain(v, key).await {
+        tracing::error!("FLEET link: {e}");
+    }
 }

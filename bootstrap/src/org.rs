@@ -60,6 +60,9 @@ pub fn init(
         }
     }
     std::fs::create_dir_all(dir).map_err(|source| OrgError::CreateDir { path: dir.into(), source })?;
+    // nats-server resolves the paths in the include against its own working
+    // directory, so they must be absolute.
+    let dir = &dir.canonicalize().map_err(|source| OrgError::CreateDir { path: dir.into(), source })?;
     let root = SecretKey::from_seed(root_seed);
     let body = TrustBody {
         org: p.org,

@@ -11,8 +11,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use async_nats::jetstream::kv::{self, CreateErrorKind, Operation, Store, UpdateErrorKind};
-use async_nats::jetstream::{self, stream::StorageType};
+use async_nats::jetstream;
+use async_nats::jetstream::kv::{CreateErrorKind, Operation, Store, UpdateErrorKind};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
@@ -139,23 +139,9 @@ fn device_key(id: &str) -> String {
 impl Registry {
     /// Opens the bucket, creating it on first use.
     pub async fn open(js: &jetstream::Context) -> Result<Self, RegistryError> {
-        let kv = match js.get_key_value(REGISTRY_BUCKET).await {
-            Ok(kv) => kv,
-            Err(_) => match js
-                .create_key_value(kv::Config {
-                    bucket: REGISTRY_BUCKET.into(),
-                    description: "perch device registry and token use counters".into(),
-                    history: 5,
-                    storage: StorageType::File,
-                    ..Default::default()
-                })
-                .await
-            {
-                Ok(kv) => kv,
-                // Another instance created it in the meantime.
-                Err(_) => js.get_key_value(REGISTRY_BUCKET).await.map_err(kv_err)?,
-            },
-        };
+        let kv = perch_net::ensure_kv(js, REGISTRY_BUCKET, "perch device registry and token use counters", 5)
+            .await
+            .map_err(RegistryError::Kv)?;
         Ok(Self { kv, token_locks: Arc::default() })
     }
 

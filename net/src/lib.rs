@@ -133,3 +133,40 @@ pub async fn connect(
         .await
         .map_err(|source| LinkError::Connect { urls: urls.join(","), source })
 }
+
+/// Opens a JetStream KV bucket, creating it first if need be.
+///
+/// async-nats's own `create_key_value` first asks for the account info,
+/// whose 2.9 form it cannot parse; so the bucket's stream is made here
+/// with the same settings (`KV_<bucket>`, `$KV.<bucket>.>`, rollups,
+/// direct get, discard new, one message per key and `history`).
+pub async fn ensure_kv(
+    js: &async_nats::jetstream::Context,
+    bucket: &str,
+    description: &str,
+    history: i64,
+) -> Result<async_nats::jetstream::kv::Store, String> {
+    use async_nats::jetstream::stream::{Config, DiscardPolicy, StorageType};
+    if let Ok(kv) = js.get_key_value(bucket).await {
+        return Ok(kv);
+    }
+    let config = Config {
+        name: format!("KV_{bucket}"),
+        description: Some(description.into()),
+        subjects: vec![format!("$KV.{bucket}.>")],
+        max_messages_per_subject: history.max(1),
+        storage: StorageType::File,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        discard: DiscardPolicy::New,
+        num_replicas: 1,
+        ..Default::default()
+    };
+    let created = js.create_stream(config).await;
+    // Another instance may have created it in the meantime: look again.
+    js.get_key_value(bucket).await.map_err(|e| match created {
+        Err(c) => format!("creating bucket {bucket}: {c}"),
+        Ok(_) => format!("opening bucket {bucket}: {e}"),
+    })
+}

@@ -1,12 +1,42 @@
 //! A real nats-server for tests: free loopback port, JetStream in a temp
-//! dir, killed on drop. And a minimal NATS protocol client over TCP, so
+//! dir, killed on drop. And a minimal NATS protocol client over TLS, so
 //! tests can see the server's own permission errors.
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, TcpListener, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use perch_net::CaTrust;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConnection, StreamOwned};
+
+/// The org's fleet CA certificate (DER), from `ORG/tls/ca.pem`.
+pub fn org_ca_der(org_dir: &Path) -> Vec<u8> {
+    let path = org_dir.join("tls/ca.pem");
+    CertificateDer::from_pem_file(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .as_ref()
+        .to_vec()
+}
+
+/// Reads the server's plaintext `INFO {...}` line, one byte at a time so
+/// nothing after it (the TLS handshake) is consumed.
+pub fn read_info(s: &mut TcpStream) -> serde_json::Value {
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while line.last() != Some(&b'\n') {
+        assert_eq!(s.read(&mut b).expect("INFO from nats-server"), 1, "nats-server closed before INFO");
+        line.push(b[0]);
+        assert!(line.len() < 64 * 1024, "INFO line too long");
+    }
+    let line = String::from_utf8(line).expect("INFO is text");
+    let json = line.trim_end().strip_prefix("INFO ").unwrap_or_else(|| panic!("not an INFO line: {line}"));
+    serde_json::from_str(json).expect("INFO JSON")
+}
 
 pub struct NatsServer {
     child: Child,
@@ -28,7 +58,9 @@ impl NatsServer {
         )
         .unwrap();
         let log = std::fs::File::create(dir.join("nats-server.log")).unwrap();
+        // The include's `tls {}` paths are relative to the org's parent.
         let child = Command::new("nats-server")
+            .current_dir(dir)
             .arg("-c")
             .arg(&conf)
             .stdout(Stdio::null())
@@ -57,26 +89,42 @@ impl Drop for NatsServer {
 }
 
 /// A line-level NATS client: just enough protocol to authenticate with a
-/// user JWT and see what the server allows.
+/// user JWT and see what the server allows. Speaks TLS like NATS clients do
+/// with nats-server 2.9: plaintext `INFO`, then the TLS handshake on the
+/// same socket, then everything else inside TLS.
 pub struct RawClient {
-    r: BufReader<TcpStream>,
-    w: TcpStream,
+    s: BufReader<StreamOwned<ClientConnection, TcpStream>>,
 }
 
 impl RawClient {
-    /// Connects and authenticates with `jwt`, signing the server's nonce
-    /// with `sign`. Returns the client and the server's first answer to
+    /// Connects over TLS trusting only `ca_der` (the fleet CA certificate)
+    /// and authenticates with `jwt`, signing the server's nonce with
+    /// `sign`. Returns the client and the server's first answer to
     /// `CONNECT` + `PING` (`PONG`, or an `-ERR ...` line).
-    pub fn connect(port: u16, jwt: &str, sign: impl Fn(&[u8]) -> String) -> (RawClient, String) {
-        let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let mut c = RawClient { r: BufReader::new(s.try_clone().unwrap()), w: s };
-        let info = c.line();
-        let info: serde_json::Value = serde_json::from_str(info.trim_start_matches("INFO ")).unwrap();
+    pub fn connect(
+        port: u16,
+        ca_der: &[u8],
+        jwt: &str,
+        sign: impl Fn(&[u8]) -> String,
+    ) -> (RawClient, String) {
+        let mut sock = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let info = read_info(&mut sock);
+        assert_eq!(info["tls_required"], true, "nats-server must require TLS: {info}");
         let nonce = info["nonce"].as_str().unwrap_or("").to_string();
+
+        let config = perch_net::tls::client_config(&CaTrust::Certificate(ca_der.to_vec())).unwrap();
+        let name = ServerName::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST).into());
+        let conn = ClientConnection::new(Arc::new(config), name).unwrap();
+        let mut tls = StreamOwned::new(conn, sock);
+        while tls.conn.is_handshaking() {
+            tls.conn.complete_io(&mut tls.sock).expect("TLS handshake with nats-server");
+        }
+        let mut c = RawClient { s: BufReader::new(tls) };
+
         let connect = serde_json::json!({
             "jwt": jwt, "sig": sign(nonce.as_bytes()), "verbose": false, "pedantic": false,
-            "protocol": 1, "headers": false, "name": "perch-test",
+            "tls_required": true, "protocol": 1, "headers": false, "name": "perch-test",
         });
         c.send(&format!("CONNECT {connect}\r\nPING\r\n"));
         let answer = c.line();
@@ -84,14 +132,16 @@ impl RawClient {
     }
 
     pub fn send(&mut self, s: &str) {
-        self.w.write_all(s.as_bytes()).unwrap();
+        let w = self.s.get_mut();
+        w.write_all(s.as_bytes()).unwrap();
+        w.flush().unwrap();
     }
 
     /// The next protocol line, skipping PINGs from the server ("" on timeout).
     pub fn line(&mut self) -> String {
         loop {
             let mut l = String::new();
-            if self.r.read_line(&mut l).unwrap_or(0) == 0 {
+            if self.s.read_line(&mut l).unwrap_or(0) == 0 {
                 return String::new();
             }
             let l = l.trim_end().to_string();

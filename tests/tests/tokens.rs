@@ -5,7 +5,7 @@
 use data_encoding::BASE64URL_NOPAD;
 use nkeys::{KeyPair, KeyPairType};
 use perch_protocol::token::SignedToken;
-use perch_tests::nats::{NatsServer, RawClient};
+use perch_tests::nats::{org_ca_der, NatsServer, RawClient};
 use perch_tests::Scratch;
 
 fn issue(s: &Scratch, extra: &[&str]) -> String {
@@ -59,7 +59,8 @@ fn the_token_credential_can_only_ask_to_enroll() {
     let t = issue(&s, &[]);
     let body = SignedToken::parse(&t).unwrap().unverified_body().clone();
     let user = KeyPair::new_from_raw(KeyPairType::User, body.provisioning_seed).unwrap();
-    let (mut c, answer) = RawClient::connect(server.port, &body.provisioning_jwt(), |n| {
+    let ca = org_ca_der(&s.path("org"));
+    let (mut c, answer) = RawClient::connect(server.port, &ca, &body.provisioning_jwt(), |n| {
         BASE64URL_NOPAD.encode(&user.sign(n).unwrap())
     });
     assert_eq!(answer, "PONG", "the token's credential must connect to PROVISIONING");
