@@ -113,7 +113,12 @@ pub fn backoff(attempt: u32, max: Duration) -> Duration {
 }
 
 /// Enrolls online with `token_text`; stores and returns the enrollment.
-pub async fn online(cfg: &Config, state_dir: &std::path::Path, token_text: &str, plan: &Plan) -> Result<VerifiedEnrollment, EnrollFailure> {
+pub async fn online(
+    cfg: &Config,
+    state_dir: &std::path::Path,
+    token_text: &str,
+    plan: &Plan,
+) -> Result<VerifiedEnrollment, EnrollFailure> {
     let token_text = token_text.trim();
     let identity = Identity::new(state_dir);
     let key = Arc::new(identity.key()?);
@@ -121,7 +126,9 @@ pub async fn online(cfg: &Config, state_dir: &std::path::Path, token_text: &str,
     let tb = token.unverified_body().clone();
     // A device that already believes a trust document only takes tokens for it.
     if let Some(t) = configured_trust(cfg)? {
-        let trust = t.verify_anchor(now_unix(), None).map_err(|source| IdentityError::Trust { path: cfg.trust.clone(), source })?;
+        let trust = t
+            .verify_anchor(now_unix(), None)
+            .map_err(|source| IdentityError::Trust { path: cfg.trust.clone(), source })?;
         if trust.fingerprint() != tb.trust_fingerprint {
             return Err(EnrollFailure::TokenForOtherOrg {
                 token: hex::encode(&tb.trust_fingerprint[..8]),
@@ -131,11 +138,16 @@ pub async fn online(cfg: &Config, state_dir: &std::path::Path, token_text: &str,
         }
         token.clone().verify(&trust, now_unix())?;
     }
-    let seed = nkeys::KeyPair::new_from_raw(nkeys::KeyPairType::User, tb.provisioning_seed)
-        .map_err(|e| EnrollFailure::BadAnswer(perch_protocol::enroll::EnrollError::Invalid { what: "token", detail: e.to_string() }))?;
+    let seed = nkeys::KeyPair::new_from_raw(nkeys::KeyPairType::User, tb.provisioning_seed).map_err(|e| {
+        EnrollFailure::BadAnswer(perch_protocol::enroll::EnrollError::Invalid {
+            what: "token",
+            detail: e.to_string(),
+        })
+    })?;
     let user = User { jwt: tb.provisioning_jwt(), signer: Signer::Nkey(Arc::new(seed)) };
     let ca = CaTrust::Fingerprint(tb.ca_fingerprint);
-    let link = LinkOptions { name: format!("perch-agent {} (enrolling)", plan.device_id), ..LinkOptions::default() };
+    let link =
+        LinkOptions { name: format!("perch-agent {} (enrolling)", plan.device_id), ..LinkOptions::default() };
     let started = tokio::time::Instant::now();
     let mut attempt = 0u32;
     let mut client: Option<async_nats::Client> = None;
@@ -213,7 +225,11 @@ async fn ask(
 }
 
 /// Offline, step 1: the signed request, as text for a file.
-pub fn request_text(state_dir: &std::path::Path, plan: &Plan, token: Option<&str>) -> Result<String, EnrollFailure> {
+pub fn request_text(
+    state_dir: &std::path::Path,
+    plan: &Plan,
+    token: Option<&str>,
+) -> Result<String, EnrollFailure> {
     let key = Identity::new(state_dir).key()?;
     Ok(request(&key, plan, token)?.to_text())
 }
@@ -221,7 +237,12 @@ pub fn request_text(state_dir: &std::path::Path, plan: &Plan, token: Option<&str
 /// Offline, step 3: check and store the enrollment a technician signed.
 /// The device must already hold the org's trust document (installed with
 /// its image): that is what the enrollment is checked against.
-pub fn import(cfg: &Config, state_dir: &std::path::Path, text: &str, device_id: &str) -> Result<VerifiedEnrollment, EnrollFailure> {
+pub fn import(
+    cfg: &Config,
+    state_dir: &std::path::Path,
+    text: &str,
+    device_id: &str,
+) -> Result<VerifiedEnrollment, EnrollFailure> {
     let identity = Identity::new(state_dir);
     let key = identity.key()?;
     let trust = configured_trust(cfg)?.ok_or_else(|| IdentityError::NoTrust(cfg.trust.clone()))?;

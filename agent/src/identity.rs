@@ -45,7 +45,12 @@ pub enum IdentityError {
 impl IdentityError {
     /// Enrollment and trust errors are security refusals.
     pub fn is_security(&self) -> bool {
-        matches!(self, IdentityError::Enrollment { .. } | IdentityError::Trust { .. } | IdentityError::TrustConflict { .. })
+        matches!(
+            self,
+            IdentityError::Enrollment { .. }
+                | IdentityError::Trust { .. }
+                | IdentityError::TrustConflict { .. }
+        )
     }
 }
 
@@ -73,7 +78,8 @@ impl Identity {
         if path.exists() {
             return Ok(keyfile::read_secret(&path)?);
         }
-        std::fs::create_dir_all(&self.dir).map_err(|source| WriteError::Io { path: self.dir.clone(), source })?;
+        std::fs::create_dir_all(&self.dir)
+            .map_err(|source| WriteError::Io { path: self.dir.clone(), source })?;
         std::fs::set_permissions(&self.dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
             .map_err(|source| WriteError::Io { path: self.dir.clone(), source })?;
         let mut seed = [0u8; 32];
@@ -98,12 +104,18 @@ impl Identity {
         let enrollment = Enrollment::from_text(&text)
             .map_err(|source| IdentityError::Enrollment { path: path.clone(), source })?;
         let key = self.key()?;
-        let trust = configured_trust(cfg)?
-            .map(|t| t.fingerprint())
-            .unwrap_or_else(|| SignedTrust::parse(&enrollment.trust).map(|t| t.fingerprint()).unwrap_or([0; 32]));
-        let id = credential_id(&enrollment).map_err(|source| IdentityError::Enrollment { path: path.clone(), source })?;
-        let expect =
-            Expect { device_id: &id, device_key: key.public(), trust_fingerprint: trust, ca_fingerprint: None, now };
+        let trust = configured_trust(cfg)?.map(|t| t.fingerprint()).unwrap_or_else(|| {
+            SignedTrust::parse(&enrollment.trust).map(|t| t.fingerprint()).unwrap_or([0; 32])
+        });
+        let id = credential_id(&enrollment)
+            .map_err(|source| IdentityError::Enrollment { path: path.clone(), source })?;
+        let expect = Expect {
+            device_id: &id,
+            device_key: key.public(),
+            trust_fingerprint: trust,
+            ca_fingerprint: None,
+            now,
+        };
         enrollment.verify(&expect).map(Some).map_err(|source| IdentityError::Enrollment { path, source })
     }
 
@@ -127,15 +139,24 @@ impl Identity {
                 durable::write_bytes(&cfg.trust, 0o644, Replace::Allow, &v.enrollment.trust)?;
             }
         }
-        std::fs::create_dir_all(&self.dir).map_err(|source| WriteError::Io { path: self.dir.clone(), source })?;
-        durable::write_bytes(&self.enrollment_path(), 0o600, Replace::Allow, v.enrollment.to_text().as_bytes())?;
+        std::fs::create_dir_all(&self.dir)
+            .map_err(|source| WriteError::Io { path: self.dir.clone(), source })?;
+        durable::write_bytes(
+            &self.enrollment_path(),
+            0o600,
+            Replace::Allow,
+            v.enrollment.to_text().as_bytes(),
+        )?;
         Ok(())
     }
 }
 
 /// The device id a credential names (not yet verified).
 fn credential_id(e: &Enrollment) -> Result<String, EnrollError> {
-    Ok(perch_protocol::enroll::SignedCredential::from_bytes(&e.credential)?.unverified_body().device_id.clone())
+    Ok(perch_protocol::enroll::SignedCredential::from_bytes(&e.credential)?
+        .unverified_body()
+        .device_id
+        .clone())
 }
 
 /// The trust document at the configured path, if there is one.
@@ -144,17 +165,26 @@ pub fn configured_trust(cfg: &Config) -> Result<Option<SignedTrust>, IdentityErr
         return Ok(None);
     }
     let bytes = read_bounded(&cfg.trust, MAX_TRUST_FILE_LEN)?;
-    SignedTrust::parse(&bytes).map(Some).map_err(|source| IdentityError::Trust { path: cfg.trust.clone(), source })
+    SignedTrust::parse(&bytes)
+        .map(Some)
+        .map_err(|source| IdentityError::Trust { path: cfg.trust.clone(), source })
 }
 
 /// This device's id: `override_id`, else `device.id`, else the first line
 /// of `device.id_file`, else the hostname's first label.
 pub fn device_id(cfg: &Config, override_id: Option<&str>) -> Result<String, IdentityError> {
     let bad = |id: &str, from: &str| {
-        IdentityError::DeviceId(format!("device id '{}' (from {from}) must be 1 to 64 of A-Z a-z 0-9 - _", id.escape_default()))
+        IdentityError::DeviceId(format!(
+            "device id '{}' (from {from}) must be 1 to 64 of A-Z a-z 0-9 - _",
+            id.escape_default()
+        ))
     };
     if let Some(id) = override_id.or(cfg.device.id.as_deref()) {
-        return if perch_protocol::subjects::is_token(id) { Ok(id.into()) } else { Err(bad(id, "the command line or device.id")) };
+        return if perch_protocol::subjects::is_token(id) {
+            Ok(id.into())
+        } else {
+            Err(bad(id, "the command line or device.id"))
+        };
     }
     let (text, from) = match &cfg.device.id_file {
         Some(f) => (String::from_utf8_lossy(&read_bounded(f, 4096)?).into_owned(), f.display().to_string()),

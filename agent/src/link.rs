@@ -27,7 +27,10 @@ fn user(v: &VerifiedEnrollment, key: Arc<SecretKey>) -> User {
 }
 
 /// One connection attempt to FLEET, then hello.
-pub async fn connect_once(v: &VerifiedEnrollment, key: Arc<SecretKey>) -> Result<async_nats::Client, perch_net::LinkError> {
+pub async fn connect_once(
+    v: &VerifiedEnrollment,
+    key: Arc<SecretKey>,
+) -> Result<async_nats::Client, perch_net::LinkError> {
     let id = &v.credential.device_id;
     let client = perch_net::connect(
         &v.enrollment.fleet_urls,
@@ -55,18 +58,22 @@ async fn hello(client: &async_nats::Client, v: &VerifiedEnrollment) {
 pub async fn maintain(v: VerifiedEnrollment, key: Arc<SecretKey>) -> Result<(), perch_net::LinkError> {
     let id = v.credential.device_id.clone();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Event>();
-    let opts = perch_net::options(&user(&v, key), &CaTrust::Certificate(v.enrollment.ca_der.clone()), &link_options(&id))?
-        .retry_on_initial_connect()
-        .event_callback(move |ev| {
-            let tx = tx.clone();
-            async move {
-                let _ = tx.send(ev);
-            }
-        });
-    let client = opts
-        .connect(perch_net::server_addrs(&v.enrollment.fleet_urls)?)
-        .await
-        .map_err(|source| perch_net::LinkError::Connect { urls: v.enrollment.fleet_urls.join(","), source })?;
+    let opts = perch_net::options(
+        &user(&v, key),
+        &CaTrust::Certificate(v.enrollment.ca_der.clone()),
+        &link_options(&id),
+    )?
+    .retry_on_initial_connect()
+    .event_callback(move |ev| {
+        let tx = tx.clone();
+        async move {
+            let _ = tx.send(ev);
+        }
+    });
+    let client =
+        opts.connect(perch_net::server_addrs(&v.enrollment.fleet_urls)?).await.map_err(|source| {
+            perch_net::LinkError::Connect { urls: v.enrollment.fleet_urls.join(","), source }
+        })?;
     while let Some(ev) = rx.recv().await {
         match ev {
             Event::Connected => {

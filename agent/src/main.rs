@@ -10,9 +10,9 @@ use clap::{Parser, Subcommand};
 use perch_agent::check::check_bundle;
 use perch_agent::config::Config;
 use perch_agent::deploy::{DeployError, Engine, Finished};
-use perch_agent::journal::JournalError;
 use perch_agent::enroll::{self as enrolling, EnrollFailure, Plan};
 use perch_agent::identity::{self, Identity, IdentityError};
+use perch_agent::journal::JournalError;
 use perch_agent::status;
 use perch_support::exit::{self, SecurityError, UsageError};
 use perch_support::now_unix;
@@ -118,7 +118,9 @@ fn code_for(e: &anyhow::Error) -> i32 {
         if let Some(f) = cause.downcast_ref::<EnrollFailure>() {
             return match f {
                 _ if f.is_security() => exit::SECURITY,
-                EnrollFailure::Identity(IdentityError::DeviceId(_) | IdentityError::NoTrust(_)) => exit::USAGE,
+                EnrollFailure::Identity(IdentityError::DeviceId(_) | IdentityError::NoTrust(_)) => {
+                    exit::USAGE
+                }
                 EnrollFailure::Identity(i) => identity_code(i, e),
                 _ => exit::RUNTIME,
             };
@@ -205,7 +207,11 @@ fn run(cli: Cli) -> Result<u8> {
                         "groups": v.credential.groups, "expires_at": v.credential.expires_at,
                         "fleet_urls": v.enrollment.fleet_urls,
                     }),
-                    format!("enrolled   as {} in groups [{}]", v.credential.device_id, v.credential.groups.join(", ")),
+                    format!(
+                        "enrolled   as {} in groups [{}]",
+                        v.credential.device_id,
+                        v.credential.groups.join(", ")
+                    ),
                 ),
                 Ok(None) => (serde_json::json!({ "enrolled": false }), "enrolled   no".to_string()),
                 Err(e) => (
@@ -302,9 +308,7 @@ fn check(trust: &Path, target: Option<&str>, bundle: &Path) -> Result<()> {
 }
 
 fn init_logging() {
-    // PERCH_LOG: error, warn, info (default), debug or trace. Secrets are never logged.
-    let level = std::env::var("PERCH_LOG").ok().and_then(|l| l.parse().ok()).unwrap_or(tracing::Level::INFO);
-    let _ = tracing_subscriber::fmt().with_writer(std::io::stderr).with_max_level(level).with_ansi(false).try_init();
+    perch_net::init_logging(tracing::Level::INFO);
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -344,7 +348,12 @@ fn enroll_cmd(cli: &Cli, args: &EnrollArgs) -> Result<u8> {
             (None, None) => None,
         };
         let text = enrolling::request_text(&cli.state_dir, &plan, token.as_deref())?;
-        perch_support::durable::write_bytes(out, 0o644, perch_support::durable::Replace::Allow, text.as_bytes())?;
+        perch_support::durable::write_bytes(
+            out,
+            0o644,
+            perch_support::durable::Replace::Allow,
+            text.as_bytes(),
+        )?;
         println!(
             "wrote {} for device {}; on a machine with the org's issuing key run `perch-bootstrap sign-request --dir ORG {} --out RESPONSE --group G`, then `perch-agent enroll --import RESPONSE` here",
             out.display(),
@@ -363,7 +372,11 @@ fn enroll_cmd(cli: &Cli, args: &EnrollArgs) -> Result<u8> {
     let identity = Identity::new(&cli.state_dir);
     if let Some(v) = identity.enrollment(&cfg, now_unix())? {
         if v.credential.device_id == plan.device_id {
-            println!("already enrolled as {} (groups {}); nothing to do", plan.device_id, v.credential.groups.join(","));
+            println!(
+                "already enrolled as {} (groups {}); nothing to do",
+                plan.device_id,
+                v.credential.groups.join(",")
+            );
             return Ok(0);
         }
     }
@@ -371,7 +384,10 @@ fn enroll_cmd(cli: &Cli, args: &EnrollArgs) -> Result<u8> {
         (Some(t), _, _) => t.clone(),
         (None, Some(f), _) | (None, None, Some(f)) => read_text_file(f, "token")?,
         (None, None, None) => {
-            return Err(UsageError("give --token, --token-file, --request-out or --import (or set enroll.token_file)".into()).into())
+            return Err(UsageError(
+                "give --token, --token-file, --request-out or --import (or set enroll.token_file)".into(),
+            )
+            .into())
         }
     };
     let v = runtime()?.block_on(async {
@@ -437,7 +453,9 @@ async fn background_link(cfg: Config, state_dir: PathBuf) {
                 }
             },
             None => {
-                tracing::info!("not enrolled and no enroll.token_file: working offline (local installs only)");
+                tracing::info!(
+                    "not enrolled and no enroll.token_file: working offline (local installs only)"
+                );
                 None
             }
         },

@@ -87,7 +87,11 @@ pub async fn approve(reg: &Registry, id: &str, now: u64) -> Result<DeviceRecord,
             } else if rec.status == Status::Pending || rec.status == Status::Rejected {
                 rec.status = Status::Approved;
             } else {
-                return Err(RegistryError::WrongStatus { id: id.into(), status: rec.status, action: "approve" });
+                return Err(RegistryError::WrongStatus {
+                    id: id.into(),
+                    status: rec.status,
+                    action: "approve",
+                });
             }
             rec.updated_at = now;
             Ok(())
@@ -104,7 +108,11 @@ pub async fn reject(reg: &Registry, id: &str, now: u64) -> Result<DeviceRecord, 
             } else if matches!(rec.status, Status::Pending | Status::Approved) {
                 rec.status = Status::Rejected;
             } else {
-                return Err(RegistryError::WrongStatus { id: id.into(), status: rec.status, action: "reject" });
+                return Err(RegistryError::WrongStatus {
+                    id: id.into(),
+                    status: rec.status,
+                    action: "reject",
+                });
             }
             rec.updated_at = now;
             Ok(())
@@ -129,7 +137,7 @@ pub async fn revoke(
             Ok(())
         })
         .await?;
-    revoke_users(org_dir, urls, reg, &[rec.nats_user.clone()], now).await?;
+    revoke_users(org_dir, urls, reg, std::slice::from_ref(&rec.nats_user), now).await?;
     Ok(rec)
 }
 

@@ -16,8 +16,7 @@ use serde_json::json;
 
 /// Logs go to stderr; `PERCH_LOG` (error, warn, info, debug, trace) overrides `default`.
 pub fn init_logging(default: tracing::Level) {
-    let level = std::env::var("PERCH_LOG").ok().and_then(|l| l.parse().ok()).unwrap_or(default);
-    let _ = tracing_subscriber::fmt().with_writer(std::io::stderr).with_max_level(level).with_ansi(false).try_init();
+    perch_net::init_logging(default);
 }
 
 pub fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -48,7 +47,9 @@ pub fn list(dir: &Path, urls: &[String], json: bool, pending_only: bool) -> Resu
     })?;
     let shown: Vec<&DeviceRecord> = devices
         .iter()
-        .filter(|d| !pending_only || d.status == Status::Pending || d.rekey.as_ref().is_some_and(|r| !r.approved))
+        .filter(|d| {
+            !pending_only || d.status == Status::Pending || d.rekey.as_ref().is_some_and(|r| !r.approved)
+        })
         .collect();
     if json {
         let list: Vec<serde_json::Value> = shown.iter().map(|d| device_json(d)).collect();
@@ -59,7 +60,7 @@ pub fn list(dir: &Path, urls: &[String], json: bool, pending_only: bool) -> Resu
         println!("{}", if pending_only { "no device is waiting for approval" } else { "no devices" });
         return Ok(());
     }
-    println!("{:<24} {:<9} {:<20} {:<16} {}", "DEVICE", "STATUS", "GROUPS", "KEY", "NOTE");
+    println!("{:<24} {:<9} {:<20} {:<16} NOTE", "DEVICE", "STATUS", "GROUPS", "KEY");
     for d in shown {
         let note = match &d.rekey {
             Some(r) if !r.approved => format!("asks to re-enroll with key {}", &r.key[..16]),
@@ -118,7 +119,8 @@ pub fn sign_request(
     ttl: Duration,
 ) -> Result<()> {
     let now = now_unix();
-    let text = String::from_utf8_lossy(&read_bounded(file, perch_protocol::enroll::MAX_MESSAGE * 2)?).into_owned();
+    let text =
+        String::from_utf8_lossy(&read_bounded(file, perch_protocol::enroll::MAX_MESSAGE * 2)?).into_owned();
     let request = SignedRequest::from_text(&text)
         .and_then(SignedRequest::verify_possession)
         .map_err(|e| SecurityError(format!("{}: {e}", file.display())))?;
@@ -144,6 +146,7 @@ pub fn sign_request(
 /// A QR code of `text` for a terminal (two modules per character cell).
 pub fn qr(text: &str) -> Result<String> {
     use qrcode::{render::unicode::Dense1x2, EcLevel, QrCode};
-    let code = QrCode::with_error_correction_level(text.as_bytes(), EcLevel::L).context("making the QR code")?;
+    let code =
+        QrCode::with_error_correction_level(text.as_bytes(), EcLevel::L).context("making the QR code")?;
     Ok(code.render::<Dense1x2>().quiet_zone(true).build() + "\n")
 }

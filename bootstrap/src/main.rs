@@ -280,7 +280,17 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<()> {
     let now = now_unix();
     match cli.command {
-        Command::Init { dir, release_keys, threshold, org, expires_in, tls_names, tls_ca, tls_cert, tls_key } => {
+        Command::Init {
+            dir,
+            release_keys,
+            threshold,
+            org,
+            expires_in,
+            tls_names,
+            tls_ca,
+            tls_cert,
+            tls_key,
+        } => {
             let own_tls = match (tls_ca, tls_cert, tls_key) {
                 (Some(ca), Some(cert), Some(key)) => Some(perch_bootstrap::tls::OwnCerts { ca, cert, key }),
                 _ => None,
@@ -402,7 +412,17 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::Token(TokenCommand::Issue { dir, groups, uses, ttl, approval, id_pattern, urls, json, qr }) => {
+        Command::Token(TokenCommand::Issue {
+            dir,
+            groups,
+            uses,
+            ttl,
+            approval,
+            id_pattern,
+            urls,
+            json,
+            qr,
+        }) => {
             let trust = read_trust(&dir.join(TRUST_DOC))?;
             let params = token::IssueParams {
                 groups,
@@ -440,7 +460,13 @@ fn run(cli: Cli) -> Result<()> {
             fleet::init_logging(tracing::Level::INFO);
             provisioner::preflight(&dir)?;
             let fleet_urls = if fleet_urls.is_empty() { server.urls.clone() } else { fleet_urls };
-            let settings = provisioner::Settings { org_dir: dir, urls: server.urls, fleet_urls, credential_ttl, concurrency };
+            let settings = provisioner::Settings {
+                org_dir: dir,
+                urls: server.urls,
+                fleet_urls,
+                credential_ttl,
+                concurrency,
+            };
             fleet::runtime()?.block_on(provisioner::run(settings, fleet::shutdown_signal()))?;
             Ok(())
         }

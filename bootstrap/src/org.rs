@@ -79,7 +79,13 @@ pub fn init(
     keyfile::write_pair(&dir.join("root"), &root)?;
     durable::write_bytes(&dir.join(TRUST_DOC), 0o644, Replace::Refuse, &doc.to_bytes())?;
     crate::tls::create(dir, &doc.unverified_body().org, &p.tls_names, p.own_tls.as_ref())?;
-    crate::nats::create(dir, &doc.unverified_body().org, p.now, issuing_seed, &crate::tls::server_block(dir))?;
+    crate::nats::create(
+        dir,
+        &doc.unverified_body().org,
+        p.now,
+        issuing_seed,
+        &crate::tls::server_block(dir),
+    )?;
     Ok(doc)
 }
 

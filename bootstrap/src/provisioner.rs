@@ -57,12 +57,17 @@ struct Service {
 }
 
 /// Runs until `shutdown` resolves. Returns once in-flight requests are answered.
-pub async fn run(settings: Settings, shutdown: impl std::future::Future<Output = ()>) -> Result<(), ProvisionerError> {
+pub async fn run(
+    settings: Settings,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), ProvisionerError> {
     let now = now_unix();
     let issuer = Issuer::load(&settings.org_dir, now)?;
-    let fleet = admin::connect(&settings.org_dir, &settings.urls, Account::Fleet, "perch-provisioner", now).await?;
+    let fleet =
+        admin::connect(&settings.org_dir, &settings.urls, Account::Fleet, "perch-provisioner", now).await?;
     let prov =
-        admin::connect(&settings.org_dir, &settings.urls, Account::Provisioning, "perch-provisioner", now).await?;
+        admin::connect(&settings.org_dir, &settings.urls, Account::Provisioning, "perch-provisioner", now)
+            .await?;
     let registry = Registry::open(&async_nats::jetstream::new(fleet.clone())).await?;
     let mut requests = prov
         .queue_subscribe(ENROLL_REQUEST, ENROLL_QUEUE.into())
@@ -207,7 +212,8 @@ impl Service {
                 continue;
             }
             if let Some(old) = revoke_old {
-                admin::revoke_users(&self.settings.org_dir, &self.settings.urls, &self.registry, &[old], now).await?;
+                admin::revoke_users(&self.settings.org_dir, &self.settings.urls, &self.registry, &[old], now)
+                    .await?;
             }
             return Ok(match answer {
                 Some(a) => a,
@@ -259,7 +265,12 @@ impl Service {
         Ok(Some(self.enrolled(&rec, b.device_key, now)?))
     }
 
-    fn enrolled(&self, rec: &DeviceRecord, key: PublicKey, now: u64) -> Result<EnrollResponse, ProvisionerError> {
+    fn enrolled(
+        &self,
+        rec: &DeviceRecord,
+        key: PublicKey,
+        now: u64,
+    ) -> Result<EnrollResponse, ProvisionerError> {
         let expires = now + self.settings.credential_ttl.as_secs().max(1);
         let e = self.issuer.enrollment(&rec.id, key, &rec.groups, &self.settings.fleet_urls, now, expires)?;
         info!(device = %rec.id, groups = %rec.groups.join(","), "device enrolled");

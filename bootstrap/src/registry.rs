@@ -106,7 +106,7 @@ impl DeviceRecord {
 
     pub fn has_nonce(&self, nonce: &[u8; 16]) -> bool {
         let n = hex::encode(nonce);
-        self.nonces.iter().any(|x| *x == n)
+        self.nonces.contains(&n)
     }
 }
 
@@ -124,12 +124,15 @@ pub enum Cas {
     Conflict,
 }
 
+/// One token's lock, holding the (revision, uses claimed) this instance last wrote.
+type TokenSlot = Arc<Mutex<Option<(u64, u32)>>>;
+
 /// The registry bucket, plus a per-token lock so one instance never races
 /// itself on a token counter (instances still race each other, safely).
 #[derive(Clone)]
 pub struct Registry {
     kv: Store,
-    token_locks: Arc<Mutex<HashMap<String, Arc<Mutex<Option<(u64, u32)>>>>>>,
+    token_locks: Arc<Mutex<HashMap<String, TokenSlot>>>,
 }
 
 fn device_key(id: &str) -> String {
@@ -145,7 +148,10 @@ impl Registry {
         Ok(Self { kv, token_locks: Arc::default() })
     }
 
-    async fn get_json<T: for<'de> Deserialize<'de>>(&self, key: &str) -> Result<Option<(T, u64)>, RegistryError> {
+    async fn get_json<T: for<'de> Deserialize<'de>>(
+        &self,
+        key: &str,
+    ) -> Result<Option<(T, u64)>, RegistryError> {
         let Some(entry) = self.kv.entry(key).await.map_err(kv_err)? else {
             return Ok(None);
         };
@@ -157,7 +163,12 @@ impl Registry {
         Ok(Some((v, entry.revision)))
     }
 
-    async fn put_cas<T: Serialize>(&self, key: &str, v: &T, revision: Option<u64>) -> Result<Cas, RegistryError> {
+    async fn put_cas<T: Serialize>(
+        &self,
+        key: &str,
+        v: &T,
+        revision: Option<u64>,
+    ) -> Result<Cas, RegistryError> {
         let bytes: Bytes = serde_json::to_vec(v).map_err(kv_err)?.into();
         match revision {
             None => match self.kv.create(key, bytes).await {
@@ -190,7 +201,8 @@ impl Registry {
         mut change: impl FnMut(&mut DeviceRecord) -> Result<(), RegistryError>,
     ) -> Result<DeviceRecord, RegistryError> {
         loop {
-            let (mut rec, rev) = self.device(id).await?.ok_or_else(|| RegistryError::NoSuchDevice(id.into()))?;
+            let (mut rec, rev) =
+                self.device(id).await?.ok_or_else(|| RegistryError::NoSuchDevice(id.into()))?;
             change(&mut rec)?;
             if let Cas::Done(_) = self.put_device(&rec, Some(rev)).await? {
                 return Ok(rec);
@@ -222,7 +234,7 @@ impl Registry {
         Ok(out)
     }
 
-    async fn token_lock(&self, token: &str) -> Arc<Mutex<Option<(u64, u32)>>> {
+    async fn token_lock(&self, token: &str) -> TokenSlot {
         self.token_locks.lock().await.entry(token.to_string()).or_default().clone()
     }
 
@@ -250,7 +262,10 @@ impl Registry {
                         let used = std::str::from_utf8(&e.value)
                             .ok()
                             .and_then(|s| s.parse::<u32>().ok())
-                            .ok_or_else(|| RegistryError::Corrupt { key: key.clone(), detail: "not a count".into() })?;
+                            .ok_or_else(|| RegistryError::Corrupt {
+                                key: key.clone(),
+                                detail: "not a count".into(),
+                            })?;
                         (Some(e.revision), used)
                     }
                     _ => (None, 0),
@@ -282,7 +297,11 @@ impl Registry {
         })
     }
 
-    pub async fn put_revocations(&self, r: &Revocations, revision: Option<u64>) -> Result<Cas, RegistryError> {
+    pub async fn put_revocations(
+        &self,
+        r: &Revocations,
+        revision: Option<u64>,
+    ) -> Result<Cas, RegistryError> {
         self.put_cas("revocations", r, revision).await
     }
 }

@@ -9,7 +9,9 @@
 
 use std::path::{Path, PathBuf};
 
-use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
+};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 
@@ -49,8 +51,7 @@ pub struct OwnCerts {
 /// `names` (DNS names or IP addresses), or copies the operator's own.
 pub fn create(org_dir: &Path, org: &str, names: &[String], own: Option<&OwnCerts>) -> Result<(), TlsError> {
     let dir = tls_dir(org_dir);
-    std::fs::create_dir_all(&dir)
-        .map_err(|source| WriteError::Io { path: dir.clone(), source })?;
+    std::fs::create_dir_all(&dir).map_err(|source| WriteError::Io { path: dir.clone(), source })?;
     let (ca_pem, server_chain, server_key) = match own {
         Some(o) => {
             let ca = pem_text(&o.ca)?;
@@ -80,7 +81,12 @@ pub fn create(org_dir: &Path, org: &str, names: &[String], own: Option<&OwnCerts
             server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
             server.not_before = rcgen::date_time_ymd(1970, 1, 1);
             let server_cert = server.signed_by(&server_key, &ca_cert, &ca_key)?;
-            durable::write_bytes(&dir.join(CA_KEY), 0o600, Replace::Refuse, ca_key.serialize_pem().as_bytes())?;
+            durable::write_bytes(
+                &dir.join(CA_KEY),
+                0o600,
+                Replace::Refuse,
+                ca_key.serialize_pem().as_bytes(),
+            )?;
             (ca_cert.pem(), format!("{}{}", server_cert.pem(), ca_cert.pem()), server_key.serialize_pem())
         }
     };

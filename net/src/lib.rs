@@ -84,7 +84,12 @@ pub enum LinkError {
 impl LinkError {
     /// The server failed the fleet CA check: a security refusal, not an outage.
     pub fn is_tls_rejection(&self) -> bool {
-        matches!(self, LinkError::Connect { source, .. } if source.kind() == async_nats::ConnectErrorKind::Tls)
+        match self {
+            LinkError::Connect { source, .. } => {
+                source.kind() == async_nats::ConnectErrorKind::Tls || chain_has_rustls_error(source)
+            }
+            _ => false,
+        }
     }
 
     /// The server refused the credential (revoked, expired, unknown).
@@ -92,6 +97,24 @@ impl LinkError {
         matches!(self, LinkError::Connect { source, .. }
             if matches!(source.kind(), async_nats::ConnectErrorKind::AuthorizationViolation | async_nats::ConnectErrorKind::Authentication))
     }
+}
+
+/// async-nats reports a failed certificate check as an I/O error that
+/// wraps the rustls error; look for it anywhere in the chain.
+fn chain_has_rustls_error(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(x) = cur {
+        if x.is::<rustls::Error>() {
+            return true;
+        }
+        if let Some(io) = x.downcast_ref::<std::io::Error>() {
+            if io.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()) {
+                return true;
+            }
+        }
+        cur = x.source();
+    }
+    false
 }
 
 /// Connection options for `user`, requiring TLS trusted by `ca` only.
@@ -116,7 +139,9 @@ pub fn options(user: &User, ca: &CaTrust, link: &LinkOptions) -> Result<ConnectO
 /// Parses URLs (`tls://host:port`) for async-nats.
 pub fn server_addrs(urls: &[String]) -> Result<Vec<async_nats::ServerAddr>, LinkError> {
     urls.iter()
-        .map(|u| u.parse().map_err(|e: std::io::Error| LinkError::Url { url: u.clone(), detail: e.to_string() }))
+        .map(|u| {
+            u.parse().map_err(|e: std::io::Error| LinkError::Url { url: u.clone(), detail: e.to_string() })
+        })
         .collect()
 }
 
@@ -169,4 +194,21 @@ pub async fn ensure_kv(
         Err(c) => format!("creating bucket {bucket}: {c}"),
         Ok(_) => format!("opening bucket {bucket}: {e}"),
     })
+}
+
+/// Sets up logging to stderr at `PERCH_LOG` (error, warn, info, debug,
+/// trace), else `default`.
+///
+/// async-nats logs whole message payloads at trace level, and payloads
+/// carry enrollment tokens; it is held at debug so that no level of
+/// logging ever shows a secret.
+pub fn init_logging(default: tracing::Level) {
+    use tracing_subscriber::filter::{LevelFilter, Targets};
+    use tracing_subscriber::prelude::*;
+    let level = std::env::var("PERCH_LOG").ok().and_then(|l| l.parse().ok()).unwrap_or(default);
+    let filter = Targets::new()
+        .with_default(LevelFilter::from_level(level))
+        .with_target("async_nats", LevelFilter::from_level(level.min(tracing::Level::DEBUG)));
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(false);
+    let _ = tracing_subscriber::registry().with(fmt.with_filter(filter)).try_init();
 }

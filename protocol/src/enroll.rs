@@ -105,7 +105,10 @@ pub fn check_device_id(id: &str) -> Result<(), EnrollError> {
     } else {
         Err(invalid(
             "device id",
-            format!("'{}' (1 to 64 of A-Z a-z 0-9 - _)", id.chars().take(80).collect::<String>().escape_default()),
+            format!(
+                "'{}' (1 to 64 of A-Z a-z 0-9 - _)",
+                id.chars().take(80).collect::<String>().escape_default()
+            ),
         ))
     }
 }
@@ -354,7 +357,10 @@ impl Enrollment {
         if e.ca_der.is_empty() || e.ca_der.len() > MAX_CERT {
             return Err(invalid(what, "fleet CA certificate"));
         }
-        if e.user_jwt.is_empty() || e.user_jwt.len() > MAX_JWT || !e.user_jwt.bytes().all(|c| c.is_ascii_graphic()) {
+        if e.user_jwt.is_empty()
+            || e.user_jwt.len() > MAX_JWT
+            || !e.user_jwt.bytes().all(|c| c.is_ascii_graphic())
+        {
             return Err(invalid(what, "user JWT"));
         }
         Ok(e)
@@ -601,7 +607,13 @@ mod tests {
     }
 
     fn expect_copy<'a>(e: &Expect<'a>) -> Expect<'a> {
-        Expect { device_id: e.device_id, device_key: e.device_key, trust_fingerprint: e.trust_fingerprint, ca_fingerprint: e.ca_fingerprint, now: e.now }
+        Expect {
+            device_id: e.device_id,
+            device_key: e.device_key,
+            trust_fingerprint: e.trust_fingerprint,
+            ca_fingerprint: e.ca_fingerprint,
+            now: e.now,
+        }
     }
 
     #[test]

@@ -24,7 +24,9 @@ pub const MAX_DEVICE_ID: usize = 64;
 /// 1 to 64 of `A-Z a-z 0-9 - _`. No dots or wildcards, so an id can never
 /// widen a permission it is put into.
 pub fn is_token(s: &str) -> bool {
-    !s.is_empty() && s.len() <= MAX_DEVICE_ID && s.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+    !s.is_empty()
+        && s.len() <= MAX_DEVICE_ID
+        && s.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
 }
 
 /// Subjects a device publishes its reports on: `perch.report.<id>.<kind>`.

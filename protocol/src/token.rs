@@ -220,7 +220,10 @@ fn validate(b: &TokenBody) -> Result<(), TokenError> {
     if let Some(u) = b.urls.iter().find(|u| !valid_url(u)) {
         return invalid(format!("provisioner URL '{}'", u.escape_default()));
     }
-    if b.groups.is_empty() || b.groups.len() > MAX_GROUPS || !b.groups.iter().all(|g| crate::subjects::is_token(g)) {
+    if b.groups.is_empty()
+        || b.groups.len() > MAX_GROUPS
+        || !b.groups.iter().all(|g| crate::subjects::is_token(g))
+    {
         return invalid(format!("1 to {MAX_GROUPS} groups of A-Z a-z 0-9 - _"));
     }
     if b.uses == 0 {

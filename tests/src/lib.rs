@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod device;
+pub mod fleet;
 pub mod nats;
 
 use std::path::{Path, PathBuf};

@@ -179,6 +179,40 @@ impl RawClient {
         }
     }
 
+    /// Subscribes, then PINGs: `PONG` if the server took it, or its `-ERR`.
+    pub fn subscribe(&mut self, subject: &str, sid: u32) -> String {
+        self.send(&format!("SUB {subject} {sid}\r\nPING\r\n"));
+        let answer = self.line();
+        if answer.starts_with("-ERR") {
+            let _ = self.line();
+        }
+        answer
+    }
+
+    /// Sends a binary request and returns the reply's payload bytes (None
+    /// on timeout or if the server refused it).
+    pub fn request_bytes(&mut self, subject: &str, inbox: &str, sid: u32, payload: &[u8]) -> Option<Vec<u8>> {
+        self.send(&format!("SUB {inbox} {sid}\r\nPUB {subject} {inbox} {}\r\n", payload.len()));
+        let w = self.s.get_mut();
+        w.write_all(payload).unwrap();
+        w.write_all(b"\r\n").unwrap();
+        w.flush().unwrap();
+        loop {
+            let l = self.line();
+            if l.is_empty() || l.starts_with("-ERR") {
+                return None;
+            }
+            if l.starts_with("MSG ") {
+                let size: usize = l.split_whitespace().last()?.parse().ok()?;
+                let mut buf = vec![0u8; size + 2];
+                std::io::Read::read_exact(&mut self.s, &mut buf).ok()?;
+                buf.truncate(size);
+                self.send(&format!("UNSUB {sid}\r\n"));
+                return Some(buf);
+            }
+        }
+    }
+
     /// Reads the next MSG's payload.
     pub fn next_msg(&mut self) -> Option<(String, String)> {
         let head = self.line();

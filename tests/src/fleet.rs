@@ -1,0 +1,247 @@
+//! A whole enrollment setup for tests: an org, a real nats-server in
+//! operator mode with TLS, one or more real provisioner processes, and
+//! device directories for the real agent.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::nats::{org_ca_der, NatsServer, RawClient};
+use crate::{bin, Run, Scratch};
+
+pub struct Fleet {
+    pub s: Scratch,
+    pub server: NatsServer,
+    pub url: String,
+    provisioners: Vec<Child>,
+}
+
+impl Fleet {
+    /// An org, a server, and `provisioners` provisioner instances.
+    pub fn start(provisioners: usize) -> Fleet {
+        let s = Scratch::new();
+        s.org(1, 1);
+        let server = NatsServer::start(s.dir.path(), "include \"org/nats/server.conf\"");
+        let url = format!("tls://127.0.0.1:{}", server.port);
+        let mut f = Fleet { s, server, url, provisioners: vec![] };
+        for _ in 0..provisioners {
+            f.start_provisioner();
+        }
+        f
+    }
+
+    /// Starts one more provisioner and waits until it is ready.
+    pub fn start_provisioner(&mut self) {
+        let n = self.provisioners.len();
+        let log = std::fs::File::create(self.s.path(&format!("provisioner-{n}.log"))).unwrap();
+        let mut child = Command::new(bin("perch-bootstrap"))
+            .args(["run", "--dir", "org", "--url", &self.url])
+            .current_dir(self.s.dir.path())
+            .env("PERCH_LOG", "trace")
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        assert_eq!(
+            line.trim(),
+            "provisioner ready",
+            "provisioner-{n}.log: {}",
+            self.log(&format!("provisioner-{n}.log"))
+        );
+        // Keep draining stdout so the provisioner never blocks on it.
+        std::thread::spawn(move || for _ in out.lines() {});
+        self.provisioners.push(child);
+    }
+
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.s.path(name)).unwrap_or_default()
+    }
+
+    /// Every log of the run: provisioners, server, agents.
+    pub fn all_logs(&self) -> String {
+        let mut all = String::new();
+        for e in std::fs::read_dir(self.s.dir.path()).unwrap().flatten() {
+            let p = e.path();
+            if p.extension().is_some_and(|x| x == "log") {
+                all.push_str(&std::fs::read_to_string(&p).unwrap_or_default());
+            }
+        }
+        all
+    }
+
+    /// `perch-bootstrap token issue` against this fleet; returns the token.
+    pub fn token(&self, extra: &[&str]) -> String {
+        let mut args = vec!["token", "issue", "--dir", "org", "--url", &self.url];
+        args.extend_from_slice(extra);
+        let t = self.s.ok("perch-bootstrap", &args).stdout.trim().to_string();
+        t
+    }
+
+    /// Writes a token to a file in the scratch dir and returns its path.
+    pub fn token_file(&self, name: &str, extra: &[&str]) -> PathBuf {
+        let p = self.s.path(name);
+        std::fs::write(&p, self.token(extra)).unwrap();
+        p
+    }
+
+    /// An operator command against this fleet (`--dir org --url URL` added).
+    pub fn admin(&self, args: &[&str]) -> Run {
+        let mut a: Vec<&str> = args.to_vec();
+        a.extend_from_slice(&["--dir", "org", "--url", &self.url]);
+        self.s.run("perch-bootstrap", &a)
+    }
+
+    /// The registry as JSON.
+    pub fn devices(&self) -> serde_json::Value {
+        let r = self.admin(&["devices", "--json"]);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        serde_json::from_str(&r.stdout).unwrap()
+    }
+
+    pub fn device_status(&self, id: &str) -> Option<String> {
+        self.devices()["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["id"] == id)
+            .map(|d| d["status"].as_str().unwrap().to_string())
+    }
+
+    /// A device directory with an agent.toml (dir slots, no trust document yet).
+    pub fn device(&self, name: &str) -> Device {
+        let dir = self.s.path(name);
+        std::fs::create_dir_all(dir.join("slots")).unwrap();
+        let d = Device { dir: dir.clone(), name: name.into() };
+        d.write_config("");
+        d
+    }
+
+    pub fn ca_der(&self) -> Vec<u8> {
+        org_ca_der(&self.s.path("org"))
+    }
+
+    /// Connects a raw client as an enrolled device.
+    pub fn raw_as(&self, d: &Device) -> (RawClient, String) {
+        let e = d.enrollment();
+        let key = d.key();
+        RawClient::connect(self.server.port, &self.ca_der(), &e.user_jwt, |nonce| {
+            data_encoding::BASE64URL_NOPAD.encode(&key.sign_nats_nonce(nonce).unwrap())
+        })
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        for p in &mut self.provisioners {
+            let _ = p.kill();
+            let _ = p.wait();
+        }
+    }
+}
+
+/// One device's config and state directory.
+pub struct Device {
+    pub dir: PathBuf,
+    pub name: String,
+}
+
+impl Device {
+    pub fn config(&self) -> PathBuf {
+        self.dir.join("agent.toml")
+    }
+
+    pub fn state(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+
+    pub fn trust(&self) -> PathBuf {
+        self.dir.join("trust.doc")
+    }
+
+    /// Rewrites agent.toml with `extra` appended (TOML tables).
+    pub fn write_config(&self, extra: &str) {
+        std::fs::write(
+            self.config(),
+            format!(
+                "target = \"x86_64-desktop\"\ntrust = \"{}\"\n[slots]\nbackend = \"dir\"\nroot = \"{}\"\n{extra}",
+                self.trust().display(),
+                self.dir.join("slots").display()
+            ),
+        )
+        .unwrap();
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(bin("perch-agent"));
+        c.arg("--config").arg(self.config()).arg("--state-dir").arg(self.state()).args(args);
+        c.env("PERCH_LOG", "trace");
+        c
+    }
+
+    /// Runs the agent; its stderr is also appended to `<scratch>/<name>.log`.
+    pub fn agent(&self, args: &[&str]) -> Run {
+        let r: Run = self.cmd(args).output().unwrap().into();
+        self.append_log(&r.stderr);
+        r
+    }
+
+    fn append_log(&self, text: &str) {
+        use std::io::Write;
+        let log = self.dir.with_extension("log");
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+        let _ = f.write_all(text.as_bytes());
+    }
+
+    /// Starts `perch-agent run` in the background, logging to `<scratch>/<name>-run.log`.
+    pub fn spawn_run(&self) -> Child {
+        let log = std::fs::File::create(self.dir.with_file_name(format!("{}-run.log", self.name))).unwrap();
+        self.cmd(&["run"]).stdout(Stdio::null()).stderr(log).spawn().unwrap()
+    }
+
+    pub fn enrollment(&self) -> perch_protocol::enroll::Enrollment {
+        let text = std::fs::read_to_string(self.state().join("identity/enrollment")).unwrap();
+        perch_protocol::enroll::Enrollment::from_text(&text).unwrap()
+    }
+
+    pub fn key(&self) -> perch_protocol::SecretKey {
+        let text = std::fs::read_to_string(self.state().join("identity/device.key")).unwrap();
+        perch_protocol::SecretKey::from_text(&text).unwrap()
+    }
+
+    pub fn is_enrolled(&self) -> bool {
+        self.state().join("identity/enrollment").is_file()
+    }
+}
+
+/// Polls `cond` every 50 ms until it holds or `limit` passes.
+pub fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    cond()
+}
+
+/// Files under `dir` with their permission bits.
+pub fn modes(dir: &Path) -> Vec<(PathBuf, u32)> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut out = vec![];
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(modes(&p));
+            } else if let Ok(m) = std::fs::metadata(&p) {
+                out.push((p, m.permissions().mode() & 0o777));
+            }
+        }
+    }
+    out
+}
