@@ -379,6 +379,14 @@ trial = "1m"
         assert!(!e.contains('\n'));
     }
 
+    #[test]
+    fn the_shipped_templates_parse() {
+        let desktop = include_str!("../../targets/x86_64-desktop/agent.toml");
+        let c = Config::parse(desktop, "x86_64-desktop/agent.toml").unwrap();
+        assert_eq!(c.enroll.max_backoff, Duration::from_secs(300));
+        assert!(c.device.id_file.is_some());
+    }
+
     proptest::proptest! {
         #[test]
         fn arbitrary_text_never_panics(s in "\\PC{0,400}") {

@@ -124,15 +124,23 @@ pub enum Cas {
     Conflict,
 }
 
-/// One token's lock, holding the (revision, uses claimed) this instance last wrote.
-type TokenSlot = Arc<Mutex<Option<(u64, u32)>>>;
+/// One token's counter as this instance last wrote it, and the claims
+/// waiting for it. Claims that arrive while a write is in flight are
+/// granted together by the next write: one compare-and-swap for many
+/// devices, so a popular token does not serialise enrollment.
+#[derive(Default)]
+struct TokenSlot {
+    /// (revision, uses claimed) after this instance's last write.
+    counter: Mutex<Option<(u64, u32)>>,
+    waiting: std::sync::Mutex<Vec<tokio::sync::oneshot::Sender<Result<bool, String>>>>,
+}
 
 /// The registry bucket, plus a per-token lock so one instance never races
 /// itself on a token counter (instances still race each other, safely).
 #[derive(Clone)]
 pub struct Registry {
     kv: Store,
-    token_locks: Arc<Mutex<HashMap<String, TokenSlot>>>,
+    tokens: Arc<Mutex<HashMap<String, Arc<TokenSlot>>>>,
 }
 
 fn device_key(id: &str) -> String {
@@ -145,7 +153,7 @@ impl Registry {
         let kv = perch_net::ensure_kv(js, REGISTRY_BUCKET, "perch device registry and token use counters", 5)
             .await
             .map_err(RegistryError::Kv)?;
-        Ok(Self { kv, token_locks: Arc::default() })
+        Ok(Self { kv, tokens: Arc::default() })
     }
 
     async fn get_json<T: for<'de> Deserialize<'de>>(
@@ -234,59 +242,101 @@ impl Registry {
         Ok(out)
     }
 
-    async fn token_lock(&self, token: &str) -> TokenSlot {
-        self.token_locks.lock().await.entry(token.to_string()).or_default().clone()
+    async fn token_slot(&self, token: &str) -> Arc<TokenSlot> {
+        self.tokens.lock().await.entry(token.to_string()).or_default().clone()
     }
 
     /// Claims one use of a token with `uses` uses. False when none are left.
     /// Exactly `uses` claims succeed, across all provisioner instances.
     pub async fn claim_token_use(&self, token: &str, uses: u32) -> Result<bool, RegistryError> {
-        self.adjust_token(token, uses, 1).await
+        let slot = self.token_slot(token).await;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        slot.waiting.lock().map_err(|_| kv_err("token claim queue poisoned"))?.push(tx);
+        {
+            // Whoever holds the counter grants every claim queued so far,
+            // ours included unless an earlier holder already did.
+            let mut counter = slot.counter.lock().await;
+            let batch =
+                std::mem::take(&mut *slot.waiting.lock().map_err(|_| kv_err("token claim queue poisoned"))?);
+            if !batch.is_empty() {
+                match self.grant(token, uses, batch.len() as u32, &mut counter).await {
+                    Ok(granted) => {
+                        for (i, w) in batch.into_iter().enumerate() {
+                            let _ = w.send(Ok((i as u32) < granted));
+                        }
+                    }
+                    Err(e) => {
+                        for w in batch {
+                            let _ = w.send(Err(e.to_string()));
+                        }
+                    }
+                }
+            }
+        }
+        rx.await.map_err(|_| kv_err("token claim dropped"))?.map_err(RegistryError::Kv)
+    }
+
+    /// Takes up to `wanted` uses in one compare-and-swap; returns how many.
+    async fn grant(
+        &self,
+        token: &str,
+        uses: u32,
+        wanted: u32,
+        counter: &mut Option<(u64, u32)>,
+    ) -> Result<u32, RegistryError> {
+        let key = format!("token.{token}");
+        loop {
+            let (rev, used) = match *counter {
+                Some(c) => (Some(c.0), c.1),
+                None => self.read_count(&key).await?,
+            };
+            let granted = wanted.min(uses.saturating_sub(used));
+            if granted == 0 {
+                *counter = None; // re-read next time: a use may have been given back
+                return Ok(0);
+            }
+            match self.put_cas(&key, &(used + granted), rev).await? {
+                Cas::Done(r) => {
+                    *counter = Some((r, used + granted));
+                    return Ok(granted);
+                }
+                Cas::Conflict => *counter = None,
+            }
+        }
     }
 
     /// Gives back a use claimed for an enrollment that did not happen.
     pub async fn release_token_use(&self, token: &str) -> Result<(), RegistryError> {
-        self.adjust_token(token, u32::MAX, -1).await.map(drop)
-    }
-
-    async fn adjust_token(&self, token: &str, uses: u32, delta: i64) -> Result<bool, RegistryError> {
+        let slot = self.token_slot(token).await;
+        let mut counter = slot.counter.lock().await;
         let key = format!("token.{token}");
-        let lock = self.token_lock(token).await;
-        // The cached (revision, used) saves a read when this instance wrote last.
-        let mut cached = lock.lock().await;
         loop {
-            let (rev, used) = match *cached {
+            let (rev, used) = match *counter {
                 Some(c) => (Some(c.0), c.1),
-                None => match self.kv.entry(&key).await.map_err(kv_err)? {
-                    Some(e) if e.operation == Operation::Put => {
-                        let used = std::str::from_utf8(&e.value)
-                            .ok()
-                            .and_then(|s| s.parse::<u32>().ok())
-                            .ok_or_else(|| RegistryError::Corrupt {
-                                key: key.clone(),
-                                detail: "not a count".into(),
-                            })?;
-                        (Some(e.revision), used)
-                    }
-                    _ => (None, 0),
-                },
+                None => self.read_count(&key).await?,
             };
-            let next = i64::from(used) + delta;
-            if next < 0 {
-                return Ok(false);
-            }
-            if delta > 0 && used >= uses {
-                *cached = None; // re-read next time: another instance may have given one back
-                return Ok(false);
-            }
-            let next = next as u32;
+            let Some(next) = used.checked_sub(1) else { return Ok(()) };
             match self.put_cas(&key, &next, rev).await? {
                 Cas::Done(r) => {
-                    *cached = Some((r, next));
-                    return Ok(true);
+                    *counter = Some((r, next));
+                    return Ok(());
                 }
-                Cas::Conflict => *cached = None,
+                Cas::Conflict => *counter = None,
             }
+        }
+    }
+
+    /// The stored count of a token and its revision (None: never claimed).
+    async fn read_count(&self, key: &str) -> Result<(Option<u64>, u32), RegistryError> {
+        match self.kv.entry(key).await.map_err(kv_err)? {
+            Some(e) if e.operation == Operation::Put => {
+                let used =
+                    std::str::from_utf8(&e.value).ok().and_then(|s| s.parse::<u32>().ok()).ok_or_else(
+                        || RegistryError::Corrupt { key: key.into(), detail: "not a count".into() },
+                    )?;
+                Ok((Some(e.revision), used))
+            }
+            _ => Ok((None, 0)),
         }
     }
 

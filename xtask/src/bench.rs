@@ -17,7 +17,8 @@ pub fn run(args: &[String]) -> Result<()> {
     match args.first().map(String::as_str) {
         Some("verify") => verify(&args[1..]),
         Some("install") => install(&args[1..]),
-        _ => bail!("usage: cargo xtask bench verify|install [--size-mib N]"),
+        Some("enroll") => crate::bench_enroll::run(&args[1..]),
+        _ => bail!("usage: cargo xtask bench verify|install [--size-mib N] | enroll [--devices N]"),
     }
 }
 

@@ -6,6 +6,7 @@ use std::process::Command;
 
 use anyhow::{bail, Result};
 
+use crate::fleet::LocalFleet;
 use crate::util::{cargo, root, sh};
 
 struct Demo {
@@ -181,9 +182,15 @@ pub fn run() -> Result<()> {
     )?;
 
     desktop(&d)?;
+    enrollment(&d)?;
 
     println!("\nDemo complete: good bundles verified and committed, a broken release rolled back by its health check,");
-    println!("and every damaged, under-signed, misdirected or replayed bundle refused with exit 3.");
+    println!(
+        "every damaged, under-signed, misdirected or replayed bundle refused with exit 3, and three devices"
+    );
+    println!(
+        "enrolled three ways (zero-touch, technician approval, offline files), one of them revoked live."
+    );
     println!("Files are in {}; nothing is left running.", dir.display());
     Ok(())
 }
@@ -255,6 +262,171 @@ fn desktop(d: &Demo) -> Result<()> {
     run(&["install", &fixed], 0)?;
     run(&["install", "desk-app.perch"], 3)?;
     run(&["status"], 0)?;
+    Ok(())
+}
+
+/// Enrollment, three ways in, against a real nats-server and provisioner.
+fn enrollment(d: &Demo) -> Result<()> {
+    say(14, "Enrollment. nats-server starts in operator mode with TLS (the fleet CA that `init` made), and a provisioner joins it as a NATS service.");
+    let mut fleet = LocalFleet::start(&d.dir, &d.bin)?;
+    fleet.provisioner()?;
+    println!(
+        "    nats-server on {} (log: nats-server.log), provisioner ready (log: provisioner-0.log)",
+        fleet.url
+    );
+    let url = fleet.url.clone();
+    let device = |name: &str, extra: &str| -> Result<PathBuf> {
+        let dev = d.dir.join(name);
+        fs::create_dir_all(dev.join("slots"))?;
+        fs::write(
+            dev.join("agent.toml"),
+            format!(
+                "target = \"x86_64-desktop\"\ntrust = \"{}\"\n[device]\nid = \"{name}\"\n{extra}[slots]\nbackend = \"dir\"\nroot = \"{}\"\n",
+                dev.join("trust.doc").display(),
+                dev.join("slots").display()
+            ),
+        )?;
+        Ok(dev)
+    };
+    let agent = |name: &str, rest: &[&str], expect: i32| -> Result<String> {
+        let mut args = vec![
+            "--config".to_string(),
+            format!("{name}/agent.toml"),
+            "--state-dir".into(),
+            format!("{name}/state"),
+        ];
+        args.extend(rest.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        d.sh("perch-agent", &args, expect)
+    };
+
+    say(15, "Zero-touch desktop: its image holds only an enrollment token. At first boot `perch-agent run` enrolls it with nobody present, then joins FLEET.");
+    d.sh(
+        "perch-bootstrap",
+        &[
+            "token", "issue", "--dir", "org", "--group", "desktops", "--uses", "100", "--ttl", "30d",
+            "--url", &url, "--json",
+        ],
+        0,
+    )
+    .and_then(|json| {
+        let v: serde_json::Value = serde_json::from_str(json.trim())?;
+        fs::write(d.dir.join("desktops.token"), v["token"].as_str().unwrap_or_default())?;
+        Ok(())
+    })?;
+    let desk = device(
+        "desk-01",
+        &format!("[enroll]\ntoken_file = \"{}\"\n", d.dir.join("desktops.token").display()),
+    )?;
+    let child = Command::new(d.bin.join("perch-agent"))
+        .args(["--config", "desk-01/agent.toml", "--state-dir", "desk-01/state", "run"])
+        .current_dir(&d.dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(fs::File::create(d.dir.join("desk-01.log"))?)
+        .spawn()?;
+    fleet.adopt("desk-01", child);
+    let start = std::time::Instant::now();
+    while !desk.join("state/identity/enrollment").exists() {
+        if start.elapsed() > std::time::Duration::from_secs(30) {
+            bail!("desk-01 did not enroll: {}", fs::read_to_string(d.dir.join("desk-01.log"))?);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    agent("desk-01", &["status"], 0)?;
+
+    say(16, "A drone in a technician's hands: a one-use token that needs approval, shown as a QR code for the drone's camera (here we pass the text).");
+    let token = d.sh(
+        "perch-bootstrap",
+        &[
+            "token",
+            "issue",
+            "--dir",
+            "org",
+            "--group",
+            "drones",
+            "--uses",
+            "1",
+            "--approval",
+            "manual",
+            "--id-pattern",
+            "drone-*",
+            "--url",
+            &url,
+            "--qr",
+        ],
+        0,
+    )?;
+    let text = token.lines().next().unwrap_or_default().to_string();
+    fs::write(d.dir.join("drone.token"), &text)?;
+    println!("    (the token is {} characters: it fits a QR code)", text.len());
+    device("drone-07", "")?;
+    agent("drone-07", &["enroll", "--token-file", "drone.token"], 1)?;
+    d.sh("perch-bootstrap", &["pending", "--dir", "org", "--url", &url], 0)?;
+    d.sh("perch-bootstrap", &["approve", "--dir", "org", "--url", &url, "drone-07"], 0)?;
+    agent("drone-07", &["enroll", "--token-file", "drone.token"], 0)?;
+    say(17, "The token was for one device: a second drone is refused (exit 3).");
+    device("drone-08", "")?;
+    agent("drone-08", &["enroll", "--token-file", "drone.token"], 3)?;
+
+    say(18, "No network at all: the drone writes a signed request to a file, the technician's laptop (which holds the org's issuing key) answers it, and the drone imports the answer. The drone's image carries the trust document it checks the answer against.");
+    let off = device("drone-09", "")?;
+    fs::copy(d.dir.join("org/trust.doc"), off.join("trust.doc"))?;
+    agent("drone-09", &["enroll", "--request-out", "drone-09.req"], 0)?;
+    d.sh(
+        "perch-bootstrap",
+        &[
+            "sign-request",
+            "--dir",
+            "org",
+            "drone-09.req",
+            "--out",
+            "drone-09.resp",
+            "--group",
+            "drones",
+            "--fleet-url",
+            &url,
+        ],
+        0,
+    )?;
+    agent("drone-09", &["enroll", "--import", "drone-09.resp"], 0)?;
+
+    say(19, "The registry (JetStream KV). drone-09 is not in it yet: the provisioner learns of it when it first connects.");
+    d.sh("perch-bootstrap", &["devices", "--dir", "org", "--url", &url], 0)?;
+    let child = Command::new(d.bin.join("perch-agent"))
+        .args(["--config", "drone-09/agent.toml", "--state-dir", "drone-09/state", "run"])
+        .current_dir(&d.dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(fs::File::create(d.dir.join("drone-09.log"))?)
+        .spawn()?;
+    fleet.adopt("drone-09", child);
+    let start = std::time::Instant::now();
+    loop {
+        let out = Command::new(d.bin.join("perch-bootstrap"))
+            .args(["devices", "--dir", "org", "--url", &url, "--json"])
+            .current_dir(&d.dir)
+            .output()?;
+        if String::from_utf8_lossy(&out.stdout).contains("\"drone-09\"") {
+            break;
+        }
+        if start.elapsed() > std::time::Duration::from_secs(30) {
+            bail!("drone-09 never said hello: {}", fs::read_to_string(d.dir.join("drone-09.log"))?);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    println!("    drone-09's agent connected to FLEET with its own credential and said hello:");
+    d.sh("perch-bootstrap", &["devices", "--dir", "org", "--url", &url], 0)?;
+
+    say(20, "desk-01 is reported stolen: revoking it pushes the FLEET account's revocation to the server, which cuts it off at once.");
+    d.sh("perch-bootstrap", &["revoke", "--dir", "org", "--url", &url, "desk-01"], 0)?;
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let log = fs::read_to_string(d.dir.join("desk-01.log"))?;
+    if let Some(line) = log.lines().find(|l| l.contains("authorization violation") || l.contains("link down"))
+    {
+        println!("    desk-01's agent log: {}", line.trim());
+    }
+    d.sh("perch-bootstrap", &["devices", "--dir", "org", "--url", &url], 0)?;
+    drop(fleet);
+    println!("    (nats-server, the provisioner and desk-01's agent are stopped)");
     Ok(())
 }
 

@@ -1,10 +1,12 @@
 //! Developer automation for perch: `cargo xtask <setup|ci|demo|cross|bench>`.
 
 mod bench;
+mod bench_enroll;
 mod ci;
 mod cross;
 mod demo;
 mod docs;
+mod fleet;
 mod setup;
 mod util;
 
@@ -20,6 +22,7 @@ commands:
   qemu [TARGET...]    cross, then run each ARM agent under qemu-user: --version, check, an A/B install
   bench verify [--size-mib N]   bundle verify throughput against sha256sum and openssl
   bench install [--size-mib N]  agent install into a uboot slot against dd conv=fsync
+  bench enroll [--devices N]    enrollments per second, one and two provisioners
   docs                build the Hugo site and check its links";
 
 fn main() {

@@ -23,6 +23,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("rustc-web", "Debian's rustc 1.85 (MSRV) for the ARM builds"),
     ("cargo-web", "Debian's cargo 1.85"),
     ("openssl", "reference SHA-256 for the benchmark"),
+    ("systemd", "systemd-analyze verifies the shipped units"),
 ];
 
 /// Foreign architectures whose Rust standard library we unpack.
