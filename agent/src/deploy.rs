@@ -92,8 +92,7 @@ impl Engine {
     /// slot that is running now. The error is returned alongside so the
     /// caller can say so.
     pub fn open(cfg: Config, state_dir: &Path) -> Result<(Engine, Option<JournalError>), DeployError> {
-        std::fs::create_dir_all(state_dir)
-            .map_err(|source| SlotError::Io { path: state_dir.into(), source })?;
+        std::fs::create_dir_all(state_dir).map_err(|err| SlotError::Io { path: state_dir.into(), err })?;
         let store = JournalStore::new(state_dir);
         let backend = slots::from_config(&cfg.slots, state_dir);
         let (journal, problem) = match store.load() {
@@ -126,7 +125,7 @@ impl Engine {
     fn boot_id(&self) -> Result<String, DeployError> {
         let path = &self.cfg.boot_id;
         let id = std::fs::read_to_string(path)
-            .map_err(|source| SlotError::Io { path: path.clone(), source })?
+            .map_err(|err| SlotError::Io { path: path.clone(), err })?
             .trim()
             .to_string();
         if id.is_empty() {

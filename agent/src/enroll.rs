@@ -30,7 +30,7 @@ use crate::identity::{configured_trust, Identity, IdentityError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EnrollFailure {
-    #[error("enrollment token: {0}")]
+    #[error(transparent)]
     Token(#[from] perch_protocol::token::TokenError),
     #[error("the token is for trust document {token}, but {path} holds {configured}")]
     TokenForOtherOrg { token: String, path: String, configured: String },
@@ -42,7 +42,7 @@ pub enum EnrollFailure {
     Tls(perch_net::LinkError),
     #[error("the token's credential was refused by the server (expired or revoked token?): {0}")]
     Auth(perch_net::LinkError),
-    #[error("{0}")]
+    #[error(transparent)]
     Link(#[from] perch_net::LinkError),
     #[error("the enrollment answer does not check out: {0}")]
     BadAnswer(perch_protocol::enroll::EnrollError),
@@ -128,7 +128,7 @@ pub async fn online(
     if let Some(t) = configured_trust(cfg)? {
         let trust = t
             .verify_anchor(now_unix(), None)
-            .map_err(|source| IdentityError::Trust { path: cfg.trust.clone(), source })?;
+            .map_err(|err| IdentityError::Trust { path: cfg.trust.clone(), err })?;
         if trust.fingerprint() != tb.trust_fingerprint {
             return Err(EnrollFailure::TokenForOtherOrg {
                 token: hex::encode(&tb.trust_fingerprint[..8]),
@@ -146,8 +146,11 @@ pub async fn online(
     })?;
     let user = User { jwt: tb.provisioning_jwt(), signer: Signer::Nkey(Arc::new(seed)) };
     let ca = CaTrust::Fingerprint(tb.ca_fingerprint);
-    let link =
-        LinkOptions { name: format!("perch-agent {} (enrolling)", plan.device_id), ..LinkOptions::default() };
+    let link = LinkOptions {
+        name: format!("perch-agent {} (enrolling)", plan.device_id),
+        inbox_prefix: Some(perch_protocol::subjects::token_inbox_prefix(&tb.token_id)),
+        ..LinkOptions::default()
+    };
     let started = tokio::time::Instant::now();
     let mut attempt = 0u32;
     let mut client: Option<async_nats::Client> = None;
@@ -183,7 +186,10 @@ pub async fn online(
         if !plan.wait && started.elapsed() >= plan.timeout {
             return Err(EnrollFailure::GaveUp(started.elapsed(), problem));
         }
-        let pause = backoff(attempt, plan.max_backoff);
+        let mut pause = backoff(attempt, plan.max_backoff);
+        if !plan.wait {
+            pause = pause.min(plan.timeout.saturating_sub(started.elapsed()));
+        }
         warn!(device = %plan.device_id, attempt, retry_in = ?pause, "enrollment not done yet: {problem}");
         attempt = attempt.saturating_add(1);
         tokio::time::sleep(pause).await;

@@ -30,10 +30,11 @@ pub enum IdentityError {
     Read(#[from] durable::ReadError),
     #[error("reading OS randomness: {0}")]
     Random(String),
-    #[error("{}: {source}", path.display())]
-    Enrollment { path: PathBuf, source: EnrollError },
-    #[error("{}: {source}", path.display())]
-    Trust { path: PathBuf, source: perch_protocol::trust::TrustError },
+    // `err`, not `source`: shown here once, not again as a cause.
+    #[error("{}: {err}", path.display())]
+    Enrollment { path: PathBuf, err: EnrollError },
+    #[error("{}: {err}", path.display())]
+    Trust { path: PathBuf, err: perch_protocol::trust::TrustError },
     #[error("{}", .0)]
     DeviceId(String),
     #[error("{} is missing: an offline enrollment is checked against the org's trust document; install it first", .0.display())]
@@ -102,13 +103,13 @@ impl Identity {
         }
         let text = String::from_utf8_lossy(&read_bounded(&path, MAX_MESSAGE * 2)?).into_owned();
         let enrollment = Enrollment::from_text(&text)
-            .map_err(|source| IdentityError::Enrollment { path: path.clone(), source })?;
+            .map_err(|err| IdentityError::Enrollment { path: path.clone(), err })?;
         let key = self.key()?;
         let trust = configured_trust(cfg)?.map(|t| t.fingerprint()).unwrap_or_else(|| {
             SignedTrust::parse(&enrollment.trust).map(|t| t.fingerprint()).unwrap_or([0; 32])
         });
         let id = credential_id(&enrollment)
-            .map_err(|source| IdentityError::Enrollment { path: path.clone(), source })?;
+            .map_err(|err| IdentityError::Enrollment { path: path.clone(), err })?;
         let expect = Expect {
             device_id: &id,
             device_key: key.public(),
@@ -116,7 +117,7 @@ impl Identity {
             ca_fingerprint: None,
             now,
         };
-        enrollment.verify(&expect).map(Some).map_err(|source| IdentityError::Enrollment { path, source })
+        enrollment.verify(&expect).map(Some).map_err(|err| IdentityError::Enrollment { path, err })
     }
 
     /// Stores a checked enrollment, and the trust document at the
@@ -165,9 +166,7 @@ pub fn configured_trust(cfg: &Config) -> Result<Option<SignedTrust>, IdentityErr
         return Ok(None);
     }
     let bytes = read_bounded(&cfg.trust, MAX_TRUST_FILE_LEN)?;
-    SignedTrust::parse(&bytes)
-        .map(Some)
-        .map_err(|source| IdentityError::Trust { path: cfg.trust.clone(), source })
+    SignedTrust::parse(&bytes).map(Some).map_err(|err| IdentityError::Trust { path: cfg.trust.clone(), err })
 }
 
 /// This device's id: `override_id`, else `device.id`, else the first line

@@ -70,10 +70,10 @@ pub async fn maintain(v: VerifiedEnrollment, key: Arc<SecretKey>) -> Result<(), 
             let _ = tx.send(ev);
         }
     });
-    let client =
-        opts.connect(perch_net::server_addrs(&v.enrollment.fleet_urls)?).await.map_err(|source| {
-            perch_net::LinkError::Connect { urls: v.enrollment.fleet_urls.join(","), source }
-        })?;
+    let client = opts
+        .connect(perch_net::server_addrs(&v.enrollment.fleet_urls)?)
+        .await
+        .map_err(|err| perch_net::LinkError::Connect { urls: v.enrollment.fleet_urls.join(","), err })?;
     while let Some(ev) = rx.recv().await {
         match ev {
             Event::Connected => {

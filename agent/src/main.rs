@@ -205,11 +205,12 @@ fn run(cli: Cli) -> Result<u8> {
                     serde_json::json!({
                         "enrolled": true, "device_id": v.credential.device_id, "org": v.trust.body().org,
                         "groups": v.credential.groups, "expires_at": v.credential.expires_at,
-                        "fleet_urls": v.enrollment.fleet_urls,
+                        "fleet_urls": v.enrollment.fleet_urls, "key_id": v.credential.device_key.id().to_string(),
                     }),
                     format!(
-                        "enrolled   as {} in groups [{}]",
+                        "enrolled   as {} (key {}) in groups [{}]",
                         v.credential.device_id,
+                        v.credential.device_key.id(),
                         v.credential.groups.join(", ")
                     ),
                 ),

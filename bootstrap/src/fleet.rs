@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use perch_bootstrap::admin;
 use perch_bootstrap::issue::Issuer;
-use perch_bootstrap::registry::{DeviceRecord, Status};
+use perch_bootstrap::registry::{DeviceRecord, RegistryError, Status};
 use perch_protocol::enroll::SignedRequest;
 use perch_support::durable::{self, read_bounded, Replace};
 use perch_support::exit::SecurityError;
@@ -63,18 +63,31 @@ pub fn list(dir: &Path, urls: &[String], json: bool, pending_only: bool) -> Resu
     println!("{:<24} {:<9} {:<20} {:<16} NOTE", "DEVICE", "STATUS", "GROUPS", "KEY");
     for d in shown {
         let note = match &d.rekey {
-            Some(r) if !r.approved => format!("asks to re-enroll with key {}", &r.key[..16]),
+            Some(r) if !r.approved => format!("asks to re-enroll with key {}", key_id(&r.key)),
             Some(_) => "re-enrollment approved".into(),
             None => format!("via {}", d.via),
         };
-        println!("{:<24} {:<9} {:<20} {:<16} {note}", d.id, d.status, d.groups.join(","), &d.key[..16]);
+        println!("{:<24} {:<9} {:<20} {:<16} {note}", d.id, d.status, d.groups.join(","), key_id(&d.key));
     }
     Ok(())
 }
 
+/// The key id operators see everywhere (`perch-agent status` shows the
+/// device's own): the first 16 hex digits of SHA-256 of the public key.
+fn key_id(key_hex: &str) -> String {
+    let mut raw = [0u8; 32];
+    match hex::decode_to_slice(key_hex, &mut raw)
+        .ok()
+        .and_then(|()| perch_protocol::PublicKey::from_bytes(&raw).ok())
+    {
+        Some(k) => k.id().to_string(),
+        None => "(bad key)".into(),
+    }
+}
+
 fn device_json(d: &DeviceRecord) -> serde_json::Value {
     json!({
-        "id": d.id, "status": d.status, "key": d.key, "nats_user": d.nats_user, "groups": d.groups,
+        "id": d.id, "status": d.status, "key": d.key, "key_id": key_id(&d.key), "nats_user": d.nats_user, "groups": d.groups,
         "target": d.target, "agent_version": d.agent_version, "token": d.token, "via": d.via,
         "created_at": d.created_at, "updated_at": d.updated_at, "enrolled_at": d.enrolled_at,
         "rekey": d.rekey.as_ref().map(|r| json!({ "key": r.key, "requested_at": r.requested_at, "approved": r.approved })),
@@ -93,10 +106,17 @@ pub fn act(dir: &Path, urls: &[String], action: Action, id: &str) -> Result<()> 
     let now = now_unix();
     let rec = runtime()?.block_on(async {
         let reg = admin::registry(dir, urls, now).await?;
-        Ok::<_, anyhow::Error>(match action {
-            Action::Approve => admin::approve(&reg, id, now).await?,
-            Action::Reject => admin::reject(&reg, id, now).await?,
-            Action::Revoke => admin::revoke(dir, urls, &reg, id, now).await?,
+        let done = match action {
+            Action::Approve => admin::approve(&reg, id, now).await,
+            Action::Reject => admin::reject(&reg, id, now).await,
+            Action::Revoke => admin::revoke(dir, urls, &reg, id, now).await,
+        };
+        // An unknown id or a device in the wrong state is the operator's to fix.
+        done.map_err(|e| match e {
+            admin::AdminError::Registry(
+                r @ (RegistryError::NoSuchDevice(_) | RegistryError::WrongStatus { .. }),
+            ) => anyhow::Error::new(perch_support::exit::UsageError(r.to_string())),
+            other => other.into(),
         })
     })?;
     match action {

@@ -25,8 +25,8 @@ pub enum IssuerError {
     Tls(#[from] crate::tls::TlsError),
     #[error(transparent)]
     Read(#[from] perch_support::durable::ReadError),
-    #[error("{}: {source}", path.display())]
-    Trust { path: std::path::PathBuf, source: perch_protocol::trust::TrustError },
+    #[error("{}: {err}", path.display())]
+    Trust { path: std::path::PathBuf, err: perch_protocol::trust::TrustError },
     #[error("the trust document does not list this org's issuing key")]
     NotListed,
     #[error(transparent)]
@@ -51,7 +51,7 @@ impl Issuer {
         let trust_bytes = read_bounded(&path, MAX_TRUST_FILE_LEN)?;
         let trust = SignedTrust::parse(&trust_bytes)
             .and_then(|t| t.verify_anchor(now, None))
-            .map_err(|source| IssuerError::Trust { path: path.clone(), source })?;
+            .map_err(|err| IssuerError::Trust { path: path.clone(), err })?;
         let issuing = nats::issuing_key(org_dir)?;
         if !trust.body().issuing_keys.contains(&issuing.public()) {
             return Err(IssuerError::NotListed);

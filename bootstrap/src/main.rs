@@ -23,7 +23,7 @@ use serde_json::json;
 #[command(
     name = "perch-bootstrap",
     version,
-    about = "perch trust and enrollment: org init and trust documents"
+    about = "perch trust and enrollment: org init, trust documents, tokens, the provisioner and device approval"
 )]
 struct Cli {
     #[command(subcommand)]

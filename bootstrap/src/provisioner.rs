@@ -208,12 +208,14 @@ impl Service {
                     }
                 }
             };
-            if let Cas::Conflict = self.registry.put_device(&rec, Some(rev)).await? {
-                continue;
-            }
+            // Cut off the old key before the new one is recorded: if the push
+            // fails, the record is unchanged and the device asks again.
             if let Some(old) = revoke_old {
                 admin::revoke_users(&self.settings.org_dir, &self.settings.urls, &self.registry, &[old], now)
                     .await?;
+            }
+            if let Cas::Conflict = self.registry.put_device(&rec, Some(rev)).await? {
+                continue;
             }
             return Ok(match answer {
                 Some(a) => a,

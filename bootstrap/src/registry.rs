@@ -50,7 +50,8 @@ pub enum Status {
 
 impl std::fmt::Display for Status {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
+        // pad, not write_str: tables give it a width.
+        f.pad(match self {
             Status::Pending => "pending",
             Status::Approved => "approved",
             Status::Enrolled => "enrolled",

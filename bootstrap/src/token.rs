@@ -44,19 +44,16 @@ pub fn issue(dir: &Path, trust: &SignedTrust, p: IssueParams) -> Result<SignedTo
     let signer = nats::read_seed(&nats::nats_dir(dir).join("provisioning-signing.nk"))?;
     let account = nats::account_public(dir, "provisioning")?;
     let user = nats::new_key(KeyPairType::User)?;
+    let mut token_id = [0u8; 16];
+    getrandom::getrandom(&mut token_id).map_err(|e| NatsError::Random(e.to_string()))?;
     // It may send the enrollment request and read the reply, nothing else.
-    let perms = Permissions {
-        publish: vec![ENROLL_SUBJECT.into()],
-        subscribe: vec!["_INBOX.>".into()],
-        allow_responses: false,
-    };
+    let grant = perch_protocol::subjects::token_grant(&token_id);
+    let perms = Permissions { publish: grant.publish, subscribe: grant.subscribe, allow_responses: false };
     let jwt =
         nats::user_jwt(&signer, &account, &user.public_key(), "enroll", &perms, p.now, Some(p.expires_at))?;
     let (claims, sig) = split_jwt(&jwt)?;
     let (_, seed) = nkeys::decode_seed(&user.seed().map_err(|e| NatsError::Key(e.to_string()))?)
         .map_err(|e| NatsError::Key(e.to_string()))?;
-    let mut token_id = [0u8; 16];
-    getrandom::getrandom(&mut token_id).map_err(|e| NatsError::Random(e.to_string()))?;
     let body = TokenBody {
         token_id,
         org: trust.unverified_body().org.clone(),

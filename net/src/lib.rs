@@ -77,16 +77,17 @@ pub enum LinkError {
     Tls(#[from] tls::TlsError),
     #[error("bad NATS URL '{url}': {detail}")]
     Url { url: String, detail: String },
-    #[error("connecting to {urls}: {source}")]
-    Connect { urls: String, source: async_nats::ConnectError },
+    // `err`, not `source`: shown here once, not again as a cause.
+    #[error("connecting to {urls}: {err}")]
+    Connect { urls: String, err: async_nats::ConnectError },
 }
 
 impl LinkError {
     /// The server failed the fleet CA check: a security refusal, not an outage.
     pub fn is_tls_rejection(&self) -> bool {
         match self {
-            LinkError::Connect { source, .. } => {
-                source.kind() == async_nats::ConnectErrorKind::Tls || chain_has_rustls_error(source)
+            LinkError::Connect { err, .. } => {
+                err.kind() == async_nats::ConnectErrorKind::Tls || chain_has_rustls_error(err)
             }
             _ => false,
         }
@@ -94,8 +95,8 @@ impl LinkError {
 
     /// The server refused the credential (revoked, expired, unknown).
     pub fn is_auth_rejection(&self) -> bool {
-        matches!(self, LinkError::Connect { source, .. }
-            if matches!(source.kind(), async_nats::ConnectErrorKind::AuthorizationViolation | async_nats::ConnectErrorKind::Authentication))
+        matches!(self, LinkError::Connect { err, .. }
+            if matches!(err.kind(), async_nats::ConnectErrorKind::AuthorizationViolation | async_nats::ConnectErrorKind::Authentication))
     }
 }
 
@@ -156,7 +157,7 @@ pub async fn connect(
     options(user, ca, link)?
         .connect(addrs)
         .await
-        .map_err(|source| LinkError::Connect { urls: urls.join(","), source })
+        .map_err(|err| LinkError::Connect { urls: urls.join(","), err })
 }
 
 /// Opens a JetStream KV bucket, creating it first if need be.

@@ -83,10 +83,19 @@ pub fn device_grant(device: &str, groups: &[String]) -> Grant {
     Grant { publish, subscribe: vec![format!("{}.>", inbox_prefix(device))] }
 }
 
+/// The inbox prefix of the devices enrolling with one token. Holders of
+/// one token share it; holders of another token cannot listen in.
+pub fn token_inbox_prefix(token_id: &[u8; 16]) -> String {
+    format!("_INBOX_ENROLL_{}", hex::encode(token_id))
+}
+
 /// What an enrollment token's PROVISIONING credential may do: send an
-/// enrollment request and receive the reply.
-pub fn token_grant() -> Grant {
-    Grant { publish: vec![ENROLL_REQUEST.into()], subscribe: vec!["_INBOX.>".into()] }
+/// enrollment request and receive the reply on the token's own inboxes.
+pub fn token_grant(token_id: &[u8; 16]) -> Grant {
+    Grant {
+        publish: vec![ENROLL_REQUEST.into()],
+        subscribe: vec![format!("{}.>", token_inbox_prefix(token_id))],
+    }
 }
 
 #[cfg(test)]

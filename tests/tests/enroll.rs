@@ -309,15 +309,16 @@ fn a_replayed_request_is_refused() {
             data_encoding::BASE64URL_NOPAD.encode(&user.sign(n).unwrap())
         });
     assert_eq!(hello, "PONG");
-    let first = c.request_bytes(subjects::ENROLL_REQUEST, "_INBOX.x1", 1, &bytes).unwrap();
+    let inbox = |n: u32| format!("{}.x{n}", subjects::token_inbox_prefix(&t.unverified_body().token_id));
+    let first = c.request_bytes(subjects::ENROLL_REQUEST, &inbox(1), 1, &bytes).unwrap();
     assert!(matches!(EnrollResponse::from_bytes(&first).unwrap(), EnrollResponse::Enrolled(_)));
-    let again = c.request_bytes(subjects::ENROLL_REQUEST, "_INBOX.x2", 2, &bytes).unwrap();
+    let again = c.request_bytes(subjects::ENROLL_REQUEST, &inbox(2), 2, &bytes).unwrap();
     assert_eq!(EnrollResponse::from_bytes(&again).unwrap(), EnrollResponse::Rejected(Rejection::Replay));
     // A request whose key was swapped fails proof of possession.
     let mut tampered = bytes.clone();
     let n = tampered.len();
     tampered[n - 10] ^= 1;
-    let r = c.request_bytes(subjects::ENROLL_REQUEST, "_INBOX.x3", 3, &tampered).unwrap();
+    let r = c.request_bytes(subjects::ENROLL_REQUEST, &inbox(3), 3, &tampered).unwrap();
     assert!(matches!(EnrollResponse::from_bytes(&r).unwrap(), EnrollResponse::Rejected(_)));
     // The enrollment it got back is useless without the device key: the
     // real device still enrolls (idempotently) and holds the only key.
@@ -377,6 +378,7 @@ fn devices_are_isolated_by_the_server() {
         "token credential reading FLEET",
     );
     denied(pc.subscribe("perch.enroll.request", 5), "token credential snooping on requests");
+    denied(pc.subscribe("_INBOX.>", 6), "token credential snooping on other tokens' answers");
 }
 
 #[test]

@@ -71,4 +71,12 @@ fn the_token_credential_can_only_ask_to_enroll() {
     c.send("SUB perch.enroll.request 1\r\nPING\r\n");
     let r = c.line();
     assert!(r.contains("Permissions Violation for Subscription"), "{r}");
+    let _ = c.line();
+    // It hears answers on its token's own inboxes only, not everyone's.
+    let own = perch_protocol::subjects::token_inbox_prefix(&body.token_id);
+    assert_eq!(c.subscribe(&format!("{own}.>"), 2), "PONG");
+    let r = c.subscribe("_INBOX.>", 3);
+    assert!(r.contains("Permissions Violation for Subscription"), "{r}");
+    let r = c.subscribe(&format!("{}.>", perch_protocol::subjects::token_inbox_prefix(&[0; 16])), 4);
+    assert!(r.contains("Permissions Violation for Subscription"), "{r}");
 }

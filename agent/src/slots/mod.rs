@@ -19,8 +19,9 @@ use crate::journal::SlotId;
 /// Why a slot operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SlotError {
-    #[error("{}: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    // `err` rather than `source`: it is shown here, not again as a cause.
+    #[error("{}: {err}", path.display())]
+    Io { path: PathBuf, err: std::io::Error },
     #[error("`{command}` failed: {detail}")]
     Command { command: String, detail: String },
     #[error("cannot tell which slot is running: {0}")]
@@ -32,7 +33,7 @@ pub enum SlotError {
 }
 
 pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SlotError + '_ {
-    move |source| SlotError::Io { path: path.to_path_buf(), source }
+    move |err| SlotError::Io { path: path.to_path_buf(), err }
 }
 
 /// What happens after the bootloader (or symlink) was switched.

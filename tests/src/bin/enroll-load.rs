@@ -100,7 +100,11 @@ async fn one_device(
     let user_key = nkeys::KeyPair::new_from_raw(nkeys::KeyPairType::User, tb.provisioning_seed)
         .map_err(|e| e.to_string())?;
     let user = User { jwt: tb.provisioning_jwt(), signer: Signer::Nkey(Arc::new(user_key)) };
-    let link = LinkOptions { name: id.into(), ..LinkOptions::default() };
+    let link = LinkOptions {
+        name: id.into(),
+        inbox_prefix: Some(perch_protocol::subjects::token_inbox_prefix(&tb.token_id)),
+        ..LinkOptions::default()
+    };
     let t0 = Instant::now();
     let client = perch_net::connect(&tb.urls, &user, &CaTrust::Fingerprint(tb.ca_fingerprint), &link)
         .await
