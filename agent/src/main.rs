@@ -369,7 +369,8 @@ fn enroll_cmd(cli: &Cli, args: &EnrollArgs) -> Result<u8> {
         print_enrolled(&v);
         return Ok(0);
     }
-    init_logging();
+    // At a terminal, warnings (retries) are enough; PERCH_LOG raises it.
+    perch_net::init_logging(tracing::Level::WARN);
     let identity = Identity::new(&cli.state_dir);
     if let Some(v) = identity.enrollment(&cfg, now_unix())? {
         if v.credential.device_id == plan.device_id {
