@@ -33,6 +33,56 @@ pub struct Config {
     pub device: DeviceConfig,
     #[serde(default)]
     pub enroll: EnrollConfig,
+    #[serde(default)]
+    pub link: LinkConfig,
+    #[serde(default)]
+    pub reports: ReportsConfig,
+}
+
+/// The FLEET link.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LinkConfig {
+    /// How often the agent pings the server; a dead link is noticed after
+    /// two unanswered pings, so within about three of these.
+    #[serde(deserialize_with = "duration")]
+    pub ping_interval: Duration,
+    /// Longest pause between reconnect attempts (they back off with jitter).
+    #[serde(deserialize_with = "duration")]
+    pub max_backoff: Duration,
+}
+
+impl Default for LinkConfig {
+    fn default() -> Self {
+        Self { ping_interval: Duration::from_secs(10), max_backoff: Duration::from_secs(30) }
+    }
+}
+
+/// Reports and the outbox they wait in.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReportsConfig {
+    /// How often a heartbeat (telemetry lane) is queued.
+    #[serde(deserialize_with = "duration")]
+    pub heartbeat: Duration,
+    /// Bytes of telemetry kept while the link is down; the oldest go first.
+    pub telemetry_budget: u64,
+    /// Reports sent and not yet acked by JetStream, at most.
+    pub ack_window: usize,
+    /// How long to wait for one JetStream ack before resending.
+    #[serde(deserialize_with = "duration")]
+    pub ack_timeout: Duration,
+}
+
+impl Default for ReportsConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat: Duration::from_secs(60),
+            telemetry_budget: 4 << 20,
+            ack_window: 64,
+            ack_timeout: Duration::from_secs(5),
+        }
+    }
 }
 
 /// Who this device is.
@@ -320,6 +370,15 @@ impl Config {
         }
         if self.enroll.max_backoff.is_zero() {
             return Err("enroll.max_backoff must be above 0".into());
+        }
+        if self.link.ping_interval < Duration::from_millis(100) || self.link.max_backoff.is_zero() {
+            return Err("link.ping_interval must be at least 100ms and link.max_backoff above 0".into());
+        }
+        let r = &self.reports;
+        if r.heartbeat < Duration::from_millis(1) || r.ack_window == 0 || r.ack_timeout.is_zero() {
+            return Err(
+                "reports.heartbeat, reports.ack_window and reports.ack_timeout must be above 0".into()
+            );
         }
         if let Slots::Uboot(u) = &self.slots {
             if u.bootlimit == 0 {

@@ -12,6 +12,7 @@
 pub mod check;
 pub mod config;
 pub mod counters;
+pub mod daemon;
 pub mod deploy;
 pub mod enroll;
 pub mod failpoint;
@@ -20,6 +21,8 @@ pub mod identity;
 pub mod inhibit;
 pub mod journal;
 pub mod link;
+pub mod outbox;
 pub mod progress;
+pub mod reports;
 pub mod slots;
 pub mod status;

@@ -53,36 +53,104 @@ async fn hello(client: &async_nats::Client, v: &VerifiedEnrollment) {
     }
 }
 
-/// Keeps the FLEET link up for as long as the agent runs: starts with no
-/// link at all, reconnects with backoff, says hello on every connect.
-pub async fn maintain(v: VerifiedEnrollment, key: Arc<SecretKey>) -> Result<(), perch_net::LinkError> {
+/// How the FLEET link behaves.
+#[derive(Debug, Clone)]
+pub struct LinkSettings {
+    pub ping_interval: Duration,
+    pub max_backoff: Duration,
+}
+
+/// The FLEET link of a running agent.
+pub struct Link {
+    pub client: async_nats::Client,
+    events: tokio::sync::mpsc::UnboundedReceiver<Event>,
+    v: VerifiedEnrollment,
+    state_file: std::path::PathBuf,
+}
+
+/// What `status` shows of the link: written by the running agent.
+pub const STATE_FILE: &str = "link.json";
+
+/// Starts the link: returns at once, connected or not. The client connects
+/// in the background (the agent works with no link at all), pings every
+/// `ping_interval` so a dead link is noticed after two missed pongs, and
+/// reconnects with exponential backoff and jitter.
+pub async fn start(
+    v: VerifiedEnrollment,
+    key: Arc<SecretKey>,
+    settings: &LinkSettings,
+    state_dir: &std::path::Path,
+) -> Result<Link, perch_net::LinkError> {
     let id = v.credential.device_id.clone();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Event>();
-    let opts = perch_net::options(
-        &user(&v, key),
-        &CaTrust::Certificate(v.enrollment.ca_der.clone()),
-        &link_options(&id),
-    )?
-    .retry_on_initial_connect()
-    .event_callback(move |ev| {
-        let tx = tx.clone();
-        async move {
-            let _ = tx.send(ev);
-        }
-    });
-    let client = opts
+    let (tx, events) = tokio::sync::mpsc::unbounded_channel::<Event>();
+    let mut opts = link_options(&id);
+    opts.ping_interval = settings.ping_interval;
+    let max = settings.max_backoff;
+    let nats = perch_net::options(&user(&v, key), &CaTrust::Certificate(v.enrollment.ca_der.clone()), &opts)?
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .reconnect_delay_callback(move |attempts| crate::enroll::backoff(attempts.min(16) as u32, max))
+        .event_callback(move |ev| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(ev);
+            }
+        });
+    let client = nats
         .connect(perch_net::server_addrs(&v.enrollment.fleet_urls)?)
         .await
         .map_err(|err| perch_net::LinkError::Connect { urls: v.enrollment.fleet_urls.join(","), err })?;
-    while let Some(ev) = rx.recv().await {
-        match ev {
-            Event::Connected => {
-                info!(device = %id, "FLEET link up");
-                hello(&client, &v).await;
+    let link = Link { client, events, v, state_file: state_dir.join(STATE_FILE) };
+    link.record("connecting", None);
+    Ok(link)
+}
+
+impl Link {
+    /// Follows the link's events for as long as the agent runs: hello on
+    /// every connect, the state written for `status`.
+    pub async fn watch(mut self) {
+        let id = self.v.credential.device_id.clone();
+        while let Some(ev) = self.events.recv().await {
+            match ev {
+                Event::Connected => {
+                    info!(device = %id, "FLEET link up");
+                    self.record("connected", None);
+                    hello(&self.client, &self.v).await;
+                }
+                Event::Disconnected => {
+                    warn!(device = %id, "FLEET link down");
+                    self.record("disconnected", None);
+                }
+                other => {
+                    warn!(device = %id, "FLEET link: {other}");
+                    self.record_event(&other.to_string());
+                }
             }
-            Event::Disconnected => warn!(device = %id, "FLEET link down"),
-            other => warn!(device = %id, "FLEET link: {other}"),
         }
     }
-    Ok(())
+
+    fn record(&self, state: &str, event: Option<&str>) {
+        let doc = serde_json::json!({
+            "state": state,
+            "since": perch_support::now_unix(),
+            "urls": self.v.enrollment.fleet_urls,
+            "last_event": event,
+        });
+        // Best effort: status is informative, the link does not depend on it.
+        let _ = perch_support::durable::write_bytes(
+            &self.state_file,
+            0o644,
+            perch_support::durable::Replace::Allow,
+            doc.to_string().as_bytes(),
+        );
+    }
+
+    fn record_event(&self, event: &str) {
+        let state = match self.client.connection_state() {
+            async_nats::connection::State::Connected => "connected",
+            async_nats::connection::State::Disconnected => "disconnected",
+            async_nats::connection::State::Pending => "connecting",
+        };
+        self.record(state, Some(event));
+    }
 }

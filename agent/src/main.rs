@@ -221,11 +221,21 @@ fn run(cli: Cli) -> Result<u8> {
                 ),
             };
             doc["enrollment"] = enrollment;
+            // The running agent writes its link state; none means no link was tried.
+            let link = std::fs::read(cli.state_dir.join(perch_agent::link::STATE_FILE))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+            let link_line = match &link {
+                Some(l) => format!("link       {} since {}", l["state"].as_str().unwrap_or("?"), l["since"]),
+                None => "link       none (no agent has run with an enrollment)".to_string(),
+            };
+            doc["link"] = link.unwrap_or(serde_json::Value::Null);
             if *json {
                 println!("{doc}");
             } else {
                 print!("{}", status::to_text(&doc));
                 println!("{line}");
+                println!("{link_line}");
             }
             Ok(0)
         }
@@ -255,7 +265,7 @@ fn run(cli: Cli) -> Result<u8> {
             runtime()?.block_on(async move {
                 // The link (enrolling first if need be) runs while the
                 // engine finishes whatever the journal says is in flight.
-                let link = tokio::spawn(background_link(cfg, state_dir));
+                let link = tokio::spawn(perch_agent::daemon::run(cfg, state_dir));
                 let resumed = tokio::task::spawn_blocking(move || -> Result<()> {
                     // The engine is not Send: it lives on this thread only.
                     let (mut engine, problem) = Engine::open(Config::load(&config_path)?, &engine_dir)?;
@@ -415,63 +425,4 @@ fn print_enrolled(v: &perch_protocol::enroll::VerifiedEnrollment) {
         v.credential.groups.join(", "),
         v.credential.expires_at
     );
-}
-
-/// Enrolls in the background if need be, then keeps the FLEET link up.
-async fn background_link(cfg: Config, state_dir: PathBuf) {
-    let identity = Identity::new(&state_dir);
-    let enrolled = match identity.enrollment(&cfg, now_unix()) {
-        Ok(Some(v)) => Some(v),
-        Ok(None) => match &cfg.enroll.token_file {
-            Some(f) => match read_text_file(f, "token") {
-                Ok(token) => {
-                    let args = EnrollArgs {
-                        token: None,
-                        token_file: None,
-                        wait: true,
-                        timeout: Duration::MAX,
-                        device_id: None,
-                        groups: vec![],
-                        request_out: None,
-                        import: None,
-                    };
-                    match plan(&cfg, &args) {
-                        Ok(p) => match enrolling::online(&cfg, &state_dir, &token, &p).await {
-                            Ok(v) => Some(v),
-                            Err(e) => {
-                                tracing::error!("enrollment stopped: {e}");
-                                None
-                            }
-                        },
-                        Err(e) => {
-                            tracing::error!("cannot enroll: {e:#}");
-                            None
-                        }
-                    }
-                }
-                Err(e) => {
-                    tracing::error!("cannot enroll: {e:#}");
-                    None
-                }
-            },
-            None => {
-                tracing::info!(
-                    "not enrolled and no enroll.token_file: working offline (local installs only)"
-                );
-                None
-            }
-        },
-        Err(e) => {
-            tracing::error!("stored enrollment unusable: {e}");
-            None
-        }
-    };
-    let Some(v) = enrolled else { return };
-    let key = match identity.key() {
-        Ok(k) => std::sync::Arc::new(k),
-        Err(e) => return tracing::error!("device key unusable: {e}"),
-    };
-    if let Err(e) = perch_agent::link::maintain(v, key).await {
-        tracing::error!("FLEET link: {e}");
-    }
 }

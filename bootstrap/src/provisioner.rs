@@ -68,7 +68,9 @@ pub async fn run(
     let prov =
         admin::connect(&settings.org_dir, &settings.urls, Account::Provisioning, "perch-provisioner", now)
             .await?;
-    let registry = Registry::open(&async_nats::jetstream::new(fleet.clone())).await?;
+    let js = async_nats::jetstream::new(fleet.clone());
+    let registry = Registry::open(&js).await?;
+    ensure_fleet_streams(&js).await?;
     let mut requests = prov
         .queue_subscribe(ENROLL_REQUEST, ENROLL_QUEUE.into())
         .await
@@ -114,6 +116,23 @@ pub async fn run(
     let _ = prov.flush().await;
     info!("provisioner stopped");
     Ok(())
+}
+
+/// The fleet's streams: the provisioner makes them on first start, so a
+/// fresh org works with no other setup.
+pub async fn ensure_fleet_streams(js: &async_nats::jetstream::Context) -> Result<(), ProvisionerError> {
+    use async_nats::jetstream::stream::{Config, StorageType};
+    let reports = Config {
+        name: subjects::REPORTS_STREAM.into(),
+        description: Some("perch device reports".into()),
+        subjects: vec![subjects::REPORTS_ALL.into()],
+        storage: StorageType::File,
+        duplicate_window: Duration::from_secs(subjects::REPORTS_DUPLICATE_WINDOW_SECS),
+        max_age: Duration::from_secs(30 * 24 * 3600),
+        allow_direct: true,
+        ..Default::default()
+    };
+    perch_net::ensure_stream(js, reports).await.map_err(|e| ProvisionerError::Registry(RegistryError::Kv(e)))
 }
 
 /// Loads the org and checks that it can issue, without connecting.

@@ -197,6 +197,23 @@ pub async fn ensure_kv(
     })
 }
 
+/// Creates a stream if it does not exist (an existing one is left as it is).
+pub async fn ensure_stream(
+    js: &async_nats::jetstream::Context,
+    config: async_nats::jetstream::stream::Config,
+) -> Result<(), String> {
+    let name = config.name.clone();
+    if js.get_stream(&name).await.is_ok() {
+        return Ok(());
+    }
+    let created = js.create_stream(config).await;
+    // Another instance may have created it in the meantime: look again.
+    js.get_stream(&name).await.map(drop).map_err(|e| match created {
+        Err(c) => format!("creating stream {name}: {c}"),
+        Ok(_) => format!("opening stream {name}: {e}"),
+    })
+}
+
 /// Sets up logging to stderr at `PERCH_LOG` (error, warn, info, debug,
 /// trace), else `default`.
 ///

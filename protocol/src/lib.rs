@@ -18,6 +18,7 @@ pub mod bundle;
 pub mod enroll;
 pub mod keys;
 pub mod limits;
+pub mod report;
 pub mod subjects;
 pub mod token;
 pub mod trust;

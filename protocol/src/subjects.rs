@@ -14,6 +14,11 @@ pub const DESIRED_BUCKET: &str = "PERCH_DESIRED";
 pub const CHUNKS_STREAM: &str = "PERCH_CHUNKS";
 /// JetStream stream (FLEET) holding device reports.
 pub const REPORTS_STREAM: &str = "PERCH_REPORTS";
+/// Every report subject: `perch.report.<device>.<lane>`.
+pub const REPORTS_ALL: &str = "perch.report.>";
+/// How long `PERCH_REPORTS` remembers message ids: a report resent after a
+/// link outage up to this long is stored once.
+pub const REPORTS_DUPLICATE_WINDOW_SECS: u64 = 24 * 3600;
 /// Where the SYS account takes account JWT updates (full resolver).
 pub const CLAIMS_UPDATE: &str = "$SYS.REQ.CLAIMS.UPDATE";
 

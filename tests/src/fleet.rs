@@ -245,3 +245,80 @@ pub fn modes(dir: &Path) -> Vec<(PathBuf, u32)> {
     }
     out
 }
+
+/// Reads `PERCH_REPORTS` as an operator would.
+pub struct ReportsReader {
+    rt: tokio::runtime::Runtime,
+    js: async_nats::jetstream::Context,
+}
+
+impl Fleet {
+    /// A FLEET service user that reads the reports stream.
+    pub fn reports_reader(&self) -> ReportsReader {
+        let creds = self.s.path("reader.creds");
+        if !creds.exists() {
+            self.s.ok(
+                "perch-bootstrap",
+                &[
+                    "nats",
+                    "creds",
+                    "--dir",
+                    "org",
+                    "--account",
+                    "fleet",
+                    "--name",
+                    "reader",
+                    "--out",
+                    "reader.creds",
+                ],
+            );
+        }
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let tls = perch_net::tls::client_config(&perch_net::CaTrust::Certificate(self.ca_der())).unwrap();
+        let url = self.url.clone();
+        let js = rt.block_on(async move {
+            let client = async_nats::ConnectOptions::with_credentials_file(creds)
+                .await
+                .unwrap()
+                .require_tls(true)
+                .tls_client_config(tls)
+                .connect(url)
+                .await
+                .unwrap();
+            async_nats::jetstream::new(client)
+        });
+        ReportsReader { rt, js }
+    }
+}
+
+impl ReportsReader {
+    fn stream(&self) -> Option<async_nats::jetstream::stream::Stream> {
+        self.rt.block_on(self.js.get_stream(perch_protocol::subjects::REPORTS_STREAM)).ok()
+    }
+
+    /// Messages in the stream.
+    pub fn count(&self) -> u64 {
+        let Some(mut s) = self.stream() else { return 0 };
+        self.rt.block_on(s.info()).map(|i| i.state.messages).unwrap_or(0)
+    }
+
+    /// Every report in the stream, in stream order.
+    pub fn all(&self) -> Vec<perch_protocol::report::Report> {
+        let Some(mut s) = self.stream() else { return vec![] };
+        let info = self.rt.block_on(s.info()).unwrap();
+        let (first, last) = (info.state.first_sequence, info.state.last_sequence);
+        (first..=last)
+            .filter_map(|seq| self.rt.block_on(s.get_raw_message(seq)).ok())
+            .map(|m| perch_protocol::report::Report::from_bytes(&m.payload).unwrap())
+            .collect()
+    }
+}
+
+impl Device {
+    /// Replaces text in agent.toml.
+    pub fn edit_config(&self, from: &str, to: &str) {
+        let text = std::fs::read_to_string(self.config()).unwrap();
+        assert!(text.contains(from), "{from} is not in {}", self.config().display());
+        std::fs::write(self.config(), text.replace(from, to)).unwrap();
+    }
+}

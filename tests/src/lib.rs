@@ -2,6 +2,7 @@
 //! them in a scratch directory.
 #![forbid(unsafe_code)]
 
+pub mod chaos;
 pub mod device;
 pub mod fleet;
 pub mod nats;

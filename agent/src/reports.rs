@@ -1,0 +1,196 @@
+//! Reports: queued in the [`Outbox`](crate::outbox::Outbox) and sent to the
+//! JetStream stream `PERCH_REPORTS`, one `Nats-Msg-Id` per record.
+//!
+//! - [`Reporter::queue`] builds a report (device, sequence number, boot id,
+//!   agent version, journal state) and appends it durably.
+//! - [`send_loop`] keeps up to `ack_window` reports in flight, events
+//!   first, and marks each done only when JetStream acked it. On a timeout
+//!   or a lost link it starts again from the first record not acked; what
+//!   JetStream had already stored is recognised by its message id.
+//! - [`heartbeat_loop`] queues a heartbeat every interval.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream;
+use futures_util::stream::{FuturesOrdered, StreamExt};
+use perch_protocol::report::{Lane, Report, ReportKind};
+use perch_protocol::subjects;
+use tokio::sync::Notify;
+use tracing::{debug, warn};
+
+use crate::outbox::{Outbox, OutboxError};
+
+/// Queues reports; shared by everything in the agent that reports.
+#[derive(Clone)]
+pub struct Reporter {
+    outbox: Arc<Mutex<Outbox>>,
+    device: String,
+    boot_id: String,
+    state_dir: PathBuf,
+    wake: Arc<Notify>,
+}
+
+impl Reporter {
+    pub fn new(outbox: Outbox, device: &str, boot_id: &str, state_dir: &Path) -> Self {
+        Self {
+            outbox: Arc::new(Mutex::new(outbox)),
+            device: device.into(),
+            boot_id: boot_id.into(),
+            state_dir: state_dir.into(),
+            wake: Arc::new(Notify::new()),
+        }
+    }
+
+    fn outbox(&self) -> std::sync::MutexGuard<'_, Outbox> {
+        self.outbox.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The deploy journal's state name, as the report shows it.
+    fn journal_state(&self) -> String {
+        match crate::journal::JournalStore::new(&self.state_dir).load() {
+            Ok(j) => j.state.name().to_string(),
+            Err(_) => "Unknown".into(),
+        }
+    }
+
+    /// Queues one report; returns its sequence number.
+    pub fn queue(&self, lane: Lane, kind: ReportKind) -> Result<u64, OutboxError> {
+        let journal_state = self.journal_state();
+        let make = |seq: u64, kind: ReportKind| -> Vec<u8> {
+            Report {
+                device: self.device.clone(),
+                seq,
+                boot_id: self.boot_id.clone(),
+                agent_version: env!("CARGO_PKG_VERSION").into(),
+                at: perch_support::now_unix(),
+                running_slot: None,
+                running_bundle: None,
+                journal_state: journal_state.clone(),
+                kind,
+            }
+            .to_bytes()
+        };
+        let mut ob = self.outbox();
+        let (seq, dropped) = ob.append(lane, |seq| make(seq, kind))?;
+        if let Some(d) = dropped {
+            // Every sequence number is accounted for: sent, or declared dropped.
+            let kind = ReportKind::Dropped { first: d.first, last: d.last, count: d.count };
+            ob.append(Lane::Events, |seq| make(seq, kind))?;
+        }
+        drop(ob);
+        self.wake.notify_one();
+        Ok(seq)
+    }
+
+    /// Records waiting, and their bytes.
+    pub fn backlog(&self) -> (usize, u64) {
+        self.outbox().backlog()
+    }
+}
+
+/// Queues a heartbeat every `interval`, for as long as the agent runs.
+pub async fn heartbeat_loop(reporter: Reporter, interval: Duration) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(e) = reporter.queue(Lane::Telemetry, ReportKind::Heartbeat) {
+            warn!("heartbeat not queued: {e}");
+        }
+    }
+}
+
+/// How the sender behaves.
+#[derive(Debug, Clone)]
+pub struct SendSettings {
+    pub ack_window: usize,
+    pub ack_timeout: Duration,
+}
+
+/// Sends queued reports for as long as the agent runs.
+pub async fn send_loop(client: async_nats::Client, reporter: Reporter, settings: SendSettings) {
+    let js = jetstream::new(client.clone());
+    let mut last_checkpoint = tokio::time::Instant::now();
+    loop {
+        if client.connection_state() != async_nats::connection::State::Connected {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        }
+        let batch = next_batch(&reporter, settings.ack_window);
+        let batch = match batch {
+            Ok(b) => b,
+            Err(e) => {
+                warn!("outbox: {e}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        if batch.is_empty() {
+            let _ = tokio::time::timeout(Duration::from_secs(1), reporter.wake.notified()).await;
+            continue;
+        }
+        let mut inflight = FuturesOrdered::new();
+        let mut failed = false;
+        for (lane, seq, payload) in batch {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Nats-Msg-Id", perch_protocol::report::msg_id(&reporter.device, seq).as_str());
+            let subject = format!("{}.{}", subjects::reports(&reporter.device), lane.as_str());
+            match js.publish_with_headers(subject, headers, payload.into()).await {
+                Ok(ack) => {
+                    let t = settings.ack_timeout;
+                    inflight.push_back(async move { (lane, seq, tokio::time::timeout(t, ack).await) });
+                }
+                Err(e) => {
+                    debug!("report {seq} not sent: {e}");
+                    failed = true;
+                    break;
+                }
+            }
+        }
+        while let Some((lane, seq, res)) = inflight.next().await {
+            match res {
+                Ok(Ok(_ack)) => {
+                    if let Err(e) = reporter.outbox().ack(lane, seq) {
+                        warn!("outbox: {e}");
+                    }
+                }
+                Ok(Err(e)) => {
+                    debug!("report {seq} not acked: {e}");
+                    failed = true;
+                    break;
+                }
+                Err(_) => {
+                    debug!("report {seq}: no ack in {:?}", settings.ack_timeout);
+                    failed = true;
+                    break;
+                }
+            }
+        }
+        // Acks are cheap to lose (resends are deduplicated), fsyncs are not
+        // free: persist the done marks a few times a second.
+        if failed || last_checkpoint.elapsed() > Duration::from_millis(250) {
+            if let Err(e) = reporter.outbox().checkpoint() {
+                warn!("outbox checkpoint: {e}");
+            }
+            last_checkpoint = tokio::time::Instant::now();
+        }
+        if failed {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}
+
+/// Up to `window` waiting records, events first, made durable before they go.
+fn next_batch(reporter: &Reporter, window: usize) -> Result<Vec<(Lane, u64, Vec<u8>)>, OutboxError> {
+    let mut ob = reporter.outbox();
+    ob.flush()?;
+    let mut out = Vec::with_capacity(window);
+    for lane in Lane::ALL {
+        for r in ob.pending(lane).take(window - out.len()) {
+            out.push((lane, r.seq, r.payload.clone()));
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,137 @@
+//! Links that come and go: a fault-injecting proxy between the real agent
+//! and a real nats-server. Reports reach `PERCH_REPORTS` exactly once
+//! across a blackhole, SIGKILLs and a reboot; a dead link is noticed within
+//! three ping intervals and the agent reconnects when it comes back.
+
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use perch_protocol::report::{Report, ReportKind};
+use perch_tests::chaos::{Mode, Proxy};
+use perch_tests::fleet::{wait_for, Device, Fleet};
+
+/// An enrolled device whose FLEET URL is the proxy (offline enrollment, so
+/// the URL can be anything), and its agent.toml.
+fn device_behind(f: &Fleet, proxy: &Proxy, name: &str, extra: &str) -> Device {
+    let d = f.device(name);
+    std::fs::copy(f.s.path("org/trust.doc"), d.trust()).unwrap();
+    std::fs::write(d.dir.join("boot_id"), "boot-1\n").unwrap();
+    std::fs::write(
+        d.config(),
+        format!(
+            "target = \"x86_64-desktop\"\ntrust = \"{}\"\nboot_id = \"{}\"\n[device]\nid = \"{name}\"\n[slots]\nbackend = \"dir\"\nroot = \"{}\"\n{extra}",
+            d.trust().display(),
+            d.dir.join("boot_id").display(),
+            d.dir.join("slots").display()
+        ),
+    )
+    .unwrap();
+    let req = d.dir.join("req");
+    let resp = d.dir.join("resp");
+    assert_eq!(d.agent(&["enroll", "--request-out", req.to_str().unwrap()]).code, 0);
+    f.s.ok(
+        "perch-bootstrap",
+        &[
+            "sign-request",
+            "--dir",
+            "org",
+            req.to_str().unwrap(),
+            "--out",
+            resp.to_str().unwrap(),
+            "--group",
+            "g",
+            "--fleet-url",
+            &proxy.url(),
+        ],
+    );
+    let r = d.agent(&["enroll", "--import", resp.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    d
+}
+
+fn link_state(d: &Device) -> String {
+    std::fs::read_to_string(d.state().join("link.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v["state"].as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+fn kill(c: &mut Child) {
+    let _ = c.kill();
+    let _ = c.wait();
+}
+
+#[test]
+fn a_blackholed_link_is_noticed_within_three_pings_and_comes_back() {
+    let f = Fleet::start(1);
+    let proxy = Proxy::start(([127, 0, 0, 1], f.server.port).into());
+    let d = device_behind(&f, &proxy, "rover-1", "[link]\nping_interval = \"1s\"\nmax_backoff = \"1s\"\n");
+    let mut agent = d.spawn_run();
+    assert!(wait_for(Duration::from_secs(15), || link_state(&d) == "connected"), "{}", f.all_logs());
+    proxy.set_mode(Mode::Blackhole);
+    let cut = Instant::now();
+    assert!(wait_for(Duration::from_secs(6), || link_state(&d) == "disconnected"), "never noticed");
+    let noticed = cut.elapsed();
+    assert!(noticed <= Duration::from_millis(3300), "dead link noticed after {noticed:?}, more than 3 pings");
+    proxy.set_mode(Mode::Pass);
+    assert!(wait_for(Duration::from_secs(10), || link_state(&d) == "connected"), "no reconnect");
+    kill(&mut agent);
+}
+
+#[test]
+fn reports_arrive_exactly_once_through_an_outage_a_crash_and_a_reboot() {
+    let f = Fleet::start(1);
+    let proxy = Proxy::start(([127, 0, 0, 1], f.server.port).into());
+    let d = device_behind(
+        &f,
+        &proxy,
+        "drone-3",
+        "[link]\nping_interval = \"500ms\"\nmax_backoff = \"1s\"\n[reports]\nheartbeat = \"5ms\"\nack_timeout = \"2s\"\n",
+    );
+    let reader = f.reports_reader();
+    let mut agent = d.spawn_run();
+    assert!(wait_for(Duration::from_secs(15), || reader.count() > 50), "{}", f.all_logs());
+    // The link goes dark; reports pile up in the outbox.
+    proxy.set_mode(Mode::Blackhole);
+    std::thread::sleep(Duration::from_secs(3));
+    // The agent is killed mid-outage and starts again.
+    kill(&mut agent);
+    agent = d.spawn_run();
+    std::thread::sleep(Duration::from_secs(3));
+    // A reboot: a new boot id, another hard stop.
+    std::fs::write(d.dir.join("boot_id"), "boot-2\n").unwrap();
+    kill(&mut agent);
+    agent = d.spawn_run();
+    std::thread::sleep(Duration::from_secs(3));
+    proxy.set_mode(Mode::Pass);
+    std::thread::sleep(Duration::from_secs(2));
+    // Stop making reports; let the last agent drain the outbox.
+    kill(&mut agent);
+    d.edit_config("heartbeat = \"5ms\"", "heartbeat = \"1h\"");
+    let mut drain = d.spawn_run();
+    let mut last = (0, Instant::now());
+    assert!(
+        wait_for(Duration::from_secs(60), || {
+            let n = reader.count();
+            if n != last.0 {
+                last = (n, Instant::now());
+            }
+            last.1.elapsed() > Duration::from_secs(3)
+        }),
+        "the stream never settled"
+    );
+    kill(&mut drain);
+    let reports: Vec<Report> = reader.all();
+    let mut seqs: Vec<u64> = reports.iter().map(|r| r.seq).collect();
+    seqs.sort();
+    let n = seqs.len() as u64;
+    assert!(n > 1500, "only {n} reports: the outage did not queue enough to mean anything");
+    let dupes = seqs.windows(2).filter(|w| w[0] == w[1]).count();
+    assert_eq!(dupes, 0, "{dupes} reports stored twice");
+    assert_eq!(seqs, (1..=n).collect::<Vec<_>>(), "gaps in the sequence");
+    assert!(reports.iter().all(|r| !matches!(r.kind, ReportKind::Dropped { .. })));
+    // Both boots are in there, and the device's own id on every one.
+    assert!(reports.iter().any(|r| r.boot_id == "boot-1") && reports.iter().any(|r| r.boot_id == "boot-2"));
+    assert!(reports.iter().all(|r| r.device == "drone-3"));
+}
