@@ -5,5 +5,6 @@
 
 pub mod archive;
 pub mod build;
+pub mod publish;
 pub mod sign;
 pub mod verify;

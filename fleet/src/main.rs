@@ -36,6 +36,22 @@ enum Command {
     /// Build, sign, verify and inspect bundles.
     #[command(subcommand)]
     Bundle(BundleCommand),
+    /// Verify a bundle and upload it to the fleet's PERCH_CHUNKS stream.
+    Publish {
+        /// The org trust document: the bundle is verified against it first.
+        #[arg(long)]
+        trust: PathBuf,
+        /// NATS URL; repeat for several.
+        #[arg(long = "url", value_name = "URL", default_value = "tls://127.0.0.1:4222")]
+        urls: Vec<String>,
+        /// A FLEET user credential (`perch-bootstrap nats creds --account fleet`).
+        #[arg(long)]
+        creds: PathBuf,
+        /// The fleet CA certificate (ORG/tls/ca.pem).
+        #[arg(long)]
+        ca: PathBuf,
+        file: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -122,6 +138,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Keygen { out } => keygen(&out),
+        Command::Publish { trust, urls, creds, ca, file } => publish(&trust, urls, creds, ca, &file),
         Command::Bundle(BundleCommand::Build(args)) => build(args),
         Command::Bundle(BundleCommand::Sign { key, file }) => {
             let key = keyfile::read_secret(&key)?;
@@ -277,4 +294,45 @@ fn manifest_json(m: &Manifest) -> serde_json::Value {
 
 fn time(unix: u64) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(unix)).to_string()
+}
+
+fn publish(trust: &Path, urls: Vec<String>, creds: PathBuf, ca: PathBuf, file: &Path) -> Result<()> {
+    use perch_fleet::publish::{self, Published, Target};
+    if !file.is_file() {
+        return Err(UsageError(format!("{}: no such bundle file", file.display())).into());
+    }
+    let now = now_unix();
+    let trust = load_trust(trust, now)?;
+    let bar = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
+        let b = indicatif::ProgressBar::new(0);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} chunks")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b.set_message("publishing");
+        b
+    });
+    let target = Target { urls, creds, ca };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let done = rt.block_on(publish::publish(&trust, file, &target, now, |acked, total| {
+        if let Some(b) = &bar {
+            b.set_length(u64::from(total));
+            b.set_position(u64::from(acked));
+        }
+    }));
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    match done.map_err(|e| match e {
+        publish::PublishError::Verify(v) => anyhow::Error::new(v),
+        other => anyhow::Error::new(other),
+    })? {
+        Published::Sent { chunks, bytes } => {
+            println!("published {} ({chunks} chunks, {bytes} bytes)", file.display())
+        }
+        Published::AlreadyThere { chunks } => {
+            println!("{} is already published ({chunks} chunks); nothing sent", file.display())
+        }
+    }
+    Ok(())
 }

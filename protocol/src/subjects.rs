@@ -19,6 +19,18 @@ pub const REPORTS_ALL: &str = "perch.report.>";
 /// How long `PERCH_REPORTS` remembers message ids: a report resent after a
 /// link outage up to this long is stored once.
 pub const REPORTS_DUPLICATE_WINDOW_SECS: u64 = 24 * 3600;
+/// Every chunk subject: `perch.chunk.<bundle digest hex>.<index>`, and
+/// `perch.chunk.<bundle digest hex>.m` for the head (manifest and signatures).
+pub const CHUNKS_ALL: &str = "perch.chunk.>";
+
+/// The subject of chunk `index` of a bundle; `None` is the head.
+pub fn chunk(digest: &[u8; 32], index: Option<u32>) -> String {
+    match index {
+        Some(i) => format!("perch.chunk.{}.{i}", hex::encode(digest)),
+        None => format!("perch.chunk.{}.m", hex::encode(digest)),
+    }
+}
+
 /// Where the SYS account takes account JWT updates (full resolver).
 pub const CLAIMS_UPDATE: &str = "$SYS.REQ.CLAIMS.UPDATE";
 

@@ -322,3 +322,11 @@ impl Device {
         std::fs::write(self.config(), text.replace(from, to)).unwrap();
     }
 }
+
+impl ReportsReader {
+    /// The last message on `subject` in `stream`, if any.
+    pub fn last_by_subject(&self, stream: &str, subject: &str) -> Option<Vec<u8>> {
+        let s = self.rt.block_on(self.js.get_stream(stream)).ok()?;
+        self.rt.block_on(s.get_last_raw_message_by_subject(subject)).ok().map(|m| m.payload.to_vec())
+    }
+}

@@ -113,6 +113,11 @@ impl VerifiedManifest {
         self.head.digest()
     }
 
+    /// The verified head (header, manifest and signatures), e.g. to publish it.
+    pub fn head(&self) -> &BundleHead {
+        &self.head
+    }
+
     /// Checks one chunk, however it arrived (file, NATS message, slot read-back).
     pub fn check_chunk(&self, index: u32, data: &[u8]) -> Result<(), BundleError> {
         self.head.manifest.check_chunk(index, data)
