@@ -41,6 +41,7 @@ pub fn read_info(s: &mut TcpStream) -> serde_json::Value {
 pub struct NatsServer {
     child: Child,
     pub port: u16,
+    dir: std::path::PathBuf,
 }
 
 impl NatsServer {
@@ -57,28 +58,44 @@ impl NatsServer {
             ),
         )
         .unwrap();
-        let log = std::fs::File::create(dir.join("nats-server.log")).unwrap();
-        // The include's `tls {}` paths are relative to the org's parent.
-        let child = Command::new("nats-server")
-            .current_dir(dir)
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("nats-server (install it with `cargo xtask setup`)");
-        let s = NatsServer { child, port };
+        let child = spawn(dir);
+        let s = NatsServer { child, port, dir: dir.to_path_buf() };
+        s.wait_ready();
+        s
+    }
+
+    fn wait_ready(&self) {
         let start = Instant::now();
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
             assert!(
                 start.elapsed() < Duration::from_secs(10),
                 "nats-server did not start: {}",
-                std::fs::read_to_string(dir.join("nats-server.log")).unwrap_or_default()
+                std::fs::read_to_string(self.dir.join("nats-server.log")).unwrap_or_default()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        s
     }
+
+    /// Kills the server hard (SIGKILL) and starts it again on the same port
+    /// with the same JetStream store: what a crash and a restart look like.
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = spawn(&self.dir);
+        self.wait_ready();
+    }
+}
+
+fn spawn(dir: &Path) -> Child {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("nats-server.log")).unwrap();
+    Command::new("nats-server")
+        .current_dir(dir)
+        .arg("-c")
+        .arg(dir.join("nats-server.conf"))
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("nats-server (install it with `cargo xtask setup`)")
 }
 
 impl Drop for NatsServer {

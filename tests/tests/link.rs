@@ -135,3 +135,44 @@ fn reports_arrive_exactly_once_through_an_outage_a_crash_and_a_reboot() {
     assert!(reports.iter().any(|r| r.boot_id == "boot-1") && reports.iter().any(|r| r.boot_id == "boot-2"));
     assert!(reports.iter().all(|r| r.device == "drone-3"));
 }
+
+#[test]
+fn reports_continue_exactly_once_across_a_server_crash() {
+    let mut f = Fleet::start(1);
+    let proxy = Proxy::start(([127, 0, 0, 1], f.server.port).into());
+    let d = device_behind(
+        &f,
+        &proxy,
+        "pump-9",
+        "[link]\nping_interval = \"500ms\"\nmax_backoff = \"1s\"\n[reports]\nheartbeat = \"10ms\"\nack_timeout = \"2s\"\n",
+    );
+    let mut agent = d.spawn_run();
+    {
+        let reader = f.reports_reader();
+        assert!(wait_for(Duration::from_secs(15), || reader.count() > 100), "{}", f.all_logs());
+    }
+    // The server dies hard mid-stream and comes back with its store.
+    f.server.restart();
+    std::thread::sleep(Duration::from_secs(3));
+    kill(&mut agent);
+    d.edit_config("heartbeat = \"10ms\"", "heartbeat = \"1h\"");
+    let mut drain = d.spawn_run();
+    let reader = f.reports_reader();
+    let mut last = (0, Instant::now());
+    assert!(
+        wait_for(Duration::from_secs(60), || {
+            let n = reader.count();
+            if n != last.0 {
+                last = (n, Instant::now());
+            }
+            last.1.elapsed() > Duration::from_secs(3)
+        }),
+        "the stream never settled"
+    );
+    kill(&mut drain);
+    let mut seqs: Vec<u64> = reader.all().iter().map(|r| r.seq).collect();
+    seqs.sort();
+    let n = seqs.len() as u64;
+    assert!(n > 200, "only {n} reports");
+    assert_eq!(seqs, (1..=n).collect::<Vec<_>>(), "duplicates or gaps after a server crash");
+}
