@@ -37,6 +37,27 @@ pub struct Config {
     pub link: LinkConfig,
     #[serde(default)]
     pub reports: ReportsConfig,
+    #[serde(default)]
+    pub fetch: FetchConfig,
+}
+
+/// Desired state and bundle fetching over the link.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FetchConfig {
+    /// How often the desired state is read again in full.
+    #[serde(deserialize_with = "duration")]
+    pub resync: Duration,
+    /// Chunk requests in flight ahead of the install.
+    pub window: usize,
+    /// Bytes one bundle may pull over the link; 0 = no limit.
+    pub budget: u64,
+}
+
+impl Default for FetchConfig {
+    fn default() -> Self {
+        Self { resync: Duration::from_secs(30), window: 4, budget: 0 }
+    }
 }
 
 /// The FLEET link.
@@ -373,6 +394,9 @@ impl Config {
         }
         if self.link.ping_interval < Duration::from_millis(100) || self.link.max_backoff.is_zero() {
             return Err("link.ping_interval must be at least 100ms and link.max_backoff above 0".into());
+        }
+        if self.fetch.resync < Duration::from_millis(100) || self.fetch.window == 0 {
+            return Err("fetch.resync must be at least 100ms and fetch.window above 0".into());
         }
         let r = &self.reports;
         if r.heartbeat < Duration::from_millis(1) || r.ack_window == 0 || r.ack_timeout.is_zero() {

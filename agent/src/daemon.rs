@@ -17,8 +17,9 @@ use crate::link::{self, LinkSettings};
 use crate::outbox::{Outbox, OutboxConfig};
 use crate::reports::{self, Reporter, SendSettings};
 
-/// Runs until the process ends.
-pub async fn run(cfg: Config, state_dir: PathBuf) {
+/// Runs until the process ends. `engine` is held by whoever uses the
+/// deploy engine, so that only one install runs at a time.
+pub async fn run(cfg: Config, state_dir: PathBuf, engine: Arc<tokio::sync::Mutex<()>>) {
     let reporter = match open_reporter(&cfg, &state_dir) {
         Ok(r) => Some(r),
         Err(e) => {
@@ -36,15 +37,27 @@ pub async fn run(cfg: Config, state_dir: PathBuf) {
         Ok(k) => Arc::new(k),
         Err(e) => return error!("device key unusable: {e}"),
     };
+    let (device, groups) = (v.credential.device_id.clone(), v.credential.groups.clone());
     let settings = LinkSettings { ping_interval: cfg.link.ping_interval, max_backoff: cfg.link.max_backoff };
     let link = match link::start(v, key, &settings, &state_dir).await {
         Ok(l) => l,
         Err(e) => return error!("FLEET link: {e}"),
     };
-    if let Some(r) = reporter {
+    if let Some(r) = reporter.clone() {
         let send = SendSettings { ack_window: cfg.reports.ack_window, ack_timeout: cfg.reports.ack_timeout };
         tokio::spawn(reports::send_loop(link.client.clone(), r, send));
     }
+    let backoff = cfg.link.max_backoff;
+    tokio::spawn(crate::desired::follow(
+        link.client.clone(),
+        cfg,
+        state_dir,
+        device,
+        groups,
+        engine,
+        reporter,
+        backoff,
+    ));
     link.watch().await;
 }
 

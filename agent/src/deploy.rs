@@ -139,12 +139,25 @@ impl Engine {
     /// Installs the bundle at `path` into the inactive slot and takes it as
     /// far as it can go: committed, rolled back, or awaiting a reboot.
     pub fn install(&mut self, path: &Path) -> Result<Finished, DeployError> {
+        let file = File::open(path)
+            .map_err(|e| DeployError::Bundle { path: path.into(), source: BundleError::Io(e) })?;
+        // Unbuffered: the reader asks for 64 KiB pieces, which a buffer would only copy.
+        self.install_from(file, path)
+    }
+
+    /// [`install`](Self::install) from any seekable source of bundle bytes
+    /// (a file, or chunks fetched over the link); `label` names it in errors.
+    pub fn install_from<R: Read + std::io::Seek>(
+        &mut self,
+        source: R,
+        label: &Path,
+    ) -> Result<Finished, DeployError> {
+        let path = label;
         let now = now_unix();
         let trust = load_trust(&self.cfg.trust, now)?;
         let bundle_err = |source| DeployError::Bundle { path: path.into(), source };
-        let file = File::open(path).map_err(|e| bundle_err(BundleError::Io(e)))?;
-        // Unbuffered: the reader asks for 64 KiB pieces, which a buffer would only copy.
-        let mut reader = BundleReader::open(file).and_then(|r| r.verify(&trust, now)).map_err(bundle_err)?;
+        let mut reader =
+            BundleReader::open(source).and_then(|r| r.verify(&trust, now)).map_err(bundle_err)?;
         let bundle = BundleRef::of(reader.manifest());
         let booted = self.backend.booted()?;
         if self.journal.slot(booted).is_some_and(|b| b.digest == bundle.digest)
@@ -166,27 +179,29 @@ impl Engine {
             )));
         }
         let slot = booted.other();
-        let resume_at = match &self.journal.state {
+        let (resume_at, same_bundle) = match &self.journal.state {
             DeployState::Staging { bundle: b, slot: s, next_chunk }
                 if b.digest == bundle.digest && *s == slot =>
             {
-                Some(*next_chunk)
+                (Some(*next_chunk), true)
             }
-            DeployState::Staged { bundle: b, slot: s } if b.digest == bundle.digest && *s == slot => None,
-            _ => Some(0),
+            DeployState::Staged { bundle: b, slot: s } if b.digest == bundle.digest && *s == slot => {
+                (None, true)
+            }
+            _ => (Some(0), false),
         };
         if let Some(recorded) = resume_at {
-            // Trust, but verify: re-hash what the journal says is on the slot
-            // (reading is cheap, fetching again is not) and resume at the
-            // first chunk that is not there intact.
-            let from_chunk =
-                if recorded > 0 { self.intact_prefix(reader.manifest(), slot, recorded)? } else { 0 };
+            // Trust, but verify: re-hash what is on the slot (reading is
+            // cheap, fetching again is not) and resume at the first chunk
+            // that is not there intact. Chunks written after the last
+            // checkpoint count too, so a crash costs no download.
+            let from_chunk = if same_bundle { self.intact_prefix(reader.manifest(), slot)? } else { 0 };
             if self.backend.next_boot()? == Some(slot) {
                 // The bootloader would boot the slot about to be overwritten
                 // (a fallback it made by itself): pin the running slot first.
                 self.backend.rollback(booted)?;
             }
-            if from_chunk < recorded {
+            if from_chunk != recorded && from_chunk > 0 {
                 self.save(DeployState::Staging { bundle: bundle.clone(), slot, next_chunk: from_chunk })?;
             }
             if from_chunk == 0 {
@@ -213,20 +228,22 @@ impl Engine {
         self.activate_when_allowed()
     }
 
-    /// How many of the first `recorded` chunks read back from `slot` intact.
-    fn intact_prefix(&self, m: &VerifiedManifest, slot: SlotId, recorded: u32) -> Result<u32, DeployError> {
-        let chunk_size = m.manifest().chunk_size as usize;
-        let len = u64::from(recorded) * chunk_size as u64;
-        let Ok(mut back) = self.backend.read_back(slot, len) else { return Ok(0) };
-        let mut buf = vec![0u8; chunk_size];
-        for index in 0..recorded {
+    /// How many chunks, from the first, read back from `slot` intact.
+    fn intact_prefix(&self, m: &VerifiedManifest, slot: SlotId) -> Result<u32, DeployError> {
+        let count = m.manifest().chunk_count();
+        let Ok(mut back) = self.backend.read_back(slot, m.manifest().payload_len) else { return Ok(0) };
+        let mut buf = Vec::new();
+        for index in 0..count {
+            buf.resize(m.manifest().chunk_len(index), 0);
             if back.read_exact(&mut buf).is_err() || m.check_chunk(index, &buf).is_err() {
-                self.progress
-                    .note(&format!("chunk {index} on slot {slot} is not intact; staging again from there"));
+                if index > 0 {
+                    self.progress
+                        .note(&format!("chunks 0..{index} on slot {slot} are intact; staging from there"));
+                }
                 return Ok(index);
             }
         }
-        Ok(recorded)
+        Ok(count)
     }
 
     /// The checks on a verified manifest before anything is written.

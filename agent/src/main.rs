@@ -264,9 +264,13 @@ fn run(cli: Cli) -> Result<u8> {
             let (config_path, engine_dir) = (cli.config.clone(), cli.state_dir.clone());
             runtime()?.block_on(async move {
                 // The link (enrolling first if need be) runs while the
-                // engine finishes whatever the journal says is in flight.
-                let link = tokio::spawn(perch_agent::daemon::run(cfg, state_dir));
+                // engine finishes whatever the journal says is in flight;
+                // new installs wait for it.
+                let engine_turn = std::sync::Arc::new(tokio::sync::Mutex::new(()));
+                let turn = engine_turn.clone().lock_owned().await;
+                let link = tokio::spawn(perch_agent::daemon::run(cfg, state_dir, engine_turn));
                 let resumed = tokio::task::spawn_blocking(move || -> Result<()> {
+                    let _turn = turn;
                     // The engine is not Send: it lives on this thread only.
                     let (mut engine, problem) = Engine::open(Config::load(&config_path)?, &engine_dir)?;
                     warn(problem);

@@ -132,7 +132,23 @@ pub async fn ensure_fleet_streams(js: &async_nats::jetstream::Context) -> Result
         allow_direct: true,
         ..Default::default()
     };
-    perch_net::ensure_stream(js, reports).await.map_err(|e| ProvisionerError::Registry(RegistryError::Kv(e)))
+    let chunks = Config {
+        name: subjects::CHUNKS_STREAM.into(),
+        description: Some("perch bundle chunks".into()),
+        subjects: vec![subjects::CHUNKS_ALL.into()],
+        storage: StorageType::File,
+        max_messages_per_subject: 1,
+        allow_direct: true,
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    };
+    let kv = |e: String| ProvisionerError::Registry(RegistryError::Kv(e));
+    perch_net::ensure_stream(js, reports).await.map_err(kv)?;
+    perch_net::ensure_stream(js, chunks).await.map_err(kv)?;
+    perch_net::ensure_kv(js, subjects::DESIRED_BUCKET, "perch desired state: device.<id> and group.<g>", 5)
+        .await
+        .map_err(kv)?;
+    Ok(())
 }
 
 /// Loads the org and checks that it can issue, without connecting.

@@ -330,3 +330,87 @@ impl ReportsReader {
         self.rt.block_on(s.get_last_raw_message_by_subject(subject)).ok().map(|m| m.payload.to_vec())
     }
 }
+
+impl ReportsReader {
+    /// Puts `value` at `key` in KV `bucket`, as an operator would.
+    pub fn kv_put(&self, bucket: &str, key: &str, value: &str) {
+        let kv = self.rt.block_on(self.js.get_key_value(bucket)).expect("bucket");
+        self.rt.block_on(kv.put(key, value.to_string().into())).expect("kv put");
+    }
+}
+
+impl Fleet {
+    /// Builds and signs (with k1) an archive bundle of a directory holding
+    /// `len` pseudo-random bytes; publishes it; returns (file, digest, payload length).
+    pub fn published_bundle(
+        &self,
+        name: &str,
+        counter: u32,
+        len: usize,
+        seed: u8,
+    ) -> (String, [u8; 32], u64) {
+        let s = &self.s;
+        let dir = s.path(&format!("{name}-{counter}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        s.write_payload(&format!("{name}-{counter}/data.bin"), len, seed);
+        let file = format!("{name}-{counter}.perch");
+        s.ok(
+            "perch",
+            &[
+                "bundle",
+                "build",
+                "--name",
+                name,
+                "--counter",
+                &counter.to_string(),
+                "--kind",
+                "archive",
+                "--input",
+                dir.to_str().unwrap(),
+                "--out",
+                &file,
+            ],
+        );
+        s.ok("perch", &["bundle", "sign", "--key", "k1.key", &file]);
+        if !s.path("release.creds").exists() {
+            s.ok(
+                "perch-bootstrap",
+                &[
+                    "nats",
+                    "creds",
+                    "--dir",
+                    "org",
+                    "--account",
+                    "fleet",
+                    "--name",
+                    "release",
+                    "--out",
+                    "release.creds",
+                ],
+            );
+        }
+        s.ok(
+            "perch",
+            &[
+                "publish",
+                "--trust",
+                "org/trust.doc",
+                "--url",
+                &self.url,
+                "--creds",
+                "release.creds",
+                "--ca",
+                "org/tls/ca.pem",
+                &file,
+            ],
+        );
+        let v: serde_json::Value =
+            serde_json::from_str(&s.ok("perch", &["bundle", "inspect", "--json", &file]).stdout).unwrap();
+        let hexd = v["digest"].as_str().unwrap();
+        let mut digest = [0u8; 32];
+        for (i, b) in digest.iter_mut().enumerate() {
+            *b = u8::from_str_radix(&hexd[2 * i..2 * i + 2], 16).unwrap();
+        }
+        (file, digest, v["payload_len"].as_u64().unwrap_or(len as u64))
+    }
+}

@@ -48,25 +48,43 @@ impl NatsServer {
     /// Starts nats-server with `extra` config (e.g. an `include`), storing
     /// JetStream data and the log under `dir`.
     pub fn start(dir: &Path, extra: &str) -> NatsServer {
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let conf = dir.join("nats-server.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "listen: \"127.0.0.1:{port}\"\njetstream {{ store_dir: \"{}\" }}\n{extra}\n",
-                dir.join("js").display()
-            ),
-        )
-        .unwrap();
-        let child = spawn(dir);
-        let s = NatsServer { child, port, dir: dir.to_path_buf() };
-        s.wait_ready();
-        s
+        // A free port can be taken by another test between our probe and
+        // nats-server's bind; then nats-server exits, and we try another.
+        for _ in 0..5 {
+            let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            let conf = dir.join("nats-server.conf");
+            std::fs::write(
+                &conf,
+                format!(
+                    "listen: \"127.0.0.1:{port}\"\njetstream {{ store_dir: \"{}\" }}\n{extra}\n",
+                    dir.join("js").display()
+                ),
+            )
+            .unwrap();
+            let child = spawn(dir);
+            let mut s = NatsServer { child, port, dir: dir.to_path_buf() };
+            if s.wait_ready() {
+                return s;
+            }
+        }
+        panic!(
+            "nats-server did not start: {}",
+            std::fs::read_to_string(dir.join("nats-server.log")).unwrap_or_default()
+        );
     }
 
-    fn wait_ready(&self) {
+    /// Waits until our server listens; false if it exited (port taken).
+    fn wait_ready(&mut self) -> bool {
         let start = Instant::now();
-        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+        loop {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return false;
+            }
+            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                // Still ours a moment later: it did not lose the port.
+                std::thread::sleep(Duration::from_millis(50));
+                return matches!(self.child.try_wait(), Ok(None));
+            }
             assert!(
                 start.elapsed() < Duration::from_secs(10),
                 "nats-server did not start: {}",
@@ -82,12 +100,13 @@ impl NatsServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
         self.child = spawn(&self.dir);
-        self.wait_ready();
+        assert!(self.wait_ready(), "nats-server did not come back on port {}", self.port);
     }
 }
 
 fn spawn(dir: &Path) -> Child {
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("nats-server.log")).unwrap();
+    let log =
+        std::fs::OpenOptions::new().create(true).append(true).open(dir.join("nats-server.log")).unwrap();
     Command::new("nats-server")
         .current_dir(dir)
         .arg("-c")

@@ -176,3 +176,144 @@ fn reports_continue_exactly_once_across_a_server_crash() {
     assert!(n > 200, "only {n} reports");
     assert_eq!(seqs, (1..=n).collect::<Vec<_>>(), "duplicates or gaps after a server crash");
 }
+
+fn hex(d: &[u8; 32]) -> String {
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn deploy_state(d: &Device) -> (String, Option<String>) {
+    let r = d.agent(&["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap_or_default();
+    (
+        v["deploy"]["state"].as_str().unwrap_or_default().to_string(),
+        v["slots"]["b"]["name"]
+            .as_str()
+            .map(str::to_string)
+            .or_else(|| v["slots"]["a"]["name"].as_str().map(str::to_string)),
+    )
+}
+
+fn fetch_device(f: &Fleet, proxy: &Proxy, name: &str) -> Device {
+    let d = device_behind(
+        f,
+        proxy,
+        name,
+        "[link]\nping_interval = \"1s\"\nmax_backoff = \"1s\"\n[fetch]\nresync = \"500ms\"\nwindow = 4\n[health]\ntrial = \"5s\"\n",
+    );
+    // The factory image: slot a, running.
+    std::fs::create_dir_all(d.dir.join("slots/a")).unwrap();
+    std::os::unix::fs::symlink("a", d.dir.join("slots/current")).unwrap();
+    d
+}
+
+#[test]
+fn a_bundle_arrives_over_a_flapping_capped_link_each_chunk_fetched_once() {
+    let f = Fleet::start(1);
+    let proxy = Proxy::start(([127, 0, 0, 1], f.server.port).into());
+    let d = fetch_device(&f, &proxy, "rover-2");
+    let (_, digest, payload_len) = f.published_bundle("os", 2, 6 << 20, 3);
+    let admin = f.reports_reader();
+    admin.kv_put("PERCH_DESIRED", "device.rover-2", &format!("{{\"bundle\": \"{}\"}}", hex(&digest)));
+    // 2 MB/s, and the link drops for 3 s every 3 s.
+    proxy.set_shape(perch_tests::chaos::Shape { latency: Duration::ZERO, bandwidth: 2_000_000 });
+    proxy.flap(Duration::from_secs(3));
+    let mut agent = d.spawn_run();
+    let done = wait_for(Duration::from_secs(90), || deploy_state(&d).0 == "committed");
+    proxy.set_mode(Mode::Pass);
+    kill(&mut agent);
+    assert!(done, "not committed: {:?}\n{}", deploy_state(&d), f.log("rover-2-run.log"));
+    let data = std::fs::read(d.dir.join("slots/current/data.bin")).unwrap();
+    assert_eq!(data.len(), 6 << 20);
+    // Every chunk crossed the link once, plus at most the window in flight
+    // when the link dropped, for each drop (and the protocol's own bytes).
+    let (down, _) = proxy.bytes();
+    let chunk = 256 * 1024;
+    let drops = proxy.connections();
+    let allowed = payload_len + drops * 4 * chunk + (1 << 20);
+    eprintln!(
+        "fetched {down} bytes for a {payload_len}-byte payload over {drops} connections (allowed {allowed})"
+    );
+    assert!(
+        down <= allowed,
+        "{down} bytes came down for a {payload_len}-byte payload over {drops} connections"
+    );
+}
+
+#[test]
+fn desired_state_changed_while_offline_and_a_server_restart_is_applied_on_reconnect() {
+    let mut f = Fleet::start(1);
+    let proxy = Proxy::start(([127, 0, 0, 1], f.server.port).into());
+    let d = fetch_device(&f, &proxy, "rover-3");
+    let (_, first, _) = f.published_bundle("os", 2, 1 << 20, 4);
+    let (_, second, _) = f.published_bundle("os", 3, 1 << 20, 5);
+    {
+        let admin = f.reports_reader();
+        admin.kv_put("PERCH_DESIRED", "group.g", &format!("{{\"bundle\": \"{}\"}}", hex(&first)));
+    }
+    let mut agent = d.spawn_run();
+    assert!(
+        wait_for(Duration::from_secs(60), || deploy_state(&d).0 == "committed"),
+        "{}",
+        f.log("rover-3-run.log")
+    );
+    // The device goes offline; meanwhile the operator names release 3 (for
+    // this device: its own key beats the group's), and the server restarts.
+    proxy.set_mode(Mode::Blackhole);
+    std::thread::sleep(Duration::from_secs(1));
+    {
+        let admin = f.reports_reader();
+        admin.kv_put("PERCH_DESIRED", "device.rover-3", &format!("{{\"bundle\": \"{}\"}}", hex(&second)));
+    }
+    f.server.restart();
+    proxy.set_mode(Mode::Pass);
+    proxy.reset();
+    let upgraded = wait_for(Duration::from_secs(60), || {
+        let r = d.agent(&["status", "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap_or_default();
+        v["deploy"]["state"] == "committed" && v["deploy"]["bundle"]["counter"] == 3
+    });
+    kill(&mut agent);
+    assert!(upgraded, "{}", f.log("rover-3-run.log"));
+}
+
+#[test]
+fn killed_at_ten_points_mid_fetch_it_resumes_without_fetching_verified_chunks_again() {
+    let f = Fleet::start(1);
+    let proxy = Proxy::start(([127, 0, 0, 1], f.server.port).into());
+    let d = fetch_device(&f, &proxy, "rover-4");
+    let (_, digest, payload_len) = f.published_bundle("os", 2, 6 << 20, 6);
+    f.reports_reader().kv_put(
+        "PERCH_DESIRED",
+        "device.rover-4",
+        &format!("{{\"bundle\": \"{}\"}}", hex(&digest)),
+    );
+    // 800 kB/s: the fetch takes about 8 s, long enough to be killed ten times in.
+    proxy.set_shape(perch_tests::chaos::Shape { latency: Duration::ZERO, bandwidth: 800_000 });
+    let mut agent = d.spawn_run();
+    // Ten SIGKILLs at uneven moments while it fetches.
+    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+    let mut kills = 0;
+    while kills < 10 && deploy_state(&d).0 != "committed" {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        std::thread::sleep(Duration::from_millis(1300 + x % 700));
+        kill(&mut agent);
+        kills += 1;
+        agent = d.spawn_run();
+    }
+    let done = wait_for(Duration::from_secs(90), || deploy_state(&d).0 == "committed");
+    kill(&mut agent);
+    assert!(done, "not committed after {kills} kills: {:?}", deploy_state(&d));
+    assert_eq!(kills, 10, "the install finished after only {kills} kills");
+    assert_eq!(std::fs::read(d.dir.join("slots/current/data.bin")).unwrap().len(), 6 << 20);
+    // Each restart costs at most the chunks that were in flight, not the
+    // ones already verified and written.
+    let (down, _) = proxy.bytes();
+    let chunk = 256 * 1024;
+    let allowed = payload_len + (kills as u64 + 1) * 4 * chunk + (1 << 20);
+    eprintln!(
+        "fetched {down} bytes for a {payload_len}-byte payload across {kills} kills (allowed {allowed})"
+    );
+    assert!(down <= allowed, "{down} bytes came down for a {payload_len}-byte payload across {kills} kills");
+}

@@ -1,0 +1,160 @@
+//! Following the desired state: the JetStream KV bucket `PERCH_DESIRED`,
+//! keys `device.<id>` and `group.<g>` (the device's own key beats its
+//! groups'). A desired bundle the device does not run yet is fetched from
+//! `PERCH_CHUNKS` and installed by the deploy engine.
+//!
+//! The keys are read in full every `fetch.resync` with direct gets (the
+//! only JetStream calls a device's grant allows for them), so a change made
+//! while the device was offline, or across a server restart, is seen on the
+//! first read after the link returns. A bundle that failed or rolled back
+//! is not tried again until the desired state names another one.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use async_nats::{Client, StatusCode};
+use perch_protocol::report::{Lane, ReportKind};
+use perch_protocol::subjects::{self, DESIRED_BUCKET};
+use serde::Deserialize;
+use tokio::sync::Mutex;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::deploy::{Engine, Finished};
+use crate::fetch::{ChunkSource, FetchSettings};
+use crate::journal::{JournalStore, Outcome};
+use crate::reports::Reporter;
+
+/// The value of a desired-state key (JSON).
+#[derive(Debug, Clone, Deserialize)]
+pub struct Desired {
+    /// The bundle digest (hex), as `perch bundle inspect` shows it.
+    pub bundle: String,
+}
+
+/// Reads the desired bundle digest for `device` in `groups`.
+pub async fn read(client: &Client, device: &str, groups: &[String]) -> Result<Option<[u8; 32]>, String> {
+    let mut keys = vec![subjects::desired_device_key(device)];
+    keys.extend(groups.iter().map(|g| subjects::desired_group_key(g)));
+    for key in keys {
+        let api = format!("$JS.API.DIRECT.GET.KV_{DESIRED_BUCKET}.$KV.{DESIRED_BUCKET}.{key}");
+        let msg = client.request(api, Default::default()).await.map_err(|e| format!("{key}: {e}"))?;
+        if msg.status == Some(StatusCode::NOT_FOUND) {
+            continue;
+        }
+        if msg.status.is_some_and(|s| s != StatusCode::OK) {
+            return Err(format!("{key}: status {:?}", msg.status));
+        }
+        // A deleted key reads as a marker with no value.
+        let deleted = msg
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("KV-Operation"))
+            .is_some_and(|v| v.as_str() == "DEL" || v.as_str() == "PURGE");
+        if deleted {
+            continue;
+        }
+        let d: Desired =
+            serde_json::from_slice(&msg.payload).map_err(|e| format!("{key}: not a desired state: {e}"))?;
+        let mut digest = [0u8; 32];
+        hex::decode_to_slice(d.bundle.trim(), &mut digest)
+            .map_err(|_| format!("{key}: bundle is not a digest"))?;
+        return Ok(Some(digest));
+    }
+    Ok(None)
+}
+
+/// Follows the desired state for as long as the agent runs.
+#[allow(clippy::too_many_arguments)]
+pub async fn follow(
+    client: Client,
+    cfg: Config,
+    state_dir: PathBuf,
+    device: String,
+    groups: Vec<String>,
+    engine: Arc<Mutex<()>>,
+    reporter: Option<Reporter>,
+    link_backoff: std::time::Duration,
+) {
+    let mut handled: Option<[u8; 32]> = None;
+    let mut tick = tokio::time::interval(cfg.fetch.resync);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if client.connection_state() != async_nats::connection::State::Connected {
+            continue;
+        }
+        let digest = match read(&client, &device, &groups).await {
+            Ok(Some(d)) => d,
+            Ok(None) => continue,
+            Err(e) => {
+                warn!("desired state: {e}");
+                continue;
+            }
+        };
+        if handled == Some(digest) || gave_up_on(&state_dir, &digest) {
+            continue;
+        }
+        info!(bundle = %hex::encode(&digest[..8]), "desired state names a new bundle; fetching it");
+        let _turn = engine.lock().await;
+        let settings = FetchSettings {
+            window: cfg.fetch.window,
+            budget: cfg.fetch.budget,
+            max_backoff: link_backoff,
+            ..FetchSettings::default()
+        };
+        let outcome = install(client.clone(), cfg.clone(), state_dir.clone(), digest, settings).await;
+        handled = Some(digest);
+        let (state, reason) = match &outcome {
+            Ok(f) => (f.clone(), None),
+            Err(e) => ("Failed".to_string(), Some(e.clone())),
+        };
+        match &outcome {
+            Ok(f) => info!(bundle = %hex::encode(&digest[..8]), "deploy: {f}"),
+            Err(e) => warn!(bundle = %hex::encode(&digest[..8]), "deploy failed: {e}"),
+        }
+        if let Some(r) = &reporter {
+            if let Err(e) = r.queue(Lane::Events, ReportKind::Deploy { state, reason }) {
+                warn!("deploy report not queued: {e}");
+            }
+        }
+    }
+}
+
+/// Whether the journal's last outcome is a failure or rollback of `digest`.
+fn gave_up_on(state_dir: &Path, digest: &[u8; 32]) -> bool {
+    let Ok(j) = JournalStore::new(state_dir).load() else { return false };
+    j.last.as_ref().is_some_and(|l| {
+        l.bundle.as_ref().is_some_and(|b| b.digest == *digest)
+            && matches!(l.outcome, Outcome::Failed(_) | Outcome::RolledBack(_))
+    })
+}
+
+/// Fetches and installs `digest` on a blocking thread; the state reached.
+async fn install(
+    client: Client,
+    cfg: Config,
+    state_dir: PathBuf,
+    digest: [u8; 32],
+    settings: FetchSettings,
+) -> Result<String, String> {
+    let rt = tokio::runtime::Handle::current();
+    let joined = tokio::task::spawn_blocking(move || -> Result<String, String> {
+        let (mut engine, problem) = Engine::open(cfg, &state_dir).map_err(|e| e.to_string())?;
+        if let Some(p) = problem {
+            warn!("{p}; moved aside, kept the running slot and started a fresh journal");
+        }
+        let source = ChunkSource::open(rt, client, digest, settings).map_err(|e| e.to_string())?;
+        let label = PathBuf::from(format!("nats:{}", subjects::chunk(&digest, None)));
+        let f = engine.install_from(source, &label).map_err(|e| format!("{e:#}"))?;
+        Ok(match f {
+            Finished::Committed(_) => "Committed".into(),
+            Finished::RolledBack(_, r) => format!("RolledBack: {r}"),
+            Finished::AwaitingReboot(s) => format!("AwaitingReboot into slot {s}"),
+            Finished::AlreadyRunning(_) => "AlreadyRunning".into(),
+            Finished::Idle | Finished::NeedsBundle(_) => engine.journal.state.name().to_string(),
+        })
+    })
+    .await;
+    joined.map_err(|e| format!("install thread: {e}"))?
+}

@@ -1,0 +1,231 @@
+//! Bundles fetched over the link: the JetStream stream `PERCH_CHUNKS`, one
+//! message per chunk, read with direct gets.
+//!
+//! [`ChunkSource`] presents a published bundle as the byte stream of a
+//! bundle file (`Read + Seek`), so the deploy engine stages it exactly as it
+//! stages a file: the head is verified before any payload is used, each
+//! chunk is hashed before it is written, and a resumed deploy seeks to the
+//! first chunk not intact on the slot. Only what the engine asks for is
+//! fetched, with `window` direct gets in flight ahead of it.
+//!
+//! A lost link does not fail the fetch: each request is retried with
+//! backoff until it is answered. What stops a fetch is the server saying a
+//! chunk does not exist, or the bundle's data budget running out.
+
+use std::collections::VecDeque;
+use std::io::{self, Read, Seek, SeekFrom};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::{Client, StatusCode};
+use perch_protocol::subjects::{self, CHUNKS_STREAM};
+use tokio::runtime::Handle;
+use tokio::task::JoinHandle;
+use tracing::debug;
+
+/// How a fetch behaves.
+#[derive(Debug, Clone)]
+pub struct FetchSettings {
+    /// Direct gets in flight ahead of the engine.
+    pub window: usize,
+    /// Bytes one bundle may pull over the link (0: no limit).
+    pub budget: u64,
+    /// How long one request may take before it is sent again.
+    pub request_timeout: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Default for FetchSettings {
+    fn default() -> Self {
+        Self {
+            window: 4,
+            budget: 0,
+            request_timeout: Duration::from_secs(10),
+            max_backoff: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A published bundle, read as a file.
+pub struct ChunkSource {
+    rt: Handle,
+    client: Client,
+    digest: [u8; 32],
+    settings: FetchSettings,
+    head: Vec<u8>,
+    chunk_size: u64,
+    chunk_count: u32,
+    payload_len: u64,
+    pos: u64,
+    current: Option<(u32, Vec<u8>)>,
+    ahead: VecDeque<(u32, JoinHandle<io::Result<Vec<u8>>>)>,
+    fetched: Arc<AtomicU64>,
+}
+
+fn other(msg: String) -> io::Error {
+    io::Error::other(msg)
+}
+
+impl ChunkSource {
+    /// Fetches the head of bundle `digest`. Call from a blocking thread.
+    pub fn open(rt: Handle, client: Client, digest: [u8; 32], settings: FetchSettings) -> io::Result<Self> {
+        let fetched = Arc::new(AtomicU64::new(0));
+        let head = rt.block_on(get(
+            client.clone(),
+            subjects::chunk(&digest, None),
+            settings.clone(),
+            fetched.clone(),
+        ))?;
+        // The head says how the payload is cut; it is verified by the engine
+        // before any chunk is used, so reading it here unverified is safe.
+        let reader = perch_protocol::bundle::BundleReader::open(&head[..])
+            .map_err(|e| other(format!("bundle {} head: {e}", hex::encode(digest))))?;
+        let m = reader.head().unverified_manifest();
+        let (chunk_size, chunk_count, payload_len) =
+            (u64::from(m.chunk_size), m.chunk_count(), m.payload_len);
+        Ok(Self {
+            rt,
+            client,
+            digest,
+            settings,
+            head,
+            chunk_size,
+            chunk_count,
+            payload_len,
+            pos: 0,
+            current: None,
+            ahead: VecDeque::new(),
+            fetched,
+        })
+    }
+
+    /// Bytes received so far (head included).
+    pub fn fetched(&self) -> Arc<AtomicU64> {
+        self.fetched.clone()
+    }
+
+    fn spawn(&self, index: u32) -> JoinHandle<io::Result<Vec<u8>>> {
+        let subject = subjects::chunk(&self.digest, Some(index));
+        self.rt.spawn(get(self.client.clone(), subject, self.settings.clone(), self.fetched.clone()))
+    }
+
+    /// Makes chunk `index` current, fetching it (and the window after it).
+    fn load(&mut self, index: u32) -> io::Result<()> {
+        if self.current.as_ref().is_some_and(|(i, _)| *i == index) {
+            return Ok(());
+        }
+        // A seek elsewhere: what was fetched ahead is of no use.
+        if self.ahead.front().is_some_and(|(i, _)| *i != index) {
+            for (_, h) in self.ahead.drain(..) {
+                h.abort();
+            }
+        }
+        let mut next = self.ahead.back().map(|(i, _)| i + 1).unwrap_or(index);
+        while self.ahead.len() < self.settings.window.max(1) && next < self.chunk_count {
+            self.ahead.push_back((next, self.spawn(next)));
+            next += 1;
+        }
+        let Some((i, h)) = self.ahead.pop_front() else {
+            return Err(other(format!("chunk {index} is past the end ({} chunks)", self.chunk_count)));
+        };
+        debug_assert_eq!(i, index);
+        let data = self.rt.block_on(h).map_err(|e| other(format!("chunk {index} fetch stopped: {e}")))??;
+        if self.settings.budget > 0 && self.fetched.load(Ordering::Relaxed) > self.settings.budget {
+            return Err(other(format!(
+                "data budget of {} bytes for bundle {} used up",
+                self.settings.budget,
+                hex::encode(&self.digest[..8])
+            )));
+        }
+        self.current = Some((index, data));
+        // Keep the window full behind the one just taken.
+        if let Some(n) = self.ahead.back().map(|(i, _)| i + 1).or(Some(index + 1)) {
+            if n < self.chunk_count && self.ahead.len() < self.settings.window {
+                self.ahead.push_back((n, self.spawn(n)));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Read for ChunkSource {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let head_len = self.head.len() as u64;
+        if self.pos < head_len {
+            let at = self.pos as usize;
+            let n = buf.len().min(self.head.len() - at);
+            buf[..n].copy_from_slice(&self.head[at..at + n]);
+            self.pos += n as u64;
+            return Ok(n);
+        }
+        let offset = self.pos - head_len;
+        if offset >= self.payload_len {
+            return Ok(0);
+        }
+        let index =
+            u32::try_from(offset / self.chunk_size).map_err(|_| other("offset out of range".into()))?;
+        self.load(index)?;
+        let Some((_, data)) = &self.current else { return Ok(0) };
+        let within = (offset % self.chunk_size) as usize;
+        if within >= data.len() {
+            return Err(other(format!("chunk {index} is shorter than the manifest says")));
+        }
+        let n = buf.len().min(data.len() - within);
+        buf[..n].copy_from_slice(&data[within..within + n]);
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl Seek for ChunkSource {
+    fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
+        let end = self.head.len() as u64 + self.payload_len;
+        let new = match to {
+            SeekFrom::Start(p) => Some(p),
+            SeekFrom::Current(d) => self.pos.checked_add_signed(d),
+            SeekFrom::End(d) => end.checked_add_signed(d),
+        };
+        self.pos = new.ok_or_else(|| other("seek out of range".into()))?;
+        Ok(self.pos)
+    }
+}
+
+impl Drop for ChunkSource {
+    fn drop(&mut self) {
+        for (_, h) in self.ahead.drain(..) {
+            h.abort();
+        }
+    }
+}
+
+/// One direct get, retried with backoff until answered. A missing message
+/// is an error (retried a few times: the publisher may still be at work).
+async fn get(
+    client: Client,
+    subject: String,
+    s: FetchSettings,
+    fetched: Arc<AtomicU64>,
+) -> io::Result<Vec<u8>> {
+    let api = format!("$JS.API.DIRECT.GET.{CHUNKS_STREAM}.{subject}");
+    let (mut attempt, mut missing) = (0u32, 0u32);
+    loop {
+        match tokio::time::timeout(s.request_timeout, client.request(api.clone(), Default::default())).await {
+            Ok(Ok(msg)) if msg.status.is_none() || msg.status == Some(StatusCode::OK) => {
+                fetched.fetch_add(msg.payload.len() as u64, Ordering::Relaxed);
+                return Ok(msg.payload.to_vec());
+            }
+            Ok(Ok(msg)) if msg.status == Some(StatusCode::NOT_FOUND) => {
+                missing += 1;
+                if missing >= 3 {
+                    return Err(other(format!("{subject} is not on the server (was the bundle published?)")));
+                }
+            }
+            Ok(Ok(msg)) => debug!("{subject}: status {:?}", msg.status),
+            Ok(Err(e)) => debug!("{subject}: {e}"),
+            Err(_) => debug!("{subject}: no answer in {:?}", s.request_timeout),
+        }
+        tokio::time::sleep(crate::enroll::backoff(attempt.min(4), s.max_backoff)).await;
+        attempt += 1;
+    }
+}
