@@ -121,30 +121,9 @@ pub async fn run(
 /// The fleet's streams: the provisioner makes them on first start, so a
 /// fresh org works with no other setup.
 pub async fn ensure_fleet_streams(js: &async_nats::jetstream::Context) -> Result<(), ProvisionerError> {
-    use async_nats::jetstream::stream::{Config, StorageType};
-    let reports = Config {
-        name: subjects::REPORTS_STREAM.into(),
-        description: Some("perch device reports".into()),
-        subjects: vec![subjects::REPORTS_ALL.into()],
-        storage: StorageType::File,
-        duplicate_window: Duration::from_secs(subjects::REPORTS_DUPLICATE_WINDOW_SECS),
-        max_age: Duration::from_secs(30 * 24 * 3600),
-        allow_direct: true,
-        ..Default::default()
-    };
-    let chunks = Config {
-        name: subjects::CHUNKS_STREAM.into(),
-        description: Some("perch bundle chunks".into()),
-        subjects: vec![subjects::CHUNKS_ALL.into()],
-        storage: StorageType::File,
-        max_messages_per_subject: 1,
-        allow_direct: true,
-        duplicate_window: Duration::from_secs(120),
-        ..Default::default()
-    };
     let kv = |e: String| ProvisionerError::Registry(RegistryError::Kv(e));
-    perch_net::ensure_stream(js, reports).await.map_err(kv)?;
-    perch_net::ensure_stream(js, chunks).await.map_err(kv)?;
+    perch_net::ensure_stream(js, perch_net::streams::reports()).await.map_err(kv)?;
+    perch_net::ensure_stream(js, perch_net::streams::chunks()).await.map_err(kv)?;
     perch_net::ensure_kv(js, subjects::DESIRED_BUCKET, "perch desired state: device.<id> and group.<g>", 5)
         .await
         .map_err(kv)?;

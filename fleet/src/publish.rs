@@ -11,12 +11,11 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use async_nats::jetstream::{self, stream};
+use async_nats::jetstream;
 use futures_util::stream::{FuturesOrdered, StreamExt};
 use perch_protocol::bundle::BundleReader;
-use perch_protocol::subjects::{self, CHUNKS_ALL, CHUNKS_STREAM};
+use perch_protocol::subjects::{self, CHUNKS_STREAM};
 use perch_protocol::trust::VerifiedTrust;
 
 /// Where and as whom to publish.
@@ -87,21 +86,7 @@ pub async fn publish(
         return Err(PublishError::HeadTooLarge { len: head.len(), max });
     }
     let js = jetstream::new(client);
-    perch_net::ensure_stream(
-        &js,
-        stream::Config {
-            name: CHUNKS_STREAM.into(),
-            description: Some("perch bundle chunks".into()),
-            subjects: vec![CHUNKS_ALL.into()],
-            storage: stream::StorageType::File,
-            max_messages_per_subject: 1,
-            allow_direct: true,
-            duplicate_window: Duration::from_secs(120),
-            ..Default::default()
-        },
-    )
-    .await
-    .map_err(PublishError::Nats)?;
+    perch_net::ensure_stream(&js, perch_net::streams::chunks()).await.map_err(PublishError::Nats)?;
     if already_there(&js, &digest, chunk_count).await? {
         return Ok(Published::AlreadyThere { chunks: chunk_count });
     }

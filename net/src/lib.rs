@@ -9,6 +9,7 @@
 //! consults the system certificate store.
 #![forbid(unsafe_code)]
 
+pub mod streams;
 pub mod tls;
 
 use std::sync::Arc;

@@ -57,6 +57,19 @@ fn link_state(d: &Device) -> String {
         .unwrap_or_default()
 }
 
+/// Waits until the reports stream has stopped growing for 3 s.
+fn settle(reader: &perch_tests::fleet::ReportsReader) {
+    let mut last = (0, Instant::now());
+    let settled = wait_for(Duration::from_secs(60), || {
+        let n = reader.count();
+        if n != last.0 {
+            last = (n, Instant::now());
+        }
+        last.1.elapsed() > Duration::from_secs(3)
+    });
+    assert!(settled, "the stream never settled");
+}
+
 fn kill(c: &mut Child) {
     let _ = c.kill();
     let _ = c.wait();
@@ -110,17 +123,7 @@ fn reports_arrive_exactly_once_through_an_outage_a_crash_and_a_reboot() {
     kill(&mut agent);
     d.edit_config("heartbeat = \"5ms\"", "heartbeat = \"1h\"");
     let mut drain = d.spawn_run();
-    let mut last = (0, Instant::now());
-    assert!(
-        wait_for(Duration::from_secs(60), || {
-            let n = reader.count();
-            if n != last.0 {
-                last = (n, Instant::now());
-            }
-            last.1.elapsed() > Duration::from_secs(3)
-        }),
-        "the stream never settled"
-    );
+    settle(&reader);
     kill(&mut drain);
     let reports: Vec<Report> = reader.all();
     let mut seqs: Vec<u64> = reports.iter().map(|r| r.seq).collect();
@@ -158,17 +161,7 @@ fn reports_continue_exactly_once_across_a_server_crash() {
     d.edit_config("heartbeat = \"10ms\"", "heartbeat = \"1h\"");
     let mut drain = d.spawn_run();
     let reader = f.reports_reader();
-    let mut last = (0, Instant::now());
-    assert!(
-        wait_for(Duration::from_secs(60), || {
-            let n = reader.count();
-            if n != last.0 {
-                last = (n, Instant::now());
-            }
-            last.1.elapsed() > Duration::from_secs(3)
-        }),
-        "the stream never settled"
-    );
+    settle(&reader);
     kill(&mut drain);
     let mut seqs: Vec<u64> = reader.all().iter().map(|r| r.seq).collect();
     seqs.sort();

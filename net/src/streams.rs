@@ -1,0 +1,37 @@
+//! The fleet's JetStream streams, configured in one place: whoever creates
+//! them first (the provisioner, or `perch publish`) creates the same thing.
+
+use std::time::Duration;
+
+use async_nats::jetstream::stream::{Config, StorageType};
+use perch_protocol::subjects;
+
+/// `PERCH_REPORTS`: device reports, deduplicated by `Nats-Msg-Id` for
+/// [`subjects::REPORTS_DUPLICATE_WINDOW_SECS`], kept 30 days.
+pub fn reports() -> Config {
+    Config {
+        name: subjects::REPORTS_STREAM.into(),
+        description: Some("perch device reports".into()),
+        subjects: vec![subjects::REPORTS_ALL.into()],
+        storage: StorageType::File,
+        duplicate_window: Duration::from_secs(subjects::REPORTS_DUPLICATE_WINDOW_SECS),
+        max_age: Duration::from_secs(30 * 24 * 3600),
+        allow_direct: true,
+        ..Default::default()
+    }
+}
+
+/// `PERCH_CHUNKS`: bundle heads and chunks, one message per subject, read
+/// by devices with direct gets.
+pub fn chunks() -> Config {
+    Config {
+        name: subjects::CHUNKS_STREAM.into(),
+        description: Some("perch bundle chunks".into()),
+        subjects: vec![subjects::CHUNKS_ALL.into()],
+        storage: StorageType::File,
+        max_messages_per_subject: 1,
+        allow_direct: true,
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    }
+}
