@@ -78,12 +78,24 @@ pub enum Finished {
     NeedsBundle(BundleRef),
 }
 
+/// What the engine tells an observer (the agent's reports).
+pub enum EngineEvent<'a> {
+    /// The journal moved to a new state (already persisted).
+    State(&'a DeployState),
+    /// Staging progress, every [`PROGRESS_EVERY`] chunks.
+    Progress { done: u32, count: u32 },
+}
+
+/// How often staging progress is told to the observer, in chunks.
+pub const PROGRESS_EVERY: u32 = 16;
+
 pub struct Engine {
     cfg: Config,
     store: JournalStore,
     backend: Box<dyn SlotBackend>,
     pub journal: Journal,
     pub progress: Progress,
+    observer: Option<Box<dyn FnMut(EngineEvent<'_>)>>,
 }
 
 impl Engine {
@@ -107,7 +119,12 @@ impl Engine {
             }
             Err(e) => return Err(e.into()),
         };
-        Ok((Engine { cfg, store, backend, journal, progress: Progress::new() }, problem))
+        Ok((Engine { cfg, store, backend, journal, progress: Progress::new(), observer: None }, problem))
+    }
+
+    /// Sets who is told of every state change and of staging progress.
+    pub fn observe(&mut self, f: impl FnMut(EngineEvent<'_>) + 'static) {
+        self.observer = Some(Box::new(f));
     }
 
     pub fn backend(&self) -> &dyn SlotBackend {
@@ -117,6 +134,9 @@ impl Engine {
     fn save(&mut self, state: DeployState) -> Result<(), DeployError> {
         self.journal.state = state;
         self.store.save(&mut self.journal)?;
+        if let Some(f) = self.observer.as_mut() {
+            f(EngineEvent::State(&self.journal.state));
+        }
         Ok(())
     }
 
@@ -387,6 +407,9 @@ impl Engine {
         });
 
         let mut staged_bytes = u64::from(from_chunk) * chunk_size;
+        let mut told = from_chunk / PROGRESS_EVERY;
+        let observer = &mut self.observer;
+        let progress = &mut self.progress;
         let read_all = (|| -> Result<(), DeployError> {
             while !abort.load(Ordering::SeqCst) {
                 let buf = spare_rx.try_recv().unwrap_or_default();
@@ -397,7 +420,14 @@ impl Engine {
                 while let Ok(n) = done_rx.try_recv() {
                     staged_bytes += n;
                 }
-                self.progress.set(staged_bytes);
+                progress.set(staged_bytes);
+                let done = (staged_bytes / chunk_size) as u32;
+                if done / PROGRESS_EVERY > told {
+                    told = done / PROGRESS_EVERY;
+                    if let Some(f) = observer.as_mut() {
+                        f(EngineEvent::Progress { done, count });
+                    }
+                }
             }
             Ok(())
         })();

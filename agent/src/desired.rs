@@ -20,9 +20,9 @@ use tokio::sync::Mutex;
 use tracing::{info, warn};
 
 use crate::config::Config;
-use crate::deploy::{Engine, Finished};
+use crate::deploy::{Engine, EngineEvent, Finished};
 use crate::fetch::{ChunkSource, FetchSettings};
-use crate::journal::{JournalStore, Outcome};
+use crate::journal::{DeployState, JournalStore, Outcome};
 use crate::reports::Reporter;
 
 /// The value of a desired-state key (JSON).
@@ -103,21 +103,34 @@ pub async fn follow(
             max_backoff: link_backoff,
             ..FetchSettings::default()
         };
-        let outcome = install(client.clone(), cfg.clone(), state_dir.clone(), digest, settings).await;
+        let outcome =
+            install(client.clone(), cfg.clone(), state_dir.clone(), digest, settings, reporter.clone()).await;
         handled = Some(digest);
-        let (state, reason) = match &outcome {
-            Ok(f) => (f.clone(), None),
-            Err(e) => ("Failed".to_string(), Some(e.clone())),
-        };
-        match &outcome {
+        match outcome {
             Ok(f) => info!(bundle = %hex::encode(&digest[..8]), "deploy: {f}"),
-            Err(e) => warn!(bundle = %hex::encode(&digest[..8]), "deploy failed: {e}"),
-        }
-        if let Some(r) = &reporter {
-            if let Err(e) = r.queue(Lane::Events, ReportKind::Deploy { state, reason }) {
-                warn!("deploy report not queued: {e}");
+            Err(e) => {
+                warn!(bundle = %hex::encode(&digest[..8]), "deploy failed: {e}");
+                // The engine reports every state it reaches; this is for a
+                // failure before it got the bundle at all (no head, say).
+                if let Some(r) = &reporter {
+                    let kind = ReportKind::Deploy { state: "Failed".into(), reason: Some(e) };
+                    if let Err(e) = r.queue(Lane::Events, kind) {
+                        warn!("deploy report not queued: {e}");
+                    }
+                }
             }
         }
+    }
+}
+
+/// Why a deploy state came about, for the report.
+fn reason_of(s: &DeployState) -> Option<String> {
+    match s {
+        DeployState::Failed { reason, .. } => Some(reason.clone()),
+        DeployState::RollingBack { reason, .. } | DeployState::RolledBack { reason, .. } => {
+            Some(reason.to_string())
+        }
+        _ => None,
     }
 }
 
@@ -137,12 +150,28 @@ async fn install(
     state_dir: PathBuf,
     digest: [u8; 32],
     settings: FetchSettings,
+    reporter: Option<Reporter>,
 ) -> Result<String, String> {
     let rt = tokio::runtime::Handle::current();
     let joined = tokio::task::spawn_blocking(move || -> Result<String, String> {
         let (mut engine, problem) = Engine::open(cfg, &state_dir).map_err(|e| e.to_string())?;
         if let Some(p) = problem {
             warn!("{p}; moved aside, kept the running slot and started a fresh journal");
+        }
+        if let Some(r) = reporter {
+            engine.observe(move |ev| {
+                let (lane, kind) = match ev {
+                    EngineEvent::State(s) => {
+                        (Lane::Events, ReportKind::Deploy { state: s.name().into(), reason: reason_of(s) })
+                    }
+                    EngineEvent::Progress { done, count } => {
+                        (Lane::Telemetry, ReportKind::Progress { chunks_done: done, chunk_count: count })
+                    }
+                };
+                if let Err(e) = r.queue(lane, kind) {
+                    warn!("deploy report not queued: {e}");
+                }
+            });
         }
         let source = ChunkSource::open(rt, client, digest, settings).map_err(|e| e.to_string())?;
         let label = PathBuf::from(format!("nats:{}", subjects::chunk(&digest, None)));

@@ -143,6 +143,23 @@ impl Drop for Fleet {
     }
 }
 
+/// A background process, SIGKILLed when dropped.
+pub struct Running(pub Child);
+
+impl Running {
+    /// SIGKILL, and reap.
+    pub fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 /// One device's config and state directory.
 pub struct Device {
     pub dir: PathBuf,
@@ -196,10 +213,16 @@ impl Device {
         let _ = f.write_all(text.as_bytes());
     }
 
-    /// Starts `perch-agent run` in the background, logging to `<scratch>/<name>-run.log`.
-    pub fn spawn_run(&self) -> Child {
-        let log = std::fs::File::create(self.dir.with_file_name(format!("{}-run.log", self.name))).unwrap();
-        self.cmd(&["run"]).stdout(Stdio::null()).stderr(log).spawn().unwrap()
+    /// Starts `perch-agent run` in the background, logging to
+    /// `<scratch>/<name>-run.log` (appended: restarts keep the history).
+    /// The agent is killed when the handle is dropped, even if a test fails.
+    pub fn spawn_run(&self) -> Running {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.with_file_name(format!("{}-run.log", self.name)))
+            .unwrap();
+        Running(self.cmd(&["run"]).stdout(Stdio::null()).stderr(log).spawn().unwrap())
     }
 
     pub fn enrollment(&self) -> perch_protocol::enroll::Enrollment {

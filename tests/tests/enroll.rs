@@ -46,8 +46,7 @@ fn desktop_enrolls_itself_at_first_boot_even_before_the_provisioner_is_up() {
     let again = enroll(&d, &token, &[]);
     assert_eq!(again.code, 0, "{}", again.stderr);
     assert!(again.stdout.contains("already enrolled"), "{}", again.stdout);
-    let _ = agent.kill();
-    let _ = agent.wait();
+    agent.kill();
     secrets_stay_secret(&f, &[&d], &std::fs::read_to_string(&token).unwrap());
 }
 
@@ -190,8 +189,7 @@ fn offline_enrollment_travels_as_files() {
         "{}",
         f.all_logs()
     );
-    let _ = agent.kill();
-    let _ = agent.wait();
+    agent.kill();
     let devs = f.devices();
     assert_eq!(devs["devices"][0]["via"], "offline");
 }

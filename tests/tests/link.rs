@@ -3,7 +3,6 @@
 //! across a blackhole, SIGKILLs and a reboot; a dead link is noticed within
 //! three ping intervals and the agent reconnects when it comes back.
 
-use std::process::Child;
 use std::time::{Duration, Instant};
 
 use perch_protocol::report::{Report, ReportKind};
@@ -70,9 +69,8 @@ fn settle(reader: &perch_tests::fleet::ReportsReader) {
     assert!(settled, "the stream never settled");
 }
 
-fn kill(c: &mut Child) {
-    let _ = c.kill();
-    let _ = c.wait();
+fn kill(c: &mut perch_tests::fleet::Running) {
+    c.kill();
 }
 
 #[test]
@@ -213,8 +211,31 @@ fn a_bundle_arrives_over_a_flapping_capped_link_each_chunk_fetched_once() {
     let mut agent = d.spawn_run();
     let done = wait_for(Duration::from_secs(90), || deploy_state(&d).0 == "committed");
     proxy.set_mode(Mode::Pass);
-    kill(&mut agent);
     assert!(done, "not committed: {:?}\n{}", deploy_state(&d), f.log("rover-2-run.log"));
+    // Every state change and the staging progress were reported.
+    let reported = wait_for(Duration::from_secs(20), || {
+        admin
+            .all()
+            .iter()
+            .any(|r| matches!(&r.kind, ReportKind::Deploy { state, .. } if state == "committed"))
+    });
+    kill(&mut agent);
+    assert!(reported, "no committed report");
+    let reports = admin.all();
+    let states: Vec<&str> = reports
+        .iter()
+        .filter_map(|r| match &r.kind {
+            ReportKind::Deploy { state, .. } => Some(state.as_str()),
+            _ => None,
+        })
+        .collect();
+    for s in ["staging", "staged", "activating", "trial", "committed"] {
+        assert!(states.contains(&s), "no {s} report in {states:?}");
+    }
+    assert!(
+        reports.iter().any(|r| matches!(r.kind, ReportKind::Progress { chunks_done, chunk_count } if chunks_done >= 16 && chunk_count > chunks_done)),
+        "no progress report"
+    );
     let data = std::fs::read(d.dir.join("slots/current/data.bin")).unwrap();
     assert_eq!(data.len(), 6 << 20);
     // Every chunk crossed the link once, plus at most the window in flight

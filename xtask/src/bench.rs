@@ -18,7 +18,8 @@ pub fn run(args: &[String]) -> Result<()> {
         Some("verify") => verify(&args[1..]),
         Some("install") => install(&args[1..]),
         Some("enroll") => crate::bench_enroll::run(&args[1..]),
-        _ => bail!("usage: cargo xtask bench verify|install [--size-mib N] | enroll [--devices N]"),
+        Some("link") => crate::bench_link::run(&args[1..]),
+        _ => bail!("usage: cargo xtask bench verify|install [--size-mib N] | enroll [--devices N] | link [--records N]"),
     }
 }
 

@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_enroll;
+mod bench_link;
 mod ci;
 mod cross;
 mod demo;
@@ -23,6 +24,7 @@ commands:
   bench verify [--size-mib N]   bundle verify throughput against sha256sum and openssl
   bench install [--size-mib N]  agent install into a uboot slot against dd conv=fsync
   bench enroll [--devices N]    enrollments per second, one and two provisioners
+  bench link [--records N]      outbox drain rate, and chunk fetch against the raw stream read rate
   docs                build the Hugo site and check its links";
 
 fn main() {

@@ -1,0 +1,186 @@
+//! `cargo xtask bench link`: on a real nats-server with JetStream, on this
+//! machine:
+//! - the drain rate of a 100k-record outbox into PERCH_REPORTS by the real
+//!   agent (records/s, and JetStream ack round trips);
+//! - the agent's chunk fetch (direct gets, a window ahead) against the raw
+//!   stream read rate (one ordered consumer over the same messages).
+
+use std::fs;
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, Context, Result};
+
+use crate::fleet::LocalFleet;
+use crate::util::{cargo, root, sh, step};
+
+pub fn run(args: &[String]) -> Result<()> {
+    let records: u64 = match args {
+        [] => 100_000,
+        [f, n] if f == "--records" => n.parse().context("--records takes a number")?,
+        _ => bail!("usage: cargo xtask bench link [--records N]"),
+    };
+    step("bench link: building release binaries");
+    sh(cargo().args([
+        "build",
+        "--release",
+        "--locked",
+        "-p",
+        "perch-fleet",
+        "-p",
+        "perch-bootstrap",
+        "-p",
+        "perch-agent",
+    ]))?;
+    sh(cargo().args([
+        "build",
+        "--profile",
+        "bench-tool",
+        "--locked",
+        "-p",
+        "perch-tests",
+        "--bin",
+        "link-bench",
+    ]))?;
+    let bin = root().join("target/release");
+    let tool = root().join("target/bench-tool/link-bench");
+    let dir = root().join("target/bench-link");
+    if dir.exists() {
+        fs::remove_dir_all(&dir)?;
+    }
+    fs::create_dir_all(&dir)?;
+    let quiet = |program: &std::path::Path, args: &[&str]| -> Result<String> {
+        let out = Command::new(program).args(args).current_dir(&dir).output()?;
+        if !out.status.success() {
+            bail!("{} {}: {}", program.display(), args.join(" "), String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let (perch, boot) = (bin.join("perch"), bin.join("perch-bootstrap"));
+    quiet(&perch, &["keygen", "--out", "k1"])?;
+    quiet(&boot, &["init", "--dir", "org", "--release-key", "k1.pub", "--threshold", "1"])?;
+    let mut fleet = LocalFleet::start(&dir, &bin)?;
+    fleet.provisioner()?;
+    let url = fleet.url.clone();
+    quiet(
+        &boot,
+        &["nats", "creds", "--dir", "org", "--account", "fleet", "--name", "bench", "--out", "bench.creds"],
+    )?;
+
+    // A device enrolled offline, whose outbox is filled while it is off.
+    let dev = dir.join("dev");
+    fs::create_dir_all(dev.join("slots"))?;
+    fs::copy(dir.join("org/trust.doc"), dev.join("trust.doc"))?;
+    fs::write(dev.join("boot_id"), "bench\n")?;
+    fs::write(
+        dev.join("agent.toml"),
+        format!(
+            "target = \"bench\"\ntrust = \"{}\"\nboot_id = \"{}\"\n[device]\nid = \"bench-1\"\n[slots]\nbackend = \"dir\"\nroot = \"{}\"\n[reports]\nheartbeat = \"1h\"\n",
+            dev.join("trust.doc").display(),
+            dev.join("boot_id").display(),
+            dev.join("slots").display()
+        ),
+    )?;
+    let agent = |args: &[&str]| -> Result<String> {
+        let mut a = vec!["--config", "dev/agent.toml", "--state-dir", "dev/state"];
+        a.extend_from_slice(args);
+        quiet(&bin.join("perch-agent"), &a)
+    };
+    agent(&["enroll", "--request-out", "dev.req"])?;
+    quiet(
+        &boot,
+        &[
+            "sign-request",
+            "--dir",
+            "org",
+            "dev.req",
+            "--out",
+            "dev.resp",
+            "--group",
+            "bench",
+            "--fleet-url",
+            &url,
+        ],
+    )?;
+    agent(&["enroll", "--import", "dev.resp"])?;
+    step(&format!("bench link: {records} reports queued in the outbox while offline"));
+    println!("{}", quiet(&tool, &["fill", "dev/state", "bench-1", &records.to_string()])?.trim());
+
+    step("bench link: the agent starts and drains its outbox into PERCH_REPORTS");
+    let child = Command::new(bin.join("perch-agent"))
+        .args(["--config", "dev/agent.toml", "--state-dir", "dev/state", "run"])
+        .current_dir(&dir)
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(dir.join("agent.log"))?)
+        .spawn()?;
+    fleet.adopt("agent", child);
+    let waited = quiet(&tool, &["wait", &url, "bench.creds", "org/tls/ca.pem", &records.to_string()])?;
+    let v: serde_json::Value = serde_json::from_str(waited.trim())?;
+    let secs = v["seconds"].as_f64().unwrap_or(0.0);
+    let drain_rate = records as f64 / secs;
+    println!("{}", waited.trim());
+
+    step("bench link: a 64 MiB bundle, fetched the agent's way and read raw");
+    crate::demo::write_image(&dir.join("payload.img"), 64 << 20)?;
+    quiet(
+        &perch,
+        &[
+            "bundle",
+            "build",
+            "--name",
+            "bench",
+            "--counter",
+            "1",
+            "--kind",
+            "image",
+            "--input",
+            "payload.img",
+            "--out",
+            "b.perch",
+        ],
+    )?;
+    quiet(&perch, &["bundle", "sign", "--key", "k1.key", "b.perch"])?;
+    quiet(
+        &perch,
+        &[
+            "publish",
+            "--trust",
+            "org/trust.doc",
+            "--url",
+            &url,
+            "--creds",
+            "bench.creds",
+            "--ca",
+            "org/tls/ca.pem",
+            "b.perch",
+        ],
+    )?;
+    let inspect: serde_json::Value =
+        serde_json::from_str(&quiet(&perch, &["bundle", "inspect", "--json", "b.perch"])?)?;
+    let digest = inspect["digest"].as_str().context("digest")?.to_string();
+    let mut fetches = vec![];
+    for window in ["1", "4", "16"] {
+        let out = quiet(&tool, &["fetch", &url, "bench.creds", "org/tls/ca.pem", &digest, window])?;
+        println!("{}", out.trim());
+        fetches.push(serde_json::from_str::<serde_json::Value>(out.trim())?);
+    }
+    drop(fleet);
+
+    println!();
+    println!("outbox drain: {records} records in {secs:.2} s = {drain_rate:.0} records/s");
+    println!(
+        "  ({} ack round trips of up to 64 records; every record fsynced before it was sent)",
+        records.div_ceil(64)
+    );
+    println!("{:<8} {:>14} {:>14} {:>8}", "window", "agent MB/s", "raw MB/s", "ratio");
+    for f in &fetches {
+        let mb = |b: &serde_json::Value, s: &serde_json::Value| {
+            b.as_f64().unwrap_or(0.0) / s.as_f64().unwrap_or(1.0) / 1e6
+        };
+        let (a, r) = (mb(&f["agent_bytes"], &f["agent_seconds"]), mb(&f["raw_bytes"], &f["raw_seconds"]));
+        println!("{:<8} {:>14.0} {:>14.0} {:>7.2}x", f["window"], a, r, a / r);
+    }
+    if std::env::var_os("PERCH_BENCH_KEEP").is_none() {
+        fs::remove_dir_all(&dir)?;
+    }
+    Ok(())
+}
