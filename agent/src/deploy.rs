@@ -86,6 +86,9 @@ pub enum EngineEvent<'a> {
     Progress { done: u32, count: u32 },
 }
 
+/// Who is told of engine events.
+type Observer = Box<dyn FnMut(EngineEvent<'_>)>;
+
 /// How often staging progress is told to the observer, in chunks.
 pub const PROGRESS_EVERY: u32 = 16;
 
@@ -95,7 +98,7 @@ pub struct Engine {
     backend: Box<dyn SlotBackend>,
     pub journal: Journal,
     pub progress: Progress,
-    observer: Option<Box<dyn FnMut(EngineEvent<'_>)>>,
+    observer: Option<Observer>,
 }
 
 impl Engine {
