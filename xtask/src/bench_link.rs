@@ -16,8 +16,9 @@ use crate::util::{cargo, root, sh, step};
 pub fn run(args: &[String]) -> Result<()> {
     let records: u64 = match args {
         [] => 100_000,
+        [f] if f == "--full" => return full_scenarios(),
         [f, n] if f == "--records" => n.parse().context("--records takes a number")?,
-        _ => bail!("usage: cargo xtask bench link [--records N]"),
+        _ => bail!("usage: cargo xtask bench link [--records N | --full]"),
     };
     step("bench link: building release binaries");
     sh(cargo().args([
@@ -183,4 +184,24 @@ pub fn run(args: &[String]) -> Result<()> {
         fs::remove_dir_all(&dir)?;
     }
     Ok(())
+}
+
+/// The link scenarios at the sizes the issue names (CI runs them scaled
+/// down): a 100 MiB bundle over a flapping 2 MB/s link, and 10,000 reports
+/// through a 2-minute outage with a crash and a reboot.
+fn full_scenarios() -> Result<()> {
+    step("bench link --full: the link scenarios at full size (several minutes)");
+    sh(cargo().args(["build", "--workspace", "--bins", "--locked"]))?;
+    sh(cargo().env("PERCH_FULL_SIZE", "1").args([
+        "test",
+        "--locked",
+        "-p",
+        "perch-tests",
+        "--test",
+        "link",
+        "--",
+        "--test-threads",
+        "1",
+        "--nocapture",
+    ]))
 }

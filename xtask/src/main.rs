@@ -24,7 +24,8 @@ commands:
   bench verify [--size-mib N]   bundle verify throughput against sha256sum and openssl
   bench install [--size-mib N]  agent install into a uboot slot against dd conv=fsync
   bench enroll [--devices N]    enrollments per second, one and two provisioners
-  bench link [--records N]      outbox drain rate, and chunk fetch against the raw stream read rate
+  bench link [--records N]      outbox drain rate, and chunk fetch against bare direct gets
+  bench link --full             the link scenarios at full size (100 MiB, 10,000 reports)
   docs                build the Hugo site and check its links";
 
 fn main() {
