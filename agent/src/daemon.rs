@@ -69,7 +69,7 @@ fn open_reporter(cfg: &Config, state_dir: &Path) -> Result<Reporter, String> {
     for r in repairs {
         warn!(file = %r.file.display(), bytes = r.cut, "outbox: cut off a torn record (power loss mid-write)");
     }
-    let reporter = Reporter::new(outbox, &device, &boot_id, state_dir);
+    let reporter = Reporter::new(outbox, &device, &boot_id, state_dir, cfg.slots.clone());
     let (n, bytes) = reporter.backlog();
     if n > 0 {
         info!(records = n, bytes, "outbox: reports waiting from before");

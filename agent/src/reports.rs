@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use futures_util::stream::{FuturesOrdered, StreamExt};
-use perch_protocol::report::{Lane, Report, ReportKind};
+use perch_protocol::report::{BundleInfo, Lane, Report, ReportKind};
 use perch_protocol::subjects;
 use tokio::sync::Notify;
 use tracing::{debug, warn};
@@ -29,16 +29,25 @@ pub struct Reporter {
     device: String,
     boot_id: String,
     state_dir: PathBuf,
+    /// To tell which slot is running (and so which bundle).
+    slots: crate::config::Slots,
     wake: Arc<Notify>,
 }
 
 impl Reporter {
-    pub fn new(outbox: Outbox, device: &str, boot_id: &str, state_dir: &Path) -> Self {
+    pub fn new(
+        outbox: Outbox,
+        device: &str,
+        boot_id: &str,
+        state_dir: &Path,
+        slots: crate::config::Slots,
+    ) -> Self {
         Self {
             outbox: Arc::new(Mutex::new(outbox)),
             device: device.into(),
             boot_id: boot_id.into(),
             state_dir: state_dir.into(),
+            slots,
             wake: Arc::new(Notify::new()),
         }
     }
@@ -47,17 +56,24 @@ impl Reporter {
         self.outbox.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The deploy journal's state name, as the report shows it.
-    fn journal_state(&self) -> String {
-        match crate::journal::JournalStore::new(&self.state_dir).load() {
-            Ok(j) => j.state.name().to_string(),
-            Err(_) => "Unknown".into(),
-        }
+    /// The journal's state name, the running slot and its bundle: read
+    /// afresh for every report, so a report never says what used to be.
+    fn device_state(&self) -> (String, Option<String>, Option<BundleInfo>) {
+        let journal = crate::journal::JournalStore::new(&self.state_dir).load().ok();
+        let booted = crate::slots::from_config(&self.slots, &self.state_dir).booted().ok();
+        let bundle = journal.as_ref().zip(booted).and_then(|(j, s)| j.slot(s).cloned()).map(|b| BundleInfo {
+            name: b.name,
+            counter: b.counter,
+            version: b.version,
+            digest: b.digest,
+        });
+        let state = journal.map(|j| j.state.name().to_string()).unwrap_or_else(|| "unknown".into());
+        (state, booted.map(|s| s.as_str().to_string()), bundle)
     }
 
     /// Queues one report; returns its sequence number.
     pub fn queue(&self, lane: Lane, kind: ReportKind) -> Result<u64, OutboxError> {
-        let journal_state = self.journal_state();
+        let (journal_state, running_slot, running_bundle) = self.device_state();
         let make = |seq: u64, kind: ReportKind| -> Vec<u8> {
             Report {
                 device: self.device.clone(),
@@ -65,8 +81,8 @@ impl Reporter {
                 boot_id: self.boot_id.clone(),
                 agent_version: env!("CARGO_PKG_VERSION").into(),
                 at: perch_support::now_unix(),
-                running_slot: None,
-                running_bundle: None,
+                running_slot: running_slot.clone(),
+                running_bundle: running_bundle.clone(),
                 journal_state: journal_state.clone(),
                 kind,
             }

@@ -245,6 +245,11 @@ fn a_bundle_arrives_over_a_flapping_capped_link_each_chunk_fetched_once() {
     for s in ["staging", "staged", "activating", "trial", "committed"] {
         assert!(states.contains(&s), "no {s} report in {states:?}");
     }
+    // Reports say which slot runs and what it holds.
+    let last = reports.iter().max_by_key(|r| r.seq).unwrap();
+    assert_eq!(last.running_slot.as_deref(), Some("b"));
+    assert_eq!(last.running_bundle.as_ref().map(|b| b.counter), Some(2));
+    assert!(reports.iter().any(|r| r.running_slot.as_deref() == Some("a")));
     assert!(
         reports.iter().any(|r| matches!(r.kind, ReportKind::Progress { chunks_done, chunk_count } if chunks_done >= 16 && chunk_count > chunks_done)),
         "no progress report"
