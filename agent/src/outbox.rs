@@ -181,7 +181,8 @@ impl Outbox {
                 .collect();
             files.sort();
             let done = acked.get(lane);
-            for path in files {
+            let last_file = files.len().saturating_sub(1);
+            for (n, path) in files.into_iter().enumerate() {
                 let (records, good_len, file_len) = read_segment(&path)?;
                 if good_len < file_len {
                     // A torn or damaged tail: keep what checks out.
@@ -192,7 +193,7 @@ impl Outbox {
                 }
                 let last_seq = records.last().map(|r| r.seq).unwrap_or(0);
                 max_seq = max_seq.max(last_seq);
-                if records.is_empty() || last_seq <= done {
+                if (records.is_empty() || last_seq <= done) && n < last_file {
                     // Nothing left to send in it.
                     fs::remove_file(&path).map_err(io(&path))?;
                     continue;
@@ -363,21 +364,15 @@ impl Outbox {
         self.acked_on_disk = self.acked;
         for st in &mut self.lanes {
             let done = self.acked.get(st.lane);
+            // The last segment always stays: it is appended to, and it keeps
+            // the highest sequence number on disk even if `acked` were lost,
+            // so a number is never handed out twice.
             let keep_last = st.segments.len().saturating_sub(1);
-            let mut removed = false;
-            // The active (last) segment stays while it may still be appended to.
-            let mut i = 0;
-            while i < st.segments.len() {
-                if st.segments[i].last_seq <= done && (i < keep_last || st.pending.is_empty()) {
-                    let seg = st.segments.remove(i);
-                    if i >= st.segments.len() {
-                        st.active = None;
-                    }
-                    fs::remove_file(&seg.path).map_err(io(&seg.path))?;
-                    removed = true;
-                } else {
-                    i += 1;
-                }
+            // Segments are in sequence order: the done ones are a prefix.
+            let n_done = st.segments[..keep_last].iter().take_while(|seg| seg.last_seq <= done).count();
+            let removed = n_done > 0;
+            for seg in st.segments.drain(..n_done) {
+                fs::remove_file(&seg.path).map_err(io(&seg.path))?;
             }
             if removed {
                 durable::sync_dir(&st.dir).map_err(io(&st.dir))?;
@@ -460,6 +455,23 @@ mod tests {
         // Fully done segments are gone from disk.
         let files = fs::read_dir(d.path().join("outbox/events")).unwrap().count();
         assert_eq!(files, 1);
+    }
+
+    #[test]
+    fn sequence_numbers_are_not_reused_even_if_the_done_marks_are_lost() {
+        let d = tempfile::tempdir().unwrap();
+        let (mut ob, _) = Outbox::open(d.path(), cfg()).unwrap();
+        for _ in 0..40 {
+            ob.append(Lane::Events, payload).unwrap();
+        }
+        ob.ack(Lane::Events, 40).unwrap();
+        ob.checkpoint().unwrap();
+        drop(ob);
+        fs::remove_file(d.path().join("outbox/acked")).unwrap();
+        let (mut ob, _) = Outbox::open(d.path(), cfg()).unwrap();
+        // Some records may be sent again (JetStream drops them by id), but
+        // no new record may take a number JetStream has already seen.
+        assert_eq!(ob.append(Lane::Events, payload).unwrap().0, 41);
     }
 
     #[test]
