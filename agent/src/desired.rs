@@ -101,7 +101,9 @@ pub async fn follow(
             window: cfg.fetch.window,
             budget: cfg.fetch.budget,
             max_backoff: link_backoff,
-            ..FetchSettings::default()
+            // An answer lost with a dropped link is never coming: ask again
+            // as soon as the link could have been noticed dead and back.
+            request_timeout: cfg.link.ping_interval.saturating_mul(2).max(std::time::Duration::from_secs(1)),
         };
         let outcome =
             install(client.clone(), cfg.clone(), state_dir.clone(), digest, settings, reporter.clone()).await;
