@@ -498,22 +498,8 @@ fn from_text(what: &'static str, prefix: &'static str, text: &str) -> Result<Vec
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::trust::TrustBody;
 
-    fn org(issuing: &SecretKey) -> SignedTrust {
-        let root = SecretKey::from_seed(&[1; 32]);
-        let body = TrustBody {
-            org: "acme".into(),
-            version: 1,
-            issued_at: 0,
-            expires_at: None,
-            root_key: root.public(),
-            release_keys: vec![SecretKey::from_seed(&[2; 32]).public()],
-            threshold: 1,
-            issuing_keys: vec![issuing.public()],
-        };
-        SignedTrust::create(body, &root).unwrap()
-    }
+    use crate::testkit::org;
 
     fn request(key: &SecretKey) -> RequestBody {
         RequestBody {

@@ -24,5 +24,7 @@ pub mod token;
 pub mod trust;
 
 mod codec;
+#[cfg(test)]
+mod testkit;
 
 pub use keys::{KeyError, KeyId, PublicKey, SecretKey};

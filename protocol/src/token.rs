@@ -249,21 +249,9 @@ fn validate(b: &TokenBody) -> Result<(), TokenError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::trust::{SignedTrust, TrustBody};
 
     fn org(issuing: &SecretKey) -> VerifiedTrust {
-        let root = SecretKey::from_seed(&[1; 32]);
-        let body = TrustBody {
-            org: "acme".into(),
-            version: 1,
-            issued_at: 0,
-            expires_at: None,
-            root_key: root.public(),
-            release_keys: vec![SecretKey::from_seed(&[2; 32]).public()],
-            threshold: 1,
-            issuing_keys: vec![issuing.public()],
-        };
-        SignedTrust::create(body, &root).unwrap().verify_anchor(100, None).unwrap()
+        crate::testkit::org(issuing).verify_anchor(100, None).unwrap()
     }
 
     fn body(trust: &VerifiedTrust) -> TokenBody {

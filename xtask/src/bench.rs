@@ -47,12 +47,10 @@ impl Fixture {
             build.args(["-p", p]);
         }
         sh(&mut build)?;
-        let f =
-            Fixture { bin: root().join("target/release"), dir: root().join(format!("target/bench-{name}")) };
-        if f.dir.exists() {
-            fs::remove_dir_all(&f.dir)?;
-        }
-        fs::create_dir_all(&f.dir)?;
+        let f = Fixture {
+            bin: root().join("target/release"),
+            dir: crate::util::fresh_dir(&format!("bench-{name}"))?,
+        };
         step(&format!("bench {name}: a {mib} MiB image bundle, 256 KiB chunks, {keys}-of-{keys} signed"));
         crate::demo::write_image(&f.dir.join("payload.img"), mib << 20)?;
         let mut init =
@@ -90,13 +88,7 @@ impl Fixture {
 
     /// Runs a command in the fixture directory, failing with its stderr.
     fn quiet(&self, program: &Path, args: &[&str]) -> Result<()> {
-        let mut c = Command::new(program);
-        c.args(args).current_dir(&self.dir);
-        let out = c.output()?;
-        if !out.status.success() {
-            bail!("{}: {}", crate::util::show(&c), String::from_utf8_lossy(&out.stderr));
-        }
-        Ok(())
+        crate::util::run_in(&self.dir, program, args).map(drop)
     }
 }
 

@@ -35,18 +35,8 @@ pub fn run(args: &[String]) -> Result<()> {
     ]))?;
     let bin = root().join("target/release");
     let load = root().join("target/bench-tool/enroll-load");
-    let dir = root().join("target/bench-enroll");
-    if dir.exists() {
-        fs::remove_dir_all(&dir)?;
-    }
-    fs::create_dir_all(&dir)?;
-    let quiet = |program: &str, args: &[&str]| -> Result<String> {
-        let out = Command::new(bin.join(program)).args(args).current_dir(&dir).output()?;
-        if !out.status.success() {
-            bail!("{program} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    };
+    let dir = crate::util::fresh_dir("bench-enroll")?;
+    let quiet = |program: &str, args: &[&str]| crate::util::run_in(&dir, &bin.join(program), args);
     quiet("perch", &["keygen", "--out", "k1"])?;
     quiet("perch-bootstrap", &["init", "--dir", "org", "--release-key", "k1.pub", "--threshold", "1"])?;
     let mut fleet = LocalFleet::start(&dir, &bin)?;

@@ -44,18 +44,8 @@ pub fn run(args: &[String]) -> Result<()> {
     ]))?;
     let bin = root().join("target/release");
     let tool = root().join("target/bench-tool/link-bench");
-    let dir = root().join("target/bench-link");
-    if dir.exists() {
-        fs::remove_dir_all(&dir)?;
-    }
-    fs::create_dir_all(&dir)?;
-    let quiet = |program: &std::path::Path, args: &[&str]| -> Result<String> {
-        let out = Command::new(program).args(args).current_dir(&dir).output()?;
-        if !out.status.success() {
-            bail!("{} {}: {}", program.display(), args.join(" "), String::from_utf8_lossy(&out.stderr));
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    };
+    let dir = crate::util::fresh_dir("bench-link")?;
+    let quiet = |program: &std::path::Path, args: &[&str]| crate::util::run_in(&dir, program, args);
     let (perch, boot) = (bin.join("perch"), bin.join("perch-bootstrap"));
     quiet(&perch, &["keygen", "--out", "k1"])?;
     quiet(&boot, &["init", "--dir", "org", "--release-key", "k1.pub", "--threshold", "1"])?;

@@ -53,3 +53,24 @@ pub fn have(program: &str) -> bool {
         .map(|s| s.success())
         .unwrap_or(false)
 }
+
+/// An empty `target/<name>`, for a benchmark's files.
+pub fn fresh_dir(name: &str) -> Result<PathBuf> {
+    let dir = root().join("target").join(name);
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("clearing {}", dir.display()))?;
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// Runs `program args` in `dir`; returns its stdout, or fails with its stderr.
+pub fn run_in(dir: &Path, program: &Path, args: &[&str]) -> Result<String> {
+    let mut c = Command::new(program);
+    c.args(args).current_dir(dir);
+    let out = output(&mut c)?;
+    if !out.status.success() {
+        bail!("{}: {}", show(&c), String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
