@@ -47,7 +47,6 @@ pub async fn run(cfg: Config, state_dir: PathBuf, engine: Arc<tokio::sync::Mutex
         let send = SendSettings { ack_window: cfg.reports.ack_window, ack_timeout: cfg.reports.ack_timeout };
         tokio::spawn(reports::send_loop(link.client.clone(), r, send));
     }
-    let backoff = cfg.link.max_backoff;
     tokio::spawn(crate::desired::follow(
         link.client.clone(),
         cfg,
@@ -56,7 +55,7 @@ pub async fn run(cfg: Config, state_dir: PathBuf, engine: Arc<tokio::sync::Mutex
         groups,
         engine,
         reporter,
-        backoff,
+        link.connected.clone(),
     ));
     link.watch().await;
 }

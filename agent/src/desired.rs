@@ -3,21 +3,33 @@
 //! groups'). A desired bundle the device does not run yet is fetched from
 //! `PERCH_CHUNKS` and installed by the deploy engine.
 //!
-//! The keys are read in full every `fetch.resync` with direct gets (the
-//! only JetStream calls a device's grant allows for them), so a change made
-//! while the device was offline, or across a server restart, is seen on the
-//! first read after the link returns. A bundle that failed or rolled back
-//! is not tried again until the desired state names another one.
+//! How changes are seen, without any consumer on the server:
+//! - live: a plain subscription to the keys' subjects (`$KV.PERCH_DESIRED.
+//!   <key>`); every put reaches the device the moment it is made;
+//! - on every reconnect, and every `fetch.resync` as a safety net (KV
+//!   watchers are known not to survive server restarts, nats.rs#1596):
+//!   the keys are read with direct gets.
+//!
+//! Each read yields the effective key and its revision (the stream
+//! sequence). The last revision acted on is kept in `STATE/desired.json`,
+//! so the agent resumes from it after a reconnect, a crash or a reboot: a
+//! revision newer than it is a new intent, the same one is not acted on
+//! twice. A bundle that failed or rolled back is therefore not tried again
+//! until the desired state is written again (re-putting the same bundle
+//! is how an operator asks for a retry). The revision is recorded only
+//! when a deploy has ended, so one cut short by a crash resumes.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use async_nats::{Client, StatusCode};
+use futures_util::StreamExt;
 use perch_protocol::report::{Lane, ReportKind};
 use perch_protocol::subjects::{self, DESIRED_BUCKET};
-use serde::Deserialize;
-use tokio::sync::Mutex;
-use tracing::{info, warn};
+use perch_support::durable::{self, read_bounded, Replace};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Mutex, Notify};
+use tracing::{debug, info, warn};
 
 use crate::config::Config;
 use crate::deploy::{Engine, EngineEvent, Finished};
@@ -32,12 +44,103 @@ pub struct Desired {
     pub bundle: String,
 }
 
-/// Reads the desired bundle digest for `device` in `groups`.
-pub async fn read(client: &Client, device: &str, groups: &[String]) -> Result<Option<[u8; 32]>, String> {
+/// The key in force for a device, as read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// `device.<id>` or `group.<g>`.
+    pub key: String,
+    /// The key's revision: its message's sequence in the bucket's stream.
+    pub revision: u64,
+    pub bundle: [u8; 32],
+}
+
+/// The last desired state acted on; `STATE/desired.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Handled {
+    pub key: String,
+    pub revision: u64,
+    /// The bundle digest (hex), for the operator reading the file.
+    pub bundle: String,
+}
+
+pub const HANDLED_FILE: &str = "desired.json";
+
+impl Handled {
+    fn of(e: &Entry) -> Self {
+        Handled { key: e.key.clone(), revision: e.revision, bundle: hex::encode(e.bundle) }
+    }
+
+    fn is(&self, e: &Entry) -> bool {
+        self.key == e.key && self.revision == e.revision
+    }
+
+    pub fn parse(bytes: &[u8]) -> Result<Handled, String> {
+        serde_json::from_slice(bytes).map_err(|e| format!("not a desired-state record: {e}"))
+    }
+
+    /// The record in `state_dir`; None if there is none or it is unreadable
+    /// (then the journal's last outcome still keeps a failed bundle from
+    /// being retried).
+    pub fn load(state_dir: &Path) -> Option<Handled> {
+        let path = state_dir.join(HANDLED_FILE);
+        let bytes = match read_bounded(&path, 4096) {
+            Ok(b) => b,
+            Err(e) if e.is_not_found() => return None,
+            Err(e) => {
+                warn!("{e}; reading the desired state afresh");
+                return None;
+            }
+        };
+        Handled::parse(&bytes)
+            .map_err(|e| warn!("{}: {e}; reading the desired state afresh", path.display()))
+            .ok()
+    }
+
+    fn save(&self, state_dir: &Path) {
+        let path = state_dir.join(HANDLED_FILE);
+        let json = serde_json::to_vec(self).unwrap_or_default();
+        if let Err(e) = durable::write_bytes(&path, 0o644, Replace::Allow, &json) {
+            warn!("{e}: the desired state may be acted on again after a restart");
+        }
+    }
+}
+
+/// What to do with the desired state just read.
+#[derive(Debug, PartialEq, Eq)]
+enum Decision {
+    Nothing,
+    /// Seen before (a failed or rolled-back bundle): record, do not retry.
+    Record,
+    Install,
+}
+
+fn decide(handled: Option<&Handled>, entry: Option<&Entry>, gave_up: impl Fn(&[u8; 32]) -> bool) -> Decision {
+    let Some(e) = entry else { return Decision::Nothing };
+    match handled {
+        Some(h) if h.is(e) => Decision::Nothing,
+        // Nothing recorded (first run, or a lost record): the journal still
+        // knows whether this bundle failed here.
+        None if gave_up(&e.bundle) => Decision::Record,
+        _ => Decision::Install,
+    }
+}
+
+/// The subject a desired-state key is stored under.
+fn key_subject(key: &str) -> String {
+    format!("$KV.{DESIRED_BUCKET}.{key}")
+}
+
+/// The desired-state keys of a device, strongest first.
+fn keys(device: &str, groups: &[String]) -> Vec<String> {
     let mut keys = vec![subjects::desired_device_key(device)];
     keys.extend(groups.iter().map(|g| subjects::desired_group_key(g)));
-    for key in keys {
-        let api = format!("$JS.API.DIRECT.GET.KV_{DESIRED_BUCKET}.$KV.{DESIRED_BUCKET}.{key}");
+    keys
+}
+
+/// Reads the desired state in force for `device` in `groups`.
+pub async fn read(client: &Client, device: &str, groups: &[String]) -> Result<Option<Entry>, String> {
+    for key in keys(device, groups) {
+        let api = format!("$JS.API.DIRECT.GET.KV_{DESIRED_BUCKET}.{}", key_subject(&key));
         let msg = client.request(api, Default::default()).await.map_err(|e| format!("{key}: {e}"))?;
         if msg.status == Some(StatusCode::NOT_FOUND) {
             continue;
@@ -45,26 +148,48 @@ pub async fn read(client: &Client, device: &str, groups: &[String]) -> Result<Op
         if msg.status.is_some_and(|s| s != StatusCode::OK) {
             return Err(format!("{key}: status {:?}", msg.status));
         }
-        // A deleted key reads as a marker with no value.
-        let deleted = msg
-            .headers
-            .as_ref()
-            .and_then(|h| h.get("KV-Operation"))
-            .is_some_and(|v| v.as_str() == "DEL" || v.as_str() == "PURGE");
-        if deleted {
+        let headers = msg.headers.as_ref();
+        // A deleted key reads as a marker with no value: the next key rules.
+        let op = headers.and_then(|h| h.get("KV-Operation")).map(|v| v.as_str());
+        if op.is_some_and(|v| v == "DEL" || v == "PURGE") {
             continue;
         }
+        // (A standard header: looked up by its constant, not its text.)
+        let revision = headers
+            .and_then(|h| h.get(async_nats::header::NATS_SEQUENCE))
+            .map(|v| v.as_str())
+            .and_then(|v| v.parse::<u64>().ok())
+            .ok_or_else(|| format!("{key}: the answer has no Nats-Sequence"))?;
         let d: Desired =
             serde_json::from_slice(&msg.payload).map_err(|e| format!("{key}: not a desired state: {e}"))?;
-        let mut digest = [0u8; 32];
-        hex::decode_to_slice(d.bundle.trim(), &mut digest)
+        let mut bundle = [0u8; 32];
+        hex::decode_to_slice(d.bundle.trim(), &mut bundle)
             .map_err(|_| format!("{key}: bundle is not a digest"))?;
-        return Ok(Some(digest));
+        return Ok(Some(Entry { key, revision, bundle }));
     }
     Ok(None)
 }
 
-/// Follows the desired state for as long as the agent runs.
+/// Wakes `wake` on every put to one of the keys, for as long as the
+/// client lives (the client re-subscribes after a reconnect by itself).
+async fn watch_keys(client: &Client, keys: &[String], wake: Arc<Notify>) {
+    for key in keys {
+        match client.subscribe(key_subject(key)).await {
+            Ok(mut sub) => {
+                let wake = wake.clone();
+                tokio::spawn(async move {
+                    while sub.next().await.is_some() {
+                        wake.notify_one();
+                    }
+                });
+            }
+            Err(e) => warn!("desired state: not watching {key} ({e}); reading it every resync"),
+        }
+    }
+}
+
+/// Follows the desired state for as long as the agent runs. `connected`
+/// is notified on every (re)connect.
 #[allow(clippy::too_many_arguments)]
 pub async fn follow(
     client: Client,
@@ -74,51 +199,71 @@ pub async fn follow(
     groups: Vec<String>,
     engine: Arc<Mutex<()>>,
     reporter: Option<Reporter>,
-    link_backoff: std::time::Duration,
+    connected: Arc<Notify>,
 ) {
-    let mut handled: Option<[u8; 32]> = None;
+    let wake = connected;
+    watch_keys(&client, &keys(&device, &groups), wake.clone()).await;
+    let mut handled = Handled::load(&state_dir);
     let mut tick = tokio::time::interval(cfg.fetch.resync);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = wake.notified() => debug!("desired state: change or reconnect"),
+        }
         if client.connection_state() != async_nats::connection::State::Connected {
             continue;
         }
-        let digest = match read(&client, &device, &groups).await {
-            Ok(Some(d)) => d,
-            Ok(None) => continue,
+        let entry = match read(&client, &device, &groups).await {
+            Ok(e) => e,
             Err(e) => {
                 warn!("desired state: {e}");
                 continue;
             }
         };
-        if handled == Some(digest) || gave_up_on(&state_dir, &digest) {
-            continue;
+        let gave_up = |d: &[u8; 32]| gave_up_on(&state_dir, d);
+        let Some(entry) = entry else { continue };
+        match decide(handled.as_ref(), Some(&entry), gave_up) {
+            Decision::Nothing => continue,
+            Decision::Record => {}
+            Decision::Install => deploy(&client, &cfg, &state_dir, &entry, &engine, &reporter).await,
         }
-        info!(bundle = %hex::encode(&digest[..8]), "desired state names a new bundle; fetching it");
-        let _turn = engine.lock().await;
-        let settings = FetchSettings {
-            window: cfg.fetch.window,
-            budget: cfg.fetch.budget,
-            max_backoff: link_backoff,
-            // An answer lost with a dropped link is never coming: ask again
-            // as soon as the link could have been noticed dead and back.
-            request_timeout: cfg.link.ping_interval.saturating_mul(2).max(std::time::Duration::from_secs(1)),
-        };
-        let outcome =
-            install(client.clone(), cfg.clone(), state_dir.clone(), digest, settings, reporter.clone()).await;
-        handled = Some(digest);
-        match outcome {
-            Ok(f) => info!(bundle = %hex::encode(&digest[..8]), "deploy: {f}"),
-            Err(e) => {
-                warn!(bundle = %hex::encode(&digest[..8]), "deploy failed: {e}");
-                // The engine reports every state it reaches; this is for a
-                // failure before it got the bundle at all (no head, say).
-                if let Some(r) = &reporter {
-                    let kind = ReportKind::Deploy { state: "Failed".into(), reason: Some(e) };
-                    if let Err(e) = r.queue(Lane::Events, kind) {
-                        warn!("deploy report not queued: {e}");
-                    }
+        let h = Handled::of(&entry);
+        h.save(&state_dir);
+        handled = Some(h);
+    }
+}
+
+/// Fetches and installs the bundle `entry` names; every outcome is reported.
+async fn deploy(
+    client: &Client,
+    cfg: &Config,
+    state_dir: &Path,
+    entry: &Entry,
+    engine: &Mutex<()>,
+    reporter: &Option<Reporter>,
+) {
+    let digest = entry.bundle;
+    info!(key = %entry.key, revision = entry.revision, bundle = %hex::encode(&digest[..8]), "desired state names a new bundle; fetching it");
+    let _turn = engine.lock().await;
+    let settings = FetchSettings {
+        window: cfg.fetch.window,
+        budget: cfg.fetch.budget,
+        max_backoff: cfg.link.max_backoff,
+        ..FetchSettings::default()
+    };
+    match install(client.clone(), cfg.clone(), state_dir.to_path_buf(), digest, settings, reporter.clone())
+        .await
+    {
+        Ok(f) => info!(bundle = %hex::encode(&digest[..8]), "deploy: {f}"),
+        Err(e) => {
+            warn!(bundle = %hex::encode(&digest[..8]), "deploy failed: {e}");
+            // The engine reports every state it reaches; this is for a
+            // failure before it got the bundle at all (no head, say).
+            if let Some(r) = reporter {
+                let kind = ReportKind::Deploy { state: "Failed".into(), reason: Some(e) };
+                if let Err(e) = r.queue(Lane::Events, kind) {
+                    warn!("deploy report not queued: {e}");
                 }
             }
         }
@@ -188,4 +333,52 @@ async fn install(
     })
     .await;
     joined.map_err(|e| format!("install thread: {e}"))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(key: &str, revision: u64, b: u8) -> Entry {
+        Entry { key: key.into(), revision, bundle: [b; 32] }
+    }
+
+    #[test]
+    fn a_revision_is_acted_on_once() {
+        let e = entry("device.d1", 7, 1);
+        let never = |_: &[u8; 32]| false;
+        assert_eq!(decide(None, None, never), Decision::Nothing);
+        assert_eq!(decide(None, Some(&e), never), Decision::Install);
+        let h = Handled::of(&e);
+        assert_eq!(decide(Some(&h), Some(&e), never), Decision::Nothing);
+        // Re-putting the same bundle is a new revision: a retry.
+        assert_eq!(decide(Some(&h), Some(&entry("device.d1", 9, 1)), never), Decision::Install);
+        // The device key deleted, the group's rules: a new intent.
+        assert_eq!(decide(Some(&h), Some(&entry("group.g", 7, 1)), never), Decision::Install);
+    }
+
+    #[test]
+    fn without_a_record_the_journal_keeps_a_failed_bundle_from_looping() {
+        let e = entry("group.g", 3, 2);
+        assert_eq!(decide(None, Some(&e), |d| *d == [2; 32]), Decision::Record);
+        assert_eq!(decide(None, Some(&e), |d| *d == [9; 32]), Decision::Install);
+    }
+
+    #[test]
+    fn the_record_survives_a_restart_and_garbage_is_no_record() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(Handled::load(dir.path()), None);
+        let h = Handled::of(&entry("device.d1", 42, 3));
+        h.save(dir.path());
+        assert_eq!(Handled::load(dir.path()), Some(h));
+        std::fs::write(dir.path().join(HANDLED_FILE), b"{\"key\": 1").unwrap();
+        assert_eq!(Handled::load(dir.path()), None);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_records_never_panic(data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256)) {
+            let _ = Handled::parse(&data);
+        }
+    }
 }

@@ -8,8 +8,8 @@
 //! first chunk not intact on the slot. Only what the engine asks for is
 //! fetched, with `window` direct gets in flight ahead of it.
 //!
-//! A lost link does not fail the fetch: each request is retried with
-//! backoff until it is answered. What stops a fetch is the server saying a
+//! A lost link does not fail the fetch: requests wait for the link, and
+//! those in flight when it dropped are sent again the moment it is back. What stops a fetch is the server saying a
 //! chunk does not exist, or the bundle's data budget running out.
 
 use std::collections::VecDeque;
@@ -31,7 +31,10 @@ pub struct FetchSettings {
     pub window: usize,
     /// Bytes one bundle may pull over the link (0: no limit).
     pub budget: u64,
-    /// How long one request may take before it is sent again.
+    /// How long a request may go unanswered on a link that stays up before
+    /// it is sent again. A backstop only: requests whose link drops are
+    /// sent again at once, and a slow radio link must not be flooded with
+    /// repeats of answers that are still on their way.
     pub request_timeout: Duration,
     pub max_backoff: Duration,
 }
@@ -41,7 +44,7 @@ impl Default for FetchSettings {
         Self {
             window: 4,
             budget: 0,
-            request_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(60),
             max_backoff: Duration::from_secs(10),
         }
     }
@@ -199,7 +202,9 @@ impl Drop for ChunkSource {
     }
 }
 
-/// One direct get, retried with backoff until answered. A missing message
+/// One direct get, retried until answered. A request is only sent on a
+/// live link, and one whose link drops is sent again as soon as the link is
+/// back: its answer went down with the old connection. A missing message
 /// is an error (retried a few times: the publisher may still be at work).
 async fn get(
     client: Client,
@@ -208,9 +213,20 @@ async fn get(
     fetched: Arc<AtomicU64>,
 ) -> io::Result<Vec<u8>> {
     let api = format!("$JS.API.DIRECT.GET.{CHUNKS_STREAM}.{subject}");
+    let stats = client.statistics();
     let (mut attempt, mut missing) = (0u32, 0u32);
     loop {
-        match tokio::time::timeout(s.request_timeout, client.request(api.clone(), Default::default())).await {
+        link_up(&client).await;
+        let link = stats.connects.load(Ordering::Relaxed);
+        let asked = tokio::time::timeout(s.request_timeout, client.request(api.clone(), Default::default()));
+        let answer = tokio::select! {
+            a = asked => a,
+            _ = link_lost(&client, &stats, link) => {
+                debug!("{subject}: the link dropped with the request in flight; asking again");
+                continue;
+            }
+        };
+        match answer {
             Ok(Ok(msg)) if msg.status.is_none() || msg.status == Some(StatusCode::OK) => {
                 fetched.fetch_add(msg.payload.len() as u64, Ordering::Relaxed);
                 return Ok(msg.payload.to_vec());
@@ -227,5 +243,27 @@ async fn get(
         }
         tokio::time::sleep(crate::enroll::backoff(attempt.min(4), s.max_backoff)).await;
         attempt += 1;
+    }
+}
+
+/// How often a waiting request looks at the link.
+const LINK_POLL: Duration = Duration::from_millis(50);
+
+/// Returns once the client is connected.
+async fn link_up(client: &Client) {
+    while client.connection_state() != async_nats::connection::State::Connected {
+        tokio::time::sleep(LINK_POLL).await;
+    }
+}
+
+/// Returns once connection number `link` is gone (down, or replaced).
+async fn link_lost(client: &Client, stats: &async_nats::Statistics, link: u64) {
+    loop {
+        tokio::time::sleep(LINK_POLL).await;
+        if stats.connects.load(Ordering::Relaxed) != link
+            || client.connection_state() != async_nats::connection::State::Connected
+        {
+            return;
+        }
     }
 }

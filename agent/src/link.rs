@@ -64,6 +64,9 @@ pub struct LinkSettings {
 pub struct Link {
     pub client: async_nats::Client,
     events: tokio::sync::mpsc::UnboundedReceiver<Event>,
+    /// Notified on every (re)connect: whoever must catch up after an
+    /// outage (the desired state) waits on it.
+    pub connected: Arc<tokio::sync::Notify>,
     v: VerifiedEnrollment,
     state_file: std::path::PathBuf,
 }
@@ -100,7 +103,7 @@ pub async fn start(
         .connect(perch_net::server_addrs(&v.enrollment.fleet_urls)?)
         .await
         .map_err(|err| perch_net::LinkError::Connect { urls: v.enrollment.fleet_urls.join(","), err })?;
-    let link = Link { client, events, v, state_file: state_dir.join(STATE_FILE) };
+    let link = Link { client, events, connected: Arc::default(), v, state_file: state_dir.join(STATE_FILE) };
     link.record("connecting", None);
     Ok(link)
 }
@@ -116,6 +119,7 @@ impl Link {
                     info!(device = %id, "FLEET link up");
                     self.record("connected", None);
                     hello(&self.client, &self.v).await;
+                    self.connected.notify_one();
                 }
                 Event::Disconnected => {
                     warn!(device = %id, "FLEET link down");

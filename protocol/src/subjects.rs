@@ -84,20 +84,22 @@ pub struct Grant {
 
 /// What an enrolled device may do in the FLEET account, and nothing more:
 /// publish its own reports and hello; read its own and its groups'
-/// desired-state keys (direct get, or a consumer filtered to the key); read
-/// bundle chunks; receive on its own inbox.
+/// desired-state keys (direct get) and hear their puts live (a plain
+/// subscription to the keys' subjects: no consumer, so no server-side
+/// state per device); read bundle chunks; receive on its own inbox.
 pub fn device_grant(device: &str, groups: &[String]) -> Grant {
     let kv_stream = format!("KV_{DESIRED_BUCKET}");
     let mut keys = vec![desired_device_key(device)];
     keys.extend(groups.iter().map(|g| desired_group_key(g)));
     let mut publish = vec![format!("{}.>", reports(device)), hello(device)];
+    let mut subscribe = vec![format!("{}.>", inbox_prefix(device))];
     for k in &keys {
         let subject = format!("$KV.{DESIRED_BUCKET}.{k}");
         publish.push(format!("$JS.API.DIRECT.GET.{kv_stream}.{subject}"));
-        publish.push(format!("$JS.API.CONSUMER.CREATE.{kv_stream}.*.{subject}"));
+        subscribe.push(subject);
     }
     publish.push(format!("$JS.API.DIRECT.GET.{CHUNKS_STREAM}.perch.chunk.>"));
-    Grant { publish, subscribe: vec![format!("{}.>", inbox_prefix(device))] }
+    Grant { publish, subscribe }
 }
 
 /// The inbox prefix of the devices enrolling with one token. Holders of
@@ -133,6 +135,10 @@ mod tests {
         assert!(g.publish.contains(&"perch.report.d1.>".to_string()));
         assert!(g.publish.iter().any(|s| s.ends_with("$KV.PERCH_DESIRED.group.north")));
         assert!(g.publish.iter().all(|s| !s.contains("d2")));
-        assert_eq!(g.subscribe, vec!["_INBOX_d1.>".to_string()]);
+        assert_eq!(
+            g.subscribe,
+            ["_INBOX_d1.>", "$KV.PERCH_DESIRED.device.d1", "$KV.PERCH_DESIRED.group.north"].map(String::from)
+        );
+        assert!(g.publish.iter().all(|s| !s.contains("CONSUMER")), "a device creates no consumers");
     }
 }

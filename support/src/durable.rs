@@ -97,6 +97,13 @@ pub enum ReadError {
     TooLarge { path: PathBuf, max: usize },
 }
 
+impl ReadError {
+    /// Whether the file simply does not exist.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, ReadError::Io { source, .. } if source.kind() == io::ErrorKind::NotFound)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

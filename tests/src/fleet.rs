@@ -372,6 +372,14 @@ impl Fleet {
         len: usize,
         seed: u8,
     ) -> (String, [u8; 32], u64) {
+        let made = self.bundle(name, counter, len, seed);
+        self.publish(&made.0);
+        made
+    }
+
+    /// Builds and signs (with k1) an archive bundle of a directory holding
+    /// `len` pseudo-random bytes; returns (file, digest, payload length).
+    pub fn bundle(&self, name: &str, counter: u32, len: usize, seed: u8) -> (String, [u8; 32], u64) {
         let s = &self.s;
         let dir = s.path(&format!("{name}-{counter}"));
         std::fs::create_dir_all(&dir).unwrap();
@@ -395,6 +403,19 @@ impl Fleet {
             ],
         );
         s.ok("perch", &["bundle", "sign", "--key", "k1.key", &file]);
+        let v: serde_json::Value =
+            serde_json::from_str(&s.ok("perch", &["bundle", "inspect", "--json", &file]).stdout).unwrap();
+        let hexd = v["digest"].as_str().unwrap();
+        let mut digest = [0u8; 32];
+        for (i, b) in digest.iter_mut().enumerate() {
+            *b = u8::from_str_radix(&hexd[2 * i..2 * i + 2], 16).unwrap();
+        }
+        (file, digest, v["payload_len"].as_u64().unwrap_or(len as u64))
+    }
+
+    /// `perch publish` of a bundle file in the scratch dir.
+    pub fn publish(&self, file: &str) {
+        let s = &self.s;
         if !s.path("release.creds").exists() {
             s.ok(
                 "perch-bootstrap",
@@ -424,16 +445,8 @@ impl Fleet {
                 "release.creds",
                 "--ca",
                 "org/tls/ca.pem",
-                &file,
+                file,
             ],
         );
-        let v: serde_json::Value =
-            serde_json::from_str(&s.ok("perch", &["bundle", "inspect", "--json", &file]).stdout).unwrap();
-        let hexd = v["digest"].as_str().unwrap();
-        let mut digest = [0u8; 32];
-        for (i, b) in digest.iter_mut().enumerate() {
-            *b = u8::from_str_radix(&hexd[2 * i..2 * i + 2], 16).unwrap();
-        }
-        (file, digest, v["payload_len"].as_u64().unwrap_or(len as u64))
     }
 }

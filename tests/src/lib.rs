@@ -2,7 +2,8 @@
 //! them in a scratch directory.
 #![forbid(unsafe_code)]
 
-pub mod chaos;
+/// The fault-injecting proxy (its own crate: the demo uses it too).
+pub use perch_chaos as chaos;
 pub mod device;
 pub mod fleet;
 pub mod nats;

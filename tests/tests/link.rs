@@ -196,11 +196,18 @@ fn deploy_state(d: &Device) -> (String, Option<String>) {
 }
 
 fn fetch_device(f: &Fleet, proxy: &Proxy, name: &str) -> Device {
+    fetch_device_resync(f, proxy, name, "500ms")
+}
+
+/// A device that reads the desired state in full only every `resync`; a
+/// long one shows that the live watch and the catch-up on reconnect work
+/// by themselves.
+fn fetch_device_resync(f: &Fleet, proxy: &Proxy, name: &str, resync: &str) -> Device {
     let d = device_behind(
         f,
         proxy,
         name,
-        "[link]\nping_interval = \"1s\"\nmax_backoff = \"1s\"\n[fetch]\nresync = \"500ms\"\nwindow = 4\n[health]\ntrial = \"5s\"\n",
+        &format!("[link]\nping_interval = \"1s\"\nmax_backoff = \"1s\"\n[fetch]\nresync = \"{resync}\"\nwindow = 4\n[health]\ntrial = \"5s\"\n"),
     );
     // The factory image: slot a, running.
     std::fs::create_dir_all(d.dir.join("slots/a")).unwrap();
@@ -275,7 +282,8 @@ fn a_bundle_arrives_over_a_flapping_capped_link_each_chunk_fetched_once() {
 fn desired_state_changed_while_offline_and_a_server_restart_is_applied_on_reconnect() {
     let mut f = Fleet::start(1);
     let proxy = Proxy::start(([127, 0, 0, 1], f.server.port).into());
-    let d = fetch_device(&f, &proxy, "rover-3");
+    // No periodic resync in this test's time: the reconnect alone must do it.
+    let d = fetch_device_resync(&f, &proxy, "rover-3", "1h");
     let (_, first, _) = f.published_bundle("os", 2, 1 << 20, 4);
     let (_, second, _) = f.published_bundle("os", 3, 1 << 20, 5);
     {
@@ -306,6 +314,42 @@ fn desired_state_changed_while_offline_and_a_server_restart_is_applied_on_reconn
     });
     kill(&mut agent);
     assert!(upgraded, "{}", f.log("rover-3-run.log"));
+}
+
+#[test]
+fn a_put_is_applied_live_and_putting_a_failed_bundle_again_retries_it() {
+    let f = Fleet::start(1);
+    let proxy = Proxy::start(([127, 0, 0, 1], f.server.port).into());
+    let d = fetch_device_resync(&f, &proxy, "rover-5", "1h");
+    let mut agent = d.spawn_run();
+    assert!(
+        wait_for(Duration::from_secs(20), || link_state(&d) == "connected"),
+        "{}",
+        f.log("rover-5-run.log")
+    );
+    let admin = f.reports_reader();
+    // A digest nobody published yet: the deploy fails, once.
+    let (bundle, digest, _) = f.bundle("os", 2, 1 << 20, 7);
+    let want = format!("{{\"bundle\": \"{}\"}}", hex(&digest));
+    admin.kv_put("PERCH_DESIRED", "device.rover-5", &want);
+    let failed = wait_for(Duration::from_secs(20), || {
+        admin.all().iter().any(|r| matches!(&r.kind, ReportKind::Deploy { state, .. } if state == "Failed"))
+    });
+    assert!(failed, "the put was not acted on live\n{}", f.log("rover-5-run.log"));
+    // Published now, but the same revision is not tried again...
+    f.publish(&bundle);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_ne!(deploy_state(&d).0, "committed");
+    // ...until the operator puts it again: a new revision, a retry.
+    admin.kv_put("PERCH_DESIRED", "device.rover-5", &want);
+    let done = wait_for(Duration::from_secs(60), || deploy_state(&d).0 == "committed");
+    // A restart resumes from the recorded revision: nothing is redone.
+    kill(&mut agent);
+    assert!(done, "{}", f.log("rover-5-run.log"));
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.dir.join("state/desired.json")).unwrap()).unwrap();
+    assert_eq!(record["key"], "device.rover-5");
+    assert_eq!(record["bundle"], hex(&digest));
 }
 
 #[test]

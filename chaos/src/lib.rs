@@ -1,9 +1,10 @@
 //! A fault-injecting TCP proxy between an agent and nats-server.
 //!
-//! Scriptable while it runs: pass, blackhole (bytes vanish, no RST: the
-//! peers only notice through their own pings), reset (every connection is
+//! Scriptable while it runs: pass, blackhole (bytes stop moving, no RST:
+//! the peers only notice through their own pings), reset (every connection is
 //! closed with an RST), latency, a bandwidth cap, and flapping between pass
 //! and blackhole every N seconds. It counts the bytes it delivered each way.
+#![forbid(unsafe_code)]
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -15,7 +16,8 @@ use std::time::{Duration, Instant};
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Mode {
     Pass,
-    /// Bytes are read and dropped; connections stay open.
+    /// Bytes stop moving (held, not dropped: TCP does not lose the middle
+    /// of a stream); connections stay open.
     Blackhole,
 }
 
@@ -186,8 +188,14 @@ fn pump(mut from: TcpStream, mut to: TcpStream, st: Arc<State>, down: bool) {
             }
             Err(_) => break,
         };
-        if st.mode() == Mode::Blackhole {
-            continue; // gone without a trace
+        // Held, like a radio link out of range: TCP never loses bytes from
+        // the middle of a stream, it stalls until the path returns or a
+        // peer gives up (its pings go unanswered) and closes the socket.
+        while st.mode() == Mode::Blackhole {
+            if st.stop.load(Ordering::Relaxed) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
         let shape = *lock(&st.shape);
         if !shape.latency.is_zero() {
@@ -244,13 +252,19 @@ mod tests {
         c.read_exact(&mut b).unwrap();
         assert_eq!(&b, b"hello");
         p.set_mode(Mode::Blackhole);
-        c.write_all(b"lost!").unwrap();
+        c.write_all(b"held!").unwrap();
         assert!(c.read_exact(&mut b).is_err(), "a blackhole delivers nothing");
         p.set_mode(Mode::Pass);
+        c.read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"held!", "and the stream resumes intact when the path returns");
         p.reset();
         let mut one = [0u8; 1];
         let r = c.read(&mut one);
         assert!(matches!(r, Ok(0)) || r.is_err(), "reset closes the connection");
-        assert_eq!(p.bytes(), (5, 5));
+        assert_eq!(p.bytes(), (10, 10));
+        let mut again = TcpStream::connect(("127.0.0.1", p.port)).unwrap();
+        again.write_all(b"again").unwrap();
+        again.read_exact(&mut b).unwrap();
+        assert_eq!(p.connections(), 2);
     }
 }
