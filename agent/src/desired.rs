@@ -37,13 +37,6 @@ use crate::fetch::{ChunkSource, FetchSettings};
 use crate::journal::{DeployState, JournalStore, Outcome};
 use crate::reports::Reporter;
 
-/// The value of a desired-state key (JSON).
-#[derive(Debug, Clone, Deserialize)]
-pub struct Desired {
-    /// The bundle digest (hex), as `perch bundle inspect` shows it.
-    pub bundle: String,
-}
-
 /// The key in force for a device, as read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
@@ -160,11 +153,7 @@ pub async fn read(client: &Client, device: &str, groups: &[String]) -> Result<Op
             .map(|v| v.as_str())
             .and_then(|v| v.parse::<u64>().ok())
             .ok_or_else(|| format!("{key}: the answer has no Nats-Sequence"))?;
-        let d: Desired =
-            serde_json::from_slice(&msg.payload).map_err(|e| format!("{key}: not a desired state: {e}"))?;
-        let mut bundle = [0u8; 32];
-        hex::decode_to_slice(d.bundle.trim(), &mut bundle)
-            .map_err(|_| format!("{key}: bundle is not a digest"))?;
+        let bundle = perch_protocol::desired::decode(&msg.payload).map_err(|e| format!("{key}: {e}"))?;
         return Ok(Some(Entry { key, revision, bundle }));
     }
     Ok(None)
@@ -261,7 +250,7 @@ async fn deploy(
             // The engine reports every state it reaches; this is for a
             // failure before it got the bundle at all (no head, say).
             if let Some(r) = reporter {
-                let kind = ReportKind::Deploy { state: "Failed".into(), reason: Some(e) };
+                let kind = ReportKind::Deploy { state: "failed".into(), reason: Some(e) };
                 if let Err(e) = r.queue(Lane::Events, kind) {
                     warn!("deploy report not queued: {e}");
                 }

@@ -124,9 +124,7 @@ pub async fn ensure_fleet_streams(js: &async_nats::jetstream::Context) -> Result
     let kv = |e: String| ProvisionerError::Registry(RegistryError::Kv(e));
     perch_net::ensure_stream(js, perch_net::streams::reports()).await.map_err(kv)?;
     perch_net::ensure_stream(js, perch_net::streams::chunks()).await.map_err(kv)?;
-    perch_net::ensure_kv(js, subjects::DESIRED_BUCKET, "perch desired state: device.<id> and group.<g>", 5)
-        .await
-        .map_err(kv)?;
+    perch_net::streams::desired(js).await.map_err(kv)?;
     Ok(())
 }
 

@@ -4,7 +4,8 @@
 //! once without losing an update or issuing a token use twice.
 //!
 //! Keys:
-//! - `device.<id>`: a [`DeviceRecord`] (JSON, so `nats kv get` reads it);
+//! - `device.<id>`: a [`DeviceRecord`] (JSON, so `nats kv get` reads it;
+//!   the type is in perch-protocol: `perch status` reads it too);
 //! - `token.<token id hex>`: how many uses of a token were claimed (decimal);
 //! - `revocations`: the FLEET account's revocation list ([`Revocations`]).
 
@@ -17,6 +18,8 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
+use perch_protocol::registry::device_key;
+pub use perch_protocol::registry::{DeviceRecord, Rekey, Status};
 use perch_protocol::subjects::REGISTRY_BUCKET;
 
 #[derive(Debug, thiserror::Error)]
@@ -33,82 +36,6 @@ pub enum RegistryError {
 
 fn kv_err(e: impl std::fmt::Display) -> RegistryError {
     RegistryError::Kv(e.to_string())
-}
-
-/// Where a device stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Status {
-    /// Asked with a manual-approval token; waits for `approve`.
-    Pending,
-    /// Approved; enrolled the next time it asks.
-    Approved,
-    Enrolled,
-    Rejected,
-    Revoked,
-}
-
-impl std::fmt::Display for Status {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // pad, not write_str: tables give it a width.
-        f.pad(match self {
-            Status::Pending => "pending",
-            Status::Approved => "approved",
-            Status::Enrolled => "enrolled",
-            Status::Rejected => "rejected",
-            Status::Revoked => "revoked",
-        })
-    }
-}
-
-/// A request to enroll a known device id with a new key.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Rekey {
-    /// The new perch device key (hex).
-    pub key: String,
-    pub requested_at: u64,
-    pub approved: bool,
-}
-
-/// What the registry knows of one device.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DeviceRecord {
-    pub id: String,
-    pub status: Status,
-    /// The perch device key (hex); also its NATS user nkey.
-    pub key: String,
-    pub nats_user: String,
-    pub groups: Vec<String>,
-    pub target: String,
-    pub agent_version: String,
-    /// The token it enrolled with (hex id); none for the offline path.
-    pub token: Option<String>,
-    /// `token` or `offline`.
-    pub via: String,
-    pub created_at: u64,
-    pub updated_at: u64,
-    pub enrolled_at: Option<u64>,
-    #[serde(default)]
-    pub rekey: Option<Rekey>,
-    /// The last request nonces seen (hex): a replayed request is refused.
-    #[serde(default)]
-    pub nonces: Vec<String>,
-}
-
-/// How many request nonces a record remembers.
-const NONCES_KEPT: usize = 16;
-
-impl DeviceRecord {
-    pub fn remember_nonce(&mut self, nonce: &[u8; 16]) {
-        self.nonces.push(hex::encode(nonce));
-        let excess = self.nonces.len().saturating_sub(NONCES_KEPT);
-        self.nonces.drain(..excess);
-    }
-
-    pub fn has_nonce(&self, nonce: &[u8; 16]) -> bool {
-        let n = hex::encode(nonce);
-        self.nonces.contains(&n)
-    }
 }
 
 /// The FLEET account's revoked users, and the `iat` of the last account
@@ -142,10 +69,6 @@ struct TokenSlot {
 pub struct Registry {
     kv: Store,
     tokens: Arc<Mutex<HashMap<String, Arc<TokenSlot>>>>,
-}
-
-fn device_key(id: &str) -> String {
-    format!("device.{id}")
 }
 
 impl Registry {

@@ -1,10 +1,16 @@
-//! The operator side of perch: building, signing and checking bundles.
+//! The operator side of perch: building, signing, checking and publishing
+//! bundles, and the fleet's status view.
 //!
 //! The `perch` binary is a thin clap layer over these modules.
 #![forbid(unsafe_code)]
 
 pub mod archive;
 pub mod build;
+pub mod desired;
+pub mod link;
 pub mod publish;
 pub mod sign;
+pub mod status;
+pub mod table;
 pub mod verify;
+pub mod view;

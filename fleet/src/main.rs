@@ -19,7 +19,11 @@ use perch_support::{keyfile, now_unix};
 use serde_json::json;
 
 #[derive(Parser)]
-#[command(name = "perch", version, about = "perch operator CLI: release keys and signed bundles")]
+#[command(
+    name = "perch",
+    version,
+    about = "perch operator CLI: release keys, signed bundles, publishing and fleet status"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -41,17 +45,101 @@ enum Command {
         /// The org trust document: the bundle is verified against it first.
         #[arg(long)]
         trust: PathBuf,
-        /// NATS URL; repeat for several.
-        #[arg(long = "url", value_name = "URL", default_value = "tls://127.0.0.1:4222")]
-        urls: Vec<String>,
-        /// A FLEET user credential (`perch-bootstrap nats creds --account fleet`).
-        #[arg(long)]
-        creds: PathBuf,
-        /// The fleet CA certificate (ORG/tls/ca.pem).
-        #[arg(long)]
-        ca: PathBuf,
+        #[command(flatten)]
+        conn: Conn,
         file: PathBuf,
     },
+    /// Which bundle a device or a group should run (devices follow it).
+    #[command(subcommand)]
+    Desired(DesiredCommand),
+    /// The fleet as its devices report it: who is online, what runs where,
+    /// how the last deploy went.
+    Status {
+        #[command(flatten)]
+        conn: Conn,
+        /// One device, with an account of every report it stored.
+        #[arg(long)]
+        device: Option<String>,
+        /// A device silent this long is shown as stale.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "3m")]
+        stale_after: Duration,
+        #[arg(long, conflicts_with = "watch")]
+        json: bool,
+        /// Redraw every two seconds until interrupted.
+        #[arg(long)]
+        watch: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum DesiredCommand {
+    /// Name a published bundle for a device or a group. Writing the same
+    /// bundle again is how a device is asked to retry one that failed.
+    Set {
+        #[command(flatten)]
+        conn: Conn,
+        #[command(flatten)]
+        scope: ScopeArgs,
+        /// The bundle file (its digest is used; it must be published).
+        #[arg(long, conflicts_with = "digest", required_unless_present = "digest")]
+        bundle: Option<PathBuf>,
+        /// The bundle digest (hex), as `perch bundle inspect` shows it.
+        #[arg(long)]
+        digest: Option<String>,
+    },
+    /// Remove a device's or a group's key (a device falls back to its groups').
+    Clear {
+        #[command(flatten)]
+        conn: Conn,
+        #[command(flatten)]
+        scope: ScopeArgs,
+    },
+    /// Every key in force.
+    List {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+#[group(required = true, multiple = false)]
+struct ScopeArgs {
+    #[arg(long)]
+    device: Option<String>,
+    #[arg(long)]
+    group: Option<String>,
+}
+
+impl ScopeArgs {
+    fn scope(self) -> perch_fleet::desired::Scope {
+        use perch_fleet::desired::Scope;
+        match (self.device, self.group) {
+            (Some(d), _) => Scope::Device(d),
+            (None, g) => Scope::Group(g.unwrap_or_default()),
+        }
+    }
+}
+
+/// How the operator reaches the fleet's NATS.
+#[derive(Args)]
+struct Conn {
+    /// NATS URL; repeat for several.
+    #[arg(long = "url", value_name = "URL", default_value = "tls://127.0.0.1:4222")]
+    urls: Vec<String>,
+    /// A FLEET user credential (`perch-bootstrap nats creds --account fleet`).
+    #[arg(long)]
+    creds: PathBuf,
+    /// The fleet CA certificate (ORG/tls/ca.pem).
+    #[arg(long)]
+    ca: PathBuf,
+}
+
+impl Conn {
+    fn target(self) -> perch_fleet::link::Target {
+        perch_fleet::link::Target { urls: self.urls, creds: self.creds, ca: self.ca }
+    }
 }
 
 #[derive(Subcommand)]
@@ -138,7 +226,12 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Keygen { out } => keygen(&out),
-        Command::Publish { trust, urls, creds, ca, file } => publish(&trust, urls, creds, ca, &file),
+        Command::Publish { trust, conn, file } => publish(&trust, conn.target(), &file),
+        Command::Desired(cmd) => desired(cmd),
+        Command::Status { conn, device, stale_after, json, watch } => {
+            let q = perch_fleet::status::Query { device, stale_after_secs: stale_after.as_secs() };
+            status(&conn.target(), &q, json, watch)
+        }
         Command::Bundle(BundleCommand::Build(args)) => build(args),
         Command::Bundle(BundleCommand::Sign { key, file }) => {
             let key = keyfile::read_secret(&key)?;
@@ -296,8 +389,8 @@ fn time(unix: u64) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(unix)).to_string()
 }
 
-fn publish(trust: &Path, urls: Vec<String>, creds: PathBuf, ca: PathBuf, file: &Path) -> Result<()> {
-    use perch_fleet::publish::{self, Published, Target};
+fn publish(trust: &Path, target: perch_fleet::link::Target, file: &Path) -> Result<()> {
+    use perch_fleet::publish::{self, Published};
     if !file.is_file() {
         return Err(UsageError(format!("{}: no such bundle file", file.display())).into());
     }
@@ -312,7 +405,6 @@ fn publish(trust: &Path, urls: Vec<String>, creds: PathBuf, ca: PathBuf, file: &
         b.set_message("publishing");
         b
     });
-    let target = Target { urls, creds, ca };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let done = rt.block_on(publish::publish(&trust, file, &target, now, |acked, total| {
         if let Some(b) = &bar {
@@ -335,4 +427,95 @@ fn publish(trust: &Path, urls: Vec<String>, creds: PathBuf, ca: PathBuf, file: &
         }
     }
     Ok(())
+}
+
+/// `perch status`: once (table or JSON), or redrawn until interrupted.
+fn status(
+    target: &perch_fleet::link::Target,
+    q: &perch_fleet::status::Query,
+    json: bool,
+    watch: bool,
+) -> Result<()> {
+    use perch_fleet::status::{read, StatusError};
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        let client = target.connect("perch status").await?;
+        loop {
+            let r = read(&client, q, now_unix()).await.map_err(|e: StatusError| anyhow::Error::new(e))?;
+            for why in &r.refused {
+                eprintln!("perch: report set aside: {why}");
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r.view)?);
+                return Ok(());
+            }
+            let table = perch_fleet::table::render(&r.view);
+            if !watch {
+                print!("{table}");
+                return Ok(());
+            }
+            // Clear the screen and redraw from the top.
+            print!("\x1b[2J\x1b[H{}\n(every 2 s; Ctrl-C to stop)\n{table}", time(now_unix()));
+            std::io::Write::flush(&mut std::io::stdout())?;
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    })
+}
+
+/// `perch desired set|clear|list`.
+fn desired(cmd: DesiredCommand) -> Result<()> {
+    use perch_fleet::desired;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        match cmd {
+            DesiredCommand::Set { conn, scope, bundle, digest } => {
+                let d = match (bundle, digest) {
+                    (Some(file), _) => {
+                        let f = std::fs::File::open(&file)
+                            .map_err(|e| UsageError(format!("{}: {e}", file.display())))?;
+                        BundleReader::open(f).with_context(|| file.display().to_string())?.head().digest().0
+                    }
+                    (None, Some(hex)) => {
+                        let mut d = [0u8; 32];
+                        hex::decode_to_slice(hex.trim(), &mut d)
+                            .map_err(|_| UsageError(format!("--digest {hex}: not a 64-digit hex digest")))?;
+                        d
+                    }
+                    (None, None) => return Err(UsageError("give --bundle or --digest".into()).into()),
+                };
+                let scope = scope.scope();
+                let js = async_nats::jetstream::new(conn.target().connect("perch desired").await?);
+                let rev = desired::set(&js, &scope, &d).await.map_err(desired_err)?;
+                println!("{} -> {} (revision {rev})", scope.key().map_err(desired_err)?, hex::encode(d));
+            }
+            DesiredCommand::Clear { conn, scope } => {
+                let scope = scope.scope();
+                let js = async_nats::jetstream::new(conn.target().connect("perch desired").await?);
+                desired::clear(&js, &scope).await.map_err(desired_err)?;
+                println!("{} cleared", scope.key().map_err(desired_err)?);
+            }
+            DesiredCommand::List { conn, json } => {
+                let js = async_nats::jetstream::new(conn.target().connect("perch desired").await?);
+                let all = desired::list(&js).await.map_err(desired_err)?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&all)?);
+                } else if all.is_empty() {
+                    println!("(no desired state)");
+                }
+                for e in all.iter().filter(|_| !json) {
+                    println!("{:<24} {}  (revision {})", e.key, e.bundle, e.revision);
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Names and unpublished bundles are the operator's mistake (exit 2).
+fn desired_err(e: perch_fleet::desired::DesiredError) -> anyhow::Error {
+    use perch_fleet::desired::DesiredError;
+    match e {
+        DesiredError::NotPublished(_) | DesiredError::BadName(_) => UsageError(e.to_string()).into(),
+        other => other.into(),
+    }
 }

@@ -18,14 +18,7 @@ use perch_protocol::bundle::BundleReader;
 use perch_protocol::subjects::{self, CHUNKS_STREAM};
 use perch_protocol::trust::VerifiedTrust;
 
-/// Where and as whom to publish.
-pub struct Target {
-    pub urls: Vec<String>,
-    /// A FLEET user credential (`perch-bootstrap nats creds --account fleet`).
-    pub creds: PathBuf,
-    /// The fleet CA certificate (PEM), the only one trusted.
-    pub ca: PathBuf,
-}
+pub use crate::link::Target;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
@@ -70,17 +63,10 @@ pub async fn publish(
     let mut head = Vec::new();
     bundle.manifest().head().write_to(&mut head).map_err(|e| file_err(e.to_string()))?;
 
-    let tls = perch_net::tls::client_config(&perch_net::CaTrust::Certificate(read_ca(&target.ca)?))
-        .map_err(nats)?;
-    let client = async_nats::ConnectOptions::with_credentials_file(&target.creds)
-        .await
-        .map_err(|e| PublishError::File { path: target.creds.clone(), detail: e.to_string() })?
-        .require_tls(true)
-        .tls_client_config(tls)
-        .name("perch publish")
-        .connect(perch_net::server_addrs(&target.urls).map_err(nats)?)
-        .await
-        .map_err(nats)?;
+    let client = target.connect("perch publish").await.map_err(|e| match e {
+        crate::link::ConnectError::File { path, detail } => PublishError::File { path, detail },
+        other => nats(other),
+    })?;
     let max = client.server_info().max_payload;
     if head.len() > max {
         return Err(PublishError::HeadTooLarge { len: head.len(), max });
@@ -145,11 +131,4 @@ async fn already_there(
         found += 1;
     }
     Ok(found == u64::from(chunk_count) + 1)
-}
-
-fn read_ca(path: &Path) -> Result<Vec<u8>, PublishError> {
-    use rustls::pki_types::pem::PemObject;
-    rustls::pki_types::CertificateDer::from_pem_file(path)
-        .map(|c| c.as_ref().to_vec())
-        .map_err(|e| PublishError::File { path: path.into(), detail: format!("no PEM certificate: {e}") })
 }

@@ -35,3 +35,11 @@ pub fn chunks() -> Config {
         ..Default::default()
     }
 }
+
+/// `PERCH_DESIRED`: the KV bucket of desired state (`device.<id>`,
+/// `group.<g>`), five revisions kept per key for the operator's history.
+pub async fn desired(
+    js: &async_nats::jetstream::Context,
+) -> Result<async_nats::jetstream::kv::Store, String> {
+    crate::ensure_kv(js, subjects::DESIRED_BUCKET, "perch desired state: device.<id> and group.<g>", 5).await
+}

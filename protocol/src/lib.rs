@@ -15,9 +15,11 @@
 #![forbid(unsafe_code)]
 
 pub mod bundle;
+pub mod desired;
 pub mod enroll;
 pub mod keys;
 pub mod limits;
+pub mod registry;
 pub mod report;
 pub mod subjects;
 pub mod token;

@@ -277,7 +277,22 @@ pub struct ReportsReader {
 
 impl Fleet {
     /// A FLEET service user that reads the reports stream.
-    pub fn reports_reader(&self) -> ReportsReader {
+    /// `perch status ARGS` as an operator with a FLEET credential.
+    pub fn status(&self, args: &[&str]) -> crate::Run {
+        self.operator(&["status"], args)
+    }
+
+    /// `perch COMMAND... --url .. --creds .. --ca .. ARGS` as an operator
+    /// with a FLEET credential.
+    pub fn operator(&self, command: &[&str], args: &[&str]) -> crate::Run {
+        self.reader_creds();
+        let mut all = command.to_vec();
+        all.extend(["--url", &self.url, "--creds", "reader.creds", "--ca", "org/tls/ca.pem"]);
+        all.extend_from_slice(args);
+        self.s.run("perch", &all)
+    }
+
+    fn reader_creds(&self) -> std::path::PathBuf {
         let creds = self.s.path("reader.creds");
         if !creds.exists() {
             self.s.ok(
@@ -296,6 +311,11 @@ impl Fleet {
                 ],
             );
         }
+        creds
+    }
+
+    pub fn reports_reader(&self) -> ReportsReader {
+        let creds = self.reader_creds();
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let tls = perch_net::tls::client_config(&perch_net::CaTrust::Certificate(self.ca_der())).unwrap();
         let url = self.url.clone();

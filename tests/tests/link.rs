@@ -146,6 +146,18 @@ fn reports_arrive_exactly_once_through_an_outage_a_crash_and_a_reboot() {
     // Both boots are in there, and the device's own id on every one.
     assert!(reports.iter().any(|r| r.boot_id == "boot-1") && reports.iter().any(|r| r.boot_id == "boot-2"));
     assert!(reports.iter().all(|r| r.device == "drone-3"));
+    // The operator's view says the same.
+    let shown = f.status(&["--device", "drone-3"]);
+    assert_eq!(shown.code, 0, "{}", shown.stderr);
+    assert!(
+        shown.stdout.contains(&format!("{n} stored, seq 1..{n}: each once, no gaps")),
+        "{}",
+        shown.stdout
+    );
+    let fleet: serde_json::Value = serde_json::from_str(&f.status(&["--json"]).stdout).unwrap();
+    let me = fleet["devices"].as_array().unwrap().iter().find(|d| d["id"] == "drone-3").unwrap();
+    assert_eq!(me["liveness"], "online");
+    assert_eq!(me["boot_id"], "boot-2");
 }
 
 #[test]
@@ -328,20 +340,27 @@ fn a_put_is_applied_live_and_putting_a_failed_bundle_again_retries_it() {
         f.log("rover-5-run.log")
     );
     let admin = f.reports_reader();
-    // A digest nobody published yet: the deploy fails, once.
+    // A digest nobody published yet: `perch desired` refuses to name it...
     let (bundle, digest, _) = f.bundle("os", 2, 1 << 20, 7);
+    let refused = f.operator(&["desired", "set"], &["--device", "rover-5", "--bundle", &bundle]);
+    assert_eq!(refused.code, 2, "{}", refused.stderr);
+    assert!(refused.stderr.contains("is not published"), "{}", refused.stderr);
+    // ...but a raw put (the `nats` CLI, say) gets through: the deploy fails, once.
     let want = format!("{{\"bundle\": \"{}\"}}", hex(&digest));
     admin.kv_put("PERCH_DESIRED", "device.rover-5", &want);
     let failed = wait_for(Duration::from_secs(20), || {
-        admin.all().iter().any(|r| matches!(&r.kind, ReportKind::Deploy { state, .. } if state == "Failed"))
+        admin.all().iter().any(|r| matches!(&r.kind, ReportKind::Deploy { state, .. } if state == "failed"))
     });
     assert!(failed, "the put was not acted on live\n{}", f.log("rover-5-run.log"));
     // Published now, but the same revision is not tried again...
     f.publish(&bundle);
     std::thread::sleep(Duration::from_secs(3));
     assert_ne!(deploy_state(&d).0, "committed");
-    // ...until the operator puts it again: a new revision, a retry.
-    admin.kv_put("PERCH_DESIRED", "device.rover-5", &want);
+    // ...until the operator names it again: a new revision, a retry.
+    let set = f.operator(&["desired", "set"], &["--device", "rover-5", "--bundle", &bundle]);
+    assert_eq!(set.code, 0, "{}", set.stderr);
+    let listed = f.operator(&["desired", "list"], &["--json"]);
+    assert!(listed.stdout.contains(&hex(&digest)), "{}", listed.stdout);
     let done = wait_for(Duration::from_secs(60), || deploy_state(&d).0 == "committed");
     // A restart resumes from the recorded revision: nothing is redone.
     kill(&mut agent);

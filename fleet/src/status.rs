@@ -1,0 +1,126 @@
+//! Reading the fleet for `perch status`: the registry records and the
+//! reports, handed to [`crate::view`].
+//!
+//! - The whole fleet: the last report of each device and lane
+//!   (`DeliverPolicy::LastPerSubject`), so the cost is two messages per
+//!   device however long the stream is.
+//! - One device (`--device`): every report it has stored, so its sequence
+//!   numbers can be accounted for (gaps, duplicates).
+//!
+//! A report is believed only if it came in on its own device's subject:
+//! the server lets a device publish only there, so a device cannot speak
+//! for another by writing another id into the payload.
+
+use async_nats::jetstream::{self, consumer::push::OrderedConfig, consumer::DeliverPolicy};
+use futures_util::StreamExt;
+use perch_protocol::registry::{device_key, DeviceRecord};
+use perch_protocol::report::Report;
+use perch_protocol::subjects::{self, REGISTRY_BUCKET, REPORTS_ALL, REPORTS_STREAM};
+
+use crate::view::{self, FleetView, Stored};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    #[error("NATS: {0}")]
+    Nats(String),
+    #[error("registry record {key} is not readable: {detail}")]
+    Registry { key: String, detail: String },
+}
+
+fn nats(e: impl std::fmt::Display) -> StatusError {
+    StatusError::Nats(e.to_string())
+}
+
+/// What to read.
+#[derive(Debug, Clone)]
+pub struct Query {
+    /// One device, with every report it stored; None: the whole fleet.
+    pub device: Option<String>,
+    /// A device silent for longer is shown as stale.
+    pub stale_after_secs: u64,
+}
+
+/// What was read, and what was set aside.
+pub struct Read {
+    pub view: FleetView,
+    /// Reports that did not parse, or claimed another device's id.
+    pub refused: Vec<String>,
+}
+
+pub async fn read(client: &async_nats::Client, q: &Query, now: u64) -> Result<Read, StatusError> {
+    let js = jetstream::new(client.clone());
+    let mut registry = registry(&js).await?;
+    if let Some(d) = &q.device {
+        registry.retain(|r| &r.id == d);
+    }
+    let (reports, refused) = reports(&js, q.device.as_deref()).await?;
+    let view = view::build(&registry, reports, now, q.stale_after_secs, q.device.is_some());
+    Ok(Read { view, refused })
+}
+
+/// Every device record; none if the bucket does not exist yet.
+async fn registry(js: &jetstream::Context) -> Result<Vec<DeviceRecord>, StatusError> {
+    let Ok(kv) = js.get_key_value(REGISTRY_BUCKET).await else { return Ok(vec![]) };
+    let mut keys = kv.keys().await.map_err(nats)?;
+    let mut ids = vec![];
+    while let Some(k) = keys.next().await {
+        if let Some(id) = k.map_err(nats)?.strip_prefix("device.") {
+            ids.push(id.to_string());
+        }
+    }
+    let mut out = vec![];
+    for id in ids {
+        let key = device_key(&id);
+        if let Some(bytes) = kv.get(&key).await.map_err(nats)? {
+            let rec = serde_json::from_slice(&bytes)
+                .map_err(|e| StatusError::Registry { key: key.clone(), detail: e.to_string() })?;
+            out.push(rec);
+        }
+    }
+    Ok(out)
+}
+
+/// The reports to show: every one of `device`'s, or the last per subject.
+async fn reports(
+    js: &jetstream::Context,
+    device: Option<&str>,
+) -> Result<(Vec<Stored>, Vec<String>), StatusError> {
+    let Ok(stream) = js.get_stream(REPORTS_STREAM).await else { return Ok((vec![], vec![])) };
+    let (filter, policy) = match device {
+        Some(d) => (format!("{}.>", subjects::reports(d)), DeliverPolicy::All),
+        None => (REPORTS_ALL.to_string(), DeliverPolicy::LastPerSubject),
+    };
+    let consumer = stream
+        .create_consumer(OrderedConfig {
+            deliver_subject: js_inbox(js),
+            filter_subject: filter,
+            deliver_policy: policy,
+            ..Default::default()
+        })
+        .await
+        .map_err(nats)?;
+    let (mut out, mut refused) = (vec![], vec![]);
+    if consumer.cached_info().num_pending == 0 {
+        return Ok((out, refused));
+    }
+    let mut messages = consumer.messages().await.map_err(nats)?;
+    while let Some(m) = messages.next().await {
+        let m = m.map_err(nats)?;
+        let info = m.info().map_err(nats)?;
+        let (pending, stored_at) = (info.pending, info.published.unix_timestamp().max(0) as u64);
+        let on = m.subject.split('.').nth(2).unwrap_or_default().to_string();
+        match Report::from_bytes(&m.payload) {
+            Ok(report) if report.device == on => out.push(Stored { report, stored_at }),
+            Ok(report) => refused.push(format!("{}: claims to be from {}", m.subject, report.device)),
+            Err(e) => refused.push(format!("{}: {e}", m.subject)),
+        }
+        if pending == 0 {
+            break;
+        }
+    }
+    Ok((out, refused))
+}
+
+fn js_inbox(js: &jetstream::Context) -> String {
+    js.client().new_inbox()
+}

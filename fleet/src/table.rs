@@ -1,0 +1,155 @@
+//! The fleet view as a compact terminal table (what `perch status` and
+//! `perch status --watch` print).
+
+use std::fmt::Write;
+
+use crate::view::{Accounting, DeviceView, FleetView, Liveness};
+
+/// A duration in its largest whole unit: `42s`, `7m`, `3h`, `2d`.
+pub fn age(secs: u64) -> String {
+    match secs {
+        0..=119 => format!("{secs}s"),
+        120..=7199 => format!("{}m", secs / 60),
+        7200..=172_799 => format!("{}h", secs / 3600),
+        _ => format!("{}d", secs / 86_400),
+    }
+}
+
+fn link(v: &DeviceView, now: u64) -> String {
+    match (v.liveness, v.last_seen) {
+        (Liveness::Online, Some(t)) => format!("online {}", age(now.saturating_sub(t))),
+        // Loud on purpose: a silent device must not read as a healthy one.
+        (Liveness::Stale, Some(t)) => format!("STALE {}", age(now.saturating_sub(t))),
+        _ => "silent".into(),
+    }
+}
+
+fn running(v: &DeviceView) -> String {
+    match (&v.running_slot, &v.running_bundle) {
+        (Some(s), Some(b)) => format!("{s}: {}#{}", b.name, b.counter),
+        (Some(s), None) => format!("{s}: -"),
+        _ => "-".into(),
+    }
+}
+
+fn deploy(v: &DeviceView) -> String {
+    let mut out = v.journal_state.clone().unwrap_or_else(|| "-".into());
+    if let Some((done, count)) = v.progress {
+        let _ = write!(out, " {done}/{count}");
+    }
+    if let Some(d) = &v.last_deploy {
+        if Some(&d.state) != v.journal_state.as_ref() {
+            let _ = write!(out, " (last: {}", d.state);
+            if let Some(r) = &d.reason {
+                let r: String = r.chars().take(60).collect();
+                let _ = write!(out, ": {r}");
+            }
+            out.push(')');
+        } else if let Some(r) = &d.reason {
+            let r: String = r.chars().take(60).collect();
+            let _ = write!(out, ": {r}");
+        }
+    }
+    out
+}
+
+fn accounting(a: &Accounting) -> String {
+    let mut out = format!("{} stored, seq {}..{}", a.stored, a.first, a.last);
+    if a.dropped > 0 {
+        let _ = write!(out, ", {} telemetry dropped over budget (reported)", a.dropped);
+    }
+    if a.exact() {
+        out.push_str(": each once, no gaps");
+    } else {
+        if a.duplicates > 0 {
+            let _ = write!(out, ", {} stored twice", a.duplicates);
+        }
+        for (x, y) in &a.gaps {
+            let _ = write!(out, ", missing {x}..{y}");
+        }
+    }
+    out
+}
+
+/// The whole table, one line per device (and the report account, if read).
+pub fn render(view: &FleetView) -> String {
+    let rows: Vec<[String; 5]> = view
+        .devices
+        .iter()
+        .map(|v| {
+            [
+                v.id.clone(),
+                v.registry.clone().unwrap_or_else(|| "?".into()),
+                link(v, view.now),
+                running(v),
+                deploy(v),
+            ]
+        })
+        .collect();
+    let head = ["DEVICE", "REGISTRY", "LINK", "RUNNING", "DEPLOY"];
+    let mut width = head.map(str::len);
+    for r in &rows {
+        for (w, c) in width.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let line = |out: &mut String, cells: [&str; 5]| {
+        for (i, c) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                let _ = writeln!(out, "{c}");
+            } else {
+                let _ = write!(out, "{c:<w$}  ", w = width[i]);
+            }
+        }
+    };
+    line(&mut out, head);
+    for (r, v) in rows.iter().zip(&view.devices) {
+        line(&mut out, [&r[0], &r[1], &r[2], &r[3], &r[4]]);
+        if let Some(a) = &v.reports {
+            let _ = writeln!(out, "  reports: {}", accounting(a));
+        }
+    }
+    if view.devices.is_empty() {
+        out.push_str("(no devices: none enrolled, none reporting)\n");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::view::{build, Stored};
+    use perch_protocol::report::{Report, ReportKind};
+
+    #[test]
+    fn a_table_says_what_each_device_does() {
+        let r = |seq, state: &str, kind| Stored {
+            report: Report {
+                device: "drone-1".into(),
+                seq,
+                boot_id: "b".into(),
+                agent_version: "0.1.0".into(),
+                at: 0,
+                running_slot: Some("a".into()),
+                running_bundle: None,
+                journal_state: state.into(),
+                kind,
+            },
+            stored_at: 100,
+        };
+        let reasons =
+            ReportKind::Deploy { state: "rolled_back".into(), reason: Some("health check failed".into()) };
+        let v = build(&[], vec![r(1, "idle", ReportKind::Heartbeat), r(2, "idle", reasons)], 130, 60, true);
+        let t = render(&v);
+        assert!(t.starts_with("DEVICE"), "{t}");
+        assert!(t.contains("drone-1"), "{t}");
+        assert!(t.contains("online 30s"), "{t}");
+        assert!(t.contains("idle (last: rolled_back: health check failed)"), "{t}");
+        assert!(t.contains("2 stored, seq 1..2: each once, no gaps"), "{t}");
+        let stale = build(&[], vec![r(1, "idle", ReportKind::Heartbeat)], 100 + 600, 60, false);
+        assert!(render(&stale).contains("STALE 10m"));
+        assert_eq!(age(59), "59s");
+        assert_eq!(age(3 * 86_400), "3d");
+    }
+}
