@@ -226,16 +226,36 @@ fn run(cli: Cli) -> Result<u8> {
                 .ok()
                 .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
             let link_line = match &link {
-                Some(l) => format!("link       {} since {}", l["state"].as_str().unwrap_or("?"), l["since"]),
+                Some(l) => {
+                    let since = l["since"].as_u64().map(|t| {
+                        humantime::format_rfc3339_seconds(
+                            std::time::UNIX_EPOCH + std::time::Duration::from_secs(t),
+                        )
+                        .to_string()
+                    });
+                    format!(
+                        "link       {} since {}",
+                        l["state"].as_str().unwrap_or("?"),
+                        since.unwrap_or_default()
+                    )
+                }
                 None => "link       none (no agent has run with an enrollment)".to_string(),
             };
             doc["link"] = link.unwrap_or(serde_json::Value::Null);
+            let outbox_line = match perch_agent::outbox::peek(&cli.state_dir) {
+                Ok((n, bytes)) => {
+                    doc["outbox"] = serde_json::json!({ "waiting": n, "bytes": bytes });
+                    format!("outbox     {n} reports waiting to be sent ({bytes} bytes)")
+                }
+                Err(e) => format!("outbox     unreadable ({e})"),
+            };
             if *json {
                 println!("{doc}");
             } else {
                 print!("{}", status::to_text(&doc));
                 println!("{line}");
                 println!("{link_line}");
+                println!("{outbox_line}");
             }
             Ok(0)
         }

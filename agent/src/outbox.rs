@@ -382,6 +382,31 @@ impl Outbox {
     }
 }
 
+/// Reports waiting to be sent (records, payload bytes), read without
+/// changing anything: `status` runs next to a live agent.
+pub fn peek(state_dir: &Path) -> Result<(usize, u64), OutboxError> {
+    let dir = state_dir.join("outbox");
+    let acked = read_acked(&dir.join("acked"))?;
+    let (mut n, mut bytes) = (0usize, 0u64);
+    for lane in Lane::ALL {
+        let ldir = dir.join(lane.as_str());
+        let Ok(entries) = fs::read_dir(&ldir) else { continue };
+        let done = acked.get(lane);
+        for path in entries.filter_map(|e| e.ok().map(|e| e.path())) {
+            if path.extension().is_none_or(|x| x != SEGMENT_EXT) {
+                continue;
+            }
+            // A segment deleted by the agent meanwhile was fully sent.
+            let Ok((records, _, _)) = read_segment(&path) else { continue };
+            for r in records.iter().filter(|r| r.seq > done) {
+                n += 1;
+                bytes += r.payload.len() as u64;
+            }
+        }
+    }
+    Ok((n, bytes))
+}
+
 fn read_acked(path: &Path) -> Result<Acked, OutboxError> {
     match fs::read(path) {
         Ok(bytes) => Ok(postcard::from_bytes(&bytes).unwrap_or_default()),
@@ -472,6 +497,22 @@ mod tests {
         // Some records may be sent again (JetStream drops them by id), but
         // no new record may take a number JetStream has already seen.
         assert_eq!(ob.append(Lane::Events, payload).unwrap().0, 41);
+    }
+
+    #[test]
+    fn peek_counts_what_waits_without_touching_anything() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(peek(dir.path()).unwrap(), (0, 0));
+        let (mut ob, _) = Outbox::open(dir.path(), cfg()).unwrap();
+        for _ in 0..5 {
+            ob.append(Lane::Events, payload).unwrap();
+        }
+        ob.flush().unwrap();
+        let (n, bytes) = ob.backlog();
+        assert_eq!(peek(dir.path()).unwrap(), (n, bytes));
+        ob.ack(Lane::Events, 3).unwrap();
+        ob.checkpoint().unwrap();
+        assert_eq!(peek(dir.path()).unwrap().0, 2);
     }
 
     #[test]

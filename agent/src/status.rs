@@ -118,7 +118,7 @@ pub fn to_text(v: &Value) -> String {
         state.push_str(&format!(" in slot {}", s(&d["slot"])));
     }
     if !d["next_chunk"].is_null() {
-        state.push_str(&format!(", chunk {} of {}", s(&d["next_chunk"]), s(&d["chunk_count"])));
+        state.push_str(&format!(", synced to chunk {} of {}", s(&d["next_chunk"]), s(&d["chunk_count"])));
     }
     if !d["reason"].is_null() {
         state.push_str(&format!(" ({})", s(&d["reason"])));

@@ -21,6 +21,9 @@ pub fn run() -> Result<()> {
     sh(cargo().args(["build", "--workspace", "--bins", "--locked"]))?;
     sh(cargo().args(["test", "--workspace", "--locked"]))?;
 
+    step("demo: the README's main command, which checks every exit code it expects");
+    crate::demo::run()?;
+
     crate::docs::run()?;
 
     step("msrv: the whole workspace with Debian's rustc 1.85");

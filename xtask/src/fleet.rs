@@ -16,6 +16,7 @@ pub struct LocalFleet {
     pub dir: PathBuf,
     pub bin: PathBuf,
     pub url: String,
+    pub port: u16,
     children: Vec<(String, Child)>,
 }
 
@@ -44,6 +45,7 @@ impl LocalFleet {
             dir: dir.into(),
             bin: bin.into(),
             url: format!("tls://127.0.0.1:{port}"),
+            port,
             children: vec![("nats-server".into(), child)],
         };
         let start = Instant::now();
