@@ -235,7 +235,7 @@ impl Engine {
                     .note(&format!("resuming {bundle} at chunk {from_chunk} of {}", bundle.chunk_count));
             }
             if let Err(e) = self.stage(&mut reader, &bundle, slot, from_chunk) {
-                let reason = e.to_string();
+                let reason = perch_support::error_chain(&e);
                 self.journal.last = Some(LastOutcome {
                     bundle: Some(bundle.clone()),
                     outcome: Outcome::Failed(reason.clone()),

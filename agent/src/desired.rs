@@ -239,11 +239,15 @@ async fn deploy(
         window: cfg.fetch.window,
         budget: cfg.fetch.budget,
         max_backoff: cfg.link.max_backoff,
+        ledger: Some(state_dir.join(crate::fetch::LEDGER_FILE)),
         ..FetchSettings::default()
     };
-    match install(client.clone(), cfg.clone(), state_dir.to_path_buf(), digest, settings, reporter.clone())
-        .await
-    {
+    let outcome =
+        install(client.clone(), cfg.clone(), state_dir.to_path_buf(), digest, settings, reporter.clone())
+            .await;
+    // The deploy has ended: a retry (a new revision) gets a fresh budget.
+    let _ = std::fs::remove_file(state_dir.join(crate::fetch::LEDGER_FILE));
+    match outcome {
         Ok(f) => info!(bundle = %hex::encode(&digest[..8]), "deploy: {f}"),
         Err(e) => {
             warn!(bundle = %hex::encode(&digest[..8]), "deploy failed: {e}");
@@ -311,7 +315,7 @@ async fn install(
         }
         let source = ChunkSource::open(rt, client, digest, settings).map_err(|e| e.to_string())?;
         let label = PathBuf::from(format!("nats:{}", subjects::chunk(&digest, None)));
-        let f = engine.install_from(source, &label).map_err(|e| format!("{e:#}"))?;
+        let f = engine.install_from(source, &label).map_err(|e| perch_support::error_chain(&e))?;
         Ok(match f {
             Finished::Committed(_) => "Committed".into(),
             Finished::RolledBack(_, r) => format!("RolledBack: {r}"),

@@ -14,6 +14,7 @@
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,6 +38,9 @@ pub struct FetchSettings {
     /// repeats of answers that are still on their way.
     pub request_timeout: Duration,
     pub max_backoff: Duration,
+    /// Where the bytes fetched per bundle are kept across restarts, so the
+    /// budget holds for the bundle and not for each agent run.
+    pub ledger: Option<PathBuf>,
 }
 
 impl Default for FetchSettings {
@@ -46,6 +50,7 @@ impl Default for FetchSettings {
             budget: 0,
             request_timeout: Duration::from_secs(60),
             max_backoff: Duration::from_secs(10),
+            ledger: None,
         }
     }
 }
@@ -73,7 +78,11 @@ fn other(msg: String) -> io::Error {
 impl ChunkSource {
     /// Fetches the head of bundle `digest`. Call from a blocking thread.
     pub fn open(rt: Handle, client: Client, digest: [u8; 32], settings: FetchSettings) -> io::Result<Self> {
-        let fetched = Arc::new(AtomicU64::new(0));
+        let before = settings.ledger.as_deref().map_or(0, |p| ledger::load(p, &digest));
+        if before > 0 {
+            debug!(bytes = before, "fetch: bytes already fetched for this bundle by earlier runs");
+        }
+        let fetched = Arc::new(AtomicU64::new(before));
         let head = rt.block_on(get(
             client.clone(),
             subjects::chunk(&digest, None),
@@ -106,6 +115,12 @@ impl ChunkSource {
     /// Bytes received so far (head included).
     pub fn fetched(&self) -> Arc<AtomicU64> {
         self.fetched.clone()
+    }
+
+    fn save_ledger(&self) {
+        if let Some(p) = &self.settings.ledger {
+            ledger::save(p, &self.digest, self.fetched.load(Ordering::Relaxed));
+        }
     }
 
     fn spawn(&self, index: u32) -> JoinHandle<io::Result<Vec<u8>>> {
@@ -142,6 +157,9 @@ impl ChunkSource {
             )));
         }
         self.current = Some((index, data));
+        if index % LEDGER_EVERY == 0 || index + 1 == self.chunk_count {
+            self.save_ledger();
+        }
         // Keep the window full behind the one just taken.
         if let Some(n) = self.ahead.back().map(|(i, _)| i + 1).or(Some(index + 1)) {
             if n < self.chunk_count && self.ahead.len() < self.settings.window {
@@ -198,6 +216,59 @@ impl Drop for ChunkSource {
     fn drop(&mut self) {
         for (_, h) in self.ahead.drain(..) {
             h.abort();
+        }
+        self.save_ledger();
+    }
+}
+
+/// The ledger's file name in the state directory.
+pub const LEDGER_FILE: &str = "fetch.json";
+
+/// The ledger is written every this many chunks (and at the end): a crash
+/// forgets at most these, plus the window in flight.
+const LEDGER_EVERY: u32 = 4;
+
+/// `STATE/fetch.json`: `{"bundle": "<digest hex>", "bytes": N}` for the
+/// bundle being fetched. Another bundle starts from zero.
+mod ledger {
+    use super::*;
+
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct Entry {
+        bundle: String,
+        bytes: u64,
+    }
+
+    /// Bytes fetched for `digest` so far; 0 if unknown or unreadable.
+    pub fn load(path: &Path, digest: &[u8; 32]) -> u64 {
+        perch_support::durable::read_bounded(path, 1024)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Entry>(&b).ok())
+            .filter(|e| e.bundle == hex::encode(digest))
+            .map_or(0, |e| e.bytes)
+    }
+
+    pub fn save(path: &Path, digest: &[u8; 32], bytes: u64) {
+        let e = Entry { bundle: hex::encode(digest), bytes };
+        let json = serde_json::to_vec(&e).unwrap_or_default();
+        let replace = perch_support::durable::Replace::Allow;
+        if let Err(err) = perch_support::durable::write_bytes(path, 0o644, replace, &json) {
+            tracing::warn!("fetch ledger not saved: {err}");
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn counts_per_bundle_and_forgets_garbage() {
+            let dir = tempfile::tempdir().unwrap();
+            let p = dir.path().join("fetch.json");
+            assert_eq!(super::load(&p, &[1; 32]), 0);
+            super::save(&p, &[1; 32], 12345);
+            assert_eq!(super::load(&p, &[1; 32]), 12345);
+            assert_eq!(super::load(&p, &[2; 32]), 0, "another bundle starts from zero");
+            std::fs::write(&p, b"\xff{").unwrap();
+            assert_eq!(super::load(&p, &[1; 32]), 0);
         }
     }
 }

@@ -14,3 +14,32 @@ pub mod trustfile;
 pub fn now_unix() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
+
+/// An error and every cause under it, `outer: inner: innermost`, on one
+/// line: what a report or a log needs when only the text travels on.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        // Some errors repeat their source in their own message.
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn chains_read_outer_to_inner() {
+        let inner = std::io::Error::other("data budget used up");
+        #[derive(Debug, thiserror::Error)]
+        #[error("nats:perch.chunk.x.m")]
+        struct Outer(#[source] std::io::Error);
+        assert_eq!(super::error_chain(&Outer(inner)), "nats:perch.chunk.x.m: data budget used up");
+    }
+}

@@ -215,11 +215,16 @@ fn fetch_device(f: &Fleet, proxy: &Proxy, name: &str) -> Device {
 /// long one shows that the live watch and the catch-up on reconnect work
 /// by themselves.
 fn fetch_device_resync(f: &Fleet, proxy: &Proxy, name: &str, resync: &str) -> Device {
+    fetch_device_with(f, proxy, name, &format!("resync = \"{resync}\"\n"))
+}
+
+/// A fetching device with more `[fetch]` settings.
+fn fetch_device_with(f: &Fleet, proxy: &Proxy, name: &str, fetch: &str) -> Device {
     let d = device_behind(
         f,
         proxy,
         name,
-        &format!("[link]\nping_interval = \"1s\"\nmax_backoff = \"1s\"\n[fetch]\nresync = \"{resync}\"\nwindow = 4\n[health]\ntrial = \"5s\"\n"),
+        &format!("[link]\nping_interval = \"1s\"\nmax_backoff = \"1s\"\n[fetch]\n{fetch}window = 4\n[health]\ntrial = \"5s\"\n"),
     );
     // The factory image: slot a, running.
     std::fs::create_dir_all(d.dir.join("slots/a")).unwrap();
@@ -369,6 +374,43 @@ fn a_put_is_applied_live_and_putting_a_failed_bundle_again_retries_it() {
         serde_json::from_slice(&std::fs::read(d.dir.join("state/desired.json")).unwrap()).unwrap();
     assert_eq!(record["key"], "device.rover-5");
     assert_eq!(record["bundle"], hex(&digest));
+}
+
+#[test]
+fn the_data_budget_holds_across_restarts() {
+    let f = Fleet::start(1);
+    let proxy = Proxy::start(([127, 0, 0, 1], f.server.port).into());
+    let budget: u64 = 3_000_000;
+    let d = fetch_device_with(&f, &proxy, "rover-6", &format!("resync = \"500ms\"\nbudget = {budget}\n"));
+    let (_, digest, _) = f.published_bundle("os", 2, 6 << 20, 8);
+    let admin = f.reports_reader();
+    admin.kv_put("PERCH_DESIRED", "device.rover-6", &format!("{{\"bundle\": \"{}\"}}", hex(&digest)));
+    proxy.set_shape(perch_tests::chaos::Shape { latency: Duration::ZERO, bandwidth: 800_000 });
+    let mut agent = d.spawn_run();
+    // Two thirds of the budget, then a crash: the next run must not start
+    // counting from zero.
+    assert!(
+        wait_for(Duration::from_secs(30), || proxy.bytes().0 > 2_000_000),
+        "{}",
+        f.log("rover-6-run.log")
+    );
+    kill(&mut agent);
+    let mut agent = d.spawn_run();
+    let stopped = wait_for(Duration::from_secs(30), || {
+        admin.all().iter().any(|r| {
+            matches!(&r.kind, ReportKind::Deploy { state, reason: Some(why) } if state == "failed" && why.contains("budget"))
+        })
+    });
+    kill(&mut agent);
+    assert!(stopped, "no failed report naming the budget\n{}", f.log("rover-6-run.log"));
+    assert_ne!(deploy_state(&d).0, "committed");
+    // The budget, plus what a crash can forget (the ledger is written every
+    // 4 chunks), the window in flight at the crash and at the stop, and the
+    // protocol's own bytes.
+    let (down, _) = proxy.bytes();
+    let allowed = budget + (4 + 2 * 4) * 256 * 1024 + (1 << 20);
+    eprintln!("{down} bytes came down against a budget of {budget} across a crash");
+    assert!(down <= allowed, "{down} bytes came down against a budget of {budget}");
 }
 
 #[test]
