@@ -18,15 +18,14 @@ use crate::outbox::{Outbox, OutboxConfig};
 use crate::reports::{self, Reporter, SendSettings};
 
 /// Runs until the process ends. `engine` is held by whoever uses the
-/// deploy engine, so that only one install runs at a time.
-pub async fn run(cfg: Config, state_dir: PathBuf, engine: Arc<tokio::sync::Mutex<()>>) {
-    let reporter = match open_reporter(&cfg, &state_dir) {
-        Ok(r) => Some(r),
-        Err(e) => {
-            error!("reports are off: {e}");
-            None
-        }
-    };
+/// deploy engine, so that only one install runs at a time; `reporter` (from
+/// [`reporter`]) queues the reports.
+pub async fn run(
+    cfg: Config,
+    state_dir: PathBuf,
+    engine: Arc<tokio::sync::Mutex<()>>,
+    reporter: Option<Reporter>,
+) {
     if let Some(r) = &reporter {
         tokio::spawn(reports::heartbeat_loop(r.clone(), cfg.reports.heartbeat));
     }
@@ -58,6 +57,18 @@ pub async fn run(cfg: Config, state_dir: PathBuf, engine: Arc<tokio::sync::Mutex
         link.connected.clone(),
     ));
     link.watch().await;
+}
+
+/// The device's reporter, or None (logged) if its outbox cannot be opened:
+/// the agent still deploys, it only cannot tell anyone.
+pub fn reporter(cfg: &Config, state_dir: &Path) -> Option<Reporter> {
+    match open_reporter(cfg, state_dir) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            error!("reports are off: {e}");
+            None
+        }
+    }
 }
 
 fn open_reporter(cfg: &Config, state_dir: &Path) -> Result<Reporter, String> {

@@ -32,9 +32,9 @@ use tokio::sync::{Mutex, Notify};
 use tracing::{debug, info, warn};
 
 use crate::config::Config;
-use crate::deploy::{Engine, EngineEvent, Finished};
+use crate::deploy::{Engine, Finished};
 use crate::fetch::{ChunkSource, FetchSettings};
-use crate::journal::{DeployState, JournalStore, Outcome};
+use crate::journal::{JournalStore, Outcome};
 use crate::reports::Reporter;
 
 /// The key in force for a device, as read.
@@ -254,23 +254,13 @@ async fn deploy(
             // The engine reports every state it reaches; this is for a
             // failure before it got the bundle at all (no head, say).
             if let Some(r) = reporter {
-                let kind = ReportKind::Deploy { state: "failed".into(), reason: Some(e) };
+                let kind =
+                    ReportKind::Deploy { state: "failed".into(), reason: Some(e), bundle: Some(digest) };
                 if let Err(e) = r.queue(Lane::Events, kind) {
                     warn!("deploy report not queued: {e}");
                 }
             }
         }
-    }
-}
-
-/// Why a deploy state came about, for the report.
-fn reason_of(s: &DeployState) -> Option<String> {
-    match s {
-        DeployState::Failed { reason, .. } => Some(reason.clone()),
-        DeployState::RollingBack { reason, .. } | DeployState::RolledBack { reason, .. } => {
-            Some(reason.to_string())
-        }
-        _ => None,
     }
 }
 
@@ -299,19 +289,7 @@ async fn install(
             warn!("{p}; moved aside, kept the running slot and started a fresh journal");
         }
         if let Some(r) = reporter {
-            engine.observe(move |ev| {
-                let (lane, kind) = match ev {
-                    EngineEvent::State(s) => {
-                        (Lane::Events, ReportKind::Deploy { state: s.name().into(), reason: reason_of(s) })
-                    }
-                    EngineEvent::Progress { done, count } => {
-                        (Lane::Telemetry, ReportKind::Progress { chunks_done: done, chunk_count: count })
-                    }
-                };
-                if let Err(e) = r.queue(lane, kind) {
-                    warn!("deploy report not queued: {e}");
-                }
-            });
+            engine.observe(crate::reports::engine_observer(r));
         }
         let source = ChunkSource::open(rt, client, digest, settings).map_err(|e| e.to_string())?;
         let label = PathBuf::from(format!("nats:{}", subjects::chunk(&digest, None)));

@@ -288,12 +288,19 @@ fn run(cli: Cli) -> Result<u8> {
                 // new installs wait for it.
                 let engine_turn = std::sync::Arc::new(tokio::sync::Mutex::new(()));
                 let turn = engine_turn.clone().lock_owned().await;
-                let link = tokio::spawn(perch_agent::daemon::run(cfg, state_dir, engine_turn));
+                let reporter = perch_agent::daemon::reporter(&cfg, &state_dir);
+                let observer = reporter.clone().map(perch_agent::reports::engine_observer);
+                let link = tokio::spawn(perch_agent::daemon::run(cfg, state_dir, engine_turn, reporter));
                 let resumed = tokio::task::spawn_blocking(move || -> Result<()> {
                     let _turn = turn;
                     // The engine is not Send: it lives on this thread only.
                     let (mut engine, problem) = Engine::open(Config::load(&config_path)?, &engine_dir)?;
                     warn(problem);
+                    // What the engine finishes now (a trial after a reboot,
+                    // a bootloader fallback) is reported like any deploy.
+                    if let Some(o) = observer {
+                        engine.observe(o);
+                    }
                     let f = engine.resume()?;
                     report(&engine, &f);
                     Ok(())

@@ -106,6 +106,45 @@ impl Reporter {
     }
 }
 
+/// What the deploy engine tells its observer, queued as reports: every
+/// state as an event (with why, and which bundle), staging progress as
+/// telemetry. Used for installs from the desired state and for the work
+/// the engine finishes at startup (a trial after a reboot, a bootloader
+/// fallback), so every true outcome reaches the fleet.
+pub fn engine_observer(r: Reporter) -> impl FnMut(crate::deploy::EngineEvent<'_>) + 'static {
+    use crate::deploy::EngineEvent;
+    move |ev| {
+        let (lane, kind) = match ev {
+            EngineEvent::State(s) => (
+                Lane::Events,
+                ReportKind::Deploy {
+                    state: s.name().into(),
+                    reason: reason_of(s),
+                    bundle: s.bundle().map(|b| b.digest),
+                },
+            ),
+            EngineEvent::Progress { done, count } => {
+                (Lane::Telemetry, ReportKind::Progress { chunks_done: done, chunk_count: count })
+            }
+        };
+        if let Err(e) = r.queue(lane, kind) {
+            warn!("deploy report not queued: {e}");
+        }
+    }
+}
+
+/// Why a deploy state came about, for the report.
+fn reason_of(s: &crate::journal::DeployState) -> Option<String> {
+    use crate::journal::DeployState;
+    match s {
+        DeployState::Failed { reason, .. } => Some(reason.clone()),
+        DeployState::RollingBack { reason, .. } | DeployState::RolledBack { reason, .. } => {
+            Some(reason.to_string())
+        }
+        _ => None,
+    }
+}
+
 /// Queues a heartbeat every `interval`, for as long as the agent runs.
 pub async fn heartbeat_loop(reporter: Reporter, interval: Duration) {
     let mut tick = tokio::time::interval(interval);

@@ -67,6 +67,26 @@ pub async fn set(js: &jetstream::Context, scope: &Scope, digest: &[u8; 32]) -> R
     kv.put(&key, perch_protocol::desired::encode(digest).into()).await.map_err(nats)
 }
 
+/// [`set`], unless the key already names `digest` (then its revision, and
+/// so what devices see, is left alone). The revision written, if any.
+pub async fn set_if_changed(
+    js: &jetstream::Context,
+    scope: &Scope,
+    digest: &[u8; 32],
+) -> Result<Option<u64>, DesiredError> {
+    let key = scope.key()?;
+    if let Ok(kv) = js.get_key_value(subjects::DESIRED_BUCKET).await {
+        if let Some(e) = kv.entry(&key).await.map_err(nats)? {
+            let same = e.operation == jetstream::kv::Operation::Put
+                && perch_protocol::desired::decode(&e.value).is_ok_and(|d| d == *digest);
+            if same {
+                return Ok(None);
+            }
+        }
+    }
+    set(js, scope, digest).await.map(Some)
+}
+
 /// Removes `scope`'s key: its devices fall back to their groups' keys (or
 /// stay as they are, if none).
 pub async fn clear(js: &jetstream::Context, scope: &Scope) -> Result<(), DesiredError> {

@@ -6,9 +6,12 @@
 
 pub mod archive;
 pub mod build;
+pub mod catalog;
 pub mod desired;
 pub mod link;
 pub mod publish;
+pub mod rollout;
+pub mod rollouts;
 pub mod sign;
 pub mod status;
 pub mod table;

@@ -18,6 +18,8 @@ use perch_support::trustfile::load_trust;
 use perch_support::{keyfile, now_unix};
 use serde_json::json;
 
+mod deploy_cli;
+
 #[derive(Parser)]
 #[command(
     name = "perch",
@@ -52,6 +54,8 @@ enum Command {
     /// Which bundle a device or a group should run (devices follow it).
     #[command(subcommand)]
     Desired(DesiredCommand),
+    /// Roll a published bundle out in waves (and pause, resume, abort, list).
+    Deploy(deploy_cli::DeployArgs),
     /// The fleet as its devices report it: who is online, what runs where,
     /// how the last deploy went.
     Status {
@@ -124,7 +128,7 @@ impl ScopeArgs {
 
 /// How the operator reaches the fleet's NATS.
 #[derive(Args)]
-struct Conn {
+pub struct Conn {
     /// NATS URL; repeat for several.
     #[arg(long = "url", value_name = "URL", default_value = "tls://127.0.0.1:4222")]
     urls: Vec<String>,
@@ -137,7 +141,7 @@ struct Conn {
 }
 
 impl Conn {
-    fn target(self) -> perch_fleet::link::Target {
+    pub fn target(self) -> perch_fleet::link::Target {
         perch_fleet::link::Target { urls: self.urls, creds: self.creds, ca: self.ca }
     }
 }
@@ -228,6 +232,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Keygen { out } => keygen(&out),
         Command::Publish { trust, conn, file } => publish(&trust, conn.target(), &file),
         Command::Desired(cmd) => desired(cmd),
+        Command::Deploy(args) => deploy_cli::run(args),
         Command::Status { conn, device, stale_after, json, watch } => {
             let q = perch_fleet::status::Query { device, stale_after_secs: stale_after.as_secs() };
             status(&conn.target(), &q, json, watch)
@@ -446,10 +451,25 @@ fn status(
                 eprintln!("perch: report set aside: {why}");
             }
             if json {
-                println!("{}", serde_json::to_string_pretty(&r.view)?);
+                let mut doc = serde_json::to_value(&r.view)?;
+                doc["rollouts"] =
+                    r.rollouts.iter().map(|x| perch_fleet::rollout::progress_json(x, &r.view)).collect();
+                println!("{}", serde_json::to_string_pretty(&doc)?);
                 return Ok(());
             }
-            let table = perch_fleet::table::render(&r.view);
+            let mut table = perch_fleet::table::render(&r.view);
+            // Rollouts under way, and the last one that ended.
+            let live = |x: &&perch_fleet::rollout::Rollout| {
+                matches!(
+                    x.state,
+                    perch_fleet::rollout::State::Running | perch_fleet::rollout::State::Paused { .. }
+                )
+            };
+            let last_ended = r.rollouts.iter().rfind(|x| !live(x));
+            for x in r.rollouts.iter().filter(live).chain(last_ended) {
+                table.push('\n');
+                table.push_str(&perch_fleet::table::render_rollout(x, &r.view));
+            }
             if !watch {
                 print!("{table}");
                 return Ok(());

@@ -60,6 +60,16 @@ pub async fn publish(
         .map_err(|e| file_err(e.to_string()))?;
     let digest = bundle.manifest().digest().0;
     let chunk_count = bundle.manifest().manifest().chunk_count();
+    let m = bundle.manifest().manifest();
+    let entry = crate::catalog::Published {
+        name: m.name.clone(),
+        counter: m.counter,
+        version: m.version.clone(),
+        digest: hex::encode(digest),
+        chunks: chunk_count,
+        payload_len: m.payload_len,
+        published_at: now,
+    };
     let mut head = Vec::new();
     bundle.manifest().head().write_to(&mut head).map_err(|e| file_err(e.to_string()))?;
 
@@ -74,6 +84,8 @@ pub async fn publish(
     let js = jetstream::new(client);
     perch_net::ensure_stream(&js, perch_net::streams::chunks()).await.map_err(PublishError::Nats)?;
     if already_there(&js, &digest, chunk_count).await? {
+        // (Recorded again: the catalog may be younger than the chunks.)
+        crate::catalog::record(&js, &entry).await.map_err(nats)?;
         return Ok(Published::AlreadyThere { chunks: chunk_count });
     }
 
@@ -113,6 +125,8 @@ pub async fn publish(
         .map_err(nats)?
         .await
         .map_err(nats)?;
+    // Last: the catalog names only bundles whose every message is stored.
+    crate::catalog::record(&js, &entry).await.map_err(nats)?;
     Ok(Published::Sent { chunks: chunk_count, bytes })
 }
 

@@ -43,23 +43,29 @@ pub struct Query {
 /// What was read, and what was set aside.
 pub struct Read {
     pub view: FleetView,
+    /// Every rollout (none with `--device`), oldest first.
+    pub rollouts: Vec<crate::rollout::Rollout>,
     /// Reports that did not parse, or claimed another device's id.
     pub refused: Vec<String>,
 }
 
 pub async fn read(client: &async_nats::Client, q: &Query, now: u64) -> Result<Read, StatusError> {
     let js = jetstream::new(client.clone());
-    let mut registry = registry(&js).await?;
+    let mut registry = registry_records(&js).await?;
     if let Some(d) = &q.device {
         registry.retain(|r| &r.id == d);
     }
     let (reports, refused) = reports(&js, q.device.as_deref()).await?;
     let view = view::build(&registry, reports, now, q.stale_after_secs, q.device.is_some());
-    Ok(Read { view, refused })
+    let rollouts = match q.device {
+        Some(_) => vec![],
+        None => crate::rollouts::list(&js).await.map_err(|e| StatusError::Nats(e.to_string()))?,
+    };
+    Ok(Read { view, rollouts, refused })
 }
 
 /// Every device record; none if the bucket does not exist yet.
-async fn registry(js: &jetstream::Context) -> Result<Vec<DeviceRecord>, StatusError> {
+pub async fn registry_records(js: &jetstream::Context) -> Result<Vec<DeviceRecord>, StatusError> {
     let Ok(kv) = js.get_key_value(REGISTRY_BUCKET).await else { return Ok(vec![]) };
     let mut keys = kv.keys().await.map_err(nats)?;
     let mut ids = vec![];

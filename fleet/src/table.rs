@@ -3,7 +3,20 @@
 
 use std::fmt::Write;
 
+use crate::rollout::{self, Outcome, Rollout, State};
 use crate::view::{Accounting, DeviceView, FleetView, Liveness};
+
+/// `text` cut to about `max` characters, keeping its start and its end
+/// (where a failure usually says what went wrong).
+pub fn shorten(text: &str, max: usize) -> String {
+    let chars: Vec<char> = text.chars().collect();
+    if chars.len() <= max {
+        return text.to_string();
+    }
+    let head: String = chars[..max / 3].iter().collect();
+    let tail: String = chars[chars.len() - (max - max / 3 - 1)..].iter().collect();
+    format!("{head}…{tail}")
+}
 
 /// A duration in its largest whole unit: `42s`, `7m`, `3h`, `2d`.
 pub fn age(secs: u64) -> String {
@@ -41,13 +54,11 @@ fn deploy(v: &DeviceView) -> String {
         if Some(&d.state) != v.journal_state.as_ref() {
             let _ = write!(out, " (last: {}", d.state);
             if let Some(r) = &d.reason {
-                let r: String = r.chars().take(60).collect();
-                let _ = write!(out, ": {r}");
+                let _ = write!(out, ": {}", shorten(r, 60));
             }
             out.push(')');
         } else if let Some(r) = &d.reason {
-            let r: String = r.chars().take(60).collect();
-            let _ = write!(out, ": {r}");
+            let _ = write!(out, ": {}", shorten(r, 60));
         }
     }
     out
@@ -116,6 +127,47 @@ pub fn render(view: &FleetView) -> String {
     out
 }
 
+/// A rollout and each wave's progress, a few lines.
+pub fn render_rollout(r: &Rollout, view: &FleetView) -> String {
+    let mut out = format!(
+        "rollout {}: {}@{} to {}, {}",
+        r.id,
+        r.release.name,
+        r.release.counter,
+        r.scope,
+        r.state.name()
+    );
+    if let State::Paused { reason } = &r.state {
+        let _ = write!(out, " ({reason})");
+    }
+    out.push('\n');
+    for (i, w) in r.waves.iter().enumerate() {
+        let _ = write!(out, "  wave {} ({:>3}%) {:>4} devices: ", i + 1, w.percent, w.devices.len());
+        if w.started_at.is_none() {
+            out.push_str("not started\n");
+            continue;
+        }
+        let outcomes = rollout::wave_outcomes(w, &r.release.digest, view);
+        let count = |f: fn(&Outcome) -> bool| outcomes.iter().filter(|(_, o)| f(o)).count();
+        let committed = count(|o| *o == Outcome::Committed);
+        let failed = count(|o| matches!(o, Outcome::Failed { .. }));
+        let pending = outcomes.len() - committed - failed;
+        let _ = write!(out, "{committed} committed, {failed} failed, {pending} pending");
+        let failures: Vec<String> = outcomes
+            .iter()
+            .filter_map(|(id, o)| match o {
+                Outcome::Failed { reason } => Some(format!("{id}: {}", shorten(reason, 60))),
+                _ => None,
+            })
+            .collect();
+        if !failures.is_empty() {
+            let _ = write!(out, " [{}]", failures.join("; "));
+        }
+        out.push('\n');
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -138,8 +190,11 @@ mod tests {
             },
             stored_at: 100,
         };
-        let reasons =
-            ReportKind::Deploy { state: "rolled_back".into(), reason: Some("health check failed".into()) };
+        let reasons = ReportKind::Deploy {
+            state: "rolled_back".into(),
+            reason: Some("health check failed".into()),
+            bundle: None,
+        };
         let v = build(&[], vec![r(1, "idle", ReportKind::Heartbeat), r(2, "idle", reasons)], 130, 60, true);
         let t = render(&v);
         assert!(t.starts_with("DEVICE"), "{t}");
@@ -150,6 +205,11 @@ mod tests {
         let stale = build(&[], vec![r(1, "idle", ReportKind::Heartbeat)], 100 + 600, 60, false);
         assert!(render(&stale).contains("STALE 10m"));
         assert_eq!(age(59), "59s");
+        assert_eq!(shorten("abcdefghij", 10), "abcdefghij");
+        assert_eq!(
+            shorten("health: command `sh /very/long/path/check` exited 1", 24),
+            "health: …check` exited 1"
+        );
         assert_eq!(age(3 * 86_400), "3d");
     }
 }

@@ -51,6 +51,8 @@ impl std::fmt::Display for Liveness {
 pub struct DeployReport {
     pub state: String,
     pub reason: Option<String>,
+    /// The bundle it is about (digest, hex).
+    pub bundle: Option<String>,
     pub at_seq: u64,
 }
 
@@ -97,6 +99,8 @@ pub struct DeviceView {
     pub last_deploy: Option<DeployReport>,
     /// Staging progress, while a download is under way.
     pub progress: Option<(u32, u32)>,
+    /// The highest report sequence number read.
+    pub last_seq: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reports: Option<Accounting>,
 }
@@ -132,11 +136,15 @@ pub fn build(
         v.last_seen = Some(v.last_seen.map_or(stored_at, |t| t.max(stored_at)));
         seqs.entry(r.device.clone()).or_default().push(r.seq);
         match &r.kind {
-            ReportKind::Deploy { state, reason }
+            ReportKind::Deploy { state, reason, bundle }
                 if v.last_deploy.as_ref().is_none_or(|d| d.at_seq < r.seq) =>
             {
-                v.last_deploy =
-                    Some(DeployReport { state: state.clone(), reason: reason.clone(), at_seq: r.seq });
+                v.last_deploy = Some(DeployReport {
+                    state: state.clone(),
+                    reason: reason.clone(),
+                    bundle: bundle.map(hex::encode),
+                    at_seq: r.seq,
+                });
             }
             ReportKind::Dropped { first, last, .. } => {
                 dropped.entry(r.device.clone()).or_default().push((*first, *last));
@@ -147,6 +155,7 @@ pub fn build(
         let newest = latest_seq.entry(r.device.clone()).or_insert(0);
         if r.seq >= *newest {
             *newest = r.seq;
+            v.last_seq = r.seq;
             v.boot_id = Some(r.boot_id.clone());
             v.agent_version = Some(r.agent_version.clone());
             v.running_slot = r.running_slot.clone();
@@ -187,6 +196,7 @@ fn empty(id: &str) -> DeviceView {
         journal_state: None,
         last_deploy: None,
         progress: None,
+        last_seq: 0,
         reports: None,
     }
 }
@@ -276,7 +286,7 @@ mod tests {
         .unwrap();
         let reports = vec![
             report("d1", 1, ReportKind::Heartbeat),
-            report("d1", 2, ReportKind::Deploy { state: "committed".into(), reason: None }),
+            report("d1", 2, ReportKind::Deploy { state: "committed".into(), reason: None, bundle: None }),
             report("old", 1, ReportKind::Heartbeat),
         ];
         let v = build(&[rec], reports, 1010, 60, false);
@@ -295,7 +305,11 @@ mod tests {
         let mut newer = report("d1", 9, ReportKind::Progress { chunks_done: 16, chunk_count: 40 });
         newer.report.journal_state = "staging".into();
         newer.report.running_slot = Some("b".into());
-        let older = report("d1", 3, ReportKind::Deploy { state: "failed".into(), reason: Some("x".into()) });
+        let older = report(
+            "d1",
+            3,
+            ReportKind::Deploy { state: "failed".into(), reason: Some("x".into()), bundle: None },
+        );
         let v = build(&[], vec![newer, older], 1010, 60, true);
         let d = &v.devices[0];
         assert_eq!(d.running_slot.as_deref(), Some("b"));

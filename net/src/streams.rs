@@ -43,3 +43,18 @@ pub async fn desired(
 ) -> Result<async_nats::jetstream::kv::Store, String> {
     crate::ensure_kv(js, subjects::DESIRED_BUCKET, "perch desired state: device.<id> and group.<g>", 5).await
 }
+
+/// `PERCH_BUNDLES`: what `perch publish` published, by `<name>.<counter>`.
+pub async fn bundles(
+    js: &async_nats::jetstream::Context,
+) -> Result<async_nats::jetstream::kv::Store, String> {
+    crate::ensure_kv(js, subjects::BUNDLES_BUCKET, "perch published bundles: <name>.<counter>", 1).await
+}
+
+/// `PERCH_ROLLOUTS`: rollouts and their waves, changed only by
+/// compare-and-swap so several operators can drive and take over.
+pub async fn rollouts(
+    js: &async_nats::jetstream::Context,
+) -> Result<async_nats::jetstream::kv::Store, String> {
+    crate::ensure_kv(js, subjects::ROLLOUTS_BUCKET, "perch rollouts", 5).await
+}

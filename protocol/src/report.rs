@@ -49,7 +49,9 @@ pub enum ReportKind {
     /// The agent is alive; sent at the heartbeat interval.
     Heartbeat,
     /// The deploy journal changed state (`Staging`, `Trial`, `Committed`...).
-    Deploy { state: String, reason: Option<String> },
+    /// A deploy state the device reached, why, and the bundle (digest) it
+    /// is about, so a rollout can tell this bundle's outcome from another's.
+    Deploy { state: String, reason: Option<String>, bundle: Option<[u8; 32]> },
     /// Staging progress, every N chunks.
     Progress { chunks_done: u32, chunk_count: u32 },
     /// Telemetry records `first..=last` were dropped to stay in budget.

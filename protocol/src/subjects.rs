@@ -10,6 +10,10 @@ pub const ENROLL_QUEUE: &str = "perch-provisioner";
 pub const REGISTRY_BUCKET: &str = "PERCH_REGISTRY";
 /// JetStream KV bucket (FLEET) with the desired state: `device.<id>`, `group.<g>`.
 pub const DESIRED_BUCKET: &str = "PERCH_DESIRED";
+/// JetStream KV bucket (FLEET): the published bundles, `<name>.<counter>`.
+pub const BUNDLES_BUCKET: &str = "PERCH_BUNDLES";
+/// JetStream KV bucket (FLEET): rollouts and their waves, by rollout id.
+pub const ROLLOUTS_BUCKET: &str = "PERCH_ROLLOUTS";
 /// JetStream stream (FLEET) holding bundle chunks.
 pub const CHUNKS_STREAM: &str = "PERCH_CHUNKS";
 /// JetStream stream (FLEET) holding device reports.

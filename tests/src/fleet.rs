@@ -120,6 +120,46 @@ impl Fleet {
         d
     }
 
+    /// A device with dir slots, enrolled offline (so its FLEET URL can be
+    /// anything: the server, or a proxy in front of it) into `group`, and
+    /// its agent.toml with `extra` appended.
+    pub fn enrolled_device(&self, name: &str, fleet_url: &str, group: &str, extra: &str) -> Device {
+        let d = self.device(name);
+        std::fs::copy(self.s.path("org/trust.doc"), d.trust()).unwrap();
+        std::fs::write(d.dir.join("boot_id"), "boot-1\n").unwrap();
+        std::fs::write(
+            d.config(),
+            format!(
+                "target = \"x86_64-desktop\"\ntrust = \"{}\"\nboot_id = \"{}\"\n[device]\nid = \"{name}\"\n[slots]\nbackend = \"dir\"\nroot = \"{}\"\n{extra}",
+                d.trust().display(),
+                d.dir.join("boot_id").display(),
+                d.dir.join("slots").display()
+            ),
+        )
+        .unwrap();
+        let req = d.dir.join("req");
+        let resp = d.dir.join("resp");
+        assert_eq!(d.agent(&["enroll", "--request-out", req.to_str().unwrap()]).code, 0);
+        self.s.ok(
+            "perch-bootstrap",
+            &[
+                "sign-request",
+                "--dir",
+                "org",
+                req.to_str().unwrap(),
+                "--out",
+                resp.to_str().unwrap(),
+                "--group",
+                group,
+                "--fleet-url",
+                fleet_url,
+            ],
+        );
+        let r = d.agent(&["enroll", "--import", resp.to_str().unwrap()]);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        d
+    }
+
     pub fn ca_der(&self) -> Vec<u8> {
         org_ca_der(&self.s.path("org"))
     }
@@ -400,11 +440,18 @@ impl Fleet {
     /// Builds and signs (with k1) an archive bundle of a directory holding
     /// `len` pseudo-random bytes; returns (file, digest, payload length).
     pub fn bundle(&self, name: &str, counter: u32, len: usize, seed: u8) -> (String, [u8; 32], u64) {
+        let dir = format!("{name}-{counter}");
+        std::fs::create_dir_all(self.s.path(&dir)).unwrap();
+        self.s.write_payload(&format!("{dir}/data.bin"), len, seed);
+        self.bundle_of_dir(name, counter, &dir)
+    }
+
+    /// Builds and signs (with k1) an archive bundle of the scratch
+    /// directory `dir`; returns (file, digest, payload length).
+    pub fn bundle_of_dir(&self, name: &str, counter: u32, dir: &str) -> (String, [u8; 32], u64) {
         let s = &self.s;
-        let dir = s.path(&format!("{name}-{counter}"));
-        std::fs::create_dir_all(&dir).unwrap();
-        s.write_payload(&format!("{name}-{counter}/data.bin"), len, seed);
         let file = format!("{name}-{counter}.perch");
+        let input = s.path(dir);
         s.ok(
             "perch",
             &[
@@ -417,7 +464,7 @@ impl Fleet {
                 "--kind",
                 "archive",
                 "--input",
-                dir.to_str().unwrap(),
+                input.to_str().unwrap(),
                 "--out",
                 &file,
             ],
@@ -430,7 +477,7 @@ impl Fleet {
         for (i, b) in digest.iter_mut().enumerate() {
             *b = u8::from_str_radix(&hexd[2 * i..2 * i + 2], 16).unwrap();
         }
-        (file, digest, v["payload_len"].as_u64().unwrap_or(len as u64))
+        (file, digest, v["payload_len"].as_u64().unwrap_or(0))
     }
 
     /// `perch publish` of a bundle file in the scratch dir.

@@ -16,43 +16,9 @@ fn full_size() -> bool {
     std::env::var_os("PERCH_FULL_SIZE").is_some()
 }
 
-/// An enrolled device whose FLEET URL is the proxy (offline enrollment, so
-/// the URL can be anything), and its agent.toml.
+/// An enrolled device whose FLEET URL is the proxy.
 fn device_behind(f: &Fleet, proxy: &Proxy, name: &str, extra: &str) -> Device {
-    let d = f.device(name);
-    std::fs::copy(f.s.path("org/trust.doc"), d.trust()).unwrap();
-    std::fs::write(d.dir.join("boot_id"), "boot-1\n").unwrap();
-    std::fs::write(
-        d.config(),
-        format!(
-            "target = \"x86_64-desktop\"\ntrust = \"{}\"\nboot_id = \"{}\"\n[device]\nid = \"{name}\"\n[slots]\nbackend = \"dir\"\nroot = \"{}\"\n{extra}",
-            d.trust().display(),
-            d.dir.join("boot_id").display(),
-            d.dir.join("slots").display()
-        ),
-    )
-    .unwrap();
-    let req = d.dir.join("req");
-    let resp = d.dir.join("resp");
-    assert_eq!(d.agent(&["enroll", "--request-out", req.to_str().unwrap()]).code, 0);
-    f.s.ok(
-        "perch-bootstrap",
-        &[
-            "sign-request",
-            "--dir",
-            "org",
-            req.to_str().unwrap(),
-            "--out",
-            resp.to_str().unwrap(),
-            "--group",
-            "g",
-            "--fleet-url",
-            &proxy.url(),
-        ],
-    );
-    let r = d.agent(&["enroll", "--import", resp.to_str().unwrap()]);
-    assert_eq!(r.code, 0, "{}", r.stderr);
-    d
+    f.enrolled_device(name, &proxy.url(), "g", extra)
 }
 
 fn link_state(d: &Device) -> String {
@@ -398,7 +364,7 @@ fn the_data_budget_holds_across_restarts() {
     let mut agent = d.spawn_run();
     let stopped = wait_for(Duration::from_secs(30), || {
         admin.all().iter().any(|r| {
-            matches!(&r.kind, ReportKind::Deploy { state, reason: Some(why) } if state == "failed" && why.contains("budget"))
+            matches!(&r.kind, ReportKind::Deploy { state, reason: Some(why), .. } if state == "failed" && why.contains("budget"))
         })
     });
     kill(&mut agent);

@@ -1,0 +1,72 @@
+//! The catalog of published bundles: `PERCH_BUNDLES`, key `<name>.<counter>`,
+//! written by `perch publish` after the last chunk is stored, so that an
+//! operator can say `perch deploy --bundle os@3` instead of a digest.
+
+use async_nats::jetstream;
+use serde::{Deserialize, Serialize};
+
+/// One published bundle.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Published {
+    pub name: String,
+    pub counter: u64,
+    pub version: String,
+    /// Hex.
+    pub digest: String,
+    pub chunks: u32,
+    pub payload_len: u64,
+    pub published_at: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("NATS: {0}")]
+    Nats(String),
+    #[error("'{0}' is not NAME@COUNTER")]
+    BadRef(String),
+    #[error("{0} is not published (run `perch publish` first)")]
+    Unknown(String),
+    #[error("catalog entry {key} is not readable: {detail}")]
+    Corrupt { key: String, detail: String },
+}
+
+fn key(name: &str, counter: u64) -> String {
+    format!("{name}.{counter}")
+}
+
+/// Splits `NAME@COUNTER`.
+pub fn parse_ref(s: &str) -> Result<(String, u64), CatalogError> {
+    let (name, counter) = s.split_once('@').ok_or_else(|| CatalogError::BadRef(s.into()))?;
+    let counter = counter.parse::<u64>().map_err(|_| CatalogError::BadRef(s.into()))?;
+    if !perch_protocol::subjects::is_token(name) {
+        return Err(CatalogError::BadRef(s.into()));
+    }
+    Ok((name.into(), counter))
+}
+
+pub async fn record(js: &jetstream::Context, p: &Published) -> Result<(), CatalogError> {
+    let kv = perch_net::streams::bundles(js).await.map_err(CatalogError::Nats)?;
+    let json = serde_json::to_vec(p).map_err(|e| CatalogError::Nats(e.to_string()))?;
+    kv.put(key(&p.name, p.counter), json.into()).await.map_err(|e| CatalogError::Nats(e.to_string()))?;
+    Ok(())
+}
+
+/// The bundle published as `name@counter`.
+pub async fn lookup(js: &jetstream::Context, name: &str, counter: u64) -> Result<Published, CatalogError> {
+    let unknown = || CatalogError::Unknown(format!("{name}@{counter}"));
+    let kv = js.get_key_value(perch_protocol::subjects::BUNDLES_BUCKET).await.map_err(|_| unknown())?;
+    let k = key(name, counter);
+    let bytes = kv.get(&k).await.map_err(|e| CatalogError::Nats(e.to_string()))?.ok_or_else(unknown)?;
+    serde_json::from_slice(&bytes).map_err(|e| CatalogError::Corrupt { key: k, detail: e.to_string() })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn refs_are_name_at_counter() {
+        assert_eq!(super::parse_ref("os@3").unwrap(), ("os".to_string(), 3));
+        for bad in ["os", "os@", "@3", "o.s@3", "os@x", "os@-1"] {
+            assert!(super::parse_ref(bad).is_err(), "{bad}");
+        }
+    }
+}

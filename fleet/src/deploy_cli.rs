@@ -1,0 +1,248 @@
+//! `perch deploy`: start a rollout and drive it; pause, resume, abort, list.
+//! (A module of the `perch` binary; the rollout logic is in the library.)
+
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::{Args, Subcommand};
+use perch_fleet::link::Target;
+use perch_fleet::rollout::{self, Limit, Rollout, State};
+use perch_fleet::rollouts::{self, Plan, RolloutError};
+use perch_fleet::view::FleetView;
+use perch_support::exit::UsageError;
+use perch_support::now_unix;
+
+use crate::Conn;
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct DeployArgs {
+    #[command(subcommand)]
+    action: Option<Action>,
+    #[command(flatten)]
+    start: StartArgs,
+}
+
+/// A new rollout.
+#[derive(Args)]
+struct StartArgs {
+    #[command(flatten)]
+    conn: Option<Conn>,
+    /// The published bundle, NAME@COUNTER.
+    #[arg(long, required = true)]
+    bundle: Option<String>,
+    /// Every enrolled device of this group.
+    #[arg(long, conflicts_with = "device", required_unless_present = "device")]
+    group: Option<String>,
+    /// These devices (repeat).
+    #[arg(long)]
+    device: Vec<String>,
+    /// Cumulative share of the devices per wave.
+    #[arg(long, default_value = "100%")]
+    waves: String,
+    /// Failures a wave may have before the rollout pauses: a count or a percentage.
+    #[arg(long, default_value = "0")]
+    max_failures: String,
+    /// How long a committed wave soaks before the next one starts.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
+    wave_wait: Duration,
+    /// Create the rollout and return; `perch deploy resume ID` drives it.
+    #[arg(long)]
+    detach: bool,
+}
+
+#[derive(Subcommand)]
+enum Action {
+    /// Stop starting new waves (devices already told finish their install).
+    Pause {
+        #[command(flatten)]
+        conn: Conn,
+        id: String,
+    },
+    /// Resume a paused rollout (its failures so far are accepted), or take
+    /// over driving a running one; drives it until it ends or pauses.
+    Resume {
+        #[command(flatten)]
+        conn: Conn,
+        id: String,
+        #[arg(long)]
+        detach: bool,
+    },
+    /// Stop the rollout and point every device it reached back at the
+    /// bundle it ran before.
+    Abort {
+        #[command(flatten)]
+        conn: Conn,
+        id: String,
+    },
+    /// Every rollout and its state.
+    List {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// How often a driver looks at the fleet.
+const TICK: Duration = Duration::from_secs(2);
+
+pub fn run(args: DeployArgs) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async move {
+        match args.action {
+            None => start(args.start).await,
+            Some(Action::Pause { conn, id }) => {
+                let c = connect(conn.target()).await?;
+                let (r, _) = rollouts::change(&c, &id, now_unix(), |r, _| match &r.state {
+                    State::Running => {
+                        let mut next = r.clone();
+                        next.state = State::Paused { reason: "paused by the operator".into() };
+                        next.updated_at = now_unix();
+                        Ok((next, vec![]))
+                    }
+                    other => Err(format!("rollout {id} is {}, not running", other.name())),
+                })
+                .await
+                .map_err(usage)?;
+                println!(
+                    "rollout {} paused: no new wave starts; devices already told finish their install",
+                    r.id
+                );
+                Ok(())
+            }
+            Some(Action::Resume { conn, id, detach }) => {
+                let c = connect(conn.target()).await?;
+                let (r, _) = rollouts::change(&c, &id, now_unix(), |r, view| match &r.state {
+                    State::Paused { .. } => Ok((rollout::resume(r, view, now_unix())?, vec![])),
+                    // Running: taken over as it is.
+                    State::Running => Ok((r.clone(), vec![])),
+                    other => Err(format!("rollout {id} is {}; it cannot resume", other.name())),
+                })
+                .await
+                .map_err(usage)?;
+                println!("rollout {} running", r.id);
+                if detach {
+                    return Ok(());
+                }
+                drive(&c, &r.id).await
+            }
+            Some(Action::Abort { conn, id }) => {
+                let c = connect(conn.target()).await?;
+                let (r, notes) = rollouts::change(&c, &id, now_unix(), |r, _| match &r.state {
+                    State::Aborted => Err(format!("rollout {id} is already aborted")),
+                    _ => Ok(rollout::abort(r, now_unix())),
+                })
+                .await
+                .map_err(usage)?;
+                for n in notes {
+                    eprintln!("perch: {n}");
+                }
+                let reached =
+                    r.waves.iter().filter(|w| w.started_at.is_some()).map(|w| w.devices.len()).sum::<usize>();
+                println!("rollout {} aborted: {reached} devices pointed back at what they ran before", r.id);
+                Ok(())
+            }
+            Some(Action::List { conn, json }) => {
+                let c = connect(conn.target()).await?;
+                let js = async_nats::jetstream::new(c);
+                let all = rollouts::list(&js).await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&all)?);
+                } else if all.is_empty() {
+                    println!("(no rollouts)");
+                }
+                for r in all.iter().filter(|_| !json) {
+                    println!(
+                        "{:<24} {}@{:<6} {:<16} {} waves  {}",
+                        r.id,
+                        r.release.name,
+                        r.release.counter,
+                        r.scope,
+                        r.waves.len(),
+                        r.state.name()
+                    );
+                }
+                Ok(())
+            }
+        }
+    })
+}
+
+async fn connect(t: Target) -> Result<async_nats::Client> {
+    Ok(t.connect("perch deploy").await?)
+}
+
+/// Plan mistakes, unknown ids and bundles are the operator's (exit 2).
+fn usage(e: RolloutError) -> anyhow::Error {
+    match e {
+        RolloutError::Plan(_) | RolloutError::Unknown(_) | RolloutError::Catalog(_) => {
+            UsageError(e.to_string()).into()
+        }
+        other => other.into(),
+    }
+}
+
+async fn start(a: StartArgs) -> Result<()> {
+    let (Some(conn), Some(bundle)) = (a.conn, a.bundle) else {
+        return Err(UsageError("perch deploy needs --bundle, --creds and --ca".into()).into());
+    };
+    let bundle = perch_fleet::catalog::parse_ref(&bundle).map_err(|e| UsageError(e.to_string()))?;
+    let target = match a.group {
+        Some(g) => rollouts::Target::Group(g),
+        None => rollouts::Target::Devices(a.device),
+    };
+    let plan = Plan {
+        bundle,
+        target,
+        waves: rollout::parse_waves(&a.waves).map_err(UsageError)?,
+        max_failures: Limit::parse(&a.max_failures).map_err(UsageError)?,
+        wave_wait: a.wave_wait,
+    };
+    let c = connect(conn.target()).await?;
+    let r = rollouts::create(&c, &plan, now_unix()).await.map_err(usage)?;
+    let sizes: Vec<String> =
+        r.waves.iter().map(|w| format!("{} ({}%)", w.devices.len(), w.percent)).collect();
+    println!(
+        "rollout {}: {}@{} to {} in {} waves of {} devices; pauses past {} failures per wave",
+        r.id,
+        r.release.name,
+        r.release.counter,
+        r.scope,
+        r.waves.len(),
+        sizes.join(", "),
+        r.max_failures
+    );
+    if a.detach {
+        println!("detached: `perch deploy resume {}` drives it", r.id);
+        return Ok(());
+    }
+    drive(&c, &r.id).await
+}
+
+/// Drives until the rollout ends or pauses, printing each change.
+async fn drive(c: &async_nats::Client, id: &str) -> Result<()> {
+    let mut last = String::new();
+    let show = |r: &Rollout, view: &FleetView, notes: &[String]| {
+        for n in notes {
+            eprintln!("perch: {n}");
+        }
+        let now = perch_fleet::table::render_rollout(r, view);
+        if now != last {
+            print!("{now}");
+            last = now;
+        }
+    };
+    let r = rollouts::drive(c, id, TICK, now_unix, show).await?;
+    match r.state {
+        State::Done => {
+            println!("rollout {} done: every wave committed", r.id);
+            Ok(())
+        }
+        State::Paused { reason } => {
+            anyhow::bail!("rollout {} paused: {reason} (`perch deploy resume` or `perch deploy abort`)", r.id)
+        }
+        State::Aborted => anyhow::bail!("rollout {} was aborted", r.id),
+        State::Running => Ok(()),
+    }
+}

@@ -1,0 +1,241 @@
+//! Rollouts on the fleet's NATS: kept in the KV bucket `PERCH_ROLLOUTS`
+//! and changed only by compare-and-swap, so the operator's laptop can
+//! disconnect and another operator can take over (`perch deploy resume`).
+//!
+//! A rollout advances while a driver runs ([`drive`]: `perch deploy`
+//! without `--detach`, or `perch deploy resume`). With no driver it stays
+//! where it is: the devices already told finish their install, no new wave
+//! starts. A driver that takes over first re-applies what the rollout has
+//! written so far; every write is idempotent (a key already naming the
+//! bundle is left alone, so no device sees a spurious new revision, which
+//! it would take as a retry).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv};
+use perch_protocol::registry::Status;
+use perch_protocol::subjects;
+
+use crate::desired::{self, DesiredError, Scope};
+use crate::rollout::{self, Action, Limit, Release, Rollout, State};
+use crate::status::{self, Query};
+use crate::view::FleetView;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RolloutError {
+    #[error("NATS: {0}")]
+    Nats(String),
+    #[error("no rollout '{0}'")]
+    Unknown(String),
+    #[error("rollout record {id} is not readable: {detail}")]
+    Corrupt { id: String, detail: String },
+    #[error("{0}")]
+    Plan(String),
+    #[error(transparent)]
+    Catalog(#[from] crate::catalog::CatalogError),
+    #[error(transparent)]
+    Desired(#[from] DesiredError),
+    #[error(transparent)]
+    Status(#[from] crate::status::StatusError),
+}
+
+fn nats(e: impl std::fmt::Display) -> RolloutError {
+    RolloutError::Nats(e.to_string())
+}
+
+/// Who a rollout is for.
+#[derive(Debug, Clone)]
+pub enum Target {
+    Group(String),
+    Devices(Vec<String>),
+}
+
+/// What the operator asked for.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub bundle: (String, u64),
+    pub target: Target,
+    pub waves: Vec<u8>,
+    pub max_failures: Limit,
+    pub wave_wait: Duration,
+}
+
+async fn store(js: &jetstream::Context) -> Result<kv::Store, RolloutError> {
+    perch_net::streams::rollouts(js).await.map_err(RolloutError::Nats)
+}
+
+/// A rollout and the revision it was read at.
+pub async fn load(js: &jetstream::Context, id: &str) -> Result<(Rollout, u64), RolloutError> {
+    let kv = store(js).await?;
+    let e = kv.entry(id).await.map_err(nats)?.ok_or_else(|| RolloutError::Unknown(id.into()))?;
+    if e.operation != kv::Operation::Put {
+        return Err(RolloutError::Unknown(id.into()));
+    }
+    let r = serde_json::from_slice(&e.value)
+        .map_err(|err| RolloutError::Corrupt { id: id.into(), detail: err.to_string() })?;
+    Ok((r, e.revision))
+}
+
+/// Every rollout, oldest first.
+pub async fn list(js: &jetstream::Context) -> Result<Vec<Rollout>, RolloutError> {
+    use futures_util::StreamExt;
+    let Ok(kv) = js.get_key_value(subjects::ROLLOUTS_BUCKET).await else { return Ok(vec![]) };
+    let mut keys = kv.keys().await.map_err(nats)?;
+    let mut out = vec![];
+    while let Some(k) = keys.next().await {
+        let k = k.map_err(nats)?;
+        out.push(load(js, &k).await?.0);
+    }
+    out.sort_by_key(|r| (r.created_at, r.id.clone()));
+    Ok(out)
+}
+
+/// Writes `r` if nobody changed it since `revision`; false if someone did.
+async fn save(js: &jetstream::Context, r: &Rollout, revision: u64) -> Result<bool, RolloutError> {
+    let kv = store(js).await?;
+    let json = serde_json::to_vec(r).map_err(nats)?;
+    match kv.update(&r.id, json.into(), revision).await {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(false),
+        Err(e) => Err(nats(e)),
+    }
+}
+
+/// The whole fleet, as a rollout sees it.
+async fn fleet(client: &async_nats::Client, now: u64) -> Result<FleetView, RolloutError> {
+    let q = Query { device: None, stale_after_secs: 180 };
+    Ok(status::read(client, &q, now).await?.view)
+}
+
+/// Creates a rollout (it starts with the first driver step).
+pub async fn create(client: &async_nats::Client, plan: &Plan, now: u64) -> Result<Rollout, RolloutError> {
+    let js = jetstream::new(client.clone());
+    let (name, counter) = &plan.bundle;
+    let published = crate::catalog::lookup(&js, name, *counter).await?;
+    let view = fleet(client, now).await?;
+    let (scope, devices) = match &plan.target {
+        Target::Group(g) => {
+            let registry = status::registry_records(&js).await?;
+            let ids: Vec<String> = registry
+                .into_iter()
+                .filter(|r| r.status == Status::Enrolled && r.groups.contains(g))
+                .map(|r| r.id)
+                .collect();
+            (format!("group:{g}"), ids)
+        }
+        Target::Devices(d) => ("devices".to_string(), d.clone()),
+    };
+    for d in &devices {
+        if !subjects::is_token(d) {
+            return Err(RolloutError::Plan(format!("'{d}' is not a valid device id")));
+        }
+    }
+    let waves = rollout::plan_waves(&devices, &plan.waves).map_err(RolloutError::Plan)?;
+    let running: BTreeMap<&str, Option<String>> = view
+        .devices
+        .iter()
+        .map(|v| (v.id.as_str(), v.running_bundle.as_ref().map(|b| hex::encode(b.digest))))
+        .collect();
+    let previous = devices.iter().map(|d| (d.clone(), running.get(d.as_str()).cloned().flatten())).collect();
+    let mut rnd = [0u8; 3];
+    getrandom::getrandom(&mut rnd).map_err(|e| RolloutError::Nats(format!("no randomness: {e}")))?;
+    let r = Rollout {
+        id: format!("{name}-{counter}-{}", hex::encode(rnd)),
+        release: Release { name: name.clone(), counter: *counter, digest: published.digest },
+        scope,
+        waves,
+        max_failures: plan.max_failures,
+        wave_wait_secs: plan.wave_wait.as_secs(),
+        state: State::Running,
+        created_at: now,
+        updated_at: now,
+        previous,
+    };
+    let kv = store(&js).await?;
+    kv.create(&r.id, serde_json::to_vec(&r).map_err(nats)?.into()).await.map_err(nats)?;
+    Ok(r)
+}
+
+/// Writes the actions to the desired state, each only if it changes
+/// something. A previous bundle that is no longer published cannot be
+/// named: its device's key is cleared instead (it keeps what it runs).
+pub async fn apply(js: &jetstream::Context, actions: &[Action]) -> Result<Vec<String>, RolloutError> {
+    let mut notes = vec![];
+    for a in actions {
+        match a {
+            Action::Desire { device, digest } => {
+                let mut d = [0u8; 32];
+                hex::decode_to_slice(digest, &mut d)
+                    .map_err(|_| RolloutError::Plan(format!("'{digest}' is not a digest")))?;
+                let scope = Scope::Device(device.clone());
+                match desired::set_if_changed(js, &scope, &d).await {
+                    Ok(_) => {}
+                    Err(DesiredError::NotPublished(_)) => {
+                        desired::clear(js, &scope).await?;
+                        notes.push(format!(
+                            "{device}: its previous bundle {} is not published; key cleared",
+                            &digest[..16]
+                        ));
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Action::Clear { device } => desired::clear(js, &Scope::Device(device.clone())).await?,
+        }
+    }
+    Ok(notes)
+}
+
+/// Changes a rollout by `f` (pause, resume, abort), applying its actions;
+/// retried if another operator changed it meanwhile.
+pub async fn change(
+    client: &async_nats::Client,
+    id: &str,
+    now: u64,
+    f: impl Fn(&Rollout, &FleetView) -> Result<(Rollout, Vec<Action>), String>,
+) -> Result<(Rollout, Vec<String>), RolloutError> {
+    let js = jetstream::new(client.clone());
+    loop {
+        let (r, rev) = load(&js, id).await?;
+        let view = fleet(client, now).await?;
+        let (next, actions) = f(&r, &view).map_err(RolloutError::Plan)?;
+        if save(&js, &next, rev).await? {
+            let notes = apply(&js, &actions).await?;
+            return Ok((next, notes));
+        }
+    }
+}
+
+/// Drives a rollout until it is done, paused or aborted, every `tick`;
+/// `show` is called after each step.
+pub async fn drive(
+    client: &async_nats::Client,
+    id: &str,
+    tick: Duration,
+    now: impl Fn() -> u64,
+    mut show: impl FnMut(&Rollout, &FleetView, &[String]),
+) -> Result<Rollout, RolloutError> {
+    let js = jetstream::new(client.clone());
+    // Taking over: re-establish what the rollout wrote so far.
+    let (r, _) = load(&js, id).await?;
+    let mut notes = apply(&js, &rollout::ensure(&r)).await?;
+    loop {
+        let (r, rev) = load(&js, id).await?;
+        let view = fleet(client, now()).await?;
+        let (next, actions) = rollout::advance(&r, &view, now());
+        // The step is claimed first: a driver that loses the race does
+        // nothing, and one that dies after claiming is repaired by the
+        // next driver's `ensure`.
+        if next != r && !save(&js, &next, rev).await? {
+            continue;
+        }
+        notes.extend(apply(&js, &actions).await?);
+        show(&next, &view, &notes);
+        notes.clear();
+        if next.state != State::Running {
+            return Ok(next);
+        }
+        tokio::time::sleep(tick).await;
+    }
+}
