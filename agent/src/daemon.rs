@@ -19,18 +19,20 @@ use crate::reports::{self, Reporter, SendSettings};
 
 /// Runs until the process ends. `engine` is held by whoever uses the
 /// deploy engine, so that only one install runs at a time; `reporter` (from
-/// [`reporter`]) queues the reports.
+/// [`reporter`]) queues the reports. Returns once `stop` is notified and
+/// the link has said goodbye.
 pub async fn run(
     cfg: Config,
     state_dir: PathBuf,
     engine: Arc<tokio::sync::Mutex<()>>,
     reporter: Option<Reporter>,
+    stop: Arc<tokio::sync::Notify>,
 ) {
     if let Some(r) = &reporter {
         tokio::spawn(reports::heartbeat_loop(r.clone(), cfg.reports.heartbeat));
     }
     let Some(v) = enrolled(&cfg, &state_dir).await else {
-        return std::future::pending().await;
+        return stop.notified().await;
     };
     let key = match Identity::new(&state_dir).key() {
         Ok(k) => Arc::new(k),
@@ -56,7 +58,7 @@ pub async fn run(
         reporter,
         link.connected.clone(),
     ));
-    link.watch().await;
+    link.watch(stop).await;
 }
 
 /// The device's reporter, or None (logged) if its outbox cannot be opened:

@@ -26,5 +26,6 @@ pub mod link;
 pub mod outbox;
 pub mod progress;
 pub mod reports;
+pub mod service;
 pub mod slots;
 pub mod status;

@@ -9,6 +9,7 @@ use std::time::Duration;
 use async_nats::Event;
 use perch_net::{CaTrust, LinkOptions, Signer, User};
 use perch_protocol::enroll::VerifiedEnrollment;
+use perch_protocol::lifecycle::{self, Kind};
 use perch_protocol::subjects;
 use perch_protocol::SecretKey;
 use tracing::{info, warn};
@@ -109,16 +110,31 @@ pub async fn start(
 }
 
 impl Link {
-    /// Follows the link's events for as long as the agent runs: hello on
-    /// every connect, the state written for `status`.
-    pub async fn watch(mut self) {
+    /// Follows the link's events until `stop` is notified: hello on every
+    /// connect, a Choria startup event on the first, the state written for
+    /// `status`; on `stop`, a Choria shutdown event (if the link is up).
+    pub async fn watch(mut self, stop: Arc<tokio::sync::Notify>) {
         let id = self.v.credential.device_id.clone();
-        while let Some(ev) = self.events.recv().await {
+        let mut announced = false;
+        loop {
+            let ev = tokio::select! {
+                ev = self.events.recv() => match ev {
+                    Some(ev) => ev,
+                    None => return,
+                },
+                _ = stop.notified() => {
+                    self.lifecycle(Kind::Shutdown).await;
+                    return;
+                }
+            };
             match ev {
                 Event::Connected => {
                     info!(device = %id, "FLEET link up");
                     self.record("connected", None);
                     hello(&self.client, &self.v).await;
+                    if !announced {
+                        announced = self.lifecycle(Kind::Startup).await;
+                    }
                     self.connected.notify_one();
                 }
                 Event::Disconnected => {
@@ -131,6 +147,29 @@ impl Link {
                 }
             }
         }
+    }
+
+    /// Publishes a Choria lifecycle event and waits (briefly) for it to be
+    /// written; whether it was.
+    async fn lifecycle(&self, kind: Kind) -> bool {
+        if self.client.connection_state() != async_nats::connection::State::Connected {
+            return false;
+        }
+        let mut uuid = [0u8; 16];
+        if getrandom::getrandom(&mut uuid).is_err() {
+            return false;
+        }
+        let id = &self.v.credential.device_id;
+        let ev = lifecycle::Event::new(kind, id, env!("CARGO_PKG_VERSION"), uuid, perch_support::now_unix());
+        let sent = async {
+            self.client.publish(lifecycle::subject(kind), ev.to_json().into()).await.ok()?;
+            self.client.flush().await.ok()
+        };
+        let ok = matches!(tokio::time::timeout(Duration::from_secs(2), sent).await, Ok(Some(())));
+        if !ok {
+            warn!(device = %id, "Choria {} event not sent", kind.as_str());
+        }
+        ok
     }
 
     fn record(&self, state: &str, event: Option<&str>) {

@@ -288,10 +288,17 @@ fn run(cli: Cli) -> Result<u8> {
                 // new installs wait for it.
                 let engine_turn = std::sync::Arc::new(tokio::sync::Mutex::new(()));
                 let turn = engine_turn.clone().lock_owned().await;
+                let stop = std::sync::Arc::new(tokio::sync::Notify::new());
                 let reporter = perch_agent::daemon::reporter(&cfg, &state_dir);
                 let observer = reporter.clone().map(perch_agent::reports::engine_observer);
-                let link = tokio::spawn(perch_agent::daemon::run(cfg, state_dir, engine_turn, reporter));
-                let resumed = tokio::task::spawn_blocking(move || -> Result<()> {
+                let link = tokio::spawn(perch_agent::daemon::run(
+                    cfg,
+                    state_dir,
+                    engine_turn,
+                    reporter,
+                    stop.clone(),
+                ));
+                let resumed = tokio::task::spawn_blocking(move || -> Result<String> {
                     let _turn = turn;
                     // The engine is not Send: it lives on this thread only.
                     let (mut engine, problem) = Engine::open(Config::load(&config_path)?, &engine_dir)?;
@@ -303,17 +310,37 @@ fn run(cli: Cli) -> Result<u8> {
                     }
                     let f = engine.resume()?;
                     report(&engine, &f);
-                    Ok(())
+                    Ok(engine.journal.state.name().to_string())
                 })
                 .await;
-                match resumed {
+                let state = match resumed {
                     Ok(r) => r?,
                     Err(e) => anyhow::bail!("the deploy engine stopped: {e}"),
+                };
+                // The service manager hears we are up (the link may not be:
+                // the agent works without one), and a watchdog ping while
+                // the runtime turns.
+                let notifier = perch_agent::service::Notifier::from_env().map(std::sync::Arc::new);
+                if let Some(n) = &notifier {
+                    n.ready(&format!("deploy {state}"));
+                    if let Some(every) = perch_agent::service::watchdog_interval() {
+                        let n = n.clone();
+                        tokio::spawn(async move {
+                            loop {
+                                n.watchdog();
+                                tokio::time::sleep(every).await;
+                            }
+                        });
+                    }
                 }
-                let _ = link.await;
-                // Without a link to keep, stay up so the service manager
-                // sees a healthy agent.
-                std::future::pending::<()>().await;
+                let signal = shutdown_signal().await;
+                tracing::info!("{signal}: stopping");
+                if let Some(n) = &notifier {
+                    n.stopping();
+                }
+                stop.notify_one();
+                // A goodbye on the link if it is up; never long.
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(3), link).await;
                 Ok(0)
             })
         }
@@ -351,6 +378,20 @@ fn check(trust: &Path, target: Option<&str>, bundle: &Path) -> Result<()> {
 
 fn init_logging() {
     perch_net::init_logging(tracing::Level::INFO);
+}
+
+/// Waits for SIGTERM (the service manager) or SIGINT; which one.
+async fn shutdown_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
+        // No signal handling: run until killed.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {

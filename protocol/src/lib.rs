@@ -18,6 +18,7 @@ pub mod bundle;
 pub mod desired;
 pub mod enroll;
 pub mod keys;
+pub mod lifecycle;
 pub mod limits;
 pub mod registry;
 pub mod report;

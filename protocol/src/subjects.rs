@@ -87,7 +87,9 @@ pub struct Grant {
 }
 
 /// What an enrolled device may do in the FLEET account, and nothing more:
-/// publish its own reports and hello; read its own and its groups'
+/// publish its own reports and hello, and Choria lifecycle events (whose
+/// payload names the device; Choria tooling treats them as informational);
+/// read its own and its groups'
 /// desired-state keys (direct get) and hear their puts live (a plain
 /// subscription to the keys' subjects: no consumer, so no server-side
 /// state per device); read bundle chunks; receive on its own inbox.
@@ -96,6 +98,9 @@ pub fn device_grant(device: &str, groups: &[String]) -> Grant {
     let mut keys = vec![desired_device_key(device)];
     keys.extend(groups.iter().map(|g| desired_group_key(g)));
     let mut publish = vec![format!("{}.>", reports(device)), hello(device)];
+    for kind in [crate::lifecycle::Kind::Startup, crate::lifecycle::Kind::Shutdown] {
+        publish.push(crate::lifecycle::subject(kind));
+    }
     let mut subscribe = vec![format!("{}.>", inbox_prefix(device))];
     for k in &keys {
         let subject = format!("$KV.{DESIRED_BUCKET}.{k}");

@@ -187,6 +187,20 @@ impl Drop for Fleet {
 pub struct Running(pub Child);
 
 impl Running {
+    /// SIGTERM (what a service manager sends); the exit code, if it exited
+    /// within `limit`.
+    pub fn terminate(&mut self, limit: Duration) -> Option<i32> {
+        let _ = Command::new("kill").arg("-TERM").arg(self.0.id().to_string()).status();
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if let Ok(Some(st)) = self.0.try_wait() {
+                return st.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
     /// SIGKILL, and reap.
     pub fn kill(&mut self) {
         let _ = self.0.kill();
@@ -257,12 +271,19 @@ impl Device {
     /// `<scratch>/<name>-run.log` (appended: restarts keep the history).
     /// The agent is killed when the handle is dropped, even if a test fails.
     pub fn spawn_run(&self) -> Running {
+        self.spawn_run_env(&[])
+    }
+
+    /// [`Device::spawn_run`] with extra environment variables.
+    pub fn spawn_run_env(&self, env: &[(&str, &str)]) -> Running {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.dir.with_file_name(format!("{}-run.log", self.name)))
             .unwrap();
-        Running(self.cmd(&["run"]).stdout(Stdio::null()).stderr(log).spawn().unwrap())
+        let mut c = self.cmd(&["run"]);
+        c.envs(env.iter().copied());
+        Running(c.stdout(Stdio::null()).stderr(log).spawn().unwrap())
     }
 
     pub fn enrollment(&self) -> perch_protocol::enroll::Enrollment {
@@ -374,6 +395,30 @@ impl Fleet {
     }
 }
 
+/// A subscription usable from a plain test thread (driven by its reader's
+/// runtime: a current-thread runtime only runs under its own `block_on`).
+pub struct Subscription<'a> {
+    sub: Option<async_nats::Subscriber>,
+    rt: &'a tokio::runtime::Runtime,
+}
+
+impl Subscription<'_> {
+    /// The next message within `limit`.
+    pub fn next(&mut self, limit: Duration) -> Option<async_nats::Message> {
+        use futures_util::StreamExt;
+        let sub = self.sub.as_mut()?;
+        self.rt.block_on(async { tokio::time::timeout(limit, sub.next()).await.ok().flatten() })
+    }
+}
+
+impl Drop for Subscription<'_> {
+    fn drop(&mut self) {
+        // Unsubscribing needs the runtime.
+        let _inside = self.rt.enter();
+        self.sub.take();
+    }
+}
+
 impl ReportsReader {
     fn stream(&self) -> Option<async_nats::jetstream::stream::Stream> {
         self.rt.block_on(self.js.get_stream(perch_protocol::subjects::REPORTS_STREAM)).ok()
@@ -407,6 +452,17 @@ impl Device {
 }
 
 impl ReportsReader {
+    /// A plain subscription (as the FLEET operator).
+    pub fn subscribe(&self, subject: &str) -> Subscription<'_> {
+        let client = self.js.client();
+        let sub = self.rt.block_on(async move {
+            let sub = client.subscribe(subject.to_string()).await.expect("subscribe");
+            client.flush().await.expect("flush");
+            sub
+        });
+        Subscription { sub: Some(sub), rt: &self.rt }
+    }
+
     /// The last message on `subject` in `stream`, if any.
     pub fn last_by_subject(&self, stream: &str, subject: &str) -> Option<Vec<u8>> {
         let s = self.rt.block_on(self.js.get_stream(stream)).ok()?;
