@@ -24,6 +24,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("cargo-web", "Debian's cargo 1.85"),
     ("openssl", "reference SHA-256 for the benchmark"),
     ("systemd", "systemd-analyze verifies the shipped units"),
+    ("u-boot-tools", "mkimage checks the drones' U-Boot boot script"),
 ];
 
 /// Foreign architectures whose Rust standard library we unpack.
