@@ -35,6 +35,7 @@ pub fn run() -> Result<()> {
     ]))?;
 
     crate::cross::qemu_all(&[])?;
+    crate::package::run(&[])?;
 
     step(&format!("ci passed in {:.0?}", started.elapsed()));
     Ok(())

@@ -1,5 +1,5 @@
-//! `cargo xtask cross`: release `perch-agent` for the ARM targets with
-//! Debian's rustc 1.85 (the MSRV), linked by the Debian cross gcc.
+//! `cargo xtask cross`: release `perch-agent` for each device class with
+//! Debian's rustc 1.85 (the MSRV); the ARM ones linked by the Debian cross gcc.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -10,55 +10,73 @@ use crate::setup::{sysroot, ARM_ARCHES};
 use crate::util::{root, sh, step};
 
 pub struct Target {
+    /// The device class (`targets/<class>/`, the agent's `target`).
+    pub class: &'static str,
     pub triple: &'static str,
+    /// The Debian architecture.
     pub arch: &'static str,
-    /// qemu-user binary and its `-L` prefix for dynamic builds.
-    pub qemu: &'static str,
+    /// qemu-user binary (none for the host) and its `-L` prefix for dynamic builds.
+    pub qemu: Option<&'static str>,
     pub qemu_prefix: Option<&'static str>,
     pub static_crt: bool,
 }
 
 pub const TARGETS: &[Target] = &[
     Target {
+        class: "aarch64-drone",
         triple: "aarch64-unknown-linux-gnu",
         arch: "arm64",
-        qemu: "qemu-aarch64-static",
+        qemu: Some("qemu-aarch64-static"),
         qemu_prefix: None,
         static_crt: true,
     },
     Target {
+        class: "armv7-drone",
         triple: "armv7-unknown-linux-gnueabihf",
         arch: "armhf",
-        qemu: "qemu-arm-static",
+        qemu: Some("qemu-arm-static"),
         qemu_prefix: Some("/usr/arm-linux-gnueabihf"),
+        static_crt: false,
+    },
+    Target {
+        class: "x86_64-desktop",
+        triple: "x86_64-unknown-linux-gnu",
+        arch: "amd64",
+        qemu: None,
+        qemu_prefix: None,
         static_crt: false,
     },
 ];
 
+/// The targets named by class or triple (all if none are named).
+pub fn select(args: &[String]) -> Result<Vec<&'static Target>> {
+    let picked: Vec<&Target> = TARGETS
+        .iter()
+        .filter(|t| args.is_empty() || args.iter().any(|a| a == t.triple || a == t.class))
+        .collect();
+    if picked.is_empty() || picked.len() < args.len() {
+        let known: Vec<_> = TARGETS.iter().map(|t| t.class).collect();
+        bail!("unknown target in {args:?}; known: {}", known.join(", "));
+    }
+    Ok(picked)
+}
+
 /// Builds the agent for each requested target (all by default); returns the binaries.
 pub fn run(args: &[String]) -> Result<Vec<(&'static Target, PathBuf)>> {
-    let mut out = Vec::new();
-    for t in TARGETS {
-        if !args.is_empty() && !args.iter().any(|a| a == t.triple) {
-            continue;
-        }
-        out.push((t, build(t)?));
-    }
-    if out.is_empty() {
-        let known: Vec<_> = TARGETS.iter().map(|t| t.triple).collect();
-        bail!("unknown target; known: {}", known.join(", "));
-    }
-    Ok(out)
+    select(args)?.into_iter().map(|t| Ok((t, build(t)?))).collect()
 }
 
 fn build(t: &Target) -> Result<PathBuf> {
-    step(&format!("cross: perch-agent for {} with Debian's rustc 1.85", t.triple));
-    debug_assert!(ARM_ARCHES.iter().any(|(a, _)| *a == t.arch));
-    let sysroot = sysroot(t.arch);
-    if !sysroot.join("lib/rustlib").join(t.triple).is_dir() {
-        bail!("{} is missing: run `cargo xtask setup` first", sysroot.display());
+    step(&format!("cross: perch-agent for {} ({}) with Debian's rustc 1.85", t.class, t.triple));
+    let mut rustflags = String::new();
+    if t.qemu.is_some() {
+        debug_assert!(ARM_ARCHES.iter().any(|(a, _)| *a == t.arch));
+        let sysroot = sysroot(t.arch);
+        if !sysroot.join("lib/rustlib").join(t.triple).is_dir() {
+            bail!("{} is missing: run `cargo xtask setup` first", sysroot.display());
+        }
+        rustflags = format!("--sysroot={}", sysroot.display());
     }
-    let mut rustflags = format!("--sysroot={}", sysroot.display());
     if t.static_crt {
         rustflags.push_str(" -C target-feature=+crt-static");
     }
@@ -99,7 +117,14 @@ pub fn qemu_all(args: &[String]) -> Result<()> {
         "-p",
         "perch-bootstrap",
     ]))?;
-    for (target, bin) in run(args)? {
+    let arm: Vec<String> = match args {
+        [] => TARGETS.iter().filter(|t| t.qemu.is_some()).map(|t| t.class.to_string()).collect(),
+        named => named.to_vec(),
+    };
+    for (target, bin) in run(&arm)? {
+        if target.qemu.is_none() {
+            continue;
+        }
         step(&format!("qemu: {} perch-agent", target.triple));
         qemu_version(target, &bin)?;
         qemu_check(target, &bin)?;
@@ -124,8 +149,9 @@ pub fn debian_cargo(target_dir: &Path) -> Command {
     c
 }
 
-fn qemu(t: &Target, bin: &Path) -> Command {
-    let mut c = Command::new(t.qemu);
+pub fn qemu(t: &Target, bin: &Path) -> Command {
+    let Some(q) = t.qemu else { return Command::new(bin) };
+    let mut c = Command::new(q);
     if let Some(prefix) = t.qemu_prefix {
         c.args(["-L", prefix]);
     }
@@ -235,7 +261,7 @@ pub fn qemu_version(t: &Target, bin: &Path) -> Result<()> {
     let text = String::from_utf8_lossy(&out.stdout);
     print!("{text}");
     if !out.status.success() || !text.starts_with("perch-agent ") {
-        bail!("{} --version under {} failed: {}", t.triple, t.qemu, String::from_utf8_lossy(&out.stderr));
+        bail!("{} --version under {:?} failed: {}", t.triple, t.qemu, String::from_utf8_lossy(&out.stderr));
     }
     Ok(())
 }

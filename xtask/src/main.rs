@@ -8,6 +8,7 @@ mod cross;
 mod demo;
 mod docs;
 mod fleet;
+mod package;
 mod setup;
 mod util;
 
@@ -19,7 +20,9 @@ commands:
   setup               install what perch needs on Debian (idempotent)
   ci                  the whole test suite, exactly as CI runs it
   demo                walk through the release flow on this machine
-  cross [TARGET...]   release perch-agent for the ARM targets with Debian's rustc 1.85
+  cross [CLASS...]    release perch-agent per device class (aarch64-drone, armv7-drone,
+                      x86_64-desktop) with Debian's rustc 1.85
+  package [CLASS...]  cross, then a checked .deb per device class (target/package/)
   qemu [TARGET...]    cross, then run each ARM agent under qemu-user: --version, check, an A/B install
   bench verify [--size-mib N]   bundle verify throughput against sha256sum and openssl
   bench install [--size-mib N]  agent install into a uboot slot against dd conv=fsync
@@ -43,6 +46,7 @@ fn run() -> Result<()> {
         Some("ci") => ci::run(),
         Some("demo") => demo::run(),
         Some("cross") => cross::run(rest).map(drop),
+        Some("package") => package::run(rest).map(drop),
         Some("qemu") => cross::qemu_all(rest),
         Some("bench") => bench::run(rest),
         Some("docs") => docs::run(),
