@@ -183,9 +183,16 @@ impl Engine {
             BundleReader::open(source).and_then(|r| r.verify(&trust, now)).map_err(bundle_err)?;
         let bundle = BundleRef::of(reader.manifest());
         let booted = self.backend.booted()?;
-        if self.journal.slot(booted).is_some_and(|b| b.digest == bundle.digest)
-            && matches!(self.journal.state, DeployState::Committed { .. } | DeployState::Idle)
-        {
+        // The bundle the device runs, with nothing in flight (the last deploy
+        // may have ended any way: a rollout aborted back to this bundle, say).
+        let settled = matches!(
+            self.journal.state,
+            DeployState::Committed { .. }
+                | DeployState::Idle
+                | DeployState::RolledBack { .. }
+                | DeployState::Failed { .. }
+        );
+        if self.journal.slot(booted).is_some_and(|b| b.digest == bundle.digest) && settled {
             return Ok(Finished::AlreadyRunning(bundle));
         }
         if let Err(e) = self.admit(reader.manifest()) {

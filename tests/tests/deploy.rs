@@ -35,6 +35,26 @@ fn dir_good_bundle_commits() {
 }
 
 #[test]
+fn back_on_a_bundle_after_a_rollback_it_is_already_running() {
+    let mut d = Device::new(Backend::Dir);
+    d.health = format!(
+        "commands = [\"test -f {}/current/healthy\"]\ntrial = \"2s\"\ninterval = \"200ms\"\n",
+        d.path("root").display()
+    );
+    d.write_config();
+    d.archive_bundle("v2.perch", 2, &[("app", "good\n"), ("healthy", "")]);
+    assert_eq!(install(&d, "v2.perch").code, 0);
+    d.archive_bundle("v3.perch", 3, &[("app", "broken\n")]);
+    assert_eq!(install(&d, "v3.perch").code, 1);
+    assert_eq!(d.status()["deploy"]["state"], "rolled_back");
+    // Asked for release 2 again (a rollout aborted back to it): nothing to
+    // do, and certainly not a "downgrade".
+    let again = install(&d, "v2.perch");
+    assert_eq!(again.code, 0, "{}{}", again.stdout, again.stderr);
+    assert!(again.stdout.contains("already running"), "{}", again.stdout);
+}
+
+#[test]
 fn dir_failing_health_rolls_back() {
     let mut d = Device::new(Backend::Dir);
     d.health =

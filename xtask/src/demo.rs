@@ -6,18 +6,17 @@ use std::process::Command;
 
 use anyhow::{bail, Result};
 
-use crate::fleet::LocalFleet;
 use crate::util::{cargo, root, sh};
 
-struct Demo {
-    dir: PathBuf,
-    bin: PathBuf,
+pub struct Demo {
+    pub dir: PathBuf,
+    pub bin: PathBuf,
 }
 
 impl Demo {
     /// Runs a perch binary in the demo directory, prints what it said, and
     /// checks the exit code is the one the story expects.
-    fn sh(&self, program: &str, args: &[&str], expect: i32) -> Result<String> {
+    pub fn sh(&self, program: &str, args: &[&str], expect: i32) -> Result<String> {
         println!("  $ {program} {}", args.join(" "));
         let out = Command::new(self.bin.join(program)).args(args).current_dir(&self.dir).output()?;
         let text =
@@ -36,12 +35,12 @@ impl Demo {
     }
 }
 
-fn say(n: u32, text: &str) {
+pub fn say(n: u32, text: &str) {
     println!("\n{n}. {text}");
 }
 
 pub fn run() -> Result<()> {
-    println!("perch demo: signed bundles from key to device check\n(building the binaries first)");
+    println!("perch demo: signed bundles from key to device check, then a fleet of three on this machine\n(building the binaries first: the host tools, and the release agents for aarch64 and armv7)");
     sh(cargo().args([
         "build",
         "-q",
@@ -181,8 +180,10 @@ pub fn run() -> Result<()> {
         3,
     )?;
 
+    // The drones run the real ARM release agents under qemu-user.
+    let arm = crate::cross::run(&["aarch64-drone".to_string(), "armv7-drone".to_string()])?;
     desktop(&d)?;
-    enrollment(&d)?;
+    crate::demo_fleet::run(&d, &arm)?;
 
     println!("\nDemo complete: good bundles verified and committed, a broken release rolled back by its health check,");
     println!(
@@ -263,303 +264,6 @@ fn desktop(d: &Demo) -> Result<()> {
     run(&["install", &fixed], 0)?;
     run(&["install", "desk-app.perch"], 3)?;
     run(&["status"], 0)?;
-    Ok(())
-}
-
-/// Enrollment, three ways in, against a real nats-server and provisioner.
-fn enrollment(d: &Demo) -> Result<()> {
-    say(14, "Enrollment. nats-server starts in operator mode with TLS (the fleet CA that `init` made), and a provisioner joins it as a NATS service.");
-    let mut fleet = LocalFleet::start(&d.dir, &d.bin)?;
-    fleet.provisioner()?;
-    println!(
-        "    nats-server on {} (log: nats-server.log), provisioner ready (log: provisioner-0.log)",
-        fleet.url
-    );
-    let url = fleet.url.clone();
-    // drone-09's radio: a proxy that can cut the link (step 20).
-    let radio = perch_chaos::Proxy::start(([127, 0, 0, 1], fleet.port).into());
-    let device = |name: &str, extra: &str| -> Result<PathBuf> {
-        let dev = d.dir.join(name);
-        fs::create_dir_all(dev.join("slots"))?;
-        fs::write(
-            dev.join("agent.toml"),
-            format!(
-                "target = \"x86_64-desktop\"\ntrust = \"{}\"\n[device]\nid = \"{name}\"\n{extra}[slots]\nbackend = \"dir\"\nroot = \"{}\"\n",
-                dev.join("trust.doc").display(),
-                dev.join("slots").display()
-            ),
-        )?;
-        Ok(dev)
-    };
-    let agent = |name: &str, rest: &[&str], expect: i32| -> Result<String> {
-        let mut args = vec![
-            "--config".to_string(),
-            format!("{name}/agent.toml"),
-            "--state-dir".into(),
-            format!("{name}/state"),
-        ];
-        args.extend(rest.iter().map(|s| s.to_string()));
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        d.sh("perch-agent", &args, expect)
-    };
-
-    say(15, "Zero-touch desktop: its image holds only an enrollment token. At first boot `perch-agent run` enrolls it with nobody present, then joins FLEET.");
-    d.sh(
-        "perch-bootstrap",
-        &[
-            "token", "issue", "--dir", "org", "--group", "desktops", "--uses", "100", "--ttl", "30d",
-            "--url", &url, "--json",
-        ],
-        0,
-    )
-    .and_then(|json| {
-        let v: serde_json::Value = serde_json::from_str(json.trim())?;
-        fs::write(d.dir.join("desktops.token"), v["token"].as_str().unwrap_or_default())?;
-        Ok(())
-    })?;
-    let desk = device(
-        "desk-01",
-        &format!(
-            "[enroll]\ntoken_file = \"{}\"\n[reports]\nheartbeat = \"2s\"\n",
-            d.dir.join("desktops.token").display()
-        ),
-    )?;
-    let child = Command::new(d.bin.join("perch-agent"))
-        .args(["--config", "desk-01/agent.toml", "--state-dir", "desk-01/state", "run"])
-        .current_dir(&d.dir)
-        .stdout(std::process::Stdio::null())
-        .stderr(fs::File::create(d.dir.join("desk-01.log"))?)
-        .spawn()?;
-    fleet.adopt("desk-01", child);
-    let start = std::time::Instant::now();
-    while !desk.join("state/identity/enrollment").exists() {
-        if start.elapsed() > std::time::Duration::from_secs(30) {
-            bail!("desk-01 did not enroll: {}", fs::read_to_string(d.dir.join("desk-01.log"))?);
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    agent("desk-01", &["status"], 0)?;
-
-    say(16, "A drone in a technician's hands: a one-use token that needs approval, shown as a QR code for the drone's camera (here we pass the text).");
-    let token = d.sh(
-        "perch-bootstrap",
-        &[
-            "token",
-            "issue",
-            "--dir",
-            "org",
-            "--group",
-            "drones",
-            "--uses",
-            "1",
-            "--approval",
-            "manual",
-            "--id-pattern",
-            "drone-*",
-            "--url",
-            &url,
-            "--qr",
-        ],
-        0,
-    )?;
-    let text = token.lines().next().unwrap_or_default().to_string();
-    fs::write(d.dir.join("drone.token"), &text)?;
-    println!("    (the token is {} characters: it fits a QR code)", text.len());
-    device("drone-07", "")?;
-    agent("drone-07", &["enroll", "--token-file", "drone.token"], 1)?;
-    d.sh("perch-bootstrap", &["pending", "--dir", "org", "--url", &url], 0)?;
-    d.sh("perch-bootstrap", &["approve", "--dir", "org", "--url", &url, "drone-07"], 0)?;
-    agent("drone-07", &["enroll", "--token-file", "drone.token"], 0)?;
-    say(17, "The token was for one device: a second drone is refused (exit 3).");
-    device("drone-08", "")?;
-    agent("drone-08", &["enroll", "--token-file", "drone.token"], 3)?;
-
-    say(18, "No network at all: the drone writes a signed request to a file, the technician's laptop (which holds the org's issuing key) answers it, and the drone imports the answer. The drone's image carries the trust document it checks the answer against. (Its fleet URL is its radio link: a proxy this demo can cut.)");
-    let off = device("drone-09", &drone_config(&d.dir.join("drone-09")))?;
-    fs::create_dir_all(off.join("slots/a/bin"))?;
-    fs::write(off.join("slots/a/bin/hello"), "echo hello from the factory image\n")?;
-    std::os::unix::fs::symlink("a", off.join("slots/current"))?;
-    fs::copy(d.dir.join("org/trust.doc"), off.join("trust.doc"))?;
-    agent("drone-09", &["enroll", "--request-out", "drone-09.req"], 0)?;
-    d.sh(
-        "perch-bootstrap",
-        &[
-            "sign-request",
-            "--dir",
-            "org",
-            "drone-09.req",
-            "--out",
-            "drone-09.resp",
-            "--group",
-            "drones",
-            "--fleet-url",
-            &radio.url(),
-        ],
-        0,
-    )?;
-    agent("drone-09", &["enroll", "--import", "drone-09.resp"], 0)?;
-
-    say(19, "The registry (JetStream KV). drone-09 is not in it yet: the provisioner learns of it when it first connects.");
-    d.sh("perch-bootstrap", &["devices", "--dir", "org", "--url", &url], 0)?;
-    let child = Command::new(d.bin.join("perch-agent"))
-        .args(["--config", "drone-09/agent.toml", "--state-dir", "drone-09/state", "run"])
-        .current_dir(&d.dir)
-        .stdout(std::process::Stdio::null())
-        .stderr(fs::File::create(d.dir.join("drone-09.log"))?)
-        .spawn()?;
-    fleet.adopt("drone-09", child);
-    let start = std::time::Instant::now();
-    loop {
-        let out = Command::new(d.bin.join("perch-bootstrap"))
-            .args(["devices", "--dir", "org", "--url", &url, "--json"])
-            .current_dir(&d.dir)
-            .output()?;
-        if String::from_utf8_lossy(&out.stdout).contains("\"drone-09\"") {
-            break;
-        }
-        if start.elapsed() > std::time::Duration::from_secs(30) {
-            bail!("drone-09 never said hello: {}", fs::read_to_string(d.dir.join("drone-09.log"))?);
-        }
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
-    println!("    drone-09's agent connected to FLEET with its own credential and said hello:");
-    d.sh("perch-bootstrap", &["devices", "--dir", "org", "--url", &url], 0)?;
-
-    outage(d, &url, &radio)?;
-
-    say(21, "desk-01 is reported stolen: revoking it pushes the FLEET account's revocation to the server, which cuts it off at once.");
-    d.sh("perch-bootstrap", &["revoke", "--dir", "org", "--url", &url, "desk-01"], 0)?;
-    std::thread::sleep(std::time::Duration::from_millis(500));
-    let log = fs::read_to_string(d.dir.join("desk-01.log"))?;
-    if let Some(line) = log.lines().find(|l| l.contains("authorization violation") || l.contains("link down"))
-    {
-        println!("    desk-01's agent log: {}", line.trim());
-    }
-    d.sh("perch-bootstrap", &["devices", "--dir", "org", "--url", &url], 0)?;
-    drop(fleet);
-    println!("    (nats-server, the provisioner and desk-01's agent are stopped)");
-    Ok(())
-}
-
-/// drone-09's agent.toml additions: a radio link's settings, and a health
-/// check for its releases.
-fn drone_config(dev: &Path) -> String {
-    format!(
-        "[link]\nping_interval = \"1s\"\nmax_backoff = \"2s\"\n[reports]\nheartbeat = \"2s\"\n[health]\ncommands = [\"sh {}/slots/current/bin/hello\"]\ntrial = \"2s\"\ninterval = \"500ms\"\n",
-        dev.display()
-    )
-}
-
-/// The drones' group is told to run a release; drone-09 flies out of range
-/// in the middle of the download and comes back.
-fn outage(d: &Demo, url: &str, radio: &perch_chaos::Proxy) -> Result<()> {
-    use std::time::{Duration, Instant};
-    say(20, "A release for the drones group, published to the fleet. drone-09's radio does 1 MB/s; halfway through the download it flies out of range (the link goes silent: no reset, no error) and comes back 8 s later.");
-    fs::create_dir_all(d.dir.join("drone-app/bin"))?;
-    fs::write(d.dir.join("drone-app/bin/hello"), "echo hello from drone-app 1\n")?;
-    write_image(&d.dir.join("drone-app/maps.bin"), 8 << 20)?;
-    d.sh(
-        "perch",
-        &[
-            "bundle",
-            "build",
-            "--name",
-            "drone-app",
-            "--counter",
-            "1",
-            "--kind",
-            "archive",
-            "--input",
-            "drone-app",
-            "--out",
-            "drone-app-1.perch",
-            "--target",
-            "x86_64-desktop",
-        ],
-        0,
-    )?;
-    for k in ["alice.key", "bob.key"] {
-        d.sh("perch", &["bundle", "sign", "--key", k, "drone-app-1.perch"], 0)?;
-    }
-    d.sh(
-        "perch-bootstrap",
-        &[
-            "nats",
-            "creds",
-            "--dir",
-            "org",
-            "--account",
-            "fleet",
-            "--name",
-            "operator",
-            "--out",
-            "operator.creds",
-        ],
-        0,
-    )?;
-    let conn = ["--url", url, "--creds", "operator.creds", "--ca", "org/tls/ca.pem"];
-    let with = |head: &[&str], tail: &[&str]| -> Vec<String> {
-        head.iter().chain(conn.iter()).chain(tail).map(|s| s.to_string()).collect()
-    };
-    let perch = |head: &[&str], tail: &[&str], expect: i32| -> Result<String> {
-        let args = with(head, tail);
-        d.sh("perch", &args.iter().map(String::as_str).collect::<Vec<_>>(), expect)
-    };
-    perch(&["publish"], &["--trust", "org/trust.doc", "drone-app-1.perch"], 0)?;
-    radio.set_shape(perch_chaos::Shape { latency: Duration::ZERO, bandwidth: 1_000_000 });
-    perch(&["desired", "set"], &["--group", "drones", "--bundle", "drone-app-1.perch"], 0)?;
-    let agent_status = || -> Result<serde_json::Value> {
-        let out = Command::new(d.bin.join("perch-agent"))
-            .args(["--config", "drone-09/agent.toml", "--state-dir", "drone-09/state", "status", "--json"])
-            .current_dir(&d.dir)
-            .output()?;
-        Ok(serde_json::from_slice(&out.stdout).unwrap_or_default())
-    };
-    let wait = |what: &str, limit: u64, done: &dyn Fn(&serde_json::Value) -> bool| -> Result<()> {
-        let start = Instant::now();
-        loop {
-            if done(&agent_status()?) {
-                return Ok(());
-            }
-            if start.elapsed() > Duration::from_secs(limit) {
-                bail!("drone-09: {what} did not happen: {}", fs::read_to_string(d.dir.join("drone-09.log"))?);
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    };
-    let start = Instant::now();
-    while radio.bytes().0 < 3 << 20 {
-        if start.elapsed() > Duration::from_secs(30) {
-            bail!("drone-09 is not downloading: {}", fs::read_to_string(d.dir.join("drone-09.log"))?);
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    radio.set_mode(perch_chaos::Mode::Blackhole);
-    let cut = Instant::now();
-    println!("    -- link cut: drone-09 is out of range --");
-    wait("noticing the dead link", 10, &|v| v["link"]["state"] == "disconnected")?;
-    println!(
-        "    drone-09 noticed the silent link after {:.1} s (pings every 1 s)",
-        cut.elapsed().as_secs_f64()
-    );
-    std::thread::sleep(Duration::from_secs(8).saturating_sub(cut.elapsed()));
-    println!("    drone-09 meanwhile (its own view; its reports wait on its disk):");
-    d.sh("perch-agent", &["--config", "drone-09/agent.toml", "--state-dir", "drone-09/state", "status"], 0)?;
-    println!("    the fleet's view (a device silent for 5 s is shown as stale here):");
-    perch(&["status"], &["--stale-after", "5s"], 0)?;
-    radio.set_mode(perch_chaos::Mode::Pass);
-    println!("    -- link back --");
-    wait("committing drone-app 1", 60, &|v| {
-        v["deploy"]["state"] == "committed" && v["outbox"]["waiting"].as_u64() == Some(0)
-    })?;
-    let (down, _) = radio.bytes();
-    let payload = fs::metadata(d.dir.join("drone-app-1.perch"))?.len();
-    println!(
-        "    the download resumed at the first missing chunk: {down} bytes crossed the radio for a {payload}-byte bundle"
-    );
-    println!("    nothing lost: every report drone-09 made, before, during and after the outage, is stored exactly once:");
-    perch(&["status"], &["--device", "drone-09"], 0)?;
-    perch(&["status"], &[], 0)?;
     Ok(())
 }
 

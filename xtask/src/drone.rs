@@ -1,0 +1,199 @@
+//! A drone on this machine, for the demo: the real ARM agent under
+//! qemu-user, with U-Boot slots in two image files and a file-backed U-Boot
+//! environment edited by the real `fw_setenv` / `fw_printenv`.
+//!
+//! The board is simulated only where there is no board: when the agent
+//! asks for a reboot (its `reboot` command leaves a mark), the supervisor
+//! stops the agent and plays the boot script's part (`targets/*/boot.cmd`:
+//! count the boot while `upgrade_available` is 1, fall back past
+//! `bootlimit`), writes the kernel command line (`perch.slot=`) and a new
+//! boot id, and starts the agent again.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+
+use crate::cross::Target;
+
+/// Slot image size.
+pub const SLOT: usize = 4 << 20;
+/// What the health check looks for in the booted slot's image.
+pub const HEALTHY: &[u8] = b"PERCH-HEALTHY";
+
+pub struct Drone {
+    pub name: String,
+    pub dir: PathBuf,
+    target: &'static Target,
+    bin: PathBuf,
+    pub boots: u32,
+}
+
+impl Drone {
+    /// Lays out the drone in `dir`: slot images (a holds a healthy factory
+    /// image), the environment, the command line, agent.toml (with `extra`).
+    pub fn new(
+        name: &str,
+        dir: &Path,
+        target: &'static Target,
+        bin: &Path,
+        trust: &Path,
+        extra: &str,
+    ) -> Result<Drone> {
+        fs::create_dir_all(dir)?;
+        let mut factory = vec![0u8; SLOT];
+        factory[..HEALTHY.len()].copy_from_slice(HEALTHY);
+        fs::write(dir.join("a.img"), &factory)?;
+        fs::write(dir.join("b.img"), vec![0u8; SLOT])?;
+        fs::write(dir.join("env"), vec![0u8; 0x4000])?;
+        fs::write(dir.join("fw_env.config"), format!("{} 0x0000 0x4000\n", dir.join("env").display()))?;
+        fs::write(dir.join("defenv"), "perch_slot=a\nbootlimit=2\n")?;
+        let st = Command::new("fw_setenv")
+            .arg("-c")
+            .arg(dir.join("fw_env.config"))
+            .arg("-f")
+            .arg(dir.join("defenv"))
+            .args(["perch_slot", "a"])
+            .output()?;
+        if !st.status.success() {
+            bail!("fw_setenv: {}", String::from_utf8_lossy(&st.stderr));
+        }
+        fs::write(dir.join("cmdline"), "console=ttyAMA0 perch.slot=a quiet\n")?;
+        fs::write(dir.join("boot_id"), "boot-0\n")?;
+        // The health check: the booted slot's image must carry the mark.
+        fs::write(
+            dir.join("health.sh"),
+            format!(
+                "slot=$(sed -n 's/.*perch\\.slot=\\([ab]\\).*/\\1/p' {d}/cmdline)\nhead -c {n} {d}/$slot.img | grep -q {mark}\n",
+                d = dir.display(),
+                n = HEALTHY.len(),
+                mark = String::from_utf8_lossy(HEALTHY)
+            ),
+        )?;
+        let p = |r: &str| dir.join(r).display().to_string();
+        fs::write(
+            dir.join("agent.toml"),
+            format!(
+                "target = \"{class}\"\ntrust = \"{trust}\"\nboot_id = \"{boot_id}\"\n[device]\nid = \"{name}\"\n[slots]\nbackend = \"uboot\"\ndevices = {{ a = \"{a}\", b = \"{b}\" }}\nfw_env_config = \"{env}\"\ncmdline = \"{cmdline}\"\nbootlimit = 2\nreboot = \"touch {mark}\"\n[health]\ncommands = [\"sh {health}\"]\ntrial = \"3s\"\ninterval = \"300ms\"\n{extra}",
+                class = target.class,
+                trust = trust.display(),
+                boot_id = p("boot_id"),
+                a = p("a.img"),
+                b = p("b.img"),
+                env = p("fw_env.config"),
+                cmdline = p("cmdline"),
+                mark = p("reboot-requested"),
+                health = p("health.sh"),
+            ),
+        )?;
+        Ok(Drone { name: name.into(), dir: dir.into(), target, bin: bin.into(), boots: 0 })
+    }
+
+    /// `perch-agent --config .. --state-dir .. ARGS` under qemu-user.
+    pub fn agent(&self, args: &[&str]) -> Command {
+        let mut c = crate::cross::qemu(self.target, &self.bin);
+        c.arg("--config").arg(self.dir.join("agent.toml")).arg("--state-dir").arg(self.dir.join("state"));
+        c.args(args).env("PERCH_LOG", "info");
+        c
+    }
+
+    /// Starts `perch-agent run`, logging to `<dir>.log`.
+    pub fn start(&self) -> Result<Child> {
+        let log = fs::OpenOptions::new().create(true).append(true).open(self.dir.with_extension("log"))?;
+        Ok(self.agent(&["run"]).stdout(Stdio::null()).stderr(log).spawn()?)
+    }
+
+    fn env(&self, var: &str) -> String {
+        Command::new("fw_printenv")
+            .arg("-c")
+            .arg(self.dir.join("fw_env.config"))
+            .args(["-n", var])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default()
+    }
+
+    /// The boot script's part of a reboot; the slot that boots.
+    pub fn boot(&mut self) -> Result<String> {
+        self.boots += 1;
+        let mut slot = self.env("perch_slot");
+        let mut upgrade = self.env("upgrade_available");
+        let mut count: u32 = self.env("bootcount").parse().unwrap_or(0);
+        let limit: u32 = self.env("bootlimit").parse().unwrap_or(3);
+        if upgrade == "1" {
+            count += 1;
+            if count > limit {
+                slot = if slot == "a" { "b".into() } else { "a".into() };
+                upgrade = "0".into();
+                count = 0;
+            }
+        }
+        let script = self.dir.join("boot.env");
+        fs::write(&script, format!("perch_slot={slot}\nupgrade_available={upgrade}\nbootcount={count}\n"))?;
+        let st = Command::new("fw_setenv")
+            .arg("-c")
+            .arg(self.dir.join("fw_env.config"))
+            .arg("-s")
+            .arg(&script)
+            .status()?;
+        if !st.success() {
+            bail!("{}: fw_setenv failed at boot", self.name);
+        }
+        fs::write(self.dir.join("cmdline"), format!("console=ttyAMA0 perch.slot={slot} quiet\n"))?;
+        fs::write(self.dir.join("boot_id"), format!("boot-{}\n", self.boots))?;
+        Ok(slot)
+    }
+}
+
+/// A drone's agent running, rebooted whenever it asks; stopped on drop.
+pub struct Supervised {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Supervised {
+    pub fn start(mut drone: Drone) -> Result<Supervised> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut child = drone.start()?;
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mark = drone.dir.join("reboot-requested");
+            while !flag.load(Ordering::Relaxed) {
+                if mark.exists() {
+                    let _ = fs::remove_file(&mark);
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    match drone.boot() {
+                        Ok(slot) => println!("    [{} reboots into slot {slot}]", drone.name),
+                        Err(e) => eprintln!("    [{}: {e}]", drone.name),
+                    }
+                    match drone.start() {
+                        Ok(c) => child = c,
+                        Err(e) => {
+                            eprintln!("    [{}: agent did not start: {e}]", drone.name);
+                            return;
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        });
+        Ok(Supervised { stop, thread: Some(thread) })
+    }
+}
+
+impl Drop for Supervised {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
