@@ -212,6 +212,11 @@ pub async fn follow(
         };
         let gave_up = |d: &[u8; 32]| gave_up_on(&state_dir, d);
         let Some(entry) = entry else { continue };
+        // Mid-switch (a trial or a rollback waiting for its reboot): not now,
+        // and not recorded, so the change is acted on once the slot settles.
+        if JournalStore::new(&state_dir).load().is_ok_and(|j| j.state.is_switching()) {
+            continue;
+        }
         match decide(handled.as_ref(), Some(&entry), gave_up) {
             Decision::Nothing => continue,
             Decision::Record => {}

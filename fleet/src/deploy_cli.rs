@@ -217,6 +217,7 @@ async fn start(a: StartArgs) -> Result<()> {
         println!("detached: `perch deploy resume {}` drives it", r.id);
         return Ok(());
     }
+    let _ = std::io::Write::flush(&mut std::io::stdout());
     drive(&c, &r.id).await
 }
 
@@ -230,6 +231,8 @@ async fn drive(c: &async_nats::Client, id: &str) -> Result<()> {
         let now = perch_fleet::table::render_rollout(r, view);
         if now != last {
             print!("{now}");
+            // Seen as it happens, also through a pipe.
+            let _ = std::io::Write::flush(&mut std::io::stdout());
             last = now;
         }
     };

@@ -186,13 +186,12 @@ pub fn run() -> Result<()> {
     crate::demo_fleet::run(&d, &arm)?;
 
     println!("\nDemo complete: good bundles verified and committed, a broken release rolled back by its health check,");
+    println!("every damaged, under-signed, misdirected or replayed bundle refused with exit 3; three devices (x86_64,");
+    println!("and aarch64 and armv7 agents under qemu) enrolled three ways; a release rolled out in two waves while");
     println!(
-        "every damaged, under-signed, misdirected or replayed bundle refused with exit 3, and three devices"
+        "a drone lost its link mid-download and lost nothing; a broken release paused its rollout and rolled"
     );
-    println!(
-        "enrolled three ways (zero-touch, technician approval, offline files); a drone that lost its link"
-    );
-    println!("mid-download resumed, committed and lost no report; a stolen desktop revoked live.");
+    println!("back by itself; a stolen desktop revoked live.");
     println!("Files are in {}; nothing is left running.", dir.display());
     Ok(())
 }
