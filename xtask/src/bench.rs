@@ -19,7 +19,10 @@ pub fn run(args: &[String]) -> Result<()> {
         Some("install") => install(&args[1..]),
         Some("enroll") => crate::bench_enroll::run(&args[1..]),
         Some("link") => crate::bench_link::run(&args[1..]),
-        _ => bail!("usage: cargo xtask bench verify|install [--size-mib N] | enroll [--devices N] | link [--records N]"),
+        Some("footprint") => crate::bench_footprint::run(&args[1..]),
+        _ => bail!(
+            "usage: cargo xtask bench verify|install [--size-mib N] | enroll [--devices N] | link [--records N] | footprint [--seconds N]"
+        ),
     }
 }
 

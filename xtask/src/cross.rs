@@ -67,7 +67,13 @@ pub fn run(args: &[String]) -> Result<Vec<(&'static Target, PathBuf)>> {
 }
 
 fn build(t: &Target) -> Result<PathBuf> {
-    step(&format!("cross: perch-agent for {} ({}) with Debian's rustc 1.85", t.class, t.triple));
+    build_package(t, "perch-agent", "perch-agent")
+}
+
+/// Builds `package`'s binary `bin` for `t` the way the agent is built
+/// (release profile, Debian's rustc, static on aarch64); its path.
+pub fn build_package(t: &Target, package: &str, bin: &str) -> Result<PathBuf> {
+    step(&format!("cross: {bin} for {} ({}) with Debian's rustc 1.85", t.class, t.triple));
     let mut rustflags = String::new();
     if t.qemu.is_some() {
         debug_assert!(ARM_ARCHES.iter().any(|(a, _)| *a == t.arch));
@@ -97,9 +103,9 @@ fn build(t: &Target) -> Result<PathBuf> {
         .env("RUSTC", "/usr/bin/rustc")
         .env("CARGO_TARGET_DIR", &target_dir)
         .env(format!("CARGO_TARGET_{}_RUSTFLAGS", t.triple.to_uppercase().replace('-', "_")), &rustflags)
-        .args(["build", "--locked", "--release", "-p", "perch-agent", "--target", t.triple]);
+        .args(["build", "--locked", "--release", "-p", package, "--bin", bin, "--target", t.triple]);
     sh(&mut c)?;
-    let bin = target_dir.join(t.triple).join("release/perch-agent");
+    let bin = target_dir.join(t.triple).join("release").join(bin);
     let size = std::fs::metadata(&bin)?.len();
     println!("built {} ({} bytes, {:.2} MiB)", bin.display(), size, size as f64 / 1048576.0);
     Ok(bin)

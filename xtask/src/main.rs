@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_enroll;
+mod bench_footprint;
 mod bench_link;
 mod ci;
 mod cross;
@@ -31,6 +32,7 @@ commands:
   bench enroll [--devices N]    enrollments per second, one and two provisioners
   bench link [--records N]      outbox drain rate, and chunk fetch against bare direct gets
   bench link --full             the link scenarios at full size (100 MiB, 10,000 reports)
+  bench footprint [--seconds N] agent size (aarch64) and idle memory (x86_64) against the floor
   docs                build the Hugo site and check its links";
 
 fn main() {
