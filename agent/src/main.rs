@@ -298,6 +298,23 @@ fn run(cli: Cli) -> Result<u8> {
                     reporter,
                     stop.clone(),
                 ));
+                // Ready at once (the agent is up and answers signals): a
+                // resumed install at boot may take longer than any start
+                // timeout. The watchdog is pinged from the runtime while the
+                // engine works on its own thread.
+                let notifier = perch_agent::service::Notifier::from_env().map(std::sync::Arc::new);
+                if let Some(n) = &notifier {
+                    n.ready("finishing the deploy journal's work");
+                    if let Some(every) = perch_agent::service::watchdog_interval() {
+                        let n = n.clone();
+                        tokio::spawn(async move {
+                            loop {
+                                n.watchdog();
+                                tokio::time::sleep(every).await;
+                            }
+                        });
+                    }
+                }
                 let resumed = tokio::task::spawn_blocking(move || -> Result<String> {
                     let _turn = turn;
                     // The engine is not Send: it lives on this thread only.
@@ -317,21 +334,8 @@ fn run(cli: Cli) -> Result<u8> {
                     Ok(r) => r?,
                     Err(e) => anyhow::bail!("the deploy engine stopped: {e}"),
                 };
-                // The service manager hears we are up (the link may not be:
-                // the agent works without one), and a watchdog ping while
-                // the runtime turns.
-                let notifier = perch_agent::service::Notifier::from_env().map(std::sync::Arc::new);
                 if let Some(n) = &notifier {
-                    n.ready(&format!("deploy {state}"));
-                    if let Some(every) = perch_agent::service::watchdog_interval() {
-                        let n = n.clone();
-                        tokio::spawn(async move {
-                            loop {
-                                n.watchdog();
-                                tokio::time::sleep(every).await;
-                            }
-                        });
-                    }
+                    n.status(&format!("deploy {state}"));
                 }
                 let signal = shutdown_signal().await;
                 tracing::info!("{signal}: stopping");
