@@ -159,8 +159,6 @@ fn install(args: &[String]) -> Result<()> {
             "status=none",
         ]))?;
     }
-    fs::write(dir.join("fw_env.config"), format!("{} 0x0000 0x4000\n", dir.join("env").display()))?;
-    fs::write(dir.join("defenv"), "perch_slot=a\nbootlimit=3\n")?;
     fs::write(dir.join("cmdline"), "perch.slot=a\n")?;
     fs::write(dir.join("boot_id"), "bench\n")?;
     let p = |f: &str| dir.join(f).display().to_string();
@@ -173,18 +171,7 @@ fn install(args: &[String]) -> Result<()> {
     )?;
     let reset = |dir: &std::path::Path| -> Result<()> {
         let _ = fs::remove_dir_all(dir.join("state"));
-        fs::write(dir.join("env"), vec![0u8; 0x4000])?;
-        let st = Command::new("fw_setenv")
-            .arg("-c")
-            .arg(dir.join("fw_env.config"))
-            .arg("-f")
-            .arg(dir.join("defenv"))
-            .args(["perch_slot", "a"])
-            .output()?;
-        if !st.status.success() {
-            bail!("fw_setenv: {}", String::from_utf8_lossy(&st.stderr));
-        }
-        Ok(())
+        crate::util::fresh_uboot_env(dir, "perch_slot=a\nbootlimit=3\n")
     };
     step(&format!(
         "bench install: best of {RUNS} rounds, the three interleaved, payload and bundle in page cache"

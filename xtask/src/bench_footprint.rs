@@ -37,15 +37,7 @@ pub fn run(args: &[String]) -> Result<()> {
     let (a, m) = (fs::metadata(&agent_arm)?.len(), fs::metadata(&min_arm)?.len());
 
     step(&format!("bench footprint: idle memory after {seconds} s connected"));
-    crate::util::sh(crate::util::cargo().args([
-        "build",
-        "-q",
-        "--bins",
-        "-p",
-        "perch-fleet",
-        "-p",
-        "perch-bootstrap",
-    ]))?;
+    crate::util::build_host_tools()?;
     let host = root().join("target/debug");
     let dir = crate::util::fresh_dir("bench-footprint")?;
     run_in(&dir, &host.join("perch"), &["keygen", "--out", "k1"])?;

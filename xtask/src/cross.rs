@@ -114,15 +114,7 @@ pub fn build_package(t: &Target, package: &str, bin: &str) -> Result<PathBuf> {
 /// Builds the ARM agents and runs each under qemu-user. The host binaries
 /// that make the test bundles must be built (`cargo build --bins`).
 pub fn qemu_all(args: &[String]) -> Result<()> {
-    crate::util::sh(crate::util::cargo().args([
-        "build",
-        "-q",
-        "--bins",
-        "-p",
-        "perch-fleet",
-        "-p",
-        "perch-bootstrap",
-    ]))?;
+    crate::util::build_host_tools()?;
     let arm: Vec<String> = match args {
         [] => TARGETS.iter().filter(|t| t.qemu.is_some()).map(|t| t.class.to_string()).collect(),
         named => named.to_vec(),

@@ -50,19 +50,7 @@ impl Drone {
         factory[..HEALTHY.len()].copy_from_slice(HEALTHY);
         fs::write(dir.join("a.img"), &factory)?;
         fs::write(dir.join("b.img"), vec![0u8; SLOT])?;
-        fs::write(dir.join("env"), vec![0u8; 0x4000])?;
-        fs::write(dir.join("fw_env.config"), format!("{} 0x0000 0x4000\n", dir.join("env").display()))?;
-        fs::write(dir.join("defenv"), "perch_slot=a\nbootlimit=2\n")?;
-        let st = Command::new("fw_setenv")
-            .arg("-c")
-            .arg(dir.join("fw_env.config"))
-            .arg("-f")
-            .arg(dir.join("defenv"))
-            .args(["perch_slot", "a"])
-            .output()?;
-        if !st.status.success() {
-            bail!("fw_setenv: {}", String::from_utf8_lossy(&st.stderr));
-        }
+        crate::util::fresh_uboot_env(dir, "perch_slot=a\nbootlimit=2\n")?;
         fs::write(dir.join("cmdline"), "console=ttyAMA0 perch.slot=a quiet\n")?;
         fs::write(dir.join("boot_id"), "boot-0\n")?;
         // The health check: the booted slot's image must carry the mark.

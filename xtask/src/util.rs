@@ -74,3 +74,29 @@ pub fn run_in(dir: &Path, program: &Path, args: &[&str]) -> Result<String> {
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
+
+/// Builds the host tools that set up test fixtures (`perch`,
+/// `perch-bootstrap`, debug profile) into `target/debug`.
+pub fn build_host_tools() -> Result<()> {
+    sh(cargo().args(["build", "-q", "--bins", "-p", "perch-fleet", "-p", "perch-bootstrap"]))
+}
+
+/// A fresh file-backed U-Boot environment in `dir` (`env`, described by
+/// `fw_env.config`), set by the real `fw_setenv` from `defenv` with
+/// `perch_slot=a`.
+pub fn fresh_uboot_env(dir: &Path, defenv: &str) -> Result<()> {
+    std::fs::write(dir.join("env"), vec![0u8; 0x4000])?;
+    std::fs::write(dir.join("fw_env.config"), format!("{} 0x0000 0x4000\n", dir.join("env").display()))?;
+    std::fs::write(dir.join("defenv"), defenv)?;
+    let st = Command::new("fw_setenv")
+        .arg("-c")
+        .arg(dir.join("fw_env.config"))
+        .arg("-f")
+        .arg(dir.join("defenv"))
+        .args(["perch_slot", "a"])
+        .output()?;
+    if !st.status.success() {
+        bail!("fw_setenv: {}", String::from_utf8_lossy(&st.stderr));
+    }
+    Ok(())
+}
