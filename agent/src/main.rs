@@ -1,13 +1,13 @@
 //! `perch-agent`: the device daemon and its local CLI.
 #![forbid(unsafe_code)]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Result;
-use clap::{Parser, Subcommand};
 use perch_agent::check::check_bundle;
+use perch_agent::cli::{self, Cli, Command, EnrollArgs, Parsed};
 use perch_agent::config::Config;
 use perch_agent::deploy::{DeployError, Engine, Finished};
 use perch_agent::enroll::{self as enrolling, EnrollFailure, Plan};
@@ -18,82 +18,22 @@ use perch_support::exit::{self, SecurityError, UsageError};
 use perch_support::now_unix;
 use perch_support::trustfile::load_trust;
 
-#[derive(Parser)]
-#[command(name = "perch-agent", version, about = "perch device agent: A/B installs with trial and rollback")]
-struct Cli {
-    /// The agent config (agent.toml).
-    #[arg(long, env = "PERCH_CONFIG", global = true, default_value = "/etc/perch/agent.toml")]
-    config: PathBuf,
-    /// Where the agent keeps its journal.
-    #[arg(long, env = "PERCH_STATE_DIR", global = true, default_value = "/var/lib/perch")]
-    state_dir: PathBuf,
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Install a bundle into the inactive slot, activate it and run its trial.
-    Install { bundle: PathBuf },
-    /// Show the running slot, each slot's bundle, the deploy state and the last outcome.
-    Status {
-        #[arg(long)]
-        json: bool,
-    },
-    /// Commit the slot on trial now.
-    Commit,
-    /// Roll back the trial (or the last committed deploy) to the other slot.
-    Rollback,
-    /// Finish whatever the journal says is in flight (run at every boot).
-    Run {
-        /// Do the pending work, then exit instead of staying up.
-        #[arg(long)]
-        once: bool,
-    },
-    /// Enroll this device: online with a token, or offline with files.
-    Enroll(EnrollArgs),
-    /// Check a bundle offline against the trust document. Writes nothing.
-    Check {
-        #[arg(long)]
-        trust: PathBuf,
-        /// The device target to check compatibility with.
-        #[arg(long)]
-        target: Option<String>,
-        bundle: PathBuf,
-    },
-}
-
-#[derive(clap::Args)]
-struct EnrollArgs {
-    /// The enrollment token text (prefer --token-file: command lines are visible to other users).
-    #[arg(long, conflicts_with_all = ["token_file", "import"])]
-    token: Option<String>,
-    /// A file holding the enrollment token (default: enroll.token_file from the config).
-    #[arg(long, conflicts_with = "import")]
-    token_file: Option<PathBuf>,
-    /// Keep trying until enrolled: through outages and pending approval.
-    #[arg(long)]
-    wait: bool,
-    /// Without --wait, give up after this long.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "2m")]
-    timeout: Duration,
-    /// This device's id (default: device.id, device.id_file or the hostname).
-    #[arg(long)]
-    device_id: Option<String>,
-    /// A group to ask for; repeat for several (default: enroll.groups, else all the token allows).
-    #[arg(long = "group", value_name = "G")]
-    groups: Vec<String>,
-    /// Offline: write a signed enrollment request to FILE for a technician.
-    /// (With --token or --token-file, the request carries the token.)
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["import", "wait"])]
-    request_out: Option<PathBuf>,
-    /// Offline: import the enrollment a technician made with `perch-bootstrap sign-request`.
-    #[arg(long, value_name = "FILE", conflicts_with = "wait")]
-    import: Option<PathBuf>,
-}
-
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match cli::parse(std::env::args_os(), |var| std::env::var_os(var)) {
+        Ok(Parsed::Run(cli)) => cli,
+        Ok(Parsed::Help(text)) => {
+            print!("{text}");
+            return ExitCode::SUCCESS;
+        }
+        Ok(Parsed::Version) => {
+            println!("perch-agent {}", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("perch-agent: {e} (see `perch-agent --help`)");
+            return ExitCode::from(exit::USAGE as u8);
+        }
+    };
     match run(cli) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {

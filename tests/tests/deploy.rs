@@ -470,7 +470,7 @@ fn bad_config_names_the_key() {
     fs::write(d.path("agent.toml"), cfg.replace("[health]", "[health]\nretries = 3")).unwrap();
     let r = d.agent(&["status"]);
     assert_eq!(r.code, 2);
-    assert!(r.stderr.contains("unknown field `retries`"), "{}", r.stderr);
+    assert!(r.stderr.contains("health: unknown key `retries`"), "{}", r.stderr);
     assert_eq!(r.stderr.lines().count(), 1);
     fs::write(d.path("agent.toml"), cfg.replace("trial = \"20s\"", "trial = \"soon\"")).unwrap();
     let r = d.agent(&["status"]);

@@ -6,47 +6,37 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer};
+use reader::{FieldError, Table};
+
+mod reader;
 
 /// Largest config file read.
 const MAX_CONFIG_LEN: usize = 256 * 1024;
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone)]
 pub struct Config {
     /// Device target; a bundle must list it (or list none).
     pub target: String,
     /// Path of the org trust document.
     pub trust: PathBuf,
     pub slots: Slots,
-    #[serde(default)]
     pub health: Health,
-    #[serde(default)]
     pub inhibit: Inhibit,
     /// File holding this boot's unique id; it changes on every boot.
-    #[serde(default = "default_boot_id")]
     pub boot_id: PathBuf,
     /// Write the slot to disk and record progress every this many bytes.
-    #[serde(default = "default_checkpoint")]
     pub checkpoint_bytes: u64,
-    #[serde(default)]
     pub device: DeviceConfig,
-    #[serde(default)]
     pub enroll: EnrollConfig,
-    #[serde(default)]
     pub link: LinkConfig,
-    #[serde(default)]
     pub reports: ReportsConfig,
-    #[serde(default)]
     pub fetch: FetchConfig,
 }
 
 /// Desired state and bundle fetching over the link.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[derive(Debug, Clone)]
 pub struct FetchConfig {
     /// How often the desired state is read again in full.
-    #[serde(deserialize_with = "duration")]
     pub resync: Duration,
     /// Chunk requests in flight ahead of the install.
     pub window: usize,
@@ -61,15 +51,12 @@ impl Default for FetchConfig {
 }
 
 /// The FLEET link.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[derive(Debug, Clone)]
 pub struct LinkConfig {
     /// How often the agent pings the server; a dead link is noticed after
     /// two unanswered pings, so within about three of these.
-    #[serde(deserialize_with = "duration")]
     pub ping_interval: Duration,
     /// Longest pause between reconnect attempts (they back off with jitter).
-    #[serde(deserialize_with = "duration")]
     pub max_backoff: Duration,
 }
 
@@ -80,18 +67,15 @@ impl Default for LinkConfig {
 }
 
 /// Reports and the outbox they wait in.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[derive(Debug, Clone)]
 pub struct ReportsConfig {
     /// How often a heartbeat (telemetry lane) is queued.
-    #[serde(deserialize_with = "duration")]
     pub heartbeat: Duration,
     /// Bytes of telemetry kept while the link is down; the oldest go first.
     pub telemetry_budget: u64,
     /// Reports sent and not yet acked by JetStream, at most.
     pub ack_window: usize,
     /// How long to wait for one JetStream ack before resending.
-    #[serde(deserialize_with = "duration")]
     pub ack_timeout: Duration,
 }
 
@@ -107,8 +91,7 @@ impl Default for ReportsConfig {
 }
 
 /// Who this device is.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[derive(Debug, Clone, Default)]
 pub struct DeviceConfig {
     /// The device id (1 to 64 of A-Z a-z 0-9 - _).
     pub id: Option<String>,
@@ -117,8 +100,7 @@ pub struct DeviceConfig {
 }
 
 /// How the device enrolls.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[derive(Debug, Clone)]
 pub struct EnrollConfig {
     /// A file holding an enrollment token: with it, `run` enrolls in the
     /// background until it succeeds (zero-touch first boot).
@@ -126,7 +108,6 @@ pub struct EnrollConfig {
     /// Groups to ask for; empty means every group the token allows.
     pub groups: Vec<String>,
     /// Longest pause between enrollment attempts (they back off with jitter).
-    #[serde(deserialize_with = "duration")]
     pub max_backoff: Duration,
 }
 
@@ -144,8 +125,7 @@ fn default_checkpoint() -> u64 {
     32 << 20
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, tag = "backend", rename_all = "lowercase")]
+#[derive(Debug, Clone)]
 pub enum Slots {
     Dir(DirSlots),
     Uboot(UbootSlots),
@@ -165,8 +145,7 @@ impl Slots {
 }
 
 /// Directory slots: `ROOT/a`, `ROOT/b`, and the `ROOT/current` symlink.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone)]
 pub struct DirSlots {
     pub root: PathBuf,
     /// Run (via `sh -c`) after `current` changes, e.g. `systemctl restart app`.
@@ -174,33 +153,27 @@ pub struct DirSlots {
 }
 
 /// The two block slots (devices, or plain files).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone)]
 pub struct SlotPaths {
     pub a: PathBuf,
     pub b: PathBuf,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone)]
 pub struct UbootSlots {
     pub devices: SlotPaths,
     /// `fw_env.config` for fw_printenv / fw_setenv.
     pub fw_env_config: PathBuf,
     /// File whose `perch.slot=a|b` token says which slot booted.
-    #[serde(default = "default_cmdline")]
     pub cmdline: PathBuf,
     /// Boots to try the new slot before U-Boot falls back.
-    #[serde(default = "default_bootlimit")]
     pub bootlimit: u32,
     /// Run (via `sh -c`) to reboot into the new or old slot; none = tell the operator.
     pub reboot: Option<String>,
-    #[serde(default)]
     pub vars: UbootVars,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[derive(Debug, Clone)]
 pub struct UbootVars {
     pub slot: String,
     pub upgrade_available: String,
@@ -219,22 +192,18 @@ impl Default for UbootVars {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone)]
 pub struct GrubSlots {
     pub devices: SlotPaths,
     /// The grubenv file edited with `grub-editenv`.
     pub envfile: PathBuf,
-    #[serde(default = "default_cmdline")]
     pub cmdline: PathBuf,
     /// Menu entry ids for slot a and b.
-    #[serde(default = "default_entries")]
     pub entries: SlotNames,
     pub reboot: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone)]
 pub struct SlotNames {
     pub a: String,
     pub b: String,
@@ -245,8 +214,7 @@ fn default_entries() -> SlotNames {
 }
 
 /// User commands, run via `sh -c` with `PERCH_SLOT` (and `PERCH_PAYLOAD` for write) set.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone)]
 pub struct HookSlots {
     pub write: String,
     pub activate: String,
@@ -255,13 +223,11 @@ pub struct HookSlots {
     /// Prints `a` or `b`: the slot running now.
     pub booted: String,
     /// Whether `activate` / `rollback` need a reboot to take effect.
-    #[serde(default)]
     pub reboot_required: bool,
     pub reboot: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[derive(Debug, Clone)]
 pub struct Health {
     /// Shell commands (via `sh -c`) that must exit 0.
     pub commands: Vec<String>,
@@ -270,13 +236,10 @@ pub struct Health {
     /// `http://` URLs that must answer 2xx.
     pub urls: Vec<String>,
     /// Time limit for one check.
-    #[serde(deserialize_with = "duration")]
     pub timeout: Duration,
     /// The whole trial: checks are retried until they all pass or this runs out.
-    #[serde(deserialize_with = "duration")]
     pub trial: Duration,
     /// Pause between rounds of checks.
-    #[serde(deserialize_with = "duration")]
     pub interval: Duration,
 }
 
@@ -295,13 +258,11 @@ impl Default for Health {
 
 /// "Not now": while the file exists, or the command does not exit 0,
 /// activation waits. Staging does not.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[derive(Debug, Clone)]
 pub struct Inhibit {
     pub file: Option<PathBuf>,
     pub command: Option<String>,
     /// How often to look again.
-    #[serde(deserialize_with = "duration")]
     pub poll: Duration,
 }
 
@@ -317,12 +278,6 @@ fn default_cmdline() -> PathBuf {
 
 fn default_bootlimit() -> u32 {
     3
-}
-
-fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    let s = String::deserialize(d)?;
-    humantime::parse_duration(&s)
-        .map_err(|e| serde::de::Error::custom(format!("'{s}' is not a duration ({e})")))
 }
 
 /// Why the config could not be used. Always a config error (exit 2).
@@ -347,21 +302,33 @@ impl Config {
     }
 
     pub fn parse(text: &str, path: &str) -> Result<Config, ConfigError> {
-        let cfg: Config = toml::from_str(text).map_err(|e| {
-            let start = e.span().map(|s| s.start.min(text.len())).unwrap_or(0);
-            let mut line = text[..start].lines().count().max(1);
-            // toml points an unknown key at its table; point at the key itself.
-            if let Some(key) = e.message().strip_prefix("unknown field `").and_then(|m| m.split('`').next()) {
-                if let Some(n) = text.lines().enumerate().skip(line - 1).find_map(|(i, l)| {
-                    let k = l.split('=').next().unwrap_or("").trim();
-                    (k == key).then_some(i + 1)
-                }) {
-                    line = n;
-                }
-            }
-            ConfigError::Parse { path: path.into(), line, message: one_line(e.message()) }
-        })?;
+        let parse_error =
+            |e: FieldError| ConfigError::Parse { path: path.into(), line: e.line, message: e.message };
+        let doc = reader::parse(text).map_err(parse_error)?;
+        let cfg = Self::read(Table::root(text, &doc)).map_err(parse_error)?;
         cfg.validate().map_err(|message| ConfigError::Invalid { path: path.into(), message })?;
+        Ok(cfg)
+    }
+
+    fn read(mut t: Table<'_>) -> Result<Config, FieldError> {
+        let target = t.string("target")?;
+        let trust = t.path("trust")?;
+        let slots = t.table("slots")?;
+        let cfg = Config {
+            target: t.required(target, "target")?,
+            trust: t.required(trust, "trust")?,
+            slots: Slots::read(t.required(slots, "slots")?)?,
+            health: section(&mut t, "health", Health::read)?,
+            inhibit: section(&mut t, "inhibit", Inhibit::read)?,
+            boot_id: t.path("boot_id")?.unwrap_or_else(default_boot_id),
+            checkpoint_bytes: t.number("checkpoint_bytes")?.unwrap_or_else(default_checkpoint),
+            device: section(&mut t, "device", DeviceConfig::read)?,
+            enroll: section(&mut t, "enroll", EnrollConfig::read)?,
+            link: section(&mut t, "link", LinkConfig::read)?,
+            reports: section(&mut t, "reports", ReportsConfig::read)?,
+            fetch: section(&mut t, "fetch", FetchConfig::read)?,
+        };
+        t.finish()?;
         Ok(cfg)
     }
 
@@ -413,8 +380,173 @@ impl Config {
     }
 }
 
-fn one_line(s: &str) -> String {
-    s.split_whitespace().collect::<Vec<_>>().join(" ")
+/// An optional section: its defaults, with what the table sets on top.
+fn section<'a, T: Default>(
+    t: &mut Table<'a>,
+    key: &str,
+    read: fn(&mut Table<'a>, &mut T) -> Result<(), FieldError>,
+) -> Result<T, FieldError> {
+    let mut value = T::default();
+    if let Some(mut table) = t.table(key)? {
+        read(&mut table, &mut value)?;
+        table.finish()?;
+    }
+    Ok(value)
+}
+
+impl FetchConfig {
+    fn read(t: &mut Table<'_>, c: &mut Self) -> Result<(), FieldError> {
+        t.set("resync", &mut c.resync, Table::duration)?;
+        t.set("window", &mut c.window, Table::number)?;
+        t.set("budget", &mut c.budget, Table::number)
+    }
+}
+
+impl LinkConfig {
+    fn read(t: &mut Table<'_>, c: &mut Self) -> Result<(), FieldError> {
+        t.set("ping_interval", &mut c.ping_interval, Table::duration)?;
+        t.set("max_backoff", &mut c.max_backoff, Table::duration)
+    }
+}
+
+impl ReportsConfig {
+    fn read(t: &mut Table<'_>, c: &mut Self) -> Result<(), FieldError> {
+        t.set("heartbeat", &mut c.heartbeat, Table::duration)?;
+        t.set("telemetry_budget", &mut c.telemetry_budget, Table::number)?;
+        t.set("ack_window", &mut c.ack_window, Table::number)?;
+        t.set("ack_timeout", &mut c.ack_timeout, Table::duration)
+    }
+}
+
+impl DeviceConfig {
+    fn read(t: &mut Table<'_>, c: &mut Self) -> Result<(), FieldError> {
+        c.id = t.string("id")?;
+        c.id_file = t.path("id_file")?;
+        Ok(())
+    }
+}
+
+impl EnrollConfig {
+    fn read(t: &mut Table<'_>, c: &mut Self) -> Result<(), FieldError> {
+        c.token_file = t.path("token_file")?;
+        t.set("groups", &mut c.groups, Table::strings)?;
+        t.set("max_backoff", &mut c.max_backoff, Table::duration)
+    }
+}
+
+impl Health {
+    fn read(t: &mut Table<'_>, c: &mut Self) -> Result<(), FieldError> {
+        t.set("commands", &mut c.commands, Table::strings)?;
+        t.set("units", &mut c.units, Table::strings)?;
+        t.set("urls", &mut c.urls, Table::strings)?;
+        t.set("timeout", &mut c.timeout, Table::duration)?;
+        t.set("trial", &mut c.trial, Table::duration)?;
+        t.set("interval", &mut c.interval, Table::duration)
+    }
+}
+
+impl Inhibit {
+    fn read(t: &mut Table<'_>, c: &mut Self) -> Result<(), FieldError> {
+        c.file = t.path("file")?;
+        c.command = t.string("command")?;
+        t.set("poll", &mut c.poll, Table::duration)
+    }
+}
+
+impl UbootVars {
+    fn read(t: &mut Table<'_>, c: &mut Self) -> Result<(), FieldError> {
+        t.set("slot", &mut c.slot, Table::string)?;
+        t.set("upgrade_available", &mut c.upgrade_available, Table::string)?;
+        t.set("bootcount", &mut c.bootcount, Table::string)?;
+        t.set("bootlimit", &mut c.bootlimit, Table::string)
+    }
+}
+
+impl SlotPaths {
+    fn read(mut t: Table<'_>) -> Result<Self, FieldError> {
+        let (a, b) = (t.path("a")?, t.path("b")?);
+        let paths = SlotPaths { a: t.required(a, "a")?, b: t.required(b, "b")? };
+        t.finish()?;
+        Ok(paths)
+    }
+}
+
+impl SlotNames {
+    fn read(mut t: Table<'_>) -> Result<Self, FieldError> {
+        let (a, b) = (t.string("a")?, t.string("b")?);
+        let names = SlotNames { a: t.required(a, "a")?, b: t.required(b, "b")? };
+        t.finish()?;
+        Ok(names)
+    }
+}
+
+impl Slots {
+    /// `[slots]`: `backend` picks the variant, whose keys sit beside it.
+    fn read(mut t: Table<'_>) -> Result<Self, FieldError> {
+        let backend = t.string("backend")?;
+        let backend = t.required(backend, "backend")?;
+        let devices = |t: &mut Table<'_>| -> Result<SlotPaths, FieldError> {
+            let d = t.table("devices")?;
+            SlotPaths::read(t.required(d, "devices")?)
+        };
+        let slots = match backend.as_str() {
+            "dir" => {
+                let root = t.path("root")?;
+                Slots::Dir(DirSlots { root: t.required(root, "root")?, restart: t.string("restart")? })
+            }
+            "uboot" => {
+                let devices = devices(&mut t)?;
+                let fw_env_config = t.path("fw_env_config")?;
+                Slots::Uboot(UbootSlots {
+                    devices,
+                    fw_env_config: t.required(fw_env_config, "fw_env_config")?,
+                    cmdline: t.path("cmdline")?.unwrap_or_else(default_cmdline),
+                    bootlimit: t.number("bootlimit")?.unwrap_or_else(default_bootlimit),
+                    reboot: t.string("reboot")?,
+                    vars: section(&mut t, "vars", UbootVars::read)?,
+                })
+            }
+            "grub" => {
+                let devices = devices(&mut t)?;
+                let envfile = t.path("envfile")?;
+                Slots::Grub(GrubSlots {
+                    devices,
+                    envfile: t.required(envfile, "envfile")?,
+                    cmdline: t.path("cmdline")?.unwrap_or_else(default_cmdline),
+                    entries: match t.table("entries")? {
+                        Some(e) => SlotNames::read(e)?,
+                        None => default_entries(),
+                    },
+                    reboot: t.string("reboot")?,
+                })
+            }
+            "hook" => {
+                let mut cmd = |key: &str| -> Result<String, FieldError> {
+                    let v = t.string(key)?;
+                    t.required(v, key)
+                };
+                let (write, activate, confirm) = (cmd("write")?, cmd("activate")?, cmd("confirm")?);
+                let (rollback, booted) = (cmd("rollback")?, cmd("booted")?);
+                Slots::Hook(HookSlots {
+                    write,
+                    activate,
+                    confirm,
+                    rollback,
+                    booted,
+                    reboot_required: t.bool("reboot_required")?.unwrap_or(false),
+                    reboot: t.string("reboot")?,
+                })
+            }
+            other => {
+                return Err(FieldError {
+                    line: t.line(),
+                    message: format!("slots.backend: '{other}' is not one of dir, uboot, grub, hook"),
+                })
+            }
+        };
+        t.finish()?;
+        Ok(slots)
+    }
 }
 
 #[cfg(test)]
@@ -455,7 +587,7 @@ trial = "1m"
         let e = Config::parse(&GOOD.replace("[health]", "[health]\ncolour = 1"), "agent.toml")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("unknown field `colour`"), "{e}");
+        assert!(e.contains("health: unknown key `colour`"), "{e}");
         assert!(e.starts_with("agent.toml:11:"), "{e}");
         let e = Config::parse(&GOOD.replace("uboot", "floppy"), "agent.toml").unwrap_err().to_string();
         assert!(e.contains("floppy"), "{e}");
@@ -464,10 +596,17 @@ trial = "1m"
 
     #[test]
     fn the_shipped_templates_parse() {
-        let desktop = include_str!("../../targets/x86_64-desktop/agent.toml");
+        let desktop = include_str!("../../../targets/x86_64-desktop/agent.toml");
         let c = Config::parse(desktop, "x86_64-desktop/agent.toml").unwrap();
         assert_eq!(c.enroll.max_backoff, Duration::from_secs(300));
         assert!(c.device.id_file.is_some());
+        for (name, text) in [
+            ("aarch64-drone", include_str!("../../../targets/aarch64-drone/agent.toml")),
+            ("armv7-drone", include_str!("../../../targets/armv7-drone/agent.toml")),
+        ] {
+            let c = Config::parse(text, name).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(matches!(c.slots, Slots::Uboot(_)), "{name}");
+        }
     }
 
     proptest::proptest! {
