@@ -9,8 +9,11 @@
 //! consults the system certificate store.
 #![forbid(unsafe_code)]
 
+mod log;
 pub mod streams;
 pub mod tls;
+
+pub use log::init_logging;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -215,19 +218,3 @@ pub async fn ensure_stream(
     })
 }
 
-/// Sets up logging to stderr at `PERCH_LOG` (error, warn, info, debug,
-/// trace), else `default`.
-///
-/// async-nats logs whole message payloads at trace level, and payloads
-/// carry enrollment tokens; it is held at debug so that no level of
-/// logging ever shows a secret.
-pub fn init_logging(default: tracing::Level) {
-    use tracing_subscriber::filter::{LevelFilter, Targets};
-    use tracing_subscriber::prelude::*;
-    let level = std::env::var("PERCH_LOG").ok().and_then(|l| l.parse().ok()).unwrap_or(default);
-    let filter = Targets::new()
-        .with_default(LevelFilter::from_level(level))
-        .with_target("async_nats", LevelFilter::from_level(level.min(tracing::Level::DEBUG)));
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(false);
-    let _ = tracing_subscriber::registry().with(fmt.with_filter(filter)).try_init();
-}
