@@ -97,26 +97,29 @@ impl Bar {
         if filled < WIDTH as usize {
             gauge.push('>');
         }
-        let secs = self.started.elapsed().as_secs_f64();
-        let rate = if secs > 0.5 { self.done.saturating_sub(self.from) as f64 / secs } else { 0.0 };
-        let eta = if rate > 0.0 {
-            format!(" eta {}s", (total.saturating_sub(self.done) as f64 / rate).ceil() as u64)
-        } else {
-            String::new()
+        // Whole numbers only: float formatting would cost the agent ~10 KB.
+        let millis = self.started.elapsed().as_millis().max(1) as u64;
+        let rate =
+            if millis > 500 { self.done.saturating_sub(self.from).saturating_mul(1000) / millis } else { 0 };
+        let eta = match rate {
+            0 => String::new(),
+            r => format!(" eta {}s", total.saturating_sub(self.done).div_ceil(r)),
         };
         format!(
             "{CLEAR}{} [{gauge:<width$}] {}/{} {}/s{eta}",
             self.what,
             mib(self.done),
             mib(total),
-            mib(rate as u64),
+            mib(rate),
             width = WIDTH as usize
         )
     }
 }
 
+/// `12.3 MiB`, rounded down to a tenth.
 fn mib(bytes: u64) -> String {
-    format!("{:.1} MiB", bytes as f64 / 1_048_576.0)
+    let tenths = bytes / (1 << 20) * 10 + bytes % (1 << 20) * 10 / (1 << 20);
+    format!("{}.{} MiB", tenths / 10, tenths % 10)
 }
 
 impl Default for Progress {

@@ -217,4 +217,3 @@ pub async fn ensure_stream(
         Ok(_) => format!("opening stream {name}: {e}"),
     })
 }
-

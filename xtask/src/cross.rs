@@ -86,6 +86,9 @@ pub fn build_package(t: &Target, package: &str, bin: &str) -> Result<PathBuf> {
     if t.static_crt {
         rustflags.push_str(" -C target-feature=+crt-static");
     }
+    for (from, to) in remapped_paths() {
+        rustflags.push_str(&format!(" --remap-path-prefix={from}={to}"));
+    }
     let target_dir = root().join("target/cross");
     let mut c = Command::new("/usr/bin/cargo");
     // Debian's cargo and rustc, not rustup's: this build is the MSRV check.
@@ -109,6 +112,22 @@ pub fn build_package(t: &Target, package: &str, bin: &str) -> Result<PathBuf> {
     let size = std::fs::metadata(&bin)?.len();
     println!("built {} ({} bytes, {:.2} MiB)", bin.display(), size, size as f64 / 1048576.0);
     Ok(bin)
+}
+
+/// Build-machine paths that end up in panic messages, shortened: shipped
+/// binaries should not carry the builder's home directory, and the agent
+/// saves about 12 KB.
+fn remapped_paths() -> Vec<(String, String)> {
+    let home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")));
+    let mut out = vec![(root().display().to_string(), "perch".to_string())];
+    if let Some(Ok(dirs)) = home.map(|h| std::fs::read_dir(h.join("registry/src"))) {
+        out.extend(dirs.flatten().map(|d| (d.path().display().to_string(), "crates".to_string())));
+    }
+    // RUSTFLAGS is split on whitespace.
+    out.retain(|(from, _)| !from.contains(char::is_whitespace));
+    out
 }
 
 /// Builds the ARM agents and runs each under qemu-user. The host binaries
