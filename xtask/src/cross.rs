@@ -72,6 +72,14 @@ fn build(t: &Target) -> Result<PathBuf> {
 
 /// Builds `package`'s binary `bin` for `t` the way the agent is built
 /// (release profile, Debian's rustc, static on aarch64); its path.
+/// For static builds: no `.eh_frame_hdr` (about 90 KB of the aarch64 agent).
+/// It is only a lookup table for the unwinder; with `panic = "abort"`
+/// nothing unwinds, and a `RUST_BACKTRACE` backtrace still prints, because
+/// a static binary's startup code registers `.eh_frame` itself (checked
+/// under qemu). Dynamic builds keep it: there the unwinder finds frames
+/// only through it.
+pub const STATIC_LINK_ARGS: &str = " -C link-arg=-Wl,--no-eh-frame-hdr";
+
 pub fn build_package(t: &Target, package: &str, bin: &str) -> Result<PathBuf> {
     step(&format!("cross: {bin} for {} ({}) with Debian's rustc 1.85", t.class, t.triple));
     let mut rustflags = String::new();
@@ -85,6 +93,7 @@ pub fn build_package(t: &Target, package: &str, bin: &str) -> Result<PathBuf> {
     }
     if t.static_crt {
         rustflags.push_str(" -C target-feature=+crt-static");
+        rustflags.push_str(STATIC_LINK_ARGS);
     }
     for (from, to) in remapped_paths() {
         rustflags.push_str(&format!(" --remap-path-prefix={from}={to}"));
