@@ -18,6 +18,7 @@ use perch_support::now_unix;
 use perch_support::trustfile::{load_trust, LoadTrustError};
 
 use crate::config::Config;
+use crate::engine_lock::{EngineLock, LockError};
 use crate::failpoint::{self, hit};
 use crate::journal::{
     BundleRef, DeployState, Journal, JournalError, JournalStore, LastOutcome, Outcome, RollbackReason, SlotId,
@@ -50,6 +51,9 @@ pub enum DeployError {
     /// A deploy is mid-switch; it must finish first.
     #[error("{0}")]
     Busy(String),
+    /// Another process's engine is working on this state directory.
+    #[error(transparent)]
+    Lock(#[from] LockError),
     #[error("{0}")]
     Nothing(String),
 }
@@ -93,6 +97,8 @@ type Observer = Box<dyn FnMut(EngineEvent<'_>)>;
 pub const PROGRESS_EVERY: u32 = 16;
 
 pub struct Engine {
+    /// Held for the engine's lifetime: one engine per state directory.
+    _lock: EngineLock,
     cfg: Config,
     store: JournalStore,
     backend: Box<dyn SlotBackend>,
@@ -106,8 +112,12 @@ impl Engine {
     /// device falls back to the safe state: the bootloader is pointed at the
     /// slot that is running now. The error is returned alongside so the
     /// caller can say so.
+    ///
+    /// Fails at once with [`DeployError::Lock`] while another process's
+    /// engine works on the same state directory.
     pub fn open(cfg: Config, state_dir: &Path) -> Result<(Engine, Option<JournalError>), DeployError> {
         std::fs::create_dir_all(state_dir).map_err(|err| SlotError::Io { path: state_dir.into(), err })?;
+        let lock = EngineLock::acquire(state_dir)?;
         let store = JournalStore::new(state_dir);
         let backend = slots::from_config(&cfg.slots, state_dir);
         let (journal, problem) = match store.load() {
@@ -122,7 +132,26 @@ impl Engine {
             }
             Err(e) => return Err(e.into()),
         };
-        Ok((Engine { cfg, store, backend, journal, progress: Progress::new(), observer: None }, problem))
+        Ok((
+            Engine { _lock: lock, cfg, store, backend, journal, progress: Progress::new(), observer: None },
+            problem,
+        ))
+    }
+
+    /// What `status` shows, read without taking the engine (so it works
+    /// while one installs) and without writing anything: the journal, or
+    /// why it cannot be read, and the slot backend. A corrupt journal is
+    /// left for the next engine to recover.
+    pub fn inspect(cfg: &Config, state_dir: &Path) -> (Journal, Box<dyn SlotBackend>, Option<JournalError>) {
+        let backend = slots::from_config(&cfg.slots, state_dir);
+        match JournalStore::new(state_dir).load() {
+            Ok(j) => (j, backend, None),
+            Err(e) => (
+                Journal { highest: crate::counters::load(state_dir), ..Journal::default() },
+                backend,
+                Some(e),
+            ),
+        }
     }
 
     /// Sets who is told of every state change and of staging progress.

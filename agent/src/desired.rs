@@ -32,7 +32,7 @@ use tokio::sync::{Mutex, Notify};
 use tracing::{debug, info, warn};
 
 use crate::config::Config;
-use crate::deploy::{Engine, Finished};
+use crate::deploy::{DeployError, Engine, Finished};
 use crate::fetch::{ChunkSource, FetchSettings};
 use crate::journal::{JournalStore, Outcome};
 use crate::reports::Reporter;
@@ -220,7 +220,12 @@ pub async fn follow(
         match decide(handled.as_ref(), Some(&entry), gave_up) {
             Decision::Nothing => continue,
             Decision::Record => {}
-            Decision::Install => deploy(&client, &cfg, &state_dir, &entry, &engine, &reporter).await,
+            Decision::Install => {
+                if !deploy(&client, &cfg, &state_dir, &entry, &engine, &reporter).await {
+                    // Not acted on: the next resync or change tries again.
+                    continue;
+                }
+            }
         }
         let h = Handled::of(&entry);
         h.save(&state_dir);
@@ -229,6 +234,8 @@ pub async fn follow(
 }
 
 /// Fetches and installs the bundle `entry` names; every outcome is reported.
+/// False if it could not start because a local command (a technician's
+/// `perch-agent install`, say) holds the deploy engine.
 async fn deploy(
     client: &Client,
     cfg: &Config,
@@ -236,7 +243,7 @@ async fn deploy(
     entry: &Entry,
     engine: &Mutex<()>,
     reporter: &Option<Reporter>,
-) {
+) -> bool {
     let digest = entry.bundle;
     info!(key = %entry.key, revision = entry.revision, bundle = %hex::encode(&digest[..8]), "desired state names a new bundle; fetching it");
     let _turn = engine.lock().await;
@@ -250,11 +257,16 @@ async fn deploy(
     let outcome =
         install(client.clone(), cfg.clone(), state_dir.to_path_buf(), digest, settings, reporter.clone())
             .await;
+    if let Err(Failure::EngineInUse(e)) = &outcome {
+        warn!("desired state waits: {e}");
+        return false;
+    }
     // The deploy has ended: a retry (a new revision) gets a fresh budget.
     let _ = std::fs::remove_file(state_dir.join(crate::fetch::LEDGER_FILE));
     match outcome {
         Ok(f) => info!(bundle = %hex::encode(&digest[..8]), "deploy: {f}"),
-        Err(e) => {
+        Err(Failure::EngineInUse(_)) => {}
+        Err(Failure::Failed(e)) => {
             warn!(bundle = %hex::encode(&digest[..8]), "deploy failed: {e}");
             // The engine reports every state it reaches; this is for a
             // failure before it got the bundle at all (no head, say).
@@ -267,6 +279,14 @@ async fn deploy(
             }
         }
     }
+    true
+}
+
+/// Why an install from the link did not finish.
+enum Failure {
+    /// Another process's engine works on the state directory; nothing was done.
+    EngineInUse(String),
+    Failed(String),
 }
 
 /// Whether the journal's last outcome is a failure or rollback of `digest`.
@@ -286,19 +306,25 @@ async fn install(
     digest: [u8; 32],
     settings: FetchSettings,
     reporter: Option<Reporter>,
-) -> Result<String, String> {
+) -> Result<String, Failure> {
     let rt = tokio::runtime::Handle::current();
-    let joined = tokio::task::spawn_blocking(move || -> Result<String, String> {
-        let (mut engine, problem) = Engine::open(cfg, &state_dir).map_err(|e| e.to_string())?;
+    let joined = tokio::task::spawn_blocking(move || -> Result<String, Failure> {
+        let (mut engine, problem) = Engine::open(cfg, &state_dir).map_err(|e| match e {
+            DeployError::Lock(l) if l.is_held() => Failure::EngineInUse(l.to_string()),
+            e => Failure::Failed(e.to_string()),
+        })?;
         if let Some(p) = problem {
             warn!("{p}; moved aside, kept the running slot and started a fresh journal");
         }
         if let Some(r) = reporter {
             engine.observe(crate::reports::engine_observer(r));
         }
-        let source = ChunkSource::open(rt, client, digest, settings).map_err(|e| e.to_string())?;
+        let source =
+            ChunkSource::open(rt, client, digest, settings).map_err(|e| Failure::Failed(e.to_string()))?;
         let label = PathBuf::from(format!("nats:{}", subjects::chunk(&digest, None)));
-        let f = engine.install_from(source, &label).map_err(|e| perch_support::error_chain(&e))?;
+        let f = engine
+            .install_from(source, &label)
+            .map_err(|e| Failure::Failed(perch_support::error_chain(&e)))?;
         Ok(match f {
             Finished::Committed(_) => "Committed".into(),
             Finished::RolledBack(_, r) => format!("RolledBack: {r}"),
@@ -308,7 +334,7 @@ async fn install(
         })
     })
     .await;
-    joined.map_err(|e| format!("install thread: {e}"))?
+    joined.map_err(|e| Failure::Failed(format!("install thread: {e}")))?
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@ pub mod counters;
 pub mod daemon;
 pub mod deploy;
 pub mod desired;
+pub mod engine_lock;
 pub mod enroll;
 pub mod failpoint;
 pub mod fetch;

@@ -85,6 +85,24 @@ fn open(cli: &Cli) -> Result<(Engine, Option<JournalError>)> {
     Ok(Engine::open(cfg, &cli.state_dir)?)
 }
 
+/// The daemon's engine at startup: a local command (a technician's
+/// `install`) may hold it for a while; wait for it rather than fail.
+fn open_waiting(config: &Path, state_dir: &Path) -> Result<(Engine, Option<JournalError>)> {
+    let mut told = false;
+    loop {
+        match Engine::open(Config::load(config)?, state_dir) {
+            Err(DeployError::Lock(l)) if l.is_held() => {
+                if !told {
+                    tracing::warn!("{l}; waiting for it");
+                    told = true;
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            other => return Ok(other?),
+        }
+    }
+}
+
 fn report(engine: &Engine, f: &Finished) -> u8 {
     let line = match f {
         Finished::Committed(b) => format!("committed {b}"),
@@ -129,17 +147,15 @@ fn run(cli: Cli) -> Result<u8> {
             Ok(report(&engine, &f))
         }
         Command::Status { json } => {
-            let (engine, problem) = open(&cli)?;
-            let b = engine.backend();
-            let doc = status::to_json(
-                &engine.journal,
+            let cfg = Config::load(&cli.config)?;
+            let (journal, b, problem) = Engine::inspect(&cfg, &cli.state_dir);
+            let mut doc = status::to_json(
+                &journal,
                 b.name(),
                 b.booted().ok(),
                 b.next_boot().ok().flatten(),
                 problem.map(|p| p.to_string()).as_deref(),
             );
-            let mut doc = doc;
-            let cfg = Config::load(&cli.config)?;
             let (enrollment, line) = match Identity::new(&cli.state_dir).enrollment(&cfg, now_unix()) {
                 Ok(Some(v)) => (
                     serde_json::json!({
@@ -258,7 +274,7 @@ fn run(cli: Cli) -> Result<u8> {
                 let resumed = tokio::task::spawn_blocking(move || -> Result<String> {
                     let _turn = turn;
                     // The engine is not Send: it lives on this thread only.
-                    let (mut engine, problem) = Engine::open(Config::load(&config_path)?, &engine_dir)?;
+                    let (mut engine, problem) = open_waiting(&config_path, &engine_dir)?;
                     warn(problem);
                     // What the engine finishes now (a trial after a reboot,
                     // a bootloader fallback) is reported like any deploy.

@@ -276,12 +276,18 @@ impl Device {
 
     /// [`Device::spawn_run`] with extra environment variables.
     pub fn spawn_run_env(&self, env: &[(&str, &str)]) -> Running {
+        self.spawn_agent(&["run"], env)
+    }
+
+    /// Starts `perch-agent ARGS` in the background, logging to
+    /// `<scratch>/<name>-<first arg>.log` (appended).
+    pub fn spawn_agent(&self, args: &[&str], env: &[(&str, &str)]) -> Running {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.dir.with_file_name(format!("{}-run.log", self.name)))
+            .open(self.dir.with_file_name(format!("{}-{}.log", self.name, args.first().unwrap_or(&"agent"))))
             .unwrap();
-        let mut c = self.cmd(&["run"]);
+        let mut c = self.cmd(args);
         c.envs(env.iter().copied());
         Running(c.stdout(Stdio::null()).stderr(log).spawn().unwrap())
     }

@@ -336,24 +336,36 @@ fn manual_commit_and_rollback() {
 
 // ---------------------------------------------------------- inhibit gate
 
-#[test]
-fn inhibit_defers_activation_not_staging() {
+/// A dir device whose activation waits while the file `armed` exists (it
+/// does, to start with).
+fn gated_device() -> Device {
     let mut d = Device::new(Backend::Dir);
     d.inhibit = format!("file = \"{}\"\n", d.path("armed").display());
     d.write_config();
     fs::write(d.path("armed"), "").unwrap();
-    d.archive_bundle("v2.perch", 2, &[("app", "new\n")]);
-    let child = std::process::Command::new(perch_tests::bin("perch-agent"))
+    d
+}
+
+/// `perch-agent install BUNDLE` in the background.
+fn spawn_install(d: &Device, bundle: &str) -> std::process::Child {
+    std::process::Command::new(perch_tests::bin("perch-agent"))
         .arg("--config")
         .arg(d.path("agent.toml"))
         .arg("--state-dir")
         .arg(d.path("state"))
-        .args(["install", "v2.perch"])
+        .args(["install", bundle])
         .current_dir(d.s.dir.path())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .unwrap();
+        .unwrap()
+}
+
+#[test]
+fn inhibit_defers_activation_not_staging() {
+    let d = gated_device();
+    d.archive_bundle("v2.perch", 2, &[("app", "new\n")]);
+    let child = spawn_install(&d, "v2.perch");
     // Staging completes while armed...
     let mut staged = false;
     for _ in 0..100 {
@@ -373,6 +385,39 @@ fn inhibit_defers_activation_not_staging() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("activation deferred: inhibit file"));
     assert_eq!(d.state(), "committed");
+}
+
+#[test]
+fn a_second_engine_is_refused_while_one_works() {
+    let d = gated_device();
+    d.archive_bundle("v2.perch", 2, &[("app", "two\n")]);
+    d.archive_bundle("v3.perch", 3, &[("app", "three\n")]);
+    let child = spawn_install(&d, "v2.perch");
+    // The first install holds the engine, waiting at the inhibit gate.
+    for _ in 0..100 {
+        if d.state() == "staged" {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(d.state(), "staged", "status reads while an engine works");
+    for args in [&["install", "v3.perch"][..], &["commit"][..], &["rollback"][..], &["run", "--once"][..]] {
+        let r = d.agent(args);
+        assert_eq!(r.code, 1, "{args:?}: {}{}", r.stdout, r.stderr);
+        assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+        assert!(r.stderr.contains("is using the deploy engine"), "{}", r.stderr);
+        assert!(r.stderr.contains(&format!("pid {}: install v2.perch", child.id())), "{}", r.stderr);
+    }
+    assert_eq!(d.state(), "staged", "the refused commands changed nothing");
+    assert_eq!(fs::read_link(d.path("root/current")).unwrap().to_str(), Some("a"));
+    fs::remove_file(d.path("armed")).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(d.state(), "committed");
+    // Released with the process: the next command gets the engine.
+    let r = install(&d, "v3.perch");
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    assert_eq!(fs::read_to_string(d.path("root/current/app")).unwrap(), "three\n");
 }
 
 // --------------------------------------------------------- hostile bundles

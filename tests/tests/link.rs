@@ -343,6 +343,66 @@ fn a_put_is_applied_live_and_putting_a_failed_bundle_again_retries_it() {
 }
 
 #[test]
+fn desired_state_waits_while_a_technician_holds_the_engine() {
+    let f = Fleet::start(1);
+    let proxy = Proxy::start(([127, 0, 0, 1], f.server.port).into());
+    let gate = f.s.path("gate");
+    let d = device_behind(
+        &f,
+        &proxy,
+        "rover-7",
+        &format!(
+            "[fetch]\nresync = \"500ms\"\n[health]\ntrial = \"5s\"\n[inhibit]\nfile = \"{}\"\npoll = \"100ms\"\n",
+            gate.display()
+        ),
+    );
+    std::fs::create_dir_all(d.dir.join("slots/a")).unwrap();
+    std::os::unix::fs::symlink("a", d.dir.join("slots/current")).unwrap();
+    let _agent = d.spawn_run();
+    assert!(
+        wait_for(Duration::from_secs(20), || link_state(&d) == "connected"),
+        "{}",
+        f.log("rover-7-run.log")
+    );
+    // A technician installs release 2 from a stick; it waits at the gate,
+    // holding the deploy engine.
+    std::fs::write(&gate, "").unwrap();
+    let (local, _, _) = f.bundle("os", 2, 64 << 10, 3);
+    let local = f.s.path(&local);
+    let _install = d.spawn_agent(&["install", local.to_str().unwrap()], &[]);
+    assert!(
+        wait_for(Duration::from_secs(20), || deploy_state(&d).0 == "staged"),
+        "{}",
+        f.log("rover-7-install.log")
+    );
+    // Meanwhile the fleet asks for release 3: the agent leaves it for later.
+    let (bundle, digest, _) = f.bundle("os", 3, 64 << 10, 4);
+    f.publish(&bundle);
+    let set = f.operator(&["desired", "set"], &["--device", "rover-7", "--bundle", &bundle]);
+    assert_eq!(set.code, 0, "{}", set.stderr);
+    assert!(
+        wait_for(Duration::from_secs(20), || f.log("rover-7-run.log").contains("is using the deploy engine")),
+        "{}",
+        f.log("rover-7-run.log")
+    );
+    assert_eq!(deploy_state(&d).0, "staged", "the technician's install is untouched");
+    assert!(!d.state().join("desired.json").exists(), "the revision is not recorded as handled");
+    // The gate opens: release 2 commits, then the agent installs release 3.
+    std::fs::remove_file(&gate).unwrap();
+    let status = || -> serde_json::Value {
+        serde_json::from_str(&d.agent(&["status", "--json"]).stdout).unwrap_or_default()
+    };
+    let done = wait_for(Duration::from_secs(60), || {
+        let v = status();
+        v["deploy"]["state"] == "committed" && v["deploy"]["bundle"]["counter"] == 3
+    });
+    assert!(done, "{}\n{}", status(), f.log("rover-7-run.log"));
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.state().join("desired.json")).unwrap()).unwrap();
+    assert_eq!(record["bundle"], hex(&digest));
+}
+
+#[test]
 fn the_data_budget_holds_across_restarts() {
     let f = Fleet::start(1);
     let proxy = Proxy::start(([127, 0, 0, 1], f.server.port).into());
