@@ -30,6 +30,7 @@ pub async fn run(
 ) {
     if let Some(r) = &reporter {
         tokio::spawn(reports::heartbeat_loop(r.clone(), cfg.reports.heartbeat));
+        tokio::spawn(reports::journal_watch(r.clone(), engine.clone(), cfg.fetch.resync));
     }
     let Some(v) = enrolled(&cfg, &state_dir).await else {
         return stop.notified().await;

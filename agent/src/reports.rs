@@ -32,7 +32,11 @@ pub struct Reporter {
     /// To tell which slot is running (and so which bundle).
     slots: crate::config::Slots,
     wake: Arc<Notify>,
+    /// The deploy state last queued (name, bundle), for [`journal_watch`].
+    last_deploy: Arc<Mutex<Option<DeployKey>>>,
 }
+
+type DeployKey = (String, Option<[u8; 32]>);
 
 impl Reporter {
     pub fn new(
@@ -49,7 +53,12 @@ impl Reporter {
             state_dir: state_dir.into(),
             slots,
             wake: Arc::new(Notify::new()),
+            last_deploy: Arc::new(Mutex::new(None)),
         }
+    }
+
+    fn last_deploy(&self) -> std::sync::MutexGuard<'_, Option<DeployKey>> {
+        self.last_deploy.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn outbox(&self) -> std::sync::MutexGuard<'_, Outbox> {
@@ -73,6 +82,9 @@ impl Reporter {
 
     /// Queues one report; returns its sequence number.
     pub fn queue(&self, lane: Lane, kind: ReportKind) -> Result<u64, OutboxError> {
+        if let ReportKind::Deploy { state, bundle, .. } = &kind {
+            *self.last_deploy() = Some((state.clone(), *bundle));
+        }
         let (journal_state, running_slot, running_bundle) = self.device_state();
         let make = |seq: u64, kind: ReportKind| -> Vec<u8> {
             Report {
@@ -128,6 +140,42 @@ pub fn engine_observer(r: Reporter) -> impl FnMut(crate::deploy::EngineEvent<'_>
             }
         };
         if let Err(e) = r.queue(lane, kind) {
+            warn!("deploy report not queued: {e}");
+        }
+    }
+}
+
+/// Reports deploy states that another process's engine reached: a
+/// technician's `perch-agent install`, `commit` or `rollback` while the
+/// agent runs. Every `every`, the journal's state is compared with the last
+/// deploy state queued, and queued if it differs, with its reason. Skipped
+/// while the agent's own engine works (`engine` held): that engine reports
+/// for itself. The state found at the start is not reported: it was
+/// reported when it was reached, or happened while no agent ran (and a
+/// restart must not report an old failure again, which a rollout would
+/// count against a new attempt).
+pub async fn journal_watch(reporter: Reporter, engine: Arc<tokio::sync::Mutex<()>>, every: Duration) {
+    use crate::journal::JournalStore;
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut primed = false;
+    loop {
+        tick.tick().await;
+        let Ok(_turn) = engine.try_lock() else { continue };
+        let Ok(journal) = JournalStore::new(&reporter.state_dir).load() else { continue };
+        let s = &journal.state;
+        let key = (s.name().to_string(), s.bundle().map(|b| b.digest));
+        if !primed {
+            primed = true;
+            *reporter.last_deploy() = Some(key);
+            continue;
+        }
+        if reporter.last_deploy().as_ref() == Some(&key) {
+            continue;
+        }
+        debug!(state = %key.0, "a deploy state reached outside this agent");
+        let kind = ReportKind::Deploy { state: key.0, reason: reason_of(s), bundle: key.1 };
+        if let Err(e) = reporter.queue(Lane::Events, kind) {
             warn!("deploy report not queued: {e}");
         }
     }

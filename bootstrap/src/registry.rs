@@ -144,19 +144,7 @@ impl Registry {
 
     /// Every device record, sorted by id.
     pub async fn devices(&self) -> Result<Vec<DeviceRecord>, RegistryError> {
-        use futures_util::StreamExt;
-        let mut keys = match self.kv.keys().await {
-            Ok(k) => k,
-            Err(e) => return Err(kv_err(e)),
-        };
-        let mut ids = Vec::new();
-        while let Some(k) = keys.next().await {
-            let k = k.map_err(kv_err)?;
-            if let Some(id) = k.strip_prefix("device.") {
-                ids.push(id.to_string());
-            }
-        }
-        ids.sort();
+        let ids = perch_net::registry_ids(&self.kv).await.map_err(kv_err)?;
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
             if let Some((rec, _)) = self.device(&id).await? {

@@ -67,15 +67,8 @@ pub async fn read(client: &async_nats::Client, q: &Query, now: u64) -> Result<Re
 /// Every device record; none if the bucket does not exist yet.
 pub async fn registry_records(js: &jetstream::Context) -> Result<Vec<DeviceRecord>, StatusError> {
     let Ok(kv) = js.get_key_value(REGISTRY_BUCKET).await else { return Ok(vec![]) };
-    let mut keys = kv.keys().await.map_err(nats)?;
-    let mut ids = vec![];
-    while let Some(k) = keys.next().await {
-        if let Some(id) = k.map_err(nats)?.strip_prefix("device.") {
-            ids.push(id.to_string());
-        }
-    }
     let mut out = vec![];
-    for id in ids {
+    for id in perch_net::registry_ids(&kv).await.map_err(nats)? {
         let key = device_key(&id);
         if let Some(bytes) = kv.get(&key).await.map_err(nats)? {
             let rec = serde_json::from_slice(&bytes)

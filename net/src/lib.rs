@@ -201,6 +201,21 @@ pub async fn ensure_kv(
     })
 }
 
+/// The id of every device with a record in the registry bucket, sorted.
+/// The provisioner and `perch status` both list the registry this way.
+pub async fn registry_ids(kv: &async_nats::jetstream::kv::Store) -> Result<Vec<String>, async_nats::Error> {
+    use futures_util::StreamExt;
+    let mut keys = kv.keys().await?;
+    let mut ids = Vec::new();
+    while let Some(k) = keys.next().await {
+        if let Some(id) = perch_protocol::registry::device_of_key(&k?) {
+            ids.push(id.to_string());
+        }
+    }
+    ids.sort();
+    Ok(ids)
+}
+
 /// Creates a stream if it does not exist (an existing one is left as it is).
 pub async fn ensure_stream(
     js: &async_nats::jetstream::Context,

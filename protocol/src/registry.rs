@@ -4,9 +4,16 @@
 
 use serde::{Deserialize, Serialize};
 
+const DEVICE_PREFIX: &str = "device.";
+
 /// The registry key of a device's record.
 pub fn device_key(id: &str) -> String {
-    format!("device.{id}")
+    format!("{DEVICE_PREFIX}{id}")
+}
+
+/// The device id a registry key names, if it is a device record's key.
+pub fn device_of_key(key: &str) -> Option<&str> {
+    key.strip_prefix(DEVICE_PREFIX)
 }
 
 /// Where a device stands.

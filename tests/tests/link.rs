@@ -403,6 +403,37 @@ fn desired_state_waits_while_a_technician_holds_the_engine() {
 }
 
 #[test]
+fn a_technicians_install_reaches_the_fleet_as_deploy_reports() {
+    let f = Fleet::start(1);
+    let proxy = Proxy::start(([127, 0, 0, 1], f.server.port).into());
+    let d = fetch_device(&f, &proxy, "rover-8");
+    let _agent = d.spawn_run();
+    assert!(
+        wait_for(Duration::from_secs(20), || link_state(&d) == "connected"),
+        "{}",
+        f.log("rover-8-run.log")
+    );
+    let admin = f.reports_reader();
+    // Installed by hand from a file, while the agent runs.
+    let (local, digest, _) = f.bundle("os", 2, 64 << 10, 5);
+    let r = d.agent(&["install", f.s.path(&local).to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    let committed = |r: &Report| matches!(&r.kind, ReportKind::Deploy { state, bundle: Some(b), .. } if state == "committed" && *b == digest);
+    assert!(
+        wait_for(Duration::from_secs(20), || admin.all().iter().any(committed)),
+        "{}",
+        f.log("rover-8-run.log")
+    );
+    // Only the install's own states (as the agent saw them pass): the
+    // state it found when it started (idle) is not reported.
+    for r in admin.all() {
+        if let ReportKind::Deploy { bundle, .. } = &r.kind {
+            assert_eq!(*bundle, Some(digest), "{r:?}");
+        }
+    }
+}
+
+#[test]
 fn the_data_budget_holds_across_restarts() {
     let f = Fleet::start(1);
     let proxy = Proxy::start(([127, 0, 0, 1], f.server.port).into());
