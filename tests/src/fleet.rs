@@ -360,25 +360,7 @@ impl Fleet {
     }
 
     fn reader_creds(&self) -> std::path::PathBuf {
-        let creds = self.s.path("reader.creds");
-        if !creds.exists() {
-            self.s.ok(
-                "perch-bootstrap",
-                &[
-                    "nats",
-                    "creds",
-                    "--dir",
-                    "org",
-                    "--account",
-                    "fleet",
-                    "--name",
-                    "reader",
-                    "--out",
-                    "reader.creds",
-                ],
-            );
-        }
-        creds
+        self.s.fleet_creds("reader")
     }
 
     pub fn reports_reader(&self) -> ReportsReader {
@@ -545,23 +527,7 @@ impl Fleet {
     /// `perch publish` of a bundle file in the scratch dir.
     pub fn publish(&self, file: &str) {
         let s = &self.s;
-        if !s.path("release.creds").exists() {
-            s.ok(
-                "perch-bootstrap",
-                &[
-                    "nats",
-                    "creds",
-                    "--dir",
-                    "org",
-                    "--account",
-                    "fleet",
-                    "--name",
-                    "release",
-                    "--out",
-                    "release.creds",
-                ],
-            );
-        }
+        s.fleet_creds("release");
         s.ok(
             "perch",
             &[

@@ -59,6 +59,19 @@ impl Scratch {
         Scratch { dir: tempfile::tempdir().expect("tempdir") }
     }
 
+    /// `NAME.creds`: a FLEET user made with `perch-bootstrap nats creds`
+    /// from the org in `org/` (made once; later calls reuse it).
+    pub fn fleet_creds(&self, name: &str) -> PathBuf {
+        let file = format!("{name}.creds");
+        let creds = self.path(&file);
+        if !creds.exists() {
+            let args =
+                ["nats", "creds", "--dir", "org", "--account", "fleet", "--name", name, "--out", &file];
+            self.ok("perch-bootstrap", &args);
+        }
+        creds
+    }
+
     pub fn path(&self, rel: &str) -> PathBuf {
         self.dir.path().join(rel)
     }

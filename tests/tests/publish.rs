@@ -28,21 +28,7 @@ fn publish_uploads_a_verified_bundle_once() {
         ],
     );
     s.ok("perch", &["bundle", "sign", "--key", "k1.key", "b.perch"]);
-    s.ok(
-        "perch-bootstrap",
-        &[
-            "nats",
-            "creds",
-            "--dir",
-            "org",
-            "--account",
-            "fleet",
-            "--name",
-            "release",
-            "--out",
-            "release.creds",
-        ],
-    );
+    s.fleet_creds("release");
     let publish = |file: &str| {
         s.run(
             "perch",
