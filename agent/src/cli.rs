@@ -67,6 +67,8 @@ pub enum CliError {
     NoCommand,
     #[error("'{command}' needs {what}")]
     Missing { command: &'static str, what: &'static str },
+    #[error("{0} needs a value")]
+    MissingValue(&'static str),
     #[error("{0} given twice")]
     Twice(&'static str),
     #[error("{0} cannot be used with {1}")]
@@ -113,6 +115,24 @@ impl Name {
     }
 }
 
+/// An option's value: attached (`--opt=VALUE`) or the next argument, which
+/// must not look like an option (`--request-out --wait` is a mistake, not a
+/// file named `--wait`).
+fn value(p: &mut lexopt::Parser, name: &'static str) -> Result<OsString, CliError> {
+    if let Some(v) = p.optional_value() {
+        return Ok(v);
+    }
+    let v = p.value()?;
+    if v.to_str().is_some_and(|s| s.len() > 1 && s.starts_with('-')) {
+        return Err(CliError::MissingValue(name));
+    }
+    Ok(v)
+}
+
+fn string(p: &mut lexopt::Parser, name: &'static str) -> Result<String, CliError> {
+    Ok(value(p, name)?.string()?)
+}
+
 /// Sets an option that may be given once.
 fn once<T>(slot: &mut Option<T>, value: T, name: &'static str) -> Result<(), CliError> {
     if slot.is_some() {
@@ -144,45 +164,52 @@ where
             Short('h') | Long("help") => return Ok(Parsed::Help(name.map_or(HELP, Name::help))),
             Short('V') | Long("version") => return Ok(Parsed::Version),
             // Global: before or after the command.
-            Long("config") => once(&mut config, p.value()?.into(), "--config")?,
-            Long("state-dir") => once(&mut state_dir, p.value()?.into(), "--state-dir")?,
+            Long("config") => once(&mut config, value(&mut p, "--config")?.into(), "--config")?,
+            Long("state-dir") => once(&mut state_dir, value(&mut p, "--state-dir")?.into(), "--state-dir")?,
             Value(v) if name.is_none() => {
                 let v = v.string()?;
                 if v == "help" {
                     // `perch-agent help [COMMAND]`
-                    let about = p.next()?.and_then(|a| match a {
-                        Value(c) => c.into_string().ok().and_then(|c| Name::from(&c)),
-                        _ => None,
-                    });
-                    return Ok(Parsed::Help(about.map_or(HELP, Name::help)));
+                    return match p.next()? {
+                        None => Ok(Parsed::Help(HELP)),
+                        Some(Value(c)) => {
+                            let c = c.string()?;
+                            Name::from(&c).map(|n| Parsed::Help(n.help())).ok_or(CliError::UnknownCommand(c))
+                        }
+                        Some(other) => Err(other.unexpected().into()),
+                    };
                 }
                 name = Some(Name::from(&v).ok_or(CliError::UnknownCommand(v))?);
             }
             Long("json") if name == Some(Name::Status) => json = true,
             Long("once") if name == Some(Name::Run) => once_flag = true,
-            Long("token") if name == Some(Name::Enroll) => once(&mut token, p.value()?.string()?, "--token")?,
+            Long("token") if name == Some(Name::Enroll) => {
+                once(&mut token, string(&mut p, "--token")?, "--token")?
+            }
             Long("token-file") if name == Some(Name::Enroll) => {
-                once(&mut token_file, p.value()?.into(), "--token-file")?
+                once(&mut token_file, value(&mut p, "--token-file")?.into(), "--token-file")?
             }
             Long("wait") if name == Some(Name::Enroll) => wait = true,
             Long("timeout") if name == Some(Name::Enroll) => {
-                let v = p.value()?.string()?;
+                let v = string(&mut p, "--timeout")?;
                 let d = humantime::parse_duration(&v).map_err(|e| CliError::Duration(v, e))?;
                 once(&mut timeout, d, "--timeout")?
             }
             Long("device-id") if name == Some(Name::Enroll) => {
-                once(&mut device_id, p.value()?.string()?, "--device-id")?
+                once(&mut device_id, string(&mut p, "--device-id")?, "--device-id")?
             }
-            Long("group") if name == Some(Name::Enroll) => groups.push(p.value()?.string()?),
+            Long("group") if name == Some(Name::Enroll) => groups.push(string(&mut p, "--group")?),
             Long("request-out") if name == Some(Name::Enroll) => {
-                once(&mut request_out, p.value()?.into(), "--request-out")?
+                once(&mut request_out, value(&mut p, "--request-out")?.into(), "--request-out")?
             }
-            Long("import") if name == Some(Name::Enroll) => once(&mut import, p.value()?.into(), "--import")?,
+            Long("import") if name == Some(Name::Enroll) => {
+                once(&mut import, value(&mut p, "--import")?.into(), "--import")?
+            }
             Long("trust") if name == Some(Name::Check) => {
-                once(&mut trust, PathBuf::from(p.value()?), "--trust")?
+                once(&mut trust, PathBuf::from(value(&mut p, "--trust")?), "--trust")?
             }
             Long("target") if name == Some(Name::Check) => {
-                once(&mut target, p.value()?.string()?, "--target")?
+                once(&mut target, string(&mut p, "--target")?, "--target")?
             }
             Value(v) if name == Some(Name::Install) || name == Some(Name::Check) => positional.push(v),
             _ => return Err(arg.unexpected().into()),
@@ -365,10 +392,13 @@ mod tests {
         assert_eq!(c.config, PathBuf::from("a.toml"));
         assert_eq!(c.state_dir, PathBuf::from("/env/state"));
         assert_eq!(c.command, Command::Status { json: true });
-        let c = run(&["install", "b.perch", "--state-dir=/s"]).unwrap();
+        let c = run(&["install", "-", "--state-dir=/s"]).unwrap();
         assert_eq!(c.config, PathBuf::from(DEFAULT_CONFIG));
         assert_eq!(c.state_dir, PathBuf::from("/s"));
-        assert_eq!(c.command, Command::Install { bundle: "b.perch".into() });
+        assert_eq!(c.command, Command::Install { bundle: "-".into() });
+        let c = run(&["enroll", "--device-id=-odd"]).unwrap();
+        let Command::Enroll(e) = c.command else { panic!() };
+        assert_eq!(e.device_id.as_deref(), Some("-odd"), "an attached value may start with -");
     }
 
     #[test]
@@ -401,6 +431,9 @@ mod tests {
             (&["check", "b.perch"][..], "'check' needs --trust TRUST"),
             (&["--config"][..], "missing argument for option '--config'"),
             (&["commit", "--json"][..], "invalid option '--json'"),
+            (&["enroll", "--request-out", "--wait"][..], "--request-out needs a value"),
+            (&["--config", "--state-dir", "/s", "status"][..], "--config needs a value"),
+            (&["help", "fly"][..], "unknown command 'fly'"),
         ] {
             let e = run(args).unwrap_err();
             assert_eq!(e, want, "{args:?}");

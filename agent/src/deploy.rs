@@ -18,8 +18,10 @@ use perch_support::now_unix;
 use perch_support::trustfile::{load_trust, LoadTrustError};
 
 use crate::config::Config;
+use crate::decision::{self, Decision};
 use crate::engine_lock::{EngineLock, LockError};
 use crate::failpoint::{self, hit};
+use crate::health::TrialEnd;
 use crate::journal::{
     BundleRef, DeployState, Journal, JournalError, JournalStore, LastOutcome, Outcome, RollbackReason, SlotId,
 };
@@ -152,6 +154,10 @@ impl Engine {
                 Some(e),
             ),
         }
+    }
+
+    fn state_dir(&self) -> PathBuf {
+        self.store.path().parent().unwrap_or(Path::new(".")).to_path_buf()
     }
 
     /// Sets who is told of every state change and of staging progress.
@@ -583,9 +589,16 @@ impl Engine {
         let left = deadline.saturating_sub(now_unix());
         self.progress.note(&format!("trial of {bundle} in slot {slot}: health checks for up to {left}s"));
         let progress = &self.progress;
-        match health::trial(&self.cfg.health, deadline, |m| progress.note(m)) {
-            Ok(()) => self.commit_trial(bundle, slot),
-            Err(e) => self.roll_back(bundle, slot, from, RollbackReason::Health(e)),
+        let state_dir = self.state_dir();
+        // A decision left before this trial began was for an earlier one.
+        decision::withdraw(&state_dir);
+        let decided = || decision::take(&state_dir, &bundle.digest);
+        match health::trial(&self.cfg.health, deadline, |m| progress.note(m), decided) {
+            TrialEnd::Passed | TrialEnd::Decided(Decision::Commit) => self.commit_trial(bundle, slot),
+            TrialEnd::Failed(e) => self.roll_back(bundle, slot, from, RollbackReason::Health(e)),
+            TrialEnd::Decided(Decision::Rollback) => {
+                self.roll_back(bundle, slot, from, RollbackReason::Manual)
+            }
         }
     }
 
@@ -601,8 +614,7 @@ impl Engine {
         hit("confirmed");
         let highest = self.journal.highest.entry(bundle.name.clone()).or_insert(0);
         *highest = (*highest).max(bundle.counter);
-        crate::counters::save(self.store.path().parent().unwrap_or(Path::new(".")), &self.journal.highest)
-            .map_err(JournalError::from)?;
+        crate::counters::save(&self.state_dir(), &self.journal.highest).map_err(JournalError::from)?;
         self.journal.last =
             Some(LastOutcome { bundle: Some(bundle.clone()), outcome: Outcome::Committed, at: now_unix() });
         self.save(DeployState::Committed { bundle: bundle.clone(), slot })?;

@@ -193,6 +193,8 @@ pub async fn follow(
     let wake = connected;
     watch_keys(&client, &keys(&device, &groups), wake.clone()).await;
     let mut handled = Handled::load(&state_dir);
+    // The revision told to wait for a local command, so it is said once.
+    let mut waiting = None;
     let mut tick = tokio::time::interval(cfg.fetch.resync);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -221,8 +223,12 @@ pub async fn follow(
             Decision::Nothing => continue,
             Decision::Record => {}
             Decision::Install => {
-                if !deploy(&client, &cfg, &state_dir, &entry, &engine, &reporter).await {
+                if let Some(busy) = deploy(&client, &cfg, &state_dir, &entry, &engine, &reporter).await {
                     // Not acted on: the next resync or change tries again.
+                    if waiting != Some(entry.revision) {
+                        warn!("desired state waits: {busy}");
+                        waiting = Some(entry.revision);
+                    }
                     continue;
                 }
             }
@@ -234,8 +240,8 @@ pub async fn follow(
 }
 
 /// Fetches and installs the bundle `entry` names; every outcome is reported.
-/// False if it could not start because a local command (a technician's
-/// `perch-agent install`, say) holds the deploy engine.
+/// If it could not start because a local command (a technician's
+/// `perch-agent install`, say) holds the deploy engine, who holds it.
 async fn deploy(
     client: &Client,
     cfg: &Config,
@@ -243,9 +249,8 @@ async fn deploy(
     entry: &Entry,
     engine: &Mutex<()>,
     reporter: &Option<Reporter>,
-) -> bool {
+) -> Option<String> {
     let digest = entry.bundle;
-    info!(key = %entry.key, revision = entry.revision, bundle = %hex::encode(&digest[..8]), "desired state names a new bundle; fetching it");
     let _turn = engine.lock().await;
     let settings = FetchSettings {
         window: cfg.fetch.window,
@@ -255,11 +260,10 @@ async fn deploy(
         ..FetchSettings::default()
     };
     let outcome =
-        install(client.clone(), cfg.clone(), state_dir.to_path_buf(), digest, settings, reporter.clone())
+        install(client.clone(), cfg.clone(), state_dir.to_path_buf(), entry, settings, reporter.clone())
             .await;
-    if let Err(Failure::EngineInUse(e)) = &outcome {
-        warn!("desired state waits: {e}");
-        return false;
+    if let Err(Failure::EngineInUse(busy)) = outcome {
+        return Some(busy);
     }
     // The deploy has ended: a retry (a new revision) gets a fresh budget.
     let _ = std::fs::remove_file(state_dir.join(crate::fetch::LEDGER_FILE));
@@ -279,7 +283,7 @@ async fn deploy(
             }
         }
     }
-    true
+    None
 }
 
 /// Why an install from the link did not finish.
@@ -303,16 +307,18 @@ async fn install(
     client: Client,
     cfg: Config,
     state_dir: PathBuf,
-    digest: [u8; 32],
+    entry: &Entry,
     settings: FetchSettings,
     reporter: Option<Reporter>,
 ) -> Result<String, Failure> {
     let rt = tokio::runtime::Handle::current();
+    let (digest, key, revision) = (entry.bundle, entry.key.clone(), entry.revision);
     let joined = tokio::task::spawn_blocking(move || -> Result<String, Failure> {
         let (mut engine, problem) = Engine::open(cfg, &state_dir).map_err(|e| match e {
             DeployError::Lock(l) if l.is_held() => Failure::EngineInUse(l.to_string()),
             e => Failure::Failed(e.to_string()),
         })?;
+        info!(%key, revision, bundle = %hex::encode(&digest[..8]), "desired state names a new bundle; fetching it");
         if let Some(p) = problem {
             warn!("{p}; moved aside, kept the running slot and started a fresh journal");
         }

@@ -56,8 +56,9 @@ impl EngineLock {
             Ok(mut file) => {
                 // Who holds it, for the message another process prints.
                 // Informational only: the lock is the flock, not this text.
+                // A full disk must not stop the engine over it.
                 let me = format!("perch-agent (pid {}: {})", std::process::id(), command_line());
-                file.set_len(0).and_then(|()| file.write_all(me.as_bytes())).map_err(io)?;
+                let _ = file.set_len(0).and_then(|()| file.write_all(me.as_bytes()));
                 Ok(EngineLock { _file: file })
             }
             Err((mut file, Errno::EWOULDBLOCK)) => {

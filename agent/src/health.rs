@@ -9,6 +9,7 @@ use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use crate::config::Health;
+use crate::decision::Decision;
 
 /// Runs every configured check once. Returns the first failure.
 pub fn round(cfg: &Health, limit: Duration) -> Result<(), String> {
@@ -29,16 +30,35 @@ pub fn round(cfg: &Health, limit: Duration) -> Result<(), String> {
     Ok(())
 }
 
-/// Repeats [`round`] until it passes or `deadline` (Unix seconds) passes.
-pub fn trial(cfg: &Health, deadline: u64, mut note: impl FnMut(&str)) -> Result<(), String> {
+/// How a trial ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum TrialEnd {
+    Passed,
+    /// Still failing when the deadline came: the last failure.
+    Failed(String),
+    /// A technician decided (`perch-agent commit` / `rollback`).
+    Decided(Decision),
+}
+
+/// Repeats [`round`] until it passes or `deadline` (Unix seconds) passes,
+/// or until `decided` (asked before every round) has a decision.
+pub fn trial(
+    cfg: &Health,
+    deadline: u64,
+    mut note: impl FnMut(&str),
+    mut decided: impl FnMut() -> Option<Decision>,
+) -> TrialEnd {
     loop {
+        if let Some(d) = decided() {
+            return TrialEnd::Decided(d);
+        }
         let now = perch_support::now_unix();
         let left = Duration::from_secs(deadline.saturating_sub(now));
         match round(cfg, left) {
-            Ok(()) => return Ok(()),
+            Ok(()) => return TrialEnd::Passed,
             Err(e) => {
                 if perch_support::now_unix() + cfg.interval.as_secs().max(1) > deadline {
-                    return Err(e);
+                    return TrialEnd::Failed(e);
                 }
                 note(&format!("health check failed, retrying: {e}"));
                 sleep(cfg.interval);

@@ -14,6 +14,7 @@ pub mod cli;
 pub mod config;
 pub mod counters;
 pub mod daemon;
+pub mod decision;
 pub mod deploy;
 pub mod desired;
 pub mod engine_lock;

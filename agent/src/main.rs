@@ -9,10 +9,11 @@ use anyhow::Result;
 use perch_agent::check::check_bundle;
 use perch_agent::cli::{self, Cli, Command, EnrollArgs, Parsed};
 use perch_agent::config::Config;
+use perch_agent::decision::Decision;
 use perch_agent::deploy::{DeployError, Engine, Finished};
 use perch_agent::enroll::{self as enrolling, EnrollFailure, Plan};
 use perch_agent::identity::{self, Identity, IdentityError};
-use perch_agent::journal::JournalError;
+use perch_agent::journal::{DeployState, Journal, JournalError};
 use perch_agent::status;
 use perch_support::exit::{self, SecurityError, UsageError};
 use perch_support::now_unix;
@@ -83,6 +84,60 @@ fn identity_code(i: &IdentityError, e: &anyhow::Error) -> i32 {
 fn open(cli: &Cli) -> Result<(Engine, Option<JournalError>)> {
     let cfg = Config::load(&cli.config)?;
     Ok(Engine::open(cfg, &cli.state_dir)?)
+}
+
+/// `commit` / `rollback`: with the engine if it is free; else, if another
+/// process's engine is running a trial, hands it the decision and waits
+/// for the trial to end.
+fn decide(cli: &Cli, d: Decision) -> Result<u8> {
+    let cfg = Config::load(&cli.config)?;
+    let held = match Engine::open(cfg.clone(), &cli.state_dir) {
+        Ok((mut engine, problem)) => {
+            warn(problem);
+            let f = match d {
+                Decision::Commit => engine.commit()?,
+                Decision::Rollback => engine.rollback()?,
+            };
+            return Ok(report(&engine, &f));
+        }
+        Err(DeployError::Lock(l)) if l.is_held() => l,
+        Err(e) => return Err(e.into()),
+    };
+    let on_trial = |j: &Journal| match &j.state {
+        DeployState::Trial { bundle, deadline, .. } => Some((bundle.clone(), *deadline)),
+        _ => None,
+    };
+    let (journal, _, _) = Engine::inspect(&cfg, &cli.state_dir);
+    let Some((bundle, deadline)) = on_trial(&journal) else { return Err(DeployError::Lock(held).into()) };
+    perch_agent::decision::request(&cli.state_dir, d, &bundle.digest)?;
+    println!("the trial of {bundle} runs in another process ({held}); asked it to {}", d.as_str());
+    // The trial's deadline bounds the wait; a round of checks may run past it.
+    let deadline = deadline.unwrap_or_else(|| now_unix() + cfg.health.trial.as_secs());
+    let give_up = deadline.max(now_unix()) + cfg.health.timeout.as_secs() * 2 + 30;
+    let journal = loop {
+        std::thread::sleep(Duration::from_millis(200));
+        let (j, _, _) = Engine::inspect(&cfg, &cli.state_dir);
+        if on_trial(&j).is_none_or(|(b, _)| b.digest != bundle.digest) {
+            break j;
+        }
+        if now_unix() > give_up {
+            perch_agent::decision::withdraw(&cli.state_dir);
+            return Err(DeployError::Nothing(format!(
+                "the trial of {bundle} did not end; nothing was decided"
+            ))
+            .into());
+        }
+    };
+    // Whoever ended the trial, it is over: a decision left unread is void.
+    perch_agent::decision::withdraw(&cli.state_dir);
+    let line = match &journal.state {
+        DeployState::Committed { bundle, .. } => format!("committed {bundle}"),
+        DeployState::RolledBack { bundle, reason, .. } => format!("rolled back {bundle}: {reason}"),
+        DeployState::RollingBack { from, .. } => format!("waiting for a reboot into slot {from}"),
+        other => format!("the trial ended; the deploy is {}", other.name()),
+    };
+    println!("{line}");
+    Ok(u8::from(matches!(journal.state, DeployState::RolledBack { .. })))
 }
 
 /// The daemon's engine at startup: a local command (a technician's
@@ -215,18 +270,8 @@ fn run(cli: Cli) -> Result<u8> {
             }
             Ok(0)
         }
-        Command::Commit => {
-            let (mut engine, problem) = open(&cli)?;
-            warn(problem);
-            let f = engine.commit()?;
-            Ok(report(&engine, &f))
-        }
-        Command::Rollback => {
-            let (mut engine, problem) = open(&cli)?;
-            warn(problem);
-            let f = engine.rollback()?;
-            Ok(report(&engine, &f))
-        }
+        Command::Commit => decide(&cli, Decision::Commit),
+        Command::Rollback => decide(&cli, Decision::Rollback),
         Command::Run { once } => {
             if *once {
                 let (mut engine, problem) = open(&cli)?;
@@ -246,6 +291,11 @@ fn run(cli: Cli) -> Result<u8> {
                 let turn = engine_turn.clone().lock_owned().await;
                 let stop = std::sync::Arc::new(tokio::sync::Notify::new());
                 let reporter = perch_agent::daemon::reporter(&cfg, &state_dir);
+                // Before any engine runs: what the journal holds now was
+                // reported when it happened, or happened while no agent ran.
+                if let Some(r) = &reporter {
+                    r.baseline();
+                }
                 let observer = reporter.clone().map(perch_agent::reports::engine_observer);
                 let link = tokio::spawn(perch_agent::daemon::run(
                     cfg,

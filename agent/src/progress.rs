@@ -15,7 +15,6 @@ pub struct Progress {
 }
 
 struct Bar {
-    what: String,
     started: Instant,
     /// Bytes done when the bar started (a resumed staging).
     from: u64,
@@ -25,7 +24,7 @@ struct Bar {
 }
 
 const CLEAR: &str = "\r\x1b[2K";
-const WIDTH: u64 = 30;
+const WIDTH: u64 = 24;
 
 impl Progress {
     pub fn new() -> Self {
@@ -36,7 +35,11 @@ impl Progress {
     pub fn start(&mut self, what: &str, done: u64, total: u64) {
         self.total = total.max(1);
         if std::io::stderr().is_terminal() {
-            let bar = Bar { what: what.to_string(), started: Instant::now(), from: done, done, drawn: None };
+            // The label on a line of its own: the bar line stays short
+            // enough (under 80 columns) never to wrap, which would leave a
+            // copy of it behind at every redraw.
+            println!("{what}");
+            let bar = Bar { started: Instant::now(), from: done, done, drawn: None };
             self.bar = Some(bar);
             self.draw();
         } else if done == 0 {
@@ -90,7 +93,8 @@ impl Progress {
 }
 
 impl Bar {
-    /// `staging web 1.2 [=========>          ] 12.0/40.0 MiB 5.1 MiB/s eta 6s`
+    /// `[=======>                ] 12.0/40.0 MiB 5.1 MiB/s eta 6s`: at most
+    /// 24 + 2 + 2×11 + 13 + 13 columns.
     fn line(&self, total: u64) -> String {
         let filled = (self.done.min(total) * WIDTH / total) as usize;
         let mut gauge = "=".repeat(filled);
@@ -106,8 +110,7 @@ impl Bar {
             r => format!(" eta {}s", total.saturating_sub(self.done).div_ceil(r)),
         };
         format!(
-            "{CLEAR}{} [{gauge:<width$}] {}/{} {}/s{eta}",
-            self.what,
+            "{CLEAR}[{gauge:<width$}] {}/{} {}/s{eta}",
             mib(self.done),
             mib(total),
             mib(rate),
@@ -134,11 +137,16 @@ mod tests {
 
     #[test]
     fn the_bar_fills_and_never_overflows() {
-        let bar = |done| Bar { what: "staging".into(), started: Instant::now(), from: 0, done, drawn: None };
+        let bar = |done| Bar { started: Instant::now(), from: 0, done, drawn: None };
         let half = bar(512 << 20).line(1 << 30);
-        assert!(half.contains(&format!("[{}>{}]", "=".repeat(15), " ".repeat(14))), "{half}");
+        assert!(half.contains(&format!("[{}>{}]", "=".repeat(12), " ".repeat(11))), "{half}");
         assert!(half.contains("512.0 MiB/1024.0 MiB"), "{half}");
         let over = bar(2 << 30).line(1 << 30);
-        assert!(over.contains(&format!("[{}]", "=".repeat(30))), "{over}");
+        assert!(over.contains(&format!("[{}]", "=".repeat(24))), "{over}");
+        // The widest line still fits 80 columns.
+        let mut wide = bar(999_999 << 20);
+        wide.from = 0;
+        let line = wide.line(999_999 << 20);
+        assert!(line.len() - CLEAR.len() < 80, "{} columns: {line}", line.len() - CLEAR.len());
     }
 }

@@ -32,7 +32,8 @@ pub struct Reporter {
     /// To tell which slot is running (and so which bundle).
     slots: crate::config::Slots,
     wake: Arc<Notify>,
-    /// The deploy state last queued (name, bundle), for [`journal_watch`].
+    /// The journal state last accounted for (name, bundle): reached by
+    /// this agent's engine, or reported by [`journal_watch`].
     last_deploy: Arc<Mutex<Option<DeployKey>>>,
 }
 
@@ -61,6 +62,15 @@ impl Reporter {
         self.last_deploy.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Takes the journal's state as it is now as already accounted for:
+    /// called once when the agent starts, before its engine does anything,
+    /// so that what a restart finds is never reported again.
+    pub fn baseline(&self) {
+        if let Ok(j) = crate::journal::JournalStore::new(&self.state_dir).load() {
+            *self.last_deploy() = Some(deploy_key(&j.state));
+        }
+    }
+
     fn outbox(&self) -> std::sync::MutexGuard<'_, Outbox> {
         self.outbox.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -82,9 +92,6 @@ impl Reporter {
 
     /// Queues one report; returns its sequence number.
     pub fn queue(&self, lane: Lane, kind: ReportKind) -> Result<u64, OutboxError> {
-        if let ReportKind::Deploy { state, bundle, .. } = &kind {
-            *self.last_deploy() = Some((state.clone(), *bundle));
-        }
         let (journal_state, running_slot, running_bundle) = self.device_state();
         let make = |seq: u64, kind: ReportKind| -> Vec<u8> {
             Report {
@@ -127,14 +134,17 @@ pub fn engine_observer(r: Reporter) -> impl FnMut(crate::deploy::EngineEvent<'_>
     use crate::deploy::EngineEvent;
     move |ev| {
         let (lane, kind) = match ev {
-            EngineEvent::State(s) => (
-                Lane::Events,
-                ReportKind::Deploy {
-                    state: s.name().into(),
-                    reason: reason_of(s),
-                    bundle: s.bundle().map(|b| b.digest),
-                },
-            ),
+            EngineEvent::State(s) => {
+                *r.last_deploy() = Some(deploy_key(s));
+                (
+                    Lane::Events,
+                    ReportKind::Deploy {
+                        state: s.name().into(),
+                        reason: reason_of(s),
+                        bundle: s.bundle().map(|b| b.digest),
+                    },
+                )
+            }
             EngineEvent::Progress { done, count } => {
                 (Lane::Telemetry, ReportKind::Progress { chunks_done: done, chunk_count: count })
             }
@@ -145,33 +155,38 @@ pub fn engine_observer(r: Reporter) -> impl FnMut(crate::deploy::EngineEvent<'_>
     }
 }
 
+fn deploy_key(s: &crate::journal::DeployState) -> DeployKey {
+    (s.name().to_string(), s.bundle().map(|b| b.digest))
+}
+
 /// Reports deploy states that another process's engine reached: a
 /// technician's `perch-agent install`, `commit` or `rollback` while the
 /// agent runs. Every `every`, the journal's state is compared with the last
-/// deploy state queued, and queued if it differs, with its reason. Skipped
-/// while the agent's own engine works (`engine` held): that engine reports
-/// for itself. The state found at the start is not reported: it was
-/// reported when it was reached, or happened while no agent ran (and a
-/// restart must not report an old failure again, which a rollout would
-/// count against a new attempt).
+/// one accounted for (see [`Reporter::baseline`]; this agent's own engine
+/// reports its states itself) and reported, with its reason, if it
+/// differs. Skipped while this agent's engine works (`engine` held). A
+/// failure report that is not a journal state (a bundle that could not be
+/// fetched or was refused) leaves the baseline alone, so it is never
+/// followed by a report of the unchanged journal state.
 pub async fn journal_watch(reporter: Reporter, engine: Arc<tokio::sync::Mutex<()>>, every: Duration) {
     use crate::journal::JournalStore;
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut primed = false;
     loop {
         tick.tick().await;
         let Ok(_turn) = engine.try_lock() else { continue };
         let Ok(journal) = JournalStore::new(&reporter.state_dir).load() else { continue };
         let s = &journal.state;
-        let key = (s.name().to_string(), s.bundle().map(|b| b.digest));
-        if !primed {
-            primed = true;
-            *reporter.last_deploy() = Some(key);
-            continue;
-        }
-        if reporter.last_deploy().as_ref() == Some(&key) {
-            continue;
+        let key = deploy_key(s);
+        {
+            let mut last = reporter.last_deploy();
+            if last.as_ref() == Some(&key) {
+                continue;
+            }
+            // Without a baseline (none could be read at start), this is it.
+            if last.replace(key.clone()).is_none() {
+                continue;
+            }
         }
         debug!(state = %key.0, "a deploy state reached outside this agent");
         let kind = ReportKind::Deploy { state: key.0, reason: reason_of(s), bundle: key.1 };

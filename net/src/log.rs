@@ -76,19 +76,39 @@ impl Subscriber for StderrLog {
     fn exit(&self, _: &Id) {}
 }
 
-/// Writes the message, then `name=value` for every other field.
+/// Writes the message, then `name=value` for every other field (strings
+/// quoted). Control characters are escaped: a log line stays one line, and
+/// text from the network cannot send escape sequences to a terminal.
 struct Fields<'a>(&'a mut String);
+
+impl Fields<'_> {
+    fn push_escaped(&mut self, text: &str) {
+        for c in text.chars() {
+            if c.is_control() {
+                self.0.extend(c.escape_default());
+            } else {
+                self.0.push(c);
+            }
+        }
+    }
+}
 
 impl Visit for Fields<'_> {
     fn record_str(&mut self, field: &Field, value: &str) {
-        self.record_debug(field, &format_args!("{value}"));
+        match field.name() {
+            "message" => self.record_debug(field, &format_args!("{value}")),
+            name => {
+                let _ = write!(self.0, " {name}={value:?}");
+            }
+        }
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        let _ = match field.name() {
-            "message" => write!(self.0, " {value:?}"),
-            name => write!(self.0, " {name}={value:?}"),
+        let text = match field.name() {
+            "message" => format!(" {value:?}"),
+            name => format!(" {name}={value:?}"),
         };
+        self.push_escaped(&text);
     }
 }
 
@@ -109,8 +129,11 @@ mod tests {
     fn events_are_one_line_with_their_fields() {
         tracing::dispatcher::with_default(&tracing::Dispatch::new(Capture), || {
             tracing::warn!(url = "tls://x:1", tries = 3, "link lost");
+            tracing::warn!("from the wire: {}", "a\nb\x1b[2J");
         });
-        CAPTURED.with(|c| assert_eq!(*c.borrow(), " link lost url=tls://x:1 tries=3"));
+        CAPTURED.with(|c| {
+            assert_eq!(*c.borrow(), " link lost url=\"tls://x:1\" tries=3 from the wire: a\\nb\\u{1b}[2J")
+        });
     }
 
     thread_local! {

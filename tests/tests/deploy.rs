@@ -334,6 +334,40 @@ fn manual_commit_and_rollback() {
     assert_eq!(st["booted_slot"], "b");
 }
 
+#[test]
+fn commit_and_rollback_decide_a_trial_another_process_runs() {
+    let mut d = Device::new(Backend::Dir);
+    // Checks that fail until someone decides: the trial would run 60 s.
+    d.health = "commands = [\"false\"]\ntrial = \"60s\"\ninterval = \"200ms\"\n".into();
+    d.write_config();
+    for (counter, verb, state, code) in [(2, "commit", "committed", 0), (3, "rollback", "rolled_back", 1)] {
+        let bundle = format!("v{counter}.perch");
+        d.archive_bundle(&bundle, counter, &[("app", &format!("{counter}\n"))]);
+        let child = spawn_install(&d, &bundle);
+        assert!(
+            (0..100).any(|_| {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                d.state() == "trial"
+            }),
+            "the install's trial did not start"
+        );
+        // The install holds the engine; the decision is handed to it.
+        let r = d.agent(&[verb]);
+        assert_eq!(r.code, code, "{verb}: {}{}", r.stdout, r.stderr);
+        assert!(
+            r.stdout.contains(&format!("runs in another process (perch-agent (pid {}", child.id())),
+            "{}",
+            r.stdout
+        );
+        assert_eq!(d.state(), state);
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(code), "{}", String::from_utf8_lossy(&out.stdout));
+        assert!(!d.path("state/decision").exists(), "the decision was taken");
+    }
+    assert_eq!(d.status()["deploy"]["reason"], "manual");
+    assert_eq!(fs::read_to_string(d.path("root/current/app")).unwrap(), "2\n");
+}
+
 // ---------------------------------------------------------- inhibit gate
 
 /// A dir device whose activation waits while the file `armed` exists (it

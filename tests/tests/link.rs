@@ -431,6 +431,20 @@ fn a_technicians_install_reaches_the_fleet_as_deploy_reports() {
             assert_eq!(*bundle, Some(digest), "{r:?}");
         }
     }
+    // A fleet deploy that fails before the engine records anything (nobody
+    // published the bundle) is reported as failed, and stays the newest
+    // deploy report: the unchanged journal is not reported over it.
+    let (_, unpublished, _) = f.bundle("os", 3, 64 << 10, 6);
+    admin.kv_put("PERCH_DESIRED", "device.rover-8", &format!("{{\"bundle\": \"{}\"}}", hex(&unpublished)));
+    let newest_deploy = || {
+        admin.all().into_iter().filter(|r| matches!(r.kind, ReportKind::Deploy { .. })).max_by_key(|r| r.seq)
+    };
+    let failed = |r: Option<Report>| {
+        r.is_some_and(|r| matches!(r.kind, ReportKind::Deploy { state, bundle, .. } if state == "failed" && bundle == Some(unpublished)))
+    };
+    assert!(wait_for(Duration::from_secs(20), || failed(newest_deploy())), "{}", f.log("rover-8-run.log"));
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(failed(newest_deploy()), "{:?}", newest_deploy());
 }
 
 #[test]
