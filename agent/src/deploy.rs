@@ -128,7 +128,7 @@ impl Engine {
                 let booted = backend.booted()?;
                 backend.rollback(booted)?;
                 let _ = store.quarantine();
-                let mut j = Journal { highest: crate::counters::load(state_dir), ..Journal::default() };
+                let mut j = fresh_journal(state_dir);
                 store.save(&mut j)?;
                 (j, Some(e))
             }
@@ -148,11 +148,7 @@ impl Engine {
         let backend = slots::from_config(&cfg.slots, state_dir);
         match JournalStore::new(state_dir).load() {
             Ok(j) => (j, backend, None),
-            Err(e) => (
-                Journal { highest: crate::counters::load(state_dir), ..Journal::default() },
-                backend,
-                Some(e),
-            ),
+            Err(e) => (fresh_journal(state_dir), backend, Some(e)),
         }
     }
 
@@ -776,6 +772,13 @@ impl Engine {
             }
         }
     }
+}
+
+/// The journal that replaces an unreadable one: nothing in flight, and the
+/// highest committed counters from their second copy (rollback protection
+/// survives).
+fn fresh_journal(state_dir: &Path) -> Journal {
+    Journal { highest: crate::counters::load(state_dir), ..Journal::default() }
 }
 
 /// Orders dotted versions numerically ("1.10.0" > "1.9.2"); non-numeric parts sort as 0.

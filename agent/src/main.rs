@@ -98,7 +98,7 @@ fn decide(cli: &Cli, d: Decision) -> Result<u8> {
                 Decision::Commit => engine.commit()?,
                 Decision::Rollback => engine.rollback()?,
             };
-            return Ok(report(&engine, &f));
+            return Ok(report(&engine.journal.state, &f));
         }
         Err(DeployError::Lock(l)) if l.is_held() => l,
         Err(e) => return Err(e.into()),
@@ -130,14 +130,15 @@ fn decide(cli: &Cli, d: Decision) -> Result<u8> {
     };
     // Whoever ended the trial, it is over: a decision left unread is void.
     perch_agent::decision::withdraw(&cli.state_dir);
-    let line = match &journal.state {
-        DeployState::Committed { bundle, .. } => format!("committed {bundle}"),
-        DeployState::RolledBack { bundle, reason, .. } => format!("rolled back {bundle}: {reason}"),
-        DeployState::RollingBack { from, .. } => format!("waiting for a reboot into slot {from}"),
-        other => format!("the trial ended; the deploy is {}", other.name()),
+    let f = match &journal.state {
+        DeployState::Committed { bundle, .. } => Finished::Committed(bundle.clone()),
+        DeployState::RolledBack { bundle, reason, .. } => {
+            Finished::RolledBack(bundle.clone(), reason.clone())
+        }
+        DeployState::RollingBack { from, .. } => Finished::AwaitingReboot(*from),
+        _ => Finished::Idle,
     };
-    println!("{line}");
-    Ok(u8::from(matches!(journal.state, DeployState::RolledBack { .. })))
+    Ok(report(&journal.state, &f))
 }
 
 /// The daemon's engine at startup: a local command (a technician's
@@ -158,12 +159,14 @@ fn open_waiting(config: &Path, state_dir: &Path) -> Result<(Engine, Option<Journ
     }
 }
 
-fn report(engine: &Engine, f: &Finished) -> u8 {
+/// Prints how a command left the device; its exit code. `state` is the
+/// journal's state now.
+fn report(state: &DeployState, f: &Finished) -> u8 {
     let line = match f {
         Finished::Committed(b) => format!("committed {b}"),
         Finished::RolledBack(b, r) => format!("rolled back {b}: {r}"),
         Finished::AwaitingReboot(s) => format!("waiting for a reboot into slot {s}"),
-        Finished::Idle => format!("nothing in flight ({})", engine.journal.state.name()),
+        Finished::Idle => format!("nothing in flight ({})", state.name()),
         Finished::AlreadyRunning(b) => format!("{b} is already running; nothing to do"),
         Finished::NeedsBundle(b) => format!(
             "staging of {b} was interrupted; run `perch-agent install` with the bundle again to resume"
@@ -195,11 +198,11 @@ fn run(cli: Cli) -> Result<u8> {
             if engine.journal.state.is_switching() {
                 let f = engine.resume()?;
                 if engine.journal.state.is_switching() {
-                    return Ok(report(&engine, &f));
+                    return Ok(report(&engine.journal.state, &f));
                 }
             }
             let f = engine.install(bundle)?;
-            Ok(report(&engine, &f))
+            Ok(report(&engine.journal.state, &f))
         }
         Command::Status { json } => {
             let cfg = Config::load(&cli.config)?;
@@ -277,7 +280,7 @@ fn run(cli: Cli) -> Result<u8> {
                 let (mut engine, problem) = open(&cli)?;
                 warn(problem);
                 let f = engine.resume()?;
-                return Ok(report(&engine, &f));
+                return Ok(report(&engine.journal.state, &f));
             }
             init_logging();
             let cfg = Config::load(&cli.config)?;
@@ -332,7 +335,7 @@ fn run(cli: Cli) -> Result<u8> {
                         engine.observe(o);
                     }
                     let f = engine.resume()?;
-                    report(&engine, &f);
+                    report(&engine.journal.state, &f);
                     Ok(engine.journal.state.name().to_string())
                 })
                 .await;
