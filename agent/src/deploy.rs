@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 
@@ -371,7 +371,8 @@ impl Engine {
         let raw_rx = Arc::new(Mutex::new(raw_rx));
         let (checked_tx, checked_rx) = mpsc::sync_channel::<CheckedChunk>(8);
         let (spare_tx, spare_rx) = mpsc::channel::<Vec<u8>>();
-        let (done_tx, done_rx) = mpsc::channel::<u64>();
+        // Bytes written since this call started, for the progress bar.
+        let written_bytes = Arc::new(AtomicU64::new(0));
         let (sync_tx, sync_rx) = mpsc::channel::<u32>();
         let (checkpoint, count) = (self.cfg.checkpoint_bytes, bundle.chunk_count);
 
@@ -418,7 +419,7 @@ impl Engine {
             Ok(journal)
         });
 
-        let write_abort = abort.clone();
+        let (write_abort, write_count) = (abort.clone(), written_bytes.clone());
         let write_thread = thread::spawn(move || -> Result<(), SlotError> {
             // Chunks arrive out of order from the hashers; `durable_from` is
             // the first chunk not yet written, the only safe checkpoint.
@@ -436,7 +437,7 @@ impl Engine {
                     durable_from += 1;
                 }
                 since += chunk.data().len() as u64;
-                let _ = done_tx.send(chunk.data().len() as u64);
+                write_count.fetch_add(chunk.data().len() as u64, Ordering::Relaxed);
                 if since >= checkpoint && durable_from < count {
                     since = 0;
                     let _ = sync_tx.send(durable_from);
@@ -447,7 +448,7 @@ impl Engine {
             writer.sync()
         });
 
-        let mut staged_bytes = u64::from(from_chunk) * chunk_size;
+        let resumed_bytes = u64::from(from_chunk) * chunk_size;
         let mut told = from_chunk / PROGRESS_EVERY;
         let observer = &mut self.observer;
         let progress = &mut self.progress;
@@ -458,9 +459,7 @@ impl Engine {
                 if raw_tx.send(chunk).is_err() {
                     return Ok(()); // the hashers stopped; their error is reported below
                 }
-                while let Ok(n) = done_rx.try_recv() {
-                    staged_bytes += n;
-                }
+                let staged_bytes = resumed_bytes + written_bytes.load(Ordering::Relaxed);
                 progress.set(staged_bytes);
                 let done = (staged_bytes / chunk_size) as u32;
                 if done / PROGRESS_EVERY > told {

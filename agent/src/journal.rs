@@ -276,7 +276,7 @@ impl Journal {
         out.extend_from_slice(&VERSION.to_le_bytes());
         out.extend_from_slice(&[0, 0]);
         out.extend_from_slice(&(body.len() as u32).to_le_bytes());
-        out.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+        out.extend_from_slice(&crate::checksum::crc32(&body).to_le_bytes());
         out.extend_from_slice(&body);
         out
     }
@@ -301,7 +301,7 @@ impl Journal {
         if body.len() != len {
             return Err(format!("body is {} bytes, header says {len}", body.len()));
         }
-        if crc32fast::hash(body) != crc {
+        if crate::checksum::crc32(body) != crc {
             return Err("CRC mismatch".into());
         }
         match postcard::take_from_bytes::<Journal>(body) {
@@ -418,7 +418,7 @@ mod tests {
             let mut framed = MAGIC.to_vec();
             framed.extend_from_slice(&[1, 0, 0, 0]);
             framed.extend_from_slice(&(data.len() as u32).to_le_bytes());
-            framed.extend_from_slice(&crc32fast::hash(&data).to_le_bytes());
+            framed.extend_from_slice(&crate::checksum::crc32(&data).to_le_bytes());
             framed.extend_from_slice(&data);
             let _ = Journal::decode(&framed);
         }

@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 pub mod check;
+pub mod checksum;
 pub mod cli;
 pub mod config;
 pub mod counters;

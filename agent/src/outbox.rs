@@ -235,7 +235,7 @@ impl Outbox {
         })?;
         let mut frame = Vec::with_capacity(HEADER + body.len());
         frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
-        frame.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+        frame.extend_from_slice(&crate::checksum::crc32(&body).to_le_bytes());
         frame.extend_from_slice(&body);
         let seg_bytes = self.cfg.segment_bytes;
         let st = &mut self.lanes[lane_index(lane)];
@@ -427,7 +427,7 @@ fn read_segment(path: &Path) -> Result<(Vec<Body>, u64, u64), OutboxError> {
         let len = u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]) as usize;
         let crc = u32::from_le_bytes([bytes[at + 4], bytes[at + 5], bytes[at + 6], bytes[at + 7]]);
         let Some(body) = bytes.get(at + HEADER..at + HEADER + len) else { break };
-        if len > MAX_RECORD + 16 || crc32fast::hash(body) != crc {
+        if len > MAX_RECORD + 16 || crate::checksum::crc32(body) != crc {
             break;
         }
         let Ok(b) = postcard::from_bytes::<Body>(body) else { break };
