@@ -145,7 +145,13 @@ pub fn options(user: &User, ca: &CaTrust, link: &LinkOptions) -> Result<ConnectO
 pub fn server_addrs(urls: &[String]) -> Result<Vec<async_nats::ServerAddr>, LinkError> {
     urls.iter()
         .map(|u| {
-            u.parse().map_err(|e: std::io::Error| LinkError::Url { url: u.clone(), detail: e.to_string() })
+            let bad = |detail: String| LinkError::Url { url: u.clone(), detail };
+            // url percent-encodes a non-ASCII host in nats:// and tls://
+            // URLs, which then fails as an unknown name: say why instead.
+            if !u.is_ascii() {
+                return Err(bad("not ASCII; write an international host name in its xn-- form".into()));
+            }
+            u.parse().map_err(|e: std::io::Error| bad(e.to_string()))
         })
         .collect()
 }
@@ -231,4 +237,18 @@ pub async fn ensure_stream(
         Err(c) => format!("creating stream {name}: {c}"),
         Ok(_) => format!("opening stream {name}: {e}"),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_parse_and_non_ascii_hosts_are_refused_by_name() {
+        let ok = server_addrs(&["tls://xn--bcher-kva.example:4222".into(), "tls://127.0.0.1:4222".into()]);
+        assert_eq!(ok.unwrap()[0].host(), "xn--bcher-kva.example");
+        let err = server_addrs(&["tls://bücher.example:4222".into()]).unwrap_err().to_string();
+        assert!(err.contains("bücher") && err.contains("xn--"), "{err}");
+        assert!(server_addrs(&["tls://[::1:4222".into()]).is_err());
+    }
 }

@@ -168,11 +168,16 @@ mod tests {
         (ca_der.clone(), vec![server.der().clone(), ca_der.into()], key.serialize_der())
     }
 
-    fn handshake(trust: &CaTrust, chain: Vec<CertificateDer<'static>>, key: Vec<u8>) -> Result<(), rustls::Error> {
-        let server_config = ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()?
-            .with_no_client_auth()
-            .with_single_cert(chain, PrivatePkcs8KeyDer::from(key).into())?;
+    fn handshake(
+        trust: &CaTrust,
+        chain: Vec<CertificateDer<'static>>,
+        key: Vec<u8>,
+    ) -> Result<(), rustls::Error> {
+        let server_config =
+            ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()?
+                .with_no_client_auth()
+                .with_single_cert(chain, PrivatePkcs8KeyDer::from(key).into())?;
         let mut server = ServerConnection::new(Arc::new(server_config))?;
         let config = client_config(trust).unwrap();
         let mut client = ClientConnection::new(Arc::new(config), ServerName::try_from("localhost").unwrap())?;
