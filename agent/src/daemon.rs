@@ -14,7 +14,7 @@ use crate::config::Config;
 use crate::enroll::{self, Plan};
 use crate::identity::{self, Identity};
 use crate::link::{self, LinkSettings};
-use crate::outbox::{Outbox, OutboxConfig};
+use crate::outbox::{Outbox, OutboxConfig, Repair};
 use crate::reports::{self, Reporter, SendSettings};
 
 /// Runs until the process ends. `engine` is held by whoever uses the
@@ -80,7 +80,14 @@ fn open_reporter(cfg: &Config, state_dir: &Path) -> Result<Reporter, String> {
     let ocfg = OutboxConfig { telemetry_budget: cfg.reports.telemetry_budget, ..OutboxConfig::default() };
     let (outbox, repairs) = Outbox::open(state_dir, ocfg).map_err(|e| e.to_string())?;
     for r in repairs {
-        warn!(file = %r.file.display(), bytes = r.cut, "outbox: cut off a torn record (power loss mid-write)");
+        match r {
+            Repair::Cut { file, bytes } => {
+                warn!(file = %file.display(), bytes, "outbox: cut off a torn record (power loss mid-write)")
+            }
+            Repair::NewEpoch { file, why } => {
+                warn!(file = %file.display(), why, "outbox: epoch unreadable; reports count from a new one")
+            }
+        }
     }
     let reporter = Reporter::new(outbox, &device, &boot_id, state_dir, cfg.slots.clone());
     let (n, bytes) = reporter.backlog();

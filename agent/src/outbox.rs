@@ -5,7 +5,10 @@
 //!   `<first seq, 20 digits>.seg`, each a run of records
 //!   `len u32 LE | crc32 u32 LE | postcard (seq, payload)`;
 //! - `acked`: per lane, the highest sequence number that is done (acked by
-//!   JetStream, or dropped from the telemetry lane), written atomically.
+//!   JetStream, or dropped from the telemetry lane), written atomically;
+//! - `epoch`: 16 hex digits drawn at random when the outbox is created.
+//!   Sequence numbers count within it: a wiped outbox starts again at 1 in
+//!   a new epoch, and the fleet tells its reports from the old ones.
 //!
 //! Invariants:
 //! - a record is on disk (events: fsynced) before `append` returns, and is
@@ -44,6 +47,8 @@ pub enum OutboxError {
     TooLarge(usize),
     #[error(transparent)]
     Write(#[from] durable::WriteError),
+    #[error("outbox epoch: no randomness from the OS: {0}")]
+    Random(String),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> OutboxError + '_ {
@@ -131,10 +136,15 @@ pub struct Dropped {
 
 /// What `open` had to repair.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Repair {
-    pub file: PathBuf,
-    /// Bytes cut off the end.
-    pub cut: u64,
+pub enum Repair {
+    /// A torn or damaged tail cut off a segment.
+    Cut {
+        file: PathBuf,
+        /// Bytes cut off the end.
+        bytes: u64,
+    },
+    /// The epoch file was unreadable; a new epoch was drawn.
+    NewEpoch { file: PathBuf, why: String },
 }
 
 /// The outbox of one state directory.
@@ -144,6 +154,7 @@ pub struct Outbox {
     lanes: [LaneState; 2],
     acked: Acked,
     acked_on_disk: Acked,
+    epoch: u64,
     next_seq: u64,
 }
 
@@ -158,8 +169,10 @@ impl Outbox {
     /// Opens (or creates) the outbox, cutting off torn tails.
     pub fn open(state_dir: &Path, cfg: OutboxConfig) -> Result<(Outbox, Vec<Repair>), OutboxError> {
         let dir = state_dir.join("outbox");
-        let acked = read_acked(&dir.join("acked"))?;
+        fs::create_dir_all(&dir).map_err(io(&dir))?;
         let mut repairs = Vec::new();
+        let epoch = open_epoch(&dir, &mut repairs)?;
+        let acked = read_acked(&dir.join("acked"))?;
         let mut max_seq = acked.events.max(acked.telemetry);
         let mut lanes = Vec::with_capacity(2);
         for lane in Lane::ALL {
@@ -189,7 +202,7 @@ impl Outbox {
                     let f = OpenOptions::new().write(true).open(&path).map_err(io(&path))?;
                     f.set_len(good_len).map_err(io(&path))?;
                     f.sync_all().map_err(io(&path))?;
-                    repairs.push(Repair { file: path.clone(), cut: file_len - good_len });
+                    repairs.push(Repair::Cut { file: path.clone(), bytes: file_len - good_len });
                 }
                 let last_seq = records.last().map(|r| r.seq).unwrap_or(0);
                 max_seq = max_seq.max(last_seq);
@@ -211,8 +224,13 @@ impl Outbox {
             Ok(l) => l,
             Err(_) => unreachable!("two lanes"),
         };
-        let ob = Outbox { dir, cfg, lanes, acked, acked_on_disk: acked, next_seq: max_seq + 1 };
+        let ob = Outbox { dir, cfg, lanes, acked, acked_on_disk: acked, epoch, next_seq: max_seq + 1 };
         Ok((ob, repairs))
+    }
+
+    /// The epoch this outbox's sequence numbers count within.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 
     /// Appends a record whose payload `make` builds from its sequence
@@ -407,6 +425,45 @@ pub fn peek(state_dir: &Path) -> Result<(usize, u64), OutboxError> {
     Ok((n, bytes))
 }
 
+/// Reads the outbox's epoch; draws and stores a new one for a new outbox,
+/// or in place of an unreadable one (then its sequence numbers, which go
+/// on from the segments, show a gap from 1 in the fleet's count).
+fn open_epoch(dir: &Path, repairs: &mut Vec<Repair>) -> Result<u64, OutboxError> {
+    let path = dir.join(EPOCH_FILE);
+    match durable::read_bounded(&path, 64) {
+        Ok(bytes) => match parse_epoch(&bytes) {
+            Ok(e) => return Ok(e),
+            Err(why) => repairs.push(Repair::NewEpoch { file: path.clone(), why }),
+        },
+        Err(e) if e.is_not_found() => {}
+        Err(durable::ReadError::TooLarge { .. }) => {
+            repairs.push(Repair::NewEpoch { file: path.clone(), why: "over 64 bytes".into() })
+        }
+        Err(durable::ReadError::Io { path, source }) => return Err(OutboxError::Io { path, err: source }),
+    }
+    let mut b = [0u8; 8];
+    getrandom::getrandom(&mut b).map_err(|e| OutboxError::Random(e.to_string()))?;
+    let epoch = u64::from_le_bytes(b);
+    durable::write_bytes(&path, 0o644, Replace::Allow, format_epoch(epoch).as_bytes())?;
+    Ok(epoch)
+}
+
+const EPOCH_FILE: &str = "epoch";
+
+fn format_epoch(epoch: u64) -> String {
+    format!("{epoch:016x}\n")
+}
+
+/// `epoch`'s content: exactly 16 lowercase hex digits and a newline.
+fn parse_epoch(bytes: &[u8]) -> Result<u64, String> {
+    let text = bytes.strip_suffix(b"\n").unwrap_or(bytes);
+    if text.len() != 16 || !text.iter().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')) {
+        return Err(format!("not 16 hex digits ({} bytes)", bytes.len()));
+    }
+    let text = std::str::from_utf8(text).map_err(|_| "not text".to_string())?;
+    u64::from_str_radix(text, 16).map_err(|e| e.to_string())
+}
+
 fn read_acked(path: &Path) -> Result<Acked, OutboxError> {
     match fs::read(path) {
         Ok(bytes) => Ok(postcard::from_bytes(&bytes).unwrap_or_default()),
@@ -538,8 +595,45 @@ mod tests {
         let mut f = OpenOptions::new().append(true).open(&seg).unwrap();
         f.write_all(&[0xff; 40]).unwrap();
         let (ob, repairs) = Outbox::open(d.path(), cfg()).unwrap();
-        assert_eq!(repairs[0].cut, 40);
+        assert!(matches!(&repairs[..], [Repair::Cut { bytes: 40, .. }]), "{repairs:?}");
         assert_eq!(ob.backlog().0, 3);
+    }
+
+    #[test]
+    fn the_epoch_is_kept_and_a_wiped_outbox_starts_a_new_one() {
+        let d = tempfile::tempdir().unwrap();
+        let (mut ob, _) = Outbox::open(d.path(), cfg()).unwrap();
+        let epoch = ob.epoch();
+        ob.append(Lane::Events, payload).unwrap();
+        drop(ob);
+        let (ob, repairs) = Outbox::open(d.path(), cfg()).unwrap();
+        assert!(repairs.is_empty());
+        assert_eq!(ob.epoch(), epoch);
+        drop(ob);
+        // A reflash or a re-provisioning wipes the state directory.
+        fs::remove_dir_all(d.path().join("outbox")).unwrap();
+        let (mut ob, _) = Outbox::open(d.path(), cfg()).unwrap();
+        assert_ne!(ob.epoch(), epoch);
+        assert_eq!(ob.append(Lane::Events, payload).unwrap().0, 1);
+    }
+
+    #[test]
+    fn a_damaged_epoch_is_replaced_and_said_so() {
+        let d = tempfile::tempdir().unwrap();
+        let (ob, _) = Outbox::open(d.path(), cfg()).unwrap();
+        let (epoch, file) = (ob.epoch(), d.path().join("outbox/epoch"));
+        drop(ob);
+        for bad in [&b""[..], b"0123", b"0123456789ABCDEF\n", b"0123456789abcdefg", &[b'0'; 100]] {
+            fs::write(&file, bad).unwrap();
+            let (ob, repairs) = Outbox::open(d.path(), cfg()).unwrap();
+            assert!(matches!(&repairs[..], [Repair::NewEpoch { .. }]), "{bad:?}: {repairs:?}");
+            assert_ne!(ob.epoch(), epoch);
+            drop(ob);
+            // What was drawn is stored: the next open keeps it.
+            let (again, repairs) = Outbox::open(d.path(), cfg()).unwrap();
+            assert!(repairs.is_empty());
+            assert_ne!(again.epoch(), epoch);
+        }
     }
 
     #[test]
@@ -591,6 +685,18 @@ mod tests {
             proptest::prop_assert_eq!(seqs.clone(), (1..=seqs.len() as u64).collect::<Vec<_>>());
             for r in ob.pending(Lane::Events) {
                 proptest::prop_assert_eq!(&r.payload, &payload(r.seq));
+            }
+        }
+
+        #[test]
+        fn epoch_text_round_trips_and_nothing_else_parses(
+            epoch: u64,
+            junk in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40),
+        ) {
+            proptest::prop_assert_eq!(parse_epoch(format_epoch(epoch).as_bytes()), Ok(epoch));
+            if let Ok(e) = parse_epoch(&junk) {
+                let (shown, text) = (format_epoch(e), std::str::from_utf8(&junk).map(str::trim_end));
+                proptest::prop_assert_eq!(Ok(shown.trim_end()), text);
             }
         }
     }

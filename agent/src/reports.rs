@@ -93,9 +93,12 @@ impl Reporter {
     /// Queues one report; returns its sequence number.
     pub fn queue(&self, lane: Lane, kind: ReportKind) -> Result<u64, OutboxError> {
         let (journal_state, running_slot, running_bundle) = self.device_state();
+        let mut ob = self.outbox();
+        let epoch = ob.epoch();
         let make = |seq: u64, kind: ReportKind| -> Vec<u8> {
             Report {
                 device: self.device.clone(),
+                epoch,
                 seq,
                 boot_id: self.boot_id.clone(),
                 agent_version: env!("CARGO_PKG_VERSION").into(),
@@ -107,7 +110,6 @@ impl Reporter {
             }
             .to_bytes()
         };
-        let mut ob = self.outbox();
         let (seq, dropped) = ob.append(lane, |seq| make(seq, kind))?;
         if let Some(d) = dropped {
             // Every sequence number is accounted for: sent, or declared dropped.
@@ -251,9 +253,11 @@ pub async fn send_loop(client: async_nats::Client, reporter: Reporter, settings:
         }
         let mut inflight = FuturesOrdered::new();
         let mut failed = false;
+        let epoch = reporter.outbox().epoch();
         for (lane, seq, payload) in batch {
             let mut headers = async_nats::HeaderMap::new();
-            headers.insert("Nats-Msg-Id", perch_protocol::report::msg_id(&reporter.device, seq).as_str());
+            let id = perch_protocol::report::msg_id(&reporter.device, epoch, seq);
+            headers.insert("Nats-Msg-Id", id.as_str());
             let subject = format!("{}.{}", subjects::reports(&reporter.device), lane.as_str());
             match js.publish_with_headers(subject, headers, payload.into()).await {
                 Ok(ack) => {

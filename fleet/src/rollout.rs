@@ -383,6 +383,7 @@ mod tests {
         Stored {
             report: Report {
                 device: id.into(),
+                epoch: 1,
                 seq: 10,
                 boot_id: "b".into(),
                 agent_version: "0".into(),

@@ -79,6 +79,9 @@ fn accounting(a: &Accounting) -> String {
             let _ = write!(out, ", missing {x}..{y}");
         }
     }
+    if a.earlier > 0 {
+        let _ = write!(out, " (and {} from before its state was wiped)", a.earlier);
+    }
     out
 }
 
@@ -179,6 +182,7 @@ mod tests {
         let r = |seq, state: &str, kind| Stored {
             report: Report {
                 device: "drone-1".into(),
+                epoch: 1,
                 seq,
                 boot_id: "b".into(),
                 agent_version: "0.1.0".into(),

@@ -10,7 +10,10 @@
 //! - a device not heard from within `stale_after` is `stale`, whatever its
 //!   last report said: silence is never shown as healthy;
 //! - report accounting (with `--device`): sequence numbers are counted, and
-//!   any missing range not covered by a `Dropped` report is shown as a gap.
+//!   any missing range not covered by a `Dropped` report is shown as a gap;
+//! - a device's current epoch is the one of its report stored last: a device
+//!   whose state was wiped counts again from 1 in a new epoch, and its
+//!   reports from before are neither shown as its state nor counted.
 
 use std::collections::BTreeMap;
 
@@ -68,6 +71,8 @@ pub struct Accounting {
     /// Sequence numbers stored more than once (only possible for reports
     /// resent after the duplicate window).
     pub duplicates: u64,
+    /// Reports from the device's earlier epochs (before its state was wiped).
+    pub earlier: u64,
     /// Telemetry the device dropped over its budget, and said so.
     pub dropped: u64,
     /// Ranges of sequence numbers neither stored nor reported dropped.
@@ -112,8 +117,9 @@ pub struct FleetView {
     pub devices: Vec<DeviceView>,
 }
 
-/// Builds the view. `complete` says every report of these devices was
-/// read (not just the last per subject), so they can be accounted for.
+/// Builds the view from `reports` in the order the stream stored them.
+/// `complete` says every report of these devices was read (not just the
+/// last per subject), so they can be accounted for.
 pub fn build(
     registry: &[DeviceRecord],
     reports: impl IntoIterator<Item = Stored>,
@@ -128,12 +134,22 @@ pub fn build(
         v.groups = rec.groups.clone();
         by_id.insert(rec.id.clone(), v);
     }
+    let reports: Vec<Stored> = reports.into_iter().collect();
+    // Stream order: the last report stored names the device's epoch.
+    let epochs: BTreeMap<&str, u64> =
+        reports.iter().map(|s| (s.report.device.as_str(), s.report.epoch)).collect();
+    let mut earlier: BTreeMap<String, u64> = BTreeMap::new();
     let mut seqs: BTreeMap<String, Vec<u64>> = BTreeMap::new();
     let mut dropped: BTreeMap<String, Vec<(u64, u64)>> = BTreeMap::new();
     let mut latest_seq: BTreeMap<String, u64> = BTreeMap::new();
-    for Stored { report: r, stored_at } in reports {
+    for Stored { report: r, stored_at } in &reports {
+        let stored_at = *stored_at;
         let v = by_id.entry(r.device.clone()).or_insert_with(|| empty(&r.device));
         v.last_seen = Some(v.last_seen.map_or(stored_at, |t| t.max(stored_at)));
+        if epochs.get(r.device.as_str()) != Some(&r.epoch) {
+            *earlier.entry(r.device.clone()).or_default() += 1;
+            continue;
+        }
         seqs.entry(r.device.clone()).or_default().push(r.seq);
         match &r.kind {
             ReportKind::Deploy { state, reason, bundle }
@@ -176,7 +192,9 @@ pub fn build(
         };
         if complete {
             let s = seqs.remove(&v.id).unwrap_or_default();
-            v.reports = Some(account(s, dropped.remove(&v.id).unwrap_or_default()));
+            let mut a = account(s, dropped.remove(&v.id).unwrap_or_default());
+            a.earlier = earlier.remove(&v.id).unwrap_or(0);
+            v.reports = Some(a);
         }
     }
     FleetView { now, stale_after_secs, devices: by_id.into_values().collect() }
@@ -233,6 +251,7 @@ pub fn account(mut seqs: Vec<u64>, dropped: Vec<(u64, u64)>) -> Accounting {
         first: seqs.first().copied().unwrap_or(0),
         last,
         duplicates,
+        earlier: 0,
         dropped: dropped_count,
         gaps,
     }
@@ -246,6 +265,7 @@ mod tests {
         Stored {
             report: Report {
                 device: device.into(),
+                epoch: 7,
                 seq,
                 boot_id: "b1".into(),
                 agent_version: "0.1.0".into(),
@@ -316,5 +336,28 @@ mod tests {
         assert_eq!(d.progress, Some((16, 40)));
         assert_eq!(d.last_deploy.as_ref().map(|d| d.at_seq), Some(3));
         assert_eq!(d.reports.as_ref().map(|a| a.gaps.clone()), Some(vec![(1, 2), (4, 8)]));
+    }
+
+    #[test]
+    fn a_wiped_device_counts_again_in_a_new_epoch_and_its_old_reports_step_aside() {
+        let mut old: Vec<Stored> = (1..=50).map(|n| report("d1", n, ReportKind::Heartbeat)).collect();
+        old.push(report("d1", 51, ReportKind::Deploy { state: "failed".into(), reason: None, bundle: None }));
+        old[50].report.running_slot = Some("b".into());
+        // Reflashed and re-provisioned: a new outbox, a new epoch, from 1.
+        let new: Vec<Stored> = (1..=3)
+            .map(|n| {
+                let mut r = report("d1", n, ReportKind::Heartbeat);
+                r.report.epoch = 8;
+                r.stored_at = 2000 + n;
+                r
+            })
+            .collect();
+        let v = build(&[], old.into_iter().chain(new), 2010, 60, true);
+        let d = &v.devices[0];
+        assert_eq!((d.last_seq, d.running_slot.as_deref()), (3, Some("a")));
+        assert_eq!(d.last_deploy, None, "the old install's outcome is not this one's");
+        let a = d.reports.as_ref().unwrap();
+        assert_eq!((a.stored, a.first, a.last, a.earlier), (3, 1, 3, 51));
+        assert!(a.exact(), "{a:?}");
     }
 }

@@ -4,8 +4,13 @@
 //! Every report carries the device id, its per-device sequence number, the
 //! boot id, the agent version, the running slot and bundle, and the deploy
 //! journal's state: the fleet's status view is built from nothing else.
-//! On the wire a report is postcard; its `Nats-Msg-Id` is `<device>.<seq>`,
-//! so a resend after a reconnect is stored once.
+//! On the wire a report is postcard; its `Nats-Msg-Id` is
+//! `<device>.<epoch>.<seq>`, so a resend after a reconnect is stored once.
+//!
+//! Sequence numbers count within an *epoch*: a random number the device's
+//! outbox draws when it is created. A device whose state was wiped (reflashed,
+//! re-provisioned) starts again at 1 in a new epoch, so its new reports are
+//! neither taken for resends of its old ones nor ranked below them.
 
 use serde::{Deserialize, Serialize};
 
@@ -64,6 +69,8 @@ pub enum ReportKind {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Report {
     pub device: String,
+    /// The outbox's epoch: `seq` counts within it.
+    pub epoch: u64,
     pub seq: u64,
     pub boot_id: String,
     pub agent_version: String,
@@ -103,15 +110,15 @@ impl Report {
         Ok(r)
     }
 
-    /// The `Nats-Msg-Id` of this report: `<device>.<seq>`.
+    /// The `Nats-Msg-Id` of this report: `<device>.<epoch>.<seq>`.
     pub fn msg_id(&self) -> String {
-        msg_id(&self.device, self.seq)
+        msg_id(&self.device, self.epoch, self.seq)
     }
 }
 
-/// The `Nats-Msg-Id` of a device's report `seq`.
-pub fn msg_id(device: &str, seq: u64) -> String {
-    format!("{device}.{seq}")
+/// The `Nats-Msg-Id` of a device's report `seq` in `epoch` (16 hex digits).
+pub fn msg_id(device: &str, epoch: u64, seq: u64) -> String {
+    format!("{device}.{epoch:016x}.{seq}")
 }
 
 #[cfg(test)]
@@ -121,6 +128,7 @@ mod tests {
     fn sample() -> Report {
         Report {
             device: "drone-1".into(),
+            epoch: 0x0123_4567_89ab_cdef,
             seq: 42,
             boot_id: "b".into(),
             agent_version: "0.1.0".into(),
@@ -136,7 +144,7 @@ mod tests {
     fn round_trip() {
         let r = sample();
         assert_eq!(Report::from_bytes(&r.to_bytes()).unwrap(), r);
-        assert_eq!(r.msg_id(), "drone-1.42");
+        assert_eq!(r.msg_id(), "drone-1.0123456789abcdef.42");
         let mut bad = sample();
         bad.device = "a.b".into();
         assert!(matches!(Report::from_bytes(&bad.to_bytes()), Err(ReportError::BadDevice(_))));

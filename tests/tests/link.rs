@@ -127,6 +127,50 @@ fn reports_arrive_exactly_once_through_an_outage_a_crash_and_a_reboot() {
 }
 
 #[test]
+fn a_device_whose_state_was_wiped_counts_again_from_one_and_no_report_is_taken_for_a_resend() {
+    let f = Fleet::start(1);
+    let proxy = Proxy::start(([127, 0, 0, 1], f.server.port).into());
+    let d = device_behind(&f, &proxy, "drone-4", "[reports]\nheartbeat = \"20ms\"\n");
+    let reader = f.reports_reader();
+    let mut agent = d.spawn_run();
+    assert!(wait_for(Duration::from_secs(15), || reader.count() >= 30), "{}", f.all_logs());
+    kill(&mut agent);
+    settle(&reader);
+    let before = reader.all();
+    let old_epoch = before[0].epoch;
+    // Reflashed in the field: the outbox (and with it the sequence numbers)
+    // is gone. Within JetStream's 24 h duplicate window.
+    std::fs::remove_dir_all(d.state().join("outbox")).unwrap();
+    agent = d.spawn_run();
+    let n0 = before.len() as u64;
+    assert!(wait_for(Duration::from_secs(15), || reader.count() >= n0 + 10), "{}", f.all_logs());
+    kill(&mut agent);
+    d.edit_config("heartbeat = \"20ms\"", "heartbeat = \"1h\"");
+    let mut drain = d.spawn_run();
+    settle(&reader);
+    kill(&mut drain);
+    let after: Vec<Report> = reader.all().into_iter().filter(|r| r.epoch != old_epoch).collect();
+    let mut seqs: Vec<u64> = after.iter().map(|r| r.seq).collect();
+    seqs.sort();
+    let m = seqs.len() as u64;
+    assert!(m >= 10, "only {m} reports after the wipe");
+    // Every new report was stored, from 1, though the old ones took the same numbers.
+    assert_eq!(seqs, (1..=m).collect::<Vec<_>>());
+    assert!(before.iter().all(|r| r.epoch == old_epoch) && before.iter().any(|r| r.seq == 1));
+    let shown = f.status(&["--device", "drone-4"]);
+    assert!(
+        shown.stdout.contains(&format!(
+            "{m} stored, seq 1..{m}: each once, no gaps (and {n0} from before its state was wiped)"
+        )),
+        "{}",
+        shown.stdout
+    );
+    let fleet: serde_json::Value = serde_json::from_str(&f.status(&["--json"]).stdout).unwrap();
+    let me = fleet["devices"].as_array().unwrap().iter().find(|d| d["id"] == "drone-4").unwrap();
+    assert_eq!(me["last_seq"], m, "the device's state is its newest epoch's");
+}
+
+#[test]
 fn reports_continue_exactly_once_across_a_server_crash() {
     let mut f = Fleet::start(1);
     let proxy = Proxy::start(([127, 0, 0, 1], f.server.port).into());

@@ -38,11 +38,12 @@ fn main() {
 fn fill(state: &str, device: &str, n: u64) {
     let cfg = OutboxConfig { telemetry_budget: 1 << 40, ..OutboxConfig::default() };
     let (mut ob, _) = Outbox::open(&PathBuf::from(state), cfg).expect("outbox");
-    let t = Instant::now();
+    let (t, epoch) = (Instant::now(), ob.epoch());
     for _ in 0..n {
         ob.append(Lane::Telemetry, |seq| {
             Report {
                 device: device.into(),
+                epoch,
                 seq,
                 boot_id: "bench".into(),
                 agent_version: env!("CARGO_PKG_VERSION").into(),
