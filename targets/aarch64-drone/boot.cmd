@@ -12,7 +12,11 @@
 # agent never has to guess.
 #
 # Board specifics to check: devtype/devnum (the boot medium), the
-# partitions (perch_part_a / perch_part_b), the kernel and FDT file names.
+# partitions (perch_part_a / perch_part_b), the kernel and FDT file names,
+# and that the board's environment sets fdt_addr_r and fdtfile.
+#
+# tests/tests/uboot.rs runs this script in real U-Boot (qemu's virt board)
+# for every state the agent can leave in the environment.
 
 if test -z "${perch_slot}"; then setenv perch_slot a; fi
 if test -z "${bootlimit}"; then setenv bootlimit 3; fi

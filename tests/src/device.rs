@@ -1,7 +1,9 @@
 //! A simulated device for end-to-end deploy tests: real slot files, a real
 //! file-backed U-Boot environment (fw_setenv/fw_printenv) or grubenv
-//! (grub-editenv), and a small bootloader model that plays the firmware's
-//! part on "reboot" using those same real tools.
+//! (grub-editenv), and a bootloader that plays the firmware's part on
+//! "reboot": real U-Boot under qemu running the shipped boot script
+//! ([`crate::uboot`]), or for tests that reboot hundreds of times, a model
+//! of that script ([`uboot_model`], checked against real U-Boot).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -24,6 +26,9 @@ pub struct Device {
     pub s: Scratch,
     pub backend: Backend,
     boots: u32,
+    /// U-Boot devices: reboot through [`uboot_model`] instead of real U-Boot.
+    pub boot_model: bool,
+    board: Option<crate::uboot::Board>,
     /// Extra `[health]` lines.
     pub health: String,
     pub inhibit: String,
@@ -42,6 +47,8 @@ impl Device {
             s,
             backend,
             boots: 0,
+            boot_model: false,
+            board: None,
             health: "commands = [\"true\"]\ntrial = \"20s\"\ninterval = \"100ms\"\ntimeout = \"5s\"\n".into(),
             inhibit: String::new(),
             target: "test-board".into(),
@@ -63,7 +70,12 @@ impl Device {
                 fs::write(d.path("env"), vec![0u8; 0x4000]).unwrap();
                 fs::write(d.path("fw_env.config"), format!("{} 0x0000 0x4000\n", d.path("env").display()))
                     .unwrap();
-                fs::write(d.path("defenv"), "perch_slot=a\nbootlimit=3\n").unwrap();
+                // perch's defaults, and the board's own variables.
+                let mut defenv = "perch_slot=a\nbootlimit=3\n".to_string();
+                for (k, v) in crate::uboot::BOARD_ENV {
+                    defenv.push_str(&format!("{k}={v}\n"));
+                }
+                fs::write(d.path("defenv"), defenv).unwrap();
                 let st = Command::new("fw_setenv")
                     .arg("-c")
                     .arg(d.path("fw_env.config"))
@@ -217,43 +229,56 @@ impl Device {
     pub fn reboot(&mut self) -> &'static str {
         self.boots += 1;
         let slot = match self.backend {
-            Backend::Uboot => {
-                let get = |v: &str| -> String {
+            Backend::Uboot if self.boot_model => {
+                let get = |v: &str| -> Option<String> {
                     let o = Command::new("fw_printenv")
                         .arg("-c")
                         .arg(self.path("fw_env.config"))
                         .args(["-n", v])
                         .output()
                         .unwrap();
-                    String::from_utf8_lossy(&o.stdout).trim().to_string()
+                    Some(String::from_utf8_lossy(&o.stdout).trim().to_string()).filter(|s| !s.is_empty())
                 };
-                let mut slot = get("perch_slot");
-                let mut upgrade = get("upgrade_available");
-                let mut count: u32 = get("bootcount").parse().unwrap_or(0);
-                let limit: u32 = get("bootlimit").parse().unwrap_or(3);
-                if upgrade == "1" {
-                    count += 1;
-                    if count > limit {
-                        // altbootcmd: go back to the other slot for good.
-                        slot = if slot == "a" { "b".into() } else { "a".into() };
-                        upgrade = "0".into();
-                        count = 0;
-                    }
+                let vars = ["perch_slot", "upgrade_available", "bootcount", "bootlimit"].map(get);
+                let [slot, upgrade, count, limit] = vars.each_ref().map(Option::as_deref);
+                let b = uboot_model(slot, upgrade, count, limit);
+                if b.saved {
+                    let script = self.path("bootsim.script");
+                    let mut saved = format!(
+                        "perch_slot={}\nbootcount={}\nbootlimit={}\n",
+                        b.slot, b.bootcount, b.bootlimit
+                    );
+                    saved.push_str(&format!("upgrade_available={}\n", b.upgrade_available));
+                    fs::write(&script, saved).unwrap();
+                    let st = Command::new("fw_setenv")
+                        .arg("-c")
+                        .arg(self.path("fw_env.config"))
+                        .arg("-s")
+                        .arg(&script)
+                        .status();
+                    assert!(st.unwrap().success());
                 }
-                let script = self.path("bootsim.script");
-                fs::write(
-                    &script,
-                    format!("perch_slot={slot}\nupgrade_available={upgrade}\nbootcount={count}\n"),
-                )
-                .unwrap();
-                let st = Command::new("fw_setenv")
-                    .arg("-c")
-                    .arg(self.path("fw_env.config"))
-                    .arg("-s")
-                    .arg(&script)
-                    .status();
-                assert!(st.unwrap().success());
-                slot
+                b.slot
+            }
+            Backend::Uboot => {
+                let (dir, env) = (self.path(""), self.path("env"));
+                let board = self
+                    .board
+                    .get_or_insert_with(|| crate::uboot::Board::new(crate::uboot::Arch::Aarch64, &dir));
+                let boot = board.boot(&env);
+                let slot = boot
+                    .slot()
+                    .unwrap_or_else(|| panic!("no perch.slot= from U-Boot:\n{}", boot.console))
+                    .to_string();
+                assert_eq!(
+                    boot.kernel.map(String::from),
+                    Some(slot.clone()),
+                    "U-Boot loaded another slot's kernel:\n{}",
+                    boot.console
+                );
+                fs::write(self.path("cmdline"), format!("{}\n", boot.bootargs)).unwrap();
+                fs::write(self.path("boot_id"), format!("boot-{}\n", self.boots)).unwrap();
+                return if slot == "a" { "a" } else { "b" };
             }
             Backend::Grub => {
                 let env = self.path("grubenv");
@@ -392,4 +417,46 @@ pub fn tree_digest(root: &Path) -> String {
         .output()
         .unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// What the shipped U-Boot boot script decides on one boot, given the
+/// variables it reads (`None`: unset). U-Boot's `setexpr` and `itest` read
+/// numbers as hex, and so does this.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UbootDecision {
+    pub slot: String,
+    pub upgrade_available: String,
+    pub bootcount: String,
+    pub bootlimit: String,
+    /// The script ran `saveenv` (only while `upgrade_available` is 1).
+    pub saved: bool,
+}
+
+/// The model of `targets/*-drone/boot.cmd`; `tests/uboot.rs` checks it
+/// against real U-Boot for every state the agent can leave.
+pub fn uboot_model(
+    slot: Option<&str>,
+    upgrade: Option<&str>,
+    count: Option<&str>,
+    limit: Option<&str>,
+) -> UbootDecision {
+    let hex = |s: &str| u64::from_str_radix(s, 16).unwrap_or(0);
+    let mut d = UbootDecision {
+        slot: slot.unwrap_or("a").to_string(),
+        upgrade_available: upgrade.unwrap_or_default().to_string(),
+        bootcount: count.unwrap_or_default().to_string(),
+        bootlimit: limit.unwrap_or("3").to_string(),
+        saved: false,
+    };
+    if upgrade == Some("1") {
+        let n = hex(count.unwrap_or("0")) + 1;
+        d.bootcount = format!("{n:x}");
+        if n > hex(&d.bootlimit) {
+            d.slot = if d.slot == "a" { "b" } else { "a" }.into();
+            d.upgrade_available = "0".into();
+            d.bootcount = "0".into();
+        }
+        d.saved = true;
+    }
+    d
 }

@@ -7,6 +7,7 @@ pub use perch_chaos as chaos;
 pub mod device;
 pub mod fleet;
 pub mod nats;
+pub mod uboot;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -43,6 +43,8 @@ fn check_block_slots(d: &Device, new: &[u8], when: &str) {
 #[test]
 fn uboot_install_survives_sigkill_at_every_point() {
     let mut d = Device::new(Backend::Uboot);
+    // Hundreds of reboots: the boot script's model (tests/uboot.rs checks it).
+    d.boot_model = true;
     d.checkpoint_bytes = 16 * 1024;
     d.write_config();
     let new = d.image_bundle("v2.perch", 2, 7, LEN, CHUNK);
@@ -138,6 +140,8 @@ fn uboot_install_survives_sigkill_at_every_point() {
 #[test]
 fn uboot_rollback_survives_sigkill() {
     let mut d = Device::new(Backend::Uboot);
+    // Hundreds of reboots: the boot script's model (tests/uboot.rs checks it).
+    d.boot_model = true;
     d.health = "commands = [\"false\"]\ntrial = \"1s\"\ninterval = \"100ms\"\n".into();
     d.write_config();
     let new = d.image_bundle("v2.perch", 2, 7, 64 * 1024, CHUNK);

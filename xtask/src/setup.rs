@@ -25,6 +25,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ("openssl", "reference SHA-256 for the benchmark"),
     ("systemd", "systemd-analyze verifies the shipped units"),
     ("u-boot-tools", "mkimage checks the drones' U-Boot boot script"),
+    ("u-boot-qemu", "real U-Boot for qemu's virt board runs the drones' boot script"),
+    ("qemu-system-arm", "runs that U-Boot (qemu-system-aarch64 and qemu-system-arm)"),
+    ("fdisk", "sfdisk lays out the test board's A/B disk"),
+    ("e2fsprogs", "mkfs.ext4 fills the test board's root file systems"),
 ];
 
 /// Foreign architectures whose Rust standard library we unpack.

@@ -372,8 +372,10 @@ impl Config {
             );
         }
         if let Slots::Uboot(u) = &self.slots {
-            if u.bootlimit == 0 {
-                return Err("slots.bootlimit: must be at least 1".into());
+            // The drones' boot script counts with U-Boot's setexpr and
+            // itest, which read hex: 10 would mean 16 boots.
+            if !(1..=9).contains(&u.bootlimit) {
+                return Err("slots.bootlimit: must be 1 to 9 (U-Boot's boot script reads it as hex)".into());
             }
         }
         Ok(())
@@ -575,6 +577,23 @@ trial = "1m"
         let Slots::Uboot(u) = c.slots else { panic!() };
         assert_eq!(u.bootlimit, 3);
         assert_eq!(u.vars.slot, "perch_slot");
+    }
+
+    #[test]
+    fn bootlimit_is_one_digit_because_u_boot_reads_it_as_hex() {
+        let with = |n: &str| {
+            Config::parse(
+                &GOOD.replace("fw_env_config", &format!("bootlimit = {n}\nfw_env_config")),
+                "agent.toml",
+            )
+        };
+        for ok in ["1", "9"] {
+            with(ok).unwrap();
+        }
+        for bad in ["0", "10"] {
+            let e = with(bad).unwrap_err().to_string();
+            assert!(e.contains("slots.bootlimit: must be 1 to 9"), "{e}");
+        }
     }
 
     #[test]
