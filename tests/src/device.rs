@@ -262,10 +262,15 @@ impl Device {
             }
             Backend::Uboot => {
                 let (dir, env) = (self.path(""), self.path("env"));
-                let board = self
-                    .board
-                    .get_or_insert_with(|| crate::uboot::Board::new(crate::uboot::Arch::Aarch64, &dir));
-                let boot = board.boot(&env);
+                let board = self.board.get_or_insert_with(|| {
+                    crate::uboot::Board::new(
+                        crate::uboot::Arch::Aarch64,
+                        &boot_cmd(crate::uboot::Arch::Aarch64),
+                        &dir,
+                    )
+                    .unwrap()
+                });
+                let boot = board.boot(&env).unwrap();
                 let slot = boot
                     .slot()
                     .unwrap_or_else(|| panic!("no perch.slot= from U-Boot:\n{}", boot.console))
@@ -459,4 +464,9 @@ pub fn uboot_model(
         d.saved = true;
     }
     d
+}
+
+/// The shipped boot script of a drone class (`targets/<class>/boot.cmd`).
+pub fn boot_cmd(arch: crate::uboot::Arch) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../targets").join(arch.target()).join("boot.cmd")
 }

@@ -7,7 +7,8 @@ pub use perch_chaos as chaos;
 pub mod device;
 pub mod fleet;
 pub mod nats;
-pub mod uboot;
+/// Real U-Boot on qemu's virt board (its own crate: the demo uses it too).
+pub use perch_uboot_vm as uboot;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

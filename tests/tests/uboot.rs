@@ -4,7 +4,7 @@
 //! slot's kernel, and counts and falls back the same way. The crash tests
 //! reboot through the model; the deploy tests through real U-Boot.
 
-use perch_tests::device::uboot_model;
+use perch_tests::device::{boot_cmd, uboot_model};
 use perch_tests::uboot::{Arch, Board};
 use perch_tests::Scratch;
 
@@ -33,8 +33,8 @@ fn every_state_boots_as_the_model_says_in_real_uboot() {
     let scenarios: Vec<Vec<(&str, &str)>> =
         cases.iter().map(|c| c.iter().filter_map(|(k, v)| v.map(|v| (*k, v))).collect()).collect();
     for arch in Arch::ALL {
-        let board = Board::new(arch, &s.path(""));
-        let got = board.run_scenarios(&scenarios, &["perch_slot", "upgrade_available", "bootcount"]);
+        let board = Board::new(arch, &boot_cmd(arch), &s.path("")).unwrap();
+        let got = board.run_scenarios(&scenarios, &["perch_slot", "upgrade_available", "bootcount"]).unwrap();
         for (case, real) in cases.iter().zip(&got) {
             let [slot, upgrade, count, limit] = case.map(|(_, v)| v);
             let model = uboot_model(slot, upgrade, count, limit);

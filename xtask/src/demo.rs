@@ -40,6 +40,9 @@ pub fn say(n: u32, text: &str) {
 }
 
 pub fn run() -> Result<()> {
+    // A fresh machine has none of nats-server, the env tools, qemu or the
+    // ARM sysroots yet; on a prepared one this only checks.
+    crate::setup::run()?;
     println!("perch demo: signed bundles from key to device check, then a fleet of three on this machine\n(building the binaries first: the host tools, and the release agents for aarch64 and armv7)");
     sh(cargo().args([
         "build",

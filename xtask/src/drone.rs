@@ -2,12 +2,13 @@
 //! qemu-user, with U-Boot slots in two image files and a file-backed U-Boot
 //! environment edited by the real `fw_setenv` / `fw_printenv`.
 //!
-//! The board is simulated only where there is no board: when the agent
-//! asks for a reboot (its `reboot` command leaves a mark), the supervisor
-//! stops the agent and plays the boot script's part (`targets/*/boot.cmd`:
-//! count the boot while `upgrade_available` is 1, fall back past
-//! `bootlimit`), writes the kernel command line (`perch.slot=`) and a new
-//! boot id, and starts the agent again.
+//! When the agent asks for a reboot (its `reboot` command leaves a mark),
+//! the supervisor stops the agent and boots the drone's board: real U-Boot
+//! on qemu's virt board of the drone's architecture runs the shipped
+//! `targets/<class>/boot.cmd` on the drone's environment file (counting the
+//! boot while `upgrade_available` is 1, falling back past `bootlimit`). The
+//! kernel command line it sets (`perch.slot=`) and a new boot id are what the
+//! agent finds when it starts again. See the `perch-uboot-vm` crate.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -17,7 +18,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use anyhow::{bail, Result};
+use anyhow::{anyhow, Result};
+use perch_uboot_vm::{Arch, Board, BOARD_ENV};
 
 use crate::cross::Target;
 
@@ -31,6 +33,7 @@ pub struct Drone {
     pub dir: PathBuf,
     target: &'static Target,
     bin: PathBuf,
+    board: Board,
     pub boots: u32,
 }
 
@@ -50,7 +53,16 @@ impl Drone {
         factory[..HEALTHY.len()].copy_from_slice(HEALTHY);
         fs::write(dir.join("a.img"), &factory)?;
         fs::write(dir.join("b.img"), vec![0u8; SLOT])?;
-        crate::util::fresh_uboot_env(dir, "perch_slot=a\nbootlimit=2\n")?;
+        // perch's defaults and the board's own variables.
+        let board_env: String = BOARD_ENV.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
+        crate::util::fresh_uboot_env(dir, &format!("perch_slot=a\nbootlimit=2\n{board_env}"))?;
+        let arch = match target.arch {
+            "arm64" => Arch::Aarch64,
+            "armhf" => Arch::Armv7,
+            other => return Err(anyhow!("{name}: no U-Boot board for {other}")),
+        };
+        let boot_cmd = crate::util::root().join("targets").join(target.class).join("boot.cmd");
+        let board = Board::new(arch, &boot_cmd, dir)?;
         fs::write(dir.join("cmdline"), "console=ttyAMA0 perch.slot=a quiet\n")?;
         fs::write(dir.join("boot_id"), "boot-0\n")?;
         // The health check: the booted slot's image must carry the mark.
@@ -79,7 +91,7 @@ impl Drone {
                 health = p("health.sh"),
             ),
         )?;
-        Ok(Drone { name: name.into(), dir: dir.into(), target, bin: bin.into(), boots: 0 })
+        Ok(Drone { name: name.into(), dir: dir.into(), target, bin: bin.into(), board, boots: 0 })
     }
 
     /// `perch-agent --config .. --state-dir .. ARGS` under qemu-user.
@@ -96,45 +108,17 @@ impl Drone {
         Ok(self.agent(&["run"]).stdout(Stdio::null()).stderr(log).spawn()?)
     }
 
-    fn env(&self, var: &str) -> String {
-        Command::new("fw_printenv")
-            .arg("-c")
-            .arg(self.dir.join("fw_env.config"))
-            .args(["-n", var])
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-            .unwrap_or_default()
-    }
-
-    /// The boot script's part of a reboot; the slot that boots.
-    pub fn boot(&mut self) -> Result<String> {
+    /// A reboot: U-Boot boots the drone. Returns the slot it booted and
+    /// what the boot script said.
+    pub fn boot(&mut self) -> Result<(String, Vec<String>)> {
         self.boots += 1;
-        let mut slot = self.env("perch_slot");
-        let mut upgrade = self.env("upgrade_available");
-        let mut count: u32 = self.env("bootcount").parse().unwrap_or(0);
-        let limit: u32 = self.env("bootlimit").parse().unwrap_or(3);
-        if upgrade == "1" {
-            count += 1;
-            if count > limit {
-                slot = if slot == "a" { "b".into() } else { "a".into() };
-                upgrade = "0".into();
-                count = 0;
-            }
-        }
-        let script = self.dir.join("boot.env");
-        fs::write(&script, format!("perch_slot={slot}\nupgrade_available={upgrade}\nbootcount={count}\n"))?;
-        let st = Command::new("fw_setenv")
-            .arg("-c")
-            .arg(self.dir.join("fw_env.config"))
-            .arg("-s")
-            .arg(&script)
-            .status()?;
-        if !st.success() {
-            bail!("{}: fw_setenv failed at boot", self.name);
-        }
-        fs::write(self.dir.join("cmdline"), format!("console=ttyAMA0 perch.slot={slot} quiet\n"))?;
+        let boot = self.board.boot(&self.dir.join("env"))?;
+        let slot =
+            boot.slot().ok_or_else(|| anyhow!("{}: U-Boot set no perch.slot=", self.name))?.to_string();
+        fs::write(self.dir.join("cmdline"), format!("{}\n", boot.bootargs))?;
         fs::write(self.dir.join("boot_id"), format!("boot-{}\n", self.boots))?;
-        Ok(slot)
+        let said = boot.console.lines().filter(|l| l.starts_with("perch: ")).map(str::to_string).collect();
+        Ok((slot, said))
     }
 }
 
@@ -157,7 +141,12 @@ impl Supervised {
                     let _ = child.kill();
                     let _ = child.wait();
                     match drone.boot() {
-                        Ok(slot) => println!("    [{} reboots into slot {slot}]", drone.name),
+                        Ok((slot, said)) => {
+                            for line in said {
+                                println!("    [{} U-Boot: {line}]", drone.name);
+                            }
+                            println!("    [{} reboots into slot {slot}]", drone.name);
+                        }
                         Err(e) => eprintln!("    [{}: {e}]", drone.name),
                     }
                     match drone.start() {

@@ -14,6 +14,11 @@
 //! Each board also runs many scenarios in one session
 //! ([`Board::run_scenarios`]), so the tests can compare every state the
 //! agent can leave with the quick bootloader model the crash tests use.
+//!
+//! Needs Debian's `u-boot-qemu`, `qemu-system-arm`, `u-boot-tools`
+//! (mkimage), `fdisk` (sfdisk) and `e2fsprogs`; `cargo xtask setup`
+//! installs them.
+#![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -65,7 +70,8 @@ impl Arch {
         }
     }
 
-    fn target(self) -> &'static str {
+    /// The drone class (`targets/<class>/`).
+    pub fn target(self) -> &'static str {
         match self {
             Arch::Aarch64 => "aarch64-drone",
             Arch::Armv7 => "armv7-drone",
@@ -85,6 +91,22 @@ impl Arch {
             Arch::Armv7 => "zImage",
         }
     }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BoardError {
+    #[error("{tool}: {detail}")]
+    Tool { tool: String, detail: String },
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
+    #[error("U-Boot did not finish: {why}\n{console}")]
+    Session { why: String, console: String },
+    #[error("U-Boot {what}:\n{console}")]
+    Boot { what: String, console: String },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BoardError + '_ {
+    move |err| BoardError::Io { path: path.to_path_buf(), err }
 }
 
 /// What one boot did.
@@ -113,59 +135,67 @@ pub struct Board {
     disk: PathBuf,
 }
 
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
-}
-
-fn run(cmd: &mut Command) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+/// Runs a tool to completion, feeding it `input`.
+fn run(cmd: &mut Command, input: &[u8]) -> Result<(), BoardError> {
+    let tool = cmd.get_program().to_string_lossy().into_owned();
+    let fail = |detail: String| BoardError::Tool { tool: tool.clone(), detail };
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| fail(format!("{e} (cargo xtask setup installs it)")))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(input).map_err(|e| fail(e.to_string()))?;
+    }
+    let out = child.wait_with_output().map_err(|e| fail(e.to_string()))?;
+    if !out.status.success() {
+        return Err(fail(String::from_utf8_lossy(&out.stderr).trim().to_string()));
+    }
+    Ok(())
 }
 
 impl Board {
-    /// Builds `boot.scr` from the target's `boot.cmd` and the A/B disk in `dir`.
-    pub fn new(arch: Arch, dir: &Path) -> Board {
+    /// Builds `boot.scr` from `boot_cmd` (a target's `boot.cmd`) and the A/B
+    /// disk, in `dir`.
+    pub fn new(arch: Arch, boot_cmd: &Path, dir: &Path) -> Result<Board, BoardError> {
         let dir = dir.join(format!("uboot-{}", arch.target()));
-        fs::create_dir_all(&dir).unwrap();
+        fs::create_dir_all(&dir).map_err(io(&dir))?;
         let script = dir.join("boot.scr");
-        run(Command::new("mkimage")
-            .args(["-A", arch.mkimage_arch(), "-T", "script", "-C", "none", "-n", "perch A/B boot", "-d"])
-            .arg(workspace().join("targets").join(arch.target()).join("boot.cmd"))
-            .arg(&script));
+        run(
+            Command::new("mkimage")
+                .args(["-A", arch.mkimage_arch(), "-T", "script", "-C", "none", "-n", "perch A/B boot", "-d"])
+                .arg(boot_cmd)
+                .arg(&script),
+            b"",
+        )?;
         let disk = dir.join("disk.img");
-        fs::write(&disk, vec![0u8; 8 << 20]).unwrap();
-        let mut sfdisk = Command::new("/usr/sbin/sfdisk")
-            .args(["-q"])
-            .arg(&disk)
-            .stdin(Stdio::piped())
-            .spawn()
-            .expect("sfdisk (Debian package fdisk; cargo xtask setup installs it)");
-        sfdisk
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(
-                b"label: gpt\nstart=2048, size=2048, name=boot\nstart=4096, size=4096, name=rootfs-a\n\
-                  start=8192, size=4096, name=rootfs-b\n",
-            )
-            .unwrap();
-        assert!(sfdisk.wait().unwrap().success(), "sfdisk");
+        fs::write(&disk, vec![0u8; 8 << 20]).map_err(io(&disk))?;
+        let table = "label: gpt\nstart=2048, size=2048, name=boot\n\
+                     start=4096, size=4096, name=rootfs-a\nstart=8192, size=4096, name=rootfs-b\n";
+        run(Command::new("/usr/sbin/sfdisk").arg("-q").arg(&disk), table.as_bytes())?;
         for (slot, start) in [('a', 4096u64), ('b', 8192)] {
             let root = dir.join(format!("rootfs-{slot}"));
-            fs::create_dir_all(root.join("boot/dtbs")).unwrap();
-            fs::write(root.join("boot").join(arch.kernel()), format!("perch kernel {slot}\n")).unwrap();
-            fs::write(root.join("boot/dtbs/perch-test.dtb"), format!("fdt {slot}\n")).unwrap();
-            run(Command::new("/usr/sbin/mkfs.ext4")
-                .args(["-q", "-F", "-E", &format!("offset={}", start * 512), "-d"])
-                .arg(&root)
-                .arg(&disk)
-                .arg("2048"));
+            let dtbs = root.join("boot/dtbs");
+            fs::create_dir_all(&dtbs).map_err(io(&dtbs))?;
+            let kernel = root.join("boot").join(arch.kernel());
+            fs::write(&kernel, format!("perch kernel {slot}\n")).map_err(io(&kernel))?;
+            let fdt = dtbs.join("perch-test.dtb");
+            fs::write(&fdt, format!("fdt {slot}\n")).map_err(io(&fdt))?;
+            run(
+                Command::new("/usr/sbin/mkfs.ext4")
+                    .args(["-q", "-F", "-E", &format!("offset={}", start * 512), "-d"])
+                    .arg(&root)
+                    .arg(&disk)
+                    .arg("2048"),
+                b"",
+            )?;
         }
-        Board { arch, script, disk }
+        Ok(Board { arch, script, disk })
     }
 
     /// Boots once from the libubootenv file `env`; see the module docs.
-    pub fn boot(&self, env: &Path) -> Boot {
+    pub fn boot(&self, env: &Path) -> Result<Boot, BoardError> {
         let commands = [
             format!("env import -c {ENV_ADDR} {ENV_SIZE:#x} && echo PERCH-IMPORTED"),
             "virtio scan".into(),
@@ -178,25 +208,35 @@ impl Board {
             "echo PERCH-EXPORT".into(),
             format!("md.b {EXPORT_ADDR} {ENV_SIZE:#x}"),
         ];
-        let console = self.session(Some(env), &commands);
-        assert!(console.contains("\nPERCH-IMPORTED"), "U-Boot refused the env file:\n{console}");
-        let (before, after) = console.split_once("PERCH-EXPORT").expect("export");
+        let console = self.session(Some(env), &commands)?;
+        let refused = |what: &str| BoardError::Boot { what: what.into(), console: console.clone() };
+        if !console.contains("\nPERCH-IMPORTED") {
+            return Err(refused("refused the env file"));
+        }
+        let (before, after) =
+            console.split_once("\nPERCH-EXPORT").ok_or_else(|| refused("did not export"))?;
         let saved = before.contains("Saving Environment to");
         let bootargs = line_after(before, "PERCH-BOOTARGS").unwrap_or_default();
         let kernel = kernel_loaded(before);
         if saved {
             let bytes = hex_dump(after.split("PERCH-DONE").next().unwrap_or_default());
-            assert_eq!(bytes.len(), ENV_SIZE, "short env export:\n{console}");
-            fs::write(env, bytes).unwrap();
+            if bytes.len() != ENV_SIZE {
+                return Err(refused(&format!("exported {} bytes of env, not {ENV_SIZE}", bytes.len())));
+            }
+            fs::write(env, bytes).map_err(io(env))?;
         }
-        Boot { bootargs, kernel, saved, console }
+        Ok(Boot { bootargs, kernel, saved, console })
     }
 
     /// Runs the script once per scenario in one U-Boot session, each from
     /// U-Boot's defaults, the board's variables and `vars`. Returns, per
     /// scenario, the variables named in `report` after the script (`None`
     /// when unset), its command line and the slot whose kernel it loaded.
-    pub fn run_scenarios(&self, scenarios: &[Vec<(&str, &str)>], report: &[&str]) -> Vec<Scenario> {
+    pub fn run_scenarios(
+        &self,
+        scenarios: &[Vec<(&str, &str)>],
+        report: &[&str],
+    ) -> Result<Vec<Scenario>, BoardError> {
         let mut commands = vec!["virtio scan".to_string()];
         for (i, vars) in scenarios.iter().enumerate() {
             commands.push("env default -a -f".into());
@@ -212,14 +252,12 @@ impl Board {
                 commands.push(format!("echo PERCH-VAR {r}=${{{r}}}"));
             }
         }
-        let console = self.session(None, &commands);
+        let console = self.session(None, &commands)?;
         let mut out = Vec::new();
         for (i, part) in console.split("\nPERCH-SCENARIO ").skip(1).enumerate() {
-            assert!(
-                part.starts_with(&i.to_string()),
-                "scenario {i} out of order:\n{}",
-                &part[..part.len().min(3000)]
-            );
+            if part.split_whitespace().next() != Some(i.to_string().as_str()) {
+                return Err(BoardError::Boot { what: format!("lost scenario {i}"), console: part.into() });
+            }
             let vars = part
                 .lines()
                 .filter_map(|l| l.trim().strip_prefix("PERCH-VAR "))
@@ -232,14 +270,17 @@ impl Board {
                 kernel: kernel_loaded(part),
             });
         }
-        assert_eq!(out.len(), scenarios.len(), "scenarios lost:\n{console}");
-        out
+        if out.len() != scenarios.len() {
+            let what = format!("ran {} of {} scenarios", out.len(), scenarios.len());
+            return Err(BoardError::Boot { what, console });
+        }
+        Ok(out)
     }
 
     /// Starts U-Boot, stops its autoboot, types `commands` (one per line:
     /// U-Boot's line buffer is short) and returns what U-Boot printed, its
     /// echo of the typed lines left out.
-    fn session(&self, env: Option<&Path>, commands: &[String]) -> String {
+    fn session(&self, env: Option<&Path>, commands: &[String]) -> Result<String, BoardError> {
         let mut cmd = Command::new(self.arch.qemu());
         cmd.args(self.arch.qemu_args())
             .args(["-m", "256", "-nographic", "-nic", "none", "-bios", self.arch.firmware()])
@@ -251,14 +292,17 @@ impl Board {
         if let Some(env) = env {
             cmd.arg("-device").arg(format!("loader,file={},addr={ENV_ADDR},force-raw=on", env.display()));
         }
-        let mut child = cmd
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("{} (Debian package qemu-system-arm): {e}", self.arch.qemu()));
-        let console = Arc::new(Mutex::new(String::new()));
-        let mut stdout = child.stdout.take().unwrap();
+        let spawned = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn();
+        let mut child = spawned.map_err(|e| BoardError::Tool {
+            tool: self.arch.qemu().into(),
+            detail: format!("{e} (Debian package qemu-system-arm)"),
+        })?;
+        let (Some(mut stdin), Some(mut stdout)) = (child.stdin.take(), child.stdout.take()) else {
+            unreachable!("both are piped")
+        };
+        // The console so far, and how many prompts it holds.
+        let console = Arc::new(Mutex::new((String::new(), 0usize)));
+        let lock = || console.lock().unwrap_or_else(|e| e.into_inner());
         let sink = console.clone();
         let reader = std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
@@ -266,21 +310,26 @@ impl Board {
                 if n == 0 {
                     break;
                 }
-                sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+                let mut c = sink.lock().unwrap_or_else(|e| e.into_inner());
+                // A prompt may straddle two reads: look back two bytes.
+                let from = c.0.len().saturating_sub(2);
+                let before = c.0.get(from..).map_or(0, |t| t.matches("=> ").count());
+                c.0.push_str(&String::from_utf8_lossy(&buf[..n]));
+                let after = c.0.get(from..).map_or(0, |t| t.matches("=> ").count());
+                c.1 += after - before;
             }
         });
         let seen = |what: &str, timeout: Duration| {
             let t = Instant::now();
             while t.elapsed() < timeout {
-                if console.lock().unwrap().contains(what) {
+                if lock().0.contains(what) {
                     return true;
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
             false
         };
-        let mut stdin = child.stdin.take().unwrap();
-        let prompts = || console.lock().unwrap().matches("=> ").count();
+        let prompts = || lock().1;
         let mut typed = seen("Hit any key to stop autoboot", Duration::from_secs(60))
             && stdin.write_all(b"\n").is_ok()
             && seen("=> ", Duration::from_secs(30));
@@ -304,9 +353,11 @@ impl Board {
         let _ = child.kill();
         let _ = child.wait();
         let _ = reader.join();
-        let console = console.lock().unwrap().replace('\r', "");
-        assert!(done, "U-Boot did not finish:\n{console}");
-        console.lines().filter(|l| !l.trim_start().starts_with("=>")).map(|l| format!("{l}\n")).collect()
+        let console = lock().0.replace('\r', "");
+        if !done {
+            return Err(BoardError::Session { why: "no prompt or no end marker in time".into(), console });
+        }
+        Ok(console.lines().filter(|l| !l.trim_start().starts_with("=>")).map(|l| format!("{l}\n")).collect())
     }
 }
 
