@@ -256,7 +256,10 @@ pub async fn send_loop(client: async_nats::Client, reporter: Reporter, settings:
         let epoch = reporter.outbox().epoch();
         for (lane, seq, payload) in batch {
             let mut headers = async_nats::HeaderMap::new();
-            let id = perch_protocol::report::msg_id(&reporter.device, epoch, seq);
+            // A record keeps the epoch it was made in, should the outbox's
+            // have been replaced since (a lost epoch file).
+            let made_in = Report::from_bytes(&payload).map_or(epoch, |r| r.epoch);
+            let id = perch_protocol::report::msg_id(&reporter.device, made_in, seq);
             headers.insert("Nats-Msg-Id", id.as_str());
             let subject = format!("{}.{}", subjects::reports(&reporter.device), lane.as_str());
             match js.publish_with_headers(subject, headers, payload.into()).await {

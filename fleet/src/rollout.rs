@@ -76,6 +76,10 @@ pub struct Wave {
     /// later reports can fail it.
     #[serde(default)]
     pub baseline: BTreeMap<String, u64>,
+    /// The epoch that sequence counts in. A device reporting in another
+    /// epoch was wiped since: all its reports are later.
+    #[serde(default)]
+    pub baseline_epoch: BTreeMap<String, String>,
     /// When every device had an outcome (the `wave_wait` clock).
     pub settled_at: Option<u64>,
     /// Failures an operator accepted with `resume`.
@@ -161,6 +165,7 @@ pub fn plan_waves(devices: &[String], percents: &[u8]) -> Result<Vec<Wave>, Stri
                 devices: devices[taken..upto].to_vec(),
                 started_at: None,
                 baseline: BTreeMap::new(),
+                baseline_epoch: BTreeMap::new(),
                 settled_at: None,
                 forgiven: vec![],
             });
@@ -185,9 +190,27 @@ pub fn parse_waves(s: &str) -> Result<Vec<u8>, String> {
         .collect()
 }
 
+/// Where a device stood when its wave started: its last report.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Baseline<'a> {
+    pub seq: u64,
+    /// Unknown for rollouts started before epochs were recorded.
+    pub epoch: Option<&'a str>,
+}
+
+impl Baseline<'_> {
+    /// Whether a report at `seq` of the device's current `epoch` came after.
+    fn precedes(self, epoch: Option<&str>, seq: u64) -> bool {
+        match self.epoch {
+            Some(e) if epoch != Some(e) => true,
+            _ => seq > self.seq,
+        }
+    }
+}
+
 /// Where `device` stands with `digest`, counting failures only from
 /// reports after `baseline`.
-pub fn outcome(v: Option<&DeviceView>, digest: &str, baseline: u64) -> Outcome {
+pub fn outcome(v: Option<&DeviceView>, digest: &str, baseline: Baseline<'_>) -> Outcome {
     let Some(v) = v else { return Outcome::Pending };
     let runs = v.running_bundle.as_ref().is_some_and(|b| hex::encode(b.digest) == digest);
     // Settled on it: committed, or back on it after failing a later bundle.
@@ -198,7 +221,8 @@ pub fn outcome(v: Option<&DeviceView>, digest: &str, baseline: u64) -> Outcome {
     }
     if let Some(d) = &v.last_deploy {
         let about_this = d.bundle.as_deref() == Some(digest);
-        if about_this && d.at_seq > baseline && matches!(d.state.as_str(), "failed" | "rolled_back") {
+        let later = baseline.precedes(v.epoch.as_deref(), d.at_seq);
+        if about_this && later && matches!(d.state.as_str(), "failed" | "rolled_back") {
             return Outcome::Failed { reason: d.reason.clone().unwrap_or_else(|| d.state.clone()) };
         }
     }
@@ -211,7 +235,10 @@ pub fn wave_outcomes(w: &Wave, digest: &str, view: &FleetView) -> Vec<(String, O
     w.devices
         .iter()
         .map(|id| {
-            let base = w.baseline.get(id).copied().unwrap_or(0);
+            let base = Baseline {
+                seq: w.baseline.get(id).copied().unwrap_or(0),
+                epoch: w.baseline_epoch.get(id).map(String::as_str),
+            };
             (id.clone(), outcome(by_id.get(id.as_str()).copied(), digest, base))
         })
         .collect()
@@ -231,10 +258,13 @@ pub fn progress_json(r: &Rollout, view: &FleetView) -> serde_json::Value {
 }
 
 fn start_wave(r: &mut Rollout, i: usize, view: &FleetView, now: u64) -> Vec<Action> {
-    let seqs: BTreeMap<&str, u64> = view.devices.iter().map(|d| (d.id.as_str(), d.last_seq)).collect();
+    let by_id: BTreeMap<&str, &DeviceView> = view.devices.iter().map(|d| (d.id.as_str(), d)).collect();
     let w = &mut r.waves[i];
     w.started_at = Some(now);
-    w.baseline = w.devices.iter().map(|d| (d.clone(), seqs.get(d.as_str()).copied().unwrap_or(0))).collect();
+    w.baseline =
+        w.devices.iter().map(|d| (d.clone(), by_id.get(d.as_str()).map_or(0, |v| v.last_seq))).collect();
+    w.baseline_epoch =
+        w.devices.iter().filter_map(|d| Some((d.clone(), by_id.get(d.as_str())?.epoch.clone()?))).collect();
     w.devices.iter().map(|d| Action::Desire { device: d.clone(), digest: r.release.digest.clone() }).collect()
 }
 
@@ -401,6 +431,10 @@ mod tests {
         }
     }
 
+    fn view(reports: Vec<Stored>) -> FleetView {
+        build(&[], reports, 100, 60, false)
+    }
+
     /// A fleet where `committed` run the bundle and `failed` rolled it back.
     fn fleet(committed: &[&str], failed: &[&str]) -> FleetView {
         let ok = committed.iter().map(|id| stored(id, true, "committed", None));
@@ -474,8 +508,23 @@ mod tests {
         r = next;
         // d01's rollback (seq 10) is from before the wave: baseline is 10.
         assert_eq!(r.waves[0].baseline.get("d01"), Some(&10));
+        assert_eq!(r.waves[0].baseline_epoch.get("d01").map(String::as_str), Some("0000000000000001"));
         let (r, _) = advance(&r, &fleet(&[], &["d01"]), 1);
         assert_eq!(r.state, State::Running);
+    }
+
+    #[test]
+    fn a_device_wiped_during_its_wave_still_fails_it_from_seq_1() {
+        let mut r = rollout(2, &[100], Limit::Count(0), 0);
+        let mut before = stored("d01", false, "idle", None);
+        before.report.seq = 40;
+        r = advance(&r, &view(vec![before]), 0).0;
+        assert_eq!(r.waves[0].baseline.get("d01"), Some(&40));
+        // Reflashed: a new epoch, counting from 1, and it fails the bundle.
+        let mut failed = stored("d01", false, "rolled_back", Some("health: x"));
+        (failed.report.epoch, failed.report.seq) = (2, 3);
+        let (r, _) = advance(&r, &view(vec![failed]), 1);
+        assert!(matches!(r.state, State::Paused { .. }), "{:?}", r.state);
     }
 
     #[test]
@@ -484,11 +533,11 @@ mod tests {
         let d = &mut v.devices[0];
         d.journal_state = Some("rolled_back".into());
         d.last_deploy.as_mut().unwrap().bundle = Some("11".repeat(32));
-        assert_eq!(outcome(Some(d), D, 0), Outcome::Committed);
+        assert_eq!(outcome(Some(d), D, Baseline::default()), Outcome::Committed);
         // In its trial on it: not yet.
         d.journal_state = Some("trial".into());
         d.last_deploy.as_mut().unwrap().bundle = Some(D.into());
-        assert_eq!(outcome(Some(d), D, 0), Outcome::Pending);
+        assert_eq!(outcome(Some(d), D, Baseline::default()), Outcome::Pending);
     }
 
     #[test]

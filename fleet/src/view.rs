@@ -104,7 +104,10 @@ pub struct DeviceView {
     pub last_deploy: Option<DeployReport>,
     /// Staging progress, while a download is under way.
     pub progress: Option<(u32, u32)>,
-    /// The highest report sequence number read.
+    /// The epoch of the device's report stored last (16 hex digits, as in
+    /// its message ids): `last_seq` and every `at_seq` count within it.
+    pub epoch: Option<String>,
+    /// The highest report sequence number read (in `epoch`).
     pub last_seq: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reports: Option<Accounting>,
@@ -150,6 +153,7 @@ pub fn build(
             *earlier.entry(r.device.clone()).or_default() += 1;
             continue;
         }
+        v.epoch = Some(format!("{:016x}", r.epoch));
         seqs.entry(r.device.clone()).or_default().push(r.seq);
         match &r.kind {
             ReportKind::Deploy { state, reason, bundle }
@@ -214,6 +218,7 @@ fn empty(id: &str) -> DeviceView {
         journal_state: None,
         last_deploy: None,
         progress: None,
+        epoch: None,
         last_seq: 0,
         reports: None,
     }

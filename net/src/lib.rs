@@ -149,7 +149,9 @@ pub fn server_addrs(urls: &[String]) -> Result<Vec<async_nats::ServerAddr>, Link
             // url percent-encodes a non-ASCII host in nats:// and tls://
             // URLs, which then fails as an unknown name: say why instead.
             if !u.is_ascii() {
-                return Err(bad("not ASCII; write an international host name in its xn-- form".into()));
+                return Err(bad(
+                    "has non-ASCII characters; write an international host name in its xn-- form".into(),
+                ));
             }
             u.parse().map_err(|e: std::io::Error| bad(e.to_string()))
         })

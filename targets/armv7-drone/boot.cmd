@@ -13,7 +13,8 @@
 #
 # Board specifics to check: devtype/devnum (the boot medium), the
 # partitions (perch_part_a / perch_part_b), the kernel and FDT file names,
-# and that the board's environment sets fdt_addr_r and fdtfile.
+# and that the board's environment sets kernel_addr_r, fdt_addr_r and
+# fdtfile.
 #
 # tests/tests/uboot.rs runs this script in real U-Boot (qemu's virt board)
 # for every state the agent can leave in the environment.

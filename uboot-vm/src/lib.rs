@@ -196,6 +196,9 @@ impl Board {
 
     /// Boots once from the libubootenv file `env`; see the module docs.
     pub fn boot(&self, env: &Path) -> Result<Boot, BoardError> {
+        // Imported over U-Boot's defaults (no -d): a real board's saved
+        // environment was made from its defaults by saveenv, and the
+        // device's file holds only what fw_setenv wrote.
         let commands = [
             format!("env import -c {ENV_ADDR} {ENV_SIZE:#x} && echo PERCH-IMPORTED"),
             "virtio scan".into(),
