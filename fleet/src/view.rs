@@ -153,7 +153,6 @@ pub fn build(
             *earlier.entry(r.device.clone()).or_default() += 1;
             continue;
         }
-        v.epoch = Some(format!("{:016x}", r.epoch));
         seqs.entry(r.device.clone()).or_default().push(r.seq);
         match &r.kind {
             ReportKind::Deploy { state, reason, bundle }
@@ -189,6 +188,7 @@ pub fn build(
         }
     }
     for v in by_id.values_mut() {
+        v.epoch = epochs.get(v.id.as_str()).map(|e| format!("{e:016x}"));
         v.liveness = match v.last_seen {
             None => Liveness::Silent,
             Some(t) if now.saturating_sub(t) <= stale_after_secs => Liveness::Online,

@@ -29,6 +29,12 @@ fn link_state(d: &Device) -> String {
         .unwrap_or_default()
 }
 
+/// Waits up to 20 s for the device's agent to report its link connected.
+fn await_connected(f: &Fleet, d: &Device) {
+    let connected = wait_for(Duration::from_secs(20), || link_state(d) == "connected");
+    assert!(connected, "{}", f.log(&format!("{}-run.log", d.name)));
+}
+
 /// Waits until the reports stream has stopped growing for 3 s.
 fn settle(reader: &perch_tests::fleet::ReportsReader) {
     let mut last = (0, Instant::now());
@@ -349,11 +355,7 @@ fn a_put_is_applied_live_and_putting_a_failed_bundle_again_retries_it() {
     let proxy = Proxy::start(([127, 0, 0, 1], f.server.port).into());
     let d = fetch_device_resync(&f, &proxy, "rover-5", "1h");
     let mut agent = d.spawn_run();
-    assert!(
-        wait_for(Duration::from_secs(20), || link_state(&d) == "connected"),
-        "{}",
-        f.log("rover-5-run.log")
-    );
+    await_connected(&f, &d);
     let admin = f.reports_reader();
     // A digest nobody published yet: `perch desired` refuses to name it...
     let (bundle, digest, _) = f.bundle("os", 2, 1 << 20, 7);
@@ -403,11 +405,7 @@ fn desired_state_waits_while_a_technician_holds_the_engine() {
     std::fs::create_dir_all(d.dir.join("slots/a")).unwrap();
     std::os::unix::fs::symlink("a", d.dir.join("slots/current")).unwrap();
     let _agent = d.spawn_run();
-    assert!(
-        wait_for(Duration::from_secs(20), || link_state(&d) == "connected"),
-        "{}",
-        f.log("rover-7-run.log")
-    );
+    await_connected(&f, &d);
     // A technician installs release 2 from a stick; it waits at the gate,
     // holding the deploy engine.
     std::fs::write(&gate, "").unwrap();
@@ -452,11 +450,7 @@ fn a_technicians_install_reaches_the_fleet_as_deploy_reports() {
     let proxy = Proxy::start(([127, 0, 0, 1], f.server.port).into());
     let d = fetch_device(&f, &proxy, "rover-8");
     let _agent = d.spawn_run();
-    assert!(
-        wait_for(Duration::from_secs(20), || link_state(&d) == "connected"),
-        "{}",
-        f.log("rover-8-run.log")
-    );
+    await_connected(&f, &d);
     let admin = f.reports_reader();
     // Installed by hand from a file, while the agent runs.
     let (local, digest, _) = f.bundle("os", 2, 64 << 10, 5);
