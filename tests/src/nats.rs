@@ -104,23 +104,48 @@ impl NatsServer {
     }
 }
 
+/// The nats-server the tests run: `$PERCH_NATS_SERVER` (a path or a name on
+/// PATH), else Debian's `nats-server` (2.9.10, the embedded default).
+/// `cargo xtask ci` runs the server tests a second time with the current
+/// upstream release it installs under `target/nats-current/`.
+pub fn server_binary() -> std::ffi::OsString {
+    std::env::var_os("PERCH_NATS_SERVER").filter(|v| !v.is_empty()).unwrap_or_else(|| "nats-server".into())
+}
+
 fn spawn(dir: &Path) -> Child {
     let log =
         std::fs::OpenOptions::new().create(true).append(true).open(dir.join("nats-server.log")).unwrap();
-    Command::new("nats-server")
+    Command::new(server_binary())
         .current_dir(dir)
         .arg("-c")
         .arg(dir.join("nats-server.conf"))
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
-        .expect("nats-server (install it with `cargo xtask setup`)")
+        .unwrap_or_else(|e| panic!("{:?}: {e} (install it with `cargo xtask setup`)", server_binary()))
 }
 
 impl Drop for NatsServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Protocol lines a server sends on its own, not in answer to anything.
+#[derive(Debug, PartialEq)]
+enum Async {
+    Ping,
+    Info,
+}
+
+fn asynchronous(line: &str) -> Option<Async> {
+    // Protocol verbs are case-insensitive.
+    let verb = line.split_whitespace().next().unwrap_or("").to_ascii_uppercase();
+    match verb.as_str() {
+        "PING" => Some(Async::Ping),
+        "INFO" => Some(Async::Info),
+        _ => None,
     }
 }
 
@@ -173,7 +198,11 @@ impl RawClient {
         w.flush().unwrap();
     }
 
-    /// The next protocol line, skipping PINGs from the server ("" on timeout).
+    /// The next protocol line that answers us ("" on timeout). A server may
+    /// send `PING` and `INFO` at any time: nats-server 2.10+ sends a second
+    /// `INFO` right after `CONNECT` (`connect_info`), and every version sends
+    /// one when the cluster changes. Both are handled here, as a real client
+    /// must, and never taken for an answer.
     pub fn line(&mut self) -> String {
         loop {
             let mut l = String::new();
@@ -181,11 +210,11 @@ impl RawClient {
                 return String::new();
             }
             let l = l.trim_end().to_string();
-            if l == "PING" {
-                self.send("PONG\r\n");
-                continue;
+            match asynchronous(&l) {
+                Some(Async::Ping) => self.send("PONG\r\n"),
+                Some(Async::Info) => {}
+                None => return l,
             }
-            return l;
         }
     }
 
@@ -258,5 +287,20 @@ impl RawClient {
         let subject = head.split_whitespace().nth(1)?.to_string();
         let payload = self.line();
         Some((subject, payload))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_info_and_ping_are_never_taken_for_an_answer() {
+        assert_eq!(asynchronous("PING"), Some(Async::Ping));
+        assert_eq!(asynchronous("ping"), Some(Async::Ping));
+        assert_eq!(asynchronous(r#"INFO {"server_id":"x","connect_info":true}"#), Some(Async::Info));
+        assert_eq!(asynchronous("PONG"), None);
+        assert_eq!(asynchronous("-ERR 'Authorization Violation'"), None);
+        assert_eq!(asynchronous("MSG a 1 0"), None);
     }
 }

@@ -100,7 +100,7 @@ fn init_writes_the_nats_side_with_private_seeds() {
     let include = s.path("check.conf");
     fs::write(&include, "include \"org/nats/server.conf\"\n").unwrap();
     // Its `tls {}` paths are relative to the org's parent, like `--dir org`.
-    let out = std::process::Command::new("nats-server")
+    let out = std::process::Command::new(perch_tests::nats::server_binary())
         .current_dir(s.dir.path())
         .arg("-t")
         .arg("-c")

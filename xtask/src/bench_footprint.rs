@@ -155,7 +155,7 @@ impl PlainServer {
     fn start(dir: &Path) -> Result<PlainServer> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let store = dir.join("plain-js");
-        let child = Command::new("nats-server")
+        let child = Command::new(crate::util::nats_server())
             .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
             .arg(&store)
             .stdout(Stdio::null())

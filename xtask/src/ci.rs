@@ -6,6 +6,11 @@ use anyhow::Result;
 
 use crate::util::{cargo, root, sh, step};
 
+/// The end-to-end test files that start a nats-server. The whole suite runs
+/// on Debian's 2.9.10 (the embedded default); these run again on the
+/// current upstream release. `server_tests_are_listed` keeps the list whole.
+const SERVER_TESTS: &[&str] = &["enroll", "link", "nats_operator", "publish", "rollout", "service", "tokens"];
+
 pub fn run() -> Result<()> {
     let started = Instant::now();
     crate::setup::run()?;
@@ -20,6 +25,22 @@ pub fn run() -> Result<()> {
     // The end-to-end tests run the real binaries; build them first.
     sh(cargo().args(["build", "--workspace", "--bins", "--locked"]))?;
     sh(cargo().args(["test", "--workspace", "--locked"]))?;
+
+    step(&format!(
+        "tests against the current upstream nats-server {}: every test that starts a server",
+        crate::setup::CURRENT_NATS
+    ));
+    let mut current = cargo();
+    current.env("PERCH_NATS_SERVER", crate::setup::current_nats_server()).args([
+        "test",
+        "-p",
+        "perch-tests",
+        "--locked",
+    ]);
+    for t in SERVER_TESTS {
+        current.args(["--test", t]);
+    }
+    sh(&mut current)?;
 
     crate::docs::run()?;
 
@@ -36,8 +57,31 @@ pub fn run() -> Result<()> {
 
     // Last: it reuses the ARM release agents built above.
     step("demo: the README's main command, end to end, checking every outcome it narrates");
-    crate::demo::run()?;
+    crate::demo::run(&[])?;
 
     step(&format!("ci passed in {:.0?}", started.elapsed()));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A new test file that starts a nats-server must run on both servers.
+    #[test]
+    fn server_tests_are_listed() {
+        let dir = root().join("tests/tests");
+        let mut starting = Vec::new();
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let path = e.unwrap().path();
+            let text = std::fs::read_to_string(&path).unwrap();
+            if text.contains("Fleet::start") || text.contains("NatsServer::start") {
+                starting.push(path.file_stem().unwrap().to_string_lossy().into_owned());
+            }
+        }
+        starting.sort();
+        let mut listed: Vec<String> = SERVER_TESTS.iter().map(|s| s.to_string()).collect();
+        listed.sort();
+        assert_eq!(starting, listed);
+    }
 }

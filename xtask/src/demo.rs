@@ -39,10 +39,20 @@ pub fn say(n: u32, text: &str) {
     println!("\n{n}. {text}");
 }
 
-pub fn run() -> Result<()> {
+pub fn run(args: &[String]) -> Result<()> {
+    let nats = match args {
+        [] => None,
+        [flag, which] if flag == "--nats" => Some(which.as_str()),
+        _ => bail!("usage: cargo xtask demo [--nats debian|current]"),
+    };
     // A fresh machine has none of nats-server, the env tools, qemu or the
     // ARM sysroots yet; on a prepared one this only checks.
     crate::setup::run()?;
+    match nats {
+        None | Some("debian") => std::env::remove_var("PERCH_NATS_SERVER"),
+        Some("current") => std::env::set_var("PERCH_NATS_SERVER", crate::setup::current_nats_server()),
+        Some(other) => bail!("--nats takes debian or current, not {other:?}"),
+    }
     println!("perch demo: signed bundles from key to device check, then a fleet of three on this machine\n(building the binaries first: the host tools, and the release agents for aarch64 and armv7)");
     sh(cargo().args([
         "build",

