@@ -129,7 +129,10 @@ impl Engine {
         let backend = slots::from_config(&cfg.slots, state_dir);
         let now = now_unix();
         let aside = |p: &Path| {
-            statefile::move_aside(p, now).map_err(|err| SlotError::Io { path: p.to_path_buf(), err })
+            let to =
+                statefile::move_aside(p, now).map_err(|err| SlotError::Io { path: p.to_path_buf(), err });
+            hit("state-moved-aside");
+            to
         };
         let mut lines = Vec::new();
         if let Some(moved) = lock.moved_aside() {
@@ -164,6 +167,7 @@ impl Engine {
         // still leaves the highest counters in one of the two.
         if found.counters_stale(&journal.highest) {
             crate::counters::save(state_dir, &journal.highest).map_err(JournalError::from)?;
+            hit("counters-saved");
         }
         if !lines.is_empty() {
             for line in &lines {
