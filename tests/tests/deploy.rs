@@ -569,6 +569,9 @@ fn device_on_release_9() -> Device {
     d
 }
 
+/// One way to damage a state file.
+type Damage = fn(&Device);
+
 fn aside_files(d: &Device, name: &str) -> usize {
     let prefix = format!("{name}.corrupt-");
     fs::read_dir(d.path("state"))
@@ -603,7 +606,7 @@ fn rollback_protection_survives_the_loss_of_either_file() {
 #[test]
 fn a_damaged_counters_file_is_moved_aside_rewritten_and_reported() {
     let d = device_on_release_9();
-    let damage: [(&str, fn(&Device)); 3] = [
+    let damage: [(&str, Damage); 3] = [
         ("garbage", |d| fs::write(d.path("state/counters"), "not counters").unwrap()),
         ("oversize", |d| fs::write(d.path("state/counters"), vec![0u8; (1 << 20) + 64]).unwrap()),
         ("directory", |d| {
@@ -660,7 +663,7 @@ fn losing_both_records_is_said_loudly() {
 #[test]
 fn an_unusable_journal_or_engine_lock_is_moved_aside_and_the_device_goes_on() {
     let d = device_on_release_9();
-    let damage: [(&str, &str, fn(&Device)); 4] = [
+    let damage: [(&str, &str, Damage); 4] = [
         ("journal over the size cap", "journal", |d| {
             fs::write(d.path("state/journal"), vec![7u8; (1 << 20) + 21]).unwrap()
         }),
