@@ -234,7 +234,8 @@ fn recovering_damaged_state_survives_sigkill_at_every_point() {
     assert_eq!(d.agent(&["install", "v9.perch"]).code, 0);
     d.archive_bundle("v4.perch", 4, &[("app", "four\n")]);
     d.snapshot();
-    let damage: [(&str, fn(&Device)); 3] = [
+    type Damage = fn(&Device);
+    let damage: [(&str, Damage); 3] = [
         ("corrupt journal", |d| {
             let mut j = fs::read(d.path("state/journal")).unwrap();
             let n = j.len();
