@@ -243,9 +243,13 @@ fn run(cli: Cli) -> Result<u8> {
             };
             doc["enrollment"] = enrollment;
             // The running agent writes its link state; none means no link was tried.
-            let link = std::fs::read(cli.state_dir.join(perch_agent::link::STATE_FILE))
-                .ok()
-                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+            // Bounded: a damaged file must not cost the device its memory.
+            let link = perch_support::durable::read_bounded(
+                &cli.state_dir.join(perch_agent::link::STATE_FILE),
+                64 * 1024,
+            )
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
             let link_line = match &link {
                 Some(l) => {
                     let since = l["since"].as_u64().map(|t| {
