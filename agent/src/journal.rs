@@ -569,12 +569,16 @@ mod tests {
         #[test]
         fn arbitrary_bytes_never_panic(data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
             let _ = Journal::decode(&data);
-            let mut framed = MAGIC.to_vec();
-            framed.extend_from_slice(&[1, 0, 0, 0]);
-            framed.extend_from_slice(&(data.len() as u32).to_le_bytes());
-            framed.extend_from_slice(&crate::checksum::crc32(&data).to_le_bytes());
-            framed.extend_from_slice(&data);
-            let _ = Journal::decode(&framed);
+            for version in [1u8, 2] {
+                let mut framed = MAGIC.to_vec();
+                framed.extend_from_slice(&[version, 0, 0, 0]);
+                framed.extend_from_slice(&(data.len() as u32).to_le_bytes());
+                framed.extend_from_slice(&crate::checksum::crc32(&data).to_le_bytes());
+                framed.extend_from_slice(&data);
+                if let Ok(j) = Journal::decode(&framed) {
+                    proptest::prop_assert_eq!(Journal::decode(&j.encode()).unwrap(), j);
+                }
+            }
         }
     }
 }
