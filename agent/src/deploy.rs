@@ -166,8 +166,13 @@ impl Engine {
         // The counters copy first: a crash before the journal is saved
         // still leaves the highest counters in one of the two.
         if found.counters_stale(&journal.highest) {
-            crate::counters::save(state_dir, &journal.highest).map_err(JournalError::from)?;
-            hit("counters-saved");
+            // Not fatal: the journal still holds the counters, and a full
+            // disk must not stop the engine over a second copy.
+            match crate::counters::save(state_dir, &journal.highest) {
+                Ok(()) => hit("counters-saved"),
+                Err(e) => lines
+                    .push(format!("cannot rewrite the counters file: {}", perch_support::error_chain(&e))),
+            }
         }
         if !lines.is_empty() {
             for line in &lines {
