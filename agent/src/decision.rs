@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 
 use perch_support::durable::{self, Replace, WriteError};
 
+use crate::statefile::{self, StateFile};
+
 pub const DECISION_FILE: &str = "decision";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,18 +35,47 @@ fn path(state_dir: &Path) -> PathBuf {
     state_dir.join(DECISION_FILE)
 }
 
+/// The longest decision file read: `rollback <64 hex>\n` with room to spare.
+const MAX_LEN: usize = 256;
+
 /// Leaves `decision` for the trial of `bundle` (durably: the engine may
 /// read it after a crash of this process).
 pub fn request(state_dir: &Path, decision: Decision, bundle: &[u8; 32]) -> Result<(), WriteError> {
+    let path = path(state_dir);
+    // A directory in the way would make every request fail: move it aside.
+    if let Ok(meta) = std::fs::symlink_metadata(&path) {
+        if statefile::not_a_file(&meta).is_some() {
+            let _ = statefile::move_aside(&path, perch_support::now_unix());
+        }
+    }
     let text = format!("{} {}\n", decision.as_str(), hex::encode(bundle));
-    durable::write_bytes(&path(state_dir), 0o600, Replace::Allow, text.as_bytes())
+    durable::write_bytes(&path, 0o600, Replace::Allow, text.as_bytes())
 }
 
 /// The decision left for the trial of `bundle`, if any; removes whatever
-/// it finds, so a decision is acted on once.
+/// it finds, so a decision is acted on once. A damaged one (too large, not
+/// a file) is moved aside with one line on stderr and decides nothing.
 pub fn take(state_dir: &Path, bundle: &[u8; 32]) -> Option<Decision> {
-    let text = std::fs::read_to_string(path(state_dir)).ok()?;
+    let path = path(state_dir);
+    let text = match statefile::read(&path, MAX_LEN) {
+        Ok(StateFile::Bytes(b)) => String::from_utf8(b).ok(),
+        Ok(StateFile::Missing) | Err(_) => return None,
+        Ok(StateFile::Damaged(why)) => {
+            match statefile::move_aside(&path, perch_support::now_unix()) {
+                Ok(to) => eprintln!(
+                    "perch-agent: decision {}: {why}; moved aside to {}",
+                    path.display(),
+                    to.display()
+                ),
+                Err(e) => {
+                    eprintln!("perch-agent: decision {}: {why}; cannot move it aside: {e}", path.display())
+                }
+            }
+            return None;
+        }
+    };
     withdraw(state_dir);
+    let text = text?;
     let (word, digest) = text.trim().split_once(' ')?;
     if digest != hex::encode(bundle) {
         return None;
@@ -76,5 +107,20 @@ mod tests {
         assert_eq!(take(dir.path(), &[7; 32]), None);
         std::fs::write(dir.path().join(DECISION_FILE), "reboot now\n").unwrap();
         assert_eq!(take(dir.path(), &[7; 32]), None);
+    }
+
+    #[test]
+    fn a_damaged_decision_file_is_moved_aside_and_requests_still_work() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join(DECISION_FILE);
+        std::fs::create_dir(&p).unwrap();
+        assert_eq!(take(dir.path(), &[7; 32]), None);
+        assert!(!p.exists(), "the directory was moved aside");
+        std::fs::create_dir(&p).unwrap();
+        request(dir.path(), Decision::Commit, &[7; 32]).unwrap();
+        assert_eq!(take(dir.path(), &[7; 32]), Some(Decision::Commit));
+        std::fs::write(&p, vec![b'x'; 10 << 20]).unwrap();
+        assert_eq!(take(dir.path(), &[7; 32]), None);
+        assert!(!p.exists());
     }
 }

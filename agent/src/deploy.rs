@@ -23,11 +23,13 @@ use crate::engine_lock::{EngineLock, LockError};
 use crate::failpoint::{self, hit};
 use crate::health::TrialEnd;
 use crate::journal::{
-    BundleRef, DeployState, Journal, JournalError, JournalStore, LastOutcome, Outcome, RollbackReason, SlotId,
+    BundleRef, DeployState, Highest, Journal, JournalError, JournalStore, LastOutcome, Outcome,
+    RollbackReason, SlotContent, SlotId,
 };
 use crate::progress::Progress;
+use crate::recovery::{self, Problem, Recovered};
 use crate::slots::{self, SlotBackend, SlotError, Switch};
-use crate::{health, inhibit};
+use crate::{health, inhibit, statefile};
 
 /// Threads that hash chunks while staging: two keep up with a fast disk
 /// on a two-core device, while reading and writing run beside them.
@@ -110,45 +112,95 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Opens the state directory. A corrupt journal is moved aside and the
-    /// device falls back to the safe state: the bootloader is pointed at the
-    /// slot that is running now. The error is returned alongside so the
-    /// caller can say so.
+    /// Opens the state directory, whatever state its files are in: a
+    /// damaged journal is moved aside and the device falls back to the
+    /// safe state (the bootloader is pointed at the slot that is running
+    /// now); a damaged counters file is moved aside; the highest committed
+    /// counters are the maximum of both records, and both are rewritten to
+    /// hold it. What was recovered from is returned (one line each) for the
+    /// caller to log, and kept in the journal's notices for `status`.
     ///
     /// Fails at once with [`DeployError::Lock`] while another process's
     /// engine works on the same state directory.
-    pub fn open(cfg: Config, state_dir: &Path) -> Result<(Engine, Option<JournalError>), DeployError> {
+    pub fn open(cfg: Config, state_dir: &Path) -> Result<(Engine, Option<Recovered>), DeployError> {
         std::fs::create_dir_all(state_dir).map_err(|err| SlotError::Io { path: state_dir.into(), err })?;
         let lock = EngineLock::acquire(state_dir)?;
         let store = JournalStore::new(state_dir);
         let backend = slots::from_config(&cfg.slots, state_dir);
-        let (journal, problem) = match store.load() {
-            Ok(j) => (j, None),
-            Err(e @ JournalError::Corrupt { .. }) => {
-                let booted = backend.booted()?;
-                backend.rollback(booted)?;
-                let _ = store.quarantine();
-                let mut j = fresh_journal(state_dir);
-                store.save(&mut j)?;
-                (j, Some(e))
-            }
-            Err(e) => return Err(e.into()),
+        let now = now_unix();
+        let aside = |p: &Path| {
+            let to =
+                statefile::move_aside(p, now).map_err(|err| SlotError::Io { path: p.to_path_buf(), err });
+            hit("state-moved-aside");
+            to
         };
+        let mut lines = Vec::new();
+        if let Some(moved) = lock.moved_aside() {
+            lines.push(format!(
+                "engine lock {} was not a regular file; moved aside to {}",
+                state_dir.join(crate::engine_lock::LOCK_FILE).display(),
+                moved.display()
+            ));
+        }
+        let found = recovery::find(state_dir)?;
+        let mut journal = found.merged();
+        for problem in found.problems(lock.existed()) {
+            let line = match &problem {
+                Problem::JournalDamaged { path, .. } => {
+                    let booted = backend.booted()?;
+                    backend.rollback(booted)?;
+                    let to = aside(path)?;
+                    format!(
+                        "{problem}; moved aside to {}, kept the running slot and started a fresh journal",
+                        to.display()
+                    )
+                }
+                Problem::CountersDamaged { path, .. } => {
+                    let to = aside(path)?;
+                    format!("{problem}; moved aside to {} and rewrote it from the journal", to.display())
+                }
+                Problem::CountersLost => problem.to_string(),
+            };
+            lines.push(line);
+        }
+        // The counters copy first: a crash before the journal is saved
+        // still leaves the highest counters in one of the two.
+        if found.counters_stale(&journal.highest) {
+            // Not fatal: the journal still holds the counters, and a full
+            // disk must not stop the engine over a second copy.
+            match crate::counters::save(state_dir, &journal.highest) {
+                Ok(()) => hit("counters-saved"),
+                Err(e) => lines
+                    .push(format!("cannot rewrite the counters file: {}", perch_support::error_chain(&e))),
+            }
+        }
+        if !lines.is_empty() {
+            for line in &lines {
+                journal.add_notice(now, line.clone());
+            }
+            store.save(&mut journal)?;
+        }
+        let recovered = (!lines.is_empty()).then_some(Recovered(lines));
         Ok((
             Engine { _lock: lock, cfg, store, backend, journal, progress: Progress::new(), observer: None },
-            problem,
+            recovered,
         ))
     }
 
     /// What `status` shows, read without taking the engine (so it works
-    /// while one installs) and without writing anything: the journal, or
-    /// why it cannot be read, and the slot backend. A corrupt journal is
-    /// left for the next engine to recover.
-    pub fn inspect(cfg: &Config, state_dir: &Path) -> (Journal, Box<dyn SlotBackend>, Option<JournalError>) {
+    /// while one installs) and without writing anything: the journal (with
+    /// the highest counters of both records), what is wrong with the state
+    /// files, and the slot backend. Damage is left for the next engine to
+    /// recover from.
+    pub fn inspect(cfg: &Config, state_dir: &Path) -> (Journal, Box<dyn SlotBackend>, Vec<String>) {
         let backend = slots::from_config(&cfg.slots, state_dir);
-        match JournalStore::new(state_dir).load() {
-            Ok(j) => (j, backend, None),
-            Err(e) => (fresh_journal(state_dir), backend, Some(e)),
+        let ran_before = std::fs::symlink_metadata(state_dir.join(crate::engine_lock::LOCK_FILE)).is_ok();
+        match recovery::find(state_dir) {
+            Ok(found) => {
+                let problems = found.problems(ran_before).iter().map(ToString::to_string).collect();
+                (found.merged(), backend, problems)
+            }
+            Err(e) => (Journal::default(), backend, vec![e.to_string()]),
         }
     }
 
@@ -266,24 +318,30 @@ impl Engine {
                 self.save(DeployState::Staging { bundle: bundle.clone(), slot, next_chunk: from_chunk })?;
             }
             if from_chunk == 0 {
-                self.journal.set_slot(slot, None);
+                // From its first write the slot holds no known bundle.
+                self.journal.set_slot(slot, SlotContent::Dirty(bundle.clone()));
                 self.save(DeployState::Staging { bundle: bundle.clone(), slot, next_chunk: 0 })?;
             } else {
                 self.progress
                     .note(&format!("resuming {bundle} at chunk {from_chunk} of {}", bundle.chunk_count));
             }
             if let Err(e) = self.stage(&mut reader, &bundle, slot, from_chunk) {
+                // Named by the bundle's path before it becomes the reason:
+                // stage() does not know it.
+                let e = match e {
+                    DeployError::Bundle { source, .. } => DeployError::Bundle { path: path.into(), source },
+                    other => other,
+                };
                 let reason = perch_support::error_chain(&e);
                 self.journal.last = Some(LastOutcome {
                     bundle: Some(bundle.clone()),
                     outcome: Outcome::Failed(reason.clone()),
                     at: now_unix(),
                 });
+                // The slot stays dirty: chunks verified before the failure
+                // may have been written.
                 self.save(DeployState::Failed { bundle: Some(bundle), reason })?;
-                return Err(match e {
-                    DeployError::Bundle { source, .. } => DeployError::Bundle { path: path.into(), source },
-                    other => other,
-                });
+                return Err(e);
             }
         }
         self.activate_when_allowed()
@@ -318,11 +376,14 @@ impl Engine {
                 self.cfg.target
             )));
         }
-        if let Some(&highest) = self.journal.highest.get(&man.name) {
-            if man.counter <= highest && !man.allow_downgrade {
+        if let Some(highest) = self.journal.highest.get(&man.name) {
+            // The release committed last at the highest counter may come
+            // back (an operator rolled it back by hand); nothing older may.
+            let same_release = man.counter == highest.counter && highest.digest == Some(m.digest().0);
+            if man.counter <= highest.counter && !same_release && !man.allow_downgrade {
                 return Err(DeployError::Refused(format!(
-                    "downgrade: bundle {} counter {} is not above the committed counter {highest}",
-                    man.name, man.counter
+                    "downgrade: bundle {} counter {} is not above the committed counter {}",
+                    man.name, man.counter, highest.counter
                 )));
             }
         }
@@ -499,7 +560,7 @@ impl Engine {
         hit("staging-written");
         self.backend.finish(slot, bundle.kind, bundle.payload_len)?;
         hit("slot-finished");
-        self.journal.set_slot(slot, Some(bundle.clone()));
+        self.journal.set_slot(slot, SlotContent::Bundle(bundle.clone()));
         self.save(DeployState::Staged { bundle: bundle.clone(), slot })?;
         self.backend.cleanup(slot);
         self.progress.note(&format!("staged {bundle} in slot {slot}"));
@@ -607,8 +668,9 @@ impl Engine {
         hit("committing");
         self.backend.confirm(slot)?;
         hit("confirmed");
-        let highest = self.journal.highest.entry(bundle.name.clone()).or_insert(0);
-        *highest = (*highest).max(bundle.counter);
+        let this = Highest { counter: bundle.counter, digest: Some(bundle.digest) };
+        let highest = self.journal.highest.get(&bundle.name).map_or(this, |h| h.max(this));
+        self.journal.highest.insert(bundle.name.clone(), highest);
         crate::counters::save(&self.state_dir(), &self.journal.highest).map_err(JournalError::from)?;
         self.journal.last =
             Some(LastOutcome { bundle: Some(bundle.clone()), outcome: Outcome::Committed, at: now_unix() });
@@ -771,13 +833,6 @@ impl Engine {
             }
         }
     }
-}
-
-/// The journal that replaces an unreadable one: nothing in flight, and the
-/// highest committed counters from their second copy (rollback protection
-/// survives).
-fn fresh_journal(state_dir: &Path) -> Journal {
-    Journal { highest: crate::counters::load(state_dir), ..Journal::default() }
 }
 
 /// Orders dotted versions numerically ("1.10.0" > "1.9.2"); non-numeric parts sort as 0.

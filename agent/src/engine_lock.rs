@@ -17,11 +17,15 @@ use std::path::{Path, PathBuf};
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
 
+use crate::statefile;
+
 pub const LOCK_FILE: &str = "engine.lock";
 
 /// Held while an engine works; released on drop.
 pub struct EngineLock {
     _file: Flock<File>,
+    existed: bool,
+    moved_aside: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -40,10 +44,23 @@ impl LockError {
 }
 
 impl EngineLock {
-    /// Takes the lock, or says who holds it. Never waits.
+    /// Takes the lock, or says who holds it. Never waits. Whatever is at
+    /// the lock's path that is not a regular file (a directory, say) is
+    /// moved aside first: it would otherwise stop every engine forever.
     pub fn acquire(state_dir: &Path) -> Result<EngineLock, LockError> {
         let path = state_dir.join(LOCK_FILE);
         let io = |err| LockError::Io { path: path.clone(), err };
+        let (existed, moved_aside) = match std::fs::symlink_metadata(&path) {
+            Ok(m) if m.file_type().is_file() => (true, None),
+            Ok(_) => match statefile::move_aside(&path, perch_support::now_unix()) {
+                Ok(to) => (true, Some(to)),
+                // Another process moved it first.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => (true, None),
+                Err(e) => return Err(io(e)),
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (false, None),
+            Err(e) => return Err(io(e)),
+        };
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -59,7 +76,7 @@ impl EngineLock {
                 // A full disk must not stop the engine over it.
                 let me = format!("perch-agent (pid {}: {})", std::process::id(), command_line());
                 let _ = file.set_len(0).and_then(|()| file.write_all(me.as_bytes()));
-                Ok(EngineLock { _file: file })
+                Ok(EngineLock { _file: file, existed, moved_aside })
             }
             Err((mut file, Errno::EWOULDBLOCK)) => {
                 let mut holder = String::new();
@@ -74,6 +91,19 @@ impl EngineLock {
             }
             Err((_, errno)) => Err(io(errno.into())),
         }
+    }
+}
+
+impl EngineLock {
+    /// Whether an engine had used this state directory before (its lock
+    /// file was there): evidence that the device has deploy state to lose.
+    pub fn existed(&self) -> bool {
+        self.existed
+    }
+
+    /// Where a lock path that was not a regular file was moved.
+    pub fn moved_aside(&self) -> Option<&Path> {
+        self.moved_aside.as_deref()
     }
 }
 
@@ -107,6 +137,22 @@ mod tests {
         assert!(msg.ends_with("try again when it has finished"), "{msg}");
         drop(first);
         let again = EngineLock::acquire(dir.path()).unwrap();
+        assert!(again.existed());
         drop(again);
+    }
+
+    #[test]
+    fn a_lock_path_that_is_a_directory_is_moved_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let fresh = EngineLock::acquire(dir.path()).unwrap();
+        assert!(!fresh.existed() && fresh.moved_aside().is_none());
+        drop(fresh);
+        std::fs::remove_file(dir.path().join(LOCK_FILE)).unwrap();
+        std::fs::create_dir(dir.path().join(LOCK_FILE)).unwrap();
+        let lock = EngineLock::acquire(dir.path()).unwrap();
+        assert!(lock.existed());
+        let moved = lock.moved_aside().unwrap();
+        assert!(moved.is_dir(), "{}", moved.display());
+        assert!(dir.path().join(LOCK_FILE).is_file());
     }
 }

@@ -3,7 +3,9 @@
 //! committed release counter per bundle name.
 //!
 //! File format: `PERCHJNL` | version u16 | reserved u16 | body len u32 |
-//! CRC-32 of body u32 | postcard body. Written with write-temp → fsync →
+//! CRC-32 of body u32 | postcard body. Version 2 added dirty slots, the
+//! digest of the highest committed release and the recovery notices;
+//! version 1 records are still read. Written with write-temp → fsync →
 //! rename → fsync dir, so it is always the old or the new record, and the
 //! CRC catches anything else (bad media, hand edits).
 //!
@@ -16,13 +18,19 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use perch_protocol::bundle::{PayloadKind, VerifiedManifest};
-use perch_support::durable::{self, read_bounded, ReadError, Replace, WriteError};
+use perch_support::durable::{self, ReadError, Replace, WriteError};
+
+use crate::statefile::StateFile;
 use serde::{Deserialize, Serialize};
 
 const MAGIC: &[u8; 8] = b"PERCHJNL";
-const VERSION: u16 = 1;
+const VERSION: u16 = 2;
 const HEADER_LEN: usize = 20;
 const MAX_BODY: usize = 1 << 20;
+/// The largest journal (or counters) file read; anything larger is damaged.
+pub const MAX_FILE: usize = HEADER_LEN + MAX_BODY;
+/// Recovery notices kept (newest last), so the journal stays small.
+const MAX_NOTICES: usize = 8;
 pub const JOURNAL_FILE: &str = "journal";
 
 /// One of the two slots.
@@ -246,26 +254,132 @@ pub struct LastOutcome {
     pub at: u64,
 }
 
+/// What a slot holds, as far as the journal knows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum SlotContent {
+    /// Nothing perch installed (a factory image, or unknown).
+    #[default]
+    Unknown,
+    /// A complete, verified bundle.
+    Bundle(BundleRef),
+    /// Written to from this bundle, but not (yet) complete: staging was
+    /// interrupted, failed, or the bundle was rejected after some verified
+    /// chunks had already been written. Not a known bundle.
+    Dirty(BundleRef),
+}
+
+/// The highest committed release of one bundle name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Highest {
+    pub counter: u64,
+    /// Its digest; `None` when recorded by a version-1 journal.
+    pub digest: Option<[u8; 32]>,
+}
+
+impl Highest {
+    /// The higher of two records; at equal counters the one that knows its digest.
+    pub fn max(self, other: Highest) -> Highest {
+        match self.counter.cmp(&other.counter) {
+            std::cmp::Ordering::Less => other,
+            std::cmp::Ordering::Greater => self,
+            std::cmp::Ordering::Equal => {
+                Highest { counter: self.counter, digest: self.digest.or(other.digest) }
+            }
+        }
+    }
+}
+
+/// Highest committed release per bundle name (rollback protection).
+pub type Counters = BTreeMap<String, Highest>;
+
+/// Merges `from` into `into`, keeping the higher record of each name.
+pub fn merge_counters(into: &mut Counters, from: &Counters) {
+    for (name, h) in from {
+        let merged = into.get(name).map_or(*h, |mine| mine.max(*h));
+        into.insert(name.clone(), merged);
+    }
+}
+
+/// A damaged or lost state file the agent recovered from: shown by
+/// `status` long after the one log line scrolled away.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Notice {
+    pub at: u64,
+    pub text: String,
+}
+
 /// The whole persisted record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct Journal {
     /// Bumped on every write; shows in `status` and helps tests order records.
     pub seq: u64,
     pub state: DeployState,
-    /// What each slot holds, when it is known to be complete.
-    pub slots: [Option<BundleRef>; 2],
-    /// Highest committed counter per bundle name (rollback protection).
-    pub highest: BTreeMap<String, u64>,
+    /// What each slot holds.
+    pub slots: [SlotContent; 2],
+    /// Highest committed release per bundle name (rollback protection).
+    pub highest: Counters,
     pub last: Option<LastOutcome>,
+    /// State files found damaged or lost, oldest first (at most [`MAX_NOTICES`]).
+    pub notices: Vec<Notice>,
+}
+
+/// The version-1 record, read for upgrades.
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+struct JournalV1 {
+    seq: u64,
+    state: DeployState,
+    slots: [Option<BundleRef>; 2],
+    highest: BTreeMap<String, u64>,
+    last: Option<LastOutcome>,
+}
+
+impl From<JournalV1> for Journal {
+    fn from(v1: JournalV1) -> Journal {
+        let slot = |b: Option<BundleRef>| b.map_or(SlotContent::Unknown, SlotContent::Bundle);
+        let [a, b] = v1.slots;
+        Journal {
+            seq: v1.seq,
+            state: v1.state,
+            slots: [slot(a), slot(b)],
+            highest: v1
+                .highest
+                .into_iter()
+                .map(|(name, counter)| (name, Highest { counter, digest: None }))
+                .collect(),
+            last: v1.last,
+            notices: Vec::new(),
+        }
+    }
 }
 
 impl Journal {
+    /// The complete bundle `s` holds, if it holds one.
     pub fn slot(&self, s: SlotId) -> Option<&BundleRef> {
-        self.slots[s.index()].as_ref()
+        match &self.slots[s.index()] {
+            SlotContent::Bundle(b) => Some(b),
+            SlotContent::Unknown | SlotContent::Dirty(_) => None,
+        }
     }
 
-    pub fn set_slot(&mut self, s: SlotId, b: Option<BundleRef>) {
-        self.slots[s.index()] = b;
+    pub fn slot_content(&self, s: SlotId) -> &SlotContent {
+        &self.slots[s.index()]
+    }
+
+    pub fn set_slot(&mut self, s: SlotId, c: SlotContent) {
+        self.slots[s.index()] = c;
+    }
+
+    /// The highest committed counter of `name`.
+    pub fn highest_counter(&self, name: &str) -> Option<u64> {
+        self.highest.get(name).map(|h| h.counter)
+    }
+
+    /// Records a recovery, dropping the oldest beyond [`MAX_NOTICES`].
+    pub fn add_notice(&mut self, at: u64, text: String) {
+        self.notices.push(Notice { at, text });
+        let excess = self.notices.len().saturating_sub(MAX_NOTICES);
+        self.notices.drain(..excess);
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -289,7 +403,7 @@ impl Journal {
             return Err("bad magic".into());
         }
         let version = u16::from_le_bytes([bytes[8], bytes[9]]);
-        if version != VERSION {
+        if version != 1 && version != VERSION {
             return Err(format!("unsupported journal version {version}"));
         }
         if bytes[10..12] != [0, 0] {
@@ -304,7 +418,12 @@ impl Journal {
         if crate::checksum::crc32(body) != crc {
             return Err("CRC mismatch".into());
         }
-        match postcard::take_from_bytes::<Journal>(body) {
+        let decoded = if version == 1 {
+            postcard::take_from_bytes::<JournalV1>(body).map(|(j, rest)| (Journal::from(j), rest))
+        } else {
+            postcard::take_from_bytes::<Journal>(body)
+        };
+        match decoded {
             Ok((j, [])) => Ok(j),
             Ok((_, rest)) => Err(format!("{} trailing bytes", rest.len())),
             Err(e) => Err(format!("undecodable body: {e}")),
@@ -338,13 +457,21 @@ impl JournalStore {
         &self.path
     }
 
-    /// Loads the journal; a missing file is a fresh device (Idle).
+    /// Loads the journal; a missing file is a fresh device (Idle). A
+    /// damaged one (garbage, over the size cap, a directory) is
+    /// [`JournalError::Corrupt`].
     pub fn load(&self) -> Result<Journal, JournalError> {
-        if !self.path.exists() {
-            return Ok(Journal::default());
+        Ok(self.load_existing()?.unwrap_or_default())
+    }
+
+    /// Loads the journal; `None` if there is none.
+    pub fn load_existing(&self) -> Result<Option<Journal>, JournalError> {
+        let corrupt = |detail| JournalError::Corrupt { path: self.path.clone(), detail };
+        match crate::statefile::read(&self.path, MAX_FILE)? {
+            StateFile::Missing => Ok(None),
+            StateFile::Damaged(why) => Err(corrupt(why)),
+            StateFile::Bytes(b) => Journal::decode(&b).map(Some).map_err(corrupt),
         }
-        let bytes = read_bounded(&self.path, HEADER_LEN + MAX_BODY)?;
-        Journal::decode(&bytes).map_err(|detail| JournalError::Corrupt { path: self.path.clone(), detail })
     }
 
     pub fn save(&self, j: &mut Journal) -> Result<(), JournalError> {
@@ -352,14 +479,6 @@ impl JournalStore {
         durable::write_bytes(&self.path, 0o600, Replace::Allow, &j.encode())?;
         crate::failpoint::hit("journal-saved");
         Ok(())
-    }
-
-    /// Moves a corrupt journal aside (kept for inspection) so the agent can
-    /// start again from a safe state.
-    pub fn quarantine(&self) -> std::io::Result<PathBuf> {
-        let aside = self.path.with_extension(format!("corrupt-{}", perch_support::now_unix()));
-        std::fs::rename(&self.path, &aside)?;
-        Ok(aside)
     }
 }
 
@@ -387,8 +506,10 @@ mod tests {
             },
             ..Journal::default()
         };
-        j.set_slot(SlotId::B, Some(b));
-        j.highest.insert("os".into(), 3);
+        j.set_slot(SlotId::B, SlotContent::Bundle(b.clone()));
+        j.set_slot(SlotId::A, SlotContent::Dirty(b));
+        j.highest.insert("os".into(), Highest { counter: 3, digest: Some([1; 32]) });
+        j.add_notice(5, "counters damaged".into());
         j
     }
 
@@ -396,6 +517,39 @@ mod tests {
     fn round_trip() {
         let j = sample();
         assert_eq!(Journal::decode(&j.encode()).unwrap(), j);
+    }
+
+    #[test]
+    fn a_version_1_journal_still_loads() {
+        let b = sample().slot(SlotId::B).cloned();
+        let v1 = JournalV1 {
+            seq: 9,
+            state: DeployState::Idle,
+            slots: [None, b.clone()],
+            highest: [("os".to_string(), 4)].into(),
+            last: None,
+        };
+        let body = postcard::to_allocvec(&v1).unwrap();
+        let mut bytes = MAGIC.to_vec();
+        bytes.extend_from_slice(&[1, 0, 0, 0]);
+        bytes.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(&crate::checksum::crc32(&body).to_le_bytes());
+        bytes.extend_from_slice(&body);
+        let j = Journal::decode(&bytes).unwrap();
+        assert_eq!(j.seq, 9);
+        assert_eq!(j.slot(SlotId::B), b.as_ref());
+        assert_eq!(j.slot_content(SlotId::A), &SlotContent::Unknown);
+        assert_eq!(j.highest["os"], Highest { counter: 4, digest: None });
+    }
+
+    #[test]
+    fn counters_merge_to_the_highest_of_each_name() {
+        let h = |counter, d: Option<u8>| Highest { counter, digest: d.map(|d| [d; 32]) };
+        let mut a: Counters = [("os".to_string(), h(9, Some(1))), ("app".to_string(), h(2, None))].into();
+        let b: Counters = [("os".to_string(), h(4, Some(2))), ("app".to_string(), h(2, Some(3)))].into();
+        merge_counters(&mut a, &b);
+        assert_eq!(a["os"], h(9, Some(1)));
+        assert_eq!(a["app"], h(2, Some(3)), "an equal counter keeps the digest it knows");
     }
 
     #[test]
@@ -415,12 +569,16 @@ mod tests {
         #[test]
         fn arbitrary_bytes_never_panic(data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
             let _ = Journal::decode(&data);
-            let mut framed = MAGIC.to_vec();
-            framed.extend_from_slice(&[1, 0, 0, 0]);
-            framed.extend_from_slice(&(data.len() as u32).to_le_bytes());
-            framed.extend_from_slice(&crate::checksum::crc32(&data).to_le_bytes());
-            framed.extend_from_slice(&data);
-            let _ = Journal::decode(&framed);
+            for version in [1u8, 2] {
+                let mut framed = MAGIC.to_vec();
+                framed.extend_from_slice(&[version, 0, 0, 0]);
+                framed.extend_from_slice(&(data.len() as u32).to_le_bytes());
+                framed.extend_from_slice(&crate::checksum::crc32(&data).to_le_bytes());
+                framed.extend_from_slice(&data);
+                if let Ok(j) = Journal::decode(&framed) {
+                    proptest::prop_assert_eq!(Journal::decode(&j.encode()).unwrap(), j);
+                }
+            }
         }
     }
 }

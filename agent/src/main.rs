@@ -13,7 +13,8 @@ use perch_agent::decision::Decision;
 use perch_agent::deploy::{DeployError, Engine, Finished};
 use perch_agent::enroll::{self as enrolling, EnrollFailure, Plan};
 use perch_agent::identity::{self, Identity, IdentityError};
-use perch_agent::journal::{DeployState, Journal, JournalError};
+use perch_agent::journal::{DeployState, Journal};
+use perch_agent::recovery::Recovered;
 use perch_agent::status;
 use perch_support::exit::{self, SecurityError, UsageError};
 use perch_support::now_unix;
@@ -49,7 +50,9 @@ fn code_for(e: &anyhow::Error) -> i32 {
         if let Some(d) = cause.downcast_ref::<DeployError>() {
             return match d {
                 _ if d.is_security() => exit::SECURITY,
-                DeployError::Trust(_) => exit::code_for(e.chain().skip(1)),
+                // The trust error itself, not the chain under it:
+                // `Trust` is transparent, so the chain skips it.
+                DeployError::Trust(t) => exit::code_for([t as &(dyn std::error::Error + 'static)]),
                 _ => exit::RUNTIME,
             };
         }
@@ -81,7 +84,7 @@ fn identity_code(i: &IdentityError, e: &anyhow::Error) -> i32 {
     }
 }
 
-fn open(cli: &Cli) -> Result<(Engine, Option<JournalError>)> {
+fn open(cli: &Cli) -> Result<(Engine, Option<Recovered>)> {
     let cfg = Config::load(&cli.config)?;
     Ok(Engine::open(cfg, &cli.state_dir)?)
 }
@@ -98,7 +101,7 @@ fn decide(cli: &Cli, d: Decision) -> Result<u8> {
                 Decision::Commit => engine.commit()?,
                 Decision::Rollback => engine.rollback()?,
             };
-            return Ok(report(&engine.journal.state, &f));
+            return Ok(decided(d, report(&engine.journal.state, &f), &f));
         }
         Err(DeployError::Lock(l)) if l.is_held() => l,
         Err(e) => return Err(e.into()),
@@ -138,12 +141,21 @@ fn decide(cli: &Cli, d: Decision) -> Result<u8> {
         DeployState::RollingBack { from, .. } => Finished::AwaitingReboot(*from),
         _ => Finished::Idle,
     };
-    Ok(report(&journal.state, &f))
+    Ok(decided(d, report(&journal.state, &f), &f))
+}
+
+/// A `rollback` that rolled back did what it was asked: success, though a
+/// rollback is a failed deploy for `install` and `run`.
+fn decided(d: Decision, code: u8, f: &Finished) -> u8 {
+    match (d, f) {
+        (Decision::Rollback, Finished::RolledBack(..)) => 0,
+        _ => code,
+    }
 }
 
 /// The daemon's engine at startup: a local command (a technician's
 /// `install`) may hold it for a while; wait for it rather than fail.
-fn open_waiting(config: &Path, state_dir: &Path) -> Result<(Engine, Option<JournalError>)> {
+fn open_waiting(config: &Path, state_dir: &Path) -> Result<(Engine, Option<Recovered>)> {
     let mut told = false;
     loop {
         match Engine::open(Config::load(config)?, state_dir) {
@@ -206,14 +218,9 @@ fn run(cli: Cli) -> Result<u8> {
         }
         Command::Status { json } => {
             let cfg = Config::load(&cli.config)?;
-            let (journal, b, problem) = Engine::inspect(&cfg, &cli.state_dir);
-            let mut doc = status::to_json(
-                &journal,
-                b.name(),
-                b.booted().ok(),
-                b.next_boot().ok().flatten(),
-                problem.map(|p| p.to_string()).as_deref(),
-            );
+            let (journal, b, problems) = Engine::inspect(&cfg, &cli.state_dir);
+            let mut doc =
+                status::to_json(&journal, b.name(), b.booted().ok(), b.next_boot().ok().flatten(), &problems);
             let (enrollment, line) = match Identity::new(&cli.state_dir).enrollment(&cfg, now_unix()) {
                 Ok(Some(v)) => (
                     serde_json::json!({
@@ -236,9 +243,13 @@ fn run(cli: Cli) -> Result<u8> {
             };
             doc["enrollment"] = enrollment;
             // The running agent writes its link state; none means no link was tried.
-            let link = std::fs::read(cli.state_dir.join(perch_agent::link::STATE_FILE))
-                .ok()
-                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+            // Bounded: a damaged file must not cost the device its memory.
+            let link = perch_support::durable::read_bounded(
+                &cli.state_dir.join(perch_agent::link::STATE_FILE),
+                64 * 1024,
+            )
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
             let link_line = match &link {
                 Some(l) => {
                     let since = l["since"].as_u64().map(|t| {
@@ -328,7 +339,9 @@ fn run(cli: Cli) -> Result<u8> {
                     let _turn = turn;
                     // The engine is not Send: it lives on this thread only.
                     let (mut engine, problem) = open_waiting(&config_path, &engine_dir)?;
-                    warn(problem);
+                    for line in problem.iter().flat_map(|r| &r.0) {
+                        tracing::warn!("{line}");
+                    }
                     // What the engine finishes now (a trial after a reboot,
                     // a bootloader fallback) is reported like any deploy.
                     if let Some(o) = observer {
@@ -361,9 +374,10 @@ fn run(cli: Cli) -> Result<u8> {
     }
 }
 
-fn warn(problem: Option<JournalError>) {
-    if let Some(p) = problem {
-        eprintln!("perch-agent: {p}; moved aside, kept the running slot and started a fresh journal");
+/// One line per state file recovered from (they are also kept for `status`).
+fn warn(recovered: Option<Recovered>) {
+    for line in recovered.iter().flat_map(|r| &r.0) {
+        eprintln!("perch-agent: {line}");
     }
 }
 

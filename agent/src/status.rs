@@ -3,7 +3,7 @@
 
 use serde_json::{json, Value};
 
-use crate::journal::{BundleRef, DeployState, Journal, Outcome, SlotId};
+use crate::journal::{BundleRef, DeployState, Journal, Outcome, SlotContent, SlotId};
 
 fn bundle_json(b: &BundleRef) -> Value {
     json!({
@@ -63,15 +63,31 @@ fn outcome_text(o: &Outcome) -> (String, Option<String>) {
     }
 }
 
-/// The status document.
+/// A slot: its bundle, `null` for nothing perch installed, or for a slot
+/// written to without completing `{"dirty": true, "partial": bundle}`
+/// (no `counter` at the top: it holds no known bundle).
+fn slot_json(c: &SlotContent) -> Value {
+    match c {
+        SlotContent::Unknown => Value::Null,
+        SlotContent::Bundle(b) => bundle_json(b),
+        SlotContent::Dirty(b) => json!({ "dirty": true, "partial": bundle_json(b) }),
+    }
+}
+
+/// The status document. `problems`: what is wrong with the state files
+/// now (a later engine recovers from it); the journal's notices say what
+/// was recovered from before.
 pub fn to_json(
     j: &Journal,
     backend: &str,
     booted: Option<SlotId>,
     next_boot: Option<SlotId>,
-    problem: Option<&str>,
+    problems: &[String],
 ) -> Value {
-    let slot = |s: SlotId| j.slot(s).map(bundle_json).unwrap_or(Value::Null);
+    let slot = |s: SlotId| slot_json(j.slot_content(s));
+    let highest: serde_json::Map<String, Value> =
+        j.highest.iter().map(|(name, h)| (name.clone(), json!(h.counter))).collect();
+    let notices: Vec<Value> = j.notices.iter().map(|n| json!({ "at": n.at, "text": n.text })).collect();
     let last = j.last.as_ref().map(|l| {
         let (outcome, reason) = outcome_text(&l.outcome);
         json!({ "outcome": outcome, "reason": reason, "at": l.at, "bundle": l.bundle.as_ref().map(bundle_json) })
@@ -83,9 +99,10 @@ pub fn to_json(
         "slots": { "a": slot(SlotId::A), "b": slot(SlotId::B) },
         "deploy": state_json(&j.state),
         "last_outcome": last,
-        "highest_counters": j.highest,
+        "highest_counters": highest,
         "journal_seq": j.seq,
-        "journal_problem": problem,
+        "journal_problem": (!problems.is_empty()).then(|| problems.join("; ")),
+        "state_notices": notices,
     })
 }
 
@@ -100,6 +117,14 @@ pub fn to_text(v: &Value) -> String {
     let b = |v: &Value| {
         if v.is_null() {
             "(empty)".to_string()
+        } else if v["dirty"] == true {
+            let p = &v["partial"];
+            format!(
+                "dirty: partly written from {} #{} ({}); not a known bundle",
+                s(&p["name"]),
+                s(&p["counter"]),
+                s(&p["version"])
+            )
         } else {
             format!("{} #{} ({})", s(&v["name"]), s(&v["counter"]), s(&v["version"]))
         }
@@ -139,6 +164,12 @@ pub fn to_text(v: &Value) -> String {
     }
     if let Some(p) = v["journal_problem"].as_str() {
         out.push_str(&format!("WARNING      {p}\n"));
+    }
+    for n in v["state_notices"].as_array().into_iter().flatten() {
+        let at = n["at"].as_u64().unwrap_or(0);
+        let when =
+            humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(at));
+        out.push_str(&format!("WARNING      {when} {}\n", s(&n["text"])));
     }
     out
 }

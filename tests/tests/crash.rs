@@ -222,3 +222,56 @@ fn dir_install_survives_sigkill_at_every_point() {
     eprintln!("dir: {points} kill points");
     assert!(points >= 40, "only {points} kill points");
 }
+
+/// Recovering from damaged state (moving files aside, rewriting the
+/// counters copy, starting a fresh journal) is SIGKILL-safe: after a kill
+/// at any point of it, the next start still refuses the replay of an
+/// older release, and ends with readable state.
+#[test]
+fn recovering_damaged_state_survives_sigkill_at_every_point() {
+    let mut d = Device::new(Backend::Dir);
+    d.archive_bundle("v9.perch", 9, &[("app", "nine\n")]);
+    assert_eq!(d.agent(&["install", "v9.perch"]).code, 0);
+    d.archive_bundle("v4.perch", 4, &[("app", "four\n")]);
+    d.snapshot();
+    type Damage = fn(&Device);
+    let damage: [(&str, Damage); 3] = [
+        ("corrupt journal", |d| {
+            let mut j = fs::read(d.path("state/journal")).unwrap();
+            let n = j.len();
+            j[n - 3] ^= 0xff;
+            fs::write(d.path("state/journal"), j).unwrap();
+        }),
+        ("corrupt counters", |d| fs::write(d.path("state/counters"), "garbage").unwrap()),
+        ("journal and engine.lock as directories", |d| {
+            for f in ["journal", "engine.lock"] {
+                fs::remove_file(d.path(&format!("state/{f}"))).unwrap();
+                fs::create_dir(d.path(&format!("state/{f}"))).unwrap();
+            }
+        }),
+    ];
+    let mut points = 0;
+    for (what, damage) in damage {
+        for n in 1.. {
+            d.restore();
+            damage(&d);
+            let fp = format!("any:{n}");
+            let r = d.agent_env(&["install", "v4.perch"], &[("PERCH_FAILPOINT", &fp)]);
+            if !killed(&r) {
+                assert_eq!(r.code, 3, "{what}: {} {}", r.stdout, r.stderr);
+                break;
+            }
+            points += 1;
+            let when = format!("{what}: killed at failpoint {n}");
+            let r = d.agent(&["install", "v4.perch"]);
+            assert_eq!(r.code, 3, "{when}: {} {}", r.stdout, r.stderr);
+            assert!(r.stderr.contains("downgrade"), "{when}: {}", r.stderr);
+            let st = d.status();
+            assert!(st["journal_problem"].is_null(), "{when}: {st}");
+            assert_eq!(st["highest_counters"]["os"], 9, "{when}");
+            assert_eq!(fs::read_to_string(d.path("root/current/app")).unwrap(), "nine\n", "{when}");
+        }
+    }
+    eprintln!("state recovery: {points} kill points");
+    assert!(points >= 4, "only {points} kill points");
+}

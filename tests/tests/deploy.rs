@@ -340,6 +340,8 @@ fn commit_and_rollback_decide_a_trial_another_process_runs() {
     // Checks that fail until someone decides: the trial would run 60 s.
     d.health = "commands = [\"false\"]\ntrial = \"60s\"\ninterval = \"200ms\"\n".into();
     d.write_config();
+    // The command succeeds either way; the install whose trial was rolled
+    // back fails.
     for (counter, verb, state, code) in [(2, "commit", "committed", 0), (3, "rollback", "rolled_back", 1)] {
         let bundle = format!("v{counter}.perch");
         d.archive_bundle(&bundle, counter, &[("app", &format!("{counter}\n"))]);
@@ -353,7 +355,7 @@ fn commit_and_rollback_decide_a_trial_another_process_runs() {
         );
         // The install holds the engine; the decision is handed to it.
         let r = d.agent(&[verb]);
-        assert_eq!(r.code, code, "{verb}: {}{}", r.stdout, r.stderr);
+        assert_eq!(r.code, 0, "{verb}: {}{}", r.stdout, r.stderr);
         assert!(
             r.stdout.contains(&format!("runs in another process (perch-agent (pid {}", child.id())),
             "{}",
@@ -533,7 +535,8 @@ fn corrupt_journal_keeps_the_running_slot() {
     assert_eq!(st["deploy"]["state"], "idle");
     // Rollback protection survived in the counters file.
     assert_eq!(st["highest_counters"]["os"], 2);
-    let r = install(&d, "v2.perch");
+    d.image_bundle("v1.perch", 1, 3, LEN, 16 * 1024);
+    let r = install(&d, "v1.perch");
     assert_eq!(r.code, 3, "{}", r.stderr);
     assert!(fs::read_dir(d.path("state")).unwrap().any(|e| e
         .unwrap()
@@ -555,4 +558,239 @@ fn bad_config_names_the_key() {
     let r = d.agent(&["status"]);
     assert_eq!(r.code, 2);
     assert!(r.stderr.contains("'soon' is not a duration"), "{}", r.stderr);
+}
+
+// ------------------------------------------------ damaged or lost state
+
+/// A device running os #9 (dir slots), with a signed os #4 ready to replay.
+fn device_on_release_9() -> Device {
+    let d = Device::new(Backend::Dir);
+    d.archive_bundle("v9.perch", 9, &[("app", "nine\n")]);
+    let r = install(&d, "v9.perch");
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    d.archive_bundle("v4.perch", 4, &[("app", "four\n")]);
+    d
+}
+
+/// One way to damage a state file.
+type Damage = fn(&Device);
+
+fn aside_files(d: &Device, name: &str) -> usize {
+    let prefix = format!("{name}.corrupt-");
+    fs::read_dir(d.path("state"))
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with(&prefix))
+        .count()
+}
+
+fn notices(d: &Device) -> String {
+    d.status()["state_notices"].to_string()
+}
+
+#[test]
+fn rollback_protection_survives_the_loss_of_either_file() {
+    let d = device_on_release_9();
+    fs::remove_file(d.path("state/journal")).unwrap();
+    assert_eq!(d.status()["highest_counters"]["os"], 9, "status reads the counters copy");
+    let r = install(&d, "v4.perch");
+    assert_eq!(r.code, 3, "journal lost: {} {}", r.stdout, r.stderr);
+    assert!(r.stderr.contains("downgrade"), "{}", r.stderr);
+    fs::remove_file(d.path("state/counters")).unwrap();
+    let r = install(&d, "v4.perch");
+    assert_eq!(r.code, 3, "counters lost: {} {}", r.stdout, r.stderr);
+    assert!(d.path("state/counters").is_file(), "the copy is rewritten from the journal");
+    fs::remove_file(d.path("state/journal")).unwrap();
+    let r = install(&d, "v4.perch");
+    assert_eq!(r.code, 3, "the rewritten copy holds: {} {}", r.stdout, r.stderr);
+    assert_eq!(d.status()["highest_counters"]["os"], 9);
+    assert_eq!(fs::read_to_string(d.path("root/current/app")).unwrap(), "nine\n");
+}
+
+#[test]
+fn a_damaged_counters_file_is_moved_aside_rewritten_and_reported() {
+    let d = device_on_release_9();
+    let damage: [(&str, Damage); 3] = [
+        ("garbage", |d| fs::write(d.path("state/counters"), "not counters").unwrap()),
+        ("oversize", |d| fs::write(d.path("state/counters"), vec![0u8; (1 << 20) + 64]).unwrap()),
+        ("directory", |d| {
+            fs::remove_file(d.path("state/counters")).unwrap();
+            fs::create_dir(d.path("state/counters")).unwrap();
+        }),
+    ];
+    for (n, (what, damage)) in damage.iter().enumerate() {
+        damage(&d);
+        let st = d.status();
+        assert!(st["journal_problem"].as_str().unwrap_or("").contains("counters file"), "{what}: {st}");
+        let r = install(&d, "v4.perch");
+        assert_eq!(r.code, 3, "{what}: {} {}", r.stdout, r.stderr);
+        assert!(r.stderr.contains("downgrade"), "{what}: {}", r.stderr);
+        let warning: Vec<_> = r.stderr.lines().filter(|l| l.contains("counters file")).collect();
+        assert_eq!(warning.len(), 1, "{what}: {}", r.stderr);
+        assert!(warning[0].contains("moved aside"), "{what}: {}", r.stderr);
+        assert_eq!(aside_files(&d, "counters"), n + 1, "{what}");
+        assert!(d.path("state/counters").is_file(), "{what}: rewritten");
+        let st = d.status();
+        assert!(st["journal_problem"].is_null(), "{what}: {st}");
+        assert!(notices(&d).contains("counters file"), "{what}: {st}");
+        let text = d.agent(&["status"]);
+        assert!(text.stdout.contains("WARNING") && text.stdout.contains("counters file"), "{}", text.stdout);
+    }
+}
+
+#[test]
+fn losing_both_records_is_said_loudly() {
+    let d = device_on_release_9();
+    fs::remove_file(d.path("state/journal")).unwrap();
+    fs::remove_file(d.path("state/counters")).unwrap();
+    let st = d.status();
+    assert!(st["journal_problem"].as_str().unwrap_or("").contains("ROLLBACK PROTECTION LOST"), "{st}");
+    // Nothing is left to compare with: the replay installs, but not quietly.
+    let r = install(&d, "v4.perch");
+    assert_eq!(r.code, 0, "{} {}", r.stdout, r.stderr);
+    assert_eq!(
+        r.stderr.lines().filter(|l| l.contains("ROLLBACK PROTECTION LOST")).count(),
+        1,
+        "{}",
+        r.stderr
+    );
+    assert!(notices(&d).contains("ROLLBACK PROTECTION LOST"));
+    // A new device is not warned about anything.
+    let fresh = Device::new(Backend::Dir);
+    fresh.archive_bundle("v1.perch", 1, &[("app", "one\n")]);
+    let r = install(&fresh, "v1.perch");
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.stderr, "", "a first install warns of nothing");
+    assert_eq!(fresh.status()["state_notices"], serde_json::json!([]));
+}
+
+#[test]
+fn an_unusable_journal_or_engine_lock_is_moved_aside_and_the_device_goes_on() {
+    let d = device_on_release_9();
+    let damage: [(&str, &str, Damage); 4] = [
+        ("journal over the size cap", "journal", |d| {
+            fs::write(d.path("state/journal"), vec![7u8; (1 << 20) + 21]).unwrap()
+        }),
+        ("journal as a directory", "journal", |d| {
+            fs::remove_file(d.path("state/journal")).unwrap();
+            fs::create_dir(d.path("state/journal")).unwrap();
+        }),
+        ("journal as a symlink to a FIFO", "journal", |d| {
+            fs::remove_file(d.path("state/journal")).unwrap();
+            assert!(std::process::Command::new("mkfifo").arg(d.path("fifo")).status().unwrap().success());
+            std::os::unix::fs::symlink(d.path("fifo"), d.path("state/journal")).unwrap();
+        }),
+        ("engine.lock as a directory", "engine.lock", |d| {
+            fs::remove_file(d.path("state/engine.lock")).unwrap();
+            fs::create_dir(d.path("state/engine.lock")).unwrap();
+        }),
+    ];
+    for (n, (what, file, damage)) in damage.iter().enumerate() {
+        damage(&d);
+        let r = d.agent(&["run", "--once"]);
+        assert_eq!(r.code, 0, "{what}: run: {} {}", r.stdout, r.stderr);
+        assert_eq!(r.stderr.lines().count(), 1, "{what}: one line: {}", r.stderr);
+        assert!(r.stderr.contains("moved aside"), "{what}: {}", r.stderr);
+        assert!(aside_files(&d, file) >= 1, "{what}: kept for inspection");
+        let counter = 10 + n as u64;
+        let name = format!("v{counter}.perch");
+        d.archive_bundle(&name, counter, &[("app", "next\n")]);
+        let r = install(&d, &name);
+        assert_eq!(r.code, 0, "{what}: install: {} {}", r.stdout, r.stderr);
+        assert!(r.stdout.contains(&format!("committed os #{counter}")), "{what}: {}", r.stdout);
+    }
+    // Rollback protection came through all of it.
+    let r = install(&d, "v4.perch");
+    assert_eq!(r.code, 3, "{} {}", r.stdout, r.stderr);
+}
+
+#[test]
+fn a_rejected_bundle_leaves_its_slot_marked_dirty() {
+    let d = Device::new(Backend::Uboot);
+    d.image_bundle("v2.perch", 2, 1, LEN, 16 * 1024);
+    let good = fs::read(d.path("v2.perch")).unwrap();
+    // The last chunk is corrupt: the verified ones before it reach slot b.
+    let mut bad = good.clone();
+    bad[good.len() - 100] ^= 0x01;
+    fs::write(d.path("bad.perch"), &bad).unwrap();
+    let r = install(&d, "bad.perch");
+    assert_eq!(r.code, 3, "{} {}", r.stdout, r.stderr);
+    let st = d.status();
+    assert_eq!(st["slots"]["b"]["dirty"], true, "{st}");
+    assert_eq!(st["slots"]["b"]["partial"]["counter"], 2, "{st}");
+    assert!(st["slots"]["b"]["counter"].is_null(), "a dirty slot holds no known bundle: {st}");
+    assert_eq!(st["next_boot_slot"], "a");
+    let text = d.agent(&["status"]);
+    assert!(text.stdout.contains("slot b       dirty"), "{}", text.stdout);
+    // Nothing to roll back to, and the good bundle replaces the partial one.
+    assert_ne!(d.agent(&["rollback"]).code, 0);
+    assert_eq!(install(&d, "v2.perch").code, 0);
+    assert_eq!(d.status()["slots"]["b"]["counter"], 2);
+}
+
+#[test]
+fn a_failed_install_names_its_bundle_in_the_reason() {
+    let d = Device::new(Backend::Uboot);
+    d.image_bundle("v2.perch", 2, 1, LEN, 16 * 1024);
+    let mut bad = fs::read(d.path("v2.perch")).unwrap();
+    let n = bad.len();
+    bad[n - LEN / 2] ^= 0x01;
+    fs::write(d.path("bad.perch"), &bad).unwrap();
+    assert_eq!(install(&d, "bad.perch").code, 3);
+    let st = d.status();
+    for reason in [&st["last_outcome"]["reason"], &st["deploy"]["reason"]] {
+        let reason = reason.as_str().unwrap_or_default();
+        assert!(reason.starts_with("bad.perch: "), "{reason}");
+        assert!(reason.contains("sha256 mismatch"), "{reason}");
+    }
+}
+
+#[test]
+fn a_release_rolled_back_by_hand_can_be_installed_again_but_nothing_older() {
+    let d = Device::new(Backend::Dir);
+    d.archive_bundle("v2.perch", 2, &[("app", "two\n")]);
+    d.archive_bundle("v3.perch", 3, &[("app", "three\n")]);
+    assert_eq!(install(&d, "v2.perch").code, 0);
+    assert_eq!(install(&d, "v3.perch").code, 0);
+    let r = d.agent(&["rollback"]);
+    assert_eq!(r.code, 0, "{} {}", r.stdout, r.stderr);
+    assert_eq!(fs::read_to_string(d.path("root/current/app")).unwrap(), "two\n");
+    // The release it left was committed once: it may come back.
+    let r = install(&d, "v3.perch");
+    assert_eq!(r.code, 0, "{} {}", r.stdout, r.stderr);
+    assert!(r.stdout.contains("committed os #3"), "{}", r.stdout);
+    // Older releases may not, nor another bundle signed with the same counter.
+    let r = install(&d, "v2.perch");
+    assert_eq!(r.code, 3, "{} {}", r.stdout, r.stderr);
+    d.archive_bundle("other3.perch", 3, &[("app", "another three\n")]);
+    let r = install(&d, "other3.perch");
+    assert_eq!(r.code, 3, "{} {}", r.stdout, r.stderr);
+    assert!(r.stderr.contains("downgrade"), "{}", r.stderr);
+}
+
+// ---------------------------------------------------------- exit codes
+
+#[test]
+fn a_rollback_that_rolls_back_exits_0() {
+    let d = Device::new(Backend::Dir);
+    d.archive_bundle("v2.perch", 2, &[("app", "two\n")]);
+    d.archive_bundle("v3.perch", 3, &[("app", "three\n")]);
+    assert_eq!(install(&d, "v2.perch").code, 0);
+    assert_eq!(install(&d, "v3.perch").code, 0);
+    let r = d.agent(&["rollback"]);
+    assert_eq!(r.code, 0, "{} {}", r.stdout, r.stderr);
+    assert!(r.stdout.contains("rolled back os #3"), "{}", r.stdout);
+    assert_eq!(d.state(), "rolled_back");
+    // Nothing left to roll back: a failure.
+    assert_eq!(d.agent(&["rollback"]).code, 1);
+}
+
+#[test]
+fn install_without_the_trust_file_is_a_config_error() {
+    let d = Device::new(Backend::Dir);
+    d.archive_bundle("v2.perch", 2, &[("app", "two\n")]);
+    fs::rename(d.path("org/trust.doc"), d.path("org/trust.doc.away")).unwrap();
+    let r = install(&d, "v2.perch");
+    assert_eq!(r.code, 2, "{} {}", r.stdout, r.stderr);
+    assert!(r.stderr.contains("trust.doc"), "{}", r.stderr);
+    assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
 }
