@@ -211,6 +211,30 @@ fn the_agent_stops_on_sigterm_after_its_server_died() {
 }
 
 #[test]
+fn the_agent_stops_on_sigterm_mid_fetch_while_its_server_hangs() {
+    let f = Fleet::start(1);
+    let d =
+        f.enrolled_device("dev-f", &f.url, "north", "[link]\nping_interval = \"1s\"\n[fetch]\nwindow = 4\n");
+    std::fs::create_dir_all(d.dir.join("slots/a")).unwrap();
+    std::os::unix::fs::symlink("a", d.dir.join("slots/current")).unwrap();
+    let (_, digest, _) = f.published_bundle("os", 2, 8 << 20, 5);
+    let mut agent = d.spawn_run();
+    let log_file = f.s.path("dev-f-run.log");
+    let log = || std::fs::read_to_string(&log_file).unwrap_or_default();
+    assert!(wait_for(Duration::from_secs(15), || log().contains("FLEET link up")), "{}", log());
+    let want = format!("{{\"bundle\": \"{}\"}}", hex::encode(digest));
+    f.reports_reader().kv_put("PERCH_DESIRED", "device.dev-f", &want);
+    assert!(wait_for(Duration::from_secs(15), || log().contains("fetching it")), "{}", log());
+    f.server.signal("STOP");
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    let code = agent.terminate(Duration::from_secs(30));
+    f.server.signal("CONT");
+    assert_eq!(code, Some(0), "{}", log());
+    assert!(started.elapsed() < Duration::from_secs(6), "took {:?}", started.elapsed());
+}
+
+#[test]
 fn approve_reject_and_revoke_of_an_unknown_id_exit_2_with_one_line() {
     let f = Fleet::start(0);
     for action in ["approve", "reject", "revoke"] {
