@@ -177,6 +177,24 @@ fn the_provisioner_stops_on_sigterm_after_its_server_died() {
     provisioner_stops_while_its_server(false);
 }
 
+#[test]
+fn the_provisioner_stops_on_sigterm_while_still_connecting_to_a_hung_server() {
+    let f = Fleet::start(0);
+    f.server.signal("STOP");
+    let child = std::process::Command::new(perch_tests::bin("perch-bootstrap"))
+        .args(["run", "--dir", "org", "--url", &f.url])
+        .current_dir(f.s.dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut p = perch_tests::fleet::Running(child);
+    std::thread::sleep(Duration::from_millis(500));
+    let code = p.terminate(Duration::from_secs(5));
+    f.server.signal("CONT");
+    assert_eq!(code, Some(0), "a stop while connecting is a clean stop");
+}
+
 /// An enrolled agent whose link is up; `perch-agent run` must stop on
 /// SIGTERM within its bound whatever the server does.
 fn agent_stops_while_its_server(hangs: bool) {
