@@ -162,7 +162,8 @@ impl Link {
         let id = &self.v.credential.device_id;
         let ev = lifecycle::Event::new(kind, id, env!("CARGO_PKG_VERSION"), uuid, perch_support::now_unix());
         let sent = async {
-            self.client.publish(lifecycle::subject(kind), ev.to_json().into()).await.ok()?;
+            // Its own subject: the provisioner republishes it for Choria.
+            self.client.publish(subjects::lifecycle(id), ev.to_json().into()).await.ok()?;
             self.client.flush().await.ok()
         };
         let ok = matches!(tokio::time::timeout(Duration::from_secs(2), sent).await, Ok(Some(())));

@@ -6,10 +6,12 @@
 //! - [`registry`]: the device registry and token use counters in JetStream KV.
 //! - [`issue`]: what an enrolled device gets (credential, user JWT, CA).
 //! - [`provisioner`]: the NATS service that answers enrollment requests.
+//! - [`drop_log`]: its counts of dropped garbage, logged within a budget.
 //! - [`admin`]: operator commands against a running fleet (approve, revoke...).
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod drop_log;
 pub mod issue;
 pub mod nats;
 pub mod org;

@@ -467,8 +467,11 @@ fn run(cli: Cli) -> Result<()> {
                 credential_ttl,
                 concurrency,
             };
-            fleet::runtime()?.block_on(provisioner::run(settings, fleet::shutdown_signal()))?;
-            Ok(())
+            let rt = fleet::runtime()?;
+            let done = rt.block_on(provisioner::run(settings, fleet::shutdown_signal()));
+            // Tasks still waiting on a hung server are dropped, not awaited.
+            rt.shutdown_timeout(Duration::from_secs(1));
+            Ok(done?)
         }
         Command::Pending { dir, server, json } => fleet::list(&dir, &server.urls, json, true),
         Command::Devices { dir, server, json } => fleet::list(&dir, &server.urls, json, false),

@@ -15,7 +15,8 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use perch_protocol::enroll::{EnrollResponse, Rejection, SignedCredential, SignedRequest, VerifiedRequest};
-use perch_protocol::subjects::{self, ENROLL_QUEUE, ENROLL_REQUEST, HELLO_ALL};
+use perch_protocol::lifecycle;
+use perch_protocol::subjects::{self, ENROLL_QUEUE, ENROLL_REQUEST, HELLO_ALL, LIFECYCLE_ALL};
 use perch_protocol::token::{Approval, SignedToken, VerifiedToken};
 use perch_protocol::PublicKey;
 use perch_support::now_unix;
@@ -23,6 +24,7 @@ use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 
 use crate::admin::{self, Account, AdminError};
+use crate::drop_log::{DropKind, DropLog};
 use crate::issue::{Issuer, IssuerError};
 use crate::registry::{Cas, DeviceRecord, Registry, RegistryError, Rekey, Status};
 
@@ -54,47 +56,68 @@ struct Service {
     settings: Settings,
     issuer: Issuer,
     registry: Registry,
+    fleet: async_nats::Client,
+    drops: DropLog,
 }
 
-/// Runs until `shutdown` resolves. Returns once in-flight requests are answered.
+/// How long a stopping provisioner waits for answers in flight. It never
+/// waits longer on a server that stopped answering.
+pub const DRAIN_LIMIT: Duration = Duration::from_secs(5);
+
+/// At most one line per kind of dropped garbage per this long.
+pub const DROP_LOG_INTERVAL: Duration = Duration::from_secs(60);
+
+/// A connected, subscribed provisioner.
+struct Ready {
+    service: Arc<Service>,
+    prov: async_nats::Client,
+    requests: async_nats::Subscriber,
+    hellos: async_nats::Subscriber,
+    events: async_nats::Subscriber,
+}
+
+/// Runs until `shutdown` resolves, which it watches from the start (also
+/// while connecting). Then it gives in-flight requests up to
+/// [`DRAIN_LIMIT`] and returns, whatever the server does.
 pub async fn run(
     settings: Settings,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), ProvisionerError> {
-    let now = now_unix();
-    let issuer = Issuer::load(&settings.org_dir, now)?;
-    let fleet =
-        admin::connect(&settings.org_dir, &settings.urls, Account::Fleet, "perch-provisioner", now).await?;
-    let prov =
-        admin::connect(&settings.org_dir, &settings.urls, Account::Provisioning, "perch-provisioner", now)
-            .await?;
-    let js = async_nats::jetstream::new(fleet.clone());
-    let registry = Registry::open(&js).await?;
-    ensure_fleet_streams(&js).await?;
-    let mut requests = prov
-        .queue_subscribe(ENROLL_REQUEST, ENROLL_QUEUE.into())
-        .await
-        .map_err(|e| ProvisionerError::Subscribe { subject: ENROLL_REQUEST, detail: e.to_string() })?;
-    let mut hellos = fleet
-        .queue_subscribe(HELLO_ALL, ENROLL_QUEUE.into())
-        .await
-        .map_err(|e| ProvisionerError::Subscribe { subject: HELLO_ALL, detail: e.to_string() })?;
-    // Make sure the server has the subscriptions before we say we are ready.
-    let _ = prov.flush().await;
-    let _ = fleet.flush().await;
-    info!(org = %issuer.trust.body().org, urls = %settings.urls.join(","), "provisioner ready");
-    println!("provisioner ready");
-
-    let service = Arc::new(Service { settings, issuer, registry });
-    let slots = Arc::new(Semaphore::new(service.settings.concurrency.max(1)));
     tokio::pin!(shutdown);
+    let ready = tokio::select! {
+        r = start(settings) => r?,
+        _ = &mut shutdown => {
+            info!("provisioner stopped before it was ready");
+            return Ok(());
+        }
+    };
+    let Ready { service, prov, mut requests, mut hellos, mut events } = ready;
+    let fleet = service.fleet.clone();
+    let concurrency = service.settings.concurrency.max(1);
+    let slots = Arc::new(Semaphore::new(concurrency));
+    let mut summary = tokio::time::interval_at(
+        tokio::time::Instant::now() + service.drops.interval(),
+        service.drops.interval(),
+    );
     loop {
+        // A free slot first, then a message: both wait on the signal too, so
+        // a provisioner saturated by a hung server still stops.
+        let permit = tokio::select! {
+            _ = &mut shutdown => break,
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
         tokio::select! {
             _ = &mut shutdown => break,
+            _ = summary.tick() => service.drops.summary(),
             msg = requests.next() => {
                 let Some(msg) = msg else { break };
-                let Some(reply) = msg.reply.clone() else { continue };
-                let permit = slots.clone().acquire_owned().await;
+                let Some(reply) = msg.reply.clone() else {
+                    service.drops.note(DropKind::Request, "?", &"no reply subject");
+                    continue;
+                };
                 let (svc, client) = (service.clone(), prov.clone());
                 tokio::spawn(async move {
                     let answer = svc.answer(&msg.payload).await;
@@ -107,15 +130,75 @@ pub async fn run(
             msg = hellos.next() => {
                 let Some(msg) = msg else { break };
                 let svc = service.clone();
-                tokio::spawn(async move { svc.hello(&msg.subject, &msg.payload).await });
+                tokio::spawn(async move {
+                    svc.hello(&msg.subject, &msg.payload).await;
+                    drop(permit);
+                });
+            }
+            msg = events.next() => {
+                let Some(msg) = msg else { break };
+                let svc = service.clone();
+                tokio::spawn(async move {
+                    svc.lifecycle(&msg.subject, &msg.payload).await;
+                    drop(permit);
+                });
             }
         }
     }
-    // Let in-flight answers finish.
-    let _ = slots.acquire_many(service.settings.concurrency.max(1) as u32).await;
-    let _ = prov.flush().await;
-    info!("provisioner stopped");
+    let drained = tokio::time::timeout(DRAIN_LIMIT, async {
+        let _ = slots.acquire_many(concurrency as u32).await;
+        let _ = prov.flush().await;
+        let _ = fleet.flush().await;
+    })
+    .await
+    .is_ok();
+    if !drained {
+        warn!("stopping with requests still in flight: the server did not answer within {DRAIN_LIMIT:?}");
+    }
+    service.drops.summary();
+    let [(_, requests), (_, hellos), (_, events)] = service.drops.totals();
+    info!(
+        dropped_requests = requests,
+        dropped_hellos = hellos,
+        dropped_lifecycle_events = events,
+        "provisioner stopped"
+    );
     Ok(())
+}
+
+/// Connects, opens the registry and streams, and subscribes.
+async fn start(settings: Settings) -> Result<Ready, ProvisionerError> {
+    let now = now_unix();
+    let issuer = Issuer::load(&settings.org_dir, now)?;
+    let fleet =
+        admin::connect(&settings.org_dir, &settings.urls, Account::Fleet, "perch-provisioner", now).await?;
+    let prov =
+        admin::connect(&settings.org_dir, &settings.urls, Account::Provisioning, "perch-provisioner", now)
+            .await?;
+    let js = async_nats::jetstream::new(fleet.clone());
+    let registry = Registry::open(&js).await?;
+    ensure_fleet_streams(&js).await?;
+    let requests = prov
+        .queue_subscribe(ENROLL_REQUEST, ENROLL_QUEUE.into())
+        .await
+        .map_err(|e| ProvisionerError::Subscribe { subject: ENROLL_REQUEST, detail: e.to_string() })?;
+    let hellos = fleet
+        .queue_subscribe(HELLO_ALL, ENROLL_QUEUE.into())
+        .await
+        .map_err(|e| ProvisionerError::Subscribe { subject: HELLO_ALL, detail: e.to_string() })?;
+    // One instance of the queue group republishes each event.
+    let events = fleet
+        .queue_subscribe(LIFECYCLE_ALL, ENROLL_QUEUE.into())
+        .await
+        .map_err(|e| ProvisionerError::Subscribe { subject: LIFECYCLE_ALL, detail: e.to_string() })?;
+    // Make sure the server has the subscriptions before we say we are ready.
+    let _ = prov.flush().await;
+    let _ = fleet.flush().await;
+    info!(org = %issuer.trust.body().org, urls = %settings.urls.join(","), "provisioner ready");
+    println!("provisioner ready");
+    let drops = DropLog::new(DROP_LOG_INTERVAL);
+    let service = Arc::new(Service { settings, issuer, registry, fleet, drops });
+    Ok(Ready { service, prov, requests, hellos, events })
 }
 
 /// The fleet's streams: the provisioner makes them on first start, so a
@@ -136,14 +219,21 @@ pub fn preflight(org_dir: &Path) -> Result<(), ProvisionerError> {
 
 impl Service {
     async fn answer(&self, payload: &[u8]) -> EnrollResponse {
+        // Garbage is answered, but logged within a budget (see drop_log).
         let request = match SignedRequest::from_bytes(payload) {
             Ok(r) => r,
-            Err(e) => return reject("?", Rejection::Malformed(e.to_string())),
+            Err(e) => {
+                self.drops.note(DropKind::Request, "?", &e);
+                return EnrollResponse::Rejected(Rejection::Malformed(e.to_string()));
+            }
         };
         let id = request.unverified_body().device_id.clone();
         let request = match request.verify_possession() {
             Ok(r) => r,
-            Err(_) => return reject(&id, Rejection::BadPossession),
+            Err(_) => {
+                self.drops.note(DropKind::Request, &id, &Rejection::BadPossession);
+                return EnrollResponse::Rejected(Rejection::BadPossession);
+            }
         };
         match self.enroll(&request).await {
             Ok(r) => r,
@@ -297,12 +387,12 @@ impl Service {
         let now = now_unix();
         let cred = match SignedCredential::from_bytes(payload) {
             Ok(c) => c,
-            Err(e) => return warn!(device = %id, error = %e, "unreadable hello"),
+            Err(e) => return self.drops.note(DropKind::Hello, id, &format_args!("unreadable: {e}")),
         };
         let body = match cred.verify(&self.issuer.trust, now) {
             Ok(b) if b.device_id == id => b.clone(),
-            Ok(_) => return warn!(device = %id, "hello carries another device's credential"),
-            Err(e) => return warn!(device = %id, error = %e, "hello with a credential that does not verify"),
+            Ok(_) => return self.drops.note(DropKind::Hello, id, &"carries another device's credential"),
+            Err(e) => return self.drops.note(DropKind::Hello, id, &format_args!("credential: {e}")),
         };
         match self.registry.device(id).await {
             Ok(Some(_)) => debug!(device = %id, "hello from a known device"),
@@ -329,6 +419,23 @@ impl Service {
                 }
             }
             Err(e) => warn!(device = %id, error = %e, "registry read failed"),
+        }
+    }
+}
+
+impl Service {
+    /// A device's lifecycle event: republished for Choria tooling if it is
+    /// well formed and about the device whose subject it came on.
+    async fn lifecycle(&self, subject: &str, payload: &[u8]) {
+        let Some(id) = subject.strip_prefix("perch.lifecycle.") else { return };
+        match lifecycle::Event::from_device(payload, id) {
+            Ok((kind, event)) => {
+                let out = lifecycle::subject(kind);
+                if let Err(e) = self.fleet.publish(out, event.to_json().into()).await {
+                    warn!(device = %id, error = %e, "could not republish a lifecycle event");
+                }
+            }
+            Err(e) => self.drops.note(DropKind::Lifecycle, id, &e),
         }
     }
 }

@@ -2,6 +2,11 @@
 //! go: `io.choria.lifecycle.v1.startup` / `.shutdown` JSON on
 //! `choria.lifecycle.event.<type>.perch` (plain NATS, best effort, as in
 //! Choria itself). Schema: choria-io/schemas, `choria/lifecycle/v1`.
+//!
+//! A device never publishes there itself: it sends its events on its own
+//! subject ([`crate::subjects::lifecycle`]), and the provisioner republishes
+//! those that [`Event::from_device`] accepts. So `identity` in what Choria
+//! tooling reads is always the id of the device that sent it.
 
 use serde::{Deserialize, Serialize};
 
@@ -29,8 +34,34 @@ pub fn subject(kind: Kind) -> String {
     format!("choria.lifecycle.event.{}.{COMPONENT}", kind.as_str())
 }
 
+/// Longest event accepted from a device (perch's own are about 200 bytes).
+pub const MAX_EVENT: usize = 1024;
+
+/// Longest `version` accepted in a startup event.
+pub const MAX_VERSION: usize = 64;
+
+/// Why an event from a device is not republished.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LifecycleError {
+    #[error("lifecycle event of {0} bytes (limit {MAX_EVENT})")]
+    TooLarge(usize),
+    #[error("lifecycle event is not an io.choria.lifecycle.v1 event: {0}")]
+    Malformed(String),
+    #[error("lifecycle event protocol {0:?} is not one perch sends")]
+    Protocol(String),
+    #[error("lifecycle event component {0:?} is not perch")]
+    Component(String),
+    #[error("lifecycle event id {0:?} is not a version 4 UUID")]
+    Id(String),
+    #[error("lifecycle event version is missing, too long or not printable")]
+    Version,
+    #[error("lifecycle event names identity {claimed:?} but came from device {sender:?}")]
+    Identity { claimed: String, sender: String },
+}
+
 /// One event, as Choria's `go-lifecycle` reads it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Event {
     pub protocol: String,
     /// A UUID, unique per event.
@@ -60,6 +91,53 @@ impl Event {
     pub fn to_json(&self) -> Vec<u8> {
         serde_json::to_vec(self).unwrap_or_default()
     }
+
+    /// An event `sender` published on its own subject, checked field by
+    /// field: exactly what a perch agent sends, and about `sender` only.
+    pub fn from_device(payload: &[u8], sender: &str) -> Result<(Kind, Event), LifecycleError> {
+        if payload.len() > MAX_EVENT {
+            return Err(LifecycleError::TooLarge(payload.len()));
+        }
+        let e: Event =
+            serde_json::from_slice(payload).map_err(|err| LifecycleError::Malformed(err.to_string()))?;
+        let kind = match e.protocol.strip_prefix("io.choria.lifecycle.v1.") {
+            Some("startup") => Kind::Startup,
+            Some("shutdown") => Kind::Shutdown,
+            _ => return Err(LifecycleError::Protocol(e.protocol)),
+        };
+        if e.component != COMPONENT {
+            return Err(LifecycleError::Component(e.component));
+        }
+        if !is_uuid_v4(&e.id) {
+            return Err(LifecycleError::Id(e.id));
+        }
+        let version_ok = match (&e.version, kind) {
+            (Some(v), Kind::Startup) => {
+                !v.is_empty() && v.len() <= MAX_VERSION && v.bytes().all(|c| c.is_ascii_graphic())
+            }
+            (None, Kind::Shutdown) => true,
+            _ => false,
+        };
+        if !version_ok {
+            return Err(LifecycleError::Version);
+        }
+        if e.identity != sender {
+            return Err(LifecycleError::Identity { claimed: e.identity, sender: sender.into() });
+        }
+        Ok((kind, e))
+    }
+}
+
+/// Whether `s` is a lowercase version 4 UUID as [`uuid_v4`] writes it.
+fn is_uuid_v4(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() == 36
+        && b.iter().enumerate().all(|(i, &c)| match i {
+            8 | 13 | 18 | 23 => c == b'-',
+            14 => c == b'4',
+            19 => matches!(c, b'8' | b'9' | b'a' | b'b'),
+            _ => c.is_ascii_digit() || (b'a'..=b'f').contains(&c),
+        })
 }
 
 /// Formats 16 random bytes as a version 4 (random) UUID.
@@ -87,5 +165,69 @@ mod tests {
         let s = Event::new(Kind::Shutdown, "drone-7", "0.1.0", [0; 16], 1);
         assert!(!String::from_utf8(s.to_json()).unwrap().contains("version"));
         assert_eq!(subject(Kind::Shutdown), "choria.lifecycle.event.shutdown.perch");
+    }
+
+    #[test]
+    fn a_device_s_own_events_are_accepted_as_sent() {
+        for kind in [Kind::Startup, Kind::Shutdown] {
+            let e = Event::new(kind, "drone-7", "0.1.0", [7; 16], 5);
+            assert_eq!(Event::from_device(&e.to_json(), "drone-7"), Ok((kind, e)));
+        }
+    }
+
+    #[test]
+    fn an_event_naming_another_device_is_refused() {
+        let e = Event::new(Kind::Startup, "drone-8", "0.1.0", [7; 16], 5);
+        assert_eq!(
+            Event::from_device(&e.to_json(), "drone-7"),
+            Err(LifecycleError::Identity { claimed: "drone-8".into(), sender: "drone-7".into() })
+        );
+    }
+
+    #[test]
+    fn events_perch_would_not_send_are_refused() {
+        let good = Event::new(Kind::Startup, "d", "0.1.0", [1; 16], 5);
+        let json = |f: &dyn Fn(&mut serde_json::Value)| {
+            let mut v = serde_json::to_value(&good).unwrap();
+            f(&mut v);
+            serde_json::to_vec(&v).unwrap()
+        };
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (json(&|v| v["protocol"] = "io.choria.lifecycle.v1.alive".into()), "protocol"),
+            (json(&|v| v["component"] = "choria".into()), "component"),
+            (json(&|v| v["id"] = "not-a-uuid".into()), "id"),
+            (json(&|v| v["version"] = serde_json::Value::Null), "version"),
+            (json(&|v| v["version"] = "x".repeat(MAX_VERSION + 1).into()), "version"),
+            (json(&|v| v["extra"] = 1.into()), "unknown field"),
+            (b"{\"protocol\":".to_vec(), "truncated"),
+            (vec![b' '; MAX_EVENT + 1], "too large"),
+        ];
+        for (bytes, what) in cases {
+            assert!(Event::from_device(&bytes, "d").is_err(), "{what} accepted");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn hostile_event_bytes_never_panic_and_never_speak_for_another(
+            data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..1200),
+        ) {
+            if let Ok((kind, e)) = Event::from_device(&data, "d") {
+                proptest::prop_assert_eq!(e.identity.as_str(), "d");
+                proptest::prop_assert_eq!(Event::from_device(&e.to_json(), "d"), Ok((kind, e)));
+            }
+        }
+
+        #[test]
+        fn any_flipped_byte_of_an_event_is_refused_or_still_this_device_s(
+            pos in 0usize..400, mask in 1u8..=255,
+        ) {
+            let mut bytes = Event::new(Kind::Startup, "dev-a", "0.1.0", [3; 16], 9).to_json();
+            let i = pos % bytes.len();
+            bytes[i] ^= mask;
+            if let Ok((_, e)) = Event::from_device(&bytes, "dev-a") {
+                proptest::prop_assert_eq!(e.identity.as_str(), "dev-a");
+            }
+        }
     }
 }

@@ -64,6 +64,16 @@ pub fn hello(device: &str) -> String {
 /// Wildcard the provisioner listens on for [`hello`].
 pub const HELLO_ALL: &str = "perch.hello.*";
 
+/// A device sends its Choria lifecycle events here; the provisioner checks
+/// that each names this device and republishes it to
+/// [`crate::lifecycle::subject`], where the device itself may not publish.
+pub fn lifecycle(device: &str) -> String {
+    format!("perch.lifecycle.{device}")
+}
+
+/// Wildcard the provisioner listens on for [`lifecycle`].
+pub const LIFECYCLE_ALL: &str = "perch.lifecycle.*";
+
 /// A device's private inbox prefix; its replies arrive under `<prefix>.>`.
 pub fn inbox_prefix(device: &str) -> String {
     format!("_INBOX_{device}")
@@ -87,9 +97,9 @@ pub struct Grant {
 }
 
 /// What an enrolled device may do in the FLEET account, and nothing more:
-/// publish its own reports and hello, and Choria lifecycle events (whose
-/// payload names the device; Choria tooling treats them as informational);
-/// read its own and its groups'
+/// publish its own reports, hello and lifecycle events (never on the shared
+/// Choria subjects: the provisioner republishes them there, so no device
+/// can speak for another); read its own and its groups'
 /// desired-state keys (direct get) and hear their puts live (a plain
 /// subscription to the keys' subjects: no consumer, so no server-side
 /// state per device); read bundle chunks; receive on its own inbox.
@@ -97,10 +107,7 @@ pub fn device_grant(device: &str, groups: &[String]) -> Grant {
     let kv_stream = format!("KV_{DESIRED_BUCKET}");
     let mut keys = vec![desired_device_key(device)];
     keys.extend(groups.iter().map(|g| desired_group_key(g)));
-    let mut publish = vec![format!("{}.>", reports(device)), hello(device)];
-    for kind in [crate::lifecycle::Kind::Startup, crate::lifecycle::Kind::Shutdown] {
-        publish.push(crate::lifecycle::subject(kind));
-    }
+    let mut publish = vec![format!("{}.>", reports(device)), hello(device), lifecycle(device)];
     let mut subscribe = vec![format!("{}.>", inbox_prefix(device))];
     for k in &keys {
         let subject = format!("$KV.{DESIRED_BUCKET}.{k}");
@@ -149,5 +156,7 @@ mod tests {
             ["_INBOX_d1.>", "$KV.PERCH_DESIRED.device.d1", "$KV.PERCH_DESIRED.group.north"].map(String::from)
         );
         assert!(g.publish.iter().all(|s| !s.contains("CONSUMER")), "a device creates no consumers");
+        assert!(g.publish.contains(&"perch.lifecycle.d1".to_string()));
+        assert!(g.publish.iter().all(|s| !s.starts_with("choria.")), "Choria subjects are the fleet's");
     }
 }

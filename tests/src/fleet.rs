@@ -57,6 +57,20 @@ impl Fleet {
         self.provisioners.push(child);
     }
 
+    /// SIGTERMs provisioner `n`; its exit code, if it exited within `limit`.
+    pub fn terminate_provisioner(&mut self, n: usize, limit: Duration) -> Option<i32> {
+        let p = &mut self.provisioners[n];
+        let _ = Command::new("kill").arg("-TERM").arg(p.id().to_string()).status();
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if let Ok(Some(st)) = p.try_wait() {
+                return st.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
     pub fn log(&self, name: &str) -> String {
         std::fs::read_to_string(self.s.path(name)).unwrap_or_default()
     }

@@ -94,6 +94,19 @@ impl NatsServer {
         }
     }
 
+    /// Sends `sig` (`STOP`, `CONT`, ...) to the server: `STOP` makes a
+    /// server that keeps its connections open and answers nothing.
+    pub fn signal(&self, sig: &str) {
+        let st = Command::new("kill").arg(format!("-{sig}")).arg(self.child.id().to_string()).status();
+        assert!(st.is_ok_and(|s| s.success()), "kill -{sig} nats-server");
+    }
+
+    /// Kills the server hard (SIGKILL), for good.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Kills the server hard (SIGKILL) and starts it again on the same port
     /// with the same JetStream store: what a crash and a restart look like.
     pub fn restart(&mut self) {
