@@ -430,7 +430,18 @@ fn read_text_file(path: &Path, what: &str) -> Result<String> {
     if !path.is_file() {
         return Err(UsageError(format!("{}: no such {what} file", path.display())).into());
     }
-    let bytes = perch_support::durable::read_bounded(path, perch_protocol::enroll::MAX_MESSAGE * 2)?;
+    let max = if what == "token" {
+        perch_protocol::token::MAX_TOKEN_TEXT + 64
+    } else {
+        perch_protocol::enroll::MAX_MESSAGE * 2
+    };
+    // No real token or enrollment is that large: hostile input, not a typo.
+    let bytes = match perch_support::durable::read_bounded(path, max) {
+        Err(perch_support::durable::ReadError::TooLarge { .. }) => {
+            return Err(SecurityError(format!("{}: {what} file is over {max} bytes", path.display())).into())
+        }
+        r => r?,
+    };
     Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 

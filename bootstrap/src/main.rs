@@ -15,7 +15,7 @@ use perch_protocol::token::{Approval, SignedToken, TokenError};
 use perch_protocol::trust::{SignedTrust, TrustBody, MAX_TRUST_FILE_LEN};
 use perch_protocol::PublicKey;
 use perch_support::durable::{self, read_bounded, Replace};
-use perch_support::exit::{self, UsageError};
+use perch_support::exit::{self, SecurityError, UsageError};
 use perch_support::{keyfile, now_unix};
 use serde_json::json;
 
@@ -423,6 +423,14 @@ fn run(cli: Cli) -> Result<()> {
             json,
             qr,
         }) => {
+            // The format needs expires_at > issued_at; never round 0s up silently.
+            if ttl.as_secs() == 0 {
+                return Err(UsageError(format!(
+                    "--ttl {}: a token must be valid for at least 1s",
+                    humantime::format_duration(ttl)
+                ))
+                .into());
+            }
             let trust = read_trust(&dir.join(TRUST_DOC))?;
             let params = token::IssueParams {
                 groups,
@@ -435,7 +443,7 @@ fn run(cli: Cli) -> Result<()> {
                 urls,
                 ca_fingerprint: perch_net::tls::fingerprint(&perch_bootstrap::tls::ca_der(&dir)?),
                 now,
-                expires_at: now + ttl.as_secs().max(1),
+                expires_at: now.saturating_add(ttl.as_secs()),
             };
             let t = token::issue(&dir, &trust, params).map_err(|e| match e {
                 token::IssueError::Token(TokenError::Invalid(m)) => anyhow::Error::new(UsageError(m)),
@@ -482,8 +490,19 @@ fn run(cli: Cli) -> Result<()> {
             let text = match (token, file) {
                 (Some(t), None) => t,
                 (None, Some(f)) => {
-                    String::from_utf8_lossy(&read_bounded(&f, perch_protocol::token::MAX_TOKEN_TEXT + 64)?)
-                        .into_owned()
+                    let max = perch_protocol::token::MAX_TOKEN_TEXT + 64;
+                    // No real token is that large: hostile input, not a typo.
+                    let bytes = match read_bounded(&f, max) {
+                        Err(durable::ReadError::TooLarge { .. }) => {
+                            return Err(SecurityError(format!(
+                                "{}: token file is over {max} bytes",
+                                f.display()
+                            ))
+                            .into())
+                        }
+                        r => r?,
+                    };
+                    String::from_utf8_lossy(&bytes).into_owned()
                 }
                 _ => return Err(UsageError("give the token or --file, not both".into()).into()),
             };

@@ -226,6 +226,21 @@ fn forged_expired_and_wrong_group_tokens_are_refused() {
 }
 
 #[test]
+fn an_oversized_token_file_is_refused_as_hostile_with_exit_3() {
+    let f = Fleet::start(0);
+    let d = f.device("dev-1");
+    let big = f.s.path("big.token");
+    std::fs::write(&big, format!("{}{}", f.token(&["--group", "g"]), " ".repeat(1 << 20))).unwrap();
+    let r = enroll(&d, &big, &[]);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+    assert!(r.stderr.contains("big.token"), "{}", r.stderr);
+    assert!(!d.is_enrolled());
+    // A missing token file stays a usage error.
+    assert_eq!(enroll(&d, &f.s.path("none.token"), &[]).code, 2);
+}
+
+#[test]
 fn twenty_devices_race_for_a_five_use_token_and_exactly_five_win() {
     // Two provisioners, so the race is also between instances.
     let f = Fleet::start(2);
