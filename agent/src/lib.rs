@@ -33,3 +33,4 @@ pub mod reports;
 pub mod service;
 pub mod slots;
 pub mod status;
+pub mod trust_store;

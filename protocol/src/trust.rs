@@ -288,7 +288,6 @@ const FLOOR_TAG: &str = "perch-trust-version 1";
 /// Longest valid record: the tag, a u64, two 64-digit hex fields and the check.
 pub const MAX_FLOOR_TEXT: usize = 256;
 
-
 /// Why a trust-version record was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FloorError {
@@ -300,7 +299,11 @@ pub enum FloorError {
 
 impl TrustFloor {
     pub fn of(trust: &VerifiedTrust) -> Self {
-        Self { version: trust.body().version, fingerprint: trust.fingerprint(), root: trust.body().root_key.id() }
+        Self {
+            version: trust.body().version,
+            fingerprint: trust.fingerprint(),
+            root: trust.body().root_key.id(),
+        }
     }
 
     pub fn to_text(&self) -> String {
@@ -325,7 +328,8 @@ impl TrustFloor {
         if check != floor_check(line) {
             return Err(FloorError::Malformed("check does not match (damaged)"));
         }
-        let rest = line.strip_prefix(FLOOR_TAG).ok_or(FloorError::Malformed("not a perch trust version record"))?;
+        let rest =
+            line.strip_prefix(FLOOR_TAG).ok_or(FloorError::Malformed("not a perch trust version record"))?;
         let mut fields = rest.split(' ');
         let (Some(""), Some(v), Some(f), Some(r), None) =
             (fields.next(), fields.next(), fields.next(), fields.next(), fields.next())
@@ -517,7 +521,10 @@ mod tests {
         ] {
             assert!(TrustFloor::parse(with_check(&line).as_bytes()).is_err(), "{line}");
         }
-        assert!(TrustFloor::parse(with_check(&format!("{FLOOR_TAG} version=42 fingerprint={fp} root={root}")).as_bytes()).is_ok());
+        assert!(TrustFloor::parse(
+            with_check(&format!("{FLOOR_TAG} version=42 fingerprint={fp} root={root}")).as_bytes()
+        )
+        .is_ok());
     }
 
     proptest::proptest! {
