@@ -34,3 +34,4 @@ pub mod service;
 pub mod slots;
 pub mod status;
 pub mod trust_store;
+pub mod trust_update;

@@ -74,19 +74,32 @@ pub fn current(path: &Path, state_dir: &Path, now: u64) -> Result<Current, Trust
 /// and records it. Installing the accepted version again changes nothing.
 pub fn update(path: &Path, file: &Path, state_dir: &Path, now: u64) -> Result<Current, TrustStoreError> {
     let bytes = read_bounded(file, MAX_TRUST_FILE_LEN).map_err(LoadTrustError::from)?;
+    update_bytes(path, file, &bytes, state_dir, now)
+}
+
+/// [`update`] with the document in memory (pushed by the fleet); `from`
+/// names where it came from in errors.
+pub fn update_bytes(
+    path: &Path,
+    from: &Path,
+    bytes: &[u8],
+    state_dir: &Path,
+    now: u64,
+) -> Result<Current, TrustStoreError> {
+    let file = from;
     // With no record yet, the installed document is the floor, so that the
     // new one is checked against it and not taken on first use.
     let mut warnings = Vec::new();
     if path.exists() {
         warnings = current(path, state_dir, now)?.warnings;
     }
-    let mut c = accept(file, &bytes, state_dir, now)?;
+    let mut c = accept(file, bytes, state_dir, now)?;
     warnings.append(&mut c.warnings);
     c.warnings = warnings;
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(|source| WriteError::Io { path: parent.into(), source })?;
     }
-    durable::write_bytes(path, 0o644, Replace::Allow, &bytes)?;
+    durable::write_bytes(path, 0o644, Replace::Allow, bytes)?;
     Ok(c)
 }
 

@@ -7,6 +7,7 @@
 //! - [`issue`]: what an enrolled device gets (credential, user JWT, CA).
 //! - [`provisioner`]: the NATS service that answers enrollment requests.
 //! - [`admin`]: operator commands against a running fleet (approve, revoke...).
+//! - [`trust_push`]: the trust document into `PERCH_TRUST`, for devices to take.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -17,3 +18,4 @@ pub mod provisioner;
 pub mod registry;
 pub mod tls;
 pub mod token;
+pub mod trust_push;

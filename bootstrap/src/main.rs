@@ -258,6 +258,15 @@ enum TrustCommand {
         current: PathBuf,
         new: PathBuf,
     },
+    /// Push a trust document (default DIR/trust.doc) to every enrolled
+    /// device; each takes it only by a valid rotation chain.
+    Push {
+        #[arg(long)]
+        dir: PathBuf,
+        #[command(flatten)]
+        server: Server,
+        file: Option<PathBuf>,
+    },
     /// Print a trust document.
     Show {
         file: PathBuf,
@@ -366,6 +375,31 @@ fn run(cli: Cli) -> Result<()> {
                     key.public().id()
                 );
             }
+            Ok(())
+        }
+        Command::Trust(TrustCommand::Push { dir, server, file }) => {
+            let file = file.unwrap_or_else(|| dir.join(TRUST_DOC));
+            let bytes = read_bounded(&file, MAX_TRUST_FILE_LEN)?;
+            let trust =
+                perch_bootstrap::trust_push::check(&dir, &file, &bytes, now).map_err(|e| match e {
+                    perch_bootstrap::trust_push::PushError::Trust { .. } => {
+                        anyhow::Error::new(SecurityError(e.to_string()))
+                    }
+                    other => other.into(),
+                })?;
+            fleet::init_logging(tracing::Level::WARN);
+            let rev = fleet::runtime()?.block_on(perch_bootstrap::trust_push::push(
+                &dir,
+                &server.urls,
+                bytes,
+                now,
+            ))?;
+            println!(
+                "pushed trust document version {} of org '{}' to {} (revision {rev}); devices take it if it follows the version they accepted",
+                trust.body().version,
+                trust.body().org,
+                perch_protocol::subjects::TRUST_BUCKET
+            );
             Ok(())
         }
         Command::Trust(TrustCommand::Verify { current, new }) => {

@@ -101,3 +101,53 @@ fn a_newer_trust_document_without_the_rotation_signatures_is_refused() {
     assert_eq!(r.code, 3, "{}", r.stderr);
     assert!(r.stderr.contains("does not follow the accepted version 1"), "{}", r.stderr);
 }
+
+#[test]
+fn the_fleet_pushes_a_rotation_and_a_device_refuses_an_older_push() {
+    use perch_tests::fleet::{wait_for, Fleet};
+    use std::time::Duration;
+
+    let f = Fleet::start(0);
+    let d = f.enrolled_device("drone-1", &f.url, "g", "");
+    let v1 = fs::read(d.trust()).unwrap();
+    let mut agent = d.spawn_run();
+    let log = || f.log("drone-1-run.log");
+    let link_up =
+        || fs::read_to_string(d.state().join("link.json")).is_ok_and(|t| t.contains("\"connected\""));
+    assert!(wait_for(Duration::from_secs(20), link_up), "{}", log());
+
+    // Version 2 adds k2; k1 (v1's only key) signs the rotation.
+    f.s.ok("perch", &["keygen", "--out", "k2"]);
+    let rot = ["--release-key", "k1.pub", "--release-key", "k2.pub", "--threshold", "1", "--out", "v2.doc"];
+    let mut args = vec!["trust", "rotate", "--dir", "org"];
+    args.extend_from_slice(&rot);
+    f.s.ok("perch-bootstrap", &args);
+    f.s.ok("perch-bootstrap", &["trust", "sign", "--key", "k1.key", "v2.doc"]);
+    let v2 = fs::read(f.s.path("v2.doc")).unwrap();
+    let r = f.s.run("perch-bootstrap", &["trust", "push", "--dir", "org", "--url", &f.url, "v2.doc"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("version 2"), "{}", r.stdout);
+    let took = wait_for(Duration::from_secs(20), || fs::read(d.trust()).is_ok_and(|b| b == v2));
+    assert!(took, "the device did not take the pushed version 2: {}", log());
+
+    // Someone pushes version 1 again: the device refuses it and keeps 2.
+    let r = f.s.run("perch-bootstrap", &["trust", "push", "--dir", "org", "--url", &f.url]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let refused = wait_for(Duration::from_secs(20), || log().contains("trust push refused"));
+    assert!(refused, "{}", log());
+    assert!(log().contains("version 1 is older than version 2"), "{}", log());
+    assert_eq!(fs::read(d.trust()).unwrap(), v2);
+    assert_ne!(v1, v2);
+    agent.kill();
+    // The device's enrollment (made under version 1) still loads under version 2.
+    let r = d.agent(&["status", "--json"]);
+    let st: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(st["enrollment"]["enrolled"], true, "{st}");
+
+    // A file that is not this org's, or not signed: refused before anything is pushed.
+    let other = perch_tests::Scratch::new();
+    other.org(1, 1);
+    fs::copy(other.path("org/trust.doc"), f.s.path("foreign.doc")).unwrap();
+    let r = f.s.run("perch-bootstrap", &["trust", "push", "--dir", "org", "--url", &f.url, "foreign.doc"]);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+}
