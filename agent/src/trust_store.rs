@@ -390,12 +390,15 @@ mod tests {
     fn the_floor_survives_the_loss_or_damage_of_either_record() {
         let (a, b) = (key(2), key(3));
         let (v1, v2) = (doc(1, &[&a], &[]), doc(2, &[&b], &[&a]));
-        for (lost, damage) in [(ACCEPTED, false), (FLOOR, false), (ACCEPTED, true), (FLOOR, true)] {
+        // Lost, damaged (a bit flip), or a directory in its place.
+        for (lost, damage) in
+            [(ACCEPTED, 0), (FLOOR, 0), (ACCEPTED, 1), (FLOOR, 1), (ACCEPTED, 2), (FLOOR, 2)]
+        {
             let d = dev();
             d.put(&v1).unwrap();
             d.put(&v2).unwrap();
             let f = d.state.join(lost);
-            if damage {
+            if damage == 1 {
                 let mut bytes = std::fs::read(&f).unwrap();
                 let mid = bytes.len() / 2;
                 bytes[mid] ^= 0x04;
@@ -403,13 +406,16 @@ mod tests {
             } else {
                 std::fs::remove_file(&f).unwrap();
             }
+            if damage == 2 {
+                std::fs::create_dir(&f).unwrap();
+            }
             let r = d.put(&v1);
             assert!(
                 matches!(r, Err(TrustStoreError::Rollback { floor: 2, .. })),
                 "{lost} {damage}: {:?}",
                 r.err()
             );
-            if damage {
+            if damage > 0 {
                 let aside = std::fs::read_dir(&d.state)
                     .unwrap()
                     .flatten()

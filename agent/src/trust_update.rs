@@ -28,8 +28,9 @@ pub async fn follow(client: Client, trust_path: PathBuf, state_dir: PathBuf, res
             None
         }
     };
-    // The last value seen, so a refusal is logged once, not every resync.
-    let mut seen: Option<[u8; 32]> = None;
+    // The last value refused, so a refusal is logged once, not every resync;
+    // it is still tried each time (a later `trust update` may make it follow).
+    let mut refused: Option<[u8; 32]> = None;
     let mut tick = tokio::time::interval(resync);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -45,11 +46,14 @@ pub async fn follow(client: Client, trust_path: PathBuf, state_dir: PathBuf, res
         };
         let Some(bytes) = pushed else { continue };
         let digest: [u8; 32] = Sha256::digest(&bytes).into();
-        if seen == Some(digest) {
-            continue;
+        match apply(&trust_path, &state_dir, &bytes) {
+            Err(e) if refused != Some(digest) => {
+                warn!("trust push refused: {e}");
+                refused = Some(digest);
+            }
+            Err(_) => {}
+            Ok(()) => refused = None,
         }
-        seen = Some(digest);
-        apply(&trust_path, &state_dir, &bytes);
     }
 }
 
@@ -81,22 +85,18 @@ async fn read(client: &Client) -> Result<Option<Vec<u8>>, String> {
     Ok(Some(msg.payload.to_vec()))
 }
 
-/// Installs `bytes` if the trust records allow it; says what happened.
-fn apply(trust_path: &Path, state_dir: &Path, bytes: &[u8]) {
+/// Installs `bytes` if the trust records allow it; why not, if not.
+fn apply(trust_path: &Path, state_dir: &Path, bytes: &[u8]) -> Result<(), trust_store::TrustStoreError> {
     // Already installed (every start reads the key): nothing to write.
     if std::fs::read(trust_path).is_ok_and(|b| b == bytes) {
-        return;
+        return Ok(());
     }
     let from = Path::new("the pushed trust document");
-    match trust_store::update_bytes(trust_path, from, bytes, state_dir, perch_support::now_unix()) {
-        Ok(c) => {
-            for w in &c.warnings {
-                warn!("{w}");
-            }
-            let b = c.trust.body();
-            info!(version = b.version, org = %b.org, "trust document from the fleet is the accepted one");
-        }
-        Err(e) if e.is_security() => warn!("trust push refused: {e}"),
-        Err(e) => warn!("trust push not taken: {e}"),
+    let c = trust_store::update_bytes(trust_path, from, bytes, state_dir, perch_support::now_unix())?;
+    for w in &c.warnings {
+        warn!("{w}");
     }
+    let b = c.trust.body();
+    info!(version = b.version, org = %b.org, "trust document from the fleet is the accepted one");
+    Ok(())
 }
