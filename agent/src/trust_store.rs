@@ -88,9 +88,10 @@ pub fn update_bytes(
 ) -> Result<Current, TrustStoreError> {
     let file = from;
     // With no record yet, the installed document is the floor, so that the
-    // new one is checked against it and not taken on first use.
+    // new one is checked against it and not taken on first use. With one,
+    // the records decide: a damaged trust.doc can still be replaced.
     let mut warnings = Vec::new();
-    if path.exists() {
+    if path.exists() && Records::load(state_dir).floor_version().is_none() {
         warnings = current(path, state_dir, now)?.warnings;
     }
     let mut c = accept(file, bytes, state_dir, now)?;
@@ -460,5 +461,9 @@ mod tests {
         std::fs::write(&new, doc(2, &[&b], &[&a])).unwrap();
         update(&d.trust, &new, &d.state, NOW).unwrap();
         assert_eq!(std::fs::read(&d.trust).unwrap(), doc(2, &[&b], &[&a]));
+        // A damaged trust.doc does not stand in the way of the next version.
+        std::fs::write(&d.trust, b"garbage").unwrap();
+        std::fs::write(&new, doc(3, &[&a], &[&b])).unwrap();
+        assert_eq!(update(&d.trust, &new, &d.state, NOW).unwrap().trust.body().version, 3);
     }
 }
