@@ -25,13 +25,27 @@ pub struct Cli {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
-    Install { bundle: PathBuf },
-    Status { json: bool },
+    Install {
+        bundle: PathBuf,
+    },
+    Status {
+        json: bool,
+    },
     Commit,
     Rollback,
-    Run { once: bool },
+    Run {
+        once: bool,
+    },
     Enroll(EnrollArgs),
-    Check { trust: PathBuf, target: Option<String>, bundle: PathBuf },
+    Check {
+        trust: PathBuf,
+        target: Option<String>,
+        bundle: PathBuf,
+    },
+    /// `trust update FILE`: take a newer trust document by its rotation chain.
+    TrustUpdate {
+        file: PathBuf,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,6 +100,7 @@ enum Name {
     Run,
     Enroll,
     Check,
+    Trust,
 }
 
 impl Name {
@@ -98,6 +113,7 @@ impl Name {
             "run" => Name::Run,
             "enroll" => Name::Enroll,
             "check" => Name::Check,
+            "trust" => Name::Trust,
             _ => return None,
         })
     }
@@ -111,6 +127,7 @@ impl Name {
             Name::Run => HELP_RUN,
             Name::Enroll => HELP_ENROLL,
             Name::Check => HELP_CHECK,
+            Name::Trust => HELP_TRUST,
         }
     }
 }
@@ -211,7 +228,7 @@ where
             Long("target") if name == Some(Name::Check) => {
                 once(&mut target, string(&mut p, "--target")?, "--target")?
             }
-            Value(v) if name == Some(Name::Install) || name == Some(Name::Check) => positional.push(v),
+            Value(v) if matches!(name, Some(Name::Install | Name::Check | Name::Trust)) => positional.push(v),
             _ => return Err(arg.unexpected().into()),
         }
     }
@@ -235,6 +252,22 @@ where
             target,
             bundle: one_file("check", positional)?,
         },
+        Name::Trust => {
+            let mut it = positional.into_iter();
+            match (it.next().map(|v| v.string()).transpose()?.as_deref(), it.next(), it.next()) {
+                (Some("update"), Some(file), None) => Command::TrustUpdate { file: file.into() },
+                (Some("update"), None, _) => {
+                    return Err(CliError::Missing { command: "trust update", what: "a FILE" })
+                }
+                (Some("update"), Some(_), Some(extra)) => {
+                    return Err(lexopt::Error::UnexpectedArgument(extra).into())
+                }
+                (Some(other), _, _) => return Err(CliError::UnknownCommand(format!("trust {other}"))),
+                (None, _, _) => {
+                    return Err(CliError::Missing { command: "trust", what: "a subcommand (update)" })
+                }
+            }
+        }
         Name::Enroll => {
             let given = [
                 ("--token", token.is_some()),
@@ -293,6 +326,7 @@ Commands:
   run              Finish whatever the journal says is in flight (run at every boot), then stay up
   enroll           Enroll this device: online with a token, or offline with files
   check BUNDLE     Check a bundle offline against the trust document. Writes nothing
+  trust update FILE  Take a newer trust document (root-signed and signed by a threshold of the current release keys)
   help [COMMAND]   Print this help, or one command's
 
 Options (before or after the command):
@@ -302,6 +336,15 @@ Options (before or after the command):
   -V, --version    Print the version
 
 Exit codes: 0 success, 1 runtime failure, 2 usage or config error, 3 refused for security.
+";
+
+const HELP_TRUST: &str = "\
+Take a newer trust document: it must be root-signed and signed by a threshold
+of the accepted document's release keys (`perch-bootstrap trust sign`).
+Installs it at the config's `trust` path and records its version: older
+versions are refused from then on (exit 3).
+
+Usage: perch-agent trust update FILE
 ";
 
 const HELP_INSTALL: &str = "\
@@ -396,6 +439,8 @@ mod tests {
         assert_eq!(c.config, PathBuf::from(DEFAULT_CONFIG));
         assert_eq!(c.state_dir, PathBuf::from("/s"));
         assert_eq!(c.command, Command::Install { bundle: "-".into() });
+        let c = run(&["trust", "update", "new.doc"]).unwrap();
+        assert_eq!(c.command, Command::TrustUpdate { file: "new.doc".into() });
         let c = run(&["enroll", "--device-id=-odd"]).unwrap();
         let Command::Enroll(e) = c.command else { panic!() };
         assert_eq!(e.device_id.as_deref(), Some("-odd"), "an attached value may start with -");
@@ -434,6 +479,10 @@ mod tests {
             (&["enroll", "--request-out", "--wait"][..], "--request-out needs a value"),
             (&["--config", "--state-dir", "/s", "status"][..], "--config needs a value"),
             (&["help", "fly"][..], "unknown command 'fly'"),
+            (&["trust"][..], "'trust' needs a subcommand (update)"),
+            (&["trust", "update"][..], "'trust update' needs a FILE"),
+            (&["trust", "push", "f"][..], "unknown command 'trust push'"),
+            (&["trust", "update", "a", "b"][..], "unexpected argument \"b\""),
         ] {
             let e = run(args).unwrap_err();
             assert_eq!(e, want, "{args:?}");

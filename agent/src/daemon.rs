@@ -49,6 +49,12 @@ pub async fn run(
         let send = SendSettings { ack_window: cfg.reports.ack_window, ack_timeout: cfg.reports.ack_timeout };
         tokio::spawn(reports::send_loop(link.client.clone(), r, send));
     }
+    tokio::spawn(crate::trust_update::follow(
+        link.client.clone(),
+        cfg.trust.clone(),
+        state_dir.clone(),
+        cfg.fetch.resync,
+    ));
     tokio::spawn(crate::desired::follow(
         link.client.clone(),
         cfg,

@@ -15,7 +15,7 @@ use perch_protocol::bundle::{
     BundleError, BundleReader, CheckedChunk, UncheckedChunk, VerifiedBundle, VerifiedManifest,
 };
 use perch_support::now_unix;
-use perch_support::trustfile::{load_trust, LoadTrustError};
+use perch_support::trustfile::LoadTrustError;
 
 use crate::config::Config;
 use crate::decision::{self, Decision};
@@ -260,7 +260,8 @@ impl Engine {
     ) -> Result<Finished, DeployError> {
         let path = label;
         let now = now_unix();
-        let trust = load_trust(&self.cfg.trust, now)?;
+        // Only the accepted trust version, or a newer one by a valid chain.
+        let trust = crate::trust_store::for_engine(&self.cfg.trust, &self.state_dir(), now)?;
         let bundle_err = |source| DeployError::Bundle { path: path.into(), source };
         let mut reader =
             BundleReader::open(source).and_then(|r| r.verify(&trust, now)).map_err(bundle_err)?;

@@ -105,9 +105,15 @@ impl Identity {
         let enrollment = Enrollment::from_text(&text)
             .map_err(|err| IdentityError::Enrollment { path: path.clone(), err })?;
         let key = self.key()?;
-        let trust = configured_trust(cfg)?.map(|t| t.fingerprint()).unwrap_or_else(|| {
-            SignedTrust::parse(&enrollment.trust).map(|t| t.fingerprint()).unwrap_or([0; 32])
-        });
+        let own = SignedTrust::parse(&enrollment.trust).ok();
+        let trust = match (configured_trust(cfg)?, &own) {
+            // The org rotated its trust document since this device enrolled
+            // (the device takes newer versions only by a valid chain, see
+            // trust_store): the enrollment stays checked against its own.
+            (Some(c), Some(o)) if follows(&c, o) => o.fingerprint(),
+            (Some(c), _) => c.fingerprint(),
+            (None, o) => o.as_ref().map_or([0; 32], SignedTrust::fingerprint),
+        };
         let id = credential_id(&enrollment)
             .map_err(|err| IdentityError::Enrollment { path: path.clone(), err })?;
         let expect = Expect {
@@ -150,6 +156,12 @@ impl Identity {
         )?;
         Ok(())
     }
+}
+
+/// Whether `configured` is a later version of the org and root of `own`.
+fn follows(configured: &SignedTrust, own: &SignedTrust) -> bool {
+    let (c, o) = (configured.unverified_body(), own.unverified_body());
+    c.org == o.org && c.root_key == o.root_key && c.version > o.version
 }
 
 /// The device id a credential names (not yet verified).

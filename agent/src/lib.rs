@@ -35,3 +35,5 @@ pub mod service;
 pub mod slots;
 pub mod statefile;
 pub mod status;
+pub mod trust_store;
+pub mod trust_update;

@@ -371,6 +371,7 @@ fn run(cli: Cli) -> Result<u8> {
             })
         }
         Command::Enroll(args) => enroll_cmd(&cli, args),
+        Command::TrustUpdate { file } => trust_update(&cli, file),
     }
 }
 
@@ -401,6 +402,37 @@ fn check(trust: &Path, target: Option<&str>, bundle: &Path) -> Result<()> {
     }
     println!("OK {} {} counter {} ({} chunks)", bundle.display(), m.name, m.counter, m.chunk_count());
     Ok(())
+}
+
+/// `perch-agent trust update FILE`: only the accepted version again, or a
+/// newer one by a valid rotation chain (see trust_store).
+fn trust_update(cli: &Cli, file: &Path) -> Result<u8> {
+    use perch_agent::trust_store::{self, TrustStoreError};
+    if !file.is_file() {
+        return Err(UsageError(format!("{}: no such trust document file", file.display())).into());
+    }
+    let cfg = Config::load(&cli.config)?;
+    let c = trust_store::update(&cfg.trust, file, &cli.state_dir, now_unix()).map_err(|e| match e {
+        // The refusals carry the reason; the CLI contract makes them exit 3.
+        e @ TrustStoreError::Rollback { .. }
+        | e @ TrustStoreError::Fork { .. }
+        | e @ TrustStoreError::Chain { .. } => anyhow::Error::new(SecurityError(e.to_string())),
+        TrustStoreError::Load(l) => l.into(),
+        other => other.into(),
+    })?;
+    for w in &c.warnings {
+        eprintln!("perch-agent: {w}");
+    }
+    let b = c.trust.body();
+    println!(
+        "trust document version {} of org '{}' ({} of {} release keys) is the accepted one; installed at {}",
+        b.version,
+        b.org,
+        b.threshold,
+        b.release_keys.len(),
+        cfg.trust.display()
+    );
+    Ok(0)
 }
 
 fn init_logging() {
@@ -444,7 +476,18 @@ fn read_text_file(path: &Path, what: &str) -> Result<String> {
     if !path.is_file() {
         return Err(UsageError(format!("{}: no such {what} file", path.display())).into());
     }
-    let bytes = perch_support::durable::read_bounded(path, perch_protocol::enroll::MAX_MESSAGE * 2)?;
+    let max = if what == "token" {
+        perch_protocol::token::MAX_TOKEN_TEXT + 64
+    } else {
+        perch_protocol::enroll::MAX_MESSAGE * 2
+    };
+    // No real token or enrollment is that large: hostile input, not a typo.
+    let bytes = match perch_support::durable::read_bounded(path, max) {
+        Err(perch_support::durable::ReadError::TooLarge { .. }) => {
+            return Err(SecurityError(format!("{}: {what} file is over {max} bytes", path.display())).into())
+        }
+        r => r?,
+    };
     Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 

@@ -8,6 +8,7 @@
 //! - [`provisioner`]: the NATS service that answers enrollment requests.
 //! - [`drop_log`]: its counts of dropped garbage, logged within a budget.
 //! - [`admin`]: operator commands against a running fleet (approve, revoke...).
+//! - [`trust_push`]: the trust document into `PERCH_TRUST`, for devices to take.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -19,3 +20,4 @@ pub mod provisioner;
 pub mod registry;
 pub mod tls;
 pub mod token;
+pub mod trust_push;

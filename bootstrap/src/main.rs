@@ -15,7 +15,7 @@ use perch_protocol::token::{Approval, SignedToken, TokenError};
 use perch_protocol::trust::{SignedTrust, TrustBody, MAX_TRUST_FILE_LEN};
 use perch_protocol::PublicKey;
 use perch_support::durable::{self, read_bounded, Replace};
-use perch_support::exit::{self, UsageError};
+use perch_support::exit::{self, SecurityError, UsageError};
 use perch_support::{keyfile, now_unix};
 use serde_json::json;
 
@@ -258,6 +258,15 @@ enum TrustCommand {
         current: PathBuf,
         new: PathBuf,
     },
+    /// Push a trust document (default DIR/trust.doc) to every enrolled
+    /// device; each takes it only by a valid rotation chain.
+    Push {
+        #[arg(long)]
+        dir: PathBuf,
+        #[command(flatten)]
+        server: Server,
+        file: Option<PathBuf>,
+    },
     /// Print a trust document.
     Show {
         file: PathBuf,
@@ -368,6 +377,31 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Trust(TrustCommand::Push { dir, server, file }) => {
+            let file = file.unwrap_or_else(|| dir.join(TRUST_DOC));
+            let bytes = read_bounded(&file, MAX_TRUST_FILE_LEN)?;
+            let trust =
+                perch_bootstrap::trust_push::check(&dir, &file, &bytes, now).map_err(|e| match e {
+                    perch_bootstrap::trust_push::PushError::Trust { .. } => {
+                        anyhow::Error::new(SecurityError(e.to_string()))
+                    }
+                    other => other.into(),
+                })?;
+            fleet::init_logging(tracing::Level::WARN);
+            let rev = fleet::runtime()?.block_on(perch_bootstrap::trust_push::push(
+                &dir,
+                &server.urls,
+                bytes,
+                now,
+            ))?;
+            println!(
+                "pushed trust document version {} of org '{}' to {} (revision {rev}); devices take it if it follows the version they accepted",
+                trust.body().version,
+                trust.body().org,
+                perch_protocol::subjects::TRUST_BUCKET
+            );
+            Ok(())
+        }
         Command::Trust(TrustCommand::Verify { current, new }) => {
             let cur = read_trust(&current)?
                 .verify_anchor(now, None)
@@ -423,6 +457,14 @@ fn run(cli: Cli) -> Result<()> {
             json,
             qr,
         }) => {
+            // The format needs expires_at > issued_at; never round 0s up silently.
+            if ttl.as_secs() == 0 {
+                return Err(UsageError(format!(
+                    "--ttl {}: a token must be valid for at least 1s",
+                    humantime::format_duration(ttl)
+                ))
+                .into());
+            }
             let trust = read_trust(&dir.join(TRUST_DOC))?;
             let params = token::IssueParams {
                 groups,
@@ -435,7 +477,7 @@ fn run(cli: Cli) -> Result<()> {
                 urls,
                 ca_fingerprint: perch_net::tls::fingerprint(&perch_bootstrap::tls::ca_der(&dir)?),
                 now,
-                expires_at: now + ttl.as_secs().max(1),
+                expires_at: now.saturating_add(ttl.as_secs()),
             };
             let t = token::issue(&dir, &trust, params).map_err(|e| match e {
                 token::IssueError::Token(TokenError::Invalid(m)) => anyhow::Error::new(UsageError(m)),
@@ -485,8 +527,19 @@ fn run(cli: Cli) -> Result<()> {
             let text = match (token, file) {
                 (Some(t), None) => t,
                 (None, Some(f)) => {
-                    String::from_utf8_lossy(&read_bounded(&f, perch_protocol::token::MAX_TOKEN_TEXT + 64)?)
-                        .into_owned()
+                    let max = perch_protocol::token::MAX_TOKEN_TEXT + 64;
+                    // No real token is that large: hostile input, not a typo.
+                    let bytes = match read_bounded(&f, max) {
+                        Err(durable::ReadError::TooLarge { .. }) => {
+                            return Err(SecurityError(format!(
+                                "{}: token file is over {max} bytes",
+                                f.display()
+                            ))
+                            .into())
+                        }
+                        r => r?,
+                    };
+                    String::from_utf8_lossy(&bytes).into_owned()
                 }
                 _ => return Err(UsageError("give the token or --file, not both".into()).into()),
             };

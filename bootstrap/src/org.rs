@@ -59,10 +59,8 @@ pub fn init(
             return Err(OrgError::Exists { dir: dir.into(), found });
         }
     }
-    std::fs::create_dir_all(dir).map_err(|source| OrgError::CreateDir { path: dir.into(), source })?;
-    // nats-server resolves the paths in the include against its own working
-    // directory, so they must be absolute.
-    let dir = &dir.canonicalize().map_err(|source| OrgError::CreateDir { path: dir.into(), source })?;
+    // Everything is checked before the first directory or file exists, so a
+    // bad threshold, TLS name or certificate leaves nothing behind.
     let root = SecretKey::from_seed(root_seed);
     let body = TrustBody {
         org: p.org,
@@ -74,18 +72,17 @@ pub fn init(
         threshold: p.threshold,
         issuing_keys: vec![SecretKey::from_seed(issuing_seed).public()],
     };
-    // Check the document before any file exists, so a bad threshold leaves nothing behind.
     let doc = SignedTrust::create(body, &root)?;
+    let org = doc.unverified_body().org.clone();
+    let tls = crate::tls::prepare(&org, &p.tls_names, p.own_tls.as_ref())?;
+    std::fs::create_dir_all(dir).map_err(|source| OrgError::CreateDir { path: dir.into(), source })?;
+    // nats-server resolves the paths in the include against its own working
+    // directory, so they must be absolute.
+    let dir = &dir.canonicalize().map_err(|source| OrgError::CreateDir { path: dir.into(), source })?;
     keyfile::write_pair(&dir.join("root"), &root)?;
     durable::write_bytes(&dir.join(TRUST_DOC), 0o644, Replace::Refuse, &doc.to_bytes())?;
-    crate::tls::create(dir, &doc.unverified_body().org, &p.tls_names, p.own_tls.as_ref())?;
-    crate::nats::create(
-        dir,
-        &doc.unverified_body().org,
-        p.now,
-        issuing_seed,
-        &crate::tls::server_block(dir),
-    )?;
+    tls.write(dir)?;
+    crate::nats::create(dir, &org, p.now, issuing_seed, &crate::tls::server_block(dir))?;
     Ok(doc)
 }
 
@@ -125,15 +122,17 @@ mod tests {
 
     #[test]
     fn init_refuses_existing_org_and_bad_threshold_leaves_nothing() {
-        let d = tempfile::tempdir().unwrap();
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path().join("org");
         let rel = SecretKey::from_seed(&[2; 32]).public();
-        let bad = init(d.path(), &[1; 32], &[3; 32], params(vec![rel], 2));
+        let bad = init(&d, &[1; 32], &[3; 32], params(vec![rel], 2));
         assert!(matches!(bad, Err(OrgError::Trust(_))));
-        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 0);
-        init(d.path(), &[1; 32], &[3; 32], params(vec![rel], 1)).unwrap();
-        assert!(matches!(
-            init(d.path(), &[9; 32], &[3; 32], params(vec![rel], 1)),
-            Err(OrgError::Exists { .. })
-        ));
+        assert!(!d.exists(), "a refused init created {}", d.display());
+        let mut bad_name = params(vec![rel], 1);
+        bad_name.tls_names = vec!["nö.example".into()];
+        assert!(init(&d, &[1; 32], &[3; 32], bad_name).is_err());
+        assert!(!d.exists(), "a refused init created {}", d.display());
+        init(&d, &[1; 32], &[3; 32], params(vec![rel], 1)).unwrap();
+        assert!(matches!(init(&d, &[9; 32], &[3; 32], params(vec![rel], 1)), Err(OrgError::Exists { .. })));
     }
 }

@@ -47,11 +47,25 @@ pub struct OwnCerts {
     pub key: PathBuf,
 }
 
+/// The files of `ORG/tls/`, made (or read) but not written yet, so that
+/// `init` can check everything before it creates anything.
+pub struct TlsFiles {
+    ca_key: Option<String>,
+    ca_pem: String,
+    server_chain: String,
+    server_key: String,
+}
+
 /// Creates `ORG/tls/` with a new fleet CA and a server certificate for
 /// `names` (DNS names or IP addresses), or copies the operator's own.
 pub fn create(org_dir: &Path, org: &str, names: &[String], own: Option<&OwnCerts>) -> Result<(), TlsError> {
-    let dir = tls_dir(org_dir);
-    std::fs::create_dir_all(&dir).map_err(|source| WriteError::Io { path: dir.clone(), source })?;
+    prepare(org, names, own)?.write(org_dir)
+}
+
+/// Makes a new fleet CA and server certificate, or reads and checks the
+/// operator's own; writes nothing.
+pub fn prepare(org: &str, names: &[String], own: Option<&OwnCerts>) -> Result<TlsFiles, TlsError> {
+    let mut ca_key_pem = None;
     let (ca_pem, server_chain, server_key) = match own {
         Some(o) => {
             let ca = pem_text(&o.ca)?;
@@ -81,19 +95,26 @@ pub fn create(org_dir: &Path, org: &str, names: &[String], own: Option<&OwnCerts
             server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
             server.not_before = rcgen::date_time_ymd(1970, 1, 1);
             let server_cert = server.signed_by(&server_key, &ca_cert, &ca_key)?;
-            durable::write_bytes(
-                &dir.join(CA_KEY),
-                0o600,
-                Replace::Refuse,
-                ca_key.serialize_pem().as_bytes(),
-            )?;
+            ca_key_pem = Some(ca_key.serialize_pem());
             (ca_cert.pem(), format!("{}{}", server_cert.pem(), ca_cert.pem()), server_key.serialize_pem())
         }
     };
-    durable::write_bytes(&dir.join(SERVER_KEY), 0o600, Replace::Refuse, server_key.as_bytes())?;
-    durable::write_bytes(&dir.join(SERVER_PEM), 0o644, Replace::Refuse, server_chain.as_bytes())?;
-    durable::write_bytes(&dir.join(CA_PEM), 0o644, Replace::Refuse, ca_pem.as_bytes())?;
-    Ok(())
+    Ok(TlsFiles { ca_key: ca_key_pem, ca_pem, server_chain, server_key })
+}
+
+impl TlsFiles {
+    /// Writes `ORG/tls/`; refuses to overwrite any file.
+    pub fn write(&self, org_dir: &Path) -> Result<(), TlsError> {
+        let dir = tls_dir(org_dir);
+        std::fs::create_dir_all(&dir).map_err(|source| WriteError::Io { path: dir.clone(), source })?;
+        if let Some(k) = &self.ca_key {
+            durable::write_bytes(&dir.join(CA_KEY), 0o600, Replace::Refuse, k.as_bytes())?;
+        }
+        durable::write_bytes(&dir.join(SERVER_KEY), 0o600, Replace::Refuse, self.server_key.as_bytes())?;
+        durable::write_bytes(&dir.join(SERVER_PEM), 0o644, Replace::Refuse, self.server_chain.as_bytes())?;
+        durable::write_bytes(&dir.join(CA_PEM), 0o644, Replace::Refuse, self.ca_pem.as_bytes())?;
+        Ok(())
+    }
 }
 
 /// The fleet CA certificate (DER) of an org.

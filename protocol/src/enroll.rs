@@ -81,6 +81,8 @@ pub enum EnrollError {
     WrongCa { found: String, expected: String },
     #[error("enrollment is for {found}, not for this device ({expected})")]
     NotForThisDevice { found: String, expected: String },
+    #[error("enrollment user JWT {0}")]
+    UserJwt(crate::jwt::JwtError),
 }
 
 fn invalid(what: &'static str, detail: impl Into<String>) -> EnrollError {
@@ -273,12 +275,7 @@ impl SignedCredential {
 
     /// Checks the issuer against the org's issuing keys, and the expiry.
     pub fn verify(&self, trust: &VerifiedTrust, now: u64) -> Result<&CredentialBody, EnrollError> {
-        let key = trust
-            .body()
-            .issuing_keys
-            .iter()
-            .find(|k| k.id() == self.key_id)
-            .ok_or(EnrollError::UnknownIssuer(self.key_id))?;
+        let key = self.issuer(trust)?;
         if !key.verify(CREDENTIAL_CONTEXT, &self.body_bytes, &self.signature) {
             return Err(EnrollError::BadCredentialSignature);
         }
@@ -286,6 +283,18 @@ impl SignedCredential {
             return Err(EnrollError::CredentialExpired { expires_at: self.body.expires_at, now });
         }
         Ok(&self.body)
+    }
+}
+
+impl SignedCredential {
+    /// The issuing key of `trust` this credential names as its signer.
+    fn issuer<'t>(&self, trust: &'t VerifiedTrust) -> Result<&'t PublicKey, EnrollError> {
+        trust
+            .body()
+            .issuing_keys
+            .iter()
+            .find(|k| k.id() == self.key_id)
+            .ok_or(EnrollError::UnknownIssuer(self.key_id))
     }
 }
 
@@ -389,7 +398,11 @@ impl Enrollment {
             });
         }
         let trust = signed.verify_anchor(expect.now, None).map_err(EnrollError::Trust)?;
-        let credential = SignedCredential::from_bytes(&self.credential)?.verify(&trust, expect.now)?.clone();
+        let signed_credential = SignedCredential::from_bytes(&self.credential)?;
+        let credential = signed_credential.verify(&trust, expect.now)?.clone();
+        // The issuing key that signed the credential is the FLEET account's
+        // signing key: the user JWT must be its work too (see jwt.rs).
+        let issuer = signed_credential.issuer(&trust)?;
         for ca in [Some(credential.ca_fingerprint), expect.ca_fingerprint].into_iter().flatten() {
             if self.ca_fingerprint() != ca {
                 return Err(EnrollError::WrongCa {
@@ -404,6 +417,8 @@ impl Enrollment {
                 expected: format!("device '{}' key {}", expect.device_id, expect.device_key.id()),
             });
         }
+        crate::jwt::check_user_jwt(&self.user_jwt, issuer, &credential.device_key, expect.now)
+            .map_err(EnrollError::UserJwt)?;
         Ok(VerifiedEnrollment { enrollment: self, trust, credential })
     }
 }
@@ -548,7 +563,7 @@ mod tests {
         .unwrap();
         Enrollment {
             credential: cred.to_bytes(),
-            user_jwt: "a.b.c".into(),
+            user_jwt: crate::jwt::test_user_jwt(issuing, &device.public(), Some(1000)),
             fleet_urls: vec!["tls://127.0.0.1:4222".into()],
             trust: trust.to_bytes(),
             ca_der: vec![1, 2, 3],
@@ -590,6 +605,44 @@ mod tests {
         ));
         let rogue = enrollment(&SecretKey::from_seed(&[7; 32]), &device, &trust);
         assert!(matches!(rogue.verify(&expect), Err(EnrollError::UnknownIssuer(_))));
+    }
+
+    #[test]
+    fn an_enrollment_with_a_damaged_or_foreign_user_jwt_is_refused() {
+        let issuing = SecretKey::from_seed(&[3; 32]);
+        let device = SecretKey::from_seed(&[4; 32]);
+        let trust = org(&issuing);
+        let expect = Expect {
+            device_id: "drone-1",
+            device_key: device.public(),
+            trust_fingerprint: trust.fingerprint(),
+            ca_fingerprint: None,
+            now: 200,
+        };
+        let good = enrollment(&issuing, &device, &trust);
+        good.clone().verify(&expect).unwrap();
+        // One bit flipped anywhere in the JWT.
+        for i in 0..good.user_jwt.len() {
+            let mut e = good.clone();
+            let mut b = e.user_jwt.into_bytes();
+            b[i] ^= 0x01;
+            e.user_jwt = String::from_utf8(b).unwrap();
+            assert!(matches!(e.verify(&expect), Err(EnrollError::UserJwt(_))), "flip at {i} accepted");
+        }
+        // Signed by a key that did not sign the credential; for another device.
+        let mut e = good.clone();
+        e.user_jwt = crate::jwt::test_user_jwt(&SecretKey::from_seed(&[7; 32]), &device.public(), Some(1000));
+        assert!(matches!(
+            e.verify(&expect),
+            Err(EnrollError::UserJwt(crate::jwt::JwtError::BadSignature(_)))
+        ));
+        let mut e = good;
+        e.user_jwt =
+            crate::jwt::test_user_jwt(&issuing, &SecretKey::from_seed(&[8; 32]).public(), Some(1000));
+        assert!(matches!(
+            e.verify(&expect),
+            Err(EnrollError::UserJwt(crate::jwt::JwtError::WrongSubject { .. }))
+        ));
     }
 
     fn expect_copy<'a>(e: &Expect<'a>) -> Expect<'a> {

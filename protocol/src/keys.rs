@@ -85,10 +85,19 @@ impl PublicKey {
     /// The key in NATS's nkey text form for a user (`U...`): the device key
     /// is also the device's NATS user nkey.
     pub fn nats_user(&self) -> String {
+        self.nkey(20 << 3)
+    }
+
+    /// The key in nkey text form for an account (`A...`): the org's issuing
+    /// key is also the FLEET account's signing key, the issuer of device JWTs.
+    pub fn nats_account(&self) -> String {
+        self.nkey(0)
+    }
+
+    fn nkey(&self, prefix: u8) -> String {
         // nkeys: base32(prefix byte | 32 key bytes | CRC-16/XMODEM little-endian).
-        const USER_PREFIX: u8 = 20 << 3;
         let mut raw = Vec::with_capacity(35);
-        raw.push(USER_PREFIX);
+        raw.push(prefix);
         raw.extend_from_slice(&self.to_bytes());
         let crc = crc16_xmodem(&raw);
         raw.extend_from_slice(&crc.to_le_bytes());

@@ -17,6 +17,7 @@
 pub mod bundle;
 pub mod desired;
 pub mod enroll;
+pub mod jwt;
 pub mod keys;
 pub mod lifecycle;
 pub mod limits;

@@ -14,6 +14,17 @@ pub const DESIRED_BUCKET: &str = "PERCH_DESIRED";
 pub const BUNDLES_BUCKET: &str = "PERCH_BUNDLES";
 /// JetStream KV bucket (FLEET): rollouts and their waves, by rollout id.
 pub const ROLLOUTS_BUCKET: &str = "PERCH_ROLLOUTS";
+/// JetStream KV bucket (FLEET): the org's current trust document, under
+/// [`TRUST_KEY`], pushed by `perch-bootstrap trust push`. Devices take it
+/// only by a valid rotation chain, so who may write here decides nothing.
+pub const TRUST_BUCKET: &str = "PERCH_TRUST";
+pub const TRUST_KEY: &str = "doc";
+
+/// The subject the pushed trust document is stored under.
+pub fn trust_doc() -> String {
+    format!("$KV.{TRUST_BUCKET}.{TRUST_KEY}")
+}
+
 /// JetStream stream (FLEET) holding bundle chunks.
 pub const CHUNKS_STREAM: &str = "PERCH_CHUNKS";
 /// JetStream stream (FLEET) holding device reports.
@@ -115,6 +126,9 @@ pub fn device_grant(device: &str, groups: &[String]) -> Grant {
         subscribe.push(subject);
     }
     publish.push(format!("$JS.API.DIRECT.GET.{CHUNKS_STREAM}.perch.chunk.>"));
+    // The pushed trust document: read and watched, never written.
+    publish.push(format!("$JS.API.DIRECT.GET.KV_{TRUST_BUCKET}.{}", trust_doc()));
+    subscribe.push(trust_doc());
     Grant { publish, subscribe }
 }
 
@@ -153,7 +167,13 @@ mod tests {
         assert!(g.publish.iter().all(|s| !s.contains("d2")));
         assert_eq!(
             g.subscribe,
-            ["_INBOX_d1.>", "$KV.PERCH_DESIRED.device.d1", "$KV.PERCH_DESIRED.group.north"].map(String::from)
+            [
+                "_INBOX_d1.>",
+                "$KV.PERCH_DESIRED.device.d1",
+                "$KV.PERCH_DESIRED.group.north",
+                "$KV.PERCH_TRUST.doc"
+            ]
+            .map(String::from)
         );
         assert!(g.publish.iter().all(|s| !s.contains("CONSUMER")), "a device creates no consumers");
         assert!(g.publish.contains(&"perch.lifecycle.d1".to_string()));

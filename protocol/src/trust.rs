@@ -212,6 +212,18 @@ impl SignedTrust {
         self.verify_root(now)
     }
 
+    /// Accepts a document this device accepted before (its own record in
+    /// its state directory): the root signature and, if given, the pinned
+    /// root key. Not the expiry: an expired record still names the release
+    /// keys a successor must be signed by; the document in use is checked
+    /// for expiry on its own.
+    pub fn verify_record(self, pinned_root: Option<&PublicKey>) -> Result<VerifiedTrust, TrustError> {
+        let issued_at = self.body.issued_at;
+        // At its own issue time no document has expired (validate() holds
+        // expires_at > issued_at), so only the signature and the pin decide.
+        self.verify_anchor(issued_at, pinned_root)
+    }
+
     fn verify_root(self, now: u64) -> Result<VerifiedTrust, TrustError> {
         if !self.body.root_key.verify(CONTEXT, &self.body_bytes, &self.sigs.root) {
             return Err(TrustError::BadRootSignature);
@@ -250,6 +262,107 @@ impl VerifiedTrust {
     pub fn threshold(&self) -> u32 {
         self.body.threshold
     }
+}
+
+/// The highest trust version a device has accepted, as recorded in its
+/// state directory next to a copy of that document (`STATE/trust-version`).
+/// One line of text:
+///
+/// ```text
+/// perch-trust-version 1 version=N fingerprint=<64 hex> root=<64 hex> check=<8 hex>
+/// ```
+///
+/// `fingerprint` is the accepted document's; `root` is the id of its root
+/// key, so a newer document can still be pinned to the org's root if the
+/// copy of the document is lost. `check` is the first 4 bytes of the SHA-256
+/// of the line before ` check=`: a flipped digit in the version would
+/// otherwise read as another valid floor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TrustFloor {
+    pub version: u64,
+    pub fingerprint: [u8; 32],
+    pub root: KeyId,
+}
+
+const FLOOR_TAG: &str = "perch-trust-version 1";
+/// Longest valid record: the tag, a u64, two 64-digit hex fields and the check.
+pub const MAX_FLOOR_TEXT: usize = 256;
+
+/// Why a trust-version record was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FloorError {
+    #[error("trust version record is over {MAX_FLOOR_TEXT} bytes")]
+    TooLarge,
+    #[error("trust version record is malformed: {0}")]
+    Malformed(&'static str),
+}
+
+impl TrustFloor {
+    pub fn of(trust: &VerifiedTrust) -> Self {
+        Self {
+            version: trust.body().version,
+            fingerprint: trust.fingerprint(),
+            root: trust.body().root_key.id(),
+        }
+    }
+
+    pub fn to_text(&self) -> String {
+        let line = format!(
+            "{FLOOR_TAG} version={} fingerprint={} root={}",
+            self.version,
+            hex::encode(self.fingerprint),
+            self.root.to_hex()
+        );
+        format!("{line} check={}\n", floor_check(&line))
+    }
+
+    /// Parses exactly what [`to_text`](Self::to_text) writes; anything else
+    /// (a torn write, a flipped bit in the tag or a hex digit) is refused.
+    pub fn parse(bytes: &[u8]) -> Result<Self, FloorError> {
+        if bytes.len() > MAX_FLOOR_TEXT {
+            return Err(FloorError::TooLarge);
+        }
+        let text = std::str::from_utf8(bytes).map_err(|_| FloorError::Malformed("not UTF-8"))?;
+        let text = text.strip_suffix('\n').ok_or(FloorError::Malformed("no final newline"))?;
+        let (line, check) = text.rsplit_once(" check=").ok_or(FloorError::Malformed("check= missing"))?;
+        if check != floor_check(line) {
+            return Err(FloorError::Malformed("check does not match (damaged)"));
+        }
+        let rest =
+            line.strip_prefix(FLOOR_TAG).ok_or(FloorError::Malformed("not a perch trust version record"))?;
+        let mut fields = rest.split(' ');
+        let (Some(""), Some(v), Some(f), Some(r), None) =
+            (fields.next(), fields.next(), fields.next(), fields.next(), fields.next())
+        else {
+            return Err(FloorError::Malformed("expected version=, fingerprint= and root="));
+        };
+        let v = v.strip_prefix("version=").ok_or(FloorError::Malformed("version= missing"))?;
+        // u64's FromStr takes a leading '+': one byte string, one meaning.
+        if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) || (v.len() > 1 && v.starts_with('0')) {
+            return Err(FloorError::Malformed("version is not a number"));
+        }
+        let version: u64 = v.parse().map_err(|_| FloorError::Malformed("version is not a number"))?;
+        if version == 0 {
+            return Err(FloorError::Malformed("version 0"));
+        }
+        let hex32 = |field: &str, name: &'static str| -> Result<[u8; 32], FloorError> {
+            let h = field.strip_prefix(name).ok_or(FloorError::Malformed("fingerprint= or root= missing"))?;
+            // Lower case only, as written.
+            if h.bytes().any(|b| b.is_ascii_uppercase()) {
+                return Err(FloorError::Malformed("hex in upper case"));
+            }
+            let mut out = [0u8; 32];
+            hex::decode_to_slice(h, &mut out).map_err(|_| FloorError::Malformed("not 64 hex digits"))?;
+            Ok(out)
+        };
+        let fingerprint = hex32(f, "fingerprint=")?;
+        let root = KeyId(hex32(r, "root=")?);
+        Ok(Self { version, fingerprint, root })
+    }
+}
+
+fn floor_check(line: &str) -> String {
+    hex::encode(&Sha256::digest(line.as_bytes())[..4])
 }
 
 fn validate(body: &TrustBody) -> Result<(), TrustError> {
@@ -369,6 +482,65 @@ mod tests {
             SignedTrust::create(body(1, &root, &[&key(2)], 1), &key(7)),
             Err(TrustError::WrongRootKey)
         ));
+    }
+
+    #[test]
+    fn an_expired_record_still_verifies_as_a_record_but_not_as_an_anchor() {
+        let root = key(1);
+        let doc = SignedTrust::create(body(1, &root, &[&key(2)], 1), &root).unwrap();
+        assert!(doc.clone().verify_anchor(20_000, None).is_err());
+        doc.clone().verify_record(Some(&root.public())).unwrap();
+        assert!(matches!(doc.verify_record(Some(&key(9).public())), Err(TrustError::RootMismatch { .. })));
+    }
+
+    #[test]
+    fn trust_floor_round_trips_and_refuses_every_flip_and_truncation() {
+        let floor = TrustFloor { version: 42, fingerprint: [0xab; 32], root: KeyId([7; 32]) };
+        let text = floor.to_text();
+        assert_eq!(TrustFloor::parse(text.as_bytes()), Ok(floor));
+        for n in 0..text.len() {
+            assert!(TrustFloor::parse(&text.as_bytes()[..n]).is_err(), "truncation at {n} accepted");
+        }
+        for i in 0..text.len() {
+            for bit in 0..8 {
+                let mut b = text.clone().into_bytes();
+                b[i] ^= 1 << bit;
+                assert!(TrustFloor::parse(&b).is_err(), "flip of bit {bit} at {i} accepted");
+            }
+        }
+        // Leading '+' or zeros, upper-case hex: refused even with a matching check.
+        let with_check = |line: &str| format!("{line} check={}\n", floor_check(line));
+        let fp = hex::encode([0xab; 32]);
+        let root = hex::encode([7; 32]);
+        for line in [
+            format!("{FLOOR_TAG} version=+42 fingerprint={fp} root={root}"),
+            format!("{FLOOR_TAG} version=042 fingerprint={fp} root={root}"),
+            format!("{FLOOR_TAG} version=0 fingerprint={fp} root={root}"),
+            format!("{FLOOR_TAG} version=42 fingerprint={} root={root}", fp.to_uppercase()),
+            format!("{FLOOR_TAG} version=42 fingerprint={fp} root={root} extra=1"),
+        ] {
+            assert!(TrustFloor::parse(with_check(&line).as_bytes()).is_err(), "{line}");
+        }
+        assert!(TrustFloor::parse(
+            with_check(&format!("{FLOOR_TAG} version=42 fingerprint={fp} root={root}")).as_bytes()
+        )
+        .is_ok());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn trust_floor_parse_never_panics_and_round_trips(data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300)) {
+            if let Ok(f) = TrustFloor::parse(&data) {
+                let text = f.to_text();
+                proptest::prop_assert_eq!(text.as_bytes(), &data[..]);
+            }
+        }
+
+        #[test]
+        fn trust_floor_text_round_trips(version in 1u64.., fp: [u8; 32], root: [u8; 32]) {
+            let f = TrustFloor { version, fingerprint: fp, root: KeyId(root) };
+            proptest::prop_assert_eq!(TrustFloor::parse(f.to_text().as_bytes()), Ok(f));
+        }
     }
 
     #[test]

@@ -75,15 +75,35 @@ fn init_writes_the_org_and_refuses_to_overwrite_it() {
     assert_eq!(again.code, 2, "{}", again.stderr);
     assert!(again.stderr.contains("refusing to overwrite"));
     assert_eq!(fs::read(s.path("org/trust.doc")).unwrap(), doc);
-    // A threshold above the number of keys is a usage error, and leaves nothing.
-    let bad =
-        s.run("perch-bootstrap", &["init", "--dir", "org2", "--release-key", "k1.pub", "--threshold", "2"]);
-    assert_eq!(bad.code, 2, "{}", bad.stderr);
-    assert!(!s.path("org2/root.key").exists());
     let show = s.ok("perch-bootstrap", &["trust", "show", "--json", "org/trust.doc"]);
     let v: serde_json::Value = serde_json::from_str(&show.stdout).unwrap();
     assert_eq!(v["threshold"], 2);
     assert_eq!(v["release_keys"].as_array().unwrap().len(), 3);
+}
+
+#[test]
+fn a_refused_init_creates_no_directory_or_file() {
+    let s = Scratch::new();
+    s.ok("perch", &["keygen", "--out", "k1"]);
+    let init = |dir: &str, extra: &[&str]| {
+        let mut args = vec!["init", "--dir", dir, "--release-key", "k1.pub"];
+        args.extend_from_slice(extra);
+        s.run("perch-bootstrap", &args)
+    };
+    // A threshold above the number of keys, or a TLS name no certificate can
+    // carry: a usage error in one line, and no directory at all.
+    for (dir, extra) in
+        [("org2", &["--threshold", "2"][..]), ("org3", &["--threshold", "1", "--tls-name", "nö.example"])]
+    {
+        let bad = init(dir, extra);
+        assert_eq!(bad.code, 2, "{dir}: {}", bad.stderr);
+        assert_eq!(bad.stderr.lines().count(), 1, "{dir}: {}", bad.stderr);
+        assert!(!s.path(dir).exists(), "a refused init left {dir}/ behind");
+    }
+    // Into an existing empty directory: still empty afterwards.
+    fs::create_dir(s.path("empty")).unwrap();
+    assert_eq!(init("empty", &["--threshold", "0"]).code, 2);
+    assert_eq!(fs::read_dir(s.path("empty")).unwrap().count(), 0);
 }
 
 #[test]

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use perch_protocol::enroll::{EnrollResponse, Rejection, SignedRequest};
+use perch_protocol::enroll::{EnrollResponse, Enrollment, Rejection, SignedRequest};
 use perch_protocol::subjects;
 use perch_protocol::token::SignedToken;
 use perch_tests::fleet::{modes, wait_for, Device, Fleet};
@@ -194,6 +194,57 @@ fn offline_enrollment_travels_as_files() {
     assert_eq!(devs["devices"][0]["via"], "offline");
 }
 
+/// An enrollment file for `d` (offline: request, then `sign-request`).
+fn signed_response(f: &Fleet, d: &perch_tests::fleet::Device) -> std::path::PathBuf {
+    std::fs::copy(f.s.path("org/trust.doc"), d.trust()).unwrap();
+    let (req, resp) = (d.dir.join("req"), d.dir.join("resp"));
+    let r = d.agent(&["enroll", "--device-id", &d.name, "--request-out", req.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let (req, out) = (req.to_str().unwrap(), resp.to_str().unwrap());
+    f.s.ok(
+        "perch-bootstrap",
+        &["sign-request", "--dir", "org", req, "--out", out, "--group", "g", "--fleet-url", &f.url],
+    );
+    resp
+}
+
+#[test]
+fn import_refuses_an_enrollment_whose_user_jwt_has_one_bit_flipped() {
+    let f = Fleet::start(0);
+    let d = f.device("drone-9");
+    let resp = signed_response(&f, &d);
+    let good = Enrollment::from_text(&std::fs::read_to_string(&resp).unwrap()).unwrap();
+    let jwt = good.user_jwt.clone();
+    let dots: Vec<usize> = jwt.match_indices('.').map(|(i, _)| i).collect();
+    // In the header, the claims (subject, expiry, permissions) and the signature.
+    for i in [3, dots[0] + 5, dots[0] + (dots[1] - dots[0]) / 2, dots[1] - 2, dots[1] + 7, jwt.len() - 3] {
+        let mut bytes = jwt.clone().into_bytes();
+        bytes[i] ^= 0x01;
+        let mut bad = good.clone();
+        bad.user_jwt = String::from_utf8(bytes).unwrap();
+        let file = f.s.path("bad.resp");
+        std::fs::write(&file, bad.to_text()).unwrap();
+        let r = d.agent(&["enroll", "--device-id", "drone-9", "--import", file.to_str().unwrap()]);
+        assert_eq!(r.code, 3, "flip at {i}: {}", r.stderr);
+        assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+        assert!(r.stderr.contains("user JWT"), "{}", r.stderr);
+        assert!(!d.is_enrolled(), "flip at {i} was stored");
+    }
+    let r = d.agent(&["enroll", "--device-id", "drone-9", "--import", resp.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    // Damaged on disk afterwards: the stored enrollment is refused when loaded.
+    let mut bytes = jwt.into_bytes();
+    bytes[dots[1] + 7] ^= 0x01;
+    let mut bad = good;
+    bad.user_jwt = String::from_utf8(bytes).unwrap();
+    std::fs::write(d.state().join("identity/enrollment"), bad.to_text()).unwrap();
+    let r = d.agent(&["status", "--json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let st: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(st["enrollment"]["enrolled"], false, "{st}");
+    assert!(st["enrollment"]["problem"].as_str().unwrap().contains("user JWT"), "{st}");
+}
+
 #[test]
 fn forged_expired_and_wrong_group_tokens_are_refused() {
     let f = Fleet::start(1);
@@ -223,6 +274,21 @@ fn forged_expired_and_wrong_group_tokens_are_refused() {
     // The refusals did not use up the token.
     let r = enroll(&d, &good, &["--group", "north"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
+}
+
+#[test]
+fn an_oversized_token_file_is_refused_as_hostile_with_exit_3() {
+    let f = Fleet::start(0);
+    let d = f.device("dev-1");
+    let big = f.s.path("big.token");
+    std::fs::write(&big, format!("{}{}", f.token(&["--group", "g"]), " ".repeat(1 << 20))).unwrap();
+    let r = enroll(&d, &big, &[]);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+    assert!(r.stderr.contains("big.token"), "{}", r.stderr);
+    assert!(!d.is_enrolled());
+    // A missing token file stays a usage error.
+    assert_eq!(enroll(&d, &f.s.path("none.token"), &[]).code, 2);
 }
 
 #[test]

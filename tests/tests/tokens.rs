@@ -80,3 +80,32 @@ fn the_token_credential_can_only_ask_to_enroll() {
     let r = c.subscribe(&format!("{}.>", perch_protocol::subjects::token_inbox_prefix(&[0; 16])), 4);
     assert!(r.contains("Permissions Violation for Subscription"), "{r}");
 }
+
+#[test]
+fn token_issue_refuses_a_ttl_under_one_second() {
+    let s = Scratch::new();
+    s.org(1, 1);
+    for ttl in ["0s", "500ms"] {
+        let r = s.run("perch-bootstrap", &["token", "issue", "--dir", "org", "--group", "g", "--ttl", ttl]);
+        assert_eq!(r.code, 2, "--ttl {ttl}: {}", r.stderr);
+        assert_eq!(r.stderr.lines().count(), 1, "--ttl {ttl}: {}", r.stderr);
+        assert!(r.stderr.contains("--ttl"), "{}", r.stderr);
+        assert!(r.stdout.is_empty(), "--ttl {ttl} printed a token");
+    }
+}
+
+#[test]
+fn an_oversized_token_file_is_refused_as_hostile_with_exit_3() {
+    let s = Scratch::new();
+    s.org(1, 1);
+    let t = issue(&s, &[]);
+    // A real token padded far past any real one.
+    std::fs::write(s.path("big.token"), format!("{t}{}", " ".repeat(1 << 20))).unwrap();
+    let r = s.run("perch-bootstrap", &["token", "check", "--trust", "org/trust.doc", "--file", "big.token"]);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+    assert!(r.stderr.contains("big.token"), "{}", r.stderr);
+    // A missing file stays a usage error.
+    let r = s.run("perch-bootstrap", &["token", "check", "--trust", "org/trust.doc", "--file", "none.token"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+}
