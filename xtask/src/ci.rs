@@ -9,8 +9,17 @@ use crate::util::{cargo, root, sh, step};
 /// The end-to-end test files that start a nats-server. The whole suite runs
 /// on Debian's 2.9.10 (the embedded default); these run again on the
 /// current upstream release. `server_tests_are_listed` keeps the list whole.
-const SERVER_TESTS: &[&str] =
-    &["enroll", "link", "nats_operator", "provisioner", "publish", "rollout", "service", "tokens"];
+const SERVER_TESTS: &[&str] = &[
+    "enroll",
+    "link",
+    "nats_operator",
+    "provisioner",
+    "publish",
+    "rollout",
+    "service",
+    "tokens",
+    "trust_rotation",
+];
 
 pub fn run() -> Result<()> {
     let started = Instant::now();
