@@ -24,7 +24,7 @@ pub struct VerifyError {
 pub fn verify_file(trust: &VerifiedTrust, path: &Path, now: u64) -> Result<VerifiedManifest, VerifyError> {
     let err = |source| VerifyError { path: path.into(), source };
     let file = File::open(path).map_err(|e| err(BundleError::Io(e)))?;
-    let mut bundle = BundleReader::open(file).and_then(|b| b.verify(trust, now)).map_err(err)?;
+    let mut bundle = BundleReader::open_verified(file, trust, now).map_err(err)?;
 
     let (full_tx, full_rx) = mpsc::sync_channel::<Vec<u8>>(3);
     let (empty_tx, empty_rx) = mpsc::channel::<Vec<u8>>();
