@@ -202,12 +202,17 @@ fn failures_name_what_failed() {
     bad[payload_start + 3 * 2048 + 5] ^= 1;
     fs::write(s.path("bad.perch"), &bad).unwrap();
     assert!(verify(&s, "bad.perch").stderr.contains("chunk 3 of 5: sha256 mismatch"));
-    let mut v2 = good.clone();
-    v2[8] = 2;
-    fs::write(s.path("v2.perch"), &v2).unwrap();
-    let r = verify(&s, "v2.perch");
-    assert_eq!(r.code, 3);
-    assert!(r.stderr.contains("unsupported bundle format version 2"), "{}", r.stderr);
+    // A future format, and format 1 (signatures after the manifest), which
+    // no shipped agent reads.
+    for version in [3u8, 1] {
+        let mut other = good.clone();
+        other[8] = version;
+        fs::write(s.path("other.perch"), &other).unwrap();
+        let r = verify(&s, "other.perch");
+        assert_eq!(r.code, 3);
+        let want = format!("unsupported bundle format version {version} (this build reads 2)");
+        assert!(r.stderr.contains(&want), "{}", r.stderr);
+    }
     fs::write(s.path("junk.perch"), b"hello, this is not a bundle at all").unwrap();
     let r = verify(&s, "junk.perch");
     assert_eq!(r.code, 3);
@@ -315,6 +320,10 @@ fn archive_bundles_are_deterministic_and_unpack_to_the_tree() {
     fs::write(s.path("tree/run.sh"), "#!/bin/sh\n").unwrap();
     fs::set_permissions(s.path("tree/run.sh"), fs::Permissions::from_mode(0o755)).unwrap();
     std::os::unix::fs::symlink("run.sh", s.path("tree/start")).unwrap();
+    fs::create_dir_all(s.path("tree/private")).unwrap();
+    fs::write(s.path("tree/private/key"), "secret\n").unwrap();
+    fs::set_permissions(s.path("tree/private/key"), fs::Permissions::from_mode(0o600)).unwrap();
+    fs::set_permissions(s.path("tree/private"), fs::Permissions::from_mode(0o700)).unwrap();
     let build = |out: &str| {
         s.ok(
             "perch",
@@ -355,6 +364,50 @@ fn archive_bundles_are_deterministic_and_unpack_to_the_tree() {
     assert!(listing.contains("etc/app.conf"), "{listing}");
     assert!(listing.contains("-rwxr-xr-x"), "{listing}");
     assert!(listing.contains("start -> run.sh"), "{listing}");
+    // Permission bits as they were, owner root.
+    assert!(listing.contains("-rw------- 0/0") && listing.contains("private/key"), "{listing}");
+    assert!(listing.contains("drwx------ 0/0"), "{listing}");
+}
+
+#[test]
+fn archive_build_refuses_setid_and_world_writable_unless_signed_so() {
+    let s = Scratch::new();
+    s.org(1, 1);
+    fs::create_dir_all(s.path("tree")).unwrap();
+    fs::write(s.path("tree/su"), "x").unwrap();
+    fs::set_permissions(s.path("tree/su"), fs::Permissions::from_mode(0o4755)).unwrap();
+    let build = |extra: &[&str]| {
+        let mut a = vec![
+            "bundle",
+            "build",
+            "--name",
+            "app",
+            "--counter",
+            "1",
+            "--kind",
+            "archive",
+            "--input",
+            "tree",
+        ];
+        a.extend_from_slice(&["--out", "a.perch"]);
+        a.extend_from_slice(extra);
+        s.run("perch", &a)
+    };
+    let r = build(&[]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("su: mode 4755 is setuid/setgid"), "{}", r.stderr);
+    assert!(!s.path("a.perch").exists());
+    let r = build(&["--allow-setid"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let v: serde_json::Value =
+        serde_json::from_str(&s.ok("perch", &["bundle", "inspect", "--json", "a.perch"]).stdout).unwrap();
+    assert_eq!(v["allow_setid"], true);
+    fs::remove_file(s.path("a.perch")).unwrap();
+    fs::create_dir(s.path("tree/drop")).unwrap();
+    fs::set_permissions(s.path("tree/drop"), fs::Permissions::from_mode(0o777)).unwrap();
+    let r = build(&["--allow-setid"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("drop: mode 777 is world-writable"), "{}", r.stderr);
 }
 
 #[test]

@@ -148,10 +148,11 @@ fn check_entries<R: Read>(r: &mut Watched<R>, policy: ArchivePolicy) -> Result<u
             }
             _ => {
                 // A hardlink: to a regular file already in the tree.
-                let target = entry.link_name_bytes().unwrap_or_default();
-                let target = normal_path(&target, false).map_err(refuse)?;
-                if seen.get(&target) != Some(&Node::File) {
-                    return Err(refuse(Refusal::LinkTarget(target)));
+                let raw_target = entry.link_name_bytes().unwrap_or_default();
+                let target = normal_path(&raw_target, false).ok();
+                if target.as_ref().and_then(|t| seen.get(t)) != Some(&Node::File) {
+                    let shown = String::from_utf8_lossy(&raw_target).escape_debug().to_string();
+                    return Err(refuse(Refusal::LinkTarget(shown)));
                 }
             }
         }
