@@ -59,7 +59,9 @@ fn dir_signed_hostile_archive_exits_3_naming_the_entry_and_leaves_the_slots() {
     use perch_tests::device::raw_tar_entry as entry;
     // Each of these is validly signed, and each holds one entry the builder
     // never makes.
-    let cases: [(&[u8], u8, u32, &[u8], &str); 8] = [
+    // (name, type byte, mode, link target, what stderr says)
+    type Case = (&'static [u8], u8, u32, &'static [u8], &'static str);
+    let cases: [Case; 8] = [
         (b"null", b'3', 0o600, b"", "character device entries are not allowed"),
         (b"pipe", b'6', 0o600, b"", "FIFO entries are not allowed"),
         (b"../escape", b'0', 0o644, b"", "path has a `..` component"),
