@@ -86,6 +86,7 @@ fn dir_signed_hostile_archive_exits_3_naming_the_entry_and_leaves_the_slots() {
         assert_eq!(r.stderr.lines().count(), 1, "{shown}: {}", r.stderr);
         assert!(r.stderr.contains(&format!("archive entry `{shown}`")), "{shown}: {}", r.stderr);
         assert!(r.stderr.contains(why), "{shown}: {}", r.stderr);
+        assert_eq!(r.stderr.matches(why).count(), 1, "said twice: {}", r.stderr);
         // The running slot is untouched, and nothing was unpacked.
         assert_eq!(fs::read_link(d.path("root/current")).unwrap().to_str(), Some("a"));
         assert_eq!(fs::read_to_string(d.path("root/a/app")).unwrap(), "old app\n");

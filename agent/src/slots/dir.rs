@@ -102,7 +102,7 @@ impl SlotBackend for DirBackend {
         // archive leaves both slots as they were.
         let tar_file = File::open(&tar_path).map_err(io_err(&tar_path))?;
         check_archive(BufReader::new(tar_file).take(len), policy)
-            .map_err(|source| SlotError::Archive { slot, source })?;
+            .map_err(|err| SlotError::Archive { slot, err })?;
         if fresh.exists() {
             fs::remove_dir_all(&fresh).map_err(io_err(&fresh))?;
         }

@@ -31,14 +31,14 @@ pub enum SlotError {
     #[error("unpacking the archive into slot {slot}: {detail}")]
     Unpack { slot: SlotId, detail: String },
     /// The signed archive holds what the builder never produces.
-    #[error("refusing the archive for slot {slot}: {source}")]
-    Archive { slot: SlotId, source: ArchiveError },
+    #[error("refusing the archive for slot {slot}: {err}")]
+    Archive { slot: SlotId, err: ArchiveError },
 }
 
 impl SlotError {
     /// True when the payload itself was refused, not the device failing.
     pub fn is_security(&self) -> bool {
-        matches!(self, SlotError::Archive { source, .. } if source.is_security())
+        matches!(self, SlotError::Archive { err, .. } if err.is_security())
     }
 }
 
