@@ -564,7 +564,8 @@ fn hostile_bundles_are_refused_and_the_running_slot_is_untouched() {
     // Bad signature: one flipped byte in the first signature.
     d.image_bundle("good6.perch", 6, 4, LEN, 16 * 1024);
     let good = fs::read(d.path("good6.perch")).unwrap();
-    let sig_at = good.len() - LEN - 40;
+    // Format 2: header (20), signed digest (32), signature count (1), key id (32), then the signature.
+    let sig_at = 20 + 32 + 1 + 32 + 1 + 10;
     let mut bad = good.clone();
     bad[sig_at] ^= 0x10;
     fs::write(d.path("badsig.perch"), &bad).unwrap();
