@@ -4,7 +4,8 @@
 use std::io::{Cursor, Read};
 
 use perch_protocol::bundle::{
-    verify_stream, BundleError, BundleHead, BundleReader, ManifestBuilder, ManifestParams, PayloadKind,
+    check_archive_payload, verify_stream, BundleError, BundleHead, BundleReader, ManifestBuilder,
+    ManifestParams, PayloadKind,
 };
 use perch_protocol::trust::{SignedTrust, TrustBody, VerifiedTrust};
 use perch_protocol::SecretKey;
@@ -201,6 +202,56 @@ fn format_1_bundles_are_refused_by_version() {
     let e = verify(&b, &t).unwrap_err();
     assert!(matches!(e, BundleError::UnsupportedVersion(1)), "{e}");
     assert!(e.is_security());
+}
+
+/// A signed archive bundle of one 3000-byte file, in 1 KiB chunks.
+fn archive_bundle(mode: u32, allow_setid: bool) -> (Vec<u8>, usize) {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_mode(mode);
+    h.set_size(3000);
+    b.append_data(&mut h, "app", &[7u8; 3000][..]).unwrap();
+    let tar = b.into_inner().unwrap();
+    let mut p = params(1024);
+    p.kind = PayloadKind::Archive;
+    p.allow_setid = allow_setid;
+    let mut m = ManifestBuilder::new(p).unwrap();
+    m.update(&tar);
+    let mut head = BundleHead::new(m.finish().unwrap()).unwrap();
+    head.add_signature(&key(1)).unwrap();
+    let mut out = Vec::new();
+    head.write_to(&mut out).unwrap();
+    let payload_at = out.len();
+    out.extend_from_slice(&tar);
+    (out, payload_at)
+}
+
+#[test]
+fn archive_payload_check_uses_the_signed_policy_and_names_bad_chunks() {
+    let t = trust(1, 1);
+    let check = |bytes: &[u8]| {
+        BundleReader::open_verified(Cursor::new(bytes), &t, NOW).and_then(check_archive_payload)
+    };
+    let (good, _) = archive_bundle(0o755, false);
+    check(&good).unwrap();
+    let (setid, _) = archive_bundle(0o4755, false);
+    let e = check(&setid).unwrap_err();
+    assert!(e.is_security() && e.to_string().contains("archive entry `app`: mode 4755"), "{e}");
+    let (setid_signed, _) = archive_bundle(0o4755, true);
+    check(&setid_signed).unwrap();
+    // A damaged chunk is reported as that, not as a malformed archive.
+    let (mut bad, at) = archive_bundle(0o755, false);
+    bad[at + 1024 + 5] ^= 1;
+    assert!(matches!(check(&bad), Err(BundleError::ChunkMismatch { index: 1, .. })));
+}
+
+#[test]
+fn setid_on_an_image_is_an_invalid_manifest() {
+    let mut p = params(1024);
+    p.allow_setid = true;
+    let mut b = ManifestBuilder::new(p).unwrap();
+    b.update(&[1; 10]);
+    assert!(matches!(b.finish(), Err(BundleError::InvalidManifest(_))));
 }
 
 #[test]

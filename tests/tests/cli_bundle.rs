@@ -509,3 +509,31 @@ fn trust_rotation_accepted_with_threshold() {
     assert_eq!(r.code, 3);
     assert!(r.stderr.contains("trust.doc"), "{}", r.stderr);
 }
+
+#[test]
+fn verify_and_check_refuse_a_signed_archive_a_device_would_refuse() {
+    use perch_tests::device::{raw_tar_entry, Backend, Device};
+    let d = Device::new(Backend::Dir);
+    let mut tar = Vec::new();
+    raw_tar_entry(&mut tar, b"app", b'0', 0o755, b"", b"app\n");
+    raw_tar_entry(&mut tar, b"fifo", b'6', 0o600, b"", b"");
+    tar.extend_from_slice(&[0; 1024]);
+    d.signed_tar_bundle("fifo.perch", 2, &tar, false);
+    let trust = d.path("org/trust.doc");
+    let trust = trust.to_str().unwrap();
+    let refused = |bin: &str, args: &[&str]| {
+        let r = d.s.run(bin, args);
+        assert_eq!(r.code, 3, "{bin}: {}{}", r.stdout, r.stderr);
+        assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+        assert!(r.stderr.contains("archive entry `fifo`: FIFO entries are not allowed"), "{}", r.stderr);
+    };
+    refused("perch", &["bundle", "verify", "--trust", trust, "fifo.perch"]);
+    refused("perch-agent", &["check", "--trust", trust, "fifo.perch"]);
+    // The same archive without the FIFO passes both.
+    let mut tar = Vec::new();
+    raw_tar_entry(&mut tar, b"app", b'0', 0o755, b"", b"app\n");
+    tar.extend_from_slice(&[0; 1024]);
+    d.signed_tar_bundle("ok.perch", 3, &tar, false);
+    d.s.ok("perch", &["bundle", "verify", "--trust", trust, "ok.perch"]);
+    d.s.ok("perch-agent", &["check", "--trust", trust, "ok.perch"]);
+}

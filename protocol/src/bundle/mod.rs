@@ -28,8 +28,8 @@ mod writer;
 pub use archive::{check_archive, ArchiveError, ArchivePolicy, Refusal, MAX_ENTRY_PATH};
 pub use manifest::{Manifest, PayloadKind};
 pub use reader::{
-    verify_stream, BundleReader, CheckedChunk, PayloadHasher, UncheckedChunk, VerifiedBundle,
-    VerifiedManifest,
+    check_archive_payload, verify_stream, BundleReader, CheckedChunk, PayloadHasher, UncheckedChunk,
+    VerifiedBundle, VerifiedManifest,
 };
 pub use writer::{BundleHead, ManifestBuilder, ManifestParams};
 
@@ -107,6 +107,9 @@ pub enum BundleError {
     PayloadMismatch,
     #[error("bundle has unexpected data after the payload")]
     TrailingData,
+    /// An archive payload holds what a device refuses.
+    #[error(transparent)]
+    Archive(ArchiveError),
     #[error("reading bundle")]
     Io(#[source] std::io::Error),
 }
@@ -114,6 +117,10 @@ pub enum BundleError {
 impl BundleError {
     /// True for rejections of the bundle itself, false for I/O trouble.
     pub fn is_security(&self) -> bool {
-        !matches!(self, BundleError::Io(_))
+        match self {
+            BundleError::Io(_) => false,
+            BundleError::Archive(a) => a.is_security(),
+            _ => true,
+        }
     }
 }
