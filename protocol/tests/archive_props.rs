@@ -146,6 +146,19 @@ fn data_on_a_directory_or_link_is_refused() {
 }
 
 #[test]
+fn entries_hidden_after_the_end_marker_are_refused() {
+    // `tar --ignore-zeros` would unpack this second entry.
+    let mut t = end(good());
+    entry(&mut t, b"hidden", b'0', 0o644, b"", b"x");
+    let e = check_archive(&t[..], NONE).unwrap_err();
+    assert!(e.to_string().contains("data after the end of the archive"), "{e}");
+    // Zero padding (tar pads to whole records) is fine.
+    let mut t = end(good());
+    t.extend_from_slice(&[0; 10240]);
+    assert!(check_archive(&t[..], NONE).is_ok());
+}
+
+#[test]
 fn a_corrupt_header_is_malformed_not_io() {
     let mut t = end(good());
     t[148] ^= 0x55; // the first header's checksum

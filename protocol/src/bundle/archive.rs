@@ -162,7 +162,22 @@ fn check_entries<R: Read>(r: &mut Watched<R>, policy: ArchivePolicy) -> Result<u
         seen.insert(path, node);
         count += 1;
     }
-    Ok(count)
+    // Like every decoder here, refuse trailing bytes: after the end marker
+    // only zero padding may follow (a tar reader that skips zero blocks
+    // would otherwise find entries this check never saw).
+    let rest = archive.into_inner();
+    let mut buf = [0u8; 8192];
+    loop {
+        let n = match rest.read(&mut buf) {
+            Ok(0) => return Ok(count),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(malformed(e)),
+        };
+        if buf[..n].iter().any(|&b| b != 0) {
+            return Err(ArchiveError::Malformed("data after the end of the archive".into()));
+        }
+    }
 }
 
 /// Checks the permission bits of a file or directory.
