@@ -134,7 +134,8 @@ fn check_entries<R: Read>(r: &mut Watched<R>, policy: ArchivePolicy) -> Result<u
                 return Err(refuse(Refusal::Parent(parent.to_string())));
             }
         }
-        let size = header.entry_size().map_err(malformed)?;
+        // The size the reader will really skip (a pax header may override the header's).
+        let size = entry.size();
         match kind {
             tar::EntryType::Regular | tar::EntryType::Directory => {
                 let mode = header.mode().map_err(malformed)?;
@@ -239,7 +240,7 @@ struct Watched<R> {
 impl<R: Read> Read for Watched<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.inner.read(buf).inspect_err(|e| {
-            if self.failed.is_none() {
+            if self.failed.is_none() && e.kind() != io::ErrorKind::Interrupted {
                 self.failed = Some(io::Error::new(e.kind(), e.to_string()));
             }
         })
