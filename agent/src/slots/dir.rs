@@ -268,4 +268,91 @@ mod tests {
         let e = unpack(&d.path().join("t.tar"), tar.len() as u64, &d.path().join("file/into")).unwrap_err();
         assert!(e.contains("Not a directory (os error 20)"), "{e}");
     }
+
+    /// One raw tar entry, byte for byte (no sanitising, unlike `tar::Builder`).
+    fn raw(out: &mut Vec<u8>, name: &[u8], kind: u8, mode: u32, link: &[u8], data: &[u8]) {
+        let mut h = tar::Header::new_old();
+        h.as_old_mut().name[..name.len()].copy_from_slice(name);
+        h.as_old_mut().linkname[..link.len()].copy_from_slice(link);
+        h.set_mode(mode);
+        h.set_size(data.len() as u64);
+        h.set_entry_type(tar::EntryType::new(kind));
+        h.set_cksum();
+        out.extend_from_slice(h.as_bytes());
+        out.extend_from_slice(data);
+        out.resize(out.len().div_ceil(512) * 512, 0);
+    }
+
+    /// Every path under `dir` (not following symlinks), with its mode and kind.
+    fn listing(dir: &Path) -> Vec<(PathBuf, u32, bool)> {
+        let mut out = Vec::new();
+        let mut todo = vec![dir.to_path_buf()];
+        while let Some(d) = todo.pop() {
+            for e in fs::read_dir(&d).unwrap() {
+                let p = e.unwrap().path();
+                let m = fs::symlink_metadata(&p).unwrap();
+                if m.is_dir() {
+                    todo.push(p.clone());
+                }
+                out.push((p, m.permissions().mode(), m.file_type().is_symlink()));
+            }
+        }
+        out.sort();
+        out
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 64, ..Default::default() })]
+
+        /// Hostile archives against the real unpacker: whatever happens,
+        /// nothing outside the slot root changes; a refusal leaves no new
+        /// slot; an accepted archive holds only files, directories and
+        /// symlinks with allowed modes.
+        #[test]
+        fn hostile_archives_never_reach_outside_the_slot(
+            entries in proptest::collection::vec(
+                (proptest::sample::select(vec![
+                    &b"a"[..], b"a/", b"a/f", b"l", b"l/f", b"../x", b"/abs", b"a/../f", b"./f", b"b//f", b"f",
+                ]),
+                 proptest::sample::select(vec![b'0', b'1', b'2', b'3', b'5', b'6']),
+                 proptest::sample::select(vec![0o644u32, 0o600, 0o4755, 0o777, 0o700]),
+                 proptest::sample::select(vec![&b""[..], b"../../outside", b"/tmp", b"a", b"f", b"a/f"])),
+                0..8),
+            allow_setid: bool,
+        ) {
+            let d = tempfile::tempdir().unwrap();
+            let root = d.path().join("root");
+            fs::create_dir_all(d.path().join("outside")).unwrap();
+            fs::write(d.path().join("outside/keep"), "keep").unwrap();
+            let mut tar = Vec::new();
+            for (name, kind, mode, link) in &entries {
+                raw(&mut tar, name, *kind, *mode, link, if *kind == b'0' { b"data" } else { b"" });
+            }
+            tar.extend_from_slice(&[0; 1024]);
+            let len = stage(&root, SlotId::B, &tar);
+            let before = listing(&d.path().join("outside"));
+            let policy = Some(ArchivePolicy { allow_setid });
+            let result = backend(&root).finish(SlotId::B, PayloadKind::Archive, len, policy);
+            proptest::prop_assert_eq!(listing(&d.path().join("outside")), before);
+            let mut top: Vec<_> = fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+            top.sort();
+            proptest::prop_assert_eq!(top, ["outside", "root"]);
+            match result {
+                Err(e) => {
+                    proptest::prop_assert!(e.is_security(), "{}", e);
+                    proptest::prop_assert!(!root.join("b").exists() && !root.join(".b.new").exists());
+                }
+                Ok(()) => {
+                    for (p, mode, symlink) in listing(&root.join("b")) {
+                        let ft = fs::symlink_metadata(&p).unwrap().file_type();
+                        proptest::prop_assert!(ft.is_file() || ft.is_dir() || symlink, "{}", p.display());
+                        if !symlink {
+                            proptest::prop_assert_eq!(mode & 0o002, 0, "{}", p.display());
+                            proptest::prop_assert!(allow_setid || mode & 0o6000 == 0, "{}", p.display());
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
