@@ -4,7 +4,9 @@ use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use perch_protocol::bundle::{verify_stream, BundleError, VerifiedManifest};
+use perch_protocol::bundle::{
+    check_archive_payload, verify_stream, BundleError, BundleReader, VerifiedManifest,
+};
 use perch_protocol::trust::VerifiedTrust;
 
 /// Why a bundle failed the check.
@@ -19,6 +21,13 @@ pub struct CheckError {
 /// Verifies the bundle at `path` for `target` and discards the payload.
 pub fn check_bundle(trust: &VerifiedTrust, path: &Path, now: u64) -> Result<VerifiedManifest, CheckError> {
     let err = |source| CheckError { path: path.into(), source };
-    let file = File::open(path).map_err(|e| err(BundleError::Io(e)))?;
-    verify_stream(io::BufReader::with_capacity(64 * 1024, file), trust, now, |_, _| Ok(())).map_err(err)
+    let open = || File::open(path).map(|f| io::BufReader::with_capacity(64 * 1024, f));
+    let file = open().map_err(|e| err(BundleError::Io(e)))?;
+    let manifest = verify_stream(file, trust, now, |_, _| Ok(())).map_err(err)?;
+    if manifest.manifest().archive_policy().is_some() {
+        // A second pass, as `install` does before it unpacks: every tar entry.
+        let file = open().map_err(|e| err(BundleError::Io(e)))?;
+        BundleReader::open_verified(file, trust, now).and_then(check_archive_payload).map_err(err)?;
+    }
+    Ok(manifest)
 }

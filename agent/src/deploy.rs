@@ -67,6 +67,7 @@ impl DeployError {
         match self {
             DeployError::Bundle { source, .. } => source.is_security(),
             DeployError::Refused(_) => true,
+            DeployError::Slot(s) => s.is_security(),
             _ => false,
         }
     }
@@ -263,8 +264,7 @@ impl Engine {
         // Only the accepted trust version, or a newer one by a valid chain.
         let trust = crate::trust_store::for_engine(&self.cfg.trust, &self.state_dir(), now)?;
         let bundle_err = |source| DeployError::Bundle { path: path.into(), source };
-        let mut reader =
-            BundleReader::open(source).and_then(|r| r.verify(&trust, now)).map_err(bundle_err)?;
+        let mut reader = BundleReader::open_verified(source, &trust, now).map_err(bundle_err)?;
         let bundle = BundleRef::of(reader.manifest());
         let booted = self.backend.booted()?;
         // The bundle the device runs, with nothing in flight (the last deploy
@@ -559,7 +559,8 @@ impl Engine {
         written?;
         synced?;
         hit("staging-written");
-        self.backend.finish(slot, bundle.kind, bundle.payload_len)?;
+        let archive = reader.manifest().manifest().archive_policy();
+        self.backend.finish(slot, bundle.kind, bundle.payload_len, archive)?;
         hit("slot-finished");
         self.journal.set_slot(slot, SlotContent::Bundle(bundle.clone()));
         self.save(DeployState::Staged { bundle: bundle.clone(), slot })?;

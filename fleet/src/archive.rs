@@ -1,12 +1,18 @@
 //! Deterministic tar archives of a directory tree.
 //!
 //! The same tree always gives the same bytes, so the same release built on two
-//! machines gives the same chunk hashes: entries are sorted by name, and
-//! owners and times are left out (tar's `HeaderMode::Deterministic`).
+//! machines gives the same chunk hashes: entries are sorted by name, owners
+//! are root, and times are one fixed value. Permission bits are kept exactly
+//! (a 0600 file stays 0600 on the device). What a device would refuse is
+//! refused here first: other file types, world-writable files and
+//! directories, and setuid/setgid without `--allow-setid`.
 
-use std::fs;
-use std::io::Write;
+use std::fs::{self, File, Metadata};
+use std::io::{self, Write};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+
+use perch_protocol::bundle::ArchivePolicy;
 
 /// Why a directory could not be archived.
 #[derive(Debug, thiserror::Error)]
@@ -19,22 +25,30 @@ pub enum ArchiveError {
     Unsupported(PathBuf),
     #[error("{}: file name is not UTF-8", .0.display())]
     NonUtf8(PathBuf),
+    #[error("{}: mode {mode:o} is setuid/setgid (pass --allow-setid to sign that it may be)", path.display())]
+    Setid { path: PathBuf, mode: u32 },
+    #[error("{}: mode {mode:o} is world-writable; a device refuses that", path.display())]
+    WorldWritable { path: PathBuf, mode: u32 },
 }
 
 /// Writes a deterministic tar of everything under `root` to `out`.
-pub fn write_tar<W: Write>(root: &Path, out: W) -> Result<W, ArchiveError> {
+pub fn write_tar<W: Write>(root: &Path, out: W, policy: ArchivePolicy) -> Result<W, ArchiveError> {
     let meta = fs::symlink_metadata(root).map_err(|source| ArchiveError::Io { path: root.into(), source })?;
     if !meta.is_dir() {
         return Err(ArchiveError::NotADirectory(root.into()));
     }
     let mut builder = tar::Builder::new(out);
-    builder.mode(tar::HeaderMode::Deterministic);
     builder.follow_symlinks(false);
-    add_dir(&mut builder, root, Path::new(""))?;
+    add_dir(&mut builder, root, Path::new(""), policy)?;
     builder.into_inner().map_err(|source| ArchiveError::Io { path: root.into(), source })
 }
 
-fn add_dir<W: Write>(b: &mut tar::Builder<W>, dir: &Path, rel: &Path) -> Result<(), ArchiveError> {
+fn add_dir<W: Write>(
+    b: &mut tar::Builder<W>,
+    dir: &Path,
+    rel: &Path,
+    policy: ArchivePolicy,
+) -> Result<(), ArchiveError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |source| ArchiveError::Io { path, source }
@@ -47,17 +61,50 @@ fn add_dir<W: Write>(b: &mut tar::Builder<W>, dir: &Path, rel: &Path) -> Result<
         if name.to_str().is_none() {
             return Err(ArchiveError::NonUtf8(path));
         }
-        let ft = entry.file_type().map_err(io(&path))?;
-        if ft.is_dir() {
-            b.append_dir(&name, &path).map_err(io(&path))?;
-            add_dir(b, &path, &name)?;
-        } else if ft.is_file() || ft.is_symlink() {
-            b.append_path_with_name(&path, &name).map_err(io(&path))?;
+        let meta = fs::symlink_metadata(&path).map_err(io(&path))?;
+        let ft = meta.file_type();
+        if ft.is_symlink() {
+            let target = fs::read_link(&path).map_err(io(&path))?;
+            let mut h = header(tar::EntryType::Symlink, 0o777, 0);
+            b.append_link(&mut h, &name, &target).map_err(io(&path))?;
+        } else if ft.is_dir() {
+            let mut h = header(tar::EntryType::Directory, mode(&path, &meta, policy)?, 0);
+            b.append_data(&mut h, &name, io::empty()).map_err(io(&path))?;
+            add_dir(b, &path, &name, policy)?;
+        } else if ft.is_file() {
+            let mut h = header(tar::EntryType::Regular, mode(&path, &meta, policy)?, meta.len());
+            let file = File::open(&path).map_err(io(&path))?;
+            b.append_data(&mut h, &name, file).map_err(io(&path))?;
         } else {
             return Err(ArchiveError::Unsupported(path));
         }
     }
     Ok(())
+}
+
+/// The permission bits to record for `path`, or why it may not go in.
+fn mode(path: &Path, meta: &Metadata, policy: ArchivePolicy) -> Result<u32, ArchiveError> {
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o6000 != 0 && !policy.allow_setid {
+        return Err(ArchiveError::Setid { path: path.into(), mode });
+    }
+    if mode & 0o002 != 0 {
+        return Err(ArchiveError::WorldWritable { path: path.into(), mode });
+    }
+    Ok(mode)
+}
+
+/// A header with only what identifies the entry: type, mode and size; owner
+/// root, and the fixed time tar's deterministic mode uses.
+fn header(kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(kind);
+    h.set_mode(mode);
+    h.set_size(size);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(tar::DETERMINISTIC_TIMESTAMP);
+    h
 }
 
 #[cfg(test)]
@@ -76,10 +123,10 @@ mod tests {
             d
         };
         let (a, b) = (make(), make());
-        let ta = write_tar(a.path(), Vec::new()).unwrap();
+        let ta = write_tar(a.path(), Vec::new(), ArchivePolicy::default()).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(1100));
         fs::write(b.path().join("bin"), "#!/bin/sh\n").unwrap(); // newer mtime
-        let tb = write_tar(b.path(), Vec::new()).unwrap();
+        let tb = write_tar(b.path(), Vec::new(), ArchivePolicy::default()).unwrap();
         assert_eq!(ta, tb);
         let mut ar = tar::Archive::new(&ta[..]);
         let names: Vec<String> =
@@ -92,6 +139,88 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let f = d.path().join("f");
         fs::write(&f, "x").unwrap();
-        assert!(matches!(write_tar(&f, Vec::new()), Err(ArchiveError::NotADirectory(_))));
+        assert!(matches!(
+            write_tar(&f, Vec::new(), ArchivePolicy::default()),
+            Err(ArchiveError::NotADirectory(_))
+        ));
+    }
+
+    fn set_mode(path: &Path, mode: u32) {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    fn modes_in(tar_bytes: &[u8]) -> Vec<(String, u32)> {
+        let mut ar = tar::Archive::new(tar_bytes);
+        ar.entries()
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                (e.path().unwrap().display().to_string(), e.header().mode().unwrap())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn permission_bits_are_kept_exactly() {
+        let d = tempfile::tempdir().unwrap();
+        fs::create_dir(d.path().join("private")).unwrap();
+        fs::write(d.path().join("private/key"), "secret").unwrap();
+        fs::write(d.path().join("tool"), "#!/bin/sh\n").unwrap();
+        fs::write(d.path().join("readme"), "hi").unwrap();
+        set_mode(&d.path().join("private/key"), 0o600);
+        set_mode(&d.path().join("private"), 0o700);
+        set_mode(&d.path().join("tool"), 0o750);
+        set_mode(&d.path().join("readme"), 0o444);
+        let t = write_tar(d.path(), Vec::new(), ArchivePolicy::default()).unwrap();
+        let modes = modes_in(&t);
+        assert_eq!(
+            modes,
+            [
+                ("private".to_string(), 0o700),
+                ("private/key".to_string(), 0o600),
+                ("readme".to_string(), 0o444),
+                ("tool".to_string(), 0o750)
+            ]
+        );
+        let mut ar = tar::Archive::new(&t[..]);
+        for e in ar.entries().unwrap() {
+            let e = e.unwrap();
+            assert_eq!((e.header().uid().unwrap(), e.header().gid().unwrap()), (0, 0));
+        }
+    }
+
+    #[test]
+    fn setid_input_is_refused_unless_allowed() {
+        let d = tempfile::tempdir().unwrap();
+        fs::write(d.path().join("su"), "x").unwrap();
+        set_mode(&d.path().join("su"), 0o4755);
+        let e = write_tar(d.path(), Vec::new(), ArchivePolicy::default()).unwrap_err();
+        assert!(matches!(e, ArchiveError::Setid { mode: 0o4755, .. }), "{e}");
+        let t = write_tar(d.path(), Vec::new(), ArchivePolicy { allow_setid: true }).unwrap();
+        assert_eq!(modes_in(&t), [("su".to_string(), 0o4755)]);
+    }
+
+    #[test]
+    fn world_writable_input_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        fs::create_dir(d.path().join("drop")).unwrap();
+        set_mode(&d.path().join("drop"), 0o777);
+        let e = write_tar(d.path(), Vec::new(), ArchivePolicy { allow_setid: true }).unwrap_err();
+        assert!(matches!(e, ArchiveError::WorldWritable { mode: 0o777, .. }), "{e}");
+    }
+
+    #[test]
+    fn builder_output_passes_the_device_check() {
+        let d = tempfile::tempdir().unwrap();
+        let long = "d".repeat(120);
+        fs::create_dir_all(d.path().join(&long).join("etc")).unwrap();
+        fs::write(d.path().join(&long).join("etc").join("f".repeat(150)), "x").unwrap();
+        symlink("/usr/bin/env", d.path().join("env")).unwrap();
+        symlink("l".repeat(200), d.path().join("long-link")).unwrap();
+        fs::write(d.path().join("empty"), "").unwrap();
+        let t = write_tar(d.path(), Vec::new(), ArchivePolicy::default()).unwrap();
+        let n = perch_protocol::bundle::check_archive(&t[..], ArchivePolicy::default()).unwrap();
+        assert_eq!(n, 6);
     }
 }

@@ -5,7 +5,8 @@ use std::io::{self, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
 use perch_protocol::bundle::{
-    BundleError, BundleHead, Manifest, ManifestBuilder, ManifestParams, PayloadKind,
+    check_archive, ArchivePolicy, BundleError, BundleHead, Manifest, ManifestBuilder, ManifestParams,
+    PayloadKind,
 };
 use perch_support::durable::{self, Replace, WriteError};
 
@@ -25,6 +26,8 @@ pub enum BuildError {
     Io { path: PathBuf, source: io::Error },
     #[error(transparent)]
     Write(#[from] WriteError),
+    #[error("the archive built would be refused by a device: {0}")]
+    Check(perch_protocol::bundle::ArchiveError),
     #[error("{}: input changed while the bundle was being built", .0.display())]
     InputChanged(PathBuf),
 }
@@ -46,10 +49,16 @@ pub fn build_bundle(params: ManifestParams, input: &Path, out: &Path) -> Result<
                 .prefix(".perch-tar-")
                 .tempfile_in(out_dir)
                 .map_err(|source| BuildError::Io { path: out_dir.into(), source })?;
-            let writer = archive::write_tar(input, BufWriter::new(tmp.as_file()))?;
+            let policy = ArchivePolicy { allow_setid: params.allow_setid };
+            let writer = archive::write_tar(input, BufWriter::new(tmp.as_file()), policy)?;
             writer
                 .into_inner()
                 .map_err(|e| BuildError::Io { path: tmp.path().into(), source: e.into_error() })?;
+            // What a device would refuse must never be signed: check the tar
+            // with the device's own check.
+            let tar = File::open(tmp.path())
+                .map_err(|source| BuildError::Io { path: tmp.path().into(), source })?;
+            check_archive(io::BufReader::new(tar), policy).map_err(BuildError::Check)?;
             tar_tmp = tmp;
             tar_tmp.path()
         }

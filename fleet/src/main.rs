@@ -214,6 +214,9 @@ struct BuildArgs {
     /// Signed permission to install below a device's highest committed counter.
     #[arg(long)]
     allow_downgrade: bool,
+    /// Signed permission for setuid/setgid files in an archive (refused without it).
+    #[arg(long)]
+    allow_setid: bool,
 }
 
 fn main() -> ExitCode {
@@ -280,6 +283,7 @@ fn build(a: BuildArgs) -> Result<()> {
         expires_at: a.expires_in.map(|d| now.saturating_add(d.as_secs())),
         min_agent_version: a.min_agent_version,
         allow_downgrade: a.allow_downgrade,
+        allow_setid: a.allow_setid,
     };
     if !a.input.exists() {
         return Err(UsageError(format!("{}: no such file or directory", a.input.display())).into());
@@ -368,6 +372,7 @@ fn inspect(file: &Path, json: bool) -> Result<()> {
     println!("  expires     {}", m.expires_at.map(time).unwrap_or_else(|| "never".into()));
     println!("  min agent   {}", m.min_agent_version.as_deref().unwrap_or("any"));
     println!("  downgrade   {}", if m.allow_downgrade { "allowed" } else { "refused" });
+    println!("  setid       {}", if m.allow_setid { "allowed" } else { "refused" });
     println!("  signatures  {} {}", sigs.len(), sigs.join(" "));
     Ok(())
 }
@@ -387,6 +392,7 @@ fn manifest_json(m: &Manifest) -> serde_json::Value {
         "expires_at": m.expires_at,
         "min_agent_version": m.min_agent_version,
         "allow_downgrade": m.allow_downgrade,
+        "allow_setid": m.allow_setid,
     })
 }
 

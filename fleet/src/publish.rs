@@ -55,8 +55,7 @@ pub async fn publish(
     crate::verify::verify_file(trust, path, now)?;
     let file_err = |detail: String| PublishError::File { path: path.into(), detail };
     let file = File::open(path).map_err(|e| file_err(e.to_string()))?;
-    let mut bundle = BundleReader::open(std::io::BufReader::new(file))
-        .and_then(|b| b.verify(trust, now))
+    let mut bundle = BundleReader::open_verified(std::io::BufReader::new(file), trust, now)
         .map_err(|e| file_err(e.to_string()))?;
     let digest = bundle.manifest().digest().0;
     let chunk_count = bundle.manifest().manifest().chunk_count();

@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::thread;
 
-use perch_protocol::bundle::{BundleError, BundleReader, PayloadHasher, VerifiedManifest};
+use perch_protocol::bundle::{
+    check_archive_payload, BundleError, BundleReader, PayloadHasher, VerifiedManifest,
+};
 use perch_protocol::trust::VerifiedTrust;
 
 /// Why a bundle file failed verification.
@@ -24,7 +26,7 @@ pub struct VerifyError {
 pub fn verify_file(trust: &VerifiedTrust, path: &Path, now: u64) -> Result<VerifiedManifest, VerifyError> {
     let err = |source| VerifyError { path: path.into(), source };
     let file = File::open(path).map_err(|e| err(BundleError::Io(e)))?;
-    let mut bundle = BundleReader::open(file).and_then(|b| b.verify(trust, now)).map_err(err)?;
+    let mut bundle = BundleReader::open_verified(file, trust, now).map_err(err)?;
 
     let (full_tx, full_rx) = mpsc::sync_channel::<Vec<u8>>(3);
     let (empty_tx, empty_rx) = mpsc::channel::<Vec<u8>>();
@@ -52,5 +54,12 @@ pub fn verify_file(trust: &VerifiedTrust, path: &Path, now: u64) -> Result<Verif
     read_all.map_err(err)?;
     let manifest = bundle.into_manifest();
     manifest.check_payload_digest(digest).map_err(err)?;
+    if manifest.manifest().archive_policy().is_some() {
+        // A second pass: every tar entry, as a device checks it before unpacking.
+        let file = File::open(path).map_err(|e| err(BundleError::Io(e)))?;
+        BundleReader::open_verified(std::io::BufReader::new(file), trust, now)
+            .and_then(check_archive_payload)
+            .map_err(err)?;
+    }
     Ok(manifest)
 }

@@ -1,8 +1,10 @@
 #![no_main]
-//! Arbitrary manifest and signature sections behind a valid header, so the
-//! fuzzer spends its time in manifest and signature decoding.
+//! Arbitrary signature and manifest sections behind a valid format 2 header,
+//! with the signature block naming the manifest's real digest, so the fuzzer
+//! spends its time in manifest and signature decoding.
 use libfuzzer_sys::fuzz_target;
 use perch_protocol::bundle::BundleReader;
+use sha2::{Digest, Sha256};
 
 #[path = "common.rs"]
 mod common;
@@ -13,14 +15,17 @@ fuzz_target!(|data: &[u8]| {
     }
     let split = u16::from_le_bytes([data[0], data[1]]) as usize % (data.len() - 1);
     let body = &data[2..];
-    let (manifest, sigs) = body.split_at(split.min(body.len()));
-    let mut bytes = b"PERCHBDL\x01\x00\x00\x00".to_vec();
+    let (manifest, sig_list) = body.split_at(split.min(body.len()));
+    let mut sigs = Sha256::digest(manifest).to_vec();
+    sigs.extend_from_slice(sig_list);
+    let mut bytes = b"PERCHBDL\x02\x00\x00\x00".to_vec();
     bytes.extend_from_slice(&(manifest.len() as u32).to_le_bytes());
     bytes.extend_from_slice(&(sigs.len() as u32).to_le_bytes());
+    bytes.extend_from_slice(&sigs);
     bytes.extend_from_slice(manifest);
-    bytes.extend_from_slice(sigs);
     if let Ok(reader) = BundleReader::open(&bytes[..]) {
         let _ = reader.head().unverified_manifest().chunk_count();
         assert!(reader.verify(common::trust(), common::NOW).is_err());
     }
+    assert!(BundleReader::open_verified(&bytes[..], common::trust(), common::NOW).is_err());
 });

@@ -1,10 +1,11 @@
 //! Property tests for the bundle format: round trips, and rejection of every
 //! kind of damage (flipped bytes, truncation, arbitrary input).
 
-use std::io::Cursor;
+use std::io::{Cursor, Read};
 
 use perch_protocol::bundle::{
-    verify_stream, BundleError, BundleHead, BundleReader, ManifestBuilder, ManifestParams, PayloadKind,
+    check_archive_payload, verify_stream, BundleError, BundleHead, BundleReader, ManifestBuilder,
+    ManifestParams, PayloadKind,
 };
 use perch_protocol::trust::{SignedTrust, TrustBody, VerifiedTrust};
 use perch_protocol::SecretKey;
@@ -43,6 +44,7 @@ fn params(chunk_size: u32) -> ManifestParams {
         expires_at: None,
         min_agent_version: None,
         allow_downgrade: false,
+        allow_setid: false,
     }
 }
 
@@ -106,7 +108,7 @@ fn named_failures() {
     b[8] = 9;
     assert_eq!(
         verify(&b, &t).unwrap_err().to_string(),
-        "unsupported bundle format version 9 (this build reads 1)"
+        "unsupported bundle format version 9 (this build reads 2)"
     );
     let one = build(&payload(5000, 1), 1024, &[1]);
     assert_eq!(
@@ -116,6 +118,140 @@ fn named_failures() {
     let stray = build(&payload(5000, 1), 1024, &[1, 2, 9]);
     assert!(verify(&stray, &t).unwrap_err().to_string().starts_with("signature by unknown key"));
     assert!(verify(b"PERCHXXX", &t).unwrap_err().to_string().contains("bad magic"));
+}
+
+/// Counts the bytes a reader takes, to pin how much of a bundle is read
+/// before it is refused.
+struct Counting<R> {
+    inner: R,
+    read: u64,
+}
+
+impl<R: std::io::Read> std::io::Read for Counting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.read += n as u64;
+        Ok(n)
+    }
+}
+
+/// Header + a signature block of `sigs`, claiming a manifest of `manifest_len`.
+fn head_claiming(manifest_len: u32, sigs: &[u8]) -> Vec<u8> {
+    let mut b = b"PERCHBDL\x02\x00\x00\x00".to_vec();
+    b.extend_from_slice(&manifest_len.to_le_bytes());
+    b.extend_from_slice(&(sigs.len() as u32).to_le_bytes());
+    b.extend_from_slice(sigs);
+    b
+}
+
+#[test]
+fn unsigned_bundle_is_refused_before_its_manifest_is_read() {
+    // A bundle claiming the largest manifest, followed by an endless stream:
+    // the reader must refuse it having read only the header and signatures.
+    let t = trust(1, 1);
+    let mut sigs = vec![0x11u8; 32]; // the claimed manifest digest
+    sigs.push(0); // no signatures
+    let head = head_claiming(perch_protocol::limits::MAX_MANIFEST_LEN, &sigs);
+    let mut r = Counting { inner: Cursor::new(head.clone()).chain(std::io::repeat(7)), read: 0 };
+    let e = BundleReader::open_verified(&mut r, &t, NOW).err().expect("unsigned bundle accepted");
+    assert!(matches!(e, BundleError::Signatures(_)), "{e}");
+    assert_eq!(r.read, head.len() as u64);
+
+    // Signed, but by a key the trust document does not list.
+    let stranger = build(&payload(100_000, 3), 1024, &[9]);
+    let mut r = Counting { inner: Cursor::new(&stranger), read: 0 };
+    let e = BundleReader::open_verified(&mut r, &t, NOW).err().expect("stranger's bundle accepted");
+    assert!(matches!(e, BundleError::Signatures(_)), "{e}");
+    let manifest_len = u32::from_le_bytes(stranger[12..16].try_into().unwrap());
+    let sigs_len = u32::from_le_bytes(stranger[16..20].try_into().unwrap());
+    assert!(manifest_len > 3000, "the manifest should be the bulk of the head");
+    assert_eq!(r.read, 20 + u64::from(sigs_len));
+}
+
+#[test]
+fn header_claiming_a_longer_manifest_fails_the_signatures() {
+    // The manifest length is signed: a validly signed bundle whose header
+    // was edited to claim more is refused before the manifest is read.
+    let t = trust(1, 1);
+    let mut bytes = build(&payload(5000, 1), 1024, &[1]);
+    bytes[12..16].copy_from_slice(&perch_protocol::limits::MAX_MANIFEST_LEN.to_le_bytes());
+    let sigs_len = u32::from_le_bytes(bytes[16..20].try_into().unwrap());
+    let mut r = Counting { inner: Cursor::new(&bytes), read: 0 };
+    let e = BundleReader::open_verified(&mut r, &t, NOW).err().expect("edited header accepted");
+    assert!(matches!(e, BundleError::Signatures(_)), "{e}");
+    assert_eq!(r.read, 20 + u64::from(sigs_len));
+}
+
+#[test]
+fn manifest_not_matching_its_signed_digest_is_refused() {
+    let t = trust(1, 1);
+    let bytes = build(&payload(5000, 1), 1024, &[1]);
+    let sigs_len = u32::from_le_bytes(bytes[16..20].try_into().unwrap()) as usize;
+    let mut b = bytes.clone();
+    b[20 + sigs_len + 2] ^= 1;
+    assert!(matches!(verify(&b, &t), Err(BundleError::ManifestDigest)));
+    // Tools reading the head unverified refuse it too.
+    assert!(matches!(BundleReader::open(Cursor::new(&b)).err(), Some(BundleError::ManifestDigest)));
+}
+
+#[test]
+fn format_1_bundles_are_refused_by_version() {
+    let t = trust(1, 1);
+    let mut b = build(&payload(5000, 1), 1024, &[1]);
+    b[8] = 1;
+    let e = verify(&b, &t).unwrap_err();
+    assert!(matches!(e, BundleError::UnsupportedVersion(1)), "{e}");
+    assert!(e.is_security());
+}
+
+/// A signed archive bundle of one 3000-byte file, in 1 KiB chunks.
+fn archive_bundle(mode: u32, allow_setid: bool) -> (Vec<u8>, usize) {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_mode(mode);
+    h.set_size(3000);
+    b.append_data(&mut h, "app", &[7u8; 3000][..]).unwrap();
+    let tar = b.into_inner().unwrap();
+    let mut p = params(1024);
+    p.kind = PayloadKind::Archive;
+    p.allow_setid = allow_setid;
+    let mut m = ManifestBuilder::new(p).unwrap();
+    m.update(&tar);
+    let mut head = BundleHead::new(m.finish().unwrap()).unwrap();
+    head.add_signature(&key(1)).unwrap();
+    let mut out = Vec::new();
+    head.write_to(&mut out).unwrap();
+    let payload_at = out.len();
+    out.extend_from_slice(&tar);
+    (out, payload_at)
+}
+
+#[test]
+fn archive_payload_check_uses_the_signed_policy_and_names_bad_chunks() {
+    let t = trust(1, 1);
+    let check = |bytes: &[u8]| {
+        BundleReader::open_verified(Cursor::new(bytes), &t, NOW).and_then(check_archive_payload)
+    };
+    let (good, _) = archive_bundle(0o755, false);
+    check(&good).unwrap();
+    let (setid, _) = archive_bundle(0o4755, false);
+    let e = check(&setid).unwrap_err();
+    assert!(e.is_security() && e.to_string().contains("archive entry `app`: mode 4755"), "{e}");
+    let (setid_signed, _) = archive_bundle(0o4755, true);
+    check(&setid_signed).unwrap();
+    // A damaged chunk is reported as that, not as a malformed archive.
+    let (mut bad, at) = archive_bundle(0o755, false);
+    bad[at + 1024 + 5] ^= 1;
+    assert!(matches!(check(&bad), Err(BundleError::ChunkMismatch { index: 1, .. })));
+}
+
+#[test]
+fn setid_on_an_image_is_an_invalid_manifest() {
+    let mut p = params(1024);
+    p.allow_setid = true;
+    let mut b = ManifestBuilder::new(p).unwrap();
+    b.update(&[1; 10]);
+    assert!(matches!(b.finish(), Err(BundleError::InvalidManifest(_))));
 }
 
 #[test]
@@ -174,7 +310,7 @@ proptest! {
     fn arbitrary_input_never_panics(data in prop::collection::vec(any::<u8>(), 0..4096)) {
         let t = trust(1, 1);
         let _ = verify(&data, &t);
-        let mut with_magic = b"PERCHBDL\x01\x00\x00\x00".to_vec();
+        let mut with_magic = b"PERCHBDL\x02\x00\x00\x00".to_vec();
         with_magic.extend_from_slice(&data);
         let _ = verify(&with_magic, &t);
         let _ = SignedTrust::parse(&data);
@@ -187,7 +323,7 @@ proptest! {
     fn hostile_lengths_are_bounded(a: u32, b: u32) {
         // Huge declared section lengths with nothing behind them must fail
         // fast, without allocating what they claim.
-        let mut bytes = b"PERCHBDL\x01\x00\x00\x00".to_vec();
+        let mut bytes = b"PERCHBDL\x02\x00\x00\x00".to_vec();
         bytes.extend_from_slice(&a.to_le_bytes());
         bytes.extend_from_slice(&b.to_le_bytes());
         let e = verify(&bytes, &trust(1, 1)).unwrap_err();

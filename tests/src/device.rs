@@ -196,6 +196,37 @@ impl Device {
         self.build(out, counter, "archive", &format!("{out}.tree"), 1024, &[]);
     }
 
+    /// Signs (with both keys) an archive bundle whose payload is `tar` as
+    /// given, byte for byte: for archives `perch bundle build` would never
+    /// make.
+    pub fn signed_tar_bundle(&self, out: &str, counter: u64, tar: &[u8], allow_setid: bool) {
+        use perch_protocol::bundle::{BundleHead, ManifestBuilder, ManifestParams, PayloadKind};
+        let mut b = ManifestBuilder::new(ManifestParams {
+            name: "os".into(),
+            counter,
+            version: counter.to_string(),
+            targets: vec![self.target.clone()],
+            kind: PayloadKind::Archive,
+            chunk_size: 1024,
+            created_at: 1,
+            expires_at: None,
+            min_agent_version: None,
+            allow_downgrade: false,
+            allow_setid,
+        })
+        .unwrap();
+        b.update(tar);
+        let mut head = BundleHead::new(b.finish().unwrap()).unwrap();
+        for k in ["k1.key", "k2.key"] {
+            let text = fs::read_to_string(self.path(k)).unwrap();
+            head.add_signature(&perch_protocol::SecretKey::from_text(&text).unwrap()).unwrap();
+        }
+        let mut bytes = Vec::new();
+        head.write_to(&mut bytes).unwrap();
+        bytes.extend_from_slice(tar);
+        fs::write(self.path(out), bytes).unwrap();
+    }
+
     pub fn build(&self, out: &str, counter: u64, kind: &str, input: &str, chunk: u32, extra: &[&str]) {
         let counter = counter.to_string();
         let chunk = chunk.to_string();
@@ -469,4 +500,19 @@ pub fn uboot_model(
 /// The shipped boot script of a drone class (`targets/<class>/boot.cmd`).
 pub fn boot_cmd(arch: crate::uboot::Arch) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../targets").join(arch.target()).join("boot.cmd")
+}
+
+/// Appends one raw tar entry, byte for byte (no sanitising, unlike
+/// `tar::Builder`), so that hostile names and types can be made.
+pub fn raw_tar_entry(out: &mut Vec<u8>, name: &[u8], kind: u8, mode: u32, link: &[u8], data: &[u8]) {
+    let mut h = tar::Header::new_old();
+    h.as_old_mut().name[..name.len()].copy_from_slice(name);
+    h.as_old_mut().linkname[..link.len()].copy_from_slice(link);
+    h.set_mode(mode);
+    h.set_size(data.len() as u64);
+    h.set_entry_type(tar::EntryType::new(kind));
+    h.set_cksum();
+    out.extend_from_slice(h.as_bytes());
+    out.extend_from_slice(data);
+    out.resize(out.len().div_ceil(512) * 512, 0);
 }

@@ -222,12 +222,17 @@ fn failures_name_what_failed() {
     bad[payload_start + 3 * 2048 + 5] ^= 1;
     fs::write(s.path("bad.perch"), &bad).unwrap();
     assert!(verify(&s, "bad.perch").stderr.contains("chunk 3 of 5: sha256 mismatch"));
-    let mut v2 = good.clone();
-    v2[8] = 2;
-    fs::write(s.path("v2.perch"), &v2).unwrap();
-    let r = verify(&s, "v2.perch");
-    assert_eq!(r.code, 3);
-    assert!(r.stderr.contains("unsupported bundle format version 2"), "{}", r.stderr);
+    // A future format, and format 1 (signatures after the manifest), which
+    // no shipped agent reads.
+    for version in [3u8, 1] {
+        let mut other = good.clone();
+        other[8] = version;
+        fs::write(s.path("other.perch"), &other).unwrap();
+        let r = verify(&s, "other.perch");
+        assert_eq!(r.code, 3);
+        let want = format!("unsupported bundle format version {version} (this build reads 2)");
+        assert!(r.stderr.contains(&want), "{}", r.stderr);
+    }
     fs::write(s.path("junk.perch"), b"hello, this is not a bundle at all").unwrap();
     let r = verify(&s, "junk.perch");
     assert_eq!(r.code, 3);
@@ -335,6 +340,10 @@ fn archive_bundles_are_deterministic_and_unpack_to_the_tree() {
     fs::write(s.path("tree/run.sh"), "#!/bin/sh\n").unwrap();
     fs::set_permissions(s.path("tree/run.sh"), fs::Permissions::from_mode(0o755)).unwrap();
     std::os::unix::fs::symlink("run.sh", s.path("tree/start")).unwrap();
+    fs::create_dir_all(s.path("tree/private")).unwrap();
+    fs::write(s.path("tree/private/key"), "secret\n").unwrap();
+    fs::set_permissions(s.path("tree/private/key"), fs::Permissions::from_mode(0o600)).unwrap();
+    fs::set_permissions(s.path("tree/private"), fs::Permissions::from_mode(0o700)).unwrap();
     let build = |out: &str| {
         s.ok(
             "perch",
@@ -375,6 +384,50 @@ fn archive_bundles_are_deterministic_and_unpack_to_the_tree() {
     assert!(listing.contains("etc/app.conf"), "{listing}");
     assert!(listing.contains("-rwxr-xr-x"), "{listing}");
     assert!(listing.contains("start -> run.sh"), "{listing}");
+    // Permission bits as they were, owner root.
+    assert!(listing.contains("-rw------- 0/0") && listing.contains("private/key"), "{listing}");
+    assert!(listing.contains("drwx------ 0/0"), "{listing}");
+}
+
+#[test]
+fn archive_build_refuses_setid_and_world_writable_unless_signed_so() {
+    let s = Scratch::new();
+    s.org(1, 1);
+    fs::create_dir_all(s.path("tree")).unwrap();
+    fs::write(s.path("tree/su"), "x").unwrap();
+    fs::set_permissions(s.path("tree/su"), fs::Permissions::from_mode(0o4755)).unwrap();
+    let build = |extra: &[&str]| {
+        let mut a = vec![
+            "bundle",
+            "build",
+            "--name",
+            "app",
+            "--counter",
+            "1",
+            "--kind",
+            "archive",
+            "--input",
+            "tree",
+        ];
+        a.extend_from_slice(&["--out", "a.perch"]);
+        a.extend_from_slice(extra);
+        s.run("perch", &a)
+    };
+    let r = build(&[]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("su: mode 4755 is setuid/setgid"), "{}", r.stderr);
+    assert!(!s.path("a.perch").exists());
+    let r = build(&["--allow-setid"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let v: serde_json::Value =
+        serde_json::from_str(&s.ok("perch", &["bundle", "inspect", "--json", "a.perch"]).stdout).unwrap();
+    assert_eq!(v["allow_setid"], true);
+    fs::remove_file(s.path("a.perch")).unwrap();
+    fs::create_dir(s.path("tree/drop")).unwrap();
+    fs::set_permissions(s.path("tree/drop"), fs::Permissions::from_mode(0o777)).unwrap();
+    let r = build(&["--allow-setid"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("drop: mode 777 is world-writable"), "{}", r.stderr);
 }
 
 #[test]
@@ -475,4 +528,32 @@ fn trust_rotation_accepted_with_threshold() {
     let r = verify(&s, "b.perch");
     assert_eq!(r.code, 3);
     assert!(r.stderr.contains("trust.doc"), "{}", r.stderr);
+}
+
+#[test]
+fn verify_and_check_refuse_a_signed_archive_a_device_would_refuse() {
+    use perch_tests::device::{raw_tar_entry, Backend, Device};
+    let d = Device::new(Backend::Dir);
+    let mut tar = Vec::new();
+    raw_tar_entry(&mut tar, b"app", b'0', 0o755, b"", b"app\n");
+    raw_tar_entry(&mut tar, b"fifo", b'6', 0o600, b"", b"");
+    tar.extend_from_slice(&[0; 1024]);
+    d.signed_tar_bundle("fifo.perch", 2, &tar, false);
+    let trust = d.path("org/trust.doc");
+    let trust = trust.to_str().unwrap();
+    let refused = |bin: &str, args: &[&str]| {
+        let r = d.s.run(bin, args);
+        assert_eq!(r.code, 3, "{bin}: {}{}", r.stdout, r.stderr);
+        assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+        assert!(r.stderr.contains("archive entry `fifo`: FIFO entries are not allowed"), "{}", r.stderr);
+    };
+    refused("perch", &["bundle", "verify", "--trust", trust, "fifo.perch"]);
+    refused("perch-agent", &["check", "--trust", trust, "fifo.perch"]);
+    // The same archive without the FIFO passes both.
+    let mut tar = Vec::new();
+    raw_tar_entry(&mut tar, b"app", b'0', 0o755, b"", b"app\n");
+    tar.extend_from_slice(&[0; 1024]);
+    d.signed_tar_bundle("ok.perch", 3, &tar, false);
+    d.s.ok("perch", &["bundle", "verify", "--trust", trust, "ok.perch"]);
+    d.s.ok("perch-agent", &["check", "--trust", trust, "ok.perch"]);
 }

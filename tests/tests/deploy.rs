@@ -35,6 +35,81 @@ fn dir_good_bundle_commits() {
 }
 
 #[test]
+fn dir_archive_keeps_permission_bits() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = Device::new(Backend::Dir);
+    let tree = d.path("v2.tree");
+    fs::create_dir_all(tree.join("private")).unwrap();
+    fs::write(tree.join("private/key"), "secret\n").unwrap();
+    fs::write(tree.join("app"), "new app\n").unwrap();
+    fs::set_permissions(tree.join("private/key"), fs::Permissions::from_mode(0o600)).unwrap();
+    fs::set_permissions(tree.join("private"), fs::Permissions::from_mode(0o700)).unwrap();
+    fs::set_permissions(tree.join("app"), fs::Permissions::from_mode(0o750)).unwrap();
+    d.build("v2.perch", 2, "archive", "v2.tree", 1024, &[]);
+    let r = install(&d, "v2.perch");
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let mode = |p: &str| fs::metadata(d.path(p)).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode("root/b/private"), 0o700);
+    assert_eq!(mode("root/b/private/key"), 0o600);
+    assert_eq!(mode("root/b/app"), 0o750);
+}
+
+#[test]
+fn dir_signed_hostile_archive_exits_3_naming_the_entry_and_leaves_the_slots() {
+    use perch_tests::device::raw_tar_entry as entry;
+    // Each of these is validly signed, and each holds one entry the builder
+    // never makes.
+    // (name, type byte, mode, link target, what stderr says)
+    type Case = (&'static [u8], u8, u32, &'static [u8], &'static str);
+    let cases: [Case; 8] = [
+        (b"null", b'3', 0o600, b"", "character device entries are not allowed"),
+        (b"pipe", b'6', 0o600, b"", "FIFO entries are not allowed"),
+        (b"../escape", b'0', 0o644, b"", "path has a `..` component"),
+        (b"/etc/evil", b'0', 0o644, b"", "absolute path"),
+        (b"su", b'0', 0o4755, b"", "is setuid/setgid, and the manifest does not allow it"),
+        (b"drop/", b'5', 0o777, b"", "is world-writable"),
+        (b"out/x", b'0', 0o644, b"", "its parent `out` is not a directory"),
+        (b"hard", b'1', 0o644, b"/etc/shadow", "hardlink target `/etc/shadow` is not a regular file"),
+    ];
+    for (i, (name, kind, mode, link, why)) in cases.into_iter().enumerate() {
+        let d = Device::new(Backend::Dir);
+        let mut tar = Vec::new();
+        entry(&mut tar, b"app", b'0', 0o755, b"", b"new app\n");
+        entry(&mut tar, b"out", b'2', 0o777, b"/tmp", b"");
+        entry(&mut tar, name, kind, mode, link, b"");
+        tar.extend_from_slice(&[0; 1024]);
+        let bundle = format!("hostile{i}.perch");
+        d.signed_tar_bundle(&bundle, 2, &tar, false);
+        let r = install(&d, &bundle);
+        let shown = String::from_utf8_lossy(name);
+        assert_eq!(r.code, 3, "{shown}: {}{}", r.stdout, r.stderr);
+        assert_eq!(r.stderr.lines().count(), 1, "{shown}: {}", r.stderr);
+        assert!(r.stderr.contains(&format!("archive entry `{shown}`")), "{shown}: {}", r.stderr);
+        assert!(r.stderr.contains(why), "{shown}: {}", r.stderr);
+        assert_eq!(r.stderr.matches(why).count(), 1, "said twice: {}", r.stderr);
+        // The running slot is untouched, and nothing was unpacked.
+        assert_eq!(fs::read_link(d.path("root/current")).unwrap().to_str(), Some("a"));
+        assert_eq!(fs::read_to_string(d.path("root/a/app")).unwrap(), "old app\n");
+        assert!(!d.path("root/b").exists(), "{shown}");
+        assert!(!d.path("root/.b.new").exists(), "{shown}");
+    }
+}
+
+#[test]
+fn dir_setid_archive_installs_only_when_signed_so() {
+    use perch_tests::device::raw_tar_entry as entry;
+    use std::os::unix::fs::PermissionsExt;
+    let d = Device::new(Backend::Dir);
+    let mut tar = Vec::new();
+    entry(&mut tar, b"app", b'0', 0o4755, b"", b"new app\n");
+    tar.extend_from_slice(&[0; 1024]);
+    d.signed_tar_bundle("setid.perch", 2, &tar, true);
+    let r = install(&d, "setid.perch");
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(fs::metadata(d.path("root/b/app")).unwrap().permissions().mode() & 0o7777, 0o4755);
+}
+
+#[test]
 fn back_on_a_bundle_after_a_rollback_it_is_already_running() {
     let mut d = Device::new(Backend::Dir);
     d.health = format!(
@@ -491,7 +566,8 @@ fn hostile_bundles_are_refused_and_the_running_slot_is_untouched() {
     // Bad signature: one flipped byte in the first signature.
     d.image_bundle("good6.perch", 6, 4, LEN, 16 * 1024);
     let good = fs::read(d.path("good6.perch")).unwrap();
-    let sig_at = good.len() - LEN - 40;
+    // Format 2: header (20), signed digest (32), signature count (1), key id (32), then the signature.
+    let sig_at = 20 + 32 + 1 + 32 + 1 + 10;
     let mut bad = good.clone();
     bad[sig_at] ^= 0x10;
     fs::write(d.path("badsig.perch"), &bad).unwrap();

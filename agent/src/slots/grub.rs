@@ -8,7 +8,7 @@
 use std::io::Read;
 use std::process::Command;
 
-use perch_protocol::bundle::PayloadKind;
+use perch_protocol::bundle::{ArchivePolicy, PayloadKind};
 
 use super::block::BlockSlots;
 use super::{booted_from_cmdline, reboot_with, run, SlotBackend, SlotError, SlotWriter, Switch};
@@ -77,7 +77,13 @@ impl SlotBackend for GrubBackend {
         self.block.read_back(slot, len)
     }
 
-    fn finish(&self, _slot: SlotId, _kind: PayloadKind, _len: u64) -> Result<(), SlotError> {
+    fn finish(
+        &self,
+        _slot: SlotId,
+        _kind: PayloadKind,
+        _len: u64,
+        _archive: Option<ArchivePolicy>,
+    ) -> Result<(), SlotError> {
         Ok(())
     }
 

@@ -6,7 +6,7 @@
 use std::io::Read;
 use std::path::PathBuf;
 
-use perch_protocol::bundle::PayloadKind;
+use perch_protocol::bundle::{ArchivePolicy, PayloadKind};
 
 use super::{read_prefix, reboot_with, shell, FileWriter, SlotBackend, SlotError, SlotWriter, Switch};
 use crate::config::HookSlots;
@@ -63,7 +63,13 @@ impl SlotBackend for HookBackend {
         read_prefix(&self.staged(slot), len)
     }
 
-    fn finish(&self, slot: SlotId, kind: PayloadKind, _len: u64) -> Result<(), SlotError> {
+    fn finish(
+        &self,
+        slot: SlotId,
+        kind: PayloadKind,
+        _len: u64,
+        _archive: Option<ArchivePolicy>,
+    ) -> Result<(), SlotError> {
         let payload = self.staged(slot);
         let payload_str = payload.to_string_lossy().into_owned();
         shell(

@@ -11,7 +11,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use perch_protocol::bundle::PayloadKind;
+use perch_protocol::bundle::{ArchiveError, ArchivePolicy, PayloadKind};
 
 use crate::config::Slots;
 use crate::journal::SlotId;
@@ -30,6 +30,16 @@ pub enum SlotError {
     Unsupported(String),
     #[error("unpacking the archive into slot {slot}: {detail}")]
     Unpack { slot: SlotId, detail: String },
+    /// The signed archive holds what the builder never produces.
+    #[error("refusing the archive for slot {slot}: {err}")]
+    Archive { slot: SlotId, err: ArchiveError },
+}
+
+impl SlotError {
+    /// True when the payload itself was refused, not the device failing.
+    pub fn is_security(&self) -> bool {
+        matches!(self, SlotError::Archive { err, .. } if err.is_security())
+    }
 }
 
 pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SlotError + '_ {
@@ -77,8 +87,15 @@ pub trait SlotBackend {
     fn read_back(&self, slot: SlotId, len: u64) -> Result<Box<dyn Read>, SlotError>;
 
     /// Turns the staged payload into a usable slot (unpack an archive, hand
-    /// an image to a hook). Must be safe to repeat after a crash.
-    fn finish(&self, slot: SlotId, kind: PayloadKind, len: u64) -> Result<(), SlotError>;
+    /// an image to a hook). `archive` is the signed manifest's archive
+    /// policy (`None` for an image). Must be safe to repeat after a crash.
+    fn finish(
+        &self,
+        slot: SlotId,
+        kind: PayloadKind,
+        len: u64,
+        archive: Option<ArchivePolicy>,
+    ) -> Result<(), SlotError>;
 
     /// Drops staging leftovers once the journal says `slot` is staged.
     fn cleanup(&self, _slot: SlotId) {}

@@ -10,7 +10,7 @@
 use std::io::{Read, Write};
 use std::process::Command;
 
-use perch_protocol::bundle::PayloadKind;
+use perch_protocol::bundle::{ArchivePolicy, PayloadKind};
 
 use super::block::BlockSlots;
 use super::{booted_from_cmdline, reboot_with, run, SlotBackend, SlotError, SlotWriter, Switch};
@@ -80,7 +80,13 @@ impl SlotBackend for UbootBackend {
         self.block.read_back(slot, len)
     }
 
-    fn finish(&self, _slot: SlotId, _kind: PayloadKind, _len: u64) -> Result<(), SlotError> {
+    fn finish(
+        &self,
+        _slot: SlotId,
+        _kind: PayloadKind,
+        _len: u64,
+        _archive: Option<ArchivePolicy>,
+    ) -> Result<(), SlotError> {
         Ok(())
     }
 

@@ -45,6 +45,9 @@ pub struct Manifest {
     pub min_agent_version: Option<String>,
     /// Signed permission to install below the device's highest committed counter.
     pub allow_downgrade: bool,
+    /// Signed permission for setuid and setgid files in an archive. Without
+    /// it, the builder refuses such inputs and the device such entries.
+    pub allow_setid: bool,
 }
 
 impl Manifest {
@@ -100,6 +103,9 @@ impl Manifest {
         }
         if let Some(v) = &self.min_agent_version {
             label("min_agent_version", v, false)?;
+        }
+        if self.allow_setid && self.kind != PayloadKind::Archive {
+            return Err("allow_setid is for archive bundles only".into());
         }
         Ok(())
     }

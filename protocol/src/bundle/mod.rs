@@ -1,34 +1,45 @@
 //! The `.perch` bundle format.
 //!
 //! ```text
-//! header      magic "PERCHBDL", format version, manifest len, signatures len
-//! manifest    postcard Manifest (signed)
-//! signatures  postcard [(key id, ed25519 signature over the manifest)]
+//! header      magic "PERCHBDL", format version 2, manifest len, signatures len
+//! signatures  postcard (manifest sha256, [(key id, ed25519 signature over that sha256)])
+//! manifest    postcard Manifest, whose SHA-256 must be the signed one
 //! payload     the chunks, one after another
 //! ```
 //!
-//! Reading is streaming and check-before-use: [`BundleReader::open`] parses
-//! the head, [`BundleReader::verify`] checks the signatures against a
-//! [`VerifiedTrust`](crate::trust::VerifiedTrust) and only then hands out a
-//! [`VerifiedBundle`], which yields each chunk after its hash matched.
+//! The signatures come first and sign the manifest's digest, so that
+//! [`BundleReader::open_verified`] refuses an unsigned bundle after reading
+//! at most the header and the signature block (64 KiB), before a byte of a
+//! manifest that may be 40 MiB is buffered or decoded. Format 1 (manifest
+//! first, signatures over its bytes) is refused by version: no agent reading
+//! it has shipped.
+//!
+//! Reading is streaming and check-before-use: [`BundleReader::open_verified`]
+//! checks the signatures against a [`VerifiedTrust`](crate::trust::VerifiedTrust),
+//! then reads the manifest, and only then hands out a [`VerifiedBundle`],
+//! which yields each chunk after its hash matched. [`BundleReader::open`]
+//! parses the whole head unverified, for tools that display or re-sign it.
 
+mod archive;
 mod manifest;
 mod reader;
 mod writer;
 
+pub use archive::{check_archive, ArchiveError, ArchivePolicy, Refusal, MAX_ENTRY_PATH};
 pub use manifest::{Manifest, PayloadKind};
 pub use reader::{
-    verify_stream, BundleReader, CheckedChunk, PayloadHasher, UncheckedChunk, VerifiedBundle,
-    VerifiedManifest,
+    check_archive_payload, verify_stream, BundleReader, CheckedChunk, PayloadHasher, UncheckedChunk,
+    VerifiedBundle, VerifiedManifest,
 };
 pub use writer::{BundleHead, ManifestBuilder, ManifestParams};
 
 use crate::keys::SignatureCheckError;
 
 pub const BUNDLE_MAGIC: &[u8; 8] = b"PERCHBDL";
-pub const BUNDLE_FORMAT_VERSION: u16 = 1;
-/// Context string mixed into every manifest signature.
-pub(crate) const MANIFEST_CONTEXT: &[u8] = b"perch/bundle-manifest/v1\0";
+pub const BUNDLE_FORMAT_VERSION: u16 = 2;
+/// Context string mixed into every signature over a manifest's digest. Not
+/// the format 1 context, so no format 1 signature verifies here.
+pub(crate) const MANIFEST_CONTEXT: &[u8] = b"perch/bundle-digest/v2\0";
 
 /// Identifies a bundle: the SHA-256 of its manifest bytes. Two bundles with
 /// the same digest have the same payload (the manifest lists every chunk hash).
@@ -78,6 +89,8 @@ pub enum BundleError {
     TooLarge { section: Section, len: u32, max: u32 },
     #[error("bundle {section} is malformed: {detail}")]
     Malformed { section: Section, detail: String },
+    #[error("bundle manifest does not match the digest its signatures cover")]
+    ManifestDigest,
     #[error("bundle manifest is invalid: {0}")]
     InvalidManifest(String),
     #[error(transparent)]
@@ -94,6 +107,9 @@ pub enum BundleError {
     PayloadMismatch,
     #[error("bundle has unexpected data after the payload")]
     TrailingData,
+    /// An archive payload holds what a device refuses.
+    #[error(transparent)]
+    Archive(ArchiveError),
     #[error("reading bundle")]
     Io(#[source] std::io::Error),
 }
@@ -101,6 +117,10 @@ pub enum BundleError {
 impl BundleError {
     /// True for rejections of the bundle itself, false for I/O trouble.
     pub fn is_security(&self) -> bool {
-        !matches!(self, BundleError::Io(_))
+        match self {
+            BundleError::Io(_) => false,
+            BundleError::Archive(a) => a.is_security(),
+            _ => true,
+        }
     }
 }

@@ -19,37 +19,37 @@ pub struct BundleReader<R> {
 }
 
 impl<R: Read> BundleReader<R> {
-    /// Reads and parses the header, manifest and signatures. Reads no payload.
+    /// Reads and parses the header, signatures and manifest, unverified.
+    /// Reads no payload. For tools that display or re-sign a bundle: the
+    /// manifest (up to [`MAX_MANIFEST_LEN`]) is buffered and decoded before
+    /// any signature is checked. A device uses [`open_verified`](Self::open_verified).
     pub fn open(mut r: R) -> Result<Self, BundleError> {
-        // Read what is there first, so that a short file that is not a bundle
-        // at all is called that, rather than a truncated bundle.
-        let mut got = Vec::with_capacity(HEADER_LEN);
-        r.by_ref().take(HEADER_LEN as u64).read_to_end(&mut got).map_err(BundleError::Io)?;
-        if got.len() >= BUNDLE_MAGIC.len() && got[..BUNDLE_MAGIC.len()] != BUNDLE_MAGIC[..] {
-            return Err(BundleError::BadMagic);
-        }
-        let header: [u8; HEADER_LEN] = got.try_into().map_err(|_| BundleError::Truncated(Section::Header))?;
-        let frame = codec::decode_header(BUNDLE_MAGIC, &header).map_err(|e| match e {
-            FrameError::BadMagic => BundleError::BadMagic,
-            FrameError::Reserved => BundleError::Reserved,
-        })?;
-        if frame.version != BUNDLE_FORMAT_VERSION {
-            return Err(BundleError::UnsupportedVersion(frame.version));
-        }
-        let manifest_bytes = read_section(&mut r, frame.len_a, MAX_MANIFEST_LEN, Section::Manifest)?;
-        let sig_bytes = read_section(&mut r, frame.len_b, MAX_SIGNATURES_LEN, Section::Signatures)?;
-        let manifest: Manifest = codec::decode_exact(&manifest_bytes)
-            .map_err(|detail| BundleError::Malformed { section: Section::Manifest, detail })?;
-        manifest.validate().map_err(BundleError::InvalidManifest)?;
-        let signatures: Vec<SignatureEntry> = codec::decode_exact(&sig_bytes)
-            .map_err(|detail| BundleError::Malformed { section: Section::Signatures, detail })?;
-        if signatures.len() > MAX_SIGNATURES {
-            return Err(BundleError::Malformed {
-                section: Section::Signatures,
-                detail: format!("{} signatures, at most {MAX_SIGNATURES} allowed", signatures.len()),
-            });
-        }
-        Ok(Self { head: BundleHead { manifest, manifest_bytes, signatures }, r })
+        let signed = read_signed_digest(&mut r)?;
+        let (manifest, manifest_bytes) = read_manifest(&mut r, &signed)?;
+        Ok(Self { head: BundleHead { manifest, manifest_bytes, signatures: signed.signatures }, r })
+    }
+
+    /// Reads the header and signature block, checks the signatures against
+    /// the trust document, and only then reads the manifest. An unsigned or
+    /// wrongly signed bundle is refused after at most the header and
+    /// [`MAX_SIGNATURES_LEN`] bytes, whatever manifest length it claims.
+    pub fn open_verified(
+        mut r: R,
+        trust: &VerifiedTrust,
+        now: u64,
+    ) -> Result<VerifiedBundle<R>, BundleError> {
+        let signed = read_signed_digest(&mut r)?;
+        let signers = check_signatures(
+            &signed.signatures,
+            trust.release_keys(),
+            trust.threshold(),
+            MANIFEST_CONTEXT,
+            &signed.message(),
+        )?;
+        let (manifest, manifest_bytes) = read_manifest(&mut r, &signed)?;
+        let head = BundleHead { manifest, manifest_bytes, signatures: signed.signatures };
+        let manifest = VerifiedManifest::checked(head, signers, now)?;
+        Ok(VerifiedBundle { manifest, r, next: 0 })
     }
 
     /// The parsed head. Its manifest is unverified: fit for display only.
@@ -87,8 +87,13 @@ impl VerifiedManifest {
             trust.release_keys(),
             trust.threshold(),
             MANIFEST_CONTEXT,
-            &head.manifest_bytes,
+            &head.signed_message(),
         )?;
+        Self::checked(head, signers, now)
+    }
+
+    /// The checks after the signatures: the expiry.
+    fn checked(head: BundleHead, signers: Vec<KeyId>, now: u64) -> Result<Self, BundleError> {
         if let Some(expires_at) = head.manifest.expires_at {
             if now >= expires_at {
                 return Err(BundleError::Expired { expires_at, now });
@@ -277,7 +282,7 @@ pub fn verify_stream<R: Read>(
     now: u64,
     mut sink: impl FnMut(u32, &[u8]) -> io::Result<()>,
 ) -> Result<VerifiedManifest, BundleError> {
-    let mut bundle = BundleReader::open(r)?.verify(trust, now)?;
+    let mut bundle = BundleReader::open_verified(r, trust, now)?;
     let mut buf = Vec::new();
     let mut whole = PayloadHasher::default();
     while let Some(index) = bundle.read_chunk(&mut buf)? {
@@ -287,6 +292,50 @@ pub fn verify_stream<R: Read>(
     let manifest = bundle.into_manifest();
     manifest.check_payload_digest(whole.finalize())?;
     Ok(manifest)
+}
+
+/// Runs [`check_archive`](super::check_archive) over a verified archive
+/// bundle's payload, chunk by chunk, each chunk checked before its bytes are
+/// read, with the manifest's signed policy: what a device checks before it
+/// unpacks. An image bundle passes.
+pub fn check_archive_payload<R: Read>(bundle: VerifiedBundle<R>) -> Result<(), BundleError> {
+    let Some(policy) = bundle.manifest().manifest().archive_policy() else { return Ok(()) };
+    let mut payload = Payload { bundle, buf: Vec::new(), pos: 0, failed: None };
+    let checked = super::check_archive(&mut payload, policy);
+    match (checked, payload.failed) {
+        // A chunk that failed its hash is that, not a malformed archive.
+        (Err(_), Some(e)) => Err(e),
+        (Err(e), None) => Err(BundleError::Archive(e)),
+        (Ok(_), _) => Ok(()),
+    }
+}
+
+/// A verified bundle's payload as a byte stream.
+struct Payload<R> {
+    bundle: VerifiedBundle<R>,
+    buf: Vec<u8>,
+    pos: usize,
+    failed: Option<BundleError>,
+}
+
+impl<R: Read> Read for Payload<R> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if self.pos == self.buf.len() {
+            match self.bundle.read_chunk(&mut self.buf) {
+                Ok(Some(_)) => self.pos = 0,
+                Ok(None) => return Ok(0),
+                Err(e) => {
+                    let shown = io::Error::other(e.to_string());
+                    self.failed = Some(e);
+                    return Err(shown);
+                }
+            }
+        }
+        let n = out.len().min(self.buf.len() - self.pos);
+        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
 }
 
 /// Bytes read and hashed at a time. Hashing each piece while it is still in
@@ -327,6 +376,78 @@ fn read_exact<R: Read>(r: &mut R, buf: &mut [u8], section: Section) -> Result<()
         io::ErrorKind::UnexpectedEof => BundleError::Truncated(section),
         _ => BundleError::Io(e),
     })
+}
+
+/// The header and signature block: everything read before the signatures
+/// are checked.
+struct SignedDigest {
+    manifest_len: u32,
+    manifest_sha256: [u8; 32],
+    signatures: Vec<SignatureEntry>,
+}
+
+impl SignedDigest {
+    fn message(&self) -> [u8; 36] {
+        signed_message(self.manifest_len, &self.manifest_sha256)
+    }
+}
+
+/// What a release key signs: the manifest's length and SHA-256. The length
+/// is signed too, so a header edited to claim a larger manifest fails the
+/// signature check before that manifest is read.
+pub(super) fn signed_message(manifest_len: u32, manifest_sha256: &[u8; 32]) -> [u8; 36] {
+    let mut m = [0u8; 36];
+    m[..4].copy_from_slice(&manifest_len.to_le_bytes());
+    m[4..].copy_from_slice(manifest_sha256);
+    m
+}
+
+fn read_signed_digest<R: Read>(r: &mut R) -> Result<SignedDigest, BundleError> {
+    // Read what is there first, so that a short file that is not a bundle
+    // at all is called that, rather than a truncated bundle.
+    let mut got = Vec::with_capacity(HEADER_LEN);
+    r.by_ref().take(HEADER_LEN as u64).read_to_end(&mut got).map_err(BundleError::Io)?;
+    if got.len() >= BUNDLE_MAGIC.len() && got[..BUNDLE_MAGIC.len()] != BUNDLE_MAGIC[..] {
+        return Err(BundleError::BadMagic);
+    }
+    let header: [u8; HEADER_LEN] = got.try_into().map_err(|_| BundleError::Truncated(Section::Header))?;
+    let frame = codec::decode_header(BUNDLE_MAGIC, &header).map_err(|e| match e {
+        FrameError::BadMagic => BundleError::BadMagic,
+        FrameError::Reserved => BundleError::Reserved,
+    })?;
+    if frame.version != BUNDLE_FORMAT_VERSION {
+        return Err(BundleError::UnsupportedVersion(frame.version));
+    }
+    if frame.len_a > MAX_MANIFEST_LEN {
+        return Err(BundleError::TooLarge {
+            section: Section::Manifest,
+            len: frame.len_a,
+            max: MAX_MANIFEST_LEN,
+        });
+    }
+    let sig_bytes = read_section(r, frame.len_b, MAX_SIGNATURES_LEN, Section::Signatures)?;
+    let (manifest_sha256, signatures): ([u8; 32], Vec<SignatureEntry>) = codec::decode_exact(&sig_bytes)
+        .map_err(|detail| BundleError::Malformed { section: Section::Signatures, detail })?;
+    if signatures.len() > MAX_SIGNATURES {
+        return Err(BundleError::Malformed {
+            section: Section::Signatures,
+            detail: format!("{} signatures, at most {MAX_SIGNATURES} allowed", signatures.len()),
+        });
+    }
+    Ok(SignedDigest { manifest_len: frame.len_a, manifest_sha256, signatures })
+}
+
+/// Reads the manifest the signature block announced and checks it against
+/// the digest there before decoding it.
+fn read_manifest<R: Read>(r: &mut R, signed: &SignedDigest) -> Result<(Manifest, Vec<u8>), BundleError> {
+    let bytes = read_section(r, signed.manifest_len, MAX_MANIFEST_LEN, Section::Manifest)?;
+    if Sha256::digest(&bytes).as_slice() != signed.manifest_sha256 {
+        return Err(BundleError::ManifestDigest);
+    }
+    let manifest: Manifest = codec::decode_exact(&bytes)
+        .map_err(|detail| BundleError::Malformed { section: Section::Manifest, detail })?;
+    manifest.validate().map_err(BundleError::InvalidManifest)?;
+    Ok((manifest, bytes))
 }
 
 /// Reads a length-prefixed section, growing the buffer only as bytes arrive,

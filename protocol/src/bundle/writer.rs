@@ -23,6 +23,8 @@ pub struct ManifestParams {
     pub expires_at: Option<u64>,
     pub min_agent_version: Option<String>,
     pub allow_downgrade: bool,
+    /// Setuid and setgid files may be in the archive.
+    pub allow_setid: bool,
 }
 
 /// Hashes a payload as it streams past, then produces its manifest.
@@ -88,6 +90,7 @@ impl ManifestBuilder {
             expires_at: p.expires_at,
             min_agent_version: p.min_agent_version,
             allow_downgrade: p.allow_downgrade,
+            allow_setid: p.allow_setid,
         };
         m.validate().map_err(BundleError::InvalidManifest)?;
         Ok(m)
@@ -133,14 +136,22 @@ impl BundleHead {
         if self.signatures.len() >= MAX_SIGNATURES {
             return Err(BundleError::InvalidManifest(format!("already {MAX_SIGNATURES} signatures")));
         }
-        let signature = key.sign(MANIFEST_CONTEXT, &self.manifest_bytes);
+        let signature = key.sign(MANIFEST_CONTEXT, &self.signed_message());
         self.signatures.push(SignatureEntry { key_id, signature });
         Ok(true)
     }
 
-    /// Writes header, manifest and signatures. The payload follows.
+    /// What every signature on this head covers: the manifest's length and
+    /// SHA-256, so that a reader checks it before reading the manifest.
+    pub(super) fn signed_message(&self) -> [u8; 36] {
+        // `write_to` refuses a manifest whose length does not fit a u32.
+        let len = u32::try_from(self.manifest_bytes.len()).unwrap_or(u32::MAX);
+        super::reader::signed_message(len, &self.digest().0)
+    }
+
+    /// Writes header, signatures and manifest. The payload follows.
     pub fn write_to<W: Write>(&self, w: &mut W) -> io::Result<()> {
-        let sigs = codec::encode(&self.signatures);
+        let sigs = codec::encode(&(self.digest().0, &self.signatures));
         let too_big = |_| io::Error::new(io::ErrorKind::InvalidInput, "bundle section over 4 GiB");
         let header = codec::encode_header(
             BUNDLE_MAGIC,
@@ -149,7 +160,7 @@ impl BundleHead {
             u32::try_from(sigs.len()).map_err(too_big)?,
         );
         w.write_all(&header)?;
-        w.write_all(&self.manifest_bytes)?;
-        w.write_all(&sigs)
+        w.write_all(&sigs)?;
+        w.write_all(&self.manifest_bytes)
     }
 }
