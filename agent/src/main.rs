@@ -133,6 +133,17 @@ fn decide(cli: &Cli, d: Decision) -> Result<u8> {
     };
     // Whoever ended the trial, it is over: a decision left unread is void.
     perch_agent::decision::withdraw(&cli.state_dir);
+    // A rollback that needs no reboot passes through RollingBack on its way
+    // to RolledBack; give the other process a moment to get there before
+    // reporting a wait for a reboot.
+    let mut journal = journal;
+    let settle = std::time::Instant::now();
+    while matches!(journal.state, DeployState::RollingBack { .. })
+        && settle.elapsed() < Duration::from_secs(3)
+    {
+        std::thread::sleep(Duration::from_millis(100));
+        journal = Engine::inspect(&cfg, &cli.state_dir).0;
+    }
     let f = match &journal.state {
         DeployState::Committed { bundle, .. } => Finished::Committed(bundle.clone()),
         DeployState::RolledBack { bundle, reason, .. } => {
