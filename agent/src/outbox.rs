@@ -210,9 +210,16 @@ impl Outbox {
             let last_file = files.len().saturating_sub(1);
             for (n, path) in files.into_iter().enumerate() {
                 let mut scan = segment::scan(&read_file(&path)?);
-                let good_len = repair_segment(&path, &mut scan, n == last_file, &mut repairs)?;
+                let last_seq = scan.records.last().map(|r| r.seq).unwrap_or(0);
+                // Damage before a record JetStream already acked cost nothing
+                // that was not sent: such a segment is deleted below, unreported.
+                let all_sent = last_seq > 0 && last_seq <= done && scan.damage.last().is_none_or(|d| !d.tail);
+                let good_len = if all_sent && n < last_file {
+                    scan.prefix_len()
+                } else {
+                    repair_segment(&path, &mut scan, n == last_file, &mut repairs)?
+                };
                 let records = scan.records;
-                let last_seq = records.last().map(|r| r.seq).unwrap_or(0);
                 max_seq = max_seq.max(last_seq);
                 if (records.is_empty() || last_seq <= done) && n < last_file {
                     // Nothing left to send in it.
@@ -632,6 +639,26 @@ mod tests {
         assert!(matches!(&repairs[..], [Repair::Corrupt { records: 1, .. }]), "{repairs:?}");
         assert_eq!(ob.pending(Lane::Telemetry).map(|r| r.seq).collect::<Vec<_>>(), vec![1, 3, 4, 5]);
         assert_eq!(peek(d.path()).unwrap().0, 4);
+    }
+
+    #[test]
+    fn damage_in_a_segment_already_sent_is_not_reported_as_a_loss() {
+        let d = tempfile::tempdir().unwrap();
+        let segs = filled(d.path(), 30);
+        assert!(segs.len() >= 3);
+        // Everything in the first segment was acked, but the agent stopped
+        // before it deleted the segment; then a bit flipped in it.
+        let (file, mut bytes) = segs[0].clone();
+        let scan = segment::scan(&bytes);
+        let sent = scan.records.last().unwrap().seq;
+        let acked = Acked { events: 0, telemetry: sent };
+        fs::write(d.path().join("outbox/acked"), postcard::to_allocvec(&acked).unwrap()).unwrap();
+        bytes[scan.kept[0].start + 14] ^= 1;
+        fs::write(&file, &bytes).unwrap();
+        let (ob, repairs) = Outbox::open(d.path(), big()).unwrap();
+        assert!(repairs.is_empty(), "{repairs:?}");
+        assert!(!file.exists());
+        assert_eq!(ob.pending(Lane::Telemetry).next().map(|r| r.seq), Some(sent + 1));
     }
 
     #[test]
