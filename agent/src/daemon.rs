@@ -90,6 +90,12 @@ fn open_reporter(cfg: &Config, state_dir: &Path) -> Result<Reporter, String> {
             Repair::Cut { file, bytes } => {
                 warn!(file = %file.display(), bytes, "outbox: cut off a torn record (power loss mid-write)")
             }
+            Repair::Corrupt { file, records, bytes } => warn!(
+                file = %file.display(),
+                records,
+                bytes,
+                "outbox: skipped corrupt records (damaged storage, not a power loss); later ones kept, their sequence numbers stay a gap"
+            ),
             Repair::NewEpoch { file, why } => {
                 warn!(file = %file.display(), why, "outbox: epoch unreadable; reports count from a new one")
             }

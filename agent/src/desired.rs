@@ -325,8 +325,7 @@ async fn install(
         if let Some(r) = reporter {
             engine.observe(crate::reports::engine_observer(r));
         }
-        let source =
-            ChunkSource::open(rt, client, digest, settings).map_err(|e| Failure::Failed(e.to_string()))?;
+        let source = ChunkSource::open(rt, client, digest, settings).map_err(|e| Failure::Failed(e.to_string()))?;
         let label = PathBuf::from(format!("nats:{}", subjects::chunk(&digest, None)));
         let f = engine
             .install_from(source, &label)

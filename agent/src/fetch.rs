@@ -8,6 +8,13 @@
 //! first chunk not intact on the slot. Only what the engine asks for is
 //! fetched, with `window` direct gets in flight ahead of it.
 //!
+//! The head must be the head of the bundle asked for: its digest (the
+//! SHA-256 of the signed manifest, which names the bundle, its counter and
+//! every chunk hash) must equal the digest the desired state names, before
+//! anything else is fetched. Anyone who may publish to `PERCH_CHUNKS` can
+//! put another validly signed bundle under a digest's subjects; that is a
+//! security refusal ([`OpenError::WrongBundle`]), not an install.
+//!
 //! A lost link does not fail the fetch: requests wait for the link, and
 //! those in flight when it dropped are sent again the moment it is back. What stops a fetch is the server saying a
 //! chunk does not exist, or the bundle's data budget running out.
@@ -71,13 +78,37 @@ pub struct ChunkSource {
     fetched: Arc<AtomicU64>,
 }
 
+/// Why [`ChunkSource::open`] gave no source.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    Io(#[from] io::Error),
+    /// The head published under the desired digest's subjects is another
+    /// bundle's.
+    #[error("refused for security: the head published for bundle {desired} is bundle {fetched}'s")]
+    WrongBundle { desired: String, fetched: String },
+}
+
+impl OpenError {
+    /// True for a refusal of what was published, false for link trouble.
+    pub fn is_security(&self) -> bool {
+        matches!(self, OpenError::WrongBundle { .. })
+    }
+}
+
 fn other(msg: String) -> io::Error {
     io::Error::other(msg)
 }
 
 impl ChunkSource {
-    /// Fetches the head of bundle `digest`. Call from a blocking thread.
-    pub fn open(rt: Handle, client: Client, digest: [u8; 32], settings: FetchSettings) -> io::Result<Self> {
+    /// Fetches the head of bundle `digest` and checks it is that bundle's.
+    /// Call from a blocking thread.
+    pub fn open(
+        rt: Handle,
+        client: Client,
+        digest: [u8; 32],
+        settings: FetchSettings,
+    ) -> Result<Self, OpenError> {
         let before = settings.ledger.as_deref().map_or(0, |p| ledger::load(p, &digest));
         if before > 0 {
             debug!(bytes = before, "fetch: bytes already fetched for this bundle by earlier runs");
@@ -93,6 +124,12 @@ impl ChunkSource {
         // before any chunk is used, so reading it here unverified is safe.
         let reader = perch_protocol::bundle::BundleReader::open(&head[..])
             .map_err(|e| other(format!("bundle {} head: {e}", hex::encode(digest))))?;
+        // Before anything else: a head that hashes to another digest is
+        // another bundle, however well it is signed.
+        let got = reader.head().digest().0;
+        if got != digest {
+            return Err(OpenError::WrongBundle { desired: hex::encode(digest), fetched: hex::encode(got) });
+        }
         let m = reader.head().unverified_manifest();
         let (chunk_size, chunk_count, payload_len) =
             (u64::from(m.chunk_size), m.chunk_count(), m.payload_len);

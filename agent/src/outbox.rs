@@ -2,8 +2,8 @@
 //!
 //! Layout, under `STATE/outbox/`:
 //! - `events/` and `telemetry/`: append-only segment files
-//!   `<first seq, 20 digits>.seg`, each a run of records
-//!   `len u32 LE | crc32 u32 LE | postcard (seq, payload)`;
+//!   `<first seq, 20 digits>.seg`, each a run of records framed with a
+//!   magic, a length and a CRC-32 (see `segment.rs`);
 //! - `acked`: per lane, the highest sequence number that is done (acked by
 //!   JetStream, or dropped from the telemetry lane), written atomically;
 //! - `epoch`: 16 hex digits drawn at random when the outbox is created.
@@ -15,8 +15,12 @@
 //!   removed only once it is done: nothing lives only in a client buffer;
 //! - sequence numbers are per device, across both lanes, and never reused:
 //!   the next one is one above the highest found in the segments or `acked`;
-//! - a torn tail (power loss mid-append) fails its CRC and is cut off at
-//!   `open`, never fatal;
+//! - a torn tail (power loss mid-append: damage at the end of the last
+//!   segment, nothing good after it) is cut off at `open`, never fatal;
+//! - any other damage is corruption (the storage, not a power cut): the
+//!   damaged records are skipped, the ones after them kept, the segment
+//!   rewritten without them, and their sequence numbers stay unused, so
+//!   the fleet sees the gap;
 //! - the telemetry lane stays under its byte budget by dropping its oldest
 //!   records, and says so with a `Dropped` event; events are never dropped.
 //!
@@ -34,8 +38,9 @@ use perch_protocol::report::Lane;
 use perch_support::durable::{self, Replace};
 use serde::{Deserialize, Serialize};
 
+mod segment;
+
 const SEGMENT_EXT: &str = "seg";
-const HEADER: usize = 8;
 /// Largest record payload (a report is far smaller).
 pub const MAX_RECORD: usize = 256 * 1024;
 
@@ -78,12 +83,6 @@ pub struct Stored {
     pub payload: Vec<u8>,
 }
 
-#[derive(Serialize, Deserialize)]
-struct Body {
-    seq: u64,
-    payload: Vec<u8>,
-}
-
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct Acked {
     events: u64,
@@ -111,6 +110,8 @@ struct Segment {
     path: PathBuf,
     last_seq: u64,
     len: u64,
+    /// The index the next record appended to it gets.
+    next_index: u32,
 }
 
 struct LaneState {
@@ -137,10 +138,19 @@ pub struct Dropped {
 /// What `open` had to repair.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Repair {
-    /// A torn or damaged tail cut off a segment.
+    /// A torn tail (power loss mid-append) cut off the last segment.
     Cut {
         file: PathBuf,
         /// Bytes cut off the end.
+        bytes: u64,
+    },
+    /// Damaged records (corruption, not a power cut) skipped; the records
+    /// after them were kept and the segment rewritten without them.
+    Corrupt {
+        file: PathBuf,
+        /// Records lost.
+        records: u64,
+        /// Damaged bytes removed.
         bytes: u64,
     },
     /// The epoch file was unreadable; a new epoch was drawn.
@@ -199,15 +209,17 @@ impl Outbox {
             let done = acked.get(lane);
             let last_file = files.len().saturating_sub(1);
             for (n, path) in files.into_iter().enumerate() {
-                let (records, good_len, file_len) = read_segment(&path)?;
-                if good_len < file_len {
-                    // A torn or damaged tail: keep what checks out.
-                    let f = OpenOptions::new().write(true).open(&path).map_err(io(&path))?;
-                    f.set_len(good_len).map_err(io(&path))?;
-                    f.sync_all().map_err(io(&path))?;
-                    repairs.push(Repair::Cut { file: path.clone(), bytes: file_len - good_len });
-                }
-                let last_seq = records.last().map(|r| r.seq).unwrap_or(0);
+                let mut scan = segment::scan(&read_file(&path)?);
+                let last_seq = scan.records.last().map(|r| r.seq).unwrap_or(0);
+                // Damage before a record JetStream already acked cost nothing
+                // that was not sent: such a segment is deleted below, unreported.
+                let all_sent = last_seq > 0 && last_seq <= done && scan.damage.last().is_none_or(|d| !d.tail);
+                let good_len = if all_sent && n < last_file {
+                    scan.prefix_len()
+                } else {
+                    repair_segment(&path, &mut scan, n == last_file, &mut repairs)?
+                };
+                let records = scan.records;
                 max_seq = max_seq.max(last_seq);
                 if (records.is_empty() || last_seq <= done) && n < last_file {
                     // Nothing left to send in it.
@@ -218,7 +230,7 @@ impl Outbox {
                     state.pending_bytes += r.payload.len() as u64;
                     state.pending.push_back(Stored { seq: r.seq, lane, payload: r.payload });
                 }
-                state.segments.push(Segment { path, last_seq, len: good_len });
+                state.segments.push(Segment { path, last_seq, len: good_len, next_index: scan.next_index });
             }
             lanes.push(state);
         }
@@ -251,14 +263,6 @@ impl Outbox {
         if payload.len() > MAX_RECORD {
             return Err(OutboxError::TooLarge(payload.len()));
         }
-        let body = postcard::to_allocvec(&Body { seq, payload }).map_err(|e| OutboxError::Io {
-            path: self.dir.clone(),
-            err: std::io::Error::other(e.to_string()),
-        })?;
-        let mut frame = Vec::with_capacity(HEADER + body.len());
-        frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
-        frame.extend_from_slice(&crate::checksum::crc32(&body).to_le_bytes());
-        frame.extend_from_slice(&body);
         let seg_bytes = self.cfg.segment_bytes;
         let st = &mut self.lanes[lane_index(lane)];
         let roll = st.segments.last().is_none_or(|s| s.len >= seg_bytes) || st.active.is_none();
@@ -277,13 +281,17 @@ impl Outbox {
             }
             if new_file {
                 durable::sync_dir(&st.dir).map_err(io(&st.dir))?;
-                st.segments.push(Segment { path: path.clone(), last_seq: seq, len: 0 });
+                st.segments.push(Segment { path: path.clone(), last_seq: seq, len: 0, next_index: 0 });
             }
             st.active = Some(f);
         }
         let (Some(f), Some(seg)) = (st.active.as_mut(), st.segments.last_mut()) else {
             unreachable!("an active segment was opened above")
         };
+        let frame = segment::frame(seq, seg.next_index, &payload).map_err(|e| OutboxError::Io {
+            path: seg.path.clone(),
+            err: std::io::Error::other(e.to_string()),
+        })?;
         f.write_all(&frame).map_err(io(&seg.path))?;
         if lane == Lane::Events {
             f.sync_data().map_err(io(&seg.path))?;
@@ -293,10 +301,7 @@ impl Outbox {
         crate::failpoint::hit("outbox-appended");
         seg.len += frame.len() as u64;
         seg.last_seq = seq;
-        let Body { payload, .. } = postcard::from_bytes(&body).map_err(|e| OutboxError::Io {
-            path: seg.path.clone(),
-            err: std::io::Error::other(e.to_string()),
-        })?;
+        seg.next_index = seg.next_index.saturating_add(1);
         st.pending_bytes += payload.len() as u64;
         st.pending.push_back(Stored { seq, lane, payload });
         self.next_seq = seq + 1;
@@ -419,8 +424,8 @@ pub fn peek(state_dir: &Path) -> Result<(usize, u64), OutboxError> {
                 continue;
             }
             // A segment deleted by the agent meanwhile was fully sent.
-            let Ok((records, _, _)) = read_segment(&path) else { continue };
-            for r in records.iter().filter(|r| r.seq > done) {
+            let Ok(file) = read_file(&path) else { continue };
+            for r in segment::scan(&file).records.iter().filter(|r| r.seq > done) {
                 n += 1;
                 bytes += r.payload.len() as u64;
             }
@@ -486,31 +491,46 @@ fn read_acked(path: &Path) -> Result<Acked, OutboxError> {
     }
 }
 
-/// Reads a segment's good records; returns them, the length they cover and
-/// the file's length (longer when the tail is torn or damaged).
-fn read_segment(path: &Path) -> Result<(Vec<Body>, u64, u64), OutboxError> {
+fn read_file(path: &Path) -> Result<Vec<u8>, OutboxError> {
     let mut bytes = Vec::new();
     File::open(path).and_then(|mut f| f.read_to_end(&mut bytes)).map_err(io(path))?;
-    let mut records = Vec::new();
-    let mut at = 0usize;
-    let mut last_seq = 0u64;
-    while at + HEADER <= bytes.len() {
-        let len = u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]) as usize;
-        let crc = u32::from_le_bytes([bytes[at + 4], bytes[at + 5], bytes[at + 6], bytes[at + 7]]);
-        let Some(body) = bytes.get(at + HEADER..at + HEADER + len) else { break };
-        if len > MAX_RECORD + 16 || crate::checksum::crc32(body) != crc {
-            break;
-        }
-        let Ok(b) = postcard::from_bytes::<Body>(body) else { break };
-        // Sequence numbers only grow within a segment; anything else is damage.
-        if b.seq <= last_seq {
-            break;
-        }
-        last_seq = b.seq;
-        records.push(b);
-        at += HEADER + len;
+    Ok(bytes)
+}
+
+/// Repairs a segment that `scan` found damage in, and says what was lost:
+/// a torn tail of the last segment is cut off; anything else is
+/// corruption, and the segment is rewritten with only its good records.
+/// Returns the segment's length after.
+fn repair_segment(
+    path: &Path,
+    scan: &mut segment::Scan,
+    last_segment: bool,
+    repairs: &mut Vec<Repair>,
+) -> Result<u64, OutboxError> {
+    let Some(end) = scan.damage.last().cloned() else { return Ok(scan.prefix_len()) };
+    // Only the end of the last segment can be torn: the others were synced
+    // before the next one was started.
+    let torn = end.tail && last_segment && scan.damage.len() == 1;
+    if torn {
+        repairs.push(Repair::Cut { file: path.to_path_buf(), bytes: end.bytes });
+    } else {
+        let (records, bytes) = scan.damage.iter().fold((0, 0), |(r, b), d| (r + d.records, b + d.bytes));
+        repairs.push(Repair::Corrupt { file: path.to_path_buf(), records, bytes });
     }
-    Ok((records, at as u64, bytes.len() as u64))
+    if scan.is_prefix() {
+        let good_len = scan.prefix_len();
+        let f = OpenOptions::new().write(true).open(path).map_err(io(path))?;
+        f.set_len(good_len).map_err(io(path))?;
+        f.sync_all().map_err(io(path))?;
+        scan.damage.clear();
+        return Ok(good_len);
+    }
+    let bytes = segment::reframe(scan).map_err(|e| OutboxError::Io {
+        path: path.to_path_buf(),
+        err: std::io::Error::other(e.to_string()),
+    })?;
+    durable::write_bytes(path, 0o644, Replace::Allow, &bytes)?;
+    Ok(bytes.len() as u64)
 }
 
 #[cfg(test)]
@@ -584,6 +604,61 @@ mod tests {
         ob.ack(Lane::Events, 3).unwrap();
         ob.checkpoint().unwrap();
         assert_eq!(peek(dir.path()).unwrap().0, 2);
+    }
+
+    fn big() -> OutboxConfig {
+        OutboxConfig { telemetry_budget: 1 << 20, segment_bytes: 200 }
+    }
+
+    /// An outbox with telemetry records 1..=n over several segments; the
+    /// segments (path, bytes) in order.
+    fn filled(dir: &Path, n: u64) -> Vec<(PathBuf, Vec<u8>)> {
+        let (mut ob, _) = Outbox::open(dir, big()).unwrap();
+        for _ in 0..n {
+            ob.append(Lane::Telemetry, payload).unwrap();
+        }
+        ob.flush().unwrap();
+        drop(ob);
+        let mut files: Vec<PathBuf> =
+            fs::read_dir(dir.join("outbox/telemetry")).unwrap().map(|e| e.unwrap().path()).collect();
+        files.sort();
+        files.into_iter().map(|p| (p.clone(), fs::read(&p).unwrap())).collect()
+    }
+
+    #[test]
+    fn a_flipped_record_mid_segment_is_corruption_and_the_later_ones_are_kept() {
+        let d = tempfile::tempdir().unwrap();
+        let segs = filled(d.path(), 5);
+        assert_eq!(segs.len(), 1);
+        let (file, mut bytes) = segs.into_iter().next().unwrap();
+        // A length byte of record 2: without a resync it would swallow the rest.
+        let second = segment::scan(&bytes).kept[1].clone();
+        bytes[second.start + 4] ^= 0x40;
+        fs::write(&file, &bytes).unwrap();
+        let (ob, repairs) = Outbox::open(d.path(), big()).unwrap();
+        assert!(matches!(&repairs[..], [Repair::Corrupt { records: 1, .. }]), "{repairs:?}");
+        assert_eq!(ob.pending(Lane::Telemetry).map(|r| r.seq).collect::<Vec<_>>(), vec![1, 3, 4, 5]);
+        assert_eq!(peek(d.path()).unwrap().0, 4);
+    }
+
+    #[test]
+    fn damage_in_a_segment_already_sent_is_not_reported_as_a_loss() {
+        let d = tempfile::tempdir().unwrap();
+        let segs = filled(d.path(), 30);
+        assert!(segs.len() >= 3);
+        // Everything in the first segment was acked, but the agent stopped
+        // before it deleted the segment; then a bit flipped in it.
+        let (file, mut bytes) = segs[0].clone();
+        let scan = segment::scan(&bytes);
+        let sent = scan.records.last().unwrap().seq;
+        let acked = Acked { events: 0, telemetry: sent };
+        fs::write(d.path().join("outbox/acked"), postcard::to_allocvec(&acked).unwrap()).unwrap();
+        bytes[scan.kept[0].start + 14] ^= 1;
+        fs::write(&file, &bytes).unwrap();
+        let (ob, repairs) = Outbox::open(d.path(), big()).unwrap();
+        assert!(repairs.is_empty(), "{repairs:?}");
+        assert!(!file.exists());
+        assert_eq!(ob.pending(Lane::Telemetry).next().map(|r| r.seq), Some(sent + 1));
     }
 
     #[test]
@@ -693,26 +768,55 @@ mod tests {
 
     proptest::proptest! {
         #[test]
-        fn any_damage_to_a_segment_never_panics_and_keeps_a_prefix(cut in 0usize..400, flip in 0usize..400) {
+        fn a_bit_flip_in_any_record_costs_only_that_record(n in 2u64..40, pick in 0usize..10_000, bit in 0u8..8) {
             let d = tempfile::tempdir().unwrap();
-            let (mut ob, _) = Outbox::open(d.path(), OutboxConfig { telemetry_budget: 1 << 20, segment_bytes: 1 << 20 }).unwrap();
-            for _ in 0..20 {
-                ob.append(Lane::Events, payload).unwrap();
-            }
-            drop(ob);
-            let seg = fs::read_dir(d.path().join("outbox/events")).unwrap().next().unwrap().unwrap().path();
-            let mut bytes = fs::read(&seg).unwrap();
-            let f = flip % bytes.len();
-            bytes[f] ^= 0x5a;
-            bytes.truncate(bytes.len() - cut.min(bytes.len()));
-            fs::write(&seg, &bytes).unwrap();
-            let (ob, _) = Outbox::open(d.path(), OutboxConfig::default()).unwrap();
-            let seqs: Vec<u64> = ob.pending(Lane::Events).map(|r| r.seq).collect();
-            // What survives is a prefix 1..=n of what was written, intact.
-            proptest::prop_assert_eq!(seqs.clone(), (1..=seqs.len() as u64).collect::<Vec<_>>());
-            for r in ob.pending(Lane::Events) {
+            let segs = filled(d.path(), n);
+            // Any byte of any segment: the record it lies in is the only one lost.
+            let (file, pristine) = &segs[pick % segs.len()];
+            let scan = segment::scan(pristine);
+            let at = pick % pristine.len();
+            let hit = scan.kept.iter().position(|r| r.contains(&at)).unwrap();
+            let lost = scan.records[hit].seq;
+            let mut bytes = pristine.clone();
+            bytes[at] ^= 1 << bit;
+            fs::write(file, &bytes).unwrap();
+            let (mut ob, repairs) = Outbox::open(d.path(), big()).unwrap();
+            let seqs: Vec<u64> = ob.pending(Lane::Telemetry).map(|r| r.seq).collect();
+            let want: Vec<u64> = (1..=n).filter(|s| *s != lost).collect();
+            proptest::prop_assert_eq!(&seqs, &want);
+            for r in ob.pending(Lane::Telemetry) {
                 proptest::prop_assert_eq!(&r.payload, &payload(r.seq));
             }
+            // Only the very end of the outbox can be a torn write; anything
+            // else is corruption, one record's worth.
+            if lost == n {
+                proptest::prop_assert!(matches!(&repairs[..], [Repair::Cut { .. }]), "{:?}", repairs);
+            } else {
+                proptest::prop_assert!(matches!(&repairs[..], [Repair::Corrupt { records: 1, .. }]), "{:?}", repairs);
+                // The lost number is not handed out again.
+                proptest::prop_assert_eq!(ob.append(Lane::Telemetry, payload).unwrap().0, n + 1);
+            }
+            drop(ob);
+            // Repaired on disk: the next open finds nothing to repair.
+            let (ob, repairs) = Outbox::open(d.path(), big()).unwrap();
+            proptest::prop_assert!(repairs.is_empty(), "{:?}", repairs);
+            proptest::prop_assert!(ob.pending(Lane::Telemetry).all(|r| r.seq != lost));
+        }
+
+        #[test]
+        fn truncation_anywhere_loses_only_the_tail_of_that_segment(n in 2u64..40, pick in 0usize..10_000) {
+            let d = tempfile::tempdir().unwrap();
+            let segs = filled(d.path(), n);
+            let (file, pristine) = &segs[pick % segs.len()];
+            let scan = segment::scan(pristine);
+            let cut = pick % pristine.len();
+            fs::write(file, &pristine[..cut]).unwrap();
+            let gone: Vec<u64> =
+                scan.kept.iter().zip(&scan.records).filter(|(r, _)| r.end > cut).map(|(_, rec)| rec.seq).collect();
+            let (ob, _) = Outbox::open(d.path(), big()).unwrap();
+            let seqs: Vec<u64> = ob.pending(Lane::Telemetry).map(|r| r.seq).collect();
+            let want: Vec<u64> = (1..=n).filter(|s| !gone.contains(s)).collect();
+            proptest::prop_assert_eq!(seqs, want);
         }
 
         #[test]

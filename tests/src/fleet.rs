@@ -559,3 +559,14 @@ impl Fleet {
         );
     }
 }
+
+impl ReportsReader {
+    /// Publishes `payload` on `subject` and waits for JetStream's ack: what
+    /// any FLEET publisher can do, with no release key.
+    pub fn js_publish(&self, subject: &str, payload: Vec<u8>) {
+        let js = &self.js;
+        self.rt.block_on(async move {
+            js.publish(subject.to_string(), payload.into()).await.expect("publish").await.expect("ack")
+        });
+    }
+}

@@ -574,3 +574,55 @@ fn killed_at_ten_points_mid_fetch_it_resumes_without_fetching_verified_chunks_ag
     );
     assert!(down <= allowed, "{down} bytes came down for a {payload_len}-byte payload across {kills} kills");
 }
+
+/// The attack of issue 13: a FLEET publisher (no release key) puts another
+/// validly signed bundle's head and chunks under the desired bundle's
+/// subjects. The device must refuse it before fetching a chunk, say so with
+/// both digests, and keep running what it ran.
+#[test]
+fn a_signed_bundle_published_under_another_bundles_digest_is_refused_naming_both() {
+    use perch_protocol::subjects::{chunk, CHUNKS_STREAM};
+    let f = Fleet::start(1);
+    let proxy = Proxy::start(([127, 0, 0, 1], f.server.port).into());
+    let d = fetch_device_resync(&f, &proxy, "rover-9", "1h");
+    let (_, desired, _) = f.published_bundle("os", 2, 2 << 20, 11);
+    let (_, other, _) = f.published_bundle("os", 3, 2 << 20, 12);
+    let admin = f.reports_reader();
+    // B's head and every chunk, re-published under A's subjects.
+    let head = admin.last_by_subject(CHUNKS_STREAM, &chunk(&other, None)).expect("B's head");
+    admin.js_publish(&chunk(&desired, None), head);
+    let mut i = 0;
+    while let Some(data) = admin.last_by_subject(CHUNKS_STREAM, &chunk(&other, Some(i))) {
+        admin.js_publish(&chunk(&desired, Some(i)), data);
+        i += 1;
+    }
+    assert!(i >= 8, "only {i} chunks copied");
+    let mut agent = d.spawn_run();
+    await_connected(&f, &d);
+    let (before, _) = proxy.bytes();
+    admin.kv_put("PERCH_DESIRED", "device.rover-9", &format!("{{\"bundle\": \"{}\"}}", hex(&desired)));
+    let refused = |r: &Report| {
+        matches!(&r.kind, ReportKind::Deploy { state, reason: Some(why), bundle: Some(b) }
+            if state == "failed" && *b == desired && why.contains("security")
+                && why.contains(&hex(&desired)) && why.contains(&hex(&other)))
+    };
+    let reported = wait_for(Duration::from_secs(30), || admin.all().iter().any(refused));
+    std::thread::sleep(Duration::from_secs(2));
+    kill(&mut agent);
+    let log = f.log("rover-9-run.log");
+    assert!(reported, "no security failure naming both digests\n{log}");
+    assert!(log.contains(&hex(&other)), "{log}");
+    // Nothing was staged or activated: slot a runs, slot b is untouched.
+    assert_eq!(std::fs::read_link(d.dir.join("slots/current")).unwrap(), std::path::Path::new("a"));
+    let b = d.dir.join("slots/b");
+    assert!(!b.exists() || std::fs::read_dir(&b).unwrap().next().is_none(), "slot b was written");
+    let (state, _) = deploy_state(&d);
+    assert!(!["staging", "staged", "activating", "trial", "committed"].contains(&state.as_str()), "{state}");
+    assert!(!admin
+        .all()
+        .iter()
+        .any(|r| matches!(&r.kind, ReportKind::Deploy { state, .. } if state != "failed")));
+    // No chunk came down: only the head (and reports, pings) after the put.
+    let (after, _) = proxy.bytes();
+    assert!(after - before < 256 * 1024, "{} bytes came down after the put", after - before);
+}

@@ -20,8 +20,9 @@ pub fn run(args: &[String]) -> Result<()> {
         Some("enroll") => crate::bench_enroll::run(&args[1..]),
         Some("link") => crate::bench_link::run(&args[1..]),
         Some("footprint") => crate::bench_footprint::run(&args[1..]),
+        Some("smoke") if args.len() == 1 => crate::bench_smoke::run(),
         _ => bail!(
-            "usage: cargo xtask bench verify|install [--size-mib N] | enroll [--devices N] | link [--records N] | footprint [--seconds N]"
+            "usage: cargo xtask bench verify|install [--size-mib N] | enroll [--devices N] | link [--records N] [--bundle-mib N] | footprint [--seconds N] | smoke"
         ),
     }
 }

@@ -5,7 +5,6 @@
 //! nodes per minute (~17/s).
 
 use std::fs;
-use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
@@ -63,21 +62,18 @@ pub fn run(args: &[String]) -> Result<()> {
         step(&format!(
             "bench enroll: {devices} devices, {concurrency} at a time, {instances} provisioner(s)"
         ));
-        let out = Command::new(&load)
-            .arg(&token_file)
-            .args([devices.to_string(), concurrency.to_string(), format!("sim{instances}")])
-            .output()?;
-        if !out.status.success() {
-            bail!("enroll-load: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("enroll-load output")?;
+        let token_arg = token_file.display().to_string();
+        let out = crate::bench_wait::run_within(
+            &dir,
+            &load,
+            &[&token_arg, &devices.to_string(), &concurrency.to_string(), &format!("sim{instances}")],
+            std::time::Duration::from_secs(60 + devices as u64 / 20),
+            &format!("enrolling {devices} devices with {instances} provisioner(s)"),
+        )?;
+        let v: serde_json::Value = serde_json::from_str(out.trim()).context("enroll-load output")?;
         println!("{v}");
         if v["enrolled"].as_u64() != Some(devices as u64) {
-            bail!(
-                "only {} of {devices} devices enrolled: {}",
-                v["enrolled"],
-                String::from_utf8_lossy(&out.stderr)
-            );
+            bail!("only {} of {devices} devices enrolled: {v}", v["enrolled"]);
         }
         rows.push((instances, v["seconds"].as_f64().unwrap_or(0.0), v["per_second"].as_f64().unwrap_or(0.0)));
     }

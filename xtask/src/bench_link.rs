@@ -7,19 +7,29 @@
 
 use std::fs;
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
 use crate::fleet::LocalFleet;
 use crate::util::{cargo, root, sh, step};
 
+const USAGE: &str = "usage: cargo xtask bench link [--records N] [--bundle-mib N] | --full";
+
 pub fn run(args: &[String]) -> Result<()> {
-    let records: u64 = match args {
-        [] => 100_000,
-        [f] if f == "--full" => return full_scenarios(),
-        [f, n] if f == "--records" => n.parse().context("--records takes a number")?,
-        _ => bail!("usage: cargo xtask bench link [--records N | --full]"),
-    };
+    if matches!(args, [f] if f == "--full") {
+        return full_scenarios();
+    }
+    let (mut records, mut bundle_mib) = (100_000u64, 64usize);
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let value = it.next().context(USAGE)?;
+        match flag.as_str() {
+            "--records" => records = value.parse().context("--records takes a number")?,
+            "--bundle-mib" => bundle_mib = value.parse().context("--bundle-mib takes a number")?,
+            _ => bail!(USAGE),
+        }
+    }
     step("bench link: building release binaries");
     sh(cargo().args([
         "build",
@@ -46,6 +56,9 @@ pub fn run(args: &[String]) -> Result<()> {
     let tool = root().join("target/bench-tool/link-bench");
     let dir = crate::util::fresh_dir("bench-link")?;
     let quiet = |program: &std::path::Path, args: &[&str]| crate::util::run_in(&dir, program, args);
+    let within = |program: &std::path::Path, args: &[&str], limit: u64, what: &str| {
+        crate::bench_wait::run_within(&dir, program, args, Duration::from_secs(limit), what)
+    };
     let (perch, boot) = (bin.join("perch"), bin.join("perch-bootstrap"));
     quiet(&perch, &["keygen", "--out", "k1"])?;
     quiet(&boot, &["init", "--dir", "org", "--release-key", "k1.pub", "--threshold", "1"])?;
@@ -62,15 +75,21 @@ pub fn run(args: &[String]) -> Result<()> {
     fs::create_dir_all(dev.join("slots"))?;
     fs::copy(dir.join("org/trust.doc"), dev.join("trust.doc"))?;
     fs::write(dev.join("boot_id"), "bench\n")?;
-    fs::write(
-        dev.join("agent.toml"),
-        format!(
-            "target = \"bench\"\ntrust = \"{}\"\nboot_id = \"{}\"\n[device]\nid = \"bench-1\"\n[slots]\nbackend = \"dir\"\nroot = \"{}\"\n[reports]\nheartbeat = \"1h\"\n",
-            dev.join("trust.doc").display(),
-            dev.join("boot_id").display(),
-            dev.join("slots").display()
-        ),
-    )?;
+    // The telemetry budget is set to hold every record filled: this bench
+    // measures the drain, and a record dropped to stay in budget would
+    // never arrive.
+    let config = |telemetry_budget: u64| {
+        fs::write(
+            dev.join("agent.toml"),
+            format!(
+                "target = \"bench\"\ntrust = \"{}\"\nboot_id = \"{}\"\n[device]\nid = \"bench-1\"\n[slots]\nbackend = \"dir\"\nroot = \"{}\"\n[reports]\nheartbeat = \"1h\"\ntelemetry_budget = {telemetry_budget}\n",
+                dev.join("trust.doc").display(),
+                dev.join("boot_id").display(),
+                dev.join("slots").display()
+            ),
+        )
+    };
+    config(4 << 20)?;
     let agent = |args: &[&str]| -> Result<String> {
         let mut a = vec!["--config", "dev/agent.toml", "--state-dir", "dev/state"];
         a.extend_from_slice(args);
@@ -94,7 +113,19 @@ pub fn run(args: &[String]) -> Result<()> {
     )?;
     agent(&["enroll", "--import", "dev.resp"])?;
     step(&format!("bench link: {records} reports queued in the outbox while offline"));
-    println!("{}", quiet(&tool, &["fill", "dev/state", "bench-1", &records.to_string()])?.trim());
+    let filled = within(
+        &tool,
+        &["fill", "dev/state", "bench-1", &records.to_string()],
+        120 + records / 500,
+        "filling the outbox",
+    )?;
+    println!("{}", filled.trim());
+    let bytes = serde_json::from_str::<serde_json::Value>(filled.trim())?["bytes"]
+        .as_u64()
+        .context("link-bench fill printed no byte count")?;
+    let budget = (bytes + (1 << 20)).max(4 << 20);
+    config(budget)?;
+    println!("telemetry_budget = {budget} (the {bytes} bytes queued, and room for the agent's own reports)");
 
     step("bench link: the agent starts and drains its outbox into PERCH_REPORTS");
     let child = Command::new(bin.join("perch-agent"))
@@ -104,14 +135,23 @@ pub fn run(args: &[String]) -> Result<()> {
         .stderr(fs::File::create(dir.join("agent.log"))?)
         .spawn()?;
     fleet.adopt("agent", child);
-    let waited = quiet(&tool, &["wait", &url, "bench.creds", "org/tls/ca.pem", &records.to_string()])?;
+    // The tool fails by itself if reports stop arriving; this is the backstop.
+    let waited = within(
+        &tool,
+        &["wait", &url, "bench.creds", "org/tls/ca.pem", &records.to_string()],
+        660,
+        &format!(
+            "waiting for {records} reports in PERCH_REPORTS (agent log: {})",
+            dir.join("agent.log").display()
+        ),
+    )?;
     let v: serde_json::Value = serde_json::from_str(waited.trim())?;
     let secs = v["seconds"].as_f64().unwrap_or(0.0);
     let drain_rate = records as f64 / secs;
     println!("{}", waited.trim());
 
-    step("bench link: a 64 MiB bundle, fetched the agent's way and read raw");
-    crate::demo::write_image(&dir.join("payload.img"), 64 << 20)?;
+    step(&format!("bench link: a {bundle_mib} MiB bundle, fetched the agent's way and read raw"));
+    crate::demo::write_image(&dir.join("payload.img"), bundle_mib << 20)?;
     quiet(
         &perch,
         &[
@@ -150,7 +190,12 @@ pub fn run(args: &[String]) -> Result<()> {
     let digest = inspect["digest"].as_str().context("digest")?.to_string();
     let mut fetches = vec![];
     for window in ["1", "4", "16"] {
-        let out = quiet(&tool, &["fetch", &url, "bench.creds", "org/tls/ca.pem", &digest, window])?;
+        let out = within(
+            &tool,
+            &["fetch", &url, "bench.creds", "org/tls/ca.pem", &digest, window],
+            60 + bundle_mib as u64,
+            &format!("fetching the {bundle_mib} MiB bundle with window {window}"),
+        )?;
         println!("{}", out.trim());
         fetches.push(serde_json::from_str::<serde_json::Value>(out.trim())?);
     }

@@ -65,6 +65,11 @@ pub fn run() -> Result<()> {
     crate::cross::qemu_all(&[])?;
     crate::package::run(&[])?;
 
+    // Every bench at a small size, so that none can rot into a hang
+    // (footprint reuses the ARM release agents built above).
+    step("bench smoke: every benchmark at a small size");
+    crate::bench_smoke::run()?;
+
     // Last: it reuses the ARM release agents built above.
     step("demo: the README's main command, end to end, checking every outcome it narrates");
     crate::demo::run(&[])?;

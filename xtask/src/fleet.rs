@@ -71,13 +71,21 @@ impl LocalFleet {
             .stderr(log)
             .spawn()?;
         let mut out = BufReader::new(child.stdout.take().context("provisioner stdout")?);
-        let mut line = String::new();
-        out.read_line(&mut line)?;
-        std::thread::spawn(move || for _ in out.lines() {});
+        // Its first line, read aside so that a provisioner that says
+        // nothing cannot hang the caller.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = out.read_line(&mut line);
+            let _ = tx.send(line);
+            for _ in out.lines() {}
+        });
         self.children.push((format!("provisioner-{n}"), child));
+        let line = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_else(|_| "(nothing in 30 s)".into());
         if line.trim() != "provisioner ready" {
             bail!(
-                "provisioner did not start: {}",
+                "provisioner did not say it was ready (it said {:?}): {}",
+                line.trim(),
                 fs::read_to_string(self.dir.join(format!("provisioner-{n}.log")))?
             );
         }

@@ -4,6 +4,8 @@ mod bench;
 mod bench_enroll;
 mod bench_footprint;
 mod bench_link;
+mod bench_smoke;
+mod bench_wait;
 mod ci;
 mod cross;
 mod demo;
@@ -32,9 +34,11 @@ commands:
   bench verify [--size-mib N]   bundle verify throughput against sha256sum and openssl
   bench install [--size-mib N]  agent install into a uboot slot against dd conv=fsync
   bench enroll [--devices N]    enrollments per second, one and two provisioners
-  bench link [--records N]      outbox drain rate, and chunk fetch against bare direct gets
+  bench link [--records N] [--bundle-mib N]
+                                outbox drain rate, and chunk fetch against bare direct gets
   bench link --full             the link scenarios at full size (100 MiB, 10,000 reports)
   bench footprint [--seconds N] agent size (aarch64) and idle memory (x86_64) against the floor
+  bench smoke                   verify, install, enroll, link, footprint at a small size (in CI)
   fuzz [--seconds N] [TARGET...]  every cargo-fuzz target for N seconds each (default 600;
                       the scheduled job, not CI), then executions and corpus sizes
   docs                build the Hugo site and check its links";

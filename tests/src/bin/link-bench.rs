@@ -2,7 +2,8 @@
 //!
 //! - `fill STATE_DIR DEVICE N`: queues N realistic reports in an agent's outbox;
 //! - `wait URL CREDS CA N`: waits until PERCH_REPORTS holds N messages, prints
-//!   the seconds it took;
+//!   the seconds it took; fails saying how many it holds if the stream stops
+//!   growing for 30 s, or after 600 s;
 //! - `fetch URL CREDS CA DIGEST WINDOW`: reads a published bundle the way the
 //!   agent does (direct gets, WINDOW ahead) and, as the baseline, bare direct
 //!   gets of the same messages with the same window; prints both.
@@ -77,22 +78,42 @@ async fn js(url: &str, creds: &str, ca: &str) -> async_nats::jetstream::Context 
     async_nats::jetstream::new(client)
 }
 
+/// How long the stream may stop growing before the wait gives up.
+const STALL: Duration = Duration::from_secs(30);
+/// The longest wait, however the stream grows.
+const LIMIT: Duration = Duration::from_secs(600);
+
 fn wait(url: &str, creds: &str, ca: &str, n: u64) {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
     rt.block_on(async {
         let js = js(url, creds, ca).await;
         let t = Instant::now();
+        let (mut stored, mut grew) = (0u64, Instant::now());
         loop {
             if let Ok(mut s) = js.get_stream(perch_protocol::subjects::REPORTS_STREAM).await {
-                if s.info().await.map(|i| i.state.messages).unwrap_or(0) >= n {
-                    break;
+                let now = s.info().await.map(|i| i.state.messages).unwrap_or(stored);
+                if now != stored {
+                    (stored, grew) = (now, Instant::now());
                 }
             }
-            if t.elapsed() > Duration::from_secs(600) {
-                eprintln!("link-bench: gave up after 600 s");
-                std::process::exit(1);
+            if stored >= n {
+                break;
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            // Fail with a reason, never hang: a stream that stopped short
+            // (records dropped, an agent that died) is said to be so.
+            let why = if grew.elapsed() > STALL {
+                format!("no new report for {} s", STALL.as_secs())
+            } else if t.elapsed() > LIMIT {
+                format!("{} s are up", LIMIT.as_secs())
+            } else {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            };
+            eprintln!(
+                "link-bench: waited {:.0} s for {n} reports in PERCH_REPORTS; {stored} stored and {why}",
+                t.elapsed().as_secs_f64()
+            );
+            std::process::exit(1);
         }
         println!("{{\"stored\": {n}, \"seconds\": {}}}", t.elapsed().as_secs_f64());
     });
