@@ -38,7 +38,7 @@ use perch_protocol::report::Lane;
 use perch_support::durable::{self, Replace};
 use serde::{Deserialize, Serialize};
 
-mod segment;
+pub mod segment;
 
 const SEGMENT_EXT: &str = "seg";
 /// Largest record payload (a report is far smaller).

@@ -48,14 +48,14 @@ struct LegacyBody {
 
 /// One record as read.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) struct Record {
+pub struct Record {
     pub seq: u64,
     pub payload: Vec<u8>,
 }
 
 /// A stretch of a segment that held no record that checks out.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) struct Damage {
+pub struct Damage {
     pub bytes: u64,
     /// Records it cost: exact when a good record follows (from the
     /// indexes), else the record starts seen in it (at least 1).
@@ -66,7 +66,7 @@ pub(super) struct Damage {
 
 /// What a segment holds.
 #[derive(Debug, Default)]
-pub(super) struct Scan {
+pub struct Scan {
     pub records: Vec<Record>,
     /// The good records' bytes, in order.
     pub kept: Vec<Range<usize>>,
@@ -89,7 +89,7 @@ impl Scan {
 }
 
 /// One record, framed.
-pub(super) fn frame(seq: u64, index: u32, payload: &[u8]) -> Result<Vec<u8>, postcard::Error> {
+pub fn frame(seq: u64, index: u32, payload: &[u8]) -> Result<Vec<u8>, postcard::Error> {
     let body = postcard::to_allocvec(&BodyRef { seq, index, payload })?;
     let mut frame = Vec::with_capacity(HEADER + body.len());
     frame.extend_from_slice(&MAGIC);
@@ -150,7 +150,7 @@ fn record_at(
 }
 
 /// Reads every record that checks out, skipping damaged stretches.
-pub(super) fn scan(bytes: &[u8]) -> Scan {
+pub fn scan(bytes: &[u8]) -> Scan {
     let mut s = Scan::default();
     let mut last: Option<(u64, u32)> = None;
     // Legacy records only before anything else: at the start, unbroken.
