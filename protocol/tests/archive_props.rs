@@ -1,23 +1,8 @@
 //! The device's archive check: every kind of entry the builder never
 //! produces is refused, naming the entry; hostile tars never panic it.
 
-use perch_protocol::bundle::{check_archive, ArchiveError, ArchivePolicy, Refusal};
+use perch_protocol::bundle::{check_archive, raw_entry as entry, ArchiveError, ArchivePolicy, Refusal};
 use proptest::prelude::*;
-
-/// One raw tar entry, written byte for byte (no sanitising, unlike
-/// `tar::Builder`), so that hostile names and types can be made.
-fn entry(out: &mut Vec<u8>, name: &[u8], kind: u8, mode: u32, link: &[u8], data: &[u8]) {
-    let mut h = tar::Header::new_old();
-    h.as_old_mut().name[..name.len()].copy_from_slice(name);
-    h.as_old_mut().linkname[..link.len()].copy_from_slice(link);
-    h.set_mode(mode);
-    h.set_size(data.len() as u64);
-    h.set_entry_type(tar::EntryType::new(kind));
-    h.set_cksum();
-    out.extend_from_slice(h.as_bytes());
-    out.extend_from_slice(data);
-    out.resize(out.len().div_ceil(512) * 512, 0);
-}
 
 fn end(mut out: Vec<u8>) -> Vec<u8> {
     out.extend_from_slice(&[0; 1024]);

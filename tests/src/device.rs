@@ -502,17 +502,5 @@ pub fn boot_cmd(arch: crate::uboot::Arch) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../targets").join(arch.target()).join("boot.cmd")
 }
 
-/// Appends one raw tar entry, byte for byte (no sanitising, unlike
-/// `tar::Builder`), so that hostile names and types can be made.
-pub fn raw_tar_entry(out: &mut Vec<u8>, name: &[u8], kind: u8, mode: u32, link: &[u8], data: &[u8]) {
-    let mut h = tar::Header::new_old();
-    h.as_old_mut().name[..name.len()].copy_from_slice(name);
-    h.as_old_mut().linkname[..link.len()].copy_from_slice(link);
-    h.set_mode(mode);
-    h.set_size(data.len() as u64);
-    h.set_entry_type(tar::EntryType::new(kind));
-    h.set_cksum();
-    out.extend_from_slice(h.as_bytes());
-    out.extend_from_slice(data);
-    out.resize(out.len().div_ceil(512) * 512, 0);
-}
+/// Appends one raw tar entry, byte for byte, for hostile archives.
+pub use perch_protocol::bundle::raw_entry as raw_tar_entry;

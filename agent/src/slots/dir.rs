@@ -269,20 +269,6 @@ mod tests {
         assert!(e.contains("Not a directory (os error 20)"), "{e}");
     }
 
-    /// One raw tar entry, byte for byte (no sanitising, unlike `tar::Builder`).
-    fn raw(out: &mut Vec<u8>, name: &[u8], kind: u8, mode: u32, link: &[u8], data: &[u8]) {
-        let mut h = tar::Header::new_old();
-        h.as_old_mut().name[..name.len()].copy_from_slice(name);
-        h.as_old_mut().linkname[..link.len()].copy_from_slice(link);
-        h.set_mode(mode);
-        h.set_size(data.len() as u64);
-        h.set_entry_type(tar::EntryType::new(kind));
-        h.set_cksum();
-        out.extend_from_slice(h.as_bytes());
-        out.extend_from_slice(data);
-        out.resize(out.len().div_ceil(512) * 512, 0);
-    }
-
     /// Every path under `dir` (not following symlinks), with its mode and kind.
     fn listing(dir: &Path) -> Vec<(PathBuf, u32, bool)> {
         let mut out = Vec::new();
@@ -326,7 +312,7 @@ mod tests {
             fs::write(d.path().join("outside/keep"), "keep").unwrap();
             let mut tar = Vec::new();
             for (name, kind, mode, link) in &entries {
-                raw(&mut tar, name, *kind, *mode, link, if *kind == b'0' { b"data" } else { b"" });
+                perch_protocol::bundle::raw_entry(&mut tar, name, *kind, *mode, link, if *kind == b'0' { b"data" } else { b"" });
             }
             tar.extend_from_slice(&[0; 1024]);
             let len = stage(&root, SlotId::B, &tar);

@@ -246,3 +246,22 @@ impl<R: Read> Read for Watched<R> {
         })
     }
 }
+
+/// Appends one tar entry byte for byte, with no sanitising (unlike
+/// `tar::Builder`), so that tests and fuzzers can make the hostile
+/// archives [`check_archive`] must refuse. Bundles are never built with it.
+#[doc(hidden)]
+pub fn raw_entry(out: &mut Vec<u8>, name: &[u8], kind: u8, mode: u32, link: &[u8], data: &[u8]) {
+    let mut h = tar::Header::new_old();
+    let n = name.len().min(h.as_old().name.len());
+    h.as_old_mut().name[..n].copy_from_slice(&name[..n]);
+    let l = link.len().min(h.as_old().linkname.len());
+    h.as_old_mut().linkname[..l].copy_from_slice(&link[..l]);
+    h.set_mode(mode);
+    h.set_size(data.len() as u64);
+    h.set_entry_type(tar::EntryType::new(kind));
+    h.set_cksum();
+    out.extend_from_slice(h.as_bytes());
+    out.extend_from_slice(data);
+    out.resize(out.len().div_ceil(512) * 512, 0);
+}

@@ -25,7 +25,7 @@ mod manifest;
 mod reader;
 mod writer;
 
-pub use archive::{check_archive, ArchiveError, ArchivePolicy, Refusal, MAX_ENTRY_PATH};
+pub use archive::{check_archive, raw_entry, ArchiveError, ArchivePolicy, Refusal, MAX_ENTRY_PATH};
 pub use manifest::{Manifest, PayloadKind};
 pub use reader::{
     check_archive_payload, verify_stream, BundleReader, CheckedChunk, PayloadHasher, UncheckedChunk,
