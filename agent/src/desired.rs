@@ -319,8 +319,9 @@ async fn install(
             e => Failure::Failed(e.to_string()),
         })?;
         info!(%key, revision, bundle = %hex::encode(&digest[..8]), "desired state names a new bundle; fetching it");
-        if let Some(p) = problem {
-            warn!("{p}; moved aside, kept the running slot and started a fresh journal");
+        // Each line already says what was found and what was done about it.
+        for line in problem.iter().flat_map(|r| &r.0) {
+            warn!("{line}");
         }
         if let Some(r) = reporter {
             engine.observe(crate::reports::engine_observer(r));
