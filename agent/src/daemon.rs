@@ -99,6 +99,12 @@ fn open_reporter(cfg: &Config, state_dir: &Path) -> Result<Reporter, String> {
             Repair::NewEpoch { file, why } => {
                 warn!(file = %file.display(), why, "outbox: epoch unreadable; reports count from a new one")
             }
+            Repair::MovedAside { file, to, why } => warn!(
+                file = %file.display(),
+                to = %to.display(),
+                why,
+                "outbox: not a file the agent writes; moved aside, not read"
+            ),
         }
     }
     let reporter = Reporter::new(outbox, &device, &boot_id, state_dir, cfg.slots.clone());

@@ -31,11 +31,13 @@
 
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use perch_protocol::report::Lane;
 use perch_support::durable::{self, Replace};
+
+use crate::statefile::{self, StateFile};
 use serde::{Deserialize, Serialize};
 
 pub mod segment;
@@ -155,6 +157,9 @@ pub enum Repair {
     },
     /// The epoch file was unreadable; a new epoch was drawn.
     NewEpoch { file: PathBuf, why: String },
+    /// A file that is not one the agent writes (a directory, a FIFO, a
+    /// segment larger than any it writes) was moved aside, not read.
+    MovedAside { file: PathBuf, to: PathBuf, why: String },
 }
 
 /// The outbox of one state directory.
@@ -185,7 +190,7 @@ impl Outbox {
             durable::sync_dir(state_dir).map_err(io(state_dir))?;
         }
         let mut repairs = Vec::new();
-        let acked = read_acked(&dir.join("acked"))?;
+        let acked = read_acked(&dir.join("acked"), Some(&mut repairs))?;
         let mut max_seq = acked.events.max(acked.telemetry);
         let mut lanes = Vec::with_capacity(2);
         for lane in Lane::ALL {
@@ -209,7 +214,8 @@ impl Outbox {
             let done = acked.get(lane);
             let last_file = files.len().saturating_sub(1);
             for (n, path) in files.into_iter().enumerate() {
-                let mut scan = segment::scan(&read_file(&path)?);
+                let Some(bytes) = read_segment(&path, &cfg, Some(&mut repairs))? else { continue };
+                let mut scan = segment::scan(&bytes);
                 let last_seq = scan.records.last().map(|r| r.seq).unwrap_or(0);
                 // Damage before a record JetStream already acked cost nothing
                 // that was not sent: such a segment is deleted below, unreported.
@@ -413,7 +419,7 @@ impl Outbox {
 /// changing anything: `status` runs next to a live agent.
 pub fn peek(state_dir: &Path) -> Result<(usize, u64), OutboxError> {
     let dir = state_dir.join("outbox");
-    let acked = read_acked(&dir.join("acked"))?;
+    let acked = read_acked(&dir.join("acked"), None)?;
     let (mut n, mut bytes) = (0usize, 0u64);
     for lane in Lane::ALL {
         let ldir = dir.join(lane.as_str());
@@ -424,7 +430,7 @@ pub fn peek(state_dir: &Path) -> Result<(usize, u64), OutboxError> {
                 continue;
             }
             // A segment deleted by the agent meanwhile was fully sent.
-            let Ok(file) = read_file(&path) else { continue };
+            let Ok(Some(file)) = read_segment(&path, &OutboxConfig::default(), None) else { continue };
             for r in segment::scan(&file).records.iter().filter(|r| r.seq > done) {
                 n += 1;
                 bytes += r.payload.len() as u64;
@@ -442,23 +448,20 @@ pub fn peek(state_dir: &Path) -> Result<(usize, u64), OutboxError> {
 /// with; the reporter sends them under it.)
 fn open_epoch(dir: &Path, history: bool, repairs: &mut Vec<Repair>) -> Result<u64, OutboxError> {
     let path = dir.join(EPOCH_FILE);
-    match durable::read_bounded(&path, 64) {
-        Ok(bytes) => match parse_epoch(&bytes) {
+    // A directory or FIFO in its place is moved aside first (a rename could
+    // not replace it), then a new epoch is drawn.
+    let before = repairs.len();
+    match read_state(&path, 64, Some(repairs))? {
+        Some(bytes) => match parse_epoch(&bytes) {
             Ok(e) => return Ok(e),
             Err(why) => repairs.push(Repair::NewEpoch { file: path.clone(), why }),
         },
-        Err(e) if e.is_not_found() => {
-            if history {
-                repairs.push(Repair::NewEpoch {
-                    file: path.clone(),
-                    why: "missing, with reports on disk".into(),
-                })
-            }
+        None if repairs.len() > before || history => {
+            let why =
+                if repairs.len() > before { "not a readable file" } else { "missing, with reports on disk" };
+            repairs.push(Repair::NewEpoch { file: path.clone(), why: why.into() })
         }
-        Err(durable::ReadError::TooLarge { .. }) => {
-            repairs.push(Repair::NewEpoch { file: path.clone(), why: "over 64 bytes".into() })
-        }
-        Err(durable::ReadError::Io { path, source }) => return Err(OutboxError::Io { path, err: source }),
+        None => {}
     }
     let mut b = [0u8; 8];
     getrandom::getrandom(&mut b).map_err(|e| OutboxError::Random(e.to_string()))?;
@@ -483,18 +486,49 @@ fn parse_epoch(bytes: &[u8]) -> Result<u64, String> {
     u64::from_str_radix(text, 16).map_err(|e| e.to_string())
 }
 
-fn read_acked(path: &Path) -> Result<Acked, OutboxError> {
-    match fs::read(path) {
-        Ok(bytes) => Ok(postcard::from_bytes(&bytes).unwrap_or_default()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Acked::default()),
-        Err(e) => Err(io(path)(e)),
+/// The largest segment file the agent writes: it starts a new segment once
+/// one passes `segment_bytes`, so at most one framed record more.
+fn segment_limit(cfg: &OutboxConfig) -> usize {
+    (cfg.segment_bytes as usize).saturating_add(MAX_RECORD + 64)
+}
+
+/// Reads a state file of the outbox. One that is not a file the agent
+/// wrote (a directory, a FIFO, over `max` bytes) is moved aside and said
+/// so in `repairs`; with no `repairs` (`peek`, which changes nothing) it
+/// is only skipped. `None`: nothing to read.
+fn read_state(
+    path: &Path,
+    max: usize,
+    repairs: Option<&mut Vec<Repair>>,
+) -> Result<Option<Vec<u8>>, OutboxError> {
+    let read_err = |e: durable::ReadError| OutboxError::Io {
+        path: path.to_path_buf(),
+        err: std::io::Error::other(e.to_string()),
+    };
+    match statefile::read(path, max).map_err(read_err)? {
+        StateFile::Missing => Ok(None),
+        StateFile::Bytes(b) => Ok(Some(b)),
+        StateFile::Damaged(why) => {
+            if let Some(repairs) = repairs {
+                let to = statefile::move_aside(path, perch_support::now_unix()).map_err(io(path))?;
+                repairs.push(Repair::MovedAside { file: path.to_path_buf(), to, why });
+            }
+            Ok(None)
+        }
     }
 }
 
-fn read_file(path: &Path) -> Result<Vec<u8>, OutboxError> {
-    let mut bytes = Vec::new();
-    File::open(path).and_then(|mut f| f.read_to_end(&mut bytes)).map_err(io(path))?;
-    Ok(bytes)
+fn read_acked(path: &Path, repairs: Option<&mut Vec<Repair>>) -> Result<Acked, OutboxError> {
+    // Lost done marks cost only resends, which JetStream drops by message id.
+    Ok(read_state(path, 4096, repairs)?.and_then(|b| postcard::from_bytes(&b).ok()).unwrap_or_default())
+}
+
+fn read_segment(
+    path: &Path,
+    cfg: &OutboxConfig,
+    repairs: Option<&mut Vec<Repair>>,
+) -> Result<Option<Vec<u8>>, OutboxError> {
+    read_state(path, segment_limit(cfg), repairs)
 }
 
 /// Repairs a segment that `scan` found damage in, and says what was lost:
@@ -662,6 +696,40 @@ mod tests {
     }
 
     #[test]
+    fn outbox_files_that_are_not_files_are_moved_aside_and_the_outbox_opens() {
+        let d = tempfile::tempdir().unwrap();
+        {
+            let (mut ob, _) = Outbox::open(d.path(), cfg()).unwrap();
+            for _ in 1..=3 {
+                ob.append(Lane::Events, payload).unwrap();
+            }
+            ob.flush().unwrap();
+        }
+        let dir = d.path().join("outbox");
+        // The done marks and the epoch as directories, and a segment far
+        // larger than any the agent writes.
+        fs::create_dir(dir.join("acked")).unwrap();
+        fs::remove_file(dir.join(EPOCH_FILE)).unwrap();
+        fs::create_dir(dir.join(EPOCH_FILE)).unwrap();
+        let huge = dir.join("events").join(format!("{:020}.{SEGMENT_EXT}", 999));
+        fs::write(&huge, vec![0u8; segment_limit(&cfg()) + 1]).unwrap();
+        let (ob, repairs) = Outbox::open(d.path(), cfg()).unwrap();
+        let moved: Vec<&PathBuf> = repairs
+            .iter()
+            .filter_map(|r| if let Repair::MovedAside { file, .. } = r { Some(file) } else { None })
+            .collect();
+        assert_eq!(moved, [&dir.join("acked"), &huge, &dir.join(EPOCH_FILE)], "{repairs:?}");
+        assert!(repairs.iter().any(|r| matches!(r, Repair::NewEpoch { .. })));
+        // Nothing that was good is lost.
+        assert_eq!(ob.pending(Lane::Events).map(|r| r.seq).collect::<Vec<_>>(), [1, 2, 3]);
+        assert!(dir.join(EPOCH_FILE).is_file());
+        // `status` reads the same directory without changing it.
+        fs::create_dir(dir.join("acked")).unwrap();
+        assert_eq!(peek(d.path()).unwrap().0, 3);
+        assert!(dir.join("acked").is_dir());
+    }
+
+    #[test]
     fn a_torn_tail_is_cut_off() {
         let d = tempfile::tempdir().unwrap();
         let (mut ob, _) = Outbox::open(d.path(), cfg()).unwrap();
@@ -715,7 +783,13 @@ mod tests {
         for bad in [&b""[..], b"0123", b"0123456789ABCDEF\n", b"0123456789abcdefg", &[b'0'; 100]] {
             fs::write(&file, bad).unwrap();
             let (ob, repairs) = Outbox::open(d.path(), cfg()).unwrap();
-            assert!(matches!(&repairs[..], [Repair::NewEpoch { .. }]), "{bad:?}: {repairs:?}");
+            // Oversize, it is also moved aside first.
+            let said = match &repairs[..] {
+                [Repair::NewEpoch { .. }] => true,
+                [Repair::MovedAside { .. }, Repair::NewEpoch { .. }] => bad.len() > 64,
+                _ => false,
+            };
+            assert!(said, "{bad:?}: {repairs:?}");
             assert_ne!(ob.epoch(), epoch);
             drop(ob);
             // What was drawn is stored: the next open keeps it.
