@@ -164,7 +164,10 @@ fn provisioner_stops_while_its_server(hangs: bool) {
     }
     load.kill();
     assert_eq!(code, Some(0), "{}", f.log("provisioner-0.log"));
-    assert!(started.elapsed() < Duration::from_secs(8), "took {:?}", started.elapsed());
+    // The drain is capped at DRAIN_LIMIT (5 s) and the runtime's shutdown at
+    // 1 s; the rest is slack for a loaded CI machine. A shutdown that waits
+    // on the server never ends, and `terminate` gives up at 15 s.
+    assert!(started.elapsed() < Duration::from_secs(12), "took {:?}", started.elapsed());
 }
 
 #[test]
@@ -216,7 +219,8 @@ fn agent_stops_while_its_server(hangs: bool) {
         f.server.signal("CONT");
     }
     assert_eq!(code, Some(0), "{}", log());
-    assert!(started.elapsed() < Duration::from_secs(6), "took {:?}", started.elapsed());
+    // A bound with slack for a loaded CI machine; waiting on the server would never end.
+    assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
 }
 
 #[test]
@@ -250,7 +254,8 @@ fn the_agent_stops_on_sigterm_mid_fetch_while_its_server_hangs() {
     let code = agent.terminate(Duration::from_secs(30));
     f.server.signal("CONT");
     assert_eq!(code, Some(0), "{}", log());
-    assert!(started.elapsed() < Duration::from_secs(6), "took {:?}", started.elapsed());
+    // A bound with slack for a loaded CI machine; waiting on the server would never end.
+    assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
 }
 
 #[test]
