@@ -28,7 +28,7 @@ use crate::journal::{
 };
 use crate::progress::Progress;
 use crate::recovery::{self, Problem, Recovered};
-use crate::slots::{self, SlotBackend, SlotError, Switch};
+use crate::slots::{self, SlotBackend, SlotError, Staged, Switch};
 use crate::{health, inhibit, statefile};
 
 /// Threads that hash chunks while staging: two keep up with a fast disk
@@ -559,8 +559,11 @@ impl Engine {
         written?;
         synced?;
         hit("staging-written");
+        // Every backend: a hook's `write` may run any `tar -x`, so no
+        // archive reaches one before each entry was checked on the slot.
         let archive = reader.manifest().manifest().archive_policy();
-        self.backend.finish(slot, bundle.kind, bundle.payload_len, archive)?;
+        let staged = Staged::check(self.backend.as_ref(), slot, bundle.payload_len, archive)?;
+        self.backend.finish(&staged)?;
         hit("slot-finished");
         self.journal.set_slot(slot, SlotContent::Bundle(bundle.clone()));
         self.save(DeployState::Staged { bundle: bundle.clone(), slot })?;

@@ -11,7 +11,9 @@
 //! The head must be the head of the bundle asked for: its digest (the
 //! SHA-256 of the signed manifest, which names the bundle, its counter and
 //! every chunk hash) must equal the digest the desired state names, before
-//! anything else is fetched. Anyone who may publish to `PERCH_CHUNKS` can
+//! anything else is fetched. It is compared as the head's signature block
+//! states it, before the manifest is hashed or decoded, so a head nobody
+//! asked for costs no more than its header and signature block. Anyone who may publish to `PERCH_CHUNKS` can
 //! put another validly signed bundle under a digest's subjects; that is a
 //! security refusal ([`OpenError::WrongBundle`]), not an install.
 //!
@@ -100,6 +102,37 @@ fn other(msg: String) -> io::Error {
     io::Error::other(msg)
 }
 
+/// How a head says its payload is cut.
+#[derive(Debug, PartialEq, Eq)]
+struct Layout {
+    chunk_size: u64,
+    chunk_count: u32,
+    payload_len: u64,
+}
+
+/// Reads the payload layout from the head of bundle `digest`. The digest
+/// the head claims is compared first, from its header and signature block
+/// alone: a head for another bundle (or no bundle) is refused before a byte
+/// of its manifest, which may be tens of MiB, is hashed or decoded.
+fn layout(head: &[u8], digest: &[u8; 32]) -> Result<Layout, OpenError> {
+    use perch_protocol::bundle::{claimed_digest, BundleReader};
+    let bad = |e| other(format!("bundle {} head: {e}", hex::encode(digest)));
+    let claimed = claimed_digest(head).map_err(bad)?.0;
+    if claimed != *digest {
+        return Err(OpenError::WrongBundle { desired: hex::encode(digest), fetched: hex::encode(claimed) });
+    }
+    // Decoding checks the manifest hashes to the claimed (so the desired)
+    // digest. It is verified by the engine before any chunk is used, so
+    // reading it here unverified is safe.
+    let reader = BundleReader::open(head).map_err(bad)?;
+    let m = reader.head().unverified_manifest();
+    Ok(Layout {
+        chunk_size: u64::from(m.chunk_size),
+        chunk_count: m.chunk_count(),
+        payload_len: m.payload_len,
+    })
+}
+
 impl ChunkSource {
     /// Fetches the head of bundle `digest` and checks it is that bundle's.
     /// Call from a blocking thread.
@@ -120,19 +153,7 @@ impl ChunkSource {
             settings.clone(),
             fetched.clone(),
         ))?;
-        // The head says how the payload is cut; it is verified by the engine
-        // before any chunk is used, so reading it here unverified is safe.
-        let reader = perch_protocol::bundle::BundleReader::open(&head[..])
-            .map_err(|e| other(format!("bundle {} head: {e}", hex::encode(digest))))?;
-        // Before anything else: a head that hashes to another digest is
-        // another bundle, however well it is signed.
-        let got = reader.head().digest().0;
-        if got != digest {
-            return Err(OpenError::WrongBundle { desired: hex::encode(digest), fetched: hex::encode(got) });
-        }
-        let m = reader.head().unverified_manifest();
-        let (chunk_size, chunk_count, payload_len) =
-            (u64::from(m.chunk_size), m.chunk_count(), m.payload_len);
+        let Layout { chunk_size, chunk_count, payload_len } = layout(&head, &digest)?;
         Ok(Self {
             rt,
             client,
@@ -373,5 +394,63 @@ async fn link_lost(client: &Client, stats: &async_nats::Statistics, link: u64) {
         {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use perch_protocol::bundle::{BundleHead, ManifestBuilder, ManifestParams, PayloadKind};
+
+    use super::*;
+
+    /// A signed head of a 3000-byte image in 1 KiB chunks, and where its
+    /// manifest section starts and ends.
+    fn head() -> (Vec<u8>, [u8; 32], std::ops::Range<usize>) {
+        let mut b = ManifestBuilder::new(ManifestParams {
+            name: "app".into(),
+            counter: 1,
+            version: "1".into(),
+            targets: vec![],
+            kind: PayloadKind::Image,
+            chunk_size: 1024,
+            created_at: 0,
+            expires_at: None,
+            min_agent_version: None,
+            allow_downgrade: false,
+            allow_setid: false,
+        })
+        .unwrap();
+        b.update(&[7; 3000]);
+        let manifest = b.finish().unwrap();
+        let mut h = BundleHead::new(manifest).unwrap();
+        h.add_signature(&perch_protocol::SecretKey::from_seed(&[1; 32])).unwrap();
+        let mut out = Vec::new();
+        h.write_to(&mut out).unwrap();
+        // The manifest is last; the header's bytes 12..16 hold its length.
+        let manifest_len = u32::from_le_bytes(out[12..16].try_into().unwrap()) as usize;
+        let len = out.len();
+        (out, h.digest().0, len - manifest_len..len)
+    }
+
+    #[test]
+    fn the_requested_head_gives_its_layout() {
+        let (bytes, digest, _) = head();
+        let l = layout(&bytes, &digest).unwrap();
+        assert_eq!(l, Layout { chunk_size: 1024, chunk_count: 3, payload_len: 3000 });
+    }
+
+    #[test]
+    fn an_unrequested_head_is_refused_before_its_manifest_is_decoded() {
+        let (mut bytes, digest, manifest) = head();
+        // Junk where the manifest is: decoding it would fail, so a refusal
+        // for security shows the digest was compared first.
+        bytes[manifest].fill(0xff);
+        let e = layout(&bytes, &[9; 32]).unwrap_err();
+        assert!(matches!(e, OpenError::WrongBundle { .. }), "{e}");
+        assert!(e.is_security());
+        assert!(e.to_string().contains(&hex::encode(digest)), "{e}");
+        // Asked for, the same head is read and its junk found.
+        let e = layout(&bytes, &digest).unwrap_err();
+        assert!(!e.is_security(), "{e}");
     }
 }

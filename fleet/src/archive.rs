@@ -8,7 +8,7 @@
 //! directories, and setuid/setgid without `--allow-setid`.
 
 use std::fs::{self, File, Metadata};
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -74,12 +74,53 @@ fn add_dir<W: Write>(
         } else if ft.is_file() {
             let mut h = header(tar::EntryType::Regular, mode(&path, &meta, policy)?, meta.len());
             let file = File::open(&path).map_err(io(&path))?;
-            b.append_data(&mut h, &name, file).map_err(io(&path))?;
+            b.append_data(&mut h, &name, Exact::new(file, meta.len())).map_err(io(&path))?;
         } else {
             return Err(ArchiveError::Unsupported(path));
         }
     }
     Ok(())
+}
+
+/// Yields exactly the `left` bytes a header announced, and fails if its
+/// source has fewer or more: `tar::Builder` copies whatever the reader
+/// gives and pads after it, so a file that grew or shrank between `stat` and
+/// reading would make a corrupt archive instead of an error.
+struct Exact<R> {
+    inner: R,
+    left: u64,
+}
+
+impl<R: Read> Exact<R> {
+    fn new(inner: R, len: u64) -> Self {
+        Self { inner, left: len }
+    }
+}
+
+impl<R: Read> Read for Exact<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        if self.left == 0 {
+            // The end the header announced: anything more means it grew.
+            let mut probe = [0u8; 1];
+            return match self.inner.read(&mut probe)? {
+                0 => Ok(0),
+                _ => Err(io::Error::other("the file grew while it was archived")),
+            };
+        }
+        let max = usize::try_from(self.left).unwrap_or(usize::MAX).min(buf.len());
+        let n = self.inner.read(&mut buf[..max])?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("the file shrank while it was archived ({} bytes short)", self.left),
+            ));
+        }
+        self.left -= n as u64;
+        Ok(n)
+    }
 }
 
 /// The permission bits to record for `path`, or why it may not go in.
@@ -132,6 +173,42 @@ mod tests {
         let names: Vec<String> =
             ar.entries().unwrap().map(|e| e.unwrap().path().unwrap().display().to_string()).collect();
         assert_eq!(names, ["bin", "etc", "etc/app", "etc/app/conf", "run"]);
+    }
+
+    /// Appends `data` as a file whose header says `size` bytes.
+    fn append(data: &[u8], size: u64) -> io::Result<Vec<u8>> {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = header(tar::EntryType::Regular, 0o644, size);
+        b.append_data(&mut h, "f", Exact::new(data, size))?;
+        b.into_inner()
+    }
+
+    #[test]
+    fn a_file_that_changed_size_after_stat_is_an_error_not_a_corrupt_tar() {
+        let e = append(b"0123456789", 4).unwrap_err();
+        assert!(e.to_string().contains("grew while it was archived"), "{e}");
+        let e = append(b"01", 4).unwrap_err();
+        assert!(e.to_string().contains("shrank while it was archived (2 bytes short)"), "{e}");
+        // The size it was stat'ed at goes in whole, and reads back.
+        let t = append(b"0123", 4).unwrap();
+        let mut ar = tar::Archive::new(&t[..]);
+        let mut e = ar.entries().unwrap().next().unwrap().unwrap();
+        let mut got = String::new();
+        e.read_to_string(&mut got).unwrap();
+        assert_eq!(got, "0123");
+    }
+
+    #[test]
+    fn a_tree_whose_files_read_longer_than_their_stat_size_is_refused() {
+        // procfs files stat as 0 bytes and read as more: the same as a file
+        // appended to between stat and read.
+        let root = Path::new("/proc/sys/kernel/random");
+        if !root.join("boot_id").exists() {
+            return; // no procfs here
+        }
+        let e = write_tar(root, Vec::new(), ArchivePolicy::default()).unwrap_err();
+        let chain = perch_support::error_chain(&e);
+        assert!(chain.contains("boot_id") && chain.contains("grew while it was archived"), "{chain}");
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! with the signature block naming the manifest's real digest, so the fuzzer
 //! spends its time in manifest and signature decoding.
 use libfuzzer_sys::fuzz_target;
-use perch_protocol::bundle::BundleReader;
+use perch_protocol::bundle::{claimed_digest, BundleReader};
 use sha2::{Digest, Sha256};
 
 #[path = "common.rs"]
@@ -23,8 +23,11 @@ fuzz_target!(|data: &[u8]| {
     bytes.extend_from_slice(&(sigs.len() as u32).to_le_bytes());
     bytes.extend_from_slice(&sigs);
     bytes.extend_from_slice(manifest);
+    let claimed = claimed_digest(&bytes[..]);
     if let Ok(reader) = BundleReader::open(&bytes[..]) {
         let _ = reader.head().unverified_manifest().chunk_count();
+        // What a fetcher compares before decoding is what names the bundle.
+        assert_eq!(claimed.ok(), Some(reader.head().digest()));
         assert!(reader.verify(common::trust(), common::NOW).is_err());
     }
     assert!(BundleReader::open_verified(&bytes[..], common::trust(), common::NOW).is_err());

@@ -60,6 +60,47 @@ fn dot_dot_and_absolute_paths_are_refused() {
     }
 }
 
+/// A pax extended header record `LEN key=value\n`.
+fn pax(key: &str, value: &[u8]) -> Vec<u8> {
+    let body = [format!(" {key}=").as_bytes(), value, b"\n"].concat();
+    let mut len = body.len() + 1;
+    while format!("{len}").len() + body.len() != len {
+        len += 1;
+    }
+    [format!("{len}").as_bytes(), &body[..]].concat()
+}
+
+/// [`entry`] with a GNU header, the only kind whose `L`/`K`/`x` entries
+/// tar readers take as long names or pax records.
+fn gnu_entry(out: &mut Vec<u8>, name: &[u8], kind: u8, mode: u32, link: &[u8], data: &[u8]) {
+    let at = out.len();
+    entry(out, name, kind, mode, link, data);
+    let mut h = tar::Header::new_gnu();
+    h.as_mut_bytes().copy_from_slice(&out[at..at + 512]);
+    h.as_mut_bytes()[257..265].copy_from_slice(b"ustar  \0");
+    h.set_cksum();
+    out[at..at + 512].copy_from_slice(h.as_bytes());
+}
+
+#[test]
+fn nul_bytes_in_long_names_and_link_targets_are_refused() {
+    // GNU long name: the path is `etc\0x` although the header says `placeholder`.
+    let mut t = good();
+    gnu_entry(&mut t, b"././@LongLink", b'L', 0o644, b"", b"etc\0x\0");
+    gnu_entry(&mut t, b"placeholder", b'0', 0o644, b"", b"x");
+    assert_eq!(refusal(&end(t), NONE), ("etc\\0x".into(), Refusal::Nul));
+    // pax path.
+    let mut t = good();
+    gnu_entry(&mut t, b"PaxHeader", b'x', 0o644, b"", &pax("path", b"a\0b"));
+    gnu_entry(&mut t, b"placeholder", b'0', 0o644, b"", b"x");
+    assert_eq!(refusal(&end(t), NONE), ("a\\0b".into(), Refusal::Nul));
+    // GNU long link name on a symlink.
+    let mut t = good();
+    gnu_entry(&mut t, b"././@LongLink", b'K', 0o644, b"", b"/etc\0/x\0");
+    gnu_entry(&mut t, b"lnk", b'2', 0o777, b"placeholder", b"");
+    assert_eq!(refusal(&end(t), NONE), ("lnk".into(), Refusal::Nul));
+}
+
 #[test]
 fn setid_needs_the_signed_option() {
     for mode in [0o4755, 0o2755] {
@@ -174,17 +215,20 @@ proptest! {
     #[test]
     fn hostile_tars_never_panic_and_accepted_ones_are_tame(
         entries in prop::collection::vec(
-            (prop::collection::vec(prop::sample::select(vec![b'a', b'b', b'/', b'.']), 1..12),
-             prop::sample::select(vec![b'0', b'1', b'2', b'3', b'4', b'5', b'6', b'7', b'g', b'x', b'L']),
+            (prop::collection::vec(prop::sample::select(vec![b'a', b'b', b'/', b'.', 0]), 1..12),
+             prop::sample::select(vec![b'0', b'1', b'2', b'3', b'4', b'5', b'6', b'7', b'g', b'x', b'L', b'K']),
              prop::sample::select(vec![0o644u32, 0o4755, 0o777, 0o1777, 0o700, 0o170644]),
-             prop::collection::vec(prop::sample::select(vec![b'a', b'b', b'/', b'.']), 0..8),
-             0usize..3),
+             prop::collection::vec(prop::sample::select(vec![b'a', b'b', b'/', b'.', 0]), 0..8),
+             prop::collection::vec(prop::sample::select(vec![b'a', b'/', b'.', 0]), 0..6),
+             any::<bool>()),
             0..12),
         allow_setid: bool,
     ) {
         let mut t = Vec::new();
-        for (name, kind, mode, link, data) in &entries {
-            entry(&mut t, name, *kind, *mode, link, &b"xyz"[..*data]);
+        for (name, kind, mode, link, data, gnu) in &entries {
+            // Data doubles as a GNU long name (`L`, `K`) or pax body (`x`).
+            let add = if *gnu { gnu_entry } else { entry };
+            add(&mut t, name, *kind, *mode, link, data);
         }
         let t = end(t);
         let policy = ArchivePolicy { allow_setid };
@@ -193,6 +237,10 @@ proptest! {
             for e in ar.entries().unwrap() {
                 let e = e.unwrap();
                 let path = e.path_bytes().into_owned();
+                prop_assert!(!path.contains(&0));
+                if let Some(target) = e.link_name_bytes() {
+                    prop_assert!(!target.contains(&0));
+                }
                 prop_assert!(!path.starts_with(b"/"));
                 prop_assert!(!path.split(|b| *b == b'/').any(|c| c == b".."));
                 let kind = e.header().entry_type();

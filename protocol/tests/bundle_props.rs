@@ -330,3 +330,37 @@ proptest! {
         prop_assert!(e.is_security());
     }
 }
+
+/// A reader that fails on any read past `limit` bytes.
+struct Fence<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+    limit: usize,
+}
+
+impl Read for Fence<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = buf.len().min(self.bytes.len() - self.pos);
+        if n > 0 && self.pos + n > self.limit {
+            return Err(std::io::Error::other(format!("read past the fence at {}", self.limit)));
+        }
+        buf[..n].copy_from_slice(&self.bytes[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+#[test]
+fn claimed_digest_reads_no_byte_of_the_manifest() {
+    let payload = payload(3000, 4);
+    let bytes = build(&payload, 1024, &[1]);
+    let head = BundleReader::open(&bytes[..]).unwrap().verify(&trust(1, 1), NOW).unwrap().into_manifest();
+    let before_manifest = bytes.len() - payload.len() - head.manifest_bytes().len();
+    let fence = Fence { bytes: &bytes, pos: 0, limit: before_manifest };
+    assert_eq!(perch_protocol::bundle::claimed_digest(fence).unwrap(), head.digest());
+    // A manifest section of junk (it would not decode) is never looked at.
+    let mut junk = bytes.clone();
+    junk[before_manifest..bytes.len() - payload.len()].fill(0xff);
+    assert_eq!(perch_protocol::bundle::claimed_digest(&junk[..]).unwrap(), head.digest());
+    assert!(BundleReader::open(&junk[..]).is_err());
+}

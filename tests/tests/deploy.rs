@@ -321,6 +321,49 @@ fn hook_good_bundle_commits_and_bad_health_rolls_back() {
 }
 
 #[test]
+fn hook_signed_hostile_archive_exits_3_before_any_hook_runs() {
+    use perch_tests::device::raw_tar_entry as entry;
+    // The `write` hook may run any `tar -x`: the engine, not the backend,
+    // must refuse these, before `write` or `activate` sees the payload.
+    type Case = (&'static [u8], u8, u32, &'static str);
+    let cases: [Case; 4] = [
+        (b"null", b'3', 0o600, "character device entries are not allowed"),
+        (b"pipe", b'6', 0o600, "FIFO entries are not allowed"),
+        (b"../escape", b'0', 0o644, "path has a `..` component"),
+        (b"su", b'0', 0o4755, "is setuid/setgid, and the manifest does not allow it"),
+    ];
+    for (i, (name, kind, mode, why)) in cases.into_iter().enumerate() {
+        let d = Device::new(Backend::Hook);
+        let mut tar = Vec::new();
+        entry(&mut tar, b"app", b'0', 0o755, b"", b"new app\n");
+        entry(&mut tar, name, kind, mode, b"", b"");
+        tar.extend_from_slice(&[0; 1024]);
+        let bundle = format!("hostile{i}.perch");
+        d.signed_tar_bundle(&bundle, 2, &tar, false);
+        let r = install(&d, &bundle);
+        let shown = String::from_utf8_lossy(name);
+        assert_eq!(r.code, 3, "{shown}: {}{}", r.stdout, r.stderr);
+        assert_eq!(r.stderr.lines().count(), 1, "{shown}: {}", r.stderr);
+        assert!(r.stderr.contains(&format!("archive entry `{shown}`")), "{shown}: {}", r.stderr);
+        assert!(r.stderr.contains(why), "{shown}: {}", r.stderr);
+        let log = fs::read_to_string(d.path("hook.log")).unwrap_or_default();
+        assert!(!log.contains("write") && !log.contains("activate"), "{shown}: hooks ran: {log}");
+        assert_eq!(d.status()["booted_slot"], "a");
+        assert_eq!(d.state(), "failed");
+    }
+    // A tame archive still reaches `write`, as `PERCH_KIND=archive`.
+    let d = Device::new(Backend::Hook);
+    let mut tar = Vec::new();
+    entry(&mut tar, b"app", b'0', 0o755, b"", b"new app\n");
+    tar.extend_from_slice(&[0; 1024]);
+    d.signed_tar_bundle("tame.perch", 2, &tar, false);
+    let r = install(&d, "tame.perch");
+    assert_eq!(r.code, 0, "{} {}", r.stdout, r.stderr);
+    let log = fs::read_to_string(d.path("hook.log")).unwrap();
+    assert_eq!(log, "write b archive\nactivate b\nconfirm b\n");
+}
+
+#[test]
 fn hook_fallback_during_trial_is_detected() {
     let d = Device::new(Backend::Hook);
     d.image_bundle("v2.perch", 2, 1, LEN, 16 * 1024);

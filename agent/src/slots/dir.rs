@@ -1,17 +1,17 @@
 //! Directory slots: `ROOT/a` and `ROOT/b`, and `ROOT/current`, a symlink to
 //! the running one, swapped atomically (symlink + rename). An archive
 //! payload is staged as `ROOT/.staging-<slot>.tar`, checked entry by entry
-//! (`check_archive`), then unpacked into `ROOT/.<slot>.new`, fsynced, and
+//! by the engine (a [`Staged`] archive), then unpacked into `ROOT/.<slot>.new`, fsynced, and
 //! renamed over `ROOT/<slot>`.
 
 use std::fs::{self, File};
 use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
 
-use perch_protocol::bundle::{check_archive, ArchivePolicy, PayloadKind};
+use perch_protocol::bundle::PayloadKind;
 use perch_support::durable::sync_dir;
 
-use super::{io_err, read_prefix, shell, FileWriter, SlotBackend, SlotError, SlotWriter, Switch};
+use super::{io_err, read_prefix, shell, FileWriter, SlotBackend, SlotError, SlotWriter, Staged, Switch};
 use crate::config::DirSlots;
 use crate::journal::SlotId;
 
@@ -87,22 +87,16 @@ impl SlotBackend for DirBackend {
         read_prefix(&self.staging(slot), len)
     }
 
-    fn finish(
-        &self,
-        slot: SlotId,
-        _kind: PayloadKind,
-        len: u64,
-        archive: Option<ArchivePolicy>,
-    ) -> Result<(), SlotError> {
+    /// Unpacks exactly the bytes the engine's archive check read (the same
+    /// staging file, the same length): a refused archive never gets here,
+    /// so both slots stay as they were.
+    fn finish(&self, staged: &Staged) -> Result<(), SlotError> {
+        if staged.kind() != PayloadKind::Archive {
+            return Err(SlotError::Unsupported("directory slots take archive bundles".into()));
+        }
+        let (slot, len) = (staged.slot(), staged.payload_len());
         let tar_path = self.staging(slot);
         let fresh = self.cfg.root.join(format!(".{slot}.new"));
-        let policy =
-            archive.ok_or_else(|| SlotError::Unsupported("directory slots take archive bundles".into()))?;
-        // Every entry is checked before anything is written: a refused
-        // archive leaves both slots as they were.
-        let tar_file = File::open(&tar_path).map_err(io_err(&tar_path))?;
-        check_archive(BufReader::new(tar_file).take(len), policy)
-            .map_err(|err| SlotError::Archive { slot, err })?;
         if fresh.exists() {
             fs::remove_dir_all(&fresh).map_err(io_err(&fresh))?;
         }
@@ -196,6 +190,7 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     use super::*;
+    use perch_protocol::bundle::ArchivePolicy;
 
     fn backend(root: &Path) -> DirBackend {
         DirBackend::new(DirSlots { root: root.to_path_buf(), restart: None })
@@ -223,6 +218,12 @@ mod tests {
         tar.len() as u64
     }
 
+    /// The engine's path: the archive check on what the slot holds, then `finish`.
+    fn check_and_finish(root: &Path, len: u64, policy: Option<ArchivePolicy>) -> Result<(), SlotError> {
+        let b = backend(root);
+        b.finish(&Staged::check(&b, SlotId::B, len, policy)?)
+    }
+
     fn mode(p: &Path) -> u32 {
         fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777
     }
@@ -233,7 +234,7 @@ mod tests {
     fn permission_bits_survive_unpacking() {
         let d = tempfile::tempdir().unwrap();
         let len = stage(d.path(), SlotId::B, &tar_with(|_| {}));
-        backend(d.path()).finish(SlotId::B, PayloadKind::Archive, len, PLAIN).unwrap();
+        check_and_finish(d.path(), len, PLAIN).unwrap();
         assert_eq!(mode(&d.path().join("b/etc")), 0o700);
         assert_eq!(mode(&d.path().join("b/etc/key")), 0o600);
     }
@@ -251,7 +252,7 @@ mod tests {
             b.append_data(&mut h, "etc/pipe", std::io::empty()).unwrap();
         });
         let len = stage(d.path(), SlotId::B, &tar);
-        let e = backend(d.path()).finish(SlotId::B, PayloadKind::Archive, len, PLAIN).unwrap_err();
+        let e = check_and_finish(d.path(), len, PLAIN).unwrap_err();
         assert!(e.is_security(), "{e}");
         assert!(e.to_string().contains("`etc/pipe`"), "{e}");
         assert!(!d.path().join(".b.new").exists());
@@ -318,7 +319,7 @@ mod tests {
             let len = stage(&root, SlotId::B, &tar);
             let before = listing(&d.path().join("outside"));
             let policy = Some(ArchivePolicy { allow_setid });
-            let result = backend(&root).finish(SlotId::B, PayloadKind::Archive, len, policy);
+            let result = check_and_finish(&root, len, policy);
             proptest::prop_assert_eq!(listing(&d.path().join("outside")), before);
             let mut top: Vec<_> = fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
             top.sort();

@@ -8,10 +8,10 @@
 use std::io::Read;
 use std::process::Command;
 
-use perch_protocol::bundle::{ArchivePolicy, PayloadKind};
+use perch_protocol::bundle::PayloadKind;
 
 use super::block::BlockSlots;
-use super::{booted_from_cmdline, reboot_with, run, SlotBackend, SlotError, SlotWriter, Switch};
+use super::{booted_from_cmdline, reboot_with, run, SlotBackend, SlotError, SlotWriter, Staged, Switch};
 use crate::config::GrubSlots;
 use crate::journal::SlotId;
 
@@ -77,13 +77,7 @@ impl SlotBackend for GrubBackend {
         self.block.read_back(slot, len)
     }
 
-    fn finish(
-        &self,
-        _slot: SlotId,
-        _kind: PayloadKind,
-        _len: u64,
-        _archive: Option<ArchivePolicy>,
-    ) -> Result<(), SlotError> {
+    fn finish(&self, _staged: &Staged) -> Result<(), SlotError> {
         Ok(())
     }
 

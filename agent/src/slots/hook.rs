@@ -6,9 +6,11 @@
 use std::io::Read;
 use std::path::PathBuf;
 
-use perch_protocol::bundle::{ArchivePolicy, PayloadKind};
+use perch_protocol::bundle::PayloadKind;
 
-use super::{read_prefix, reboot_with, shell, FileWriter, SlotBackend, SlotError, SlotWriter, Switch};
+use super::{
+    read_prefix, reboot_with, shell, FileWriter, SlotBackend, SlotError, SlotWriter, Staged, Switch,
+};
 use crate::config::HookSlots;
 use crate::journal::SlotId;
 
@@ -63,13 +65,9 @@ impl SlotBackend for HookBackend {
         read_prefix(&self.staged(slot), len)
     }
 
-    fn finish(
-        &self,
-        slot: SlotId,
-        kind: PayloadKind,
-        _len: u64,
-        _archive: Option<ArchivePolicy>,
-    ) -> Result<(), SlotError> {
+    /// `write` only ever sees an archive the engine checked entry by entry.
+    fn finish(&self, staged: &Staged) -> Result<(), SlotError> {
+        let (slot, kind) = (staged.slot(), staged.kind());
         let payload = self.staged(slot);
         let payload_str = payload.to_string_lossy().into_owned();
         shell(

@@ -5,13 +5,16 @@ mod block;
 mod dir;
 mod grub;
 mod hook;
+mod staged;
 mod uboot;
+
+pub use staged::Staged;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use perch_protocol::bundle::{ArchiveError, ArchivePolicy, PayloadKind};
+use perch_protocol::bundle::{ArchiveError, PayloadKind};
 
 use crate::config::Slots;
 use crate::journal::SlotId;
@@ -87,15 +90,9 @@ pub trait SlotBackend {
     fn read_back(&self, slot: SlotId, len: u64) -> Result<Box<dyn Read>, SlotError>;
 
     /// Turns the staged payload into a usable slot (unpack an archive, hand
-    /// an image to a hook). `archive` is the signed manifest's archive
-    /// policy (`None` for an image). Must be safe to repeat after a crash.
-    fn finish(
-        &self,
-        slot: SlotId,
-        kind: PayloadKind,
-        len: u64,
-        archive: Option<ArchivePolicy>,
-    ) -> Result<(), SlotError>;
+    /// the payload to a hook). An archive in `staged` has passed the archive
+    /// check already. Must be safe to repeat after a crash.
+    fn finish(&self, staged: &Staged) -> Result<(), SlotError>;
 
     /// Drops staging leftovers once the journal says `slot` is staged.
     fn cleanup(&self, _slot: SlotId) {}

@@ -10,10 +10,10 @@
 use std::io::{Read, Write};
 use std::process::Command;
 
-use perch_protocol::bundle::{ArchivePolicy, PayloadKind};
+use perch_protocol::bundle::PayloadKind;
 
 use super::block::BlockSlots;
-use super::{booted_from_cmdline, reboot_with, run, SlotBackend, SlotError, SlotWriter, Switch};
+use super::{booted_from_cmdline, reboot_with, run, SlotBackend, SlotError, SlotWriter, Staged, Switch};
 use crate::config::UbootSlots;
 use crate::journal::SlotId;
 
@@ -80,13 +80,7 @@ impl SlotBackend for UbootBackend {
         self.block.read_back(slot, len)
     }
 
-    fn finish(
-        &self,
-        _slot: SlotId,
-        _kind: PayloadKind,
-        _len: u64,
-        _archive: Option<ArchivePolicy>,
-    ) -> Result<(), SlotError> {
+    fn finish(&self, _staged: &Staged) -> Result<(), SlotError> {
         Ok(())
     }
 

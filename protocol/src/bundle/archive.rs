@@ -47,6 +47,9 @@ pub enum Refusal {
     Component(String),
     #[error("path is not UTF-8")]
     NotUtf8,
+    /// No file system name holds one; the unpacker would fail half-way.
+    #[error("path has a NUL byte")]
+    Nul,
     #[error("path is longer than {MAX_ENTRY_PATH} bytes")]
     TooLong,
     #[error("named twice in the archive")]
@@ -146,6 +149,9 @@ fn check_entries<R: Read>(r: &mut Watched<R>, policy: ArchivePolicy) -> Result<u
                 if target.is_empty() {
                     return Err(refuse(Refusal::EmptySymlink));
                 }
+                if target.contains(&0) {
+                    return Err(refuse(Refusal::Nul));
+                }
             }
             _ => {
                 // A hardlink: to a regular file already in the tree.
@@ -199,6 +205,10 @@ fn check_mode(mode: u32, policy: ArchivePolicy) -> Result<(), Refusal> {
 fn normal_path(raw: &[u8], dir: bool) -> Result<String, Refusal> {
     if raw.len() > MAX_ENTRY_PATH {
         return Err(Refusal::TooLong);
+    }
+    // A GNU long name or pax path may embed one; the header's own name cannot.
+    if raw.contains(&0) {
+        return Err(Refusal::Nul);
     }
     let s = std::str::from_utf8(raw).map_err(|_| Refusal::NotUtf8)?;
     if s.starts_with('/') {

@@ -28,8 +28,8 @@ mod writer;
 pub use archive::{check_archive, raw_entry, ArchiveError, ArchivePolicy, Refusal, MAX_ENTRY_PATH};
 pub use manifest::{Manifest, PayloadKind};
 pub use reader::{
-    check_archive_payload, verify_stream, BundleReader, CheckedChunk, PayloadHasher, UncheckedChunk,
-    VerifiedBundle, VerifiedManifest,
+    check_archive_payload, claimed_digest, verify_stream, BundleReader, CheckedChunk, PayloadHasher,
+    UncheckedChunk, VerifiedBundle, VerifiedManifest,
 };
 pub use writer::{BundleHead, ManifestBuilder, ManifestParams};
 

@@ -73,6 +73,17 @@ impl<R: Read> BundleReader<R> {
     }
 }
 
+/// The digest a bundle head claims (the manifest SHA-256 its signature
+/// block names), read from the header and signature block only: at most
+/// the header and [`MAX_SIGNATURES_LEN`] bytes, and not a byte of the
+/// manifest. Nothing is verified: it lets a fetcher refuse a head it did not
+/// ask for before buffering or decoding its manifest. Any later read of the
+/// manifest ([`BundleReader::open`], [`BundleReader::open_verified`]) checks
+/// its bytes hash to this digest.
+pub fn claimed_digest<R: Read>(mut r: R) -> Result<BundleDigest, BundleError> {
+    read_signed_digest(&mut r).map(|signed| BundleDigest(signed.manifest_sha256))
+}
+
 /// A manifest whose signatures met the trust document's threshold.
 #[derive(Debug, Clone)]
 pub struct VerifiedManifest {
