@@ -78,8 +78,11 @@ struct Records {
 /// The configured trust document at `path`, if the records allow it; a
 /// newer one (reached by a valid chain) becomes the new floor.
 pub fn current(path: &Path, state_dir: &Path, now: u64) -> Result<Current, TrustStoreError> {
-    let bytes = read_bounded(path, MAX_TRUST_FILE_LEN).map_err(LoadTrustError::from)?;
+    // Records first: an update writes trust.doc before them, so whatever
+    // version they are read at, trust.doc read after is at least that one
+    // (an update running meanwhile is a catch-up here, not a rollback).
     let mut rec = Records::load(state_dir)?;
+    let bytes = read_bounded(path, MAX_TRUST_FILE_LEN).map_err(LoadTrustError::from)?;
     let trust = check(path, &bytes, &mut rec, state_dir, now)?;
     rec.store(state_dir, &bytes, &trust)?;
     Ok(Current { trust, warnings: rec.warnings })
@@ -552,5 +555,35 @@ mod tests {
             assert!(warnings.iter().any(|w| w.contains("moved aside")), "{name}: {warnings:?}");
             assert!(std::fs::symlink_metadata(&f).unwrap().is_file(), "{name} rewritten");
         }
+    }
+
+    #[test]
+    fn an_install_reading_the_trust_document_during_updates_is_never_refused() {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+        use std::sync::Arc;
+        let a = key(2);
+        let d = dev();
+        d.put(&doc(1, &[&a], &[])).unwrap();
+        let versions: Vec<Vec<u8>> = (2..=60).map(|v| doc(v, &[&a], &[&a])).collect();
+        let (done, reads) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)));
+        let (trust, state, stop, count) = (d.trust.clone(), d.state.clone(), done.clone(), reads.clone());
+        let reader = std::thread::spawn(move || {
+            while !stop.load(SeqCst) {
+                current(&trust, &state, NOW)
+                    .map_err(|e| format!("after {} reads: {e}", count.load(SeqCst)))?;
+                count.fetch_add(1, SeqCst);
+            }
+            Ok::<(), String>(())
+        });
+        for v in &versions {
+            // Each update lands while the reader is in the middle of reads.
+            let seen = reads.load(SeqCst);
+            while reads.load(SeqCst) == seen && !reader.is_finished() {
+                std::thread::yield_now();
+            }
+            update_bytes(&d.trust, Path::new("push"), v, &d.state, NOW).unwrap();
+        }
+        done.store(true, SeqCst);
+        reader.join().unwrap().unwrap();
     }
 }
