@@ -586,4 +586,19 @@ mod tests {
         done.store(true, SeqCst);
         reader.join().unwrap().unwrap();
     }
+
+    #[test]
+    fn an_update_reports_the_records_it_moved_aside() {
+        let (a, b) = (key(2), key(3));
+        let d = dev();
+        d.put(&doc(1, &[&a], &[])).unwrap();
+        std::fs::write(d.state.join(FLOOR), b"garbage\n").unwrap();
+        let c = update_bytes(&d.trust, Path::new("push"), &doc(2, &[&b], &[&a]), &d.state, NOW).unwrap();
+        assert_eq!(c.trust.body().version, 2);
+        assert!(
+            c.warnings.iter().any(|w| w.contains(FLOOR) && w.contains("moved aside")),
+            "{:?}",
+            c.warnings
+        );
+    }
 }
