@@ -136,7 +136,8 @@ impl Identity {
             // the enrollment's own is checked by signature, not expiry, or
             // every device would lose its link when the old one expires.
             (Some(c), Some(o)) if follows(c, o) => {
-                let current = trust_store::for_engine(&cfg.trust, &self.state_dir, now)?;
+                // Read-only: `status` loads the enrollment too.
+                let current = trust_store::peek(&cfg.trust, &self.state_dir, now)?.trust;
                 enrollment.verify_superseded(&expect, &current)
             }
             _ => enrollment.verify(&expect),

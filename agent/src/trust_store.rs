@@ -68,6 +68,15 @@ pub struct Current {
     pub warnings: Vec<String>,
 }
 
+/// What loading the records does with a damaged one.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Damage {
+    /// Moves it aside, so the next write can replace it.
+    MoveAside,
+    /// Only names it: for readers that must write nothing (`status`).
+    Leave,
+}
+
 /// The records of one state directory.
 struct Records {
     accepted: Option<VerifiedTrust>,
@@ -142,6 +151,16 @@ pub fn for_engine(path: &Path, state_dir: &Path, now: u64) -> Result<VerifiedTru
         }
     }
     Ok(c.trust)
+}
+
+/// [`current`] without writing anything (no record repaired, no damaged
+/// one moved aside): whether the configured document is the one the
+/// records allow, for readers such as `status`.
+pub fn peek(path: &Path, state_dir: &Path, now: u64) -> Result<Current, TrustStoreError> {
+    let mut rec = Records::load_with(state_dir, Damage::Leave)?;
+    let bytes = read_bounded(path, MAX_TRUST_FILE_LEN).map_err(LoadTrustError::from)?;
+    let trust = check(path, &bytes, &mut rec, state_dir, now)?;
+    Ok(Current { trust, warnings: rec.warnings })
 }
 
 impl From<TrustStoreError> for crate::deploy::DeployError {
@@ -228,22 +247,26 @@ impl Records {
     /// that is not the record's own fault (permissions, a failing disk) is
     /// an error, since taking the records as lost could lower the floor.
     fn load(state_dir: &Path) -> Result<Self, ReadError> {
+        Self::load_with(state_dir, Damage::MoveAside)
+    }
+
+    fn load_with(state_dir: &Path, damage: Damage) -> Result<Self, ReadError> {
         let mut warnings = Vec::new();
-        let accepted = match record(&state_dir.join(ACCEPTED), MAX_TRUST_FILE_LEN, &mut warnings)? {
+        let accepted = match record(&state_dir.join(ACCEPTED), MAX_TRUST_FILE_LEN, damage, &mut warnings)? {
             Some(b) => match SignedTrust::parse(&b).and_then(|t| t.verify_record(None)) {
                 Ok(t) => Some(t),
                 Err(e) => {
-                    warnings.push(set_aside(&state_dir.join(ACCEPTED), &e.to_string()));
+                    warnings.push(set_aside(&state_dir.join(ACCEPTED), &e.to_string(), damage));
                     None
                 }
             },
             None => None,
         };
-        let floor = match record(&state_dir.join(FLOOR), MAX_FLOOR_TEXT, &mut warnings)? {
+        let floor = match record(&state_dir.join(FLOOR), MAX_FLOOR_TEXT, damage, &mut warnings)? {
             Some(b) => match TrustFloor::parse(&b) {
                 Ok(f) => Some(f),
                 Err(e) => {
-                    warnings.push(set_aside(&state_dir.join(FLOOR), &e.to_string()));
+                    warnings.push(set_aside(&state_dir.join(FLOOR), &e.to_string(), damage));
                     None
                 }
             },
@@ -252,7 +275,11 @@ impl Records {
         // A copy from another org's root is not this device's record.
         let accepted = match (accepted, floor) {
             (Some(a), Some(f)) if a.body().root_key.id() != f.root => {
-                warnings.push(set_aside(&state_dir.join(ACCEPTED), "its root key is not the recorded one"));
+                warnings.push(set_aside(
+                    &state_dir.join(ACCEPTED),
+                    "its root key is not the recorded one",
+                    damage,
+                ));
                 None
             }
             (a, _) => a,
@@ -303,19 +330,27 @@ impl Records {
 /// The bytes of the record at `path`, None if it is missing or damaged
 /// (moved aside, with a warning): a FIFO or a directory is damage, not a
 /// read that blocks or fails every install.
-fn record(path: &Path, max: usize, warnings: &mut Vec<String>) -> Result<Option<Vec<u8>>, ReadError> {
+fn record(
+    path: &Path,
+    max: usize,
+    damage: Damage,
+    warnings: &mut Vec<String>,
+) -> Result<Option<Vec<u8>>, ReadError> {
     match statefile::read(path, max)? {
         StateFile::Missing => Ok(None),
         StateFile::Bytes(b) => Ok(Some(b)),
         StateFile::Damaged(why) => {
-            warnings.push(set_aside(path, &why));
+            warnings.push(set_aside(path, &why, damage));
             Ok(None)
         }
     }
 }
 
 /// Moves a damaged record aside; the warning line that says so.
-fn set_aside(path: &Path, why: &str) -> String {
+fn set_aside(path: &Path, why: &str, damage: Damage) -> String {
+    if damage == Damage::Leave {
+        return format!("{}: {why}", path.display());
+    }
     match statefile::move_aside(path, perch_support::now_unix()) {
         Ok(aside) => format!("{}: {why}; moved aside to {}", path.display(), aside.display()),
         Err(e) => format!("{}: {why}; could not move it aside: {e}", path.display()),
@@ -600,5 +635,31 @@ mod tests {
             "{:?}",
             c.warnings
         );
+    }
+
+    #[test]
+    fn peeking_at_the_trust_document_writes_nothing() {
+        let (a, b) = (key(2), key(3));
+        let d = dev();
+        d.put(&doc(1, &[&a], &[])).unwrap();
+        std::fs::write(&d.trust, doc(2, &[&b], &[&a])).unwrap();
+        std::fs::write(d.state.join(FLOOR), b"garbage\n").unwrap();
+        let snapshot = || {
+            let mut files: Vec<_> = std::fs::read_dir(&d.state)
+                .unwrap()
+                .flatten()
+                .map(|e| (e.file_name(), std::fs::read(e.path()).unwrap()))
+                .collect();
+            files.sort();
+            files
+        };
+        let before = snapshot();
+        let c = peek(&d.trust, &d.state, NOW).unwrap();
+        assert_eq!(c.trust.body().version, 2);
+        assert!(c.warnings.iter().any(|w| w.contains(FLOOR)), "{:?}", c.warnings);
+        assert_eq!(snapshot(), before);
+        // And an older document is refused all the same.
+        std::fs::write(&d.trust, doc(1, &[&b], &[])).unwrap();
+        assert!(peek(&d.trust, &d.state, NOW).is_err_and(|e| e.is_security()));
     }
 }
