@@ -157,18 +157,13 @@ impl Identity {
                     expected: hex::encode(&v.trust.fingerprint()[..8]),
                 })
             }
-            Some(_) => {}
-            None => {
-                if let Some(parent) = cfg.trust.parent().filter(|p| !p.as_os_str().is_empty()) {
-                    std::fs::create_dir_all(parent)
-                        .map_err(|source| WriteError::Io { path: parent.into(), source })?;
-                }
-                durable::write_bytes(&cfg.trust, 0o644, Replace::Allow, &v.enrollment.trust)?;
-            }
+            _ => {}
         }
-        // Refuses (and stores nothing) if the device already accepted a
-        // later version: this enrollment's document would lower the floor.
-        trust_store::for_engine(&cfg.trust, &self.state_dir, now)?;
+        // Installs and records the enrollment's document (the floor pushes
+        // are checked against); refused, writing nothing, if the device
+        // already accepted a later version.
+        let c = trust_store::install_enrolled(&cfg.trust, &v.enrollment.trust, &self.state_dir, now)?;
+        trust_store::say(&c.warnings);
         std::fs::create_dir_all(&self.dir)
             .map_err(|source| WriteError::Io { path: self.dir.clone(), source })?;
         durable::write_bytes(

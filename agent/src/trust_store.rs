@@ -139,18 +139,46 @@ pub fn update_bytes(
     Ok(Current { trust, warnings: rec.warnings })
 }
 
+/// The trust document of a new enrollment (`bytes`), installed at `path`
+/// unless it is there already and recorded: the one place besides the
+/// image's `trust.doc` a first floor comes from. Refused, writing nothing,
+/// if the records are at a later version (or another document).
+pub fn install_enrolled(
+    path: &Path,
+    bytes: &[u8],
+    state_dir: &Path,
+    now: u64,
+) -> Result<Current, TrustStoreError> {
+    let mut rec = Records::load(state_dir)?;
+    let trust = check(path, bytes, &mut rec, state_dir, now)?;
+    if !read_bounded(path, MAX_TRUST_FILE_LEN).is_ok_and(|b| b == bytes) {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)
+                .map_err(|source| WriteError::Io { path: parent.into(), source })?;
+        }
+        durable::write_bytes(path, 0o644, Replace::Allow, bytes)?;
+    }
+    rec.store(state_dir, bytes, &trust)?;
+    Ok(Current { trust, warnings: rec.warnings })
+}
+
 /// [`current`] for the deploy engine: warnings go to the log (or stderr,
 /// for a local command with no logger).
 pub fn for_engine(path: &Path, state_dir: &Path, now: u64) -> Result<VerifiedTrust, TrustStoreError> {
     let c = current(path, state_dir, now)?;
-    for w in &c.warnings {
+    say(&c.warnings);
+    Ok(c.trust)
+}
+
+/// Warnings to the log, or to stderr for a local command with no logger.
+pub fn say(warnings: &[String]) {
+    for w in warnings {
         if tracing::dispatcher::has_been_set() {
             tracing::warn!("{w}");
         } else {
             eprintln!("perch-agent: {w}");
         }
     }
-    Ok(c.trust)
 }
 
 /// [`current`] without writing anything (no record repaired, no damaged
@@ -661,5 +689,23 @@ mod tests {
         // And an older document is refused all the same.
         std::fs::write(&d.trust, doc(1, &[&b], &[])).unwrap();
         assert!(peek(&d.trust, &d.state, NOW).is_err_and(|e| e.is_security()));
+    }
+
+    #[test]
+    fn an_enrollment_document_older_than_the_floor_is_refused_and_not_installed() {
+        let (a, b) = (key(2), key(3));
+        let d = dev();
+        d.put(&doc(1, &[&a], &[])).unwrap();
+        d.put(&doc(2, &[&b], &[&a])).unwrap();
+        std::fs::remove_file(&d.trust).unwrap();
+        let r = install_enrolled(&d.trust, &doc(1, &[&a], &[]), &d.state, NOW);
+        assert!(matches!(r, Err(TrustStoreError::Rollback { .. })), "{:?}", r.err());
+        assert!(!d.trust.exists(), "a refused enrollment document was installed");
+        // On a new device it is the floor, and a push is checked against it.
+        let d = dev();
+        install_enrolled(&d.trust, &doc(1, &[&a], &[]), &d.state, NOW).unwrap();
+        assert_eq!(Records::load(&d.state).unwrap().floor_version(), Some(1));
+        let r = update_bytes(&d.trust, Path::new("push"), &doc(2, &[&b], &[]), &d.state, NOW);
+        assert!(matches!(r, Err(TrustStoreError::Chain { .. })), "{:?}", r.err());
     }
 }
