@@ -54,6 +54,7 @@ pub async fn run(
         cfg.trust.clone(),
         state_dir.clone(),
         cfg.fetch.resync,
+        engine.clone(),
     ));
     tokio::spawn(crate::desired::follow(
         link.client.clone(),

@@ -165,7 +165,7 @@ pub async fn online(
                     now: now_unix(),
                 };
                 let v = (*e).verify(&expect).map_err(EnrollFailure::BadAnswer)?;
-                identity.store(cfg, &v)?;
+                identity.store(cfg, &v, now_unix())?;
                 info!(device = %plan.device_id, groups = %v.credential.groups.join(","), "enrolled");
                 return Ok(v);
             }
@@ -261,6 +261,6 @@ pub fn import(
         now: now_unix(),
     };
     let v = e.verify(&expect).map_err(EnrollFailure::BadAnswer)?;
-    identity.store(cfg, &v)?;
+    identity.store(cfg, &v, now_unix())?;
     Ok(v)
 }

@@ -16,6 +16,7 @@ use perch_support::durable::{self, read_bounded, Replace, WriteError};
 use perch_support::keyfile::{self, KeyFileError};
 
 use crate::config::Config;
+use crate::trust_store::{self, TrustStoreError};
 
 const KEY_FILE: &str = "device.key";
 const ENROLLMENT_FILE: &str = "enrollment";
@@ -41,28 +42,35 @@ pub enum IdentityError {
     NoTrust(PathBuf),
     #[error("{} holds trust document {found}, but the enrollment is for {expected}; refusing to replace it", path.display())]
     TrustConflict { path: PathBuf, found: String, expected: String },
+    /// The installed trust document against the device's trust records.
+    #[error(transparent)]
+    TrustStore(#[from] TrustStoreError),
 }
 
 impl IdentityError {
     /// Enrollment and trust errors are security refusals.
     pub fn is_security(&self) -> bool {
-        matches!(
-            self,
-            IdentityError::Enrollment { .. }
-                | IdentityError::Trust { .. }
-                | IdentityError::TrustConflict { .. }
-        )
+        match self {
+            IdentityError::TrustStore(e) => e.is_security(),
+            e => matches!(
+                e,
+                IdentityError::Enrollment { .. }
+                    | IdentityError::Trust { .. }
+                    | IdentityError::TrustConflict { .. }
+            ),
+        }
     }
 }
 
 /// The identity files of one state directory.
 pub struct Identity {
     dir: PathBuf,
+    state_dir: PathBuf,
 }
 
 impl Identity {
     pub fn new(state_dir: &Path) -> Self {
-        Self { dir: state_dir.join("identity") }
+        Self { dir: state_dir.join("identity"), state_dir: state_dir.into() }
     }
 
     fn key_path(&self) -> PathBuf {
@@ -105,30 +113,42 @@ impl Identity {
         let enrollment = Enrollment::from_text(&text)
             .map_err(|err| IdentityError::Enrollment { path: path.clone(), err })?;
         let key = self.key()?;
+        let id = credential_id(&enrollment)
+            .map_err(|err| IdentityError::Enrollment { path: path.clone(), err })?;
         let own = SignedTrust::parse(&enrollment.trust).ok();
-        let trust = match (configured_trust(cfg)?, &own) {
-            // The org rotated its trust document since this device enrolled
-            // (the device takes newer versions only by a valid chain, see
-            // trust_store): the enrollment stays checked against its own.
-            (Some(c), Some(o)) if follows(&c, o) => o.fingerprint(),
+        let configured = configured_trust(cfg)?;
+        let fingerprint = match (&configured, &own) {
+            (Some(c), Some(o)) if follows(c, o) => o.fingerprint(),
             (Some(c), _) => c.fingerprint(),
             (None, o) => o.as_ref().map_or([0; 32], SignedTrust::fingerprint),
         };
-        let id = credential_id(&enrollment)
-            .map_err(|err| IdentityError::Enrollment { path: path.clone(), err })?;
         let expect = Expect {
             device_id: &id,
             device_key: key.public(),
-            trust_fingerprint: trust,
+            trust_fingerprint: fingerprint,
             ca_fingerprint: None,
             now,
         };
-        enrollment.verify(&expect).map(Some).map_err(|err| IdentityError::Enrollment { path, err })
+        let verified = match (&configured, &own) {
+            // The org rotated its trust document since this device enrolled.
+            // The installed one must be the accepted one (trust_store: its
+            // chain from the floor the enrollment seeded was checked); then
+            // the enrollment's own is checked by signature, not expiry, or
+            // every device would lose its link when the old one expires.
+            (Some(c), Some(o)) if follows(c, o) => {
+                // Read-only: `status` loads the enrollment too.
+                let current = trust_store::peek(&cfg.trust, &self.state_dir, now)?.trust;
+                enrollment.verify_superseded(&expect, &current)
+            }
+            _ => enrollment.verify(&expect),
+        };
+        verified.map(Some).map_err(|err| IdentityError::Enrollment { path, err })
     }
 
     /// Stores a checked enrollment, and the trust document at the
-    /// configured path if none is there yet.
-    pub fn store(&self, cfg: &Config, v: &VerifiedEnrollment) -> Result<(), IdentityError> {
+    /// configured path if none is there yet. The enrollment's document
+    /// seeds the trust records (the floor pushes are checked against).
+    pub fn store(&self, cfg: &Config, v: &VerifiedEnrollment, now: u64) -> Result<(), IdentityError> {
         match configured_trust(cfg)? {
             Some(t) if t.fingerprint() != v.trust.fingerprint() => {
                 return Err(IdentityError::TrustConflict {
@@ -137,15 +157,13 @@ impl Identity {
                     expected: hex::encode(&v.trust.fingerprint()[..8]),
                 })
             }
-            Some(_) => {}
-            None => {
-                if let Some(parent) = cfg.trust.parent().filter(|p| !p.as_os_str().is_empty()) {
-                    std::fs::create_dir_all(parent)
-                        .map_err(|source| WriteError::Io { path: parent.into(), source })?;
-                }
-                durable::write_bytes(&cfg.trust, 0o644, Replace::Allow, &v.enrollment.trust)?;
-            }
+            _ => {}
         }
+        // Installs and records the enrollment's document (the floor pushes
+        // are checked against); refused, writing nothing, if the device
+        // already accepted a later version.
+        let c = trust_store::install_enrolled(&cfg.trust, &v.enrollment.trust, &self.state_dir, now)?;
+        trust_store::say(&c.warnings);
         std::fs::create_dir_all(&self.dir)
             .map_err(|source| WriteError::Io { path: self.dir.clone(), source })?;
         durable::write_bytes(

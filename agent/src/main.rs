@@ -425,9 +425,7 @@ fn trust_update(cli: &Cli, file: &Path) -> Result<u8> {
     let cfg = Config::load(&cli.config)?;
     let c = trust_store::update(&cfg.trust, file, &cli.state_dir, now_unix()).map_err(|e| match e {
         // The refusals carry the reason; the CLI contract makes them exit 3.
-        e @ TrustStoreError::Rollback { .. }
-        | e @ TrustStoreError::Fork { .. }
-        | e @ TrustStoreError::Chain { .. } => anyhow::Error::new(SecurityError(e.to_string())),
+        e if e.is_security() => anyhow::Error::new(SecurityError(e.to_string())),
         TrustStoreError::Load(l) => l.into(),
         other => other.into(),
     })?;

@@ -9,18 +9,31 @@
 //! writer of the bucket can push nothing the device would not take by hand.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::{Client, StatusCode};
 use futures_util::StreamExt;
 use perch_protocol::subjects::{self, TRUST_BUCKET};
+use perch_protocol::trust::MAX_TRUST_FILE_LEN;
+use perch_support::durable::read_bounded;
 use sha2::{Digest, Sha256};
+use tokio::sync::Mutex;
 use tracing::{debug, info, warn};
 
 use crate::trust_store;
 
 /// Follows the pushed trust document for as long as the agent runs.
-pub async fn follow(client: Client, trust_path: PathBuf, state_dir: PathBuf, resync: Duration) {
+/// `engine` is the deploy engine's turn: an update waits for an install to
+/// end, so that an install never reads trust.doc before an update and the
+/// records after it (a false refusal, and its revision marked handled).
+pub async fn follow(
+    client: Client,
+    trust_path: PathBuf,
+    state_dir: PathBuf,
+    resync: Duration,
+    engine: Arc<Mutex<()>>,
+) {
     let mut sub = match client.subscribe(subjects::trust_doc()).await {
         Ok(s) => Some(s),
         Err(e) => {
@@ -46,6 +59,7 @@ pub async fn follow(client: Client, trust_path: PathBuf, state_dir: PathBuf, res
         };
         let Some(bytes) = pushed else { continue };
         let digest: [u8; 32] = Sha256::digest(&bytes).into();
+        let _turn = engine.lock().await;
         match apply(&trust_path, &state_dir, &bytes) {
             Err(e) if refused != Some(digest) => {
                 warn!("trust push refused: {e}");
@@ -88,7 +102,7 @@ async fn read(client: &Client) -> Result<Option<Vec<u8>>, String> {
 /// Installs `bytes` if the trust records allow it; why not, if not.
 fn apply(trust_path: &Path, state_dir: &Path, bytes: &[u8]) -> Result<(), trust_store::TrustStoreError> {
     // Already installed (every start reads the key): nothing to write.
-    if std::fs::read(trust_path).is_ok_and(|b| b == bytes) {
+    if read_bounded(trust_path, MAX_TRUST_FILE_LEN).is_ok_and(|b| b == bytes) {
         return Ok(());
     }
     let from = Path::new("the pushed trust document");

@@ -259,7 +259,9 @@ enum TrustCommand {
         new: PathBuf,
     },
     /// Push a trust document (default DIR/trust.doc) to every enrolled
-    /// device; each takes it only by a valid rotation chain.
+    /// device; each takes it only by a valid rotation chain. The bucket
+    /// keeps only the latest: a device that missed a version refuses the
+    /// next until it gets the missed one, so push versions in order.
     Push {
         #[arg(long)]
         dir: PathBuf,

@@ -390,6 +390,39 @@ impl Enrollment {
 
     /// Everything the device checks before it stores an enrollment.
     pub fn verify(self, expect: &Expect<'_>) -> Result<VerifiedEnrollment, EnrollError> {
+        let now = expect.now;
+        self.verify_with(expect, |signed| signed.verify_anchor(now, None))
+    }
+
+    /// [`verify`](Self::verify) for a stored enrollment whose own trust
+    /// document the device has since rotated past: `current` is the
+    /// document the device accepted (by a checked chain). The enrollment's
+    /// document is an earlier version of the same org and root, checked by
+    /// its root signature only: its expiry is the end of its use for
+    /// bundles, not of the enrollment made under it.
+    pub fn verify_superseded(
+        self,
+        expect: &Expect<'_>,
+        current: &VerifiedTrust,
+    ) -> Result<VerifiedEnrollment, EnrollError> {
+        let cur = current.body();
+        self.verify_with(expect, |signed| {
+            let own = signed.unverified_body();
+            if own.org != cur.org {
+                return Err(TrustError::OrgMismatch { current: cur.org.clone(), new: own.org.clone() });
+            }
+            if own.version >= cur.version {
+                return Err(TrustError::NotNewer { current: own.version, new: cur.version });
+            }
+            signed.verify_record(Some(&cur.root_key))
+        })
+    }
+
+    fn verify_with(
+        self,
+        expect: &Expect<'_>,
+        anchor: impl FnOnce(SignedTrust) -> Result<VerifiedTrust, TrustError>,
+    ) -> Result<VerifiedEnrollment, EnrollError> {
         let signed = SignedTrust::parse(&self.trust).map_err(EnrollError::Trust)?;
         if signed.fingerprint() != expect.trust_fingerprint {
             return Err(EnrollError::WrongTrust {
@@ -397,7 +430,7 @@ impl Enrollment {
                 expected: hex::encode(&expect.trust_fingerprint[..8]),
             });
         }
-        let trust = signed.verify_anchor(expect.now, None).map_err(EnrollError::Trust)?;
+        let trust = anchor(signed).map_err(EnrollError::Trust)?;
         let signed_credential = SignedCredential::from_bytes(&self.credential)?;
         let credential = signed_credential.verify(&trust, expect.now)?.clone();
         // The issuing key that signed the credential is the FLEET account's
@@ -642,6 +675,45 @@ mod tests {
         assert!(matches!(
             e.verify(&expect),
             Err(EnrollError::UserJwt(crate::jwt::JwtError::WrongSubject { .. }))
+        ));
+    }
+
+    #[test]
+    fn an_enrollment_outlives_its_expired_trust_document_once_rotated_past() {
+        let issuing = SecretKey::from_seed(&[3; 32]);
+        let device = SecretKey::from_seed(&[4; 32]);
+        let root = SecretKey::from_seed(&[1; 32]);
+        let version = |v: u64, expires_at: Option<u64>, org: &str, root: &SecretKey| {
+            let mut body = crate::testkit::org(&issuing).unverified_body().clone();
+            (body.version, body.expires_at, body.org, body.root_key) =
+                (v, expires_at, org.into(), root.public());
+            SignedTrust::create(body, root).unwrap()
+        };
+        let v1 = version(1, Some(500), "acme", &root);
+        let e = enrollment(&issuing, &device, &v1);
+        let expect = Expect {
+            device_id: "drone-1",
+            device_key: device.public(),
+            trust_fingerprint: v1.fingerprint(),
+            ca_fingerprint: None,
+            now: 600,
+        };
+        assert!(matches!(e.clone().verify(&expect), Err(EnrollError::Trust(TrustError::Expired { .. }))));
+        let v2 = version(2, None, "acme", &root).verify_anchor(600, None).unwrap();
+        e.clone().verify_superseded(&expect, &v2).unwrap();
+        // Not superseded by another root or org, nor by its own version.
+        for other in [
+            version(2, None, "acme", &SecretKey::from_seed(&[9; 32])),
+            version(2, None, "evil", &root),
+            version(1, None, "acme", &root),
+        ] {
+            let other = other.verify_anchor(600, None).unwrap();
+            assert!(matches!(e.clone().verify_superseded(&expect, &other), Err(EnrollError::Trust(_))));
+        }
+        // Still the rest of the checks: the credential's own expiry.
+        assert!(matches!(
+            e.verify_superseded(&Expect { now: 1000, ..expect_copy(&expect) }, &v2),
+            Err(EnrollError::CredentialExpired { .. })
         ));
     }
 

@@ -151,3 +151,34 @@ fn the_fleet_pushes_a_rotation_and_a_device_refuses_an_older_push() {
     let r = f.s.run("perch-bootstrap", &["trust", "push", "--dir", "org", "--url", &f.url, "foreign.doc"]);
     assert_eq!(r.code, 3, "{}", r.stderr);
 }
+
+#[test]
+fn an_enrollment_keeps_loading_after_its_rotated_past_trust_document_expires() {
+    let f = perch_tests::fleet::Fleet::start(0);
+    // Version 2 expires in a few seconds; the drone enrolls under it.
+    let rotate = |out: &str, expires: &[&str]| {
+        let mut args = vec!["trust", "rotate", "--dir", "org", "--release-key", "k1.pub", "--threshold", "1"];
+        args.extend_from_slice(expires);
+        args.extend_from_slice(&["--out", out]);
+        f.s.ok("perch-bootstrap", &args);
+        f.s.ok("perch-bootstrap", &["trust", "sign", "--key", "k1.key", out]);
+        fs::copy(f.s.path(out), f.s.path("org/trust.doc")).unwrap();
+    };
+    rotate("v2.doc", &["--expires-in", "4s"]);
+    let expires = std::time::Instant::now() + std::time::Duration::from_secs(4);
+    let d = f.enrolled_device("drone-1", &f.url, "g", "");
+    // The enrollment's document seeded the floor a push is checked against.
+    let floor = fs::read_to_string(d.state().join("trust-version")).unwrap_or_default();
+    assert!(floor.contains(" version=2 "), "{floor:?}");
+    // Version 3 does not expire; the device takes it by its chain from 2.
+    rotate("v3.doc", &[]);
+    let v3 = f.s.path("v3.doc");
+    let r = d.agent(&["trust", "update", v3.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    std::thread::sleep(
+        expires.saturating_duration_since(std::time::Instant::now()) + std::time::Duration::from_secs(1),
+    );
+    let r = d.agent(&["status", "--json"]);
+    let st: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(st["enrollment"]["enrolled"], true, "{st} {}", r.stderr);
+}
