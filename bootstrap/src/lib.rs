@@ -8,9 +8,11 @@
 //! - [`provisioner`]: the NATS service that answers enrollment requests.
 //! - [`drop_log`]: its counts of dropped garbage, logged within a budget.
 //! - [`admin`]: operator commands against a running fleet (approve, revoke...).
+//! - [`cluster`]: the configuration of an N-server nats-server cluster.
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod cluster;
 pub mod drop_log;
 pub mod issue;
 pub mod nats;
