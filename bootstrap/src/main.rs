@@ -85,6 +85,10 @@ enum Command {
         /// Enrollment requests handled at once.
         #[arg(long, default_value_t = 256)]
         concurrency: usize,
+        /// Copies of each stream and bucket: auto (3 on a cluster of three
+        /// or more servers, else 1; only ever scales up) or 1 to 5.
+        #[arg(long, default_value = "auto")]
+        replicas: perch_net::Replicas,
     },
     /// List devices waiting for approval (new devices and re-enrollments).
     Pending {
@@ -524,7 +528,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Run { dir, server, fleet_urls, credential_ttl, concurrency } => {
+        Command::Run { dir, server, fleet_urls, credential_ttl, concurrency, replicas } => {
             fleet::init_logging(tracing::Level::INFO);
             provisioner::preflight(&dir)?;
             let fleet_urls = if fleet_urls.is_empty() { server.urls.clone() } else { fleet_urls };
@@ -534,6 +538,7 @@ fn run(cli: Cli) -> Result<()> {
                 fleet_urls,
                 credential_ttl,
                 concurrency,
+                replicas,
             };
             let rt = fleet::runtime()?;
             let done = rt.block_on(provisioner::run(settings, fleet::shutdown_signal()));
