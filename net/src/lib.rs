@@ -174,30 +174,41 @@ pub async fn connect(
         .map_err(|err| LinkError::Connect { urls: urls.join(","), err })
 }
 
-/// Opens a JetStream KV bucket, creating it first if need be, with
-/// [`Replicas::Auto`].
+/// Opens a JetStream KV bucket, creating it first if need be (with
+/// [`Replicas::Auto`]); an existing bucket is left as it is.
 pub async fn ensure_kv(
     js: &async_nats::jetstream::Context,
     bucket: &str,
     description: &str,
     history: i64,
 ) -> Result<async_nats::jetstream::kv::Store, String> {
-    ensure_kv_with(js, bucket, description, history, Replicas::Auto).await
+    kv(js, bucket, description, history, Replicas::Auto, Existing::Keep).await
 }
 
 /// Opens a JetStream KV bucket, creating it first if need be, and scales
-/// its stream to `replicas`.
-///
-/// async-nats's own `create_key_value` first asks for the account info,
-/// whose 2.9 form it cannot parse; so the bucket's stream is made here
-/// with the same settings (`KV_<bucket>`, `$KV.<bucket>.>`, rollups,
-/// direct get, discard new, one message per key and `history`).
+/// its stream to `replicas`: for the provisioner, which owns the layout.
 pub async fn ensure_kv_with(
     js: &async_nats::jetstream::Context,
     bucket: &str,
     description: &str,
     history: i64,
     replicas: Replicas,
+) -> Result<async_nats::jetstream::kv::Store, String> {
+    kv(js, bucket, description, history, replicas, Existing::Scale).await
+}
+
+///
+/// async-nats's own `create_key_value` first asks for the account info,
+/// whose 2.9 form it cannot parse; so the bucket's stream is made here
+/// with the same settings (`KV_<bucket>`, `$KV.<bucket>.>`, rollups,
+/// direct get, discard new, one message per key and `history`).
+async fn kv(
+    js: &async_nats::jetstream::Context,
+    bucket: &str,
+    description: &str,
+    history: i64,
+    replicas: Replicas,
+    existing: Existing,
 ) -> Result<async_nats::jetstream::kv::Store, String> {
     use async_nats::jetstream::stream::{Config, DiscardPolicy, StorageType};
     let config = Config {
@@ -212,7 +223,7 @@ pub async fn ensure_kv_with(
         discard: DiscardPolicy::New,
         ..Default::default()
     };
-    ensure_stream_with(js, config, replicas).await?;
+    stream(js, config, replicas, existing).await?;
     js.get_key_value(bucket).await.map_err(|e| format!("opening bucket {bucket}: {e}"))
 }
 /// The id of every device with a record in the registry bucket, sorted.
@@ -230,25 +241,48 @@ pub async fn registry_ids(kv: &async_nats::jetstream::kv::Store) -> Result<Vec<S
     Ok(ids)
 }
 
-/// Creates a stream if it does not exist, with [`Replicas::Auto`].
+/// Creates a stream if it does not exist (with [`Replicas::Auto`]); an
+/// existing one is left as it is.
 pub async fn ensure_stream(
     js: &async_nats::jetstream::Context,
     config: async_nats::jetstream::stream::Config,
 ) -> Result<(), String> {
-    ensure_stream_with(js, config, replicas::Replicas::Auto).await
+    stream(js, config, Replicas::Auto, Existing::Keep).await
 }
 
 /// Creates a stream if it does not exist; an existing one keeps its
 /// settings but is scaled to `replicas` (in place: JetStream copies the
-/// data to the new peers). The count fits the server we are connected to.
+/// data to the new peers). For the provisioner, which owns the layout:
+/// other clients only create what is missing, so they never undo an
+/// operator's `--replicas`.
 pub async fn ensure_stream_with(
+    js: &async_nats::jetstream::Context,
+    config: async_nats::jetstream::stream::Config,
+    replicas: Replicas,
+) -> Result<(), String> {
+    stream(js, config, replicas, Existing::Scale).await
+}
+
+/// What to do with a stream that exists already.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Existing {
+    Keep,
+    Scale,
+}
+
+/// The count fits the server we are connected to.
+async fn stream(
     js: &async_nats::jetstream::Context,
     mut config: async_nats::jetstream::stream::Config,
     replicas: Replicas,
+    existing: Existing,
 ) -> Result<(), String> {
     let name = config.name.clone();
     let want = replicas.count(&js.client().server_info());
     if let Ok(stream) = js.get_stream(&name).await {
+        if existing == Existing::Keep {
+            return Ok(());
+        }
         let info = stream.cached_info();
         let Some(n) = replicas.rescale(info.config.num_replicas, want) else {
             return Ok(());

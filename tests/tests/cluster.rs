@@ -26,7 +26,7 @@ impl Hub {
         s.org(1, 1);
         let cluster = NatsCluster::start(s.dir.path(), 3);
         let mut h = Hub { s, cluster, provisioner: None };
-        h.start_provisioner();
+        h.start_provisioner(&[]);
         h
     }
 
@@ -35,10 +35,19 @@ impl Hub {
         self.cluster.urls().into_iter().flat_map(|u| ["--url".to_string(), u]).collect()
     }
 
-    fn start_provisioner(&mut self) {
-        let log = std::fs::File::create(self.s.path("provisioner.log")).unwrap();
+    /// Starts the provisioner (`extra` arguments added), replacing any running one.
+    fn start_provisioner(&mut self, extra: &[&str]) {
+        if let Some(mut p) = self.provisioner.take() {
+            p.kill();
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.s.path("provisioner.log"))
+            .unwrap();
         let mut args = vec!["run".to_string(), "--dir".into(), "org".into()];
         args.extend(self.url_args());
+        args.extend(extra.iter().map(|a| a.to_string()));
         let mut child = Command::new(bin("perch-bootstrap"))
             .args(&args)
             .current_dir(self.s.dir.path())
@@ -333,4 +342,39 @@ fn a_rolling_restart_of_all_three_servers_loses_no_report() {
     let reports = r.reports();
     let counts = assert_each_once_no_gap(&reports, &refs);
     eprintln!("rolling restart: stored once each, no gaps: {counts:?}");
+}
+
+#[test]
+fn streams_made_with_one_replica_are_scaled_up_to_three_in_place_with_their_data() {
+    let mut h = Hub::start();
+    h.start_provisioner(&["--replicas", "1"]);
+    let d = h.enrolled("drone-1", FAST);
+    let r = h.reader();
+    let mut agent = d.spawn_run();
+    assert!(wait_for(Duration::from_secs(20), || r.count() >= 100), "{}", h.logs());
+    agent.kill();
+    settle(&r);
+    // `--replicas 1` scaled what the first provisioner made down to R1:
+    // a fleet whose streams have one copy, on a cluster.
+    for stream in [subjects::REPORTS_STREAM, "KV_PERCH_REGISTRY"] {
+        assert_eq!(r.info(stream).unwrap().config.num_replicas, 1, "{stream}");
+    }
+    let stored = r.count();
+    // The provisioner with the default (auto) scales them up when it starts.
+    h.start_provisioner(&[]);
+    for stream in [subjects::REPORTS_STREAM, "KV_PERCH_REGISTRY"] {
+        let grown = wait_for(Duration::from_secs(30), || {
+            r.info(stream).is_some_and(|i| {
+                i.config.num_replicas == 3
+                    && i.cluster
+                        .is_some_and(|c| c.replicas.len() == 2 && c.replicas.iter().all(|p| p.current))
+            })
+        });
+        assert!(grown, "{stream} not at R3: {:?}", r.info(stream));
+    }
+    assert_eq!(r.count(), stored, "scaling up lost or added reports");
+    assert_each_once_no_gap(&r.reports(), &[&d]);
+    // Auto never scales down; an explicit count does.
+    h.start_provisioner(&["--replicas", "1"]);
+    assert_eq!(r.info(subjects::REPORTS_STREAM).unwrap().config.num_replicas, 1);
 }
