@@ -226,11 +226,35 @@ async fn kv(
     stream(js, config, replicas, existing).await?;
     js.get_key_value(bucket).await.map_err(|e| format!("opening bucket {bucket}: {e}"))
 }
+/// How many times to create an ephemeral consumer. nats-server before
+/// 2.12 may place one on a server of the stream that is down (fixed by
+/// nats-server PR #7165); the create then times out, and another try
+/// places it anew.
+pub const EPHEMERAL_TRIES: u32 = 5;
+
+/// The keys of a KV bucket (`Store::keys`, whose ephemeral consumer is
+/// made again if it was placed on a server that is down).
+pub async fn kv_keys(
+    kv: &async_nats::jetstream::kv::Store,
+) -> Result<async_nats::jetstream::kv::Keys, async_nats::jetstream::kv::WatchError> {
+    use async_nats::jetstream::kv::WatchErrorKind;
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match kv.keys().await {
+            Err(e)
+                if tries < EPHEMERAL_TRIES
+                    && matches!(e.kind(), WatchErrorKind::TimedOut | WatchErrorKind::ConsumerCreate) => {}
+            done => return done,
+        }
+    }
+}
+
 /// The id of every device with a record in the registry bucket, sorted.
 /// The provisioner and `perch status` both list the registry this way.
 pub async fn registry_ids(kv: &async_nats::jetstream::kv::Store) -> Result<Vec<String>, async_nats::Error> {
     use futures_util::StreamExt;
-    let mut keys = kv.keys().await?;
+    let mut keys = kv_keys(kv).await?;
     let mut ids = Vec::new();
     while let Some(k) = keys.next().await {
         if let Some(id) = perch_protocol::registry::device_of_key(&k?) {

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use perch_protocol::report::Report;
 use perch_protocol::subjects;
+use perch_tests::chaos::{Proxy, Shape};
 use perch_tests::fleet::{wait_for, Device, Running};
 use perch_tests::nats::{server_binary, NatsCluster};
 use perch_tests::{bin, Scratch};
@@ -93,6 +94,53 @@ impl Hub {
         let r = d.agent(&["enroll", "--device-id", name, "--token-file", token_file.to_str().unwrap()]);
         assert_eq!(r.code, 0, "{}\n{}", r.stderr, self.logs());
         d
+    }
+
+    /// A device enrolled offline whose enrollment names `fleet_urls`,
+    /// with dir slots (slot a running) and its agent.toml with `extra`.
+    fn enrolled_offline(&self, name: &str, fleet_urls: &[String], extra: &str) -> Device {
+        let d = Device { dir: self.s.path(name), name: name.into() };
+        std::fs::create_dir_all(d.dir.join("slots/a")).unwrap();
+        std::os::unix::fs::symlink("a", d.dir.join("slots/current")).unwrap();
+        std::fs::copy(self.s.path("org/trust.doc"), d.trust()).unwrap();
+        d.write_config(&format!("[device]\nid = \"{name}\"\n{extra}"));
+        let (req, resp) = (d.dir.join("req"), d.dir.join("resp"));
+        assert_eq!(d.agent(&["enroll", "--request-out", req.to_str().unwrap()]).code, 0);
+        let mut args: Vec<&str> =
+            vec!["sign-request", "--dir", "org", req.to_str().unwrap(), "--out", resp.to_str().unwrap()];
+        args.extend(["--group", "g"]);
+        for u in fleet_urls {
+            args.extend(["--fleet-url", u.as_str()]);
+        }
+        self.s.ok("perch-bootstrap", &args);
+        let r = d.agent(&["enroll", "--import", resp.to_str().unwrap()]);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        d
+    }
+
+    /// Builds, signs (k1) and publishes through the cluster an archive
+    /// bundle of `len` pseudo-random bytes; returns its digest in hex.
+    fn published_bundle(&self, name: &str, len: usize) -> String {
+        let s = &self.s;
+        std::fs::create_dir_all(s.path(name)).unwrap();
+        s.write_payload(&format!("{name}/data.bin"), len, 7);
+        let file = format!("{name}.perch");
+        let input = s.path(name);
+        let build = ["bundle", "build", "--name", name, "--counter", "2", "--kind", "archive", "--input"];
+        let mut args: Vec<&str> = build.to_vec();
+        args.extend([input.to_str().unwrap(), "--out", &file]);
+        s.ok("perch", &args);
+        s.ok("perch", &["bundle", "sign", "--key", "k1.key", &file]);
+        s.fleet_creds("release");
+        let urls = self.url_args();
+        let mut args =
+            vec!["publish", "--trust", "org/trust.doc", "--creds", "release.creds", "--ca", "org/tls/ca.pem"];
+        args.extend(urls.iter().map(String::as_str));
+        args.push(&file);
+        s.ok("perch", &args);
+        let v: serde_json::Value =
+            serde_json::from_str(&s.ok("perch", &["bundle", "inspect", "--json", &file]).stdout).unwrap();
+        v["digest"].as_str().unwrap().to_string()
     }
 
     fn reader(&self) -> Reader {
@@ -313,6 +361,36 @@ fn reports_stay_exactly_once_when_the_reports_stream_leader_is_killed() {
     let counts = assert_each_once_no_gap(&reports, &refs);
     eprintln!("leader {leader} killed; stored once each, no gaps: {counts:?}");
     assert!(reports.len() >= 800, "only {} reports", reports.len());
+    // Operators and the provisioner's commands get through with a dead
+    // server among their URLs, once every stream it led has a new leader.
+    for stream in [
+        subjects::CHUNKS_STREAM,
+        "KV_PERCH_DESIRED",
+        "KV_PERCH_BUNDLES",
+        "KV_PERCH_ROLLOUTS",
+        "KV_PERCH_REGISTRY",
+    ] {
+        let elected = wait_for(Duration::from_secs(30), || {
+            let l = r.leader(stream);
+            !l.is_empty() && l != leader
+        });
+        assert!(elected, "no leader for {stream}");
+    }
+    let dead = format!("tls://127.0.0.1:{}", h.cluster.servers[i].port);
+    let urls: Vec<String> =
+        h.cluster.urls().into_iter().filter(|u| u != &dead).flat_map(|u| ["--url".to_string(), u]).collect();
+    // nats-server before 2.12 may place the ephemeral consumer a command
+    // reads with on the dead server; the commands then make it again.
+    let mut status = vec!["status", "--creds", "reader.creds", "--ca", "org/tls/ca.pem", "--url", &dead];
+    status.extend(urls.iter().map(String::as_str));
+    let shown = h.s.run("perch", &status);
+    assert_eq!(shown.code, 0, "perch status with n{} down: {}", i + 1, shown.stderr);
+    assert!(shown.stdout.contains("drone-3"), "{}", shown.stdout);
+    let mut devices = vec!["devices", "--dir", "org", "--url", &dead];
+    devices.extend(urls.iter().map(String::as_str));
+    let listed = h.s.run("perch-bootstrap", &devices);
+    assert_eq!(listed.code, 0, "devices with n{} down: {}", i + 1, listed.stderr);
+    assert!(listed.stdout.contains("drone-3"), "{}", listed.stdout);
 }
 
 #[test]
@@ -377,4 +455,53 @@ fn streams_made_with_one_replica_are_scaled_up_to_three_in_place_with_their_data
     // Auto never scales down; an explicit count does.
     h.start_provisioner(&["--replicas", "1"]);
     assert_eq!(r.info(subjects::REPORTS_STREAM).unwrap().config.num_replicas, 1);
+}
+
+fn deploy_state(d: &Device) -> String {
+    let r = d.agent(&["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap_or_default();
+    v["deploy"]["state"].as_str().unwrap_or_default().to_string()
+}
+
+#[test]
+fn a_chunk_fetch_resumes_when_the_server_it_runs_through_is_killed() {
+    let mut h = Hub::start();
+    // A capped proxy in front of each server: the fetch takes seconds, and
+    // the proxy that carries it says which server the device is on.
+    let proxies: Vec<Proxy> =
+        h.cluster.servers.iter().map(|s| Proxy::start(([127, 0, 0, 1], s.port).into())).collect();
+    for p in &proxies {
+        p.set_shape(Shape { latency: Duration::ZERO, bandwidth: 2_000_000 });
+    }
+    let urls: Vec<String> = proxies.iter().map(Proxy::url).collect();
+    let d = h.enrolled_offline(
+        "rover-1",
+        &urls,
+        "[link]\nping_interval = \"1s\"\nmax_backoff = \"1s\"\n[fetch]\nwindow = 4\n[health]\ntrial = \"3s\"\n",
+    );
+    let size = 6 << 20;
+    let digest = h.published_bundle("os", size);
+    let r = h.reader();
+    let put = r.js.clone();
+    let kv = r.rt.block_on(put.get_key_value(subjects::DESIRED_BUCKET)).unwrap();
+    r.rt.block_on(kv.put("device.rover-1", format!("{{\"bundle\": \"{digest}\"}}").into())).unwrap();
+    let mut agent = d.spawn_run();
+    // A third of the bundle has come down through one proxy: kill its server.
+    let mut carrying = None;
+    let started = wait_for(Duration::from_secs(60), || {
+        carrying = proxies.iter().position(|p| p.bytes().0 > (size as u64) / 3);
+        carrying.is_some()
+    });
+    assert!(started, "the fetch never got going: {}", h.logs());
+    let i = carrying.unwrap();
+    assert_ne!(deploy_state(&d), "committed", "the fetch finished before the kill");
+    h.cluster.kill(i);
+    let done = wait_for(Duration::from_secs(120), || deploy_state(&d) == "committed");
+    assert!(done, "not committed after n{} was killed: {}", i + 1, h.logs());
+    agent.kill();
+    let data = std::fs::read(d.dir.join("slots/current/data.bin")).unwrap();
+    assert_eq!(data.len(), size);
+    assert_eq!(data, std::fs::read(h.s.path("os/data.bin")).unwrap());
+    // The agent went on through a server the cluster told it about.
+    eprintln!("n{} killed mid-fetch; the fetch went on through another server", i + 1);
 }
