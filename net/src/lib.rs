@@ -197,6 +197,7 @@ pub async fn ensure_kv_with(
     kv(js, bucket, description, history, replicas, Existing::Scale).await
 }
 
+/// Opens a bucket, making its stream if need be.
 ///
 /// async-nats's own `create_key_value` first asks for the account info,
 /// whose 2.9 form it cannot parse; so the bucket's stream is made here
@@ -226,6 +227,7 @@ async fn kv(
     stream(js, config, replicas, existing).await?;
     js.get_key_value(bucket).await.map_err(|e| format!("opening bucket {bucket}: {e}"))
 }
+
 /// How many times to create an ephemeral consumer. nats-server before
 /// 2.12 may place one on a server of the stream that is down (fixed by
 /// nats-server PR #7165); the create then times out, and another try
@@ -294,7 +296,8 @@ enum Existing {
     Scale,
 }
 
-/// The count fits the server we are connected to.
+/// Makes a missing stream with the replica count that fits the server we
+/// are connected to; keeps or scales one that exists.
 async fn stream(
     js: &async_nats::jetstream::Context,
     mut config: async_nats::jetstream::stream::Config,
