@@ -234,6 +234,19 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #[test]
+        fn a_parsed_server_is_safe_to_write_into_a_config(s in "\\PC{0,80}") {
+            // Whatever is accepted can go between quotes in nats-server's
+            // config and into a certificate name unescaped.
+            if let Ok(m) = s.parse::<Member>() {
+                let safe = |t: &str| t.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+                proptest::prop_assert!(safe(&m.name) && safe(&m.host) && !m.host.is_empty());
+                proptest::prop_assert!(m.ports.is_none_or(|(c, r)| c > 0 && r > 0));
+            }
+        }
+    }
+
     fn params(members: &[&str]) -> ClusterParams {
         ClusterParams {
             org: "o".into(),

@@ -107,6 +107,16 @@ mod tests {
         assert_eq!(one.rescale(1, 1), None);
     }
 
+    proptest::proptest! {
+        #[test]
+        fn any_text_parses_to_a_count_from_one_to_five_or_is_refused(s in "\\PC{0,12}") {
+            if let Ok(r) = s.parse::<Replicas>() {
+                let n = r.count(&ServerInfo::default());
+                proptest::prop_assert!((1..=usize::from(MAX)).contains(&n));
+            }
+        }
+    }
+
     #[test]
     fn replica_counts_parse_auto_or_one_to_five() {
         assert_eq!("auto".parse::<Replicas>(), Ok(Replicas::Auto));
