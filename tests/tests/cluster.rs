@@ -505,3 +505,59 @@ fn a_chunk_fetch_resumes_when_the_server_it_runs_through_is_killed() {
     // The agent went on through a server the cluster told it about.
     eprintln!("n{} killed mid-fetch; the fetch went on through another server", i + 1);
 }
+
+#[test]
+fn a_server_with_another_orgs_certificate_cannot_join_the_cluster() {
+    let h = Hub::start();
+    // Our n1's route port, from its config.
+    let conf = std::fs::read_to_string(h.cluster.servers[0].dir().join("nats-server.conf")).unwrap();
+    let route = conf
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("advertise: \""))
+        .and_then(|a| a.strip_suffix('"'))
+        .unwrap()
+        .to_string();
+    // Another org's server, with the same cluster name, routing to our n1.
+    let rogue = Scratch::new();
+    rogue.org(1, 1);
+    let mut args = vec!["nats", "cluster", "--dir", "org", "--bind", "127.0.0.1"];
+    let ports: Vec<u16> = (0..6)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect::<Vec<_>>()
+        .iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect();
+    let servers: Vec<String> =
+        (0..3).map(|i| format!("x{i}=127.0.0.1:{}:{}", ports[2 * i], ports[2 * i + 1])).collect();
+    for s in &servers {
+        args.extend(["--server", s.as_str()]);
+    }
+    rogue.ok("perch-bootstrap", &args);
+    let x0 = rogue.path("org/nats/cluster/x0/nats-server.conf");
+    let text = std::fs::read_to_string(&x0).unwrap();
+    let (head, rest) = text.split_once("    routes: [").unwrap();
+    let (_, tail) = rest.split_once(']').unwrap();
+    // It even trusts our CA (whose certificate is no secret): only our
+    // servers' demand for a fleet-CA certificate keeps it out.
+    let ours = h.cluster.servers[0].dir().join("ca.pem");
+    let theirs = rogue.path("org/nats/cluster/x0/ca.pem");
+    let theirs = std::path::absolute(theirs).unwrap();
+    assert!(tail.contains(theirs.to_str().unwrap()), "{tail}");
+    let tail = tail.replace(theirs.to_str().unwrap(), ours.to_str().unwrap());
+    std::fs::write(&x0, format!("{head}    routes: [\n        \"nats-route://{route}\"\n    ]{tail}"))
+        .unwrap();
+    let log = std::fs::File::create(rogue.path("x0.log")).unwrap();
+    let mut x = Running(Command::new(server_binary()).arg("-c").arg(&x0).stderr(log).spawn().unwrap());
+    std::thread::sleep(Duration::from_secs(4));
+    let rogue_log = std::fs::read_to_string(rogue.path("x0.log")).unwrap_or_default();
+    x.kill();
+    // It dials, and n1 closes every route it opens at the TLS handshake.
+    assert!(rogue_log.contains("Router connection closed"), "{rogue_log}");
+    assert!(!rogue_log.contains("metadata leader"), "the rogue server joined JetStream: {rogue_log}");
+    let n1 = h.cluster.servers[0].log();
+    let refused = n1.lines().filter(|l| l.contains("TLS route handshake error")).count();
+    assert!(refused > 0, "n1 refused nothing: {n1}");
+    // Our cluster still counts three servers.
+    let r = h.reader();
+    assert_eq!(perch_net::replicas::cluster_size(&r.js.client().server_info()), 3);
+}
