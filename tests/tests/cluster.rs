@@ -421,7 +421,9 @@ fn a_rolling_restart_of_all_three_servers_loses_no_report() {
         });
         assert!(caught_up, "n{} did not catch up: {}", i + 1, h.logs());
         let before = r.count();
-        let going = wait_for(Duration::from_secs(20), || r.count() >= before + 50);
+        // Usually within a second; once (2.9.10, 1 run in ~6) the agents'
+        // publishes met "no responders" for over 20 s after the last restart.
+        let going = wait_for(Duration::from_secs(60), || r.count() >= before + 50);
         assert!(going, "reports stopped after n{} restarted: {}", i + 1, h.logs());
     }
     let r = h.reader();
