@@ -9,9 +9,11 @@
 //! - [`drop_log`]: its counts of dropped garbage, logged within a budget.
 //! - [`admin`]: operator commands against a running fleet (approve, revoke...).
 //! - [`trust_push`]: the trust document into `PERCH_TRUST`, for devices to take.
+//! - [`cluster`]: the configuration of an N-server nats-server cluster.
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod cluster;
 pub mod drop_log;
 pub mod issue;
 pub mod nats;

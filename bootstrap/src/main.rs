@@ -85,6 +85,10 @@ enum Command {
         /// Enrollment requests handled at once.
         #[arg(long, default_value_t = 256)]
         concurrency: usize,
+        /// Copies of each stream and bucket: auto (3 on a cluster of three
+        /// or more servers, else 1; only ever scales up) or 1 to 5.
+        #[arg(long, default_value = "auto")]
+        replicas: perch_net::Replicas,
     },
     /// List devices waiting for approval (new devices and re-enrollments).
     Pending {
@@ -228,6 +232,35 @@ enum NatsCommand {
         allow_responses: bool,
         #[arg(long)]
         out: PathBuf,
+    },
+    /// Write the configuration of an N-server nats-server cluster (routes
+    /// over TLS, JetStream, the operator and a full resolver on each) to
+    /// DIR/nats/cluster/<name>/.
+    Cluster {
+        #[arg(long)]
+        dir: PathBuf,
+        /// A server: NAME=HOST or NAME=HOST:CLIENT_PORT:ROUTE_PORT; repeat for each (at least 3).
+        #[arg(long = "server", value_name = "NAME=HOST", required = true)]
+        servers: Vec<perch_bootstrap::cluster::Member>,
+        /// The cluster's name.
+        #[arg(long, default_value = "perch")]
+        cluster_name: String,
+        /// The address each server listens on.
+        #[arg(long, default_value = "0.0.0.0")]
+        bind: String,
+        #[arg(long, default_value_t = 4222)]
+        client_port: u16,
+        #[arg(long, default_value_t = 6222)]
+        route_port: u16,
+        /// Another DNS name or address in every server's certificate (a load balancer); repeat for several.
+        #[arg(long = "tls-name", value_name = "NAME")]
+        tls_names: Vec<String>,
+        /// Where each server's files will be on its host (default: where they are written).
+        #[arg(long)]
+        config_dir: Option<PathBuf>,
+        /// Where each server keeps JetStream and account JWTs (default: CONFIG_DIR/data).
+        #[arg(long)]
+        store_dir: Option<PathBuf>,
     },
 }
 
@@ -448,6 +481,45 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
+        Command::Nats(NatsCommand::Cluster {
+            dir,
+            servers,
+            cluster_name,
+            bind,
+            client_port,
+            route_port,
+            tls_names,
+            config_dir,
+            store_dir,
+        }) => {
+            let org = read_trust(&dir.join(TRUST_DOC))?.unverified_body().org.clone();
+            let params = perch_bootstrap::cluster::ClusterParams {
+                org,
+                name: cluster_name,
+                members: servers,
+                bind,
+                client_port,
+                route_port,
+                tls_names,
+                config_dir,
+                store_dir,
+            };
+            let written = perch_bootstrap::cluster::write(&dir, &params).map_err(|e| match e {
+                perch_bootstrap::cluster::ClusterError::Invalid(_)
+                | perch_bootstrap::cluster::ClusterError::Exists(_) => UsageError(e.to_string()).into(),
+                other => anyhow::Error::new(other),
+            })?;
+            for conf in written {
+                println!("wrote {}", conf.display());
+            }
+            let urls: Vec<String> = params
+                .members
+                .iter()
+                .map(|m| format!("tls://{}:{}", m.host, m.ports.map_or(params.client_port, |p| p.0)))
+                .collect();
+            println!("clients: --url {}", urls.join(" --url "));
+            Ok(())
+        }
         Command::Token(TokenCommand::Issue {
             dir,
             groups,
@@ -500,7 +572,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Run { dir, server, fleet_urls, credential_ttl, concurrency } => {
+        Command::Run { dir, server, fleet_urls, credential_ttl, concurrency, replicas } => {
             fleet::init_logging(tracing::Level::INFO);
             provisioner::preflight(&dir)?;
             let fleet_urls = if fleet_urls.is_empty() { server.urls.clone() } else { fleet_urls };
@@ -510,6 +582,7 @@ fn run(cli: Cli) -> Result<()> {
                 fleet_urls,
                 credential_ttl,
                 concurrency,
+                replicas,
             };
             let rt = fleet::runtime()?;
             let done = rt.block_on(provisioner::run(settings, fleet::shutdown_signal()));

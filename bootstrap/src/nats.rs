@@ -216,17 +216,45 @@ pub fn create(
     )?;
     let conf = format!(
         "# perch: NATS operator mode for org '{org}'. Include this from your nats-server config.\n\
-         operator: {op_jwt}\n\
-         system_account: {sys}\n\
-         resolver: {{\n    type: full\n    dir: \"{jwt_dir}\"\n    allow_delete: false\n    interval: \"2m\"\n}}\n\
-         resolver_preload: {{\n{preload}\n}}\n\
-         {tls_block}",
-        sys = sys.public_key(),
-        jwt_dir = dir.join("jwt").display(),
-        preload = preload.join("\n"),
+         {operator}{tls_block}",
+        operator = operator_block(&op_jwt, &sys.public_key(), &dir.join("jwt"), &preload),
     );
     durable::write_bytes(&dir.join("server.conf"), 0o644, Replace::Refuse, conf.as_bytes())?;
     Ok(())
+}
+
+/// The operator, system account and full resolver settings of a server.
+/// `jwt_dir` is the resolver's own store: one per server.
+fn operator_block(op_jwt: &str, sys: &str, jwt_dir: &Path, preload: &[String]) -> String {
+    format!(
+        "operator: {op_jwt}\n\
+         system_account: {sys}\n\
+         resolver: {{\n    type: full\n    dir: \"{jwt_dir}\"\n    allow_delete: false\n    interval: \"2m\"\n}}\n\
+         resolver_preload: {{\n{preload}\n}}\n",
+        jwt_dir = jwt_dir.display(),
+        preload = preload.join("\n"),
+    )
+}
+
+/// [`operator_block`] for an existing org, read back from `ORG/nats/`,
+/// with the resolver storing account JWTs in `jwt_dir`.
+pub fn operator_block_of(org_dir: &Path, jwt_dir: &Path) -> Result<String, NatsError> {
+    let dir = nats_dir(org_dir);
+    let read = |name: &str| {
+        let path = dir.join(name);
+        match durable::read_bounded(&path, 64 * 1024) {
+            Ok(b) => Ok(String::from_utf8_lossy(&b).trim().to_string()),
+            Err(durable::ReadError::Io { source, .. }) => Err(NatsError::Read { path, source }),
+            Err(e) => Err(NatsError::Read { path, source: std::io::Error::other(e.to_string()) }),
+        }
+    };
+    let op_jwt = read("operator.jwt")?;
+    let mut preload = Vec::new();
+    for name in ACCOUNTS {
+        let jwt = read(&format!("{}.jwt", name.to_lowercase()))?;
+        preload.push(format!("    {}: {}", account_public(org_dir, name)?, jwt));
+    }
+    Ok(operator_block(&op_jwt, &account_public(org_dir, "SYS")?, jwt_dir, &preload))
 }
 
 fn seed_line(kp: &KeyPair) -> Result<String, NatsError> {

@@ -38,6 +38,8 @@ pub struct Settings {
     pub credential_ttl: Duration,
     /// Requests handled at once.
     pub concurrency: usize,
+    /// Copies of each stream and bucket the provisioner makes or scales to.
+    pub replicas: perch_net::Replicas,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -176,8 +178,8 @@ async fn start(settings: Settings) -> Result<Ready, ProvisionerError> {
         admin::connect(&settings.org_dir, &settings.urls, Account::Provisioning, "perch-provisioner", now)
             .await?;
     let js = async_nats::jetstream::new(fleet.clone());
+    ensure_fleet_streams(&js, settings.replicas).await?;
     let registry = Registry::open(&js).await?;
-    ensure_fleet_streams(&js).await?;
     let requests = prov
         .queue_subscribe(ENROLL_REQUEST, ENROLL_QUEUE.into())
         .await
@@ -201,13 +203,20 @@ async fn start(settings: Settings) -> Result<Ready, ProvisionerError> {
     Ok(Ready { service, prov, requests, hellos, events })
 }
 
-/// The fleet's streams: the provisioner makes them on first start, so a
-/// fresh org works with no other setup.
-pub async fn ensure_fleet_streams(js: &async_nats::jetstream::Context) -> Result<(), ProvisionerError> {
+/// The fleet's streams and buckets: the provisioner makes them on first
+/// start, so a fresh org works with no other setup, and scales them to
+/// `replicas` (a single-server fleet moved to a cluster grows in place).
+pub async fn ensure_fleet_streams(
+    js: &async_nats::jetstream::Context,
+    replicas: perch_net::Replicas,
+) -> Result<(), ProvisionerError> {
+    use perch_net::streams;
     let kv = |e: String| ProvisionerError::Registry(RegistryError::Kv(e));
-    perch_net::ensure_stream(js, perch_net::streams::reports()).await.map_err(kv)?;
-    perch_net::ensure_stream(js, perch_net::streams::chunks()).await.map_err(kv)?;
-    perch_net::streams::desired(js).await.map_err(kv)?;
+    perch_net::ensure_stream_with(js, streams::reports(), replicas).await.map_err(kv)?;
+    perch_net::ensure_stream_with(js, streams::chunks(), replicas).await.map_err(kv)?;
+    for b in streams::BUCKETS {
+        perch_net::ensure_kv_with(js, b.name, b.description, b.history, replicas).await.map_err(kv)?;
+    }
     Ok(())
 }
 

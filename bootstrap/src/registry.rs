@@ -74,9 +74,7 @@ pub struct Registry {
 impl Registry {
     /// Opens the bucket, creating it on first use.
     pub async fn open(js: &jetstream::Context) -> Result<Self, RegistryError> {
-        let kv = perch_net::ensure_kv(js, REGISTRY_BUCKET, "perch device registry and token use counters", 5)
-            .await
-            .map_err(RegistryError::Kv)?;
+        let kv = perch_net::streams::REGISTRY.open(js).await.map_err(RegistryError::Kv)?;
         Ok(Self { kv, tokens: Arc::default() })
     }
 

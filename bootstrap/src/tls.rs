@@ -82,12 +82,7 @@ pub fn prepare(org: &str, names: &[String], own: Option<&OwnCerts>) -> Result<Tl
         }
         None => {
             let ca_key = KeyPair::generate()?;
-            let mut ca = CertificateParams::new(Vec::<String>::new())?;
-            ca.distinguished_name.push(DnType::CommonName, format!("perch fleet CA for {org}"));
-            ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-            ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-            ca.not_before = rcgen::date_time_ymd(1970, 1, 1);
-            let ca_cert = ca.self_signed(&ca_key)?;
+            let ca_cert = ca_params(org)?.self_signed(&ca_key)?;
             let server_key = KeyPair::generate()?;
             let mut server = CertificateParams::new(names.to_vec())?;
             server.distinguished_name.push(DnType::CommonName, format!("perch nats-server for {org}"));
@@ -115,6 +110,63 @@ impl TlsFiles {
         durable::write_bytes(&dir.join(CA_PEM), 0o644, Replace::Refuse, self.ca_pem.as_bytes())?;
         Ok(())
     }
+}
+
+/// The fleet CA's parameters: [`cluster_member_cert`] rebuilds them to sign
+/// with the CA key, so they must not depend on anything but the org name.
+fn ca_params(org: &str) -> Result<CertificateParams, TlsError> {
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.distinguished_name.push(DnType::CommonName, format!("perch fleet CA for {org}"));
+    ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    ca.not_before = rcgen::date_time_ymd(1970, 1, 1);
+    Ok(ca)
+}
+
+/// A certificate for one server of a cluster, signed by the fleet CA that
+/// `init` made (`ORG/tls/ca.key`): `(chain PEM, key PEM)`. It serves
+/// clients and routes, so it is good for both TLS server and client auth.
+pub fn cluster_member_cert(
+    org_dir: &Path,
+    org: &str,
+    server: &str,
+    names: &[String],
+) -> Result<(String, String), TlsError> {
+    let dir = tls_dir(org_dir);
+    let key_path = dir.join(CA_KEY);
+    let ca_key_pem = pem_text(&key_path)?;
+    let ca_key = KeyPair::from_pem(&ca_key_pem)
+        .map_err(|e| TlsError::Pem { path: key_path.clone(), detail: format!("not a CA key: {e}") })?;
+    let ca_cert = ca_params(org)?.self_signed(&ca_key)?;
+    // The rebuilt CA must be the one devices trust, or nothing verifies.
+    let ca_path = dir.join(CA_PEM);
+    let ca_pem = pem_text(&ca_path)?;
+    let trusted = first_cert(&ca_path, &ca_pem)?;
+    let cn = format!("perch fleet CA for {org}");
+    if !contains(trusted.as_ref(), &key_raw(&ca_key)) || !contains(trusted.as_ref(), cn.as_bytes()) {
+        return Err(TlsError::Pem {
+            path: key_path,
+            detail: format!("is not the key of {}", ca_path.display()),
+        });
+    }
+    let key = KeyPair::generate()?;
+    let mut p = CertificateParams::new(names.to_vec())?;
+    p.distinguished_name.push(DnType::CommonName, format!("perch nats-server {server} for {org}"));
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    p.not_before = rcgen::date_time_ymd(1970, 1, 1);
+    let cert = p.signed_by(&key, &ca_cert, &ca_key)?;
+    Ok((format!("{}{ca_pem}", cert.pem()), key.serialize_pem()))
+}
+
+fn key_raw(key: &KeyPair) -> Vec<u8> {
+    key.public_key_raw().to_vec()
+}
+
+/// Whether `der` holds `part` (a public key, a name): a certificate check
+/// that needs no X.509 parser.
+fn contains(der: &[u8], part: &[u8]) -> bool {
+    !part.is_empty() && der.windows(part.len()).any(|w| w == part)
 }
 
 /// The fleet CA certificate (DER) of an org.

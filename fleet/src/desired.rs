@@ -98,7 +98,7 @@ pub async fn clear(js: &jetstream::Context, scope: &Scope) -> Result<(), Desired
 /// Every key in force, sorted.
 pub async fn list(js: &jetstream::Context) -> Result<Vec<Entry>, DesiredError> {
     let Ok(kv) = js.get_key_value(subjects::DESIRED_BUCKET).await else { return Ok(vec![]) };
-    let mut keys = kv.keys().await.map_err(nats)?;
+    let mut keys = perch_net::kv_keys(&kv).await.map_err(nats)?;
     let mut names = vec![];
     while let Some(k) = keys.next().await {
         names.push(k.map_err(nats)?);

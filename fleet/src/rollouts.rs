@@ -81,7 +81,7 @@ pub async fn load(js: &jetstream::Context, id: &str) -> Result<(Rollout, u64), R
 pub async fn list(js: &jetstream::Context) -> Result<Vec<Rollout>, RolloutError> {
     use futures_util::StreamExt;
     let Ok(kv) = js.get_key_value(subjects::ROLLOUTS_BUCKET).await else { return Ok(vec![]) };
-    let mut keys = kv.keys().await.map_err(nats)?;
+    let mut keys = perch_net::kv_keys(&kv).await.map_err(nats)?;
     let mut out = vec![];
     while let Some(k) = keys.next().await {
         let k = k.map_err(nats)?;

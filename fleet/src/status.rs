@@ -89,15 +89,26 @@ async fn reports(
         Some(d) => (format!("{}.>", subjects::reports(d)), DeliverPolicy::All),
         None => (REPORTS_ALL.to_string(), DeliverPolicy::LastPerSubject),
     };
-    let consumer = stream
-        .create_consumer(OrderedConfig {
-            deliver_subject: js_inbox(js),
-            filter_subject: filter,
-            deliver_policy: policy,
-            ..Default::default()
-        })
-        .await
-        .map_err(nats)?;
+    let mut tries = 0;
+    let consumer = loop {
+        tries += 1;
+        let made = stream
+            .create_consumer(OrderedConfig {
+                deliver_subject: js_inbox(js),
+                filter_subject: filter.clone(),
+                deliver_policy: policy,
+                ..Default::default()
+            })
+            .await;
+        match made {
+            Ok(c) => break c,
+            // Placed on a server that is down: see perch_net::EPHEMERAL_TRIES.
+            Err(e)
+                if tries < perch_net::EPHEMERAL_TRIES
+                    && e.kind() == async_nats::jetstream::stream::ConsumerErrorKind::TimedOut => {}
+            Err(e) => return Err(nats(e)),
+        }
+    };
     let (mut out, mut refused) = (vec![], vec![]);
     if consumer.cached_info().num_pending == 0 {
         return Ok((out, refused));

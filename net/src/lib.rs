@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 mod log;
+pub mod replicas;
 pub mod streams;
 pub mod tls;
 
@@ -21,6 +22,7 @@ use std::time::Duration;
 use async_nats::{AuthError, ConnectOptions};
 use perch_protocol::SecretKey;
 
+pub use replicas::Replicas;
 pub use tls::CaTrust;
 
 /// What signs the server's connect nonce.
@@ -172,22 +174,44 @@ pub async fn connect(
         .map_err(|err| LinkError::Connect { urls: urls.join(","), err })
 }
 
-/// Opens a JetStream KV bucket, creating it first if need be.
-///
-/// async-nats's own `create_key_value` first asks for the account info,
-/// whose 2.9 form it cannot parse; so the bucket's stream is made here
-/// with the same settings (`KV_<bucket>`, `$KV.<bucket>.>`, rollups,
-/// direct get, discard new, one message per key and `history`).
+/// Opens a JetStream KV bucket, creating it first if need be (with
+/// [`Replicas::Auto`]); an existing bucket is left as it is.
 pub async fn ensure_kv(
     js: &async_nats::jetstream::Context,
     bucket: &str,
     description: &str,
     history: i64,
 ) -> Result<async_nats::jetstream::kv::Store, String> {
+    kv(js, bucket, description, history, Replicas::Auto, Existing::Keep).await
+}
+
+/// Opens a JetStream KV bucket, creating it first if need be, and scales
+/// its stream to `replicas`: for the provisioner, which owns the layout.
+pub async fn ensure_kv_with(
+    js: &async_nats::jetstream::Context,
+    bucket: &str,
+    description: &str,
+    history: i64,
+    replicas: Replicas,
+) -> Result<async_nats::jetstream::kv::Store, String> {
+    kv(js, bucket, description, history, replicas, Existing::Scale).await
+}
+
+/// Opens a bucket, making its stream if need be.
+///
+/// async-nats's own `create_key_value` first asks for the account info,
+/// whose 2.9 form it cannot parse; so the bucket's stream is made here
+/// with the same settings (`KV_<bucket>`, `$KV.<bucket>.>`, rollups,
+/// direct get, discard new, one message per key and `history`).
+async fn kv(
+    js: &async_nats::jetstream::Context,
+    bucket: &str,
+    description: &str,
+    history: i64,
+    replicas: Replicas,
+    existing: Existing,
+) -> Result<async_nats::jetstream::kv::Store, String> {
     use async_nats::jetstream::stream::{Config, DiscardPolicy, StorageType};
-    if let Ok(kv) = js.get_key_value(bucket).await {
-        return Ok(kv);
-    }
     let config = Config {
         name: format!("KV_{bucket}"),
         description: Some(description.into()),
@@ -198,22 +222,41 @@ pub async fn ensure_kv(
         deny_delete: true,
         allow_direct: true,
         discard: DiscardPolicy::New,
-        num_replicas: 1,
         ..Default::default()
     };
-    let created = js.create_stream(config).await;
-    // Another instance may have created it in the meantime: look again.
-    js.get_key_value(bucket).await.map_err(|e| match created {
-        Err(c) => format!("creating bucket {bucket}: {c}"),
-        Ok(_) => format!("opening bucket {bucket}: {e}"),
-    })
+    stream(js, config, replicas, existing).await?;
+    js.get_key_value(bucket).await.map_err(|e| format!("opening bucket {bucket}: {e}"))
+}
+
+/// How many times to create an ephemeral consumer. nats-server before
+/// 2.12 may place one on a server of the stream that is down (fixed by
+/// nats-server PR #7165); the create then times out, and another try
+/// places it anew.
+pub const EPHEMERAL_TRIES: u32 = 5;
+
+/// The keys of a KV bucket (`Store::keys`, whose ephemeral consumer is
+/// made again if it was placed on a server that is down).
+pub async fn kv_keys(
+    kv: &async_nats::jetstream::kv::Store,
+) -> Result<async_nats::jetstream::kv::Keys, async_nats::jetstream::kv::WatchError> {
+    use async_nats::jetstream::kv::WatchErrorKind;
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match kv.keys().await {
+            Err(e)
+                if tries < EPHEMERAL_TRIES
+                    && matches!(e.kind(), WatchErrorKind::TimedOut | WatchErrorKind::ConsumerCreate) => {}
+            done => return done,
+        }
+    }
 }
 
 /// The id of every device with a record in the registry bucket, sorted.
 /// The provisioner and `perch status` both list the registry this way.
 pub async fn registry_ids(kv: &async_nats::jetstream::kv::Store) -> Result<Vec<String>, async_nats::Error> {
     use futures_util::StreamExt;
-    let mut keys = kv.keys().await?;
+    let mut keys = kv_keys(kv).await?;
     let mut ids = Vec::new();
     while let Some(k) = keys.next().await {
         if let Some(id) = perch_protocol::registry::device_of_key(&k?) {
@@ -224,21 +267,108 @@ pub async fn registry_ids(kv: &async_nats::jetstream::kv::Store) -> Result<Vec<S
     Ok(ids)
 }
 
-/// Creates a stream if it does not exist (an existing one is left as it is).
+/// Creates a stream if it does not exist (with [`Replicas::Auto`]); an
+/// existing one is left as it is.
 pub async fn ensure_stream(
     js: &async_nats::jetstream::Context,
     config: async_nats::jetstream::stream::Config,
 ) -> Result<(), String> {
+    stream(js, config, Replicas::Auto, Existing::Keep).await
+}
+
+/// Creates a stream if it does not exist; an existing one keeps its
+/// settings but is scaled to `replicas` (in place: JetStream copies the
+/// data to the new peers). For the provisioner, which owns the layout:
+/// other clients only create what is missing, so they never undo an
+/// operator's `--replicas`.
+pub async fn ensure_stream_with(
+    js: &async_nats::jetstream::Context,
+    config: async_nats::jetstream::stream::Config,
+    replicas: Replicas,
+) -> Result<(), String> {
+    stream(js, config, replicas, Existing::Scale).await
+}
+
+/// What to do with a stream that exists already.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Existing {
+    Keep,
+    Scale,
+}
+
+/// Makes a missing stream with the replica count that fits the server we
+/// are connected to; keeps or scales one that exists.
+async fn stream(
+    js: &async_nats::jetstream::Context,
+    mut config: async_nats::jetstream::stream::Config,
+    replicas: Replicas,
+    existing: Existing,
+) -> Result<(), String> {
     let name = config.name.clone();
-    if js.get_stream(&name).await.is_ok() {
-        return Ok(());
+    let want = replicas.count(&js.client().server_info());
+    if let Ok(stream) = js.get_stream(&name).await {
+        if existing == Existing::Keep {
+            return Ok(());
+        }
+        let info = stream.cached_info();
+        let Some(n) = replicas.rescale(info.config.num_replicas, want) else {
+            return Ok(());
+        };
+        let mut scaled = info.config.clone();
+        scaled.num_replicas = n;
+        return while_cluster_forms(|| js.update_stream(scaled.clone()))
+            .await
+            .map(drop)
+            .map_err(|e| format!("scaling stream {name} to R{n}: {e}"));
     }
-    let created = js.create_stream(config).await;
+    config.num_replicas = want;
+    let created = while_cluster_forms(|| js.create_stream(config.clone())).await;
     // Another instance may have created it in the meantime: look again.
     js.get_stream(&name).await.map(drop).map_err(|e| match created {
         Err(c) => format!("creating stream {name}: {c}"),
         Ok(_) => format!("opening stream {name}: {e}"),
     })
+}
+
+/// How long a cluster that has just formed may take to place a stream.
+const CLUSTER_FORMING: Duration = Duration::from_secs(15);
+
+/// Runs a stream create or update again while the cluster is still
+/// forming: for a few seconds after its servers connect, the meta leader
+/// has not yet heard from every peer ("no suitable peers"), and a peer
+/// may not yet have set up the account's store (nats-server 2.9: "error
+/// creating store for stream").
+async fn while_cluster_forms<T, F, Fut>(
+    mut op: F,
+) -> Result<T, async_nats::jetstream::context::CreateStreamError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, async_nats::jetstream::context::CreateStreamError>>,
+{
+    use async_nats::jetstream::context::CreateStreamErrorKind as Kind;
+    use async_nats::jetstream::ErrorCode;
+    let deadline = tokio::time::Instant::now() + CLUSTER_FORMING;
+    loop {
+        let r = op().await;
+        let forming = match &r {
+            Err(e) => match e.kind() {
+                Kind::JetStream(j) => [
+                    ErrorCode::CLUSTER_NO_PEERS,
+                    ErrorCode::INSUFFICIENT_RESOURCES,
+                    ErrorCode::CLUSTER_NOT_AVAILABLE,
+                    ErrorCode::STREAM_CREATE,
+                ]
+                .contains(&j.error_code()),
+                Kind::JetStreamUnavailable => true,
+                _ => false,
+            },
+            Ok(_) => false,
+        };
+        if !forming || tokio::time::Instant::now() >= deadline {
+            return r;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 #[cfg(test)]

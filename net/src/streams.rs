@@ -36,25 +36,65 @@ pub fn chunks() -> Config {
     }
 }
 
-/// `PERCH_DESIRED`: the KV bucket of desired state (`device.<id>`,
-/// `group.<g>`), five revisions kept per key for the operator's history.
+/// A KV bucket of the fleet.
+#[derive(Debug, Clone, Copy)]
+pub struct Bucket {
+    pub name: &'static str,
+    pub description: &'static str,
+    /// Revisions kept per key.
+    pub history: i64,
+}
+
+impl Bucket {
+    /// Opens the bucket, creating it first if need be ([`crate::Replicas::Auto`]).
+    pub async fn open(
+        self,
+        js: &async_nats::jetstream::Context,
+    ) -> Result<async_nats::jetstream::kv::Store, String> {
+        crate::ensure_kv(js, self.name, self.description, self.history).await
+    }
+}
+
+/// `PERCH_DESIRED`: desired state (`device.<id>`, `group.<g>`), five
+/// revisions kept per key for the operator's history.
+pub const DESIRED: Bucket = Bucket {
+    name: subjects::DESIRED_BUCKET,
+    description: "perch desired state: device.<id> and group.<g>",
+    history: 5,
+};
+/// `PERCH_BUNDLES`: what `perch publish` published, by `<name>.<counter>`.
+pub const BUNDLES: Bucket = Bucket {
+    name: subjects::BUNDLES_BUCKET,
+    description: "perch published bundles: <name>.<counter>",
+    history: 1,
+};
+/// `PERCH_ROLLOUTS`: rollouts and their waves, changed only by
+/// compare-and-swap so several operators can drive and take over.
+pub const ROLLOUTS: Bucket =
+    Bucket { name: subjects::ROLLOUTS_BUCKET, description: "perch rollouts", history: 5 };
+/// `PERCH_REGISTRY`: the device registry and token use counters.
+pub const REGISTRY: Bucket = Bucket {
+    name: subjects::REGISTRY_BUCKET,
+    description: "perch device registry and token use counters",
+    history: 5,
+};
+/// Every bucket of the fleet.
+pub const BUCKETS: [Bucket; 4] = [DESIRED, BUNDLES, ROLLOUTS, REGISTRY];
+
 pub async fn desired(
     js: &async_nats::jetstream::Context,
 ) -> Result<async_nats::jetstream::kv::Store, String> {
-    crate::ensure_kv(js, subjects::DESIRED_BUCKET, "perch desired state: device.<id> and group.<g>", 5).await
+    DESIRED.open(js).await
 }
 
-/// `PERCH_BUNDLES`: what `perch publish` published, by `<name>.<counter>`.
 pub async fn bundles(
     js: &async_nats::jetstream::Context,
 ) -> Result<async_nats::jetstream::kv::Store, String> {
-    crate::ensure_kv(js, subjects::BUNDLES_BUCKET, "perch published bundles: <name>.<counter>", 1).await
+    BUNDLES.open(js).await
 }
 
-/// `PERCH_ROLLOUTS`: rollouts and their waves, changed only by
-/// compare-and-swap so several operators can drive and take over.
 pub async fn rollouts(
     js: &async_nats::jetstream::Context,
 ) -> Result<async_nats::jetstream::kv::Store, String> {
-    crate::ensure_kv(js, subjects::ROLLOUTS_BUCKET, "perch rollouts", 5).await
+    ROLLOUTS.open(js).await
 }

@@ -117,6 +117,103 @@ impl NatsServer {
     }
 }
 
+/// A cluster of real nats-servers on free loopback ports, configured by
+/// `perch-bootstrap nats cluster` from the org in `DIR/org` (routes over
+/// TLS, operator mode, JetStream): each server's files, store and log are
+/// in `org/nats/cluster/nI/`. Killed on drop.
+pub struct NatsCluster {
+    pub servers: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    /// Writes the configs of `n` servers `n1..` and starts them all; waits
+    /// until every one of them knows the JetStream meta leader.
+    pub fn start(dir: &Path, n: usize) -> NatsCluster {
+        let mut args: Vec<String> = ["nats", "cluster", "--dir", "org", "--bind", "127.0.0.1"]
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        // Probe all ports while holding them, so no two are the same.
+        let probes: Vec<TcpListener> =
+            (0..2 * n).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+        let ports: Vec<u16> = probes.iter().map(|l| l.local_addr().unwrap().port()).collect();
+        drop(probes);
+        for i in 0..n {
+            args.push("--server".into());
+            args.push(format!("n{}=127.0.0.1:{}:{}", i + 1, ports[2 * i], ports[2 * i + 1]));
+        }
+        let out = Command::new(crate::bin("perch-bootstrap")).args(&args).current_dir(dir).output().unwrap();
+        assert!(out.status.success(), "nats cluster: {}", String::from_utf8_lossy(&out.stderr));
+        let servers = (0..n)
+            .map(|i| {
+                let sdir = dir.join(format!("org/nats/cluster/n{}", i + 1));
+                let mut s = NatsServer { child: spawn(&sdir), port: ports[2 * i], dir: sdir };
+                assert!(s.wait_ready(), "n{} did not start: {}", i + 1, s.log());
+                s
+            })
+            .collect();
+        let c = NatsCluster { servers };
+        c.wait_meta_leader(Duration::from_secs(30));
+        c
+    }
+
+    /// `tls://127.0.0.1:PORT` of every server.
+    pub fn urls(&self) -> Vec<String> {
+        self.servers.iter().map(|s| format!("tls://127.0.0.1:{}", s.port)).collect()
+    }
+
+    /// Kills server `i` hard (SIGKILL); it stays down.
+    pub fn kill(&mut self, i: usize) {
+        self.servers[i].kill();
+    }
+
+    /// Starts server `i` again (killed first if running) with its store.
+    pub fn restart(&mut self, i: usize) {
+        self.servers[i].restart();
+    }
+
+    /// Waits until every server has routes to all the others and one of
+    /// them has logged a JetStream meta leader ("JetStream cluster new
+    /// metadata leader", or "Self is new ..."; followers may log neither).
+    pub fn wait_meta_leader(&self, limit: Duration) {
+        let start = Instant::now();
+        let others = self.servers.len() - 1;
+        loop {
+            let logs: Vec<String> = self.servers.iter().map(NatsServer::log_since_start).collect();
+            let routed = logs.iter().all(|l| l.matches("Route connection created").count() >= others);
+            if routed && logs.iter().any(|l| l.contains("metadata leader")) {
+                return;
+            }
+            assert!(start.elapsed() < limit, "the cluster did not form: {}", logs.join("\n---\n"));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The index of the server named `name` (`n1` is 0).
+    pub fn index_of(&self, name: &str) -> usize {
+        name.strip_prefix('n').and_then(|n| n.parse::<usize>().ok()).filter(|&n| n >= 1).unwrap() - 1
+    }
+}
+
+impl NatsServer {
+    /// The server's log (all its runs).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("nats-server.log")).unwrap_or_default()
+    }
+
+    /// The log of the server's current run.
+    fn log_since_start(&self) -> String {
+        let log = self.log();
+        let last = log.rfind("Starting nats-server").unwrap_or(0);
+        log[last..].to_string()
+    }
+
+    /// Where the server keeps its files.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
 /// The nats-server the tests run: `$PERCH_NATS_SERVER` (a path or a name on
 /// PATH), else Debian's `nats-server` (2.9.10, the embedded default).
 /// `cargo xtask ci` runs the server tests a second time with the current

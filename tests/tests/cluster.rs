@@ -1,0 +1,575 @@
+//! A fleet on a three-server JetStream cluster configured by
+//! `perch-bootstrap nats cluster`: real nats-servers with routes over TLS,
+//! a real provisioner and real agents that know all three URLs. Streams
+//! are R3; reports stay exactly once when the stream leader dies and
+//! through a rolling restart, because the duplicate window is replicated.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use perch_protocol::report::Report;
+use perch_protocol::subjects;
+use perch_tests::chaos::{Proxy, Shape};
+use perch_tests::fleet::{wait_for, Device, Running};
+use perch_tests::nats::{server_binary, NatsCluster};
+use perch_tests::{bin, Scratch};
+
+/// An org, a three-server cluster and a provisioner that knows every server.
+struct Hub {
+    s: Scratch,
+    cluster: NatsCluster,
+    provisioner: Option<Running>,
+    /// Dropped last, once the servers are gone.
+    _one_at_a_time: std::sync::MutexGuard<'static, ()>,
+}
+
+/// One cluster at a time: three servers and their agents per test fill the
+/// 2-core CI machine, and failover timings stretch past any sane limit
+/// when six clusters compete for it.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+impl Hub {
+    fn start() -> Hub {
+        // A test that failed while holding it poisons it; the next may go.
+        let guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+        let s = Scratch::new();
+        s.org(1, 1);
+        let cluster = NatsCluster::start(s.dir.path(), 3);
+        let mut h = Hub { s, cluster, provisioner: None, _one_at_a_time: guard };
+        h.start_provisioner(&[]);
+        h
+    }
+
+    /// `--url U1 --url U2 --url U3`.
+    fn url_args(&self) -> Vec<String> {
+        self.cluster.urls().into_iter().flat_map(|u| ["--url".to_string(), u]).collect()
+    }
+
+    /// Starts the provisioner (`extra` arguments added), replacing any running one.
+    fn start_provisioner(&mut self, extra: &[&str]) {
+        if let Some(mut p) = self.provisioner.take() {
+            p.kill();
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.s.path("provisioner.log"))
+            .unwrap();
+        let mut args = vec!["run".to_string(), "--dir".into(), "org".into()];
+        args.extend(self.url_args());
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let mut child = Command::new(bin("perch-bootstrap"))
+            .args(&args)
+            .current_dir(self.s.dir.path())
+            .env("PERCH_LOG", "debug")
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+        assert_eq!(line.trim(), "provisioner ready", "{}", self.logs());
+        std::thread::spawn(move || for _ in std::io::BufRead::lines(out) {});
+        self.provisioner = Some(Running(child));
+    }
+
+    fn logs(&self) -> String {
+        let mut all = std::fs::read_to_string(self.s.path("provisioner.log")).unwrap_or_default();
+        for (i, s) in self.cluster.servers.iter().enumerate() {
+            all.push_str(&format!("\n--- n{} ---\n{}", i + 1, s.log()));
+        }
+        for e in std::fs::read_dir(self.s.dir.path()).unwrap().flatten() {
+            if e.path().extension().is_some_and(|x| x == "log") {
+                all.push_str(&std::fs::read_to_string(e.path()).unwrap_or_default());
+            }
+        }
+        all
+    }
+
+    /// A device enrolled online with a token that names every server, its
+    /// agent.toml with `extra` appended.
+    fn enrolled(&self, name: &str, extra: &str) -> Device {
+        let mut args = vec!["token".to_string(), "issue".into(), "--dir".into(), "org".into()];
+        args.extend(self.url_args());
+        args.extend(["--group".into(), "g".into()]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let token = self.s.ok("perch-bootstrap", &args).stdout;
+        let token_file = self.s.path(&format!("{name}.token"));
+        std::fs::write(&token_file, token.trim()).unwrap();
+        let d = Device { dir: self.s.path(name), name: name.into() };
+        std::fs::create_dir_all(d.dir.join("slots")).unwrap();
+        d.write_config(&format!("[device]\nid = \"{name}\"\n{extra}"));
+        let r = d.agent(&["enroll", "--device-id", name, "--token-file", token_file.to_str().unwrap()]);
+        assert_eq!(r.code, 0, "{}\n{}", r.stderr, self.logs());
+        d
+    }
+
+    /// A device enrolled offline whose enrollment names `fleet_urls`,
+    /// with dir slots (slot a running) and its agent.toml with `extra`.
+    fn enrolled_offline(&self, name: &str, fleet_urls: &[String], extra: &str) -> Device {
+        let d = Device { dir: self.s.path(name), name: name.into() };
+        std::fs::create_dir_all(d.dir.join("slots/a")).unwrap();
+        std::os::unix::fs::symlink("a", d.dir.join("slots/current")).unwrap();
+        std::fs::copy(self.s.path("org/trust.doc"), d.trust()).unwrap();
+        d.write_config(&format!("[device]\nid = \"{name}\"\n{extra}"));
+        let (req, resp) = (d.dir.join("req"), d.dir.join("resp"));
+        assert_eq!(d.agent(&["enroll", "--request-out", req.to_str().unwrap()]).code, 0);
+        let mut args: Vec<&str> =
+            vec!["sign-request", "--dir", "org", req.to_str().unwrap(), "--out", resp.to_str().unwrap()];
+        args.extend(["--group", "g"]);
+        for u in fleet_urls {
+            args.extend(["--fleet-url", u.as_str()]);
+        }
+        self.s.ok("perch-bootstrap", &args);
+        let r = d.agent(&["enroll", "--import", resp.to_str().unwrap()]);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        d
+    }
+
+    /// Builds, signs (k1) and publishes through the cluster an archive
+    /// bundle of `len` pseudo-random bytes; returns its digest in hex.
+    fn published_bundle(&self, name: &str, len: usize) -> String {
+        let s = &self.s;
+        std::fs::create_dir_all(s.path(name)).unwrap();
+        s.write_payload(&format!("{name}/data.bin"), len, 7);
+        let file = format!("{name}.perch");
+        let input = s.path(name);
+        let build = ["bundle", "build", "--name", name, "--counter", "2", "--kind", "archive", "--input"];
+        let mut args: Vec<&str> = build.to_vec();
+        args.extend([input.to_str().unwrap(), "--out", &file]);
+        s.ok("perch", &args);
+        s.ok("perch", &["bundle", "sign", "--key", "k1.key", &file]);
+        s.fleet_creds("release");
+        let urls = self.url_args();
+        let mut args =
+            vec!["publish", "--trust", "org/trust.doc", "--creds", "release.creds", "--ca", "org/tls/ca.pem"];
+        args.extend(urls.iter().map(String::as_str));
+        args.push(&file);
+        s.ok("perch", &args);
+        let v: serde_json::Value =
+            serde_json::from_str(&s.ok("perch", &["bundle", "inspect", "--json", &file]).stdout).unwrap();
+        v["digest"].as_str().unwrap().to_string()
+    }
+
+    fn reader(&self) -> Reader {
+        let creds = self.s.fleet_creds("reader");
+        let ca = perch_tests::nats::org_ca_der(&self.s.path("org"));
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let tls = perch_net::tls::client_config(&perch_net::CaTrust::Certificate(ca)).unwrap();
+        let addrs = perch_net::server_addrs(&self.cluster.urls()).unwrap();
+        let js = rt.block_on(async move {
+            let client = async_nats::ConnectOptions::with_credentials_file(creds)
+                .await
+                .unwrap()
+                .require_tls(true)
+                .tls_client_config(tls)
+                .connect(addrs)
+                .await
+                .unwrap();
+            async_nats::jetstream::new(client)
+        });
+        Reader { rt, js }
+    }
+}
+
+/// A FLEET operator's view of the streams, over all three URLs.
+struct Reader {
+    rt: tokio::runtime::Runtime,
+    js: async_nats::jetstream::Context,
+}
+
+impl Reader {
+    fn info(&self, stream: &str) -> Option<async_nats::jetstream::stream::Info> {
+        let mut s = self.rt.block_on(self.js.get_stream(stream)).ok()?;
+        self.rt.block_on(s.info()).ok().cloned()
+    }
+
+    /// Messages in `PERCH_REPORTS` (0 while the stream has no leader).
+    fn count(&self) -> u64 {
+        self.info(subjects::REPORTS_STREAM).map_or(0, |i| i.state.messages)
+    }
+
+    /// The name of the server that leads `stream`.
+    fn leader(&self, stream: &str) -> String {
+        self.info(stream).and_then(|i| i.cluster).and_then(|c| c.leader).unwrap_or_default()
+    }
+
+    /// Every device report in `PERCH_REPORTS`, in stream order.
+    fn reports(&self) -> Vec<Report> {
+        let s = self.rt.block_on(self.js.get_stream(subjects::REPORTS_STREAM)).unwrap();
+        let info = self.info(subjects::REPORTS_STREAM).unwrap();
+        (info.state.first_sequence..=info.state.last_sequence)
+            .map(|seq| self.rt.block_on(s.get_raw_message(seq)).expect("no gap in the stream"))
+            .filter(|m| m.subject.starts_with("perch.report.") && !m.subject.ends_with(".probe"))
+            .map(|m| Report::from_bytes(&m.payload).unwrap())
+            .collect()
+    }
+
+    /// Publishes `payload` to `PERCH_REPORTS` with message id `id`; true
+    /// if the stream took it as a duplicate.
+    fn publish_with_id(&self, id: &str, payload: &str) -> bool {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", id);
+        let js = &self.js;
+        let ack = self.rt.block_on(async {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                // The stream may be electing a leader: try until it answers.
+                let r = async {
+                    js.publish_with_headers(
+                        "perch.report.x.probe",
+                        headers.clone(),
+                        payload.to_string().into(),
+                    )
+                    .await?
+                    .await
+                    .map_err(async_nats::Error::from)
+                }
+                .await;
+                match r {
+                    Ok(ack) => return ack,
+                    Err(e) if Instant::now() < deadline => {
+                        eprintln!("publish {id}: {e}; again");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    Err(e) => panic!("publish {id}: {e}"),
+                }
+            }
+        });
+        ack.duplicate
+    }
+}
+
+/// Waits until `PERCH_REPORTS` has stopped growing for 3 s.
+fn settle(r: &Reader) {
+    let mut last = (u64::MAX, Instant::now());
+    let settled = wait_for(Duration::from_secs(60), || {
+        let n = r.count();
+        if n != last.0 {
+            last = (n, Instant::now());
+        }
+        last.1.elapsed() > Duration::from_secs(3)
+    });
+    assert!(settled, "the stream never settled");
+}
+
+/// Each device's reports, stored exactly once with no gap: (device, count).
+fn assert_each_once_no_gap(reports: &[Report], devices: &[&Device]) -> Vec<(String, u64)> {
+    devices
+        .iter()
+        .map(|d| {
+            let mut seqs: Vec<u64> = reports.iter().filter(|r| r.device == d.name).map(|r| r.seq).collect();
+            seqs.sort();
+            let n = seqs.len() as u64;
+            let dupes = seqs.windows(2).filter(|w| w[0] == w[1]).count();
+            assert_eq!(dupes, 0, "{}: {dupes} reports stored twice", d.name);
+            assert_eq!(seqs, (1..=n).collect::<Vec<_>>(), "{}: gaps in the sequence", d.name);
+            (d.name.clone(), n)
+        })
+        .collect()
+}
+
+const FAST: &str = "[link]\nping_interval = \"500ms\"\nmax_backoff = \"500ms\"\n\
+                    [reports]\nheartbeat = \"10ms\"\nack_timeout = \"2s\"\n";
+
+/// Stops the agents making reports, then lets each drain its outbox.
+fn drain(h: &Hub, agents: &mut [Running], devices: &[&Device], r: &Reader) {
+    for a in agents.iter_mut() {
+        a.kill();
+    }
+    let mut drains: Vec<Running> = devices
+        .iter()
+        .map(|d| {
+            d.edit_config("heartbeat = \"10ms\"", "heartbeat = \"1h\"");
+            d.spawn_run()
+        })
+        .collect();
+    settle(r);
+    for d in &mut drains {
+        d.kill();
+    }
+    let _ = h;
+}
+
+#[test]
+fn generated_cluster_configs_pass_nats_server_config_check() {
+    let s = Scratch::new();
+    s.org(1, 1);
+    let mut args = vec!["nats", "cluster", "--dir", "org"];
+    args.extend(["--server", "a=nats-a.example", "--server", "b=10.0.0.2", "--server", "c=nats-c.example"]);
+    args.extend(["--config-dir", "/etc/nats", "--store-dir", "/var/lib/nats"]);
+    s.ok("perch-bootstrap", &args);
+    for n in ["a", "b", "c"] {
+        let conf = s.path(&format!("org/nats/cluster/{n}/nats-server.conf"));
+        let text = std::fs::read_to_string(&conf).unwrap();
+        assert!(text.contains(&format!("server_name: \"{n}\"")), "{text}");
+        assert!(text.contains("store_dir: \"/var/lib/nats\"") && text.contains("dir: \"/var/lib/nats/jwt\""));
+        assert!(text.contains("verify: true") && text.contains("cert_file: \"/etc/nats/server.pem\""));
+        assert_eq!(text.matches("nats-route://").count(), 2, "routes to the two others: {text}");
+        // The config refers to its files where they will be: put them there.
+        let local = text.replace("/etc/nats", conf.parent().unwrap().to_str().unwrap());
+        let checked = s.path(&format!("{n}.conf"));
+        std::fs::write(&checked, local).unwrap();
+        let out = Command::new(server_binary()).arg("-t").arg("-c").arg(&checked).output().unwrap();
+        assert!(out.status.success(), "{n}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    // A cluster of two is refused (exit 2), and nothing is overwritten.
+    let two = s
+        .run("perch-bootstrap", &["nats", "cluster", "--dir", "org", "--server", "x=h1", "--server", "y=h2"]);
+    assert_eq!(two.code, 2, "{}", two.stderr);
+    assert_eq!(two.stderr.lines().count(), 1, "{}", two.stderr);
+    let again = s.run("perch-bootstrap", &args);
+    assert_eq!(again.code, 2, "{}", again.stderr);
+    assert!(again.stderr.contains("already exists"), "{}", again.stderr);
+}
+
+#[test]
+fn a_fleet_enrolls_and_reports_through_a_three_server_cluster_with_r3_streams() {
+    let h = Hub::start();
+    let d = h.enrolled("drone-1", FAST);
+    assert_eq!(d.enrollment().fleet_urls, h.cluster.urls(), "the enrollment carries every server");
+    let r = h.reader();
+    let mut agent = d.spawn_run();
+    assert!(wait_for(Duration::from_secs(20), || r.count() >= 20), "{}", h.logs());
+    for stream in [subjects::REPORTS_STREAM, subjects::CHUNKS_STREAM, "KV_PERCH_DESIRED", "KV_PERCH_REGISTRY"]
+    {
+        let info = r.info(stream).unwrap_or_else(|| panic!("{stream} missing"));
+        assert_eq!(info.config.num_replicas, 3, "{stream}");
+        let cluster = info.cluster.unwrap();
+        assert_eq!(cluster.replicas.len(), 2, "{stream} has two followers: {cluster:?}");
+    }
+    agent.kill();
+}
+
+#[test]
+fn reports_stay_exactly_once_when_the_reports_stream_leader_is_killed() {
+    let mut h = Hub::start();
+    let devices: Vec<Device> = (1..=3).map(|i| h.enrolled(&format!("drone-{i}"), FAST)).collect();
+    let r = h.reader();
+    // The stream's duplicate window lives in the stream's replicated
+    // state: an id the old leader took is a duplicate to the new one.
+    assert!(!r.publish_with_id("probe-1", "before"), "a fresh id is not a duplicate");
+    let mut agents: Vec<Running> = devices.iter().map(|d| d.spawn_run()).collect();
+    assert!(wait_for(Duration::from_secs(30), || r.count() >= 500), "{}", h.logs());
+    let leader = r.leader(subjects::REPORTS_STREAM);
+    let i = h.cluster.index_of(&leader);
+    h.cluster.kill(i);
+    let r = h.reader();
+    let moved = wait_for(Duration::from_secs(30), || {
+        let l = r.leader(subjects::REPORTS_STREAM);
+        !l.is_empty() && l != leader
+    });
+    assert!(moved, "no new leader for PERCH_REPORTS: {}", h.logs());
+    assert!(r.publish_with_id("probe-1", "after"), "the new leader forgot the old leader's message ids");
+    let before = r.count();
+    assert!(wait_for(Duration::from_secs(30), || r.count() >= before + 300), "{}", h.logs());
+    let refs: Vec<&Device> = devices.iter().collect();
+    drain(&h, &mut agents, &refs, &r);
+    let reports = r.reports();
+    let counts = assert_each_once_no_gap(&reports, &refs);
+    eprintln!("leader {leader} killed; stored once each, no gaps: {counts:?}");
+    assert!(reports.len() >= 800, "only {} reports", reports.len());
+    // Operators and the provisioner's commands get through with a dead
+    // server among their URLs, once every stream it led has a new leader.
+    for stream in [
+        subjects::CHUNKS_STREAM,
+        "KV_PERCH_DESIRED",
+        "KV_PERCH_BUNDLES",
+        "KV_PERCH_ROLLOUTS",
+        "KV_PERCH_REGISTRY",
+    ] {
+        let elected = wait_for(Duration::from_secs(30), || {
+            let l = r.leader(stream);
+            !l.is_empty() && l != leader
+        });
+        assert!(elected, "no leader for {stream}");
+    }
+    let dead = format!("tls://127.0.0.1:{}", h.cluster.servers[i].port);
+    let urls: Vec<String> =
+        h.cluster.urls().into_iter().filter(|u| u != &dead).flat_map(|u| ["--url".to_string(), u]).collect();
+    // nats-server before 2.12 may place the ephemeral consumer a command
+    // reads with on the dead server; the commands then make it again.
+    let mut status = vec!["status", "--creds", "reader.creds", "--ca", "org/tls/ca.pem", "--url", &dead];
+    status.extend(urls.iter().map(String::as_str));
+    let shown = h.s.run("perch", &status);
+    assert_eq!(shown.code, 0, "perch status with n{} down: {}", i + 1, shown.stderr);
+    assert!(shown.stdout.contains("drone-3"), "{}", shown.stdout);
+    let mut devices = vec!["devices", "--dir", "org", "--url", &dead];
+    devices.extend(urls.iter().map(String::as_str));
+    let listed = h.s.run("perch-bootstrap", &devices);
+    assert_eq!(listed.code, 0, "devices with n{} down: {}", i + 1, listed.stderr);
+    assert!(listed.stdout.contains("drone-3"), "{}", listed.stdout);
+}
+
+#[test]
+fn a_rolling_restart_of_all_three_servers_loses_no_report() {
+    let mut h = Hub::start();
+    let devices: Vec<Device> = (1..=3).map(|i| h.enrolled(&format!("rover-{i}"), FAST)).collect();
+    let r = h.reader();
+    let mut agents: Vec<Running> = devices.iter().map(|d| d.spawn_run()).collect();
+    assert!(wait_for(Duration::from_secs(30), || r.count() >= 200), "{}", h.logs());
+    for i in 0..3 {
+        h.cluster.restart(i);
+        h.cluster.wait_meta_leader(Duration::from_secs(30));
+        // Back in the stream's peer set and current before the next goes down.
+        let r = h.reader();
+        let caught_up = wait_for(Duration::from_secs(30), || {
+            r.info(subjects::REPORTS_STREAM)
+                .and_then(|info| info.cluster)
+                .is_some_and(|c| c.replicas.len() == 2 && c.replicas.iter().all(|p| p.current))
+        });
+        assert!(caught_up, "n{} did not catch up: {}", i + 1, h.logs());
+        let before = r.count();
+        // Usually within a second; once (2.9.10, 1 run in ~6) the agents'
+        // publishes met "no responders" for over 20 s after the last restart.
+        let going = wait_for(Duration::from_secs(60), || r.count() >= before + 50);
+        assert!(going, "reports stopped after n{} restarted: {}", i + 1, h.logs());
+    }
+    let r = h.reader();
+    let refs: Vec<&Device> = devices.iter().collect();
+    drain(&h, &mut agents, &refs, &r);
+    let reports = r.reports();
+    let counts = assert_each_once_no_gap(&reports, &refs);
+    eprintln!("rolling restart: stored once each, no gaps: {counts:?}");
+}
+
+#[test]
+fn streams_made_with_one_replica_are_scaled_up_to_three_in_place_with_their_data() {
+    let mut h = Hub::start();
+    h.start_provisioner(&["--replicas", "1"]);
+    let d = h.enrolled("drone-1", FAST);
+    let r = h.reader();
+    let mut agent = d.spawn_run();
+    assert!(wait_for(Duration::from_secs(20), || r.count() >= 100), "{}", h.logs());
+    agent.kill();
+    settle(&r);
+    // `--replicas 1` scaled what the first provisioner made down to R1:
+    // a fleet whose streams have one copy, on a cluster.
+    for stream in [subjects::REPORTS_STREAM, "KV_PERCH_REGISTRY"] {
+        assert_eq!(r.info(stream).unwrap().config.num_replicas, 1, "{stream}");
+    }
+    let stored = r.count();
+    // The provisioner with the default (auto) scales them up when it starts.
+    h.start_provisioner(&[]);
+    for stream in [subjects::REPORTS_STREAM, "KV_PERCH_REGISTRY"] {
+        let grown = wait_for(Duration::from_secs(30), || {
+            r.info(stream).is_some_and(|i| {
+                i.config.num_replicas == 3
+                    && i.cluster
+                        .is_some_and(|c| c.replicas.len() == 2 && c.replicas.iter().all(|p| p.current))
+            })
+        });
+        assert!(grown, "{stream} not at R3: {:?}", r.info(stream));
+    }
+    assert_eq!(r.count(), stored, "scaling up lost or added reports");
+    assert_each_once_no_gap(&r.reports(), &[&d]);
+    // Auto never scales down; an explicit count does.
+    h.start_provisioner(&["--replicas", "1"]);
+    assert_eq!(r.info(subjects::REPORTS_STREAM).unwrap().config.num_replicas, 1);
+}
+
+fn deploy_state(d: &Device) -> String {
+    let r = d.agent(&["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap_or_default();
+    v["deploy"]["state"].as_str().unwrap_or_default().to_string()
+}
+
+#[test]
+fn a_chunk_fetch_resumes_when_the_server_it_runs_through_is_killed() {
+    let mut h = Hub::start();
+    // A capped proxy in front of each server: the fetch takes seconds, and
+    // the proxy that carries it says which server the device is on.
+    let proxies: Vec<Proxy> =
+        h.cluster.servers.iter().map(|s| Proxy::start(([127, 0, 0, 1], s.port).into())).collect();
+    for p in &proxies {
+        p.set_shape(Shape { latency: Duration::ZERO, bandwidth: 2_000_000 });
+    }
+    let urls: Vec<String> = proxies.iter().map(Proxy::url).collect();
+    let d = h.enrolled_offline(
+        "rover-1",
+        &urls,
+        "[link]\nping_interval = \"1s\"\nmax_backoff = \"1s\"\n[fetch]\nwindow = 4\n[health]\ntrial = \"3s\"\n",
+    );
+    let size = 6 << 20;
+    let digest = h.published_bundle("os", size);
+    let r = h.reader();
+    let put = r.js.clone();
+    let kv = r.rt.block_on(put.get_key_value(subjects::DESIRED_BUCKET)).unwrap();
+    r.rt.block_on(kv.put("device.rover-1", format!("{{\"bundle\": \"{digest}\"}}").into())).unwrap();
+    let mut agent = d.spawn_run();
+    // A third of the bundle has come down through one proxy: kill its server.
+    let mut carrying = None;
+    let started = wait_for(Duration::from_secs(60), || {
+        carrying = proxies.iter().position(|p| p.bytes().0 > (size as u64) / 3);
+        carrying.is_some()
+    });
+    assert!(started, "the fetch never got going: {}", h.logs());
+    let i = carrying.unwrap();
+    assert_ne!(deploy_state(&d), "committed", "the fetch finished before the kill");
+    h.cluster.kill(i);
+    let done = wait_for(Duration::from_secs(120), || deploy_state(&d) == "committed");
+    assert!(done, "not committed after n{} was killed: {}", i + 1, h.logs());
+    agent.kill();
+    let data = std::fs::read(d.dir.join("slots/current/data.bin")).unwrap();
+    assert_eq!(data.len(), size);
+    assert_eq!(data, std::fs::read(h.s.path("os/data.bin")).unwrap());
+    // The agent went on through a server the cluster told it about.
+    eprintln!("n{} killed mid-fetch; the fetch went on through another server", i + 1);
+}
+
+#[test]
+fn a_server_with_another_orgs_certificate_cannot_join_the_cluster() {
+    let h = Hub::start();
+    // Our n1's route port, from its config.
+    let conf = std::fs::read_to_string(h.cluster.servers[0].dir().join("nats-server.conf")).unwrap();
+    let route = conf
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("advertise: \""))
+        .and_then(|a| a.strip_suffix('"'))
+        .unwrap()
+        .to_string();
+    // Another org's server, with the same cluster name, routing to our n1.
+    let rogue = Scratch::new();
+    rogue.org(1, 1);
+    let mut args = vec!["nats", "cluster", "--dir", "org", "--bind", "127.0.0.1"];
+    let ports: Vec<u16> = (0..6)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect::<Vec<_>>()
+        .iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect();
+    let servers: Vec<String> =
+        (0..3).map(|i| format!("x{i}=127.0.0.1:{}:{}", ports[2 * i], ports[2 * i + 1])).collect();
+    for s in &servers {
+        args.extend(["--server", s.as_str()]);
+    }
+    rogue.ok("perch-bootstrap", &args);
+    let x0 = rogue.path("org/nats/cluster/x0/nats-server.conf");
+    let text = std::fs::read_to_string(&x0).unwrap();
+    let (head, rest) = text.split_once("    routes: [").unwrap();
+    let (_, tail) = rest.split_once(']').unwrap();
+    // It even trusts our CA (whose certificate is no secret): only our
+    // servers' demand for a fleet-CA certificate keeps it out.
+    let ours = h.cluster.servers[0].dir().join("ca.pem");
+    let theirs = rogue.path("org/nats/cluster/x0/ca.pem");
+    let theirs = std::path::absolute(theirs).unwrap();
+    assert!(tail.contains(theirs.to_str().unwrap()), "{tail}");
+    let tail = tail.replace(theirs.to_str().unwrap(), ours.to_str().unwrap());
+    std::fs::write(&x0, format!("{head}    routes: [\n        \"nats-route://{route}\"\n    ]{tail}"))
+        .unwrap();
+    let log = std::fs::File::create(rogue.path("x0.log")).unwrap();
+    let mut x = Running(Command::new(server_binary()).arg("-c").arg(&x0).stderr(log).spawn().unwrap());
+    std::thread::sleep(Duration::from_secs(4));
+    let rogue_log = std::fs::read_to_string(rogue.path("x0.log")).unwrap_or_default();
+    x.kill();
+    // It dials, and n1 closes every route it opens at the TLS handshake.
+    assert!(rogue_log.contains("Router connection closed"), "{rogue_log}");
+    assert!(!rogue_log.contains("metadata leader"), "the rogue server joined JetStream: {rogue_log}");
+    let n1 = h.cluster.servers[0].log();
+    let refused = n1.lines().filter(|l| l.contains("TLS route handshake error")).count();
+    assert!(refused > 0, "n1 refused nothing: {n1}");
+    // Our cluster still counts three servers.
+    let r = h.reader();
+    assert_eq!(perch_net::replicas::cluster_size(&r.js.client().server_info()), 3);
+}
