@@ -378,21 +378,7 @@ impl Fleet {
     }
 
     pub fn reports_reader(&self) -> ReportsReader {
-        let creds = self.reader_creds();
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let tls = perch_net::tls::client_config(&perch_net::CaTrust::Certificate(self.ca_der())).unwrap();
-        let url = self.url.clone();
-        let js = rt.block_on(async move {
-            let client = async_nats::ConnectOptions::with_credentials_file(creds)
-                .await
-                .unwrap()
-                .require_tls(true)
-                .tls_client_config(tls)
-                .connect(url)
-                .await
-                .unwrap();
-            async_nats::jetstream::new(client)
-        });
+        let (rt, js) = jetstream_client(&self.reader_creds(), self.ca_der(), self.url.clone());
         ReportsReader { rt, js }
     }
 }
@@ -569,4 +555,28 @@ impl ReportsReader {
             js.publish(subject.to_string(), payload.into()).await.expect("publish").await.expect("ack")
         });
     }
+}
+
+/// A JetStream client of its own runtime, for reading from a plain test
+/// thread: FLEET `creds`, TLS trusting only the fleet CA, at `addrs`.
+pub fn jetstream_client(
+    creds: &Path,
+    ca_der: Vec<u8>,
+    addrs: impl async_nats::ToServerAddrs,
+) -> (tokio::runtime::Runtime, async_nats::jetstream::Context) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let tls = perch_net::tls::client_config(&perch_net::CaTrust::Certificate(ca_der)).unwrap();
+    let creds = creds.to_path_buf();
+    let js = rt.block_on(async move {
+        let client = async_nats::ConnectOptions::with_credentials_file(creds)
+            .await
+            .unwrap()
+            .require_tls(true)
+            .tls_client_config(tls)
+            .connect(addrs)
+            .await
+            .unwrap();
+        async_nats::jetstream::new(client)
+    });
+    (rt, js)
 }

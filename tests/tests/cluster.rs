@@ -155,20 +155,8 @@ impl Hub {
     fn reader(&self) -> Reader {
         let creds = self.s.fleet_creds("reader");
         let ca = perch_tests::nats::org_ca_der(&self.s.path("org"));
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let tls = perch_net::tls::client_config(&perch_net::CaTrust::Certificate(ca)).unwrap();
         let addrs = perch_net::server_addrs(&self.cluster.urls()).unwrap();
-        let js = rt.block_on(async move {
-            let client = async_nats::ConnectOptions::with_credentials_file(creds)
-                .await
-                .unwrap()
-                .require_tls(true)
-                .tls_client_config(tls)
-                .connect(addrs)
-                .await
-                .unwrap();
-            async_nats::jetstream::new(client)
-        });
+        let (rt, js) = perch_tests::fleet::jetstream_client(&creds, ca, addrs);
         Reader { rt, js }
     }
 }
