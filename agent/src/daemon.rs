@@ -40,7 +40,11 @@ pub async fn run(
         Err(e) => return error!("device key unusable: {e}"),
     };
     let (device, groups) = (v.credential.device_id.clone(), v.credential.groups.clone());
-    let settings = LinkSettings { ping_interval: cfg.link.ping_interval, max_backoff: cfg.link.max_backoff };
+    let settings = LinkSettings {
+        ping_interval: cfg.link.ping_interval,
+        max_backoff: cfg.link.max_backoff,
+        urls: cfg.link.urls.clone(),
+    };
     let link = match link::start(v, key, &settings, &state_dir).await {
         Ok(l) => l,
         Err(e) => return error!("FLEET link: {e}"),

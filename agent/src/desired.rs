@@ -33,7 +33,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::Config;
 use crate::deploy::{DeployError, Engine, Finished};
-use crate::fetch::{ChunkSource, FetchSettings};
+use crate::fetch::{ChunkSource, FetchSettings, OpenError};
 use crate::journal::{JournalStore, Outcome};
 use crate::reports::Reporter;
 
@@ -262,14 +262,14 @@ async fn deploy(
     let outcome =
         install(client.clone(), cfg.clone(), state_dir.to_path_buf(), entry, settings, reporter.clone())
             .await;
-    if let Err(Failure::EngineInUse(busy)) = outcome {
+    if let Err(Failure::EngineInUse(busy) | Failure::NotHere(busy)) = outcome {
         return Some(busy);
     }
     // The deploy has ended: a retry (a new revision) gets a fresh budget.
     let _ = std::fs::remove_file(state_dir.join(crate::fetch::LEDGER_FILE));
     match outcome {
         Ok(f) => info!(bundle = %hex::encode(&digest[..8]), "deploy: {f}"),
-        Err(Failure::EngineInUse(_)) => {}
+        Err(Failure::EngineInUse(_) | Failure::NotHere(_)) => {}
         Err(Failure::Failed(e)) => {
             warn!(bundle = %hex::encode(&digest[..8]), "deploy failed: {e}");
             // The engine reports every state it reaches; this is for a
@@ -290,6 +290,9 @@ async fn deploy(
 enum Failure {
     /// Another process's engine works on the state directory; nothing was done.
     EngineInUse(String),
+    /// The bundle is not on the server yet; nothing was done, and the next
+    /// wake-up or resync looks again.
+    NotHere(String),
     Failed(String),
 }
 
@@ -326,7 +329,10 @@ async fn install(
         if let Some(r) = reporter {
             engine.observe(crate::reports::engine_observer(r));
         }
-        let source = ChunkSource::open(rt, client, digest, settings).map_err(|e| Failure::Failed(e.to_string()))?;
+        let source = ChunkSource::open(rt, client, digest, settings).map_err(|e| match e {
+            OpenError::NotHere(_) => Failure::NotHere(e.to_string()),
+            e => Failure::Failed(e.to_string()),
+        })?;
         let label = PathBuf::from(format!("nats:{}", subjects::chunk(&digest, None)));
         let f = engine
             .install_from(source, &label)

@@ -89,6 +89,11 @@ pub enum OpenError {
     /// bundle's.
     #[error("refused for security: the head published for bundle {desired} is bundle {fetched}'s")]
     WrongBundle { desired: String, fetched: String },
+    /// The server has no head for the bundle (yet): not published, or a
+    /// field site still copying it from the hub. The head is published
+    /// after every chunk, so its absence says the bundle is not complete.
+    #[error("bundle {0} is not on the server yet (not published, or a field site still copying it)")]
+    NotHere(String),
 }
 
 impl OpenError {
@@ -147,12 +152,12 @@ impl ChunkSource {
             debug!(bytes = before, "fetch: bytes already fetched for this bundle by earlier runs");
         }
         let fetched = Arc::new(AtomicU64::new(before));
-        let head = rt.block_on(get(
-            client.clone(),
-            subjects::chunk(&digest, None),
-            settings.clone(),
-            fetched.clone(),
-        ))?;
+        let head = rt
+            .block_on(get(client.clone(), subjects::chunk(&digest, None), settings.clone(), fetched.clone()))
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::NotFound => OpenError::NotHere(hex::encode(digest)),
+                _ => OpenError::Io(e),
+            })?;
         let Layout { chunk_size, chunk_count, payload_len } = layout(&head, &digest)?;
         Ok(Self {
             rt,
@@ -363,7 +368,8 @@ async fn get(
             Ok(Ok(msg)) if msg.status == Some(StatusCode::NOT_FOUND) => {
                 missing += 1;
                 if missing >= 3 {
-                    return Err(other(format!("{subject} is not on the server (was the bundle published?)")));
+                    let e = format!("{subject} is not on the server (was the bundle published?)");
+                    return Err(io::Error::new(io::ErrorKind::NotFound, e));
                 }
             }
             Ok(Ok(msg)) => debug!("{subject}: status {:?}", msg.status),

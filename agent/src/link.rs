@@ -27,14 +27,25 @@ fn user(v: &VerifiedEnrollment, key: Arc<SecretKey>) -> User {
     User { jwt: v.enrollment.user_jwt.clone(), signer: Signer::Device(key) }
 }
 
-/// One connection attempt to FLEET, then hello.
+/// The URLs the FLEET link uses: the configured ones (`link.urls`, a field
+/// site's server) or else the enrollment's.
+pub fn fleet_urls<'a>(v: &'a VerifiedEnrollment, configured: &'a [String]) -> &'a [String] {
+    if configured.is_empty() {
+        &v.enrollment.fleet_urls
+    } else {
+        configured
+    }
+}
+
+/// One connection attempt to FLEET (at `urls`, see [`fleet_urls`]), then hello.
 pub async fn connect_once(
     v: &VerifiedEnrollment,
+    urls: &[String],
     key: Arc<SecretKey>,
 ) -> Result<async_nats::Client, perch_net::LinkError> {
     let id = &v.credential.device_id;
     let client = perch_net::connect(
-        &v.enrollment.fleet_urls,
+        urls,
         &user(v, key),
         &CaTrust::Certificate(v.enrollment.ca_der.clone()),
         &link_options(id),
@@ -59,6 +70,8 @@ async fn hello(client: &async_nats::Client, v: &VerifiedEnrollment) {
 pub struct LinkSettings {
     pub ping_interval: Duration,
     pub max_backoff: Duration,
+    /// `link.urls`: empty for the enrollment's URLs.
+    pub urls: Vec<String>,
 }
 
 /// The FLEET link of a running agent.
@@ -69,6 +82,7 @@ pub struct Link {
     /// outage (the desired state) waits on it.
     pub connected: Arc<tokio::sync::Notify>,
     v: VerifiedEnrollment,
+    urls: Vec<String>,
     state_file: std::path::PathBuf,
 }
 
@@ -100,11 +114,13 @@ pub async fn start(
                 let _ = tx.send(ev);
             }
         });
+    let urls = fleet_urls(&v, &settings.urls).to_vec();
     let client = nats
-        .connect(perch_net::server_addrs(&v.enrollment.fleet_urls)?)
+        .connect(perch_net::server_addrs(&urls)?)
         .await
-        .map_err(|err| perch_net::LinkError::Connect { urls: v.enrollment.fleet_urls.join(","), err })?;
-    let link = Link { client, events, connected: Arc::default(), v, state_file: state_dir.join(STATE_FILE) };
+        .map_err(|err| perch_net::LinkError::Connect { urls: urls.join(","), err })?;
+    let link =
+        Link { client, events, connected: Arc::default(), v, urls, state_file: state_dir.join(STATE_FILE) };
     link.record("connecting", None);
     Ok(link)
 }
@@ -177,7 +193,7 @@ impl Link {
         let doc = serde_json::json!({
             "state": state,
             "since": perch_support::now_unix(),
-            "urls": self.v.enrollment.fleet_urls,
+            "urls": self.urls,
             "last_event": event,
         });
         // Best effort: status is informative, the link does not depend on it.

@@ -557,7 +557,12 @@ fn enroll_cmd(cli: &Cli, args: &EnrollArgs) -> Result<u8> {
         let v = enrolling::online(&cfg, &cli.state_dir, &token, &plan).await?;
         // Prove the new credential works: connect to FLEET and say hello.
         let key = std::sync::Arc::new(identity.key()?);
-        match tokio::time::timeout(Duration::from_secs(15), perch_agent::link::connect_once(&v, key)).await {
+        match tokio::time::timeout(
+            Duration::from_secs(15),
+            perch_agent::link::connect_once(&v, perch_agent::link::fleet_urls(&v, &cfg.link.urls), key),
+        )
+        .await
+        {
             Ok(Ok(c)) => drop(c),
             Ok(Err(e)) => eprintln!("perch-agent: enrolled, but the first FLEET connection failed: {e}"),
             Err(_) => eprintln!("perch-agent: enrolled, but the first FLEET connection timed out"),

@@ -10,6 +10,7 @@
 //! - [`admin`]: operator commands against a running fleet (approve, revoke...).
 //! - [`trust_push`]: the trust document into `PERCH_TRUST`, for devices to take.
 //! - [`cluster`]: the configuration of an N-server nats-server cluster.
+//! - [`site_run`]: the daemon of a field site (a leaf node of the hub).
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -20,6 +21,7 @@ pub mod nats;
 pub mod org;
 pub mod provisioner;
 pub mod registry;
+pub mod site_run;
 pub mod tls;
 pub mod token;
 pub mod trust_push;

@@ -7,7 +7,9 @@
 //! enrolls exactly N devices however many instances race.
 //!
 //! It also listens on `perch.hello.*` (FLEET) to register devices that were
-//! enrolled offline, when they first connect.
+//! enrolled offline, when they first connect, and on `perch.site.*` to make
+//! the hub's `PERCH_REPORTS` take the reports of each field site that
+//! announces itself.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -16,7 +18,9 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use perch_protocol::enroll::{EnrollResponse, Rejection, SignedCredential, SignedRequest, VerifiedRequest};
 use perch_protocol::lifecycle;
-use perch_protocol::subjects::{self, ENROLL_QUEUE, ENROLL_REQUEST, HELLO_ALL, LIFECYCLE_ALL};
+use perch_protocol::subjects::{
+    self, ENROLL_QUEUE, ENROLL_REQUEST, HELLO_ALL, LIFECYCLE_ALL, SITE_HELLO_ALL,
+};
 use perch_protocol::token::{Approval, SignedToken, VerifiedToken};
 use perch_protocol::PublicKey;
 use perch_support::now_unix;
@@ -60,7 +64,13 @@ struct Service {
     registry: Registry,
     fleet: async_nats::Client,
     drops: DropLog,
+    /// Sites whose reports the hub takes, and when that was last checked.
+    sites: std::sync::Mutex<std::collections::HashMap<String, tokio::time::Instant>>,
 }
+
+/// A site's hello is acted on at most this often: the stream's sources
+/// are checked again, in case another instance's update raced ours.
+const SITE_CHECK_EVERY: Duration = Duration::from_secs(60);
 
 /// How long a stopping provisioner waits for answers in flight. It never
 /// waits longer on a server that stopped answering.
@@ -76,6 +86,7 @@ struct Ready {
     requests: async_nats::Subscriber,
     hellos: async_nats::Subscriber,
     events: async_nats::Subscriber,
+    sites: async_nats::Subscriber,
 }
 
 /// Runs until `shutdown` resolves, which it watches from the start (also
@@ -93,7 +104,7 @@ pub async fn run(
             return Ok(());
         }
     };
-    let Ready { service, prov, mut requests, mut hellos, mut events } = ready;
+    let Ready { service, prov, mut requests, mut hellos, mut events, mut sites } = ready;
     let fleet = service.fleet.clone();
     let concurrency = service.settings.concurrency.max(1);
     let slots = Arc::new(Semaphore::new(concurrency));
@@ -145,6 +156,14 @@ pub async fn run(
                     drop(permit);
                 });
             }
+            msg = sites.next() => {
+                let Some(msg) = msg else { break };
+                let svc = service.clone();
+                tokio::spawn(async move {
+                    svc.site_hello(&msg.subject).await;
+                    drop(permit);
+                });
+            }
         }
     }
     let drained = tokio::time::timeout(DRAIN_LIMIT, async {
@@ -193,14 +212,18 @@ async fn start(settings: Settings) -> Result<Ready, ProvisionerError> {
         .queue_subscribe(LIFECYCLE_ALL, ENROLL_QUEUE.into())
         .await
         .map_err(|e| ProvisionerError::Subscribe { subject: LIFECYCLE_ALL, detail: e.to_string() })?;
+    let sites = fleet
+        .queue_subscribe(SITE_HELLO_ALL, ENROLL_QUEUE.into())
+        .await
+        .map_err(|e| ProvisionerError::Subscribe { subject: SITE_HELLO_ALL, detail: e.to_string() })?;
     // Make sure the server has the subscriptions before we say we are ready.
     let _ = prov.flush().await;
     let _ = fleet.flush().await;
     info!(org = %issuer.trust.body().org, urls = %settings.urls.join(","), "provisioner ready");
     println!("provisioner ready");
     let drops = DropLog::new(DROP_LOG_INTERVAL);
-    let service = Arc::new(Service { settings, issuer, registry, fleet, drops });
-    Ok(Ready { service, prov, requests, hellos, events })
+    let service = Arc::new(Service { settings, issuer, registry, fleet, drops, sites: Default::default() });
+    Ok(Ready { service, prov, requests, hellos, events, sites })
 }
 
 /// The fleet's streams and buckets: the provisioner makes them on first
@@ -220,6 +243,23 @@ pub async fn ensure_fleet_streams(
     Ok(())
 }
 
+/// Adds field site `site`'s reports to the hub's `PERCH_REPORTS` sources,
+/// unless they are there; whether it added them. JetStream copies each
+/// report once and deduplicates by `Nats-Msg-Id` as for a direct publish.
+pub async fn add_site_source(js: &async_nats::jetstream::Context, site: &str) -> Result<bool, String> {
+    let source = perch_net::sites::hub_reports_source(site);
+    let mut stream =
+        js.get_stream(subjects::REPORTS_STREAM).await.map_err(|e| format!("opening PERCH_REPORTS: {e}"))?;
+    let mut config = stream.info().await.map_err(|e| format!("reading PERCH_REPORTS: {e}"))?.config.clone();
+    let sources = config.sources.get_or_insert_with(Vec::new);
+    if sources.iter().any(|s| s.name == source.name) {
+        return Ok(false);
+    }
+    sources.push(source);
+    js.update_stream(config).await.map_err(|e| format!("updating PERCH_REPORTS: {e}"))?;
+    Ok(true)
+}
+
 /// Loads the org and checks that it can issue, without connecting.
 pub fn preflight(org_dir: &Path) -> Result<(), ProvisionerError> {
     Issuer::load(org_dir, now_unix())?;
@@ -227,6 +267,36 @@ pub fn preflight(org_dir: &Path) -> Result<(), ProvisionerError> {
 }
 
 impl Service {
+    /// A field site announced itself: make sure the hub's `PERCH_REPORTS`
+    /// sources its reports. Only the subject is read: the server lets a
+    /// site publish only its own hello.
+    async fn site_hello(&self, subject: &str) {
+        let Some(site) = subject.strip_prefix("perch.site.").filter(|s| perch_net::sites::is_site_name(s))
+        else {
+            self.drops.note(DropKind::Hello, subject, &"not a site name");
+            return;
+        };
+        {
+            let Ok(mut seen) = self.sites.lock() else { return };
+            let now = tokio::time::Instant::now();
+            if seen.get(site).is_some_and(|t| now.duration_since(*t) < SITE_CHECK_EVERY) {
+                return;
+            }
+            seen.insert(site.to_string(), now);
+        }
+        let js = async_nats::jetstream::new(self.fleet.clone());
+        match add_site_source(&js, site).await {
+            Ok(true) => info!(site, "the hub now takes the reports of field site {site}"),
+            Ok(false) => debug!(site, "field site already sourced"),
+            Err(e) => {
+                warn!(site, "field site's reports not sourced (tried again on its next hello): {e}");
+                if let Ok(mut seen) = self.sites.lock() {
+                    seen.remove(site);
+                }
+            }
+        }
+    }
+
     async fn answer(&self, payload: &[u8]) -> EnrollResponse {
         // Garbage is answered, but logged within a budget (see drop_log).
         let request = match SignedRequest::from_bytes(payload) {

@@ -428,6 +428,7 @@ mod tests {
                 },
             },
             stored_at: 100,
+            site: None,
         }
     }
 

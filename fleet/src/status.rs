@@ -17,7 +17,7 @@ use perch_protocol::registry::{device_key, DeviceRecord};
 use perch_protocol::report::Report;
 use perch_protocol::subjects::{self, REGISTRY_BUCKET, REPORTS_ALL, REPORTS_STREAM};
 
-use crate::view::{self, FleetView, Stored};
+use crate::view::{self, FleetView, SiteView, Stored};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StatusError {
@@ -56,7 +56,8 @@ pub async fn read(client: &async_nats::Client, q: &Query, now: u64) -> Result<Re
         registry.retain(|r| &r.id == d);
     }
     let (reports, refused) = reports(&js, q.device.as_deref()).await?;
-    let view = view::build(&registry, reports, now, q.stale_after_secs, q.device.is_some());
+    let mut view = view::build(&registry, reports, now, q.stale_after_secs, q.device.is_some());
+    view.sites = sites(&js).await?;
     let rollouts = match q.device {
         Some(_) => vec![],
         None => crate::rollouts::list(&js).await.map_err(|e| StatusError::Nats(e.to_string()))?,
@@ -119,8 +120,14 @@ async fn reports(
         let info = m.info().map_err(nats)?;
         let (pending, stored_at) = (info.pending, info.published.unix_timestamp().max(0) as u64);
         let on = m.subject.split('.').nth(2).unwrap_or_default().to_string();
+        let site = m
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(SOURCE_HEADER))
+            .and_then(|v| perch_net::sites::site_of_source_header(v.as_str()))
+            .map(String::from);
         match Report::from_bytes(&m.payload) {
-            Ok(report) if report.device == on => out.push(Stored { report, stored_at }),
+            Ok(report) if report.device == on => out.push(Stored { report, stored_at, site }),
             Ok(report) => refused.push(format!("{}: claims to be from {}", m.subject, report.device)),
             Err(e) => refused.push(format!("{}: {e}", m.subject)),
         }
@@ -129,6 +136,26 @@ async fn reports(
         }
     }
     Ok((out, refused))
+}
+
+/// The header JetStream gives a message it copied from another stream.
+const SOURCE_HEADER: &str = "Nats-Stream-Source";
+
+/// The field sites the hub's `PERCH_REPORTS` takes reports from, and how
+/// long since it heard from each; none if the stream does not exist yet.
+pub async fn sites(js: &jetstream::Context) -> Result<Vec<SiteView>, StatusError> {
+    let Ok(mut stream) = js.get_stream(REPORTS_STREAM).await else { return Ok(vec![]) };
+    let info = stream.info().await.map_err(nats)?;
+    let mut out: Vec<SiteView> = info
+        .sources
+        .iter()
+        .filter_map(|s| {
+            let name = perch_net::sites::site_of_source_name(&s.name)?;
+            Some(SiteView { name: name.into(), last_heard_secs: s.active.map(|d| d.as_secs()), lag: s.lag })
+        })
+        .collect();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
 }
 
 fn js_inbox(js: &jetstream::Context) -> String {

@@ -4,7 +4,7 @@
 use std::fmt::Write;
 
 use crate::rollout::{self, Outcome, Rollout, State};
-use crate::view::{Accounting, DeviceView, FleetView, Liveness};
+use crate::view::{Accounting, DeviceView, FleetView, Liveness, SiteView};
 
 /// `text` cut to about `max` characters, keeping its start and its end
 /// (where a failure usually says what went wrong).
@@ -29,11 +29,15 @@ pub fn age(secs: u64) -> String {
 }
 
 fn link(v: &DeviceView, now: u64) -> String {
-    match (v.liveness, v.last_seen) {
+    let state = match (v.liveness, v.last_seen) {
         (Liveness::Online, Some(t)) => format!("online {}", age(now.saturating_sub(t))),
         // Loud on purpose: a silent device must not read as a healthy one.
         (Liveness::Stale, Some(t)) => format!("STALE {}", age(now.saturating_sub(t))),
         _ => "silent".into(),
+    };
+    match &v.site {
+        Some(site) => format!("{state} @{site}"),
+        None => state,
     }
 }
 
@@ -127,7 +131,21 @@ pub fn render(view: &FleetView) -> String {
     if view.devices.is_empty() {
         out.push_str("(no devices: none enrolled, none reporting)\n");
     }
+    for s in &view.sites {
+        let _ = writeln!(out, "{}", site_line(s, &view.devices));
+    }
     out
+}
+
+/// One field site: its devices and how fresh the hub's view of it is.
+fn site_line(s: &SiteView, devices: &[DeviceView]) -> String {
+    let n = devices.iter().filter(|d| d.site.as_deref() == Some(&s.name)).count();
+    let heard = match s.last_heard_secs {
+        Some(t) => format!("last heard {} ago", crate::table::age(t)),
+        None => "never heard from".into(),
+    };
+    let lag = if s.lag > 0 { format!(", {} reports still to come", s.lag) } else { String::new() };
+    format!("site {}: {n} devices reporting through it; {heard}{lag}", s.name)
 }
 
 /// A rollout and each wave's progress, a few lines.
@@ -193,6 +211,7 @@ mod tests {
                 kind,
             },
             stored_at: 100,
+            site: None,
         };
         let reasons = ReportKind::Deploy {
             state: "rolled_back".into(),
@@ -215,5 +234,36 @@ mod tests {
             "health: …check` exited 1"
         );
         assert_eq!(age(3 * 86_400), "3d");
+    }
+
+    #[test]
+    fn a_device_shows_the_site_it_reports_through_and_the_site_its_freshness() {
+        let report = Report {
+            device: "drone-2".into(),
+            epoch: 1,
+            seq: 1,
+            boot_id: "b".into(),
+            agent_version: "0.1.0".into(),
+            at: 0,
+            running_slot: None,
+            running_bundle: None,
+            journal_state: "idle".into(),
+            kind: ReportKind::Heartbeat,
+        };
+        let mut v =
+            build(&[], vec![Stored { report, stored_at: 100, site: Some("ridge".into()) }], 105, 60, false);
+        v.sites = vec![
+            SiteView { name: "ridge".into(), last_heard_secs: Some(300), lag: 12 },
+            SiteView { name: "quarry".into(), last_heard_secs: None, lag: 0 },
+        ];
+        let t = render(&v);
+        assert!(t.contains("online 5s @ridge"), "{t}");
+        assert!(
+            t.contains(
+                "site ridge: 1 devices reporting through it; last heard 5m ago, 12 reports still to come"
+            ),
+            "{t}"
+        );
+        assert!(t.contains("site quarry: 0 devices reporting through it; never heard from"), "{t}");
     }
 }

@@ -27,6 +27,8 @@ pub struct Stored {
     pub report: Report,
     /// When the server stored it (unix seconds).
     pub stored_at: u64,
+    /// The field site it came through (None: sent to the hub directly).
+    pub site: Option<String>,
 }
 
 /// Whether a device is heard from.
@@ -109,6 +111,8 @@ pub struct DeviceView {
     pub epoch: Option<String>,
     /// The highest report sequence number read (in `epoch`).
     pub last_seq: u64,
+    /// The field site its newest report came through; None: the hub.
+    pub site: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reports: Option<Accounting>,
 }
@@ -118,6 +122,21 @@ pub struct FleetView {
     pub now: u64,
     pub stale_after_secs: u64,
     pub devices: Vec<DeviceView>,
+    /// The field sites whose reports the hub takes.
+    pub sites: Vec<SiteView>,
+}
+
+/// A field site as the hub sees it: how long since it last heard from the
+/// site's server (reports or JetStream's heartbeats), so how stale the
+/// hub's view of its devices, and the site's of the hub, may be.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SiteView {
+    pub name: String,
+    /// Seconds since the hub last heard from the site; None: never.
+    pub last_heard_secs: Option<u64>,
+    /// Reports stored at the site that the hub has not taken yet, as far
+    /// as the hub knows.
+    pub lag: u64,
 }
 
 /// Builds the view from `reports` in the order the stream stored them.
@@ -145,7 +164,7 @@ pub fn build(
     let mut seqs: BTreeMap<String, Vec<u64>> = BTreeMap::new();
     let mut dropped: BTreeMap<String, Vec<(u64, u64)>> = BTreeMap::new();
     let mut latest_seq: BTreeMap<String, u64> = BTreeMap::new();
-    for Stored { report: r, stored_at } in &reports {
+    for Stored { report: r, stored_at, site } in &reports {
         let stored_at = *stored_at;
         let v = by_id.entry(r.device.clone()).or_insert_with(|| empty(&r.device));
         v.last_seen = Some(v.last_seen.map_or(stored_at, |t| t.max(stored_at)));
@@ -175,6 +194,7 @@ pub fn build(
         if r.seq >= *newest {
             *newest = r.seq;
             v.last_seq = r.seq;
+            v.site = site.clone();
             v.boot_id = Some(r.boot_id.clone());
             v.agent_version = Some(r.agent_version.clone());
             v.running_slot = r.running_slot.clone();
@@ -201,7 +221,7 @@ pub fn build(
             v.reports = Some(a);
         }
     }
-    FleetView { now, stale_after_secs, devices: by_id.into_values().collect() }
+    FleetView { now, stale_after_secs, devices: by_id.into_values().collect(), sites: vec![] }
 }
 
 fn empty(id: &str) -> DeviceView {
@@ -220,6 +240,7 @@ fn empty(id: &str) -> DeviceView {
         progress: None,
         epoch: None,
         last_seq: 0,
+        site: None,
         reports: None,
     }
 }
@@ -281,6 +302,7 @@ mod tests {
                 kind,
             },
             stored_at: 1000 + seq,
+            site: None,
         }
     }
 

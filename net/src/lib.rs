@@ -11,6 +11,7 @@
 
 mod log;
 pub mod replicas;
+pub mod sites;
 pub mod streams;
 pub mod tls;
 

@@ -85,6 +85,16 @@ pub fn lifecycle(device: &str) -> String {
 /// Wildcard the provisioner listens on for [`lifecycle`].
 pub const LIFECYCLE_ALL: &str = "perch.lifecycle.*";
 
+/// A field site's daemon announces the site here (`perch.site.<name>`),
+/// through the site's leaf node; the provisioner at the hub then makes the
+/// hub's `PERCH_REPORTS` take the site's reports.
+pub fn site_hello(site: &str) -> String {
+    format!("perch.site.{site}")
+}
+
+/// Wildcard the provisioner listens on for [`site_hello`].
+pub const SITE_HELLO_ALL: &str = "perch.site.*";
+
 /// A device's private inbox prefix; its replies arrive under `<prefix>.>`.
 pub fn inbox_prefix(device: &str) -> String {
     format!("_INBOX_{device}")

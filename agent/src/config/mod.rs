@@ -58,11 +58,15 @@ pub struct LinkConfig {
     pub ping_interval: Duration,
     /// Longest pause between reconnect attempts (they back off with jitter).
     pub max_backoff: Duration,
+    /// Where to connect instead of the URLs the enrollment carries: a
+    /// field site's own server, which the provisioner at the hub cannot
+    /// know the device will fly from. Empty: the enrollment's.
+    pub urls: Vec<String>,
 }
 
 impl Default for LinkConfig {
     fn default() -> Self {
-        Self { ping_interval: Duration::from_secs(10), max_backoff: Duration::from_secs(30) }
+        Self { ping_interval: Duration::from_secs(10), max_backoff: Duration::from_secs(30), urls: vec![] }
     }
 }
 
@@ -362,6 +366,9 @@ impl Config {
         if self.link.ping_interval < Duration::from_millis(100) || self.link.max_backoff.is_zero() {
             return Err("link.ping_interval must be at least 100ms and link.max_backoff above 0".into());
         }
+        if let Some(u) = self.link.urls.iter().find(|u| !perch_protocol::token::valid_url(u)) {
+            return Err(format!("link.urls: '{}' must be a nats:// or tls:// URL", u.escape_default()));
+        }
         if self.fetch.resync < Duration::from_millis(100) || self.fetch.window == 0 {
             return Err("fetch.resync must be at least 100ms and fetch.window above 0".into());
         }
@@ -407,7 +414,8 @@ impl FetchConfig {
 impl LinkConfig {
     fn read(t: &mut Table<'_>, c: &mut Self) -> Result<(), FieldError> {
         t.set("ping_interval", &mut c.ping_interval, Table::duration)?;
-        t.set("max_backoff", &mut c.max_backoff, Table::duration)
+        t.set("max_backoff", &mut c.max_backoff, Table::duration)?;
+        t.set("urls", &mut c.urls, Table::strings)
     }
 }
 
