@@ -7,12 +7,17 @@
 //! the others over TLS verified both ways by the fleet CA, and carries the
 //! operator, the system account and a full resolver of its own, so an
 //! account update (a revocation) pushed to any server reaches all.
+//!
+//! The cluster is the fleet's hub: its JetStream has a domain (`hub`, the
+//! same on every server) and every server takes leaf node connections
+//! from field sites (see [`crate::site`]).
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use perch_support::durable::{self, Replace, WriteError};
 
+use crate::server_conf::{check_domain, check_host, check_server_name, leaf_listener};
 use crate::{nats, tls};
 
 /// The smallest cluster that keeps a quorum with one server down.
@@ -32,7 +37,8 @@ pub enum ClusterError {
     Write(#[from] WriteError),
 }
 
-/// One server: `NAME=HOST` or `NAME=HOST:CLIENT_PORT:ROUTE_PORT`.
+/// One server: `NAME=HOST`, `NAME=HOST:CLIENT_PORT:ROUTE_PORT` or
+/// `NAME=HOST:CLIENT_PORT:ROUTE_PORT:LEAF_PORT`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Member {
     pub name: String,
@@ -40,38 +46,29 @@ pub struct Member {
     pub host: String,
     /// Ports, when not the cluster's defaults.
     pub ports: Option<(u16, u16)>,
+    /// The leafnode port, when not the cluster's default.
+    pub leaf_port: Option<u16>,
 }
 
 impl FromStr for Member {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        let (name, addr) =
-            s.split_once('=').ok_or_else(|| format!("'{s}' is not NAME=HOST[:CLIENT_PORT:ROUTE_PORT]"))?;
-        let name_ok = !name.is_empty()
-            && name.len() <= 64
-            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-        if !name_ok {
-            return Err(format!("server name '{name}' must be 1-64 of A-Z a-z 0-9 - _"));
-        }
-        let parts: Vec<&str> = addr.split(':').collect();
-        let (host, ports) = match parts.as_slice() {
-            [h] => (*h, None),
-            [h, c, r] => {
-                let port = |p: &str| {
-                    p.parse::<u16>().ok().filter(|&n| n > 0).ok_or_else(|| format!("bad port '{p}' in '{s}'"))
-                };
-                (*h, Some((port(c)?, port(r)?)))
-            }
-            _ => return Err(format!("'{s}' is not NAME=HOST[:CLIENT_PORT:ROUTE_PORT]")),
+        let syntax = || format!("'{s}' is not NAME=HOST[:CLIENT_PORT:ROUTE_PORT[:LEAF_PORT]]");
+        let (name, addr) = s.split_once('=').ok_or_else(syntax)?;
+        check_server_name(name)?;
+        let port = |p: &str| {
+            p.parse::<u16>().ok().filter(|&n| n > 0).ok_or_else(|| format!("bad port '{p}' in '{s}'"))
         };
-        let host_ok = !host.is_empty()
-            && host.len() <= 253
-            && host.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
-        if !host_ok {
-            return Err(format!("host '{host}' must be a DNS name or IPv4 address"));
-        }
-        Ok(Member { name: name.into(), host: host.into(), ports })
+        let parts: Vec<&str> = addr.split(':').collect();
+        let (host, ports, leaf_port) = match parts.as_slice() {
+            [h] => (*h, None, None),
+            [h, c, r] => (*h, Some((port(c)?, port(r)?)), None),
+            [h, c, r, l] => (*h, Some((port(c)?, port(r)?)), Some(port(l)?)),
+            _ => return Err(syntax()),
+        };
+        check_host(host)?;
+        Ok(Member { name: name.into(), host: host.into(), ports, leaf_port })
     }
 }
 
@@ -85,6 +82,10 @@ pub struct ClusterParams {
     pub bind: String,
     pub client_port: u16,
     pub route_port: u16,
+    /// Where sites connect, unless a member gives its own.
+    pub leaf_port: u16,
+    /// The hub's JetStream domain, the same on every server.
+    pub domain: String,
     /// Extra DNS names or addresses in every server's certificate.
     pub tls_names: Vec<String>,
     /// Where the server's files are on its host (default: where written).
@@ -97,6 +98,16 @@ pub struct ClusterParams {
 impl ClusterParams {
     fn ports(&self, m: &Member) -> (u16, u16) {
         m.ports.unwrap_or((self.client_port, self.route_port))
+    }
+
+    fn leaf_port(&self, m: &Member) -> u16 {
+        m.leaf_port.unwrap_or(self.leaf_port)
+    }
+
+    /// Every port a member listens on: client, route, leafnode.
+    fn all_ports(&self, m: &Member) -> [u16; 3] {
+        let (c, r) = self.ports(m);
+        [c, r, self.leaf_port(m)]
     }
 
     fn check(&self) -> Result<(), ClusterError> {
@@ -112,21 +123,23 @@ impl ClusterParams {
         {
             return bad(format!("cluster name '{}' must be A-Z a-z 0-9 - _", self.name));
         }
+        check_domain("JetStream domain", &self.domain).map_err(ClusterError::Invalid)?;
         for (i, a) in self.members.iter().enumerate() {
             for b in &self.members[i + 1..] {
                 if a.name == b.name {
                     return bad(format!("server name '{}' is given twice", a.name));
                 }
-                let (ac, ar) = self.ports(a);
-                let (bc, br) = self.ports(b);
-                let shared = [ac, ar].iter().any(|p| [bc, br].contains(p));
+                let shared = self.all_ports(a).iter().any(|p| self.all_ports(b).contains(p));
                 if a.host == b.host && shared {
                     return bad(format!("servers '{}' and '{}' share a port on {}", a.name, b.name, a.host));
                 }
             }
-            let (c, r) = self.ports(a);
-            if c == r {
-                return bad(format!("server '{}' has the same client and route port {c}", a.name));
+            let [c, r, l] = self.all_ports(a);
+            if c == r || c == l || r == l {
+                return bad(format!(
+                    "server '{}' uses one port twice (client {c}, route {r}, leafnode {l})",
+                    a.name
+                ));
             }
         }
         Ok(())
@@ -197,10 +210,11 @@ fn config(org_dir: &Path, p: &ClusterParams, m: &Member, written_to: &Path) -> R
          listen: \"{bind}:{client}\"\n\
          # Clients learn the other servers from this: their certificates name these hosts.\n\
          client_advertise: \"{host}:{client}\"\n\
-         jetstream {{\n    store_dir: \"{js}\"\n}}\n\
+         jetstream {{\n    store_dir: \"{js}\"\n    domain: \"{domain}\"\n}}\n\
          cluster {{\n    name: \"{cluster}\"\n    listen: \"{bind}:{route}\"\n    advertise: \"{host}:{route}\"\n\
          \x20   routes: [\n{routes}\n    ]\n\
          \x20   tls {{\n        cert_file: \"{cert}\"\n        key_file: \"{key}\"\n        ca_file: \"{ca}\"\n        verify: true\n        timeout: 5\n    }}\n}}\n\
+         {leaf}\
          {operator}\
          tls {{\n    cert_file: \"{cert}\"\n    key_file: \"{key}\"\n    timeout: 5\n}}\n",
         name = m.name,
@@ -211,6 +225,12 @@ fn config(org_dir: &Path, p: &ClusterParams, m: &Member, written_to: &Path) -> R
         host = m.host,
         // nats-server keeps its streams in `jetstream/` under this.
         js = store.display(),
+        domain = p.domain,
+        leaf = leaf_listener(
+            &p.bind,
+            p.leaf_port(m),
+            Some(&format!("{}:{}", m.host, p.leaf_port(m))),
+            &home.join("server.pem"), &home.join("server.key"), &home.join("ca.pem")),
         routes = routes.join("\n"),
         cert = file("server.pem"),
         key = file("server.key"),
@@ -228,8 +248,22 @@ mod tests {
         let m: Member = "n1=10.0.0.1".parse().unwrap();
         assert_eq!((m.name.as_str(), m.host.as_str(), m.ports), ("n1", "10.0.0.1", None));
         let m: Member = "n-2=nats2.example:4223:6223".parse().unwrap();
-        assert_eq!(m.ports, Some((4223, 6223)));
-        for bad in ["n1", "=h", "n 1=h", "n1=", "n1=h:1", "n1=h:0:2", "n1=h:1:x", "n1=[::1]", "n1=h\"x"] {
+        assert_eq!((m.ports, m.leaf_port), (Some((4223, 6223)), None));
+        let m: Member = "n3=h:1:2:3".parse().unwrap();
+        assert_eq!((m.ports, m.leaf_port), (Some((1, 2)), Some(3)));
+        for bad in [
+            "n1",
+            "=h",
+            "n 1=h",
+            "n1=",
+            "n1=h:1",
+            "n1=h:0:2",
+            "n1=h:1:x",
+            "n1=[::1]",
+            "n1=h\"x",
+            "n1=h:1:2:0",
+            "n1=h:1:2:3:4",
+        ] {
             assert!(bad.parse::<Member>().is_err(), "{bad} accepted");
         }
     }
@@ -243,6 +277,7 @@ mod tests {
                 let safe = |t: &str| t.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
                 proptest::prop_assert!(safe(&m.name) && safe(&m.host) && !m.host.is_empty());
                 proptest::prop_assert!(m.ports.is_none_or(|(c, r)| c > 0 && r > 0));
+                proptest::prop_assert!(m.leaf_port.is_none_or(|l| l > 0 && m.ports.is_some()));
             }
         }
     }
@@ -255,6 +290,8 @@ mod tests {
             bind: "0.0.0.0".into(),
             client_port: 4222,
             route_port: 6222,
+            leaf_port: 7422,
+            domain: "hub".into(),
             tls_names: vec![],
             config_dir: None,
             store_dir: None,
@@ -268,7 +305,14 @@ mod tests {
         assert!(params(&["a=h", "b=h", "c=h"]).check().is_err());
         assert!(params(&["a=h:1:2", "b=h:3:4", "c=h:5:1"]).check().is_err());
         assert!(params(&["a=h:1:1", "b=h:3:4", "c=h:5:6"]).check().is_err());
-        assert!(params(&["a=h:1:2", "b=h:3:4", "c=h:5:6"]).check().is_ok());
         assert!(params(&["a=h1", "b=h2", "c=h3"]).check().is_ok());
+        // One host needs a leafnode port per server too.
+        assert!(params(&["a=h:1:2", "b=h:3:4", "c=h:5:6"]).check().is_err());
+        assert!(params(&["a=h:1:2:7", "b=h:3:4:7", "c=h:5:6:9"]).check().is_err());
+        assert!(params(&["a=h:1:2:2", "b=h:3:4:8", "c=h:5:6:9"]).check().is_err());
+        assert!(params(&["a=h:1:2:7", "b=h:3:4:8", "c=h:5:6:9"]).check().is_ok());
+        let mut p = params(&["a=h1", "b=h2", "c=h3"]);
+        p.domain = "a.b".into();
+        assert!(p.check().is_err());
     }
 }

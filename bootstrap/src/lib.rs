@@ -10,6 +10,8 @@
 //! - [`admin`]: operator commands against a running fleet (approve, revoke...).
 //! - [`trust_push`]: the trust document into `PERCH_TRUST`, for devices to take.
 //! - [`cluster`]: the configuration of an N-server nats-server cluster.
+//! - [`site`]: the configuration of a field site's server (a leaf node).
+//! - [`server_conf`]: name checks and config pieces both of them use.
 //! - [`site_run`]: the daemon of a field site (a leaf node of the hub).
 #![forbid(unsafe_code)]
 
@@ -21,6 +23,8 @@ pub mod nats;
 pub mod org;
 pub mod provisioner;
 pub mod registry;
+pub mod server_conf;
+pub mod site;
 pub mod site_run;
 pub mod tls;
 pub mod token;

@@ -70,6 +70,9 @@ enum Command {
     /// Enrollment tokens.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Field sites: ground-station servers, leaf nodes of the hub.
+    #[command(subcommand)]
+    Site(SiteCommand),
     /// Run the provisioner: answer enrollment requests until stopped.
     Run {
         #[arg(long)]
@@ -239,7 +242,7 @@ enum NatsCommand {
     Cluster {
         #[arg(long)]
         dir: PathBuf,
-        /// A server: NAME=HOST or NAME=HOST:CLIENT_PORT:ROUTE_PORT; repeat for each (at least 3).
+        /// A server: NAME=HOST or NAME=HOST:CLIENT_PORT:ROUTE_PORT[:LEAF_PORT]; repeat for each (at least 3).
         #[arg(long = "server", value_name = "NAME=HOST", required = true)]
         servers: Vec<perch_bootstrap::cluster::Member>,
         /// The cluster's name.
@@ -252,6 +255,12 @@ enum NatsCommand {
         client_port: u16,
         #[arg(long, default_value_t = 6222)]
         route_port: u16,
+        /// Where field sites connect (leaf nodes), unless a --server gives its own.
+        #[arg(long, default_value_t = perch_bootstrap::server_conf::LEAF_PORT)]
+        leaf_port: u16,
+        /// The hub's JetStream domain (a-z 0-9 -), the same on every server.
+        #[arg(long, default_value = perch_protocol::subjects::HUB_DOMAIN)]
+        domain: String,
         /// Another DNS name or address in every server's certificate (a load balancer); repeat for several.
         #[arg(long = "tls-name", value_name = "NAME")]
         tls_names: Vec<String>,
@@ -261,6 +270,42 @@ enum NatsCommand {
         /// Where each server keeps JetStream and account JWTs (default: CONFIG_DIR/data).
         #[arg(long)]
         store_dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum SiteCommand {
+    /// Write a field site's nats-server configuration, credentials and
+    /// certificate to DIR/sites/NAME/.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        /// The site's name (a-z 0-9 -, at most 32): its JetStream domain.
+        #[arg(long)]
+        name: String,
+        /// The hub's leafnode URL, tls://HOST:7422; repeat for each hub server.
+        #[arg(long = "hub", value_name = "URL", required = true)]
+        hub_urls: Vec<String>,
+        /// The hub's JetStream domain.
+        #[arg(long, default_value = perch_protocol::subjects::HUB_DOMAIN)]
+        hub_domain: String,
+        /// A DNS name or IPv4 address drones reach the site's server by; repeat for several.
+        #[arg(long = "host", value_name = "NAME", required = true)]
+        hosts: Vec<String>,
+        #[arg(long, default_value_t = 4222)]
+        client_port: u16,
+        /// The address the site's server listens on.
+        #[arg(long, default_value = "0.0.0.0")]
+        bind: String,
+        /// Where the site's files will be on the ground station (default: where they are written).
+        #[arg(long)]
+        config_dir: Option<PathBuf>,
+        /// Where the site's server keeps JetStream and account JWTs (default: CONFIG_DIR/data).
+        #[arg(long)]
+        store_dir: Option<PathBuf>,
+        /// The most the site's JetStream keeps on disk, e.g. 8G.
+        #[arg(long, default_value = "8G", value_parser = perch_bootstrap::site::parse_size)]
+        max_store: u64,
     },
 }
 
@@ -488,6 +533,8 @@ fn run(cli: Cli) -> Result<()> {
             bind,
             client_port,
             route_port,
+            leaf_port,
+            domain,
             tls_names,
             config_dir,
             store_dir,
@@ -500,6 +547,8 @@ fn run(cli: Cli) -> Result<()> {
                 bind,
                 client_port,
                 route_port,
+                leaf_port,
+                domain,
                 tls_names,
                 config_dir,
                 store_dir,
@@ -518,6 +567,49 @@ fn run(cli: Cli) -> Result<()> {
                 .map(|m| format!("tls://{}:{}", m.host, m.ports.map_or(params.client_port, |p| p.0)))
                 .collect();
             println!("clients: --url {}", urls.join(" --url "));
+            let hubs: Vec<String> = params
+                .members
+                .iter()
+                .map(|m| format!("tls://{}:{}", m.host, m.leaf_port.unwrap_or(params.leaf_port)))
+                .collect();
+            println!("field sites (JetStream domain '{}'): --hub {}", params.domain, hubs.join(" --hub "));
+            Ok(())
+        }
+        Command::Site(SiteCommand::Init {
+            dir,
+            name,
+            hub_urls,
+            hub_domain,
+            hosts,
+            client_port,
+            bind,
+            config_dir,
+            store_dir,
+            max_store,
+        }) => {
+            use perch_bootstrap::site;
+            let org = read_trust(&dir.join(TRUST_DOC))?.unverified_body().org.clone();
+            let params = site::SiteParams {
+                org,
+                name,
+                hub_urls,
+                hub_domain,
+                hosts,
+                client_port,
+                bind,
+                config_dir,
+                store_dir,
+                max_store,
+            };
+            let written = site::write(&dir, &params, now).map_err(|e| match e {
+                site::SiteError::Invalid(_) | site::SiteError::Exists(_) => UsageError(e.to_string()).into(),
+                other => anyhow::Error::new(other),
+            })?;
+            println!("wrote {}", written.display());
+            println!(
+                "start it on the ground station: nats-server -c {}",
+                params.config_dir.unwrap_or(written).join("nats-server.conf").display()
+            );
             Ok(())
         }
         Command::Token(TokenCommand::Issue {

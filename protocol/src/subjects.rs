@@ -46,6 +46,19 @@ pub fn chunk(digest: &[u8; 32], index: Option<u32>) -> String {
     }
 }
 
+/// The JetStream domain of the fleet's hub (the cluster or single server
+/// field sites connect to as leaf nodes), unless the operator names another.
+pub const HUB_DOMAIN: &str = "hub";
+
+/// Subjects that never cross a field site's FLEET leaf connection as plain
+/// messages, either way (the site's `deny_imports` and `deny_exports`).
+/// Reports reach the hub only through a JetStream source of the site's
+/// reports stream, and desired state, trust and chunks reach the site only
+/// through mirrors: a plain copy as well would store each report twice at
+/// the hub (breaking exactly-once), and a put at one end would echo back
+/// through the other end's stream (a loop).
+pub const SITE_LEAF_DENY: [&str; 4] = ["$KV.PERCH_DESIRED.>", "$KV.PERCH_TRUST.>", REPORTS_ALL, CHUNKS_ALL];
+
 /// Where the SYS account takes account JWT updates (full resolver).
 pub const CLAIMS_UPDATE: &str = "$SYS.REQ.CLAIMS.UPDATE";
 
@@ -159,6 +172,14 @@ pub fn token_grant(token_id: &[u8; 16]) -> Grant {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_site_leaf_deny_list_names_the_buckets_and_streams_it_guards() {
+        assert_eq!(SITE_LEAF_DENY[0], format!("$KV.{DESIRED_BUCKET}.>"));
+        assert_eq!(SITE_LEAF_DENY[1], format!("$KV.{TRUST_BUCKET}.>"));
+        assert!(SITE_LEAF_DENY.contains(&REPORTS_ALL) && SITE_LEAF_DENY.contains(&CHUNKS_ALL));
+    }
+
     use super::*;
 
     #[test]

@@ -135,19 +135,21 @@ impl NatsCluster {
             .collect();
         // Probe all ports while holding them, so no two are the same.
         let probes: Vec<TcpListener> =
-            (0..2 * n).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+            (0..3 * n).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
         let ports: Vec<u16> = probes.iter().map(|l| l.local_addr().unwrap().port()).collect();
         drop(probes);
         for i in 0..n {
+            // Client, route and leafnode port: all on one host.
+            let p = &ports[3 * i..3 * i + 3];
             args.push("--server".into());
-            args.push(format!("n{}=127.0.0.1:{}:{}", i + 1, ports[2 * i], ports[2 * i + 1]));
+            args.push(format!("n{}=127.0.0.1:{}:{}:{}", i + 1, p[0], p[1], p[2]));
         }
         let out = Command::new(crate::bin("perch-bootstrap")).args(&args).current_dir(dir).output().unwrap();
         assert!(out.status.success(), "nats cluster: {}", String::from_utf8_lossy(&out.stderr));
         let servers = (0..n)
             .map(|i| {
                 let sdir = dir.join(format!("org/nats/cluster/n{}", i + 1));
-                let mut s = NatsServer { child: spawn(&sdir), port: ports[2 * i], dir: sdir };
+                let mut s = NatsServer { child: spawn(&sdir), port: ports[3 * i], dir: sdir };
                 assert!(s.wait_ready(), "n{} did not start: {}", i + 1, s.log());
                 s
             })
