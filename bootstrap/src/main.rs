@@ -307,6 +307,18 @@ enum SiteCommand {
         #[arg(long, default_value = "8G", value_parser = perch_bootstrap::site::parse_size)]
         max_store: u64,
     },
+    /// Run a field site's daemon on its ground station, next to its
+    /// nats-server: make the site's streams, copy the bundles the fleet
+    /// wants, wake the drones, announce the site to the hub.
+    Run {
+        /// The site's directory (from `site init`), with site.json.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Bytes of reports the site keeps for the hub, e.g. 1G (default:
+        /// an eighth of the store, at most 1G); the rest is for bundles.
+        #[arg(long, value_parser = perch_bootstrap::site::parse_size)]
+        reports_limit: Option<u64>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -611,6 +623,17 @@ fn run(cli: Cli) -> Result<()> {
                 params.config_dir.unwrap_or(written).join("nats-server.conf").display()
             );
             Ok(())
+        }
+        Command::Site(SiteCommand::Run { dir, reports_limit }) => {
+            fleet::init_logging(tracing::Level::INFO);
+            let c = perch_bootstrap::site::SiteConfig::load(&dir.join(perch_bootstrap::site::SITE_JSON))
+                .map_err(|e| UsageError(e.to_string()))?;
+            let p = perch_bootstrap::site_run::SiteRun::from_config(&c, &dir, reports_limit)
+                .map_err(|e| UsageError(e.to_string()))?;
+            let rt = fleet::runtime()?;
+            let done = rt.block_on(perch_bootstrap::site_run::run(p, fleet::shutdown_signal()));
+            rt.shutdown_timeout(Duration::from_secs(1));
+            Ok(done?)
         }
         Command::Token(TokenCommand::Issue {
             dir,

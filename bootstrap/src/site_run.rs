@@ -56,6 +56,48 @@ pub struct SiteRun {
     pub chunks_bytes: i64,
 }
 
+impl SiteRun {
+    /// From the site's `site.json` in `dir`. Its paths are where `site
+    /// init` said the files would be; a relative one is taken from `dir`,
+    /// and so is one that is not there (the directory was copied elsewhere).
+    pub fn from_config(
+        c: &crate::site::SiteConfig,
+        dir: &std::path::Path,
+        reports_limit: Option<u64>,
+    ) -> Result<SiteRun, SiteError> {
+        let locate = |p: &PathBuf| {
+            if p.is_relative() {
+                return dir.join(p);
+            }
+            match p.file_name() {
+                Some(f) if !p.exists() => dir.join(f),
+                _ => p.clone(),
+            }
+        };
+        let store = i64::try_from(c.store_limit).unwrap_or(i64::MAX);
+        let reports = match reports_limit {
+            Some(r) => i64::try_from(r).unwrap_or(i64::MAX),
+            None => (store / 8).min(sites::DEFAULT_REPORTS_BYTES),
+        };
+        // Room for the mirrored desired state and trust document.
+        let margin = (store / 16).min(64 << 20);
+        if reports.saturating_add(margin) >= store {
+            return Err(SiteError::Streams(format!(
+                "the reports limit ({reports} bytes) leaves nothing of the site's store ({store} bytes) for bundles"
+            )));
+        }
+        Ok(SiteRun {
+            name: c.name.clone(),
+            hub_domain: c.hub_domain.clone(),
+            urls: vec![c.client_url.clone()],
+            creds: locate(&c.creds),
+            ca: locate(&c.ca),
+            reports_bytes: reports,
+            chunks_bytes: store - reports - margin,
+        })
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SiteError {
     #[error("{}: {detail}", path.display())]

@@ -48,19 +48,20 @@ impl NatsServer {
     /// Starts nats-server with `extra` config (e.g. an `include`), storing
     /// JetStream data and the log under `dir`.
     pub fn start(dir: &Path, extra: &str) -> NatsServer {
+        let js = dir.join("js");
+        Self::start_with(dir, |port| {
+            format!("listen: \"127.0.0.1:{port}\"\njetstream {{ store_dir: \"{}\" }}\n{extra}\n", js.display())
+        })
+    }
+
+    /// Starts nats-server with the whole config `conf(port)` for a free
+    /// client `port`, its log under `dir`.
+    pub fn start_with(dir: &Path, conf: impl Fn(u16) -> String) -> NatsServer {
         // A free port can be taken by another test between our probe and
         // nats-server's bind; then nats-server exits, and we try another.
         for _ in 0..5 {
-            let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-            let conf = dir.join("nats-server.conf");
-            std::fs::write(
-                &conf,
-                format!(
-                    "listen: \"127.0.0.1:{port}\"\njetstream {{ store_dir: \"{}\" }}\n{extra}\n",
-                    dir.join("js").display()
-                ),
-            )
-            .unwrap();
+            let port = free_port();
+            std::fs::write(dir.join("nats-server.conf"), conf(port)).unwrap();
             let child = spawn(dir);
             let mut s = NatsServer { child, port, dir: dir.to_path_buf() };
             if s.wait_ready() {
@@ -71,6 +72,14 @@ impl NatsServer {
             "nats-server did not start: {}",
             std::fs::read_to_string(dir.join("nats-server.log")).unwrap_or_default()
         );
+    }
+
+    /// Starts nats-server from the `nats-server.conf` perch-bootstrap wrote
+    /// in `dir`, whose clients' port is `port`.
+    pub fn start_configured(dir: &Path, port: u16) -> NatsServer {
+        let mut s = NatsServer { child: spawn(dir), port, dir: dir.to_path_buf() };
+        assert!(s.wait_ready(), "nats-server in {} did not start: {}", dir.display(), s.log());
+        s
     }
 
     /// Waits until our server listens; false if it exited (port taken).
@@ -214,6 +223,11 @@ impl NatsServer {
     pub fn dir(&self) -> &Path {
         &self.dir
     }
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// The nats-server the tests run: `$PERCH_NATS_SERVER` (a path or a name on
