@@ -235,7 +235,7 @@ fn config(org_dir: &Path, p: &ClusterParams, m: &Member, written_to: &Path) -> R
         cert = file("server.pem"),
         key = file("server.key"),
         ca = file("ca.pem"),
-        operator = nats::operator_block_of(org_dir, &store.join("jwt"))?,
+        operator = nats::operator_block_of(org_dir, &store.join("jwt"), nats::HUB_RESOLVER_SYNC)?,
     ))
 }
 

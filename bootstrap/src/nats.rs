@@ -217,19 +217,30 @@ pub fn create(
     let conf = format!(
         "# perch: NATS operator mode for org '{org}'. Include this from your nats-server config.\n\
          {operator}{tls_block}",
-        operator = operator_block(&op_jwt, &sys.public_key(), &dir.join("jwt"), &preload),
+        operator = operator_block(&op_jwt, &sys.public_key(), &dir.join("jwt"), &preload, HUB_RESOLVER_SYNC),
     );
     durable::write_bytes(&dir.join("server.conf"), 0o644, Replace::Refuse, conf.as_bytes())?;
     Ok(())
 }
 
+/// How often a hub server's resolver compares its account JWTs with the
+/// others' (it hears every update as it is pushed; this catches up one
+/// that was down).
+pub const HUB_RESOLVER_SYNC: &str = "2m";
+
+/// The same for a field site, whose uplink is down for long stretches: a
+/// revocation pushed meanwhile reaches it at most this long after the
+/// uplink returns. The check is one hash each way.
+pub const SITE_RESOLVER_SYNC: &str = "20s";
+
 /// The operator, system account and full resolver settings of a server.
-/// `jwt_dir` is the resolver's own store: one per server.
-fn operator_block(op_jwt: &str, sys: &str, jwt_dir: &Path, preload: &[String]) -> String {
+/// `jwt_dir` is the resolver's own store: one per server; `sync`, how
+/// often it compares its store with the other servers'.
+fn operator_block(op_jwt: &str, sys: &str, jwt_dir: &Path, preload: &[String], sync: &str) -> String {
     format!(
         "operator: {op_jwt}\n\
          system_account: {sys}\n\
-         resolver: {{\n    type: full\n    dir: \"{jwt_dir}\"\n    allow_delete: false\n    interval: \"2m\"\n}}\n\
+         resolver: {{\n    type: full\n    dir: \"{jwt_dir}\"\n    allow_delete: false\n    interval: \"{sync}\"\n}}\n\
          resolver_preload: {{\n{preload}\n}}\n",
         jwt_dir = jwt_dir.display(),
         preload = preload.join("\n"),
@@ -238,7 +249,7 @@ fn operator_block(op_jwt: &str, sys: &str, jwt_dir: &Path, preload: &[String]) -
 
 /// [`operator_block`] for an existing org, read back from `ORG/nats/`,
 /// with the resolver storing account JWTs in `jwt_dir`.
-pub fn operator_block_of(org_dir: &Path, jwt_dir: &Path) -> Result<String, NatsError> {
+pub fn operator_block_of(org_dir: &Path, jwt_dir: &Path, sync: &str) -> Result<String, NatsError> {
     let dir = nats_dir(org_dir);
     let read = |name: &str| {
         let path = dir.join(name);
@@ -254,7 +265,7 @@ pub fn operator_block_of(org_dir: &Path, jwt_dir: &Path) -> Result<String, NatsE
         let jwt = read(&format!("{}.jwt", name.to_lowercase()))?;
         preload.push(format!("    {}: {}", account_public(org_dir, name)?, jwt));
     }
-    Ok(operator_block(&op_jwt, &account_public(org_dir, "SYS")?, jwt_dir, &preload))
+    Ok(operator_block(&op_jwt, &account_public(org_dir, "SYS")?, jwt_dir, &preload, sync))
 }
 
 fn seed_line(kp: &KeyPair) -> Result<String, NatsError> {

@@ -336,7 +336,7 @@ fn config(org_dir: &Path, p: &SiteParams, home: &Path) -> Result<String, SiteErr
         js = store.display(),
         max = p.max_store,
         remotes = remotes.join("\n"),
-        operator = nats::operator_block_of(org_dir, &store.join("jwt"))?,
+        operator = nats::operator_block_of(org_dir, &store.join("jwt"), nats::SITE_RESOLVER_SYNC)?,
         cert = file("server.pem"),
         key = file("server.key"),
     ))

@@ -377,3 +377,36 @@ fn an_uplink_cut_loses_no_report_and_a_bundle_crosses_the_uplink_once() {
 fn sites_reports() -> String {
     perch_net::sites::reports_stream(SITE)
 }
+
+impl Field {
+    /// A raw NATS connection to the site's server as device `d`: its
+    /// answer to `CONNECT` + `PING` (`PONG`, or the server's refusal).
+    fn connect_at_site_as(&self, d: &Device) -> String {
+        let e = d.enrollment();
+        let key = d.key();
+        let ca = perch_tests::nats::org_ca_der(&self.s.path("org"));
+        perch_tests::nats::RawClient::connect(self.site.port, &ca, &e.user_jwt, |nonce| {
+            data_encoding::BASE64URL_NOPAD.encode(&key.sign_nats_nonce(nonce).unwrap())
+        })
+        .1
+    }
+}
+
+#[test]
+fn a_device_revoked_at_the_hub_while_the_uplink_is_down_is_cut_off_at_the_site_once_it_is_up() {
+    let f = Field::start();
+    let d = f.enrolled_at_site("drone-r", FAST);
+    let kept = f.enrolled_at_site("drone-k", FAST);
+    assert_eq!(f.connect_at_site_as(&d), "PONG");
+    f.uplink.set_mode(Mode::Blackhole);
+    f.uplink.reset();
+    let r = f.s.run("perch-bootstrap", &["revoke", "--dir", "org", "--url", &f.hub_url(), "drone-r"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    // The site has not heard: it still lets the device in.
+    assert_eq!(f.connect_at_site_as(&d), "PONG", "the revocation crossed a cut uplink");
+    f.uplink.set_mode(Mode::Pass);
+    f.uplink.reset();
+    let refused = wait_for(Duration::from_secs(200), || f.connect_at_site_as(&d).contains("Authorization Violation"));
+    assert!(refused, "the site still lets a device revoked at the hub in\n{}", f.logs());
+    assert_eq!(f.connect_at_site_as(&kept), "PONG", "another device lost its place");
+}
