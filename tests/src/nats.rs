@@ -48,6 +48,45 @@ impl NatsServer {
     /// Starts nats-server with `extra` config (e.g. an `include`), storing
     /// JetStream data and the log under `dir`.
     pub fn start(dir: &Path, extra: &str) -> NatsServer {
+        Self::start_with(dir, "", |_| extra.to_string())
+    }
+
+    /// A single hub for field sites: the org's include (`ORG/nats/server.conf`,
+    /// with `org` relative to `dir`), JetStream domain `hub`, and a leafnode
+    /// listener over TLS with the org's server certificate on a free
+    /// loopback port (returned). What docs/content/operations/field-sites.md
+    /// tells an operator to add to a single server.
+    pub fn start_hub(dir: &Path, org: &str) -> (NatsServer, u16) {
+        let leaf = std::cell::Cell::new(0);
+        let s = Self::start_with(
+            dir,
+            &format!("domain: \"{}\"", perch_protocol::subjects::HUB_DOMAIN),
+            |_| {
+                leaf.set(TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port());
+                let tls = |f: &str| dir.join(org).join("tls").join(f).display().to_string();
+                format!(
+                "leafnodes {{\n  listen: \"127.0.0.1:{}\"\n  tls {{ cert_file: \"{}\", key_file: \"{}\", ca_file: \"{}\", timeout: 5 }}\n}}\ninclude \"{org}/nats/server.conf\"",
+                leaf.get(),
+                tls("server.pem"),
+                tls("server.key"),
+                tls("ca.pem"),
+            )
+            },
+        );
+        (s, leaf.get())
+    }
+
+    /// Starts the server whose `nats-server.conf` is in `dir` already (a
+    /// field site's, from `site init`), listening for clients on `port`.
+    pub fn start_config(dir: &Path, port: u16) -> NatsServer {
+        let mut s = NatsServer { child: spawn(dir), port, dir: dir.to_path_buf() };
+        assert!(s.wait_ready(), "nats-server in {} did not start: {}", dir.display(), s.log());
+        s
+    }
+
+    /// [`NatsServer::start`] with `jetstream` settings added after the
+    /// store dir and `extra` made afresh for each try.
+    fn start_with(dir: &Path, jetstream: &str, extra: impl Fn(u16) -> String) -> NatsServer {
         // A free port can be taken by another test between our probe and
         // nats-server's bind; then nats-server exits, and we try another.
         for _ in 0..5 {
@@ -56,8 +95,9 @@ impl NatsServer {
             std::fs::write(
                 &conf,
                 format!(
-                    "listen: \"127.0.0.1:{port}\"\njetstream {{ store_dir: \"{}\" }}\n{extra}\n",
-                    dir.join("js").display()
+                    "listen: \"127.0.0.1:{port}\"\njetstream {{\n  store_dir: \"{}\"\n  {jetstream}\n}}\n{}\n",
+                    dir.join("js").display(),
+                    extra(port)
                 ),
             )
             .unwrap();
