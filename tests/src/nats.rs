@@ -163,6 +163,8 @@ impl NatsServer {
 /// in `org/nats/cluster/nI/`. Killed on drop.
 pub struct NatsCluster {
     pub servers: Vec<NatsServer>,
+    /// Each server's leafnode port, where field sites connect.
+    pub leaf_ports: Vec<u16>,
 }
 
 impl NatsCluster {
@@ -194,7 +196,8 @@ impl NatsCluster {
                 s
             })
             .collect();
-        let c = NatsCluster { servers };
+        let leaf_ports = (0..n).map(|i| ports[3 * i + 2]).collect();
+        let c = NatsCluster { servers, leaf_ports };
         c.wait_meta_leader(Duration::from_secs(30));
         c
     }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, stream};
 use futures_util::StreamExt;
 use perch_protocol::subjects;
-use perch_tests::nats::{org_ca_der, server_binary, NatsServer};
+use perch_tests::nats::{org_ca_der, server_binary, NatsCluster, NatsServer};
 use perch_tests::Scratch;
 
 const SITE: &str = "field-1";
@@ -133,23 +133,9 @@ impl HubAndSite {
         let s = Scratch::new();
         s.org(1, 1);
         let (hub, leaf_port) = NatsServer::start_hub(s.dir.path(), "org");
-        let client_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let hub_url = format!("tls://127.0.0.1:{leaf_port}");
-        let port = client_port.to_string();
-        let mut args = vec!["site", "init", "--dir", "org", "--name", SITE, "--hub", &hub_url];
-        args.extend(["--host", "127.0.0.1", "--bind", "127.0.0.1", "--client-port", &port]);
-        s.ok("perch-bootstrap", &args);
-        let site = NatsServer::start_config(&s.path(&format!("org/sites/{SITE}")), client_port);
+        let site = start_site(&s, &[format!("tls://127.0.0.1:{leaf_port}")]);
         let h = HubAndSite { s, hub, site };
-        // One leaf connection per account, each with its own credentials.
-        let start = Instant::now();
-        while h.site.log().matches("Leafnode connection created for account").count() < 3 {
-            assert!(start.elapsed() < Duration::from_secs(20), "no leaf connections: {}", h.logs());
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        for account in ["FLEET", "PROVISIONING", "SYS"] {
-            assert!(h.site.log().contains(&format!("/{account}")), "{account}: {}", h.logs());
-        }
+        wait_for_leaves(&h.site, 3, &h.logs());
         h
     }
 
@@ -172,6 +158,47 @@ impl HubAndSite {
         self.s.ok("perch-bootstrap", &args);
         self.s.path(&file)
     }
+}
+
+/// Writes site `SITE` with `site init` for `hubs` and starts its server on
+/// a free loopback port.
+fn start_site(s: &Scratch, hubs: &[String]) -> NatsServer {
+    let client_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = client_port.to_string();
+    let mut args = vec!["site", "init", "--dir", "org", "--name", SITE];
+    for h in hubs {
+        args.extend(["--hub", h.as_str()]);
+    }
+    args.extend(["--host", "127.0.0.1", "--bind", "127.0.0.1", "--client-port", &port]);
+    s.ok("perch-bootstrap", &args);
+    NatsServer::start_config(&s.path(&format!("org/sites/{SITE}")), client_port)
+}
+
+/// Waits until the site has made `n` leaf connections in all (three per
+/// connect: FLEET, PROVISIONING, SYS, each with its own credentials).
+fn wait_for_leaves(site: &NatsServer, n: usize, logs: &str) {
+    let start = Instant::now();
+    while site.log().matches("Leafnode connection created for account").count() < n {
+        assert!(start.elapsed() < Duration::from_secs(30), "no leaf connections: {logs}\n{}", site.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for account in ["FLEET", "PROVISIONING", "SYS"] {
+        assert!(site.log().contains(&format!("/{account}")), "{account}: {}", site.log());
+    }
+}
+
+/// The hub leafnode port the site's last FLEET leaf connection went to
+/// (its log: `127.0.0.1:PORT - lid:N - Leafnode connection created for
+/// account: KEY/FLEET`).
+fn fleet_leaf_port(site: &NatsServer) -> u16 {
+    let log = site.log();
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("Leafnode connection created") && l.trim_end().ends_with("/FLEET"))
+        .unwrap_or_else(|| panic!("no FLEET leaf connection: {log}"));
+    let addr = line.split(" - ").next().unwrap().rsplit(' ').next().unwrap();
+    addr.rsplit(':').next().unwrap().parse().unwrap_or_else(|_| panic!("no port in {line}"))
 }
 
 async fn connect(creds: &Path, ca: &[u8], url: &str) -> async_nats::Client {
@@ -308,4 +335,83 @@ fn an_enrollment_request_at_the_site_reaches_the_hub_in_provisioning() {
         let crossed = tokio::time::timeout(Duration::from_millis(500), fleet_sub.next()).await;
         assert!(crossed.is_err(), "an enrollment request reached FLEET");
     });
+}
+
+#[test]
+fn a_single_server_given_the_hub_domain_keeps_its_streams() {
+    let s = Scratch::new();
+    s.org(1, 1);
+    let creds = s.fleet_creds("before");
+    let ca = org_ca_der(&s.path("org"));
+    let rt = runtime();
+    let server = NatsServer::start(s.dir.path(), "include \"org/nats/server.conf\"");
+    let url = format!("tls://127.0.0.1:{}", server.port);
+    rt.block_on(async {
+        let js = jetstream::new(connect(&creds, &ca, &url).await);
+        js.create_stream(stream_config("KEPT", "kept.>")).await.unwrap();
+        js.publish("kept.a", "1".into()).await.unwrap().await.unwrap();
+    });
+    drop(server);
+    // The same store, now a hub: domain `hub` and a leafnode listener.
+    let (hub, _) = NatsServer::start_hub(s.dir.path(), "org");
+    let url = format!("tls://127.0.0.1:{}", hub.port);
+    rt.block_on(async {
+        let client = connect(&creds, &ca, &url).await;
+        for js in [jetstream::new(client.clone()), jetstream::with_domain(client, subjects::HUB_DOMAIN)] {
+            let mut kept = js.get_stream("KEPT").await.unwrap_or_else(|e| panic!("{e}: {}", hub.log()));
+            assert_eq!(kept.info().await.unwrap().state.messages, 1);
+        }
+    });
+}
+
+#[test]
+fn a_site_of_a_three_server_hub_moves_to_another_server_when_its_own_dies() {
+    let s = Scratch::new();
+    s.org(1, 1);
+    let mut hub = NatsCluster::start(s.dir.path(), 3);
+    let hubs: Vec<String> = hub.leaf_ports.iter().map(|p| format!("tls://127.0.0.1:{p}")).collect();
+    let site = start_site(&s, &hubs);
+    let logs = |hub: &NatsCluster| hub.servers.iter().map(|x| x.log()).collect::<Vec<_>>().join("\n---\n");
+    wait_for_leaves(&site, 3, &logs(&hub));
+    let ca = org_ca_der(&s.path("org"));
+    let site_creds = s.path(&format!("org/sites/{SITE}/site.creds"));
+    let site_url = format!("tls://127.0.0.1:{}", site.port);
+    let rt = runtime();
+    // A JetStream context spawns a task when made: inside the runtime.
+    let _inside = rt.enter();
+    let at_site = rt.block_on(connect(&site_creds, &ca, &site_url));
+    let r3 = |name: &str| stream::Config {
+        num_replicas: 3,
+        ..stream_config(name, &format!("{}.>", name.to_lowercase()))
+    };
+    // Through $JS.hub.API; a cluster that just formed (or lost a server)
+    // takes a few seconds before it can place an R3 stream.
+    let create_at_hub = |hub: &NatsCluster, name: &str| {
+        let start = Instant::now();
+        loop {
+            let js = jetstream::with_domain(at_site.clone(), subjects::HUB_DOMAIN);
+            match rt.block_on(js.create_stream(r3(name))) {
+                Ok(_) => return,
+                Err(e) => {
+                    let waited = start.elapsed();
+                    assert!(waited < Duration::from_secs(30), "site -> $JS.hub.API: {e}\n{}", logs(hub));
+                }
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    };
+    create_at_hub(&hub, "AT_HUB");
+
+    // Kill the hub server the site's FLEET leaf uses: it reconnects to another.
+    let port = fleet_leaf_port(&site);
+    let i = hub.leaf_ports.iter().position(|&p| p == port).unwrap_or_else(|| panic!("{port} is no hub's"));
+    let before = site.log().matches("Leafnode connection created for account").count();
+    hub.kill(i);
+    let start = Instant::now();
+    while fleet_leaf_port(&site) == port {
+        assert!(start.elapsed() < Duration::from_secs(30), "the site stayed on a dead hub: {}", site.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(site.log().matches("Leafnode connection created for account").count() > before);
+    create_at_hub(&hub, "AFTER");
 }
