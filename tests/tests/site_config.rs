@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, stream};
 use futures_util::StreamExt;
 use perch_protocol::subjects;
+use perch_tests::fleet::{wait_for, Fleet};
 use perch_tests::nats::{org_ca_der, server_binary, NatsCluster, NatsServer};
 use perch_tests::Scratch;
 
@@ -414,4 +415,31 @@ fn a_site_of_a_three_server_hub_moves_to_another_server_when_its_own_dies() {
     }
     assert!(site.log().matches("Leafnode connection created for account").count() > before);
     create_at_hub(&hub, "AFTER");
+}
+
+#[test]
+fn a_device_enrolls_through_the_site_and_its_revocation_at_the_hub_reaches_the_site() {
+    let (f, leaf_port) = Fleet::start_hub(1);
+    let site = start_site(&f.s, &[format!("tls://127.0.0.1:{leaf_port}")]);
+    wait_for_leaves(&site, 3, &f.all_logs());
+    // The token sends the device to the site; its request crosses the
+    // leaf (PROVISIONING) to the hub's provisioner, the answer comes back.
+    let site_url = format!("tls://127.0.0.1:{}", site.port);
+    let token =
+        f.s.ok("perch-bootstrap", &["token", "issue", "--dir", "org", "--group", "g", "--url", &site_url]);
+    let token_file = f.s.path("site.token");
+    std::fs::write(&token_file, token.stdout.trim()).unwrap();
+    let d = f.device("rover-1");
+    let r = d.agent(&["enroll", "--device-id", "rover-1", "--token-file", token_file.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}\n{}\n{}", r.stderr, f.all_logs(), site.log());
+    // The site authenticates the device itself (its own resolver).
+    let (mut c, hello) = f.raw_as_at(&d, site.port);
+    assert_eq!(hello, "PONG", "{}", site.log());
+    // A revocation pushed at the hub reaches the site (SYS leaf, full
+    // resolver): the site cuts the device off and refuses it from then on.
+    let r = f.admin(&["revoke", "rover-1"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(wait_for(Duration::from_secs(10), || c.line().is_empty()), "still connected: {}", site.log());
+    let (_, answer) = f.raw_as_at(&d, site.port);
+    assert!(answer.contains("Authorization Violation"), "{answer}");
 }
