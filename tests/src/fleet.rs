@@ -23,6 +23,20 @@ impl Fleet {
         let s = Scratch::new();
         s.org(1, 1);
         let server = NatsServer::start(s.dir.path(), "include \"org/nats/server.conf\"");
+        Self::with_server(s, server, provisioners)
+    }
+
+    /// [`Fleet::start`] on a hub for field sites (JetStream domain `hub`,
+    /// a leafnode listener: [`NatsServer::start_hub`]); also returns the
+    /// leafnode port.
+    pub fn start_hub(provisioners: usize) -> (Fleet, u16) {
+        let s = Scratch::new();
+        s.org(1, 1);
+        let (server, leaf_port) = NatsServer::start_hub(s.dir.path(), "org");
+        (Self::with_server(s, server, provisioners), leaf_port)
+    }
+
+    fn with_server(s: Scratch, server: NatsServer, provisioners: usize) -> Fleet {
         let url = format!("tls://127.0.0.1:{}", server.port);
         let mut f = Fleet { s, server, url, provisioners: vec![] };
         for _ in 0..provisioners {
@@ -180,9 +194,15 @@ impl Fleet {
 
     /// Connects a raw client as an enrolled device.
     pub fn raw_as(&self, d: &Device) -> (RawClient, String) {
+        self.raw_as_at(d, self.server.port)
+    }
+
+    /// Connects a raw client as an enrolled device to the server on `port`
+    /// (a field site's).
+    pub fn raw_as_at(&self, d: &Device, port: u16) -> (RawClient, String) {
         let e = d.enrollment();
         let key = d.key();
-        RawClient::connect(self.server.port, &self.ca_der(), &e.user_jwt, |nonce| {
+        RawClient::connect(port, &self.ca_der(), &e.user_jwt, |nonce| {
             data_encoding::BASE64URL_NOPAD.encode(&key.sign_nats_nonce(nonce).unwrap())
         })
     }

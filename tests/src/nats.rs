@@ -48,20 +48,59 @@ impl NatsServer {
     /// Starts nats-server with `extra` config (e.g. an `include`), storing
     /// JetStream data and the log under `dir`.
     pub fn start(dir: &Path, extra: &str) -> NatsServer {
-        let js = dir.join("js");
-        Self::start_with(dir, |port| {
-            format!("listen: \"127.0.0.1:{port}\"\njetstream {{ store_dir: \"{}\" }}\n{extra}\n", js.display())
-        })
+        Self::start_with(dir, "", |_| extra.to_string())
     }
 
-    /// Starts nats-server with the whole config `conf(port)` for a free
-    /// client `port`, its log under `dir`.
-    pub fn start_with(dir: &Path, conf: impl Fn(u16) -> String) -> NatsServer {
+    /// A single hub for field sites: the org's include (`ORG/nats/server.conf`,
+    /// with `org` relative to `dir`), JetStream domain `hub`, and a leafnode
+    /// listener over TLS with the org's server certificate on a free
+    /// loopback port (returned). What docs/content/operations/field-sites.md
+    /// tells an operator to add to a single server.
+    pub fn start_hub(dir: &Path, org: &str) -> (NatsServer, u16) {
+        let leaf = std::cell::Cell::new(0);
+        let s = Self::start_with(
+            dir,
+            &format!("domain: \"{}\"", perch_protocol::subjects::HUB_DOMAIN),
+            |_| {
+                leaf.set(TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port());
+                let tls = |f: &str| dir.join(org).join("tls").join(f).display().to_string();
+                format!(
+                "leafnodes {{\n  listen: \"127.0.0.1:{}\"\n  tls {{ cert_file: \"{}\", key_file: \"{}\", ca_file: \"{}\", timeout: 5 }}\n}}\ninclude \"{org}/nats/server.conf\"",
+                leaf.get(),
+                tls("server.pem"),
+                tls("server.key"),
+                tls("ca.pem"),
+            )
+            },
+        );
+        (s, leaf.get())
+    }
+
+    /// Starts the server whose `nats-server.conf` is in `dir` already (a
+    /// field site's, from `site init`), listening for clients on `port`.
+    pub fn start_config(dir: &Path, port: u16) -> NatsServer {
+        let mut s = NatsServer { child: spawn(dir), port, dir: dir.to_path_buf() };
+        assert!(s.wait_ready(), "nats-server in {} did not start: {}", dir.display(), s.log());
+        s
+    }
+
+    /// [`NatsServer::start`] with `jetstream` settings added after the
+    /// store dir and `extra` made afresh for each try.
+    pub fn start_with(dir: &Path, jetstream: &str, extra: impl Fn(u16) -> String) -> NatsServer {
         // A free port can be taken by another test between our probe and
         // nats-server's bind; then nats-server exits, and we try another.
         for _ in 0..5 {
-            let port = free_port();
-            std::fs::write(dir.join("nats-server.conf"), conf(port)).unwrap();
+            let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            let conf = dir.join("nats-server.conf");
+            std::fs::write(
+                &conf,
+                format!(
+                    "listen: \"127.0.0.1:{port}\"\njetstream {{\n  store_dir: \"{}\"\n  {jetstream}\n}}\n{}\n",
+                    dir.join("js").display(),
+                    extra(port)
+                ),
+            )
+            .unwrap();
             let child = spawn(dir);
             let mut s = NatsServer { child, port, dir: dir.to_path_buf() };
             if s.wait_ready() {
@@ -72,14 +111,6 @@ impl NatsServer {
             "nats-server did not start: {}",
             std::fs::read_to_string(dir.join("nats-server.log")).unwrap_or_default()
         );
-    }
-
-    /// Starts nats-server from the `nats-server.conf` perch-bootstrap wrote
-    /// in `dir`, whose clients' port is `port`.
-    pub fn start_configured(dir: &Path, port: u16) -> NatsServer {
-        let mut s = NatsServer { child: spawn(dir), port, dir: dir.to_path_buf() };
-        assert!(s.wait_ready(), "nats-server in {} did not start: {}", dir.display(), s.log());
-        s
     }
 
     /// Waits until our server listens; false if it exited (port taken).
@@ -132,6 +163,8 @@ impl NatsServer {
 /// in `org/nats/cluster/nI/`. Killed on drop.
 pub struct NatsCluster {
     pub servers: Vec<NatsServer>,
+    /// Each server's leafnode port, where field sites connect.
+    pub leaf_ports: Vec<u16>,
 }
 
 impl NatsCluster {
@@ -163,7 +196,8 @@ impl NatsCluster {
                 s
             })
             .collect();
-        let c = NatsCluster { servers };
+        let leaf_ports = (0..n).map(|i| ports[3 * i + 2]).collect();
+        let c = NatsCluster { servers, leaf_ports };
         c.wait_meta_leader(Duration::from_secs(30));
         c
     }

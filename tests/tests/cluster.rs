@@ -521,14 +521,15 @@ fn a_server_with_another_orgs_certificate_cannot_join_the_cluster() {
     let rogue = Scratch::new();
     rogue.org(1, 1);
     let mut args = vec!["nats", "cluster", "--dir", "org", "--bind", "127.0.0.1"];
-    let ports: Vec<u16> = (0..6)
+    let ports: Vec<u16> = (0..9)
         .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
         .collect::<Vec<_>>()
         .iter()
         .map(|l| l.local_addr().unwrap().port())
         .collect();
-    let servers: Vec<String> =
-        (0..3).map(|i| format!("x{i}=127.0.0.1:{}:{}", ports[2 * i], ports[2 * i + 1])).collect();
+    let servers: Vec<String> = (0..3)
+        .map(|i| format!("x{i}=127.0.0.1:{}:{}:{}", ports[3 * i], ports[3 * i + 1], ports[3 * i + 2]))
+        .collect();
     for s in &servers {
         args.extend(["--server", s.as_str()]);
     }

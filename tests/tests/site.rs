@@ -36,14 +36,10 @@ impl Field {
         // real hub advertises the name sites reach it by: a site that
         // reconnects to an advertised address still goes through it.
         let uplink = Proxy::start(format!("127.0.0.1:{leaf_port}").parse().unwrap());
-        let hub_js = s.path("hub-js");
-        let hub = NatsServer::start_with(s.dir.path(), |port| {
+                let hub = NatsServer::start_with(s.dir.path(), "domain: hub", |_| {
             format!(
-                "server_name: hub\nlisten: \"127.0.0.1:{port}\"\n\
-                 jetstream {{ store_dir: \"{}\", domain: hub }}\n\
-                 include \"org/nats/server.conf\"\n\
+                "server_name: hub\ninclude \"org/nats/server.conf\"\n\
                  leafnodes {{\n  listen: \"127.0.0.1:{leaf_port}\"\n  advertise: \"127.0.0.1:{}\"\n  tls {{ cert_file: \"org/tls/server.pem\", key_file: \"org/tls/server.key\", ca_file: \"org/tls/ca.pem\", timeout: 5 }}\n}}\n",
-                hub_js.display(),
                 uplink.port,
             )
         });
@@ -69,7 +65,7 @@ impl Field {
                 "1G",
             ],
         );
-        let site = NatsServer::start_configured(&s.path(&format!("org/sites/{SITE}")), site_port);
+        let site = NatsServer::start_config(&s.path(&format!("org/sites/{SITE}")), site_port);
         let mut f = Field { s, hub, uplink, site, provisioner: None, daemon: None };
         f.provisioner = Some(f.spawn_ready(
             "provisioner",
