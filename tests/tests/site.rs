@@ -36,7 +36,7 @@ impl Field {
         // real hub advertises the name sites reach it by: a site that
         // reconnects to an advertised address still goes through it.
         let uplink = Proxy::start(format!("127.0.0.1:{leaf_port}").parse().unwrap());
-                let hub = NatsServer::start_with(s.dir.path(), "domain: hub", |_| {
+        let hub = NatsServer::start_with(s.dir.path(), "domain: hub", |_| {
             format!(
                 "server_name: hub\ninclude \"org/nats/server.conf\"\n\
                  leafnodes {{\n  listen: \"127.0.0.1:{leaf_port}\"\n  advertise: \"127.0.0.1:{}\"\n  tls {{ cert_file: \"org/tls/server.pem\", key_file: \"org/tls/server.key\", ca_file: \"org/tls/ca.pem\", timeout: 5 }}\n}}\n",
@@ -194,8 +194,18 @@ impl Field {
         self.s.ok(
             "perch",
             &[
-                "desired", "set", "--creds", "operator.creds", "--ca", "org/tls/ca.pem", "--url", &url, "--group",
-                "g", "--digest", digest,
+                "desired",
+                "set",
+                "--creds",
+                "operator.creds",
+                "--ca",
+                "org/tls/ca.pem",
+                "--url",
+                &url,
+                "--group",
+                "g",
+                "--digest",
+                digest,
             ],
         );
     }
@@ -228,7 +238,11 @@ fn running_bundle(d: &Device) -> Option<String> {
 }
 
 /// Every report in `stream` (at the server `js` talks to), in order.
-fn stored_reports(rt: &tokio::runtime::Runtime, js: &async_nats::jetstream::Context, stream: &str) -> Vec<Report> {
+fn stored_reports(
+    rt: &tokio::runtime::Runtime,
+    js: &async_nats::jetstream::Context,
+    stream: &str,
+) -> Vec<Report> {
     let Ok(mut s) = rt.block_on(js.get_stream(stream)) else { return vec![] };
     let info = rt.block_on(s.info()).unwrap().clone();
     if info.state.messages == 0 {
@@ -279,7 +293,8 @@ fn at_site(f: &Field, digest: &str) -> bool {
 
 /// Each device's reports in `reports`: stored exactly once, no gap from 1.
 fn seqs_each_once(reports: &[Report], device: &str) -> Vec<(u64, u64)> {
-    let mut ids: Vec<(u64, u64)> = reports.iter().filter(|r| r.device == device).map(|r| (r.epoch, r.seq)).collect();
+    let mut ids: Vec<(u64, u64)> =
+        reports.iter().filter(|r| r.device == device).map(|r| (r.epoch, r.seq)).collect();
     ids.sort();
     let n = ids.len();
     ids.dedup();
@@ -302,14 +317,21 @@ fn an_uplink_cut_loses_no_report_and_a_bundle_crosses_the_uplink_once() {
     f.desire(&big);
     assert!(wait_for(Duration::from_secs(300), || runs("app#2")), "app#2 not installed\n{}", f.logs());
     let down = f.uplink.bytes().0 - down_before;
-    eprintln!("uplink: {down} bytes down for a {size}-byte bundle installed by 3 drones ({:.3}x)", down as f64 / size as f64);
+    eprintln!(
+        "uplink: {down} bytes down for a {size}-byte bundle installed by 3 drones ({:.3}x)",
+        down as f64 / size as f64
+    );
     assert!(down as f64 <= 1.1 * size as f64, "{down} bytes crossed the uplink for a {size}-byte bundle");
 
     // The uplink goes down just as a bundle the site has is installed.
     let (next, _) = f.published_bundle("app", 3, 2 << 20);
     let (later, _) = f.published_bundle("app", 4, 1 << 20);
     f.desire(&next);
-    assert!(wait_for(Duration::from_secs(60), || at_site(&f, &next)), "app#3 never reached the site\n{}", f.logs());
+    assert!(
+        wait_for(Duration::from_secs(60), || at_site(&f, &next)),
+        "app#3 never reached the site\n{}",
+        f.logs()
+    );
     f.uplink.set_mode(Mode::Blackhole);
     f.uplink.reset();
     let cut = Instant::now();
@@ -324,7 +346,11 @@ fn an_uplink_cut_loses_no_report_and_a_bundle_crosses_the_uplink_once() {
     let at_cut = site_count();
     // While it is down: the drones install from the site and keep
     // reporting there; a change of desired state waits at the hub.
-    assert!(wait_for(cut_length(), || runs("app#3")), "app#3 not installed with the uplink down\n{}", f.logs());
+    assert!(
+        wait_for(cut_length(), || runs("app#3")),
+        "app#3 not installed with the uplink down\n{}",
+        f.logs()
+    );
     f.desire(&later);
     std::thread::sleep(cut_length().saturating_sub(cut.elapsed()));
     assert!(site_count() > at_cut + 100, "the site stored no reports while the uplink was down");
@@ -334,7 +360,11 @@ fn an_uplink_cut_loses_no_report_and_a_bundle_crosses_the_uplink_once() {
     f.uplink.reset();
 
     // Back up: the change made while it was down applies.
-    assert!(wait_for(Duration::from_secs(120), || runs("app#4")), "app#4 not installed after the uplink returned\n{}", f.logs());
+    assert!(
+        wait_for(Duration::from_secs(120), || runs("app#4")),
+        "app#4 not installed after the uplink returned\n{}",
+        f.logs()
+    );
 
     // Every report reaches the hub, exactly once: stop the agents, let
     // them flush their outboxes, and compare the hub with the site.
@@ -363,7 +393,12 @@ fn an_uplink_cut_loses_no_report_and_a_bundle_crosses_the_uplink_once() {
     let hub = stored_reports(&hub_rt, &hub_js, subjects::REPORTS_STREAM);
     for d in &devices {
         let at_hub = seqs_each_once(&hub, &d.name);
-        assert_eq!(at_hub, seqs_each_once(&site, &d.name), "{}: the hub's reports are not the site's", d.name);
+        assert_eq!(
+            at_hub,
+            seqs_each_once(&site, &d.name),
+            "{}: the hub's reports are not the site's",
+            d.name
+        );
         eprintln!("{}: {} reports, each once at the hub", d.name, at_hub.len());
     }
     let st = f.status();
@@ -402,7 +437,8 @@ fn a_device_revoked_at_the_hub_while_the_uplink_is_down_is_cut_off_at_the_site_o
     assert_eq!(f.connect_at_site_as(&d), "PONG", "the revocation crossed a cut uplink");
     f.uplink.set_mode(Mode::Pass);
     f.uplink.reset();
-    let refused = wait_for(Duration::from_secs(200), || f.connect_at_site_as(&d).contains("Authorization Violation"));
+    let refused =
+        wait_for(Duration::from_secs(200), || f.connect_at_site_as(&d).contains("Authorization Violation"));
     assert!(refused, "the site still lets a device revoked at the hub in\n{}", f.logs());
     assert_eq!(f.connect_at_site_as(&kept), "PONG", "another device lost its place");
 }

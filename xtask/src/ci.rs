@@ -18,6 +18,7 @@ const SERVER_TESTS: &[&str] = &[
     "publish",
     "rollout",
     "service",
+    "site",
     "site_config",
     "tokens",
     "trust_rotation",
