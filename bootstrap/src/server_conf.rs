@@ -8,7 +8,7 @@ use std::path::Path;
 /// Where hub servers take leaf node connections (the IANA leafnode port).
 pub const LEAF_PORT: u16 = 7422;
 /// Longest JetStream domain (and site name) perch accepts.
-pub const MAX_DOMAIN: usize = 32;
+pub const MAX_DOMAIN: usize = perch_net::sites::MAX_SITE_NAME;
 
 /// A server name (`server_name`): 1-64 of `A-Z a-z 0-9 - _`.
 pub fn check_server_name(name: &str) -> Result<(), String> {
@@ -40,14 +40,13 @@ pub fn check_host(host: &str) -> Result<(), String> {
 /// anything that makes `$JS.<domain>.API.>` an invalid subject; perch
 /// also puts a site's name into stream names and a server name, so it
 /// keeps to lower-case letters, digits and `-`.
+/// The rule is [`perch_net::sites::is_site_name`]: the site daemon and the
+/// provisioner check the same.
 pub fn check_domain(what: &str, d: &str) -> Result<(), String> {
-    let ok = !d.is_empty()
-        && d.len() <= MAX_DOMAIN
-        && d.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-    if ok {
+    if perch_net::sites::is_site_name(d) {
         Ok(())
     } else {
-        Err(format!("{what} '{d}' must be 1-{MAX_DOMAIN} of a-z 0-9 -"))
+        Err(format!("{what} '{d}' must be 1-{MAX_DOMAIN} of a-z 0-9 -, not starting or ending with -"))
     }
 }
 
@@ -84,7 +83,7 @@ mod tests {
         for ok in ["hub", "a", "field-7", "0", &"x".repeat(32)] {
             assert!(check_domain("d", ok).is_ok(), "{ok}");
         }
-        for bad in ["", "Hub", "a.b", "a*", "a>", "a b", "a_b", &"x".repeat(33), "é"] {
+        for bad in ["", "Hub", "a.b", "a*", "a>", "a b", "a_b", &"x".repeat(33), "é", "-a", "a-"] {
             assert!(check_domain("d", bad).is_err(), "{bad}");
         }
     }
