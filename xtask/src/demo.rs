@@ -53,7 +53,7 @@ pub fn run(args: &[String]) -> Result<()> {
         Some("current") => std::env::set_var("PERCH_NATS_SERVER", crate::setup::current_nats_server()),
         Some(other) => bail!("--nats takes debian or current, not {other:?}"),
     }
-    println!("perch demo: signed bundles from key to device check, then a fleet of three on this machine\n(building the binaries first: the host tools, and the release agents for aarch64 and armv7)");
+    println!("perch demo: signed bundles from key to device check, then a fleet of three and a field site on this machine\n(building the binaries first: the host tools, and the release agents for aarch64 and armv7)");
     sh(cargo().args([
         "build",
         "-q",
@@ -196,15 +196,20 @@ pub fn run(args: &[String]) -> Result<()> {
     // The drones run the real ARM release agents under qemu-user.
     let arm = crate::cross::run(&["aarch64-drone".to_string(), "armv7-drone".to_string()])?;
     desktop(&d)?;
-    crate::demo_fleet::run(&d, &arm)?;
+    let fleet = crate::demo_fleet::run(&d, &arm)?;
 
     println!("\nDemo complete: good bundles verified and committed, a broken release rolled back by its health check,");
     println!("every damaged, under-signed, misdirected or replayed bundle refused with exit 3; three devices (x86_64,");
-    println!("and aarch64 and armv7 agents under qemu) enrolled three ways; a release rolled out in two waves while");
+    println!("and aarch64 and armv7 agents under qemu) enrolled three ways, the drones through a ground station (a");
+    println!("field site); a release installed and committed by the site's {} drones while its uplink was down, their", fleet.site_drones);
     println!(
-        "a drone lost its link mid-download and lost nothing; a broken release paused its rollout and rolled"
+        "reports kept at the site and each stored once at the hub when it returned, the release crossing the"
     );
-    println!("back by itself; a stolen desktop revoked live.");
+    println!(
+        "uplink once ({:.2}x its size); a broken release paused its rollout and rolled back by itself; a stolen",
+        fleet.uplink_ratio
+    );
+    println!("desktop revoked live.");
     println!("Files are in {}; nothing is left running.", dir.display());
     Ok(())
 }

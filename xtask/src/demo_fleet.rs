@@ -1,8 +1,10 @@
-//! The demo's second half: a fleet on this machine. A real nats-server and
-//! provisioner; an x86_64 desktop and two drones whose agents are the real
-//! aarch64 and armv7 release builds running under qemu-user; rollouts in
-//! waves, a broken release that pauses its rollout and rolls back, a radio
-//! link cut mid-download, a revocation, and the fleet's status.
+//! The demo's second half: a fleet on this machine. A real nats-server (the
+//! hub) and provisioner; a ground station (a field site: its own
+//! nats-server, a leaf node of the hub behind an uplink the demo cuts); an
+//! x86_64 desktop at the hub and two drones at the site whose agents are the
+//! real aarch64 and armv7 release builds running under qemu-user; a release
+//! installed while the uplink is down, a broken release that pauses its
+//! rollout in waves and rolls back, a revocation, and the fleet's status.
 
 use std::fs;
 use std::io::{BufRead, BufReader};
@@ -14,17 +16,11 @@ use anyhow::{bail, Context, Result};
 
 use crate::demo::{say, write_image, Demo};
 use crate::drone::{Drone, Supervised, HEALTHY, SLOT};
-use crate::fleet::LocalFleet;
+use crate::site::{Site, Uplink};
+use crate::util::wait_every;
 
-fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> Result<bool>) -> Result<()> {
-    let start = Instant::now();
-    while !done()? {
-        if start.elapsed() > limit {
-            bail!("{what} did not happen within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Ok(())
+fn wait_until(what: &str, limit: Duration, done: impl FnMut() -> Result<bool>) -> Result<()> {
+    wait_every(what, limit, Duration::from_millis(100), done)
 }
 
 /// Runs a command, shows what it printed, checks its exit code.
@@ -42,22 +38,41 @@ fn show(mut c: Command, label: &str, expect: i32) -> Result<String> {
     Ok(text)
 }
 
-pub fn run(d: &Demo, arm: &[(&'static crate::cross::Target, PathBuf)]) -> Result<()> {
+/// How long the ground station's uplink stays down at least (step 21).
+const OUTAGE: Duration = Duration::from_secs(15);
+
+/// What the fleet half showed, for the demo's summary.
+pub struct Outcome {
+    /// Bytes down the uplink for the release, over its size.
+    pub uplink_ratio: f64,
+    pub site_drones: usize,
+}
+
+pub fn run(d: &Demo, arm: &[(&'static crate::cross::Target, PathBuf)]) -> Result<Outcome> {
     let target =
         |class: &str| arm.iter().find(|(t, _)| t.class == class).context(format!("no {class} agent built"));
     let (t64, bin64) = target("aarch64-drone")?;
     let (t32, bin32) = target("armv7-drone")?;
 
-    say(14, "The fleet. nats-server starts in operator mode with TLS (the fleet CA that `init` made), and a provisioner joins it as a NATS service.");
-    let mut fleet = LocalFleet::start(&d.dir, &d.bin)?;
+    say(14, "The fleet's hub. nats-server starts in operator mode with TLS (the fleet CA that `init` made), its JetStream in the domain `hub`, with a leafnode listener where field sites connect; a provisioner joins it as a NATS service.");
+    let uplink = Uplink::new()?;
+    let mut fleet = uplink.hub(&d.dir, &d.bin)?;
     fleet.provisioner()?;
     println!(
         "    nats-server on {} (log: nats-server.log), provisioner ready (log: provisioner-0.log)",
         fleet.url
     );
     let url = fleet.url.clone();
-    // drone-09's radio: a proxy the demo can cut (step 20).
-    let radio = perch_chaos::Proxy::start(([127, 0, 0, 1], fleet.port).into());
+
+    say(15, "A ground station in the field, site `ridge`: its own nats-server, a leaf node of the hub with its own JetStream domain. The drones there connect to it; it reaches the hub over its uplink (a satellite link; here a proxy this demo cuts in step 21). `site init` writes its config; its daemon (`site run`) makes the site's streams: the drones' reports (the hub takes them from it), mirrors of the desired state and trust, and the bundles its drones want.");
+    let site = Site::new("ridge")?;
+    let init = site.init_args(&uplink);
+    d.sh("perch-bootstrap", &init.iter().map(String::as_str).collect::<Vec<_>>(), 0)?;
+    site.start(&mut fleet)?;
+    println!(
+        "    site server on {} (log: ridge-nats-server.log), site daemon ready (log: ridge-site.log)",
+        site.url
+    );
     let host_agent = |name: &str, rest: &[&str], expect: i32| -> Result<String> {
         let mut args = vec![
             "--config".to_string(),
@@ -74,7 +89,7 @@ pub fn run(d: &Demo, arm: &[(&'static crate::cross::Target, PathBuf)]) -> Result
         show(c, &format!("({} under qemu) perch-agent {}", drone.name, rest.join(" ")), expect)
     };
 
-    say(15, "Zero-touch desktop (x86_64, directory slots): its image holds only an enrollment token. At first boot `perch-agent run` enrolls it with nobody present, then joins FLEET.");
+    say(16, "Zero-touch desktop (x86_64, directory slots): its image holds only an enrollment token. At first boot `perch-agent run` enrolls it with nobody present, then joins FLEET.");
     let json = d.sh(
         "perch-bootstrap",
         &[
@@ -109,8 +124,9 @@ pub fn run(d: &Demo, arm: &[(&'static crate::cross::Target, PathBuf)]) -> Result
     })?;
     host_agent("desk-01", &["status"], 0)?;
 
-    let radio_cfg = "[link]\nping_interval = \"1s\"\nmax_backoff = \"2s\"\n[reports]\nheartbeat = \"2s\"\n";
-    say(16, "A drone in a technician's hands: drone-07, the real aarch64 agent (static release build) under qemu-user, U-Boot slots in image files. A one-use token that needs approval, shown as a QR code for the drone's camera (here we pass the text).");
+    // The drones fly from the ground station: they connect to its server.
+    let at_site = format!("[link]\nurls = [\"{}\"]\n[reports]\nheartbeat = \"2s\"\n", site.url);
+    say(17, "A drone in a technician's hands at the ground station: drone-07, the real aarch64 agent (static release build) under qemu-user, U-Boot slots in image files. A one-use token that needs approval, shown as a QR code for the drone's camera (here we pass the text). The token names the site's server: the enrollment request crosses the uplink to the provisioner at the hub, where it is approved.");
     let token = d.sh(
         "perch-bootstrap",
         &[
@@ -127,7 +143,7 @@ pub fn run(d: &Demo, arm: &[(&'static crate::cross::Target, PathBuf)]) -> Result
             "--id-pattern",
             "drone-*",
             "--url",
-            &url,
+            &site.url,
             "--qr",
         ],
         0,
@@ -136,14 +152,14 @@ pub fn run(d: &Demo, arm: &[(&'static crate::cross::Target, PathBuf)]) -> Result
     fs::write(d.dir.join("drone.token"), &text)?;
     println!("    (the token is {} characters: it fits a QR code)", text.len());
     let trust = d.dir.join("org/trust.doc");
-    let d07 = Drone::new("drone-07", &d.dir.join("drone-07"), t64, bin64, &trust, radio_cfg)?;
+    let d07 = Drone::new("drone-07", &d.dir.join("drone-07"), t64, bin64, &trust, &at_site)?;
     let token_file = d.dir.join("drone.token").display().to_string();
     drone_agent(&d07, &["enroll", "--token-file", &token_file], 1)?;
     d.sh("perch-bootstrap", &["pending", "--dir", "org", "--url", &url], 0)?;
     d.sh("perch-bootstrap", &["approve", "--dir", "org", "--url", &url, "drone-07"], 0)?;
     drone_agent(&d07, &["enroll", "--token-file", &token_file], 0)?;
 
-    say(17, "The token was for one device: a second drone is refused (exit 3).");
+    say(18, "The token was for one device: a second drone is refused (exit 3).");
     let d08 = d.dir.join("drone-08");
     fs::create_dir_all(d08.join("slots"))?;
     fs::write(
@@ -156,8 +172,8 @@ pub fn run(d: &Demo, arm: &[(&'static crate::cross::Target, PathBuf)]) -> Result
     )?;
     host_agent("drone-08", &["enroll", "--token-file", "drone.token"], 3)?;
 
-    say(18, "No network at all: drone-09, the real armv7 agent under qemu-user, writes a signed request to a file; the technician's laptop (which holds the org's issuing key) answers it, and the drone imports the answer, checked against the trust document in its image. Its fleet URL is its radio link: a proxy this demo can cut.");
-    let d09 = Drone::new("drone-09", &d.dir.join("drone-09"), t32, bin32, &trust, radio_cfg)?;
+    say(19, "No network at all: drone-09, the real armv7 agent under qemu-user, writes a signed request to a file; the technician's laptop (which holds the org's issuing key) answers it, and the drone imports the answer, checked against the trust document in its image. Its fleet URL is the ground station's server.");
+    let d09 = Drone::new("drone-09", &d.dir.join("drone-09"), t32, bin32, &trust, &at_site)?;
     let req = d.dir.join("drone-09.req").display().to_string();
     let resp = d.dir.join("drone-09.resp").display().to_string();
     drone_agent(&d09, &["enroll", "--request-out", &req], 0)?;
@@ -173,13 +189,13 @@ pub fn run(d: &Demo, arm: &[(&'static crate::cross::Target, PathBuf)]) -> Result
             "--group",
             "drones",
             "--fleet-url",
-            &radio.url(),
+            &site.url,
         ],
         0,
     )?;
     drone_agent(&d09, &["enroll", "--import", &resp], 0)?;
 
-    say(19, "Both drones boot and start their agents (under qemu). drone-09 is not in the registry yet: the provisioner learns of it when it first says hello.");
+    say(20, "Both drones boot and start their agents (under qemu), connected to the ground station. drone-09 is not in the registry yet: the provisioner at the hub learns of it when it first says hello. The hub hears the drones through the site: `perch status` shows each `@ridge`, and the site, last heard seconds ago.");
     let drones = [Supervised::start(d07)?, Supervised::start(d09)?];
     let creds = d.sh(
         "perch-bootstrap",
@@ -218,16 +234,16 @@ pub fn run(d: &Demo, arm: &[(&'static crate::cross::Target, PathBuf)]) -> Result
     let device = |v: &serde_json::Value, id: &str| -> serde_json::Value {
         v["devices"].as_array().and_then(|a| a.iter().find(|x| x["id"] == id).cloned()).unwrap_or_default()
     };
-    wait_until("both drones reporting", Duration::from_secs(60), || {
+    wait_until("both drones reporting through the ground station", Duration::from_secs(60), || {
         let v = status_json()?;
         Ok(["drone-07", "drone-09"].iter().all(|id| {
             let x = device(&v, id);
-            x["liveness"] == "online" && x["registry"] == "enrolled"
+            x["liveness"] == "online" && x["registry"] == "enrolled" && x["site"] == site.name.as_str()
         }))
     })?;
     perch(&["status"], &[], 0)?;
 
-    say(20, "Release drone-os 2 for both drone CPUs, published, then rolled out to the drones group in two waves (50%, 100%). Each drone installs into its idle slot, reboots into it (U-Boot counts the boot), passes its health check and commits; only then does the next wave start. drone-09's radio does 1 MB/s and cuts out in the middle of its download for 6 s.");
+    say(21, "Release drone-os 2 for both drone CPUs, published at the hub and rolled out to the drones group. The ground station copies it across its uplink once, for both its drones; as they start installing it from the site, the uplink drops. Each drone installs it into its idle slot, reboots into it (U-Boot counts the boot), passes its health check and commits, all with the uplink down. Their reports wait at the site, and the rollout at the hub waits for them.");
     let release = |counter: u32, healthy: bool| -> Result<String> {
         let img = d.dir.join(format!("drone-os-{counter}.img"));
         write_image(&img, 2 << 20)?;
@@ -268,25 +284,85 @@ pub fn run(d: &Demo, arm: &[(&'static crate::cross::Target, PathBuf)]) -> Result
         Ok(file)
     };
     const { assert!(2 << 20 < SLOT) };
-    release(2, true)?;
-    radio.set_shape(perch_chaos::Shape { latency: Duration::ZERO, bandwidth: 1_000_000 });
-    let base = radio.bytes().0;
-    // `perch deploy` drives the rollout while the demo works the radio.
-    let deploy = stream(
-        d,
-        &with(&["deploy"], &["--bundle", "drone-os@2", "--group", "drones", "--waves", "50%,100%"]),
+    let (down0, up0) = uplink.bytes();
+    let file = release(2, true)?;
+    let size = fs::metadata(d.dir.join(&file))?.len();
+    let digest = hex_of(d, &d.dir.join(&file))?;
+    let copies_all = Site::copies_every_bundle();
+    if copies_all {
+        wait_until("drone-os 2 crossing the uplink", Duration::from_secs(60), || {
+            Ok(uplink.bytes().0 - down0 >= size)
+        })?;
+        println!("    -- drone-os 2 crossed the uplink as it was published (a site on nats-server 2.9 copies every bundle; newer ones copy those their drones want) --");
+    }
+    // `perch deploy` drives the rollout while the demo works the uplink.
+    let deploy = stream(d, &with(&["deploy"], &["--bundle", "drone-os@2", "--group", "drones"]))?;
+    // The uplink drops as the drones start installing the release the site
+    // has: on 2.9 they are told after it arrived, later servers tell them
+    // first and wake them when it has.
+    let installing = |name: &str| {
+        crate::site::logged(&d.dir.join(format!("{name}.log")), "desired state names a new bundle", &digest)
+    };
+    wait_until("the drones starting to install drone-os 2 from the site", Duration::from_secs(60), || {
+        Ok(installing("drone-07")
+            && installing("drone-09")
+            && (copies_all || site.has_whole(&fleet, &digest)))
+    })?;
+    uplink.cut();
+    let cut = Instant::now();
+    println!("    -- drone-os 2 is at the site and both drones are installing it: the ground station's uplink drops --");
+    // Only the drones know now: ask their agents (under qemu, so not too often).
+    let status = |drone: &Supervised| -> Result<serde_json::Value> {
+        let out = drone.agent(&["status", "--json"]).output()?;
+        Ok(serde_json::from_slice(&out.stdout).unwrap_or_default())
+    };
+    let on_2 = |drone: &Supervised| -> Result<bool> { Ok(crate::site::committed(&status(drone)?, 2)) };
+    wait_every(
+        "both drones committing drone-os 2 with the uplink down",
+        Duration::from_secs(180),
+        Duration::from_secs(1),
+        || Ok(on_2(&drones[0])? && on_2(&drones[1])?),
     )?;
-    wait_until("drone-09 downloading", Duration::from_secs(120), || Ok(radio.bytes().0 > base + 600_000))?;
-    radio.set_mode(perch_chaos::Mode::Blackhole);
-    println!("    -- drone-09 flies out of range mid-download --");
-    std::thread::sleep(Duration::from_secs(6));
-    radio.set_mode(perch_chaos::Mode::Pass);
-    println!("    -- drone-09 is back in range: the download resumes at the first missing chunk --");
-    deploy.finish(0)?;
-    let down = radio.bytes().0 - base;
-    println!("    {down} bytes crossed drone-09's radio for a 2 MiB release (plus its reports)");
+    println!(
+        "    -- {} s into the outage, both drones have committed drone-os 2 --",
+        cut.elapsed().as_secs()
+    );
+    // Long enough for the hub to see the site fall silent, and for the
+    // drones' reports to have left their outboxes for the site.
+    let sent = |drone: &Supervised| -> Result<bool> {
+        let v = status(drone)?;
+        Ok(v["link"]["state"] == "connected" && v["outbox"]["waiting"] == 0)
+    };
+    std::thread::sleep(OUTAGE.saturating_sub(cut.elapsed()));
+    wait_every(
+        "the drones sending their reports to the site",
+        Duration::from_secs(60),
+        Duration::from_secs(1),
+        || Ok(sent(&drones[0])? && sent(&drones[1])?),
+    )?;
+    println!(
+        "    -- {} s into the outage: at a drone, its reports have gone to the site --",
+        cut.elapsed().as_secs()
+    );
+    show(drones[1].agent(&["status"]), "(drone-09 under qemu) perch-agent status", 0)?;
+    println!("    -- at the hub none of it has arrived: the rollout waits, and the site was last heard at the cut --");
+    perch(&["status"], &[], 0)?;
+    uplink.restore();
+    println!(
+        "    -- the uplink is back after {} s: the reports the site kept cross it, each once --",
+        cut.elapsed().as_secs()
+    );
+    deploy.finish_within(0, Duration::from_secs(120))?;
+    let (down, up) = uplink.bytes();
+    let (down, up) = (down - down0, up - up0);
+    let ratio = down as f64 / size as f64;
+    println!(
+        "    uplink: {down} bytes down for the {size}-byte release, {ratio:.2}x its size for the {n} drones at the site (each pulling it from the hub: {n}.00x); {up} bytes up (reports, acknowledgements)",
+        n = drones.len(),
+    );
+    perch(&["status"], &[], 0)?;
 
-    say(21, "Release drone-os 3 is broken: its image fails the health check. drone-07 (wave 1) installs it, reboots into it, fails its trial and rolls back by itself; the rollout pauses at once and drone-09 is never told (exit 1). Abort points drone-07 back at drone-os 2.");
+    say(22, "Release drone-os 3 is broken: its image fails the health check. drone-07 (wave 1) installs it, reboots into it, fails its trial and rolls back by itself; the rollout pauses at once and drone-09 is never told (exit 1). Abort points drone-07 back at drone-os 2.");
     release(3, false)?;
     let paused =
         perch(&["deploy"], &["--bundle", "drone-os@3", "--group", "drones", "--waves", "50%,100%"], 1)?;
@@ -294,11 +370,11 @@ pub fn run(d: &Demo, arm: &[(&'static crate::cross::Target, PathBuf)]) -> Result
     perch(&["deploy", "abort"], &[&id], 0)?;
     perch(&["desired", "list"], &[], 0)?;
 
-    say(22, "desk-01 is reported stolen: revoking it pushes the FLEET account's revocation to the server, which cuts it off at once.");
+    say(23, "desk-01 is reported stolen: revoking it pushes the FLEET account's revocation to the server, which cuts it off at once.");
     d.sh("perch-bootstrap", &["revoke", "--dir", "org", "--url", &url, "desk-01"], 0)?;
     std::thread::sleep(Duration::from_millis(500));
 
-    say(23, "The fleet as the operator sees it, once the drones have settled: every device's true state, the rollouts, and drone-09's reports, every one of them stored exactly once through the outage.");
+    say(24, "The fleet as the operator sees it, once the drones have settled: every device's true state, the rollouts, the ground station, and drone-09's reports, every one of them stored exactly once through the uplink's outage.");
     // What the story claims, checked (once the drones have settled: a
     // rollback ends with one more reboot).
     let broken = hex_of(d, &d.dir.join("drone-os-3.perch"))?;
@@ -317,10 +393,11 @@ pub fn run(d: &Demo, arm: &[(&'static crate::cross::Target, PathBuf)]) -> Result
     })?;
     perch(&["status"], &["--stale-after", "30s"], 0)?;
     perch(&["status"], &["--device", "drone-09"], 0)?;
+    let site_drones = drones.len();
     drop(drones);
     drop(fleet);
-    println!("    (nats-server, the provisioner and every agent are stopped)");
-    Ok(())
+    println!("    (both nats-servers, the provisioner, the site daemon and every agent are stopped)");
+    Ok(Outcome { uplink_ratio: ratio, site_drones })
 }
 
 /// `perch ARGS` running in the background, its output shown as it comes
@@ -363,9 +440,21 @@ fn stream(d: &Demo, args: &[String]) -> Result<Streamed> {
 }
 
 impl Streamed {
-    /// Waits for the end; checks the exit code; what it printed.
-    fn finish(mut self, expect: i32) -> Result<String> {
-        let code = self.child.wait()?.code().unwrap_or(-1);
+    /// Waits for the end, at most `limit`; checks the exit code; what it printed.
+    fn finish_within(mut self, expect: i32, limit: Duration) -> Result<String> {
+        let start = Instant::now();
+        let status = loop {
+            if let Some(status) = self.child.try_wait()? {
+                break status;
+            }
+            if start.elapsed() > limit {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                bail!("`{}` did not end within {limit:?}", self.label);
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        let code = status.code().unwrap_or(-1);
         let text = self.printer.join().unwrap_or_default();
         if code != expect {
             bail!("`{}` exited {code}, expected {expect}", self.label);

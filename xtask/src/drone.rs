@@ -96,10 +96,7 @@ impl Drone {
 
     /// `perch-agent --config .. --state-dir .. ARGS` under qemu-user.
     pub fn agent(&self, args: &[&str]) -> Command {
-        let mut c = crate::cross::qemu(self.target, &self.bin);
-        c.arg("--config").arg(self.dir.join("agent.toml")).arg("--state-dir").arg(self.dir.join("state"));
-        c.args(args).env("PERCH_LOG", "info");
-        c
+        agent_command(self.target, &self.bin, &self.dir, args)
     }
 
     /// Starts `perch-agent run`, logging to `<dir>.log`.
@@ -122,14 +119,31 @@ impl Drone {
     }
 }
 
+fn agent_command(target: &Target, bin: &Path, dir: &Path, args: &[&str]) -> Command {
+    let mut c = crate::cross::qemu(target, bin);
+    c.arg("--config").arg(dir.join("agent.toml")).arg("--state-dir").arg(dir.join("state"));
+    c.args(args).env("PERCH_LOG", "info");
+    c
+}
+
 /// A drone's agent running, rebooted whenever it asks; stopped on drop.
 pub struct Supervised {
+    target: &'static Target,
+    bin: PathBuf,
+    dir: PathBuf,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl Supervised {
+    /// `perch-agent ARGS` on the drone, next to the running agent (as
+    /// [`Drone::agent`]).
+    pub fn agent(&self, args: &[&str]) -> Command {
+        agent_command(self.target, &self.bin, &self.dir, args)
+    }
+
     pub fn start(mut drone: Drone) -> Result<Supervised> {
+        let (target, bin, dir) = (drone.target, drone.bin.clone(), drone.dir.clone());
         let stop = Arc::new(AtomicBool::new(false));
         let mut child = drone.start()?;
         let flag = stop.clone();
@@ -162,7 +176,7 @@ impl Supervised {
             let _ = child.kill();
             let _ = child.wait();
         });
-        Ok(Supervised { stop, thread: Some(thread) })
+        Ok(Supervised { target, bin, dir, stop, thread: Some(thread) })
     }
 }
 

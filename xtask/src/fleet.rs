@@ -16,63 +16,83 @@ pub struct LocalFleet {
     pub dir: PathBuf,
     pub bin: PathBuf,
     pub url: String,
-    pub port: u16,
     children: Vec<(String, Child)>,
 }
 
 impl LocalFleet {
     /// Starts nats-server for the org in `dir/org` (which must exist).
     pub fn start(dir: &Path, bin: &Path) -> Result<LocalFleet> {
+        LocalFleet::start_with(dir, bin, "", "")
+    }
+
+    /// The same, with `jetstream` added to the server's `jetstream` block
+    /// and `extra` to its config (a hub's domain and leafnode listener).
+    pub fn start_with(dir: &Path, bin: &Path, jetstream: &str, extra: &str) -> Result<LocalFleet> {
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let conf = dir.join("nats-server.conf");
         fs::write(
             &conf,
             format!(
-                "listen: \"127.0.0.1:{port}\"\njetstream {{ store_dir: \"{}\" }}\ninclude \"org/nats/server.conf\"\n",
+                "listen: \"127.0.0.1:{port}\"\njetstream {{ store_dir: \"{}\"{jetstream} }}\ninclude \"org/nats/server.conf\"\n{extra}",
                 dir.join("jetstream").display()
             ),
         )?;
-        let log = fs::File::create(dir.join("nats-server.log"))?;
-        let server = crate::util::nats_server();
-        println!("  nats-server: {}", crate::util::nats_server_version(&server));
-        let child = Command::new(&server)
-            .arg("-c")
-            .arg(&conf)
-            .current_dir(dir)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .context("starting nats-server (install it with `cargo xtask setup`)")?;
-        let f = LocalFleet {
+        println!("  nats-server: {}", crate::util::nats_server_version(&crate::util::nats_server()));
+        let mut f = LocalFleet {
             dir: dir.into(),
             bin: bin.into(),
             url: format!("tls://127.0.0.1:{port}"),
-            port,
-            children: vec![("nats-server".into(), child)],
+            children: vec![],
         };
+        f.server("nats-server", &conf, port)?;
+        Ok(f)
+    }
+
+    /// Starts nats-server with `conf` (logging to `NAME.log`, stopped on
+    /// drop) and waits until it listens on `port`.
+    pub fn server(&mut self, name: &str, conf: &Path, port: u16) -> Result<()> {
+        let log_path = self.dir.join(format!("{name}.log"));
+        let child = Command::new(crate::util::nats_server())
+            .arg("-c")
+            .arg(conf)
+            .current_dir(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log_path)?)
+            .spawn()
+            .context("starting nats-server (install it with `cargo xtask setup`)")?;
+        self.children.push((name.into(), child));
         let start = Instant::now();
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
             if start.elapsed() > Duration::from_secs(10) {
-                bail!("nats-server did not start: {}", fs::read_to_string(dir.join("nats-server.log"))?);
+                bail!("{name} did not start: {}", fs::read_to_string(&log_path)?);
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        Ok(f)
+        Ok(())
     }
 
     /// Starts a provisioner and waits for it to say it is ready.
     pub fn provisioner(&mut self) -> Result<()> {
         let n = self.children.iter().filter(|(name, _)| name.starts_with("provisioner")).count();
-        let log = fs::File::create(self.dir.join(format!("provisioner-{n}.log")))?;
+        let url = self.url.clone();
+        self.ready(&format!("provisioner-{n}"), &["run", "--dir", "org", "--url", &url], "provisioner ready")
+    }
+
+    /// Starts `perch-bootstrap ARGS` (logging to `NAME.log`, stopped on
+    /// drop) and waits for its first line to be `ready`.
+    pub fn ready(&mut self, name: &str, args: &[&str], ready: &str) -> Result<()> {
+        let log_path = self.dir.join(format!("{name}.log"));
         let mut child = Command::new(self.bin.join("perch-bootstrap"))
-            .args(["run", "--dir", "org", "--url", &self.url])
+            .args(args)
             .current_dir(&self.dir)
+            // What it logs at info is what the demo and the benches read.
+            .env("PERCH_LOG", "info")
             .stdout(Stdio::piped())
-            .stderr(log)
+            .stderr(fs::File::create(&log_path)?)
             .spawn()?;
-        let mut out = BufReader::new(child.stdout.take().context("provisioner stdout")?);
-        // Its first line, read aside so that a provisioner that says
-        // nothing cannot hang the caller.
+        let mut out = BufReader::new(child.stdout.take().context("perch-bootstrap stdout")?);
+        // Its first line, read aside so that a process that says nothing
+        // cannot hang the caller.
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let mut line = String::new();
@@ -80,13 +100,13 @@ impl LocalFleet {
             let _ = tx.send(line);
             for _ in out.lines() {}
         });
-        self.children.push((format!("provisioner-{n}"), child));
+        self.children.push((name.into(), child));
         let line = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_else(|_| "(nothing in 30 s)".into());
-        if line.trim() != "provisioner ready" {
+        if line.trim() != ready {
             bail!(
-                "provisioner did not say it was ready (it said {:?}): {}",
+                "{name} did not say {ready:?} (it said {:?}): {}",
                 line.trim(),
-                fs::read_to_string(self.dir.join(format!("provisioner-{n}.log")))?
+                fs::read_to_string(&log_path)?
             );
         }
         Ok(())

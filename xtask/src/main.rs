@@ -4,6 +4,7 @@ mod bench;
 mod bench_enroll;
 mod bench_footprint;
 mod bench_link;
+mod bench_site;
 mod bench_smoke;
 mod bench_wait;
 mod ci;
@@ -16,6 +17,7 @@ mod fleet;
 mod fuzz;
 mod package;
 mod setup;
+mod site;
 mod util;
 
 use anyhow::{bail, Result};
@@ -38,6 +40,9 @@ commands:
                                 outbox drain rate, and chunk fetch against bare direct gets
   bench link --full             the link scenarios at full size (100 MiB, 10,000 reports)
   bench footprint [--seconds N] agent size (aarch64) and idle memory (x86_64) against the floor
+  bench site [--drones N] [--bundle-mib M]
+                                bytes across a field site's uplink for a bundle its N drones
+                                install, against the bundle's size (goal <= 1.1)
   bench smoke                   verify, install, enroll, link, footprint at a small size (in CI)
   fuzz [--seconds N] [TARGET...]  every cargo-fuzz target for N seconds each (default 600;
                       the scheduled job, not CI), then executions and corpus sizes

@@ -1,5 +1,6 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
@@ -113,4 +114,22 @@ pub fn nats_server_version(server: &std::ffi::OsStr) -> String {
         Ok(o) => String::from_utf8_lossy(&o.stdout).trim().to_string(),
         Err(e) => format!("{server:?} ({e})"),
     }
+}
+
+/// Asks `done` every `every` until it says yes; fails naming `what` if it
+/// has not within `limit`.
+pub fn wait_every(
+    what: &str,
+    limit: Duration,
+    every: Duration,
+    mut done: impl FnMut() -> Result<bool>,
+) -> Result<()> {
+    let start = Instant::now();
+    while !done()? {
+        if start.elapsed() > limit {
+            bail!("{what} did not happen within {limit:?}");
+        }
+        std::thread::sleep(every);
+    }
+    Ok(())
 }
