@@ -129,16 +129,6 @@ impl Site {
         let log = fleet.dir.join(format!("{}-site.log", self.name));
         logged(&log, "bundle arrived whole at the site", digest)
     }
-
-    /// Whether the site copies every bundle published at the hub, not only
-    /// those its drones want: nats-server before 2.10 (see
-    /// `perch_net::sites::ChunkSources`).
-    pub fn copies_every_bundle() -> bool {
-        let v = crate::util::nats_server_version(&crate::util::nats_server());
-        let v = v.rsplit(" v").next().unwrap_or_default();
-        let mut parts = v.split(['.', '-']).map(|p| p.trim().parse::<u32>().unwrap_or(0));
-        (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) < (2, 10)
-    }
 }
 
 /// Whether the log at `path` has a line with `message` about the bundle
