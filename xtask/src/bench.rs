@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::util::{cargo, root, sh, step};
+use crate::util::step;
 
 const RUNS: usize = 5;
 
@@ -45,15 +45,8 @@ struct Fixture {
 
 impl Fixture {
     fn new(name: &str, mib: usize, keys: usize, packages: &[&str]) -> Result<Fixture> {
-        step(&format!("bench {name}: building release binaries"));
-        let mut build = cargo();
-        build.args(["build", "--release", "--locked"]);
-        for p in packages {
-            build.args(["-p", p]);
-        }
-        sh(&mut build)?;
         let f = Fixture {
-            bin: root().join("target/release"),
+            bin: crate::util::release_bins(name, packages)?,
             dir: crate::util::fresh_dir(&format!("bench-{name}"))?,
         };
         step(&format!("bench {name}: a {mib} MiB image bundle, 256 KiB chunks, {keys}-of-{keys} signed"));

@@ -21,27 +21,14 @@ pub fn run(args: &[String]) -> Result<()> {
         return full_scenarios();
     }
     let (mut records, mut bundle_mib) = (100_000u64, 64usize);
-    let mut it = args.iter();
-    while let Some(flag) = it.next() {
-        let value = it.next().context(USAGE)?;
-        match flag.as_str() {
+    for (flag, value) in crate::util::flag_pairs(args, USAGE)? {
+        match flag {
             "--records" => records = value.parse().context("--records takes a number")?,
             "--bundle-mib" => bundle_mib = value.parse().context("--bundle-mib takes a number")?,
             _ => bail!(USAGE),
         }
     }
-    step("bench link: building release binaries");
-    sh(cargo().args([
-        "build",
-        "--release",
-        "--locked",
-        "-p",
-        "perch-fleet",
-        "-p",
-        "perch-bootstrap",
-        "-p",
-        "perch-agent",
-    ]))?;
+    let bin = crate::util::release_bins("link", &["perch-fleet", "perch-bootstrap", "perch-agent"])?;
     sh(cargo().args([
         "build",
         "--profile",
@@ -52,7 +39,6 @@ pub fn run(args: &[String]) -> Result<()> {
         "--bin",
         "link-bench",
     ]))?;
-    let bin = root().join("target/release");
     let tool = root().join("target/bench-tool/link-bench");
     let dir = crate::util::fresh_dir("bench-link")?;
     let quiet = |program: &std::path::Path, args: &[&str]| crate::util::run_in(&dir, program, args);

@@ -14,16 +14,14 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use crate::site::{committed, Site, Uplink};
-use crate::util::{cargo, root, sh, step, wait_every};
+use crate::util::{step, wait_every};
 
 const USAGE: &str = "usage: cargo xtask bench site [--drones N] [--bundle-mib M]";
 
 pub fn run(args: &[String]) -> Result<()> {
     let (mut drones, mut bundle_mib) = (3usize, 64usize);
-    let mut it = args.iter();
-    while let Some(flag) = it.next() {
-        let value = it.next().context(USAGE)?;
-        match flag.as_str() {
+    for (flag, value) in crate::util::flag_pairs(args, USAGE)? {
+        match flag {
             "--drones" => drones = value.parse().context("--drones takes a number")?,
             "--bundle-mib" => bundle_mib = value.parse().context("--bundle-mib takes a number")?,
             _ => bail!(USAGE),
@@ -32,19 +30,7 @@ pub fn run(args: &[String]) -> Result<()> {
     if drones == 0 || bundle_mib == 0 {
         bail!("--drones and --bundle-mib must be at least 1");
     }
-    step("bench site: building release binaries");
-    sh(cargo().args([
-        "build",
-        "--release",
-        "--locked",
-        "-p",
-        "perch-fleet",
-        "-p",
-        "perch-bootstrap",
-        "-p",
-        "perch-agent",
-    ]))?;
-    let bin = root().join("target/release");
+    let bin = crate::util::release_bins("site", &["perch-fleet", "perch-bootstrap", "perch-agent"])?;
     let dir = crate::util::fresh_dir("bench-site")?;
     let quiet = |program: &str, args: &[&str]| crate::util::run_in(&dir, &bin.join(program), args);
     quiet("perch", &["keygen", "--out", "k1"])?;
@@ -122,25 +108,9 @@ pub fn run(args: &[String]) -> Result<()> {
     step(&format!("bench site: a {bundle_mib} MiB bundle published at the hub and desired for the drones"));
     fs::create_dir_all(dir.join("payload"))?;
     crate::demo::write_image(&dir.join("payload/data.bin"), bundle_mib << 20)?;
-    quiet(
-        "perch",
-        &[
-            "bundle",
-            "build",
-            "--name",
-            "bench",
-            "--counter",
-            "1",
-            "--kind",
-            "archive",
-            "--input",
-            "payload",
-            "--out",
-            "b.perch",
-            "--target",
-            "bench",
-        ],
-    )?;
+    let build =
+        "bundle build --name bench --counter 1 --kind archive --input payload --out b.perch --target bench";
+    quiet("perch", &build.split(' ').collect::<Vec<_>>())?;
     quiet("perch", &["bundle", "sign", "--key", "k1.key", "b.perch"])?;
     let size = fs::metadata(dir.join("b.perch"))?.len();
     let inspect: serde_json::Value =

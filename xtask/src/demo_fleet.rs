@@ -40,6 +40,7 @@ fn show(mut c: Command, label: &str, expect: i32) -> Result<String> {
 
 /// How long the ground station's uplink stays down at least (step 21).
 const OUTAGE: Duration = Duration::from_secs(15);
+const SECOND: Duration = Duration::from_secs(1);
 
 /// What the fleet half showed, for the demo's summary.
 pub struct Outcome {
@@ -315,13 +316,10 @@ pub fn run(d: &Demo, arm: &[(&'static crate::cross::Target, PathBuf)]) -> Result
         let out = drone.agent(&["status", "--json"]).output()?;
         Ok(serde_json::from_slice(&out.stdout).unwrap_or_default())
     };
+    let both = |f: &dyn Fn(&Supervised) -> Result<bool>| Ok(f(&drones[0])? && f(&drones[1])?);
     let on_2 = |drone: &Supervised| -> Result<bool> { Ok(crate::site::committed(&status(drone)?, 2)) };
-    wait_every(
-        "both drones committing drone-os 2 with the uplink down",
-        Duration::from_secs(180),
-        Duration::from_secs(1),
-        || Ok(on_2(&drones[0])? && on_2(&drones[1])?),
-    )?;
+    let limit = Duration::from_secs(180);
+    wait_every("both drones committing drone-os 2 with the uplink down", limit, SECOND, || both(&on_2))?;
     println!(
         "    -- {} s into the outage, both drones have committed drone-os 2 --",
         cut.elapsed().as_secs()
@@ -333,12 +331,7 @@ pub fn run(d: &Demo, arm: &[(&'static crate::cross::Target, PathBuf)]) -> Result
         Ok(v["link"]["state"] == "connected" && v["outbox"]["waiting"] == 0)
     };
     std::thread::sleep(OUTAGE.saturating_sub(cut.elapsed()));
-    wait_every(
-        "the drones sending their reports to the site",
-        Duration::from_secs(60),
-        Duration::from_secs(1),
-        || Ok(sent(&drones[0])? && sent(&drones[1])?),
-    )?;
+    wait_every("the drones sending their reports to the site", limit, SECOND, || both(&sent))?;
     println!(
         "    -- {} s into the outage: at a drone, its reports have gone to the site --",
         cut.elapsed().as_secs()

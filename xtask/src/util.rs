@@ -76,6 +76,28 @@ pub fn run_in(dir: &Path, program: &Path, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// `bench NAME`: builds `packages` in release; where their binaries are.
+pub fn release_bins(name: &str, packages: &[&str]) -> Result<PathBuf> {
+    step(&format!("bench {name}: building release binaries"));
+    let mut build = cargo();
+    build.args(["build", "--release", "--locked"]);
+    for p in packages {
+        build.args(["-p", p]);
+    }
+    sh(&mut build)?;
+    Ok(root().join("target/release"))
+}
+
+/// `--flag value` pairs; `usage` when one has no value.
+pub fn flag_pairs<'a>(args: &'a [String], usage: &str) -> Result<Vec<(&'a str, &'a str)>> {
+    args.chunks(2)
+        .map(|p| match p {
+            [flag, value] => Ok((flag.as_str(), value.as_str())),
+            _ => bail!("{usage}"),
+        })
+        .collect()
+}
+
 /// Builds the host tools that set up test fixtures (`perch`,
 /// `perch-bootstrap`, debug profile) into `target/debug`.
 pub fn build_host_tools() -> Result<()> {
