@@ -16,6 +16,7 @@ const BENCHES: &[(&str, &[&str])] = &[
     ("enroll", &["--devices", "50"]),
     ("link", &["--records", "2000", "--bundle-mib", "4"]),
     ("footprint", &["--seconds", "5"]),
+    ("site", &["--drones", "3", "--bundle-mib", "8"]),
 ];
 
 pub fn run() -> Result<()> {

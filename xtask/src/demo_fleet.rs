@@ -366,7 +366,7 @@ pub fn run(d: &Demo, arm: &[(&'static crate::cross::Target, PathBuf)]) -> Result
     d.sh("perch-bootstrap", &["revoke", "--dir", "org", "--url", &url, "desk-01"], 0)?;
     std::thread::sleep(Duration::from_millis(500));
 
-    say(24, "The fleet as the operator sees it, once the drones have settled: every device's true state, the rollouts, the ground station, and drone-09's reports, every one of them stored exactly once through the uplink's outage.");
+    say(24, "The fleet as the operator sees it, once the drones have settled: every device's true state, the rollouts, the ground station, and each drone's reports, every one of them stored exactly once through the uplink's outage.");
     // What the story claims, checked (once the drones have settled: a
     // rollback ends with one more reboot).
     let broken = hex_of(d, &d.dir.join("drone-os-3.perch"))?;
@@ -384,7 +384,12 @@ pub fn run(d: &Demo, arm: &[(&'static crate::cross::Target, PathBuf)]) -> Result
             && !d09["last_deploy"]["bundle"].as_str().is_some_and(|b| b.starts_with(&broken)))
     })?;
     perch(&["status"], &["--stale-after", "30s"], 0)?;
-    perch(&["status"], &["--device", "drone-09"], 0)?;
+    for id in ["drone-07", "drone-09"] {
+        let shown = perch(&["status"], &["--device", id], 0)?;
+        if !shown.contains("each once, no gaps") {
+            bail!("{id}'s reports at the hub are not each there once with no gap");
+        }
+    }
     let site_drones = drones.len();
     drop(drones);
     drop(fleet);

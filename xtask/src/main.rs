@@ -43,7 +43,7 @@ commands:
   bench site [--drones N] [--bundle-mib M]
                                 bytes across a field site's uplink for a bundle its N drones
                                 install, against the bundle's size (goal <= 1.1)
-  bench smoke                   verify, install, enroll, link, footprint at a small size (in CI)
+  bench smoke                   verify, install, enroll, link, footprint, site at a small size (in CI)
   fuzz [--seconds N] [TARGET...]  every cargo-fuzz target for N seconds each (default 600;
                       the scheduled job, not CI), then executions and corpus sizes
   docs                build the Hugo site and check its links";
