@@ -221,20 +221,33 @@ const LEAVES: [Leaf; 3] = [
     Leaf { account: "SYS", file: "leaf-sys.creds", signer: "sys.nk" },
 ];
 
+/// A leaf connection's permissions: a leaf node only, so the credential is
+/// no use to a client. (Putting the plain-message deny list here too, so
+/// the hub enforces it, stopped the JetStream copies from flowing on 2.9:
+/// the list stays in the site's config only.)
+fn leaf_perms() -> nats::Permissions {
+    nats::Permissions { connection_types: vec![nats::LEAFNODE], ..Default::default() }
+}
+
+/// The site daemon's: a client only.
+fn daemon_perms() -> nats::Permissions {
+    nats::Permissions { connection_types: vec![nats::STANDARD], ..Default::default() }
+}
+
 /// A user credential in `account` signed by `signer` (a seed file in
-/// `ORG/nats/`), unrestricted within the account.
+/// `ORG/nats/`), with `perms`.
 fn user_creds(
     org_dir: &Path,
     account: &str,
     signer: &str,
     name: &str,
+    perms: &nats::Permissions,
     now: u64,
 ) -> Result<String, SiteError> {
     let signer = nats::read_seed(&nats::nats_dir(org_dir).join(signer))?;
     let account_pub = nats::account_public(org_dir, account)?;
     let user = nats::new_key(KeyPairType::User)?;
-    let perms = nats::Permissions::default();
-    let jwt = nats::user_jwt(&signer, &account_pub, &user.public_key(), name, &perms, now, None)?;
+    let jwt = nats::user_jwt(&signer, &account_pub, &user.public_key(), name, perms, now, None)?;
     Ok(nats::creds(&jwt, &user)?)
 }
 
@@ -257,13 +270,17 @@ pub fn write(org_dir: &Path, p: &SiteParams, now: u64) -> Result<PathBuf, SiteEr
     let (chain, key) = tls::cluster_member_cert(org_dir, &p.org, &server, &p.hosts)?;
     let mut files: Vec<(&str, u32, Vec<u8>)> = Vec::new();
     for l in &LEAVES {
-        files.push((l.file, 0o600, user_creds(org_dir, l.account, l.signer, &server, now)?.into_bytes()));
+        files.push((
+            l.file,
+            0o600,
+            user_creds(org_dir, l.account, l.signer, &server, &leaf_perms(), now)?.into_bytes(),
+        ));
     }
     let daemon = format!("{server}-daemon");
     files.push((
         "site.creds",
         0o600,
-        user_creds(org_dir, "FLEET", "fleet-signing.nk", &daemon, now)?.into_bytes(),
+        user_creds(org_dir, "FLEET", "fleet-signing.nk", &daemon, &daemon_perms(), now)?.into_bytes(),
     ));
     files.push(("server.key", 0o600, key.into_bytes()));
     files.push(("server.pem", 0o644, chain.into_bytes()));
