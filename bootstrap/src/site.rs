@@ -168,8 +168,13 @@ impl SiteConfig {
     /// Reads and checks `site.json`.
     pub fn load(path: &Path) -> Result<SiteConfig, SiteConfigError> {
         let bytes = durable::read_bounded(path, MAX_SITE_JSON)?;
+        Self::parse(&bytes, path)
+    }
+
+    /// Checks `bytes` as the `site.json` at `path` (named in errors).
+    pub fn parse(bytes: &[u8], path: &Path) -> Result<SiteConfig, SiteConfigError> {
         let invalid = |detail: String| SiteConfigError::Invalid { path: path.into(), detail };
-        let c: SiteConfig = serde_json::from_slice(&bytes).map_err(|e| invalid(e.to_string()))?;
+        let c: SiteConfig = serde_json::from_slice(bytes).map_err(|e| invalid(e.to_string()))?;
         check_domain("name", &c.name).map_err(invalid)?;
         check_domain("domain", &c.domain).map_err(invalid)?;
         check_domain("hub_domain", &c.hub_domain).map_err(invalid)?;
@@ -435,5 +440,27 @@ mod tests {
         std::fs::write(&path, text).unwrap();
         let e = SiteConfig::load(&path).unwrap_err().to_string();
         assert!(e.contains("unknown field") && !e.contains('\n'), "{e}");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn hostile_site_json_is_refused_in_one_line(data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            if let Err(e) = SiteConfig::parse(&data, Path::new("site.json")) {
+                proptest::prop_assert!(!e.to_string().contains('\n'));
+            }
+        }
+
+        #[test]
+        fn a_site_json_with_any_field_mangled_is_refused_or_still_valid(
+            name in "[a-z0-9-]{0,40}", hub in "[a-z0-9-]{0,40}", url in "\\PC{0,40}", limit in 0u64..4,
+        ) {
+            let doc = serde_json::json!({
+                "name": name, "domain": name, "hub_domain": hub, "hub_urls": [url],
+                "client_url": "tls://g:4222", "store_limit": limit, "creds": "c", "ca": "a",
+            });
+            if let Ok(c) = SiteConfig::parse(doc.to_string().as_bytes(), Path::new("site.json")) {
+                proptest::prop_assert!(perch_net::sites::is_site_name(&c.name) && c.name != c.hub_domain && c.store_limit > 0);
+            }
+        }
     }
 }

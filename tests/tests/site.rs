@@ -4,8 +4,6 @@
 //! daemon (`perch-bootstrap site run`), the provisioner at the hub, and
 //! real agents that connect to the site only.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use perch_protocol::report::Report;
@@ -13,7 +11,7 @@ use perch_protocol::subjects;
 use perch_tests::chaos::{Mode, Proxy};
 use perch_tests::fleet::{wait_for, Device, Running};
 use perch_tests::nats::{free_port, NatsServer};
-use perch_tests::{bin, Scratch};
+use perch_tests::Scratch;
 
 const SITE: &str = "alpha";
 
@@ -90,21 +88,9 @@ impl Field {
 
     /// A perch-bootstrap process that prints `ready` once it is.
     fn spawn_ready(&self, log: &str, args: &[&str], ready: &str) -> Running {
-        let log_file = std::fs::File::create(self.s.path(&format!("{log}.log"))).unwrap();
-        let mut child = Command::new(bin("perch-bootstrap"))
-            .args(args)
-            .current_dir(self.s.dir.path())
-            .env("PERCH_LOG", "debug")
-            .stdout(Stdio::piped())
-            .stderr(log_file)
-            .spawn()
-            .unwrap();
-        let mut out = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        out.read_line(&mut line).unwrap();
-        assert_eq!(line.trim(), ready, "{}", self.logs());
-        std::thread::spawn(move || for _ in out.lines() {});
-        Running(child)
+        let log = self.s.path(&format!("{log}.log"));
+        perch_tests::fleet::spawn_ready(self.s.dir.path(), args, &log, ready, "debug")
+            .unwrap_or_else(|line| panic!("said {line:?} for {ready:?}\n{}", self.logs()))
     }
 
     fn logs(&self) -> String {
