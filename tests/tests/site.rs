@@ -466,3 +466,37 @@ fn a_sites_leaf_credential_is_no_use_to_a_client_and_a_drones_is_none_to_a_leaf(
         serde_json::from_slice(&data_encoding::BASE64URL_NOPAD.decode(claims.as_bytes()).unwrap()).unwrap();
     assert_eq!(claims["nats"]["allowed_connection_types"], serde_json::json!(["STANDARD"]), "{claims}");
 }
+
+#[test]
+fn a_ground_station_rebooted_with_the_uplink_down_keeps_serving_its_drones() {
+    let mut f = Field::start();
+    let d = f.enrolled_at_site("drone-s", FAST);
+    let _agent = d.spawn_run();
+    let (rt, site_js) = f.js(&f.site_url());
+    let at_site = || stored_reports(&rt, &site_js, &sites_reports()).len();
+    assert!(wait_for(Duration::from_secs(30), || at_site() > 10), "no reports at the site\n{}", f.logs());
+    f.uplink.set_mode(Mode::Blackhole);
+    f.uplink.reset();
+    // The site's server dies and comes back with no uplink: it still
+    // knows the accounts (its own resolver store) and its streams.
+    f.site.restart();
+    assert_eq!(f.connect_at_site_as(&d), "PONG", "the site no longer lets its drone in");
+    let before = at_site();
+    assert!(
+        wait_for(Duration::from_secs(60), || at_site() > before + 20),
+        "the drone's reports no longer reach the restarted site\n{}",
+        f.logs()
+    );
+    f.uplink.set_mode(Mode::Pass);
+    f.uplink.reset();
+    // Everything it stored reaches the hub, each once.
+    let (hub_rt, hub_js) = f.js(&f.hub_url());
+    let caught_up = wait_for(Duration::from_secs(90), || {
+        let site = stored_reports(&rt, &site_js, &sites_reports());
+        let hub = stored_reports(&hub_rt, &hub_js, subjects::REPORTS_STREAM);
+        let last = site.iter().map(|r| r.seq).max().unwrap_or(0);
+        hub.iter().any(|r| r.seq == last) && hub.len() >= site.len()
+    });
+    assert!(caught_up, "the hub never caught up with the restarted site\n{}", f.logs());
+    seqs_each_once(&stored_reports(&hub_rt, &hub_js, subjects::REPORTS_STREAM), "drone-s");
+}
