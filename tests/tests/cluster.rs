@@ -356,7 +356,7 @@ fn reports_stay_exactly_once_when_the_reports_stream_leader_is_killed() {
     // the fleet), then go all at once, and the leader dies under them.
     let mut queued: Vec<Running> = devices.iter().map(|d| d.spawn_run()).collect();
     let full =
-        wait_for(Duration::from_secs(60), || devices.iter().map(|d| outbox_len(d)).sum::<u64>() >= 6000);
+        wait_for(Duration::from_secs(60), || devices.iter().map(outbox_len).sum::<u64>() >= 6000);
     assert!(full, "the outboxes did not fill");
     for q in &mut queued {
         q.kill();
@@ -365,7 +365,7 @@ fn reports_stay_exactly_once_when_the_reports_stream_leader_is_killed() {
         d.edit_config(NOWHERE, "");
         d.edit_config("heartbeat = \"1ms\"", "heartbeat = \"10ms\"");
     }
-    let waiting: u64 = devices.iter().map(|d| outbox_len(d)).sum();
+    let waiting: u64 = devices.iter().map(outbox_len).sum();
     let mut agents: Vec<Running> = devices.iter().map(|d| d.spawn_run()).collect();
     assert!(wait_for(Duration::from_secs(30), || r.count() >= 500), "{}", h.logs());
     let in_flight = waiting.saturating_sub(r.count());
