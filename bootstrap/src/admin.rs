@@ -53,7 +53,7 @@ pub fn service_user(org_dir: &Path, account: Account, name: &str, now: u64) -> R
     let signer = nats::read_seed(&ndir.join(signer_file))?;
     let account_pub = nats::account_public(org_dir, account_name)?;
     let user = nats::new_key(KeyPairType::User)?;
-    let perms = Permissions { publish: vec![], subscribe: vec![], allow_responses: false };
+    let perms = Permissions::default();
     let jwt = nats::user_jwt(&signer, &account_pub, &user.public_key(), name, &perms, now, None)?;
     Ok(User { jwt, signer: Signer::Nkey(std::sync::Arc::new(user)) })
 }

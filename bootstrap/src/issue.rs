@@ -92,8 +92,12 @@ impl Issuer {
             &self.issuing,
         )?;
         let grant = device_grant(device_id, groups);
-        let perms =
-            Permissions { publish: grant.publish, subscribe: grant.subscribe, allow_responses: false };
+        let perms = Permissions {
+            publish: grant.publish,
+            subscribe: grant.subscribe,
+            connection_types: vec![nats::STANDARD],
+            ..Permissions::default()
+        };
         let user_jwt = nats::user_jwt(
             &self.fleet_signing,
             &self.fleet_account,

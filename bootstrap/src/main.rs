@@ -527,7 +527,7 @@ fn run(cli: Cli) -> Result<()> {
             let signer = nats::read_seed(&ndir.join(format!("{account}-signing.nk")))?;
             let account_pub = nats::account_public(&dir, &account)?;
             let user = nats::new_key(nkeys::KeyPairType::User)?;
-            let perms = nats::Permissions { publish, subscribe, allow_responses };
+            let perms = nats::Permissions { publish, subscribe, allow_responses, ..Default::default() };
             let jwt = nats::user_jwt(&signer, &account_pub, &user.public_key(), &name, &perms, now, None)?;
             durable::write_bytes(&out, 0o600, Replace::Refuse, nats::creds(&jwt, &user)?.as_bytes())?;
             println!(

@@ -83,7 +83,17 @@ pub struct Permissions {
     pub subscribe: Vec<String>,
     /// Let the user answer requests it received (reply subjects).
     pub allow_responses: bool,
+    /// How the user may connect; empty for any way. A device or service
+    /// connects as a client (`STANDARD`), a field site's server as a leaf
+    /// node (`LEAFNODE`): a stolen credential of one cannot be used as the
+    /// other.
+    pub connection_types: Vec<&'static str>,
 }
+
+/// A client connection (`allowed_connection_types`).
+pub const STANDARD: &str = "STANDARD";
+/// A leaf node connection.
+pub const LEAFNODE: &str = "LEAFNODE";
 
 /// Issues a user JWT for `user_public` in `account`, signed by `signer`
 /// (the account itself or one of its signing keys).
@@ -105,6 +115,9 @@ pub fn user_jwt(
     });
     if perms.allow_responses {
         nats["resp"] = json!({ "max": 1, "ttl": 0 });
+    }
+    if !perms.connection_types.is_empty() {
+        nats["allowed_connection_types"] = json!(perms.connection_types);
     }
     if signer.public_key() != account_public {
         nats["issuer_account"] = json!(account_public);

@@ -168,8 +168,13 @@ impl SiteConfig {
     /// Reads and checks `site.json`.
     pub fn load(path: &Path) -> Result<SiteConfig, SiteConfigError> {
         let bytes = durable::read_bounded(path, MAX_SITE_JSON)?;
+        Self::parse(&bytes, path)
+    }
+
+    /// Checks `bytes` as the `site.json` at `path` (named in errors).
+    pub fn parse(bytes: &[u8], path: &Path) -> Result<SiteConfig, SiteConfigError> {
         let invalid = |detail: String| SiteConfigError::Invalid { path: path.into(), detail };
-        let c: SiteConfig = serde_json::from_slice(&bytes).map_err(|e| invalid(e.to_string()))?;
+        let c: SiteConfig = serde_json::from_slice(bytes).map_err(|e| invalid(e.to_string()))?;
         check_domain("name", &c.name).map_err(invalid)?;
         check_domain("domain", &c.domain).map_err(invalid)?;
         check_domain("hub_domain", &c.hub_domain).map_err(invalid)?;
@@ -221,20 +226,33 @@ const LEAVES: [Leaf; 3] = [
     Leaf { account: "SYS", file: "leaf-sys.creds", signer: "sys.nk" },
 ];
 
+/// A leaf connection's permissions: a leaf node only, so the credential is
+/// no use to a client. (Putting the plain-message deny list here too, so
+/// the hub enforces it, stopped the JetStream copies from flowing on 2.9:
+/// the list stays in the site's config only.)
+fn leaf_perms() -> nats::Permissions {
+    nats::Permissions { connection_types: vec![nats::LEAFNODE], ..Default::default() }
+}
+
+/// The site daemon's: a client only.
+fn daemon_perms() -> nats::Permissions {
+    nats::Permissions { connection_types: vec![nats::STANDARD], ..Default::default() }
+}
+
 /// A user credential in `account` signed by `signer` (a seed file in
-/// `ORG/nats/`), unrestricted within the account.
+/// `ORG/nats/`), with `perms`.
 fn user_creds(
     org_dir: &Path,
     account: &str,
     signer: &str,
     name: &str,
+    perms: &nats::Permissions,
     now: u64,
 ) -> Result<String, SiteError> {
     let signer = nats::read_seed(&nats::nats_dir(org_dir).join(signer))?;
     let account_pub = nats::account_public(org_dir, account)?;
     let user = nats::new_key(KeyPairType::User)?;
-    let perms = nats::Permissions::default();
-    let jwt = nats::user_jwt(&signer, &account_pub, &user.public_key(), name, &perms, now, None)?;
+    let jwt = nats::user_jwt(&signer, &account_pub, &user.public_key(), name, perms, now, None)?;
     Ok(nats::creds(&jwt, &user)?)
 }
 
@@ -257,13 +275,17 @@ pub fn write(org_dir: &Path, p: &SiteParams, now: u64) -> Result<PathBuf, SiteEr
     let (chain, key) = tls::cluster_member_cert(org_dir, &p.org, &server, &p.hosts)?;
     let mut files: Vec<(&str, u32, Vec<u8>)> = Vec::new();
     for l in &LEAVES {
-        files.push((l.file, 0o600, user_creds(org_dir, l.account, l.signer, &server, now)?.into_bytes()));
+        files.push((
+            l.file,
+            0o600,
+            user_creds(org_dir, l.account, l.signer, &server, &leaf_perms(), now)?.into_bytes(),
+        ));
     }
     let daemon = format!("{server}-daemon");
     files.push((
         "site.creds",
         0o600,
-        user_creds(org_dir, "FLEET", "fleet-signing.nk", &daemon, now)?.into_bytes(),
+        user_creds(org_dir, "FLEET", "fleet-signing.nk", &daemon, &daemon_perms(), now)?.into_bytes(),
     ));
     files.push(("server.key", 0o600, key.into_bytes()));
     files.push(("server.pem", 0o644, chain.into_bytes()));
@@ -418,5 +440,27 @@ mod tests {
         std::fs::write(&path, text).unwrap();
         let e = SiteConfig::load(&path).unwrap_err().to_string();
         assert!(e.contains("unknown field") && !e.contains('\n'), "{e}");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn hostile_site_json_is_refused_in_one_line(data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            if let Err(e) = SiteConfig::parse(&data, Path::new("site.json")) {
+                proptest::prop_assert!(!e.to_string().contains('\n'));
+            }
+        }
+
+        #[test]
+        fn a_site_json_with_any_field_mangled_is_refused_or_still_valid(
+            name in "[a-z0-9-]{0,40}", hub in "[a-z0-9-]{0,40}", url in "\\PC{0,40}", limit in 0u64..4,
+        ) {
+            let doc = serde_json::json!({
+                "name": name, "domain": name, "hub_domain": hub, "hub_urls": [url],
+                "client_url": "tls://g:4222", "store_limit": limit, "creds": "c", "ca": "a",
+            });
+            if let Ok(c) = SiteConfig::parse(doc.to_string().as_bytes(), Path::new("site.json")) {
+                proptest::prop_assert!(perch_net::sites::is_site_name(&c.name) && c.name != c.hub_domain && c.store_limit > 0);
+            }
+        }
     }
 }

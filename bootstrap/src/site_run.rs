@@ -8,6 +8,7 @@
 //!   mirrors of the desired state and the trust document, the chunks;
 //! - follows the mirrored desired state: the bundles the fleet wants are
 //!   the ones the site copies (nats-server 2.10 and later; 2.9 copies all);
+//!   those no longer wanted stay until their space is needed;
 //! - wakes the site's drones when a desired-state change or a trust
 //!   document has arrived from the hub, and when a wanted bundle has
 //!   arrived whole, by publishing on the key's subject locally (the hub's
@@ -116,7 +117,12 @@ pub async fn run(p: SiteRun, shutdown: impl std::future::Future<Output = ()>) ->
         _ = &mut shutdown => return Ok(()),
     };
     let js = async_nats::jetstream::new(client.clone());
-    let version = client.server_info().version;
+    // The client returns before it has connected (it waits for the
+    // server); the server's version decides how bundles are copied.
+    let version = tokio::select! {
+        v = server_version(&client) => v,
+        _ = &mut shutdown => return Ok(()),
+    };
     tokio::select! {
         r = ensure_streams(&js, &p, &version) => r?,
         _ = &mut shutdown => return Ok(()),
@@ -133,6 +139,16 @@ pub async fn run(p: SiteRun, shutdown: impl std::future::Future<Output = ()>) ->
     let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
     info!(site = %p.name, "field site daemon stopped");
     Ok(())
+}
+
+async fn server_version(client: &Client) -> String {
+    loop {
+        let v = client.server_info().version;
+        if client.connection_state() == async_nats::connection::State::Connected && !v.is_empty() {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 async fn connect(p: &SiteRun) -> Result<Client, SiteError> {
@@ -292,31 +308,18 @@ impl Keeper {
         }
         let config = sites::site_chunks(&self.p.hub_domain, &want, self.p.chunks_bytes);
         match self.js.update_stream(config).await {
+            // A bundle no longer wanted stays until its space is needed
+            // (the stream drops the oldest first). It is not purged: after
+            // a purge, nats-server 2.15 recovers its sources' positions
+            // wrongly, and a source added next starts past its bundle.
             Ok(_) => {
                 info!(bundles = ?describe(&want), "site copies these bundles from the hub");
-                if let (Some(ChunkSources::Bundles(before)), ChunkSources::Bundles(now)) =
-                    (&wanted.copying, &want)
-                {
-                    self.drop_unwanted(before, now).await;
-                }
                 wanted
                     .arrived
                     .retain(|d| matches!(&want, ChunkSources::All) || wanted.keys.values().any(|k| k == d));
                 wanted.copying = Some(want);
             }
             Err(e) => warn!("site chunk stream not retargeted (tried again on the next change): {e}"),
-        }
-    }
-
-    async fn drop_unwanted(&self, before: &[[u8; 32]], now: &[[u8; 32]]) {
-        let Ok(stream) = self.js.get_stream(subjects::CHUNKS_STREAM).await else { return };
-        for d in before.iter().filter(|d| !now.contains(d)) {
-            match stream.purge().filter(sites::bundle_filter(d)).await {
-                Ok(p) => {
-                    info!(bundle = %hex::encode(&d[..8]), messages = p.purged, "no longer wanted: dropped at the site")
-                }
-                Err(e) => warn!(bundle = %hex::encode(&d[..8]), "unwanted bundle not dropped: {e}"),
-            }
         }
     }
 

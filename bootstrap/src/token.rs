@@ -48,7 +48,12 @@ pub fn issue(dir: &Path, trust: &SignedTrust, p: IssueParams) -> Result<SignedTo
     getrandom::getrandom(&mut token_id).map_err(|e| NatsError::Random(e.to_string()))?;
     // It may send the enrollment request and read the reply, nothing else.
     let grant = perch_protocol::subjects::token_grant(&token_id);
-    let perms = Permissions { publish: grant.publish, subscribe: grant.subscribe, allow_responses: false };
+    let perms = Permissions {
+        publish: grant.publish,
+        subscribe: grant.subscribe,
+        connection_types: vec![crate::nats::STANDARD],
+        ..Permissions::default()
+    };
     let jwt =
         nats::user_jwt(&signer, &account, &user.public_key(), "enroll", &perms, p.now, Some(p.expires_at))?;
     let (claims, sig) = split_jwt(&jwt)?;

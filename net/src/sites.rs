@@ -215,6 +215,15 @@ mod tests {
         assert!(c.subjects.is_empty() && c.allow_direct);
     }
 
+    proptest::proptest! {
+        #[test]
+        fn any_source_header_gives_a_valid_site_or_none(h in "\\PC{0,80}") {
+            if let Some(site) = site_of_source_header(&h) {
+                proptest::prop_assert!(is_site_name(site));
+            }
+        }
+    }
+
     #[test]
     fn site_names_are_domains_and_stream_suffixes() {
         assert!(is_site_name("alpha") && is_site_name("ridge-7"));

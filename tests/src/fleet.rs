@@ -14,7 +14,7 @@ pub struct Fleet {
     pub s: Scratch,
     pub server: NatsServer,
     pub url: String,
-    provisioners: Vec<Child>,
+    provisioners: Vec<Running>,
 }
 
 impl Fleet {
@@ -48,41 +48,16 @@ impl Fleet {
     /// Starts one more provisioner and waits until it is ready.
     pub fn start_provisioner(&mut self) {
         let n = self.provisioners.len();
-        let log = std::fs::File::create(self.s.path(&format!("provisioner-{n}.log"))).unwrap();
-        let mut child = Command::new(bin("perch-bootstrap"))
-            .args(["run", "--dir", "org", "--url", &self.url])
-            .current_dir(self.s.dir.path())
-            .env("PERCH_LOG", "trace")
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let mut out = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        out.read_line(&mut line).unwrap();
-        assert_eq!(
-            line.trim(),
-            "provisioner ready",
-            "provisioner-{n}.log: {}",
-            self.log(&format!("provisioner-{n}.log"))
-        );
-        // Keep draining stdout so the provisioner never blocks on it.
-        std::thread::spawn(move || for _ in out.lines() {});
+        let log = format!("provisioner-{n}.log");
+        let args = ["run", "--dir", "org", "--url", &self.url];
+        let child = spawn_ready(self.s.dir.path(), &args, &self.s.path(&log), "provisioner ready", "trace")
+            .unwrap_or_else(|line| panic!("provisioner said {line:?}; {log}: {}", self.log(&log)));
         self.provisioners.push(child);
     }
 
     /// SIGTERMs provisioner `n`; its exit code, if it exited within `limit`.
     pub fn terminate_provisioner(&mut self, n: usize, limit: Duration) -> Option<i32> {
-        let p = &mut self.provisioners[n];
-        let _ = Command::new("kill").arg("-TERM").arg(p.id().to_string()).status();
-        let start = Instant::now();
-        while start.elapsed() < limit {
-            if let Ok(Some(st)) = p.try_wait() {
-                return st.code();
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        None
+        self.provisioners[n].terminate(limit)
     }
 
     pub fn log(&self, name: &str) -> String {
@@ -208,13 +183,36 @@ impl Fleet {
     }
 }
 
-impl Drop for Fleet {
-    fn drop(&mut self) {
-        for p in &mut self.provisioners {
-            let _ = p.kill();
-            let _ = p.wait();
-        }
+/// Starts `perch-bootstrap ARGS` in `dir`, its log (at `PERCH_LOG=level`)
+/// in `log`, and waits for its first line on stdout: `ready`, or else
+/// the line it said instead (the process is then killed).
+pub fn spawn_ready(
+    dir: &Path,
+    args: &[&str],
+    log: &Path,
+    ready: &str,
+    level: &str,
+) -> Result<Running, String> {
+    let log = std::fs::File::create(log).unwrap();
+    let mut child = Command::new(bin("perch-bootstrap"))
+        .args(args)
+        .current_dir(dir)
+        .env("PERCH_LOG", level)
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let mut running = Running(child);
+    if line.trim() != ready {
+        running.kill();
+        return Err(line);
     }
+    // Keep draining stdout so the process never blocks on it.
+    std::thread::spawn(move || for _ in out.lines() {});
+    Ok(running)
 }
 
 /// A background process, SIGKILLed when dropped.

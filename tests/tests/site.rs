@@ -4,8 +4,6 @@
 //! daemon (`perch-bootstrap site run`), the provisioner at the hub, and
 //! real agents that connect to the site only.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use perch_protocol::report::Report;
@@ -13,7 +11,7 @@ use perch_protocol::subjects;
 use perch_tests::chaos::{Mode, Proxy};
 use perch_tests::fleet::{wait_for, Device, Running};
 use perch_tests::nats::{free_port, NatsServer};
-use perch_tests::{bin, Scratch};
+use perch_tests::Scratch;
 
 const SITE: &str = "alpha";
 
@@ -90,21 +88,9 @@ impl Field {
 
     /// A perch-bootstrap process that prints `ready` once it is.
     fn spawn_ready(&self, log: &str, args: &[&str], ready: &str) -> Running {
-        let log_file = std::fs::File::create(self.s.path(&format!("{log}.log"))).unwrap();
-        let mut child = Command::new(bin("perch-bootstrap"))
-            .args(args)
-            .current_dir(self.s.dir.path())
-            .env("PERCH_LOG", "debug")
-            .stdout(Stdio::piped())
-            .stderr(log_file)
-            .spawn()
-            .unwrap();
-        let mut out = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        out.read_line(&mut line).unwrap();
-        assert_eq!(line.trim(), ready, "{}", self.logs());
-        std::thread::spawn(move || for _ in out.lines() {});
-        Running(child)
+        let log = self.s.path(&format!("{log}.log"));
+        perch_tests::fleet::spawn_ready(self.s.dir.path(), args, &log, ready, "debug")
+            .unwrap_or_else(|line| panic!("said {line:?} for {ready:?}\n{}", self.logs()))
     }
 
     fn logs(&self) -> String {
@@ -261,6 +247,7 @@ fn drones_enroll_report_and_install_through_a_field_site() {
     let f = Field::start();
     let devices: Vec<Device> = (1..=3).map(|i| f.enrolled_at_site(&format!("drone-{i}"), FAST)).collect();
     let _agents: Vec<Running> = devices.iter().map(|d| d.spawn_run()).collect();
+    let (unwanted, _) = f.published_bundle("other", 7, 1 << 20);
     let (digest, _size) = f.published_bundle("app", 2, 1 << 20);
     f.desire(&digest);
     let all_run = wait_for(Duration::from_secs(90), || {
@@ -275,6 +262,13 @@ fn drones_enroll_report_and_install_through_a_field_site() {
     assert!(seen, "the hub does not show the drones at the site: {}\n{}", f.status(), f.logs());
     let st = f.status();
     assert_eq!(st["sites"][0]["name"], SITE, "{st}");
+    // A bundle nothing wants stays at the hub, where the site's server can
+    // copy by bundle (2.10 and later); 2.9 copies every bundle.
+    let mut sock = std::net::TcpStream::connect(("127.0.0.1", f.site.port)).unwrap();
+    let version = perch_tests::nats::read_info(&mut sock)["version"].as_str().unwrap().to_string();
+    let by_bundle = perch_net::sites::filters_per_source(&version);
+    assert!(at_site(&f, &digest));
+    assert_eq!(at_site(&f, &unwanted), !by_bundle, "site server {version}: unwanted bundle at the site?");
 }
 
 /// How long the uplink is cut: the issue's two minutes, unless a developer
@@ -360,11 +354,14 @@ fn an_uplink_cut_loses_no_report_and_a_bundle_crosses_the_uplink_once() {
     f.uplink.reset();
 
     // Back up: the change made while it was down applies.
-    assert!(
-        wait_for(Duration::from_secs(120), || runs("app#4")),
-        "app#4 not installed after the uplink returned\n{}",
-        f.logs()
-    );
+    let installed = wait_for(Duration::from_secs(120), || runs("app#4"));
+    if !installed {
+        let info = rt.block_on(async {
+            let mut s = site_js.get_stream(subjects::CHUNKS_STREAM).await.ok()?;
+            s.info().await.ok().map(|i| format!("{:?}\n{:?}", i.sources, i.state))
+        });
+        panic!("app#4 not installed after the uplink returned; site chunks: {info:?}\n{}", f.logs());
+    }
 
     // Every report reaches the hub, exactly once: stop the agents, let
     // them flush their outboxes, and compare the hub with the site.
@@ -441,4 +438,65 @@ fn a_device_revoked_at_the_hub_while_the_uplink_is_down_is_cut_off_at_the_site_o
         wait_for(Duration::from_secs(200), || f.connect_at_site_as(&d).contains("Authorization Violation"));
     assert!(refused, "the site still lets a device revoked at the hub in\n{}", f.logs());
     assert_eq!(f.connect_at_site_as(&kept), "PONG", "another device lost its place");
+}
+
+#[test]
+fn a_sites_leaf_credential_is_no_use_to_a_client_and_a_drones_is_none_to_a_leaf() {
+    let f = Field::start();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let ca = perch_tests::nats::org_ca_der(&f.s.path("org"));
+    let tls = perch_net::tls::client_config(&perch_net::CaTrust::Certificate(ca)).unwrap();
+    let creds = f.s.path(&format!("org/sites/{SITE}/leaf-fleet.creds"));
+    let tried = rt.block_on(async {
+        async_nats::ConnectOptions::with_credentials_file(&creds)
+            .await
+            .unwrap()
+            .require_tls(true)
+            .tls_client_config(tls)
+            .connect(perch_net::server_addrs(&[f.hub_url()]).unwrap())
+            .await
+    });
+    let err = tried.expect_err("a leaf credential connected as a client");
+    assert!(err.to_string().to_lowercase().contains("authorization"), "{err}");
+    // The device JWTs the provisioner issues say the same the other way.
+    let d = f.enrolled_at_site("drone-t", FAST);
+    let jwt = d.enrollment().user_jwt;
+    let claims = jwt.split('.').nth(1).unwrap();
+    let claims: serde_json::Value =
+        serde_json::from_slice(&data_encoding::BASE64URL_NOPAD.decode(claims.as_bytes()).unwrap()).unwrap();
+    assert_eq!(claims["nats"]["allowed_connection_types"], serde_json::json!(["STANDARD"]), "{claims}");
+}
+
+#[test]
+fn a_ground_station_rebooted_with_the_uplink_down_keeps_serving_its_drones() {
+    let mut f = Field::start();
+    let d = f.enrolled_at_site("drone-s", FAST);
+    let _agent = d.spawn_run();
+    let (rt, site_js) = f.js(&f.site_url());
+    let at_site = || stored_reports(&rt, &site_js, &sites_reports()).len();
+    assert!(wait_for(Duration::from_secs(30), || at_site() > 10), "no reports at the site\n{}", f.logs());
+    f.uplink.set_mode(Mode::Blackhole);
+    f.uplink.reset();
+    // The site's server dies and comes back with no uplink: it still
+    // knows the accounts (its own resolver store) and its streams.
+    f.site.restart();
+    assert_eq!(f.connect_at_site_as(&d), "PONG", "the site no longer lets its drone in");
+    let before = at_site();
+    assert!(
+        wait_for(Duration::from_secs(60), || at_site() > before + 20),
+        "the drone's reports no longer reach the restarted site\n{}",
+        f.logs()
+    );
+    f.uplink.set_mode(Mode::Pass);
+    f.uplink.reset();
+    // Everything it stored reaches the hub, each once.
+    let (hub_rt, hub_js) = f.js(&f.hub_url());
+    let caught_up = wait_for(Duration::from_secs(90), || {
+        let site = stored_reports(&rt, &site_js, &sites_reports());
+        let hub = stored_reports(&hub_rt, &hub_js, subjects::REPORTS_STREAM);
+        let last = site.iter().map(|r| r.seq).max().unwrap_or(0);
+        hub.iter().any(|r| r.seq == last) && hub.len() >= site.len()
+    });
+    assert!(caught_up, "the hub never caught up with the restarted site\n{}", f.logs());
+    seqs_each_once(&stored_reports(&hub_rt, &hub_js, subjects::REPORTS_STREAM), "drone-s");
 }
