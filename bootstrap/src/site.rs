@@ -174,7 +174,9 @@ impl SiteConfig {
     /// Checks `bytes` as the `site.json` at `path` (named in errors).
     pub fn parse(bytes: &[u8], path: &Path) -> Result<SiteConfig, SiteConfigError> {
         let invalid = |detail: String| SiteConfigError::Invalid { path: path.into(), detail };
-        let c: SiteConfig = serde_json::from_slice(bytes).map_err(|e| invalid(e.to_string()))?;
+        // serde quotes an unknown field's name, which may hold a newline.
+        let c: SiteConfig =
+            serde_json::from_slice(bytes).map_err(|e| invalid(controls_escaped(&e.to_string())))?;
         check_domain("name", &c.name).map_err(invalid)?;
         check_domain("domain", &c.domain).map_err(invalid)?;
         check_domain("hub_domain", &c.hub_domain).map_err(invalid)?;
@@ -199,6 +201,18 @@ impl SiteConfig {
         text.push('\n');
         durable::write_bytes(path, 0o644, replace, text.as_bytes())
     }
+}
+
+/// `s` with its control characters escaped (`\n`): one line, whatever it quotes.
+fn controls_escaped(s: &str) -> String {
+    s.chars().fold(String::with_capacity(s.len()), |mut out, c| {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+        out
+    })
 }
 
 /// The directory of a site's files in the org.
@@ -440,6 +454,9 @@ mod tests {
         std::fs::write(&path, text).unwrap();
         let e = SiteConfig::load(&path).unwrap_err().to_string();
         assert!(e.contains("unknown field") && !e.contains('\n'), "{e}");
+        // Found by the fuzzer: a field's name with a newline in it.
+        let e = SiteConfig::parse(br#"{"n\n x": 1}"#, Path::new("site.json")).unwrap_err().to_string();
+        assert!(e.contains("n\\n x") && !e.contains('\n'), "{e}");
     }
 
     proptest::proptest! {

@@ -355,8 +355,7 @@ fn reports_stay_exactly_once_when_the_reports_stream_leader_is_killed() {
     // Thousands of reports wait in the outboxes (the agents cannot reach
     // the fleet), then go all at once, and the leader dies under them.
     let mut queued: Vec<Running> = devices.iter().map(|d| d.spawn_run()).collect();
-    let full =
-        wait_for(Duration::from_secs(60), || devices.iter().map(outbox_len).sum::<u64>() >= 6000);
+    let full = wait_for(Duration::from_secs(60), || devices.iter().map(outbox_len).sum::<u64>() >= 6000);
     assert!(full, "the outboxes did not fill");
     for q in &mut queued {
         q.kill();
