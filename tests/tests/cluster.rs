@@ -561,3 +561,100 @@ fn a_server_with_another_orgs_certificate_cannot_join_the_cluster() {
     let r = h.reader();
     assert_eq!(perch_net::replicas::cluster_size(&r.js.client().server_info()), 3);
 }
+
+/// `perch ARGS --creds reader.creds --ca .. --url U1 --url U2 --url U3`.
+fn operator_args<'a>(h: &'a Hub, args: &[&'a str], urls: &'a [String]) -> Vec<&'a str> {
+    let _ = h.s.fleet_creds("reader");
+    let mut all = args.to_vec();
+    all.extend(["--creds", "reader.creds", "--ca", "org/tls/ca.pem"]);
+    all.extend(urls.iter().map(String::as_str));
+    all
+}
+
+#[test]
+fn a_rollout_completes_when_a_server_is_killed_in_the_middle_of_a_wave() {
+    let mut h = Hub::start();
+    let cfg = "[link]\nping_interval = \"1s\"\nmax_backoff = \"1s\"\n[reports]\nheartbeat = \"1s\"\n\
+               [health]\ntrial = \"1s\"\n";
+    let names = ["w-1", "w-2", "w-3"];
+    let devices: Vec<Device> = names
+        .iter()
+        .map(|n| {
+            let d = h.enrolled(n, cfg);
+            std::fs::create_dir_all(d.dir.join("slots/a")).unwrap();
+            std::os::unix::fs::symlink("a", d.dir.join("slots/current")).unwrap();
+            d
+        })
+        .collect();
+    let digest = h.published_bundle("app", 2 << 20);
+    let urls = h.url_args();
+    let mut agents: Vec<Running> = devices.iter().map(|d| d.spawn_run()).collect();
+    // Every device said hello (so the registry has it) and is online.
+    let all_seen = wait_for(Duration::from_secs(30), || {
+        let shown = h.s.run("perch", &operator_args(&h, &["status", "--json"], &urls));
+        let v: serde_json::Value = serde_json::from_str(&shown.stdout).unwrap_or_default();
+        let online = v["devices"].as_array().map_or(0, |d| {
+            d.iter().filter(|d| d["liveness"] == "online" && d["registry"] == "enrolled").count()
+        });
+        online == names.len()
+    });
+    assert!(all_seen, "{}", h.logs());
+    let r = h.reader();
+    // The server that leads the rollouts' bucket: the rollout's own state.
+    let leader = r.leader("KV_PERCH_ROLLOUTS");
+    let victim = h.cluster.index_of(&leader);
+    // One device in wave 1, the other two in wave 2.
+    let deploy =
+        operator_args(&h, &["deploy", "--bundle", "app@2", "--group", "g", "--waves", "33%,100%"], &urls);
+    let child = Command::new(bin("perch"))
+        .args(&deploy)
+        .current_dir(h.s.dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut driver = Running(child);
+    // Wave 1 has started: its device has been told. Kill the leader now.
+    let kv = r.rt.block_on(r.js.get_key_value(subjects::DESIRED_BUCKET)).unwrap();
+    let told = |dev: &str| {
+        r.rt.block_on(kv.get(format!("device.{dev}")))
+            .ok()
+            .flatten()
+            .is_some_and(|v| String::from_utf8_lossy(&v).contains(&digest))
+    };
+    let started = wait_for(Duration::from_secs(30), || names.iter().any(|n| told(n)));
+    assert!(started, "wave 1 never started: {}", h.logs());
+    let in_wave_1 = names.iter().filter(|n| told(n)).count();
+    assert_eq!(in_wave_1, 1, "wave 2 started before the kill");
+    h.cluster.kill(victim);
+    eprintln!("n{} (leader of KV_PERCH_ROLLOUTS) killed in wave 1", victim + 1);
+    let ended = wait_for(Duration::from_secs(120), || matches!(driver.0.try_wait(), Ok(Some(_))));
+    let out = {
+        use std::io::Read;
+        let mut stdout = String::new();
+        let mut stderr = String::new();
+        if !ended {
+            driver.kill();
+        }
+        let _ = driver.0.stdout.take().unwrap().read_to_string(&mut stdout);
+        let _ = driver.0.stderr.take().unwrap().read_to_string(&mut stderr);
+        format!("{stdout}\n{stderr}")
+    };
+    assert!(ended, "the rollout did not end: {out}\n{}", h.logs());
+    let code = driver.0.wait().unwrap().code();
+    eprintln!("{out}");
+    assert_eq!(code, Some(0), "perch deploy: {out}\n{}", h.logs());
+    assert!(out.contains("done: every wave committed"), "{out}");
+    for d in &devices {
+        assert_eq!(deploy_state(d), "committed", "{}", d.name);
+        assert!(d.dir.join("slots/current/data.bin").is_file(), "{} runs the release", d.name);
+    }
+    // Its record says done, read through the two servers left.
+    let listed = h.s.run("perch", &operator_args(&h, &["deploy", "list", "--json"], &urls));
+    assert_eq!(listed.code, 0, "{}", listed.stderr);
+    let all: serde_json::Value = serde_json::from_str(&listed.stdout).unwrap();
+    assert_eq!(all[0]["state"], "done", "{}", listed.stdout);
+    for a in &mut agents {
+        a.kill();
+    }
+}
