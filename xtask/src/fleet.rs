@@ -1,5 +1,6 @@
 //! A local fleet for the demo and the benchmarks: an org, a nats-server in
-//! operator mode with TLS on a free loopback port, and provisioners. Every
+//! operator mode with TLS on a free loopback port (or a cluster of them),
+//! and provisioners. Every
 //! process is killed when the `LocalFleet` is dropped, so nothing is left
 //! running whatever happens.
 
@@ -17,6 +18,8 @@ pub struct LocalFleet {
     pub bin: PathBuf,
     pub url: String,
     pub port: u16,
+    /// Every server's URL (`url` is the first).
+    pub urls: Vec<String>,
     children: Vec<(String, Child)>,
 }
 
@@ -48,6 +51,7 @@ impl LocalFleet {
             bin: bin.into(),
             url: format!("tls://127.0.0.1:{port}"),
             port,
+            urls: vec![format!("tls://127.0.0.1:{port}")],
             children: vec![("nats-server".into(), child)],
         };
         let start = Instant::now();
@@ -60,12 +64,75 @@ impl LocalFleet {
         Ok(f)
     }
 
+    /// Starts a cluster of `n` servers `n1..` configured by `perch-bootstrap
+    /// nats cluster` for the org in `dir/org`, each in
+    /// `org/nats/cluster/nI/`; returns once they have routes to each other
+    /// and a JetStream meta leader.
+    pub fn start_cluster(dir: &Path, bin: &Path, n: usize) -> Result<LocalFleet> {
+        // Probe every port while holding them all, so no two are the same.
+        let probes = (0..2 * n).map(|_| TcpListener::bind("127.0.0.1:0")).collect::<Result<Vec<_>, _>>()?;
+        let ports = probes.iter().map(|l| l.local_addr().map(|a| a.port())).collect::<Result<Vec<_>, _>>()?;
+        drop(probes);
+        let mut args: Vec<String> = ["nats", "cluster", "--dir", "org", "--bind", "127.0.0.1"]
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        for i in 0..n {
+            args.extend([
+                "--server".into(),
+                format!("n{}=127.0.0.1:{}:{}", i + 1, ports[2 * i], ports[2 * i + 1]),
+            ]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        crate::util::run_in(dir, &bin.join("perch-bootstrap"), &args)?;
+        let server = crate::util::nats_server();
+        println!("  nats-server: {} (a cluster of {n})", crate::util::nats_server_version(&server));
+        let mut f = LocalFleet {
+            dir: dir.into(),
+            bin: bin.into(),
+            url: format!("tls://127.0.0.1:{}", ports[0]),
+            port: ports[0],
+            urls: (0..n).map(|i| format!("tls://127.0.0.1:{}", ports[2 * i])).collect(),
+            children: vec![],
+        };
+        let sdirs: Vec<PathBuf> = (1..=n).map(|i| dir.join(format!("org/nats/cluster/n{i}"))).collect();
+        for (i, sdir) in sdirs.iter().enumerate() {
+            let log = fs::File::create(sdir.join("nats-server.log"))?;
+            let child = Command::new(&server)
+                .arg("-c")
+                .arg(sdir.join("nats-server.conf"))
+                .current_dir(sdir)
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .context("starting nats-server (install it with `cargo xtask setup`)")?;
+            f.children.push((format!("nats-server-n{}", i + 1), child));
+        }
+        let logs = || sdirs.iter().map(|d| fs::read_to_string(d.join("nats-server.log")).unwrap_or_default());
+        let start = Instant::now();
+        loop {
+            let all: Vec<String> = logs().collect();
+            let routed = all.iter().all(|l| l.matches("Route connection created").count() >= n - 1);
+            if routed && all.iter().any(|l| l.contains("metadata leader")) {
+                return Ok(f);
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                bail!("the cluster did not form in 30 s: {}", all.join("\n---\n"));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Starts a provisioner and waits for it to say it is ready.
     pub fn provisioner(&mut self) -> Result<()> {
         let n = self.children.iter().filter(|(name, _)| name.starts_with("provisioner")).count();
         let log = fs::File::create(self.dir.join(format!("provisioner-{n}.log")))?;
+        let mut args = vec!["run", "--dir", "org"];
+        for u in &self.urls {
+            args.extend(["--url", u.as_str()]);
+        }
         let mut child = Command::new(self.bin.join("perch-bootstrap"))
-            .args(["run", "--dir", "org", "--url", &self.url])
+            .args(&args)
             .current_dir(&self.dir)
             .stdout(Stdio::piped())
             .stderr(log)
