@@ -672,6 +672,12 @@ fn a_rollout_completes_when_a_server_is_killed_in_the_middle_of_a_wave() {
     }
 }
 
+/// `perch streams` over every URL.
+fn streams(h: &Hub) -> perch_tests::Run {
+    let urls = h.url_args();
+    h.s.run("perch", &operator_args(h, &["streams"], &urls))
+}
+
 /// The fleet's streams and buckets.
 const STREAMS: [&str; 6] = [
     subjects::REPORTS_STREAM,
@@ -704,19 +710,34 @@ fn a_server_whose_jetstream_directory_was_wiped_rejoins_and_catches_up() {
     let store = h.cluster.servers[wiped].dir().join("data/jetstream");
     assert!(store.is_dir(), "{} is not the store", store.display());
     std::fs::remove_dir_all(&store).unwrap();
-    // The fleet goes on with two while it is down.
+    // The fleet goes on with two while it is down, and `perch streams`
+    // says that a copy is missing.
     let r = h.reader();
     let before = r.count();
     assert!(wait_for(Duration::from_secs(30), || r.count() >= before + 200), "{}", h.logs());
+    let mut down = streams(&h);
+    assert!(wait_for(Duration::from_secs(30), || {
+        down = streams(&h);
+        down.code == 1 && down.stderr.contains(&format!("{name} "))
+    }));
+    assert_eq!(down.stderr.lines().count(), 1, "{}", down.stderr);
+    eprintln!("{name} down:\n{}{}", down.stdout, down.stderr);
     h.cluster.restart(wiped);
     h.cluster.wait_meta_leader(Duration::from_secs(30));
     // What docs/content/operations/cluster.md tells an operator: another
-    // server may stop only once every stream has it current again. (On
-    // nats-server 2.12+ a stream whose only other peer is the wiped one
-    // has no leader until it is: votes from an empty log do not count.)
+    // server may stop only once `perch streams` says every copy of every
+    // stream is current again. (On nats-server 2.12+ a stream whose only
+    // other copy is the wiped one has no leader until it is: votes from
+    // an empty log do not count.)
+    let mut shown = streams(&h);
+    let caught_up = wait_for(Duration::from_secs(60), || {
+        shown = streams(&h);
+        shown.code == 0
+    });
+    assert!(caught_up, "{name} did not catch up: {}{}\n{}", shown.stdout, shown.stderr, h.logs());
+    eprintln!("{name} back:\n{}", shown.stdout);
     for stream in STREAMS {
-        let caught_up = wait_for(Duration::from_secs(60), || current_on_all_three(&r, stream));
-        assert!(caught_up, "{name} did not catch up {stream}: {:?}\n{}", r.info(stream), h.logs());
+        assert!(current_on_all_three(&r, stream), "{stream}: {:?}", r.info(stream));
     }
     let before = r.count();
     assert!(wait_for(Duration::from_secs(30), || r.count() >= before + 200), "{}", h.logs());
