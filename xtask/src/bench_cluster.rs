@@ -30,7 +30,7 @@ struct Rates {
 }
 
 pub fn run(args: &[String]) -> Result<()> {
-    let (mut records, mut devices) = (20_000u64, 500usize);
+    let (mut records, mut devices) = (100_000u64, 2000usize);
     let mut it = args.iter();
     while let Some(flag) = it.next() {
         let value = it.next().context(USAGE)?;

@@ -42,7 +42,7 @@ commands:
                                 report drain and enrollment rates, one server against a
                                 three-server R3 cluster, and the ratio
   bench footprint [--seconds N] agent size (aarch64) and idle memory (x86_64) against the floor
-  bench smoke                   verify, install, enroll, link, footprint at a small size (in CI)
+  bench smoke                   verify, install, enroll, link, cluster, footprint at a small size (in CI)
   fuzz [--seconds N] [TARGET...]  every cargo-fuzz target for N seconds each (default 600;
                       the scheduled job, not CI), then executions and corpus sizes
   docs                build the Hugo site and check its links";
