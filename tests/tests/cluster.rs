@@ -196,12 +196,37 @@ impl Reader {
         );
     }
 
+    /// Message `seq` of `s`. A missing one fails the test (a gap); an
+    /// error getting it (a timeout while the stream's leader moves) is
+    /// said and tried again.
+    fn message(
+        &self,
+        s: &async_nats::jetstream::stream::Stream,
+        seq: u64,
+    ) -> async_nats::jetstream::message::StreamMessage {
+        use async_nats::jetstream::stream::LastRawMessageErrorKind;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match self.rt.block_on(s.get_raw_message(seq)) {
+                Ok(m) => return m,
+                Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => {
+                    panic!("a gap in the stream: no message {seq}")
+                }
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("getting message {seq}: {e}; again");
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(e) => panic!("getting message {seq}: {e}"),
+            }
+        }
+    }
+
     /// Every device report in `PERCH_REPORTS`, in stream order.
     fn reports(&self) -> Vec<Report> {
         let s = self.rt.block_on(self.js.get_stream(subjects::REPORTS_STREAM)).unwrap();
         let info = self.info(subjects::REPORTS_STREAM).unwrap();
         (info.state.first_sequence..=info.state.last_sequence)
-            .map(|seq| self.rt.block_on(s.get_raw_message(seq)).expect("no gap in the stream"))
+            .map(|seq| self.message(&s, seq))
             .filter(|m| m.subject.starts_with("perch.report.") && !m.subject.ends_with(".probe"))
             .map(|m| Report::from_bytes(&m.payload).unwrap())
             .collect()
