@@ -4,7 +4,9 @@
 //! are R3; reports stay exactly once when the stream leader dies and
 //! through a rolling restart, because the duplicate window is replicated.
 
+use std::io::Read;
 use std::process::{Command, Stdio};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use perch_protocol::report::Report;
@@ -644,14 +646,31 @@ fn a_rollout_completes_when_a_server_is_killed_in_the_middle_of_a_wave() {
     // One device in wave 1, the other two in wave 2.
     let deploy =
         operator_args(&h, &["deploy", "--bundle", "app@2", "--group", "g", "--waves", "33%,100%"], &urls);
-    let child = Command::new(bin("perch"))
+    let mut child = Command::new(bin("perch"))
         .args(&deploy)
         .current_dir(h.s.dir.path())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    // Read aside as it comes, so the driver never blocks on a full pipe.
+    let pipe = |r: Box<dyn std::io::Read + Send>| {
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = std::io::BufReader::new(r).read_to_string(&mut text);
+            text
+        })
+    };
+    let said = (pipe(Box::new(child.stdout.take().unwrap())), pipe(Box::new(child.stderr.take().unwrap())));
     let mut driver = Running(child);
+    // Its exit code (None if it had to be killed) and all it said.
+    let finish = |driver: &mut Running, ended: bool, said: (JoinHandle<String>, JoinHandle<String>)| {
+        if !ended {
+            driver.kill();
+        }
+        let code = driver.0.wait().unwrap().code().filter(|_| ended);
+        (code, format!("{}\n{}", said.0.join().unwrap(), said.1.join().unwrap()))
+    };
     // Wave 1 has started: its device has been told. Kill the leader now.
     let kv = r.rt.block_on(r.js.get_key_value(subjects::DESIRED_BUCKET)).unwrap();
     let told = |dev: &str| {
@@ -676,23 +695,15 @@ fn a_rollout_completes_when_a_server_is_killed_in_the_middle_of_a_wave() {
     let t0 = Instant::now();
     let wave_2 = wait_for(Duration::from_secs(120), || names.iter().all(|n| told(n)));
     eprintln!("wave 2 started {:?} after the kill", t0.elapsed());
-    assert!(wave_2, "wave 2 never started: {}", h.logs());
+    if !wave_2 {
+        let (_, out) = finish(&mut driver, false, said);
+        panic!("wave 2 never started: perch deploy said: {out}\n{}", h.logs());
+    }
     h.cluster.restart(victim);
     eprintln!("n{} back in wave 2", victim + 1);
     let ended = wait_for(Duration::from_secs(120), || matches!(driver.0.try_wait(), Ok(Some(_))));
-    let out = {
-        use std::io::Read;
-        let mut stdout = String::new();
-        let mut stderr = String::new();
-        if !ended {
-            driver.kill();
-        }
-        let _ = driver.0.stdout.take().unwrap().read_to_string(&mut stdout);
-        let _ = driver.0.stderr.take().unwrap().read_to_string(&mut stderr);
-        format!("{stdout}\n{stderr}")
-    };
+    let (code, out) = finish(&mut driver, ended, said);
     assert!(ended, "the rollout did not end: {out}\n{}", h.logs());
-    let code = driver.0.wait().unwrap().code();
     eprintln!("{out}");
     assert_eq!(code, Some(0), "perch deploy: {out}\n{}", h.logs());
     assert!(out.contains("done: every wave committed"), "{out}");
