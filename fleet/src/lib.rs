@@ -14,6 +14,7 @@ pub mod rollout;
 pub mod rollouts;
 pub mod sign;
 pub mod status;
+pub mod streams;
 pub mod table;
 pub mod verify;
 pub mod view;

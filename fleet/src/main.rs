@@ -73,6 +73,15 @@ enum Command {
         #[arg(long)]
         watch: bool,
     },
+    /// Each stream and bucket: its leader and copies, and whether every
+    /// copy is current. Exits 1 unless all are: check it before taking
+    /// another server of a cluster down.
+    Streams {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -240,6 +249,7 @@ fn run(cli: Cli) -> Result<()> {
             let q = perch_fleet::status::Query { device, stale_after_secs: stale_after.as_secs() };
             status(&conn.target(), &q, json, watch)
         }
+        Command::Streams { conn, json } => streams(conn.target(), json),
         Command::Bundle(BundleCommand::Build(args)) => build(args),
         Command::Bundle(BundleCommand::Sign { key, file }) => {
             let key = keyfile::read_secret(&key)?;
@@ -254,6 +264,48 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bundle(BundleCommand::Verify { trust, file, json }) => verify(&trust, &file, json),
         Command::Bundle(BundleCommand::Inspect { file, json }) => inspect(&file, json),
     }
+}
+
+fn streams(target: perch_fleet::link::Target, json: bool) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let all = rt.block_on(async {
+        let c = target.connect("perch streams").await?;
+        anyhow::Ok(perch_fleet::streams::all(&async_nats::jetstream::new(c)).await)
+    })?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&all)?);
+    } else {
+        println!("{:<20} {:>8} {:>10}  {:<10} followers", "stream", "replicas", "messages", "leader");
+        for h in &all {
+            let leader = match &h.leader {
+                None => "(none)",
+                Some(l) if l.is_empty() => "(single)",
+                Some(l) => l,
+            };
+            let followers: Vec<String> = h
+                .followers
+                .iter()
+                .map(|f| match (f.offline, f.current) {
+                    (true, _) => format!("{} offline", f.server),
+                    (false, true) => format!("{} current", f.server),
+                    (false, false) if f.lag > 0 => format!("{} behind by {}", f.server, f.lag),
+                    (false, false) => format!("{} not current", f.server),
+                })
+                .collect();
+            let replicas = if h.exists { h.replicas.to_string() } else { "-".into() };
+            println!(
+                "{:<20} {replicas:>8} {:>10}  {leader:<10} {}",
+                h.stream,
+                h.messages,
+                followers.join(", ")
+            );
+        }
+    }
+    let problems: Vec<String> = all.iter().filter_map(perch_fleet::streams::Health::problem).collect();
+    if !problems.is_empty() {
+        anyhow::bail!("not every copy is current: {}", problems.join("; "));
+    }
+    Ok(())
 }
 
 fn keygen(prefix: &Path) -> Result<()> {

@@ -207,8 +207,31 @@ pub async fn change(
     }
 }
 
+/// How long a driver rides out NATS failures in a row before it gives up.
+/// A cluster electing a new leader for a bucket, or a client moving to
+/// another server, takes seconds; a driver that gave up leaves the rollout
+/// where it is, for `perch deploy resume`.
+pub const RIDE_OUT: Duration = Duration::from_secs(120);
+
+impl RolloutError {
+    /// A failure to reach NATS or JetStream, which may pass; the others
+    /// (an unknown rollout, a corrupt record, a plan error) will not.
+    pub fn is_transient(&self) -> bool {
+        use crate::catalog::CatalogError;
+        use crate::status::StatusError;
+        matches!(
+            self,
+            RolloutError::Nats(_)
+                | RolloutError::Status(StatusError::Nats(_))
+                | RolloutError::Desired(DesiredError::Nats(_))
+                | RolloutError::Catalog(CatalogError::Nats(_))
+        )
+    }
+}
+
 /// Drives a rollout until it is done, paused or aborted, every `tick`;
-/// `show` is called after each step.
+/// `show` is called after each step, with notes (a NATS failure ridden
+/// out is one). NATS failures are tried again for up to [`RIDE_OUT`].
 pub async fn drive(
     client: &async_nats::Client,
     id: &str,
@@ -217,25 +240,80 @@ pub async fn drive(
     mut show: impl FnMut(&Rollout, &FleetView, &[String]),
 ) -> Result<Rollout, RolloutError> {
     let js = jetstream::new(client.clone());
-    // Taking over: re-establish what the rollout wrote so far.
-    let (r, _) = load(&js, id).await?;
-    let mut notes = apply(&js, &rollout::ensure(&r)).await?;
+    // Taking over, or after a failure: re-establish what the rollout
+    // wrote so far (a step may have been claimed but not applied).
+    let mut ensured = false;
+    let mut notes = vec![];
+    let mut failing_since: Option<std::time::Instant> = None;
     loop {
-        let (r, rev) = load(&js, id).await?;
-        let view = fleet(client, now()).await?;
-        let (next, actions) = rollout::advance(&r, &view, now());
-        // The step is claimed first: a driver that loses the race does
-        // nothing, and one that dies after claiming is repaired by the
-        // next driver's `ensure`.
-        if next != r && !save(&js, &next, rev).await? {
-            continue;
-        }
-        notes.extend(apply(&js, &actions).await?);
-        show(&next, &view, &notes);
-        notes.clear();
-        if next.state != State::Running {
-            return Ok(next);
+        match step(&js, client, id, &now, &mut ensured, &mut notes).await {
+            // Another driver changed it meanwhile: look again at once.
+            Ok(None) => continue,
+            Ok(Some((next, view))) => {
+                failing_since = None;
+                show(&next, &view, &notes);
+                notes.clear();
+                if next.state != State::Running {
+                    return Ok(next);
+                }
+            }
+            Err(e) if e.is_transient() => {
+                let since = *failing_since.get_or_insert_with(std::time::Instant::now);
+                if since.elapsed() >= RIDE_OUT {
+                    return Err(e);
+                }
+                if notes.last().is_none_or(|n| !n.starts_with("riding out")) {
+                    notes.push(format!("riding out a NATS failure (up to {} s): {e}", RIDE_OUT.as_secs()));
+                }
+                ensured = false;
+            }
+            Err(e) => return Err(e),
         }
         tokio::time::sleep(tick).await;
+    }
+}
+
+/// One driver step; None if another driver changed the rollout first.
+async fn step(
+    js: &jetstream::Context,
+    client: &async_nats::Client,
+    id: &str,
+    now: &impl Fn() -> u64,
+    ensured: &mut bool,
+    notes: &mut Vec<String>,
+) -> Result<Option<(Rollout, FleetView)>, RolloutError> {
+    if !*ensured {
+        let (r, _) = load(js, id).await?;
+        notes.extend(apply(js, &rollout::ensure(&r)).await?);
+        *ensured = true;
+    }
+    let (r, rev) = load(js, id).await?;
+    let view = fleet(client, now()).await?;
+    let (next, actions) = rollout::advance(&r, &view, now());
+    // The step is claimed first: a driver that loses the race does
+    // nothing, and one that dies (or fails) after claiming is repaired
+    // by the next step's `ensure`.
+    if next != r && !save(js, &next, rev).await? {
+        return Ok(None);
+    }
+    if let Err(e) = apply(js, &actions).await {
+        *ensured = false;
+        return Err(e);
+    }
+    Ok(Some((next, view)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_nats_failures_are_ridden_out() {
+        assert!(RolloutError::Nats("timed out".into()).is_transient());
+        assert!(RolloutError::Status(crate::status::StatusError::Nats("no responders".into())).is_transient());
+        assert!(RolloutError::Desired(DesiredError::Nats("timed out".into())).is_transient());
+        assert!(!RolloutError::Unknown("app-2-abcdef".into()).is_transient());
+        assert!(!RolloutError::Plan("no devices".into()).is_transient());
+        assert!(!RolloutError::Desired(DesiredError::NotPublished("x".into())).is_transient());
     }
 }

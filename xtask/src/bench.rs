@@ -19,11 +19,12 @@ pub fn run(args: &[String]) -> Result<()> {
         Some("install") => install(&args[1..]),
         Some("enroll") => crate::bench_enroll::run(&args[1..]),
         Some("link") => crate::bench_link::run(&args[1..]),
+        Some("cluster") => crate::bench_cluster::run(&args[1..]),
         Some("footprint") => crate::bench_footprint::run(&args[1..]),
         Some("site") => crate::bench_site::run(&args[1..]),
         Some("smoke") if args.len() == 1 => crate::bench_smoke::run(),
         _ => bail!(
-            "usage: cargo xtask bench verify|install [--size-mib N] | enroll [--devices N] | link [--records N] [--bundle-mib N] | footprint [--seconds N] | site [--drones N] [--bundle-mib M] | smoke"
+            "usage: cargo xtask bench verify|install [--size-mib N] | enroll [--devices N] | link [--records N] [--bundle-mib N] | cluster [--records N] [--devices N] | footprint [--seconds N] | site [--drones N] [--bundle-mib M] | smoke"
         ),
     }
 }

@@ -6,6 +6,7 @@
 //!   stream read rate (one ordered consumer over the same messages).
 
 use std::fs;
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -56,85 +57,8 @@ pub fn run(args: &[String]) -> Result<()> {
         &["nats", "creds", "--dir", "org", "--account", "fleet", "--name", "bench", "--out", "bench.creds"],
     )?;
 
-    // A device enrolled offline, whose outbox is filled while it is off.
-    let dev = dir.join("dev");
-    fs::create_dir_all(dev.join("slots"))?;
-    fs::copy(dir.join("org/trust.doc"), dev.join("trust.doc"))?;
-    fs::write(dev.join("boot_id"), "bench\n")?;
-    // The telemetry budget is set to hold every record filled: this bench
-    // measures the drain, and a record dropped to stay in budget would
-    // never arrive.
-    let config = |telemetry_budget: u64| {
-        fs::write(
-            dev.join("agent.toml"),
-            format!(
-                "target = \"bench\"\ntrust = \"{}\"\nboot_id = \"{}\"\n[device]\nid = \"bench-1\"\n[slots]\nbackend = \"dir\"\nroot = \"{}\"\n[reports]\nheartbeat = \"1h\"\ntelemetry_budget = {telemetry_budget}\n",
-                dev.join("trust.doc").display(),
-                dev.join("boot_id").display(),
-                dev.join("slots").display()
-            ),
-        )
-    };
-    config(4 << 20)?;
-    let agent = |args: &[&str]| -> Result<String> {
-        let mut a = vec!["--config", "dev/agent.toml", "--state-dir", "dev/state"];
-        a.extend_from_slice(args);
-        quiet(&bin.join("perch-agent"), &a)
-    };
-    agent(&["enroll", "--request-out", "dev.req"])?;
-    quiet(
-        &boot,
-        &[
-            "sign-request",
-            "--dir",
-            "org",
-            "dev.req",
-            "--out",
-            "dev.resp",
-            "--group",
-            "bench",
-            "--fleet-url",
-            &url,
-        ],
-    )?;
-    agent(&["enroll", "--import", "dev.resp"])?;
-    step(&format!("bench link: {records} reports queued in the outbox while offline"));
-    let filled = within(
-        &tool,
-        &["fill", "dev/state", "bench-1", &records.to_string()],
-        120 + records / 500,
-        "filling the outbox",
-    )?;
-    println!("{}", filled.trim());
-    let bytes = serde_json::from_str::<serde_json::Value>(filled.trim())?["bytes"]
-        .as_u64()
-        .context("link-bench fill printed no byte count")?;
-    let budget = (bytes + (1 << 20)).max(4 << 20);
-    config(budget)?;
-    println!("telemetry_budget = {budget} (the {bytes} bytes queued, and room for the agent's own reports)");
-
-    step("bench link: the agent starts and drains its outbox into PERCH_REPORTS");
-    let child = Command::new(bin.join("perch-agent"))
-        .args(["--config", "dev/agent.toml", "--state-dir", "dev/state", "run"])
-        .current_dir(&dir)
-        .stdout(Stdio::null())
-        .stderr(fs::File::create(dir.join("agent.log"))?)
-        .spawn()?;
-    fleet.adopt("agent", child);
-    // The tool fails by itself if reports stop arriving; this is the backstop.
-    let waited = within(
-        &tool,
-        &["wait", &url, "bench.creds", "org/tls/ca.pem", &records.to_string()],
-        660,
-        &format!(
-            "waiting for {records} reports in PERCH_REPORTS (agent log: {})",
-            dir.join("agent.log").display()
-        ),
-    )?;
-    let v: serde_json::Value = serde_json::from_str(waited.trim())?;
-    let secs = v["seconds"].as_f64().unwrap_or(0.0);
+    let secs = drain(&dir, &bin, &tool, &mut fleet, "bench.creds", records)?;
     let drain_rate = records as f64 / secs;
-    println!("{}", waited.trim());
 
     step(&format!("bench link: a {bundle_mib} MiB bundle, fetched the agent's way and read raw"));
     crate::demo::write_image(&dir.join("payload.img"), bundle_mib << 20)?;
@@ -205,6 +129,96 @@ pub fn run(args: &[String]) -> Result<()> {
         fs::remove_dir_all(&dir)?;
     }
     Ok(())
+}
+
+/// A device enrolled offline in `dir/dev` (its enrollment names every
+/// server of `fleet`) fills its outbox with `records` reports while off,
+/// then its agent drains them into PERCH_REPORTS: the seconds from the
+/// agent's start until the stream holds them all, as the FLEET user
+/// `creds` sees it. The agent is left running in `fleet`.
+pub fn drain(
+    dir: &Path,
+    bin: &Path,
+    tool: &Path,
+    fleet: &mut LocalFleet,
+    creds: &str,
+    records: u64,
+) -> Result<f64> {
+    let quiet = |program: &Path, args: &[&str]| crate::util::run_in(dir, program, args);
+    let within = |program: &Path, args: &[&str], limit: u64, what: &str| {
+        crate::bench_wait::run_within(dir, program, args, Duration::from_secs(limit), what)
+    };
+    let boot = bin.join("perch-bootstrap");
+    let url = fleet.url.clone();
+    // A device enrolled offline, whose outbox is filled while it is off.
+    let dev = dir.join("dev");
+    fs::create_dir_all(dev.join("slots"))?;
+    fs::copy(dir.join("org/trust.doc"), dev.join("trust.doc"))?;
+    fs::write(dev.join("boot_id"), "bench\n")?;
+    // The telemetry budget is set to hold every record filled: this bench
+    // measures the drain, and a record dropped to stay in budget would
+    // never arrive.
+    let config = |telemetry_budget: u64| {
+        fs::write(
+            dev.join("agent.toml"),
+            format!(
+                "target = \"bench\"\ntrust = \"{}\"\nboot_id = \"{}\"\n[device]\nid = \"bench-1\"\n[slots]\nbackend = \"dir\"\nroot = \"{}\"\n[reports]\nheartbeat = \"1h\"\ntelemetry_budget = {telemetry_budget}\n",
+                dev.join("trust.doc").display(),
+                dev.join("boot_id").display(),
+                dev.join("slots").display()
+            ),
+        )
+    };
+    config(4 << 20)?;
+    let agent = |args: &[&str]| -> Result<String> {
+        let mut a = vec!["--config", "dev/agent.toml", "--state-dir", "dev/state"];
+        a.extend_from_slice(args);
+        quiet(&bin.join("perch-agent"), &a)
+    };
+    agent(&["enroll", "--request-out", "dev.req"])?;
+    let mut sign = vec!["sign-request", "--dir", "org", "dev.req", "--out", "dev.resp", "--group", "bench"];
+    for u in &fleet.urls {
+        sign.extend(["--fleet-url", u.as_str()]);
+    }
+    quiet(&boot, &sign)?;
+    agent(&["enroll", "--import", "dev.resp"])?;
+    step(&format!("drain: {records} reports queued in the outbox while offline"));
+    let filled = within(
+        tool,
+        &["fill", "dev/state", "bench-1", &records.to_string()],
+        120 + records / 500,
+        "filling the outbox",
+    )?;
+    println!("{}", filled.trim());
+    let bytes = serde_json::from_str::<serde_json::Value>(filled.trim())?["bytes"]
+        .as_u64()
+        .context("link-bench fill printed no byte count")?;
+    let budget = (bytes + (1 << 20)).max(4 << 20);
+    config(budget)?;
+    println!("telemetry_budget = {budget} (the {bytes} bytes queued, and room for the agent's own reports)");
+
+    step("drain: the agent starts and drains its outbox into PERCH_REPORTS");
+    let child = Command::new(bin.join("perch-agent"))
+        .args(["--config", "dev/agent.toml", "--state-dir", "dev/state", "run"])
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(dir.join("agent.log"))?)
+        .spawn()?;
+    fleet.adopt("agent", child);
+    // The tool fails by itself if reports stop arriving; this is the backstop.
+    let waited = within(
+        tool,
+        &["wait", &url, creds, "org/tls/ca.pem", &records.to_string()],
+        660,
+        &format!(
+            "waiting for {records} reports in PERCH_REPORTS (agent log: {})",
+            dir.join("agent.log").display()
+        ),
+    )?;
+    let v: serde_json::Value = serde_json::from_str(waited.trim())?;
+    let secs = v["seconds"].as_f64().unwrap_or(0.0);
+    println!("{}", waited.trim());
+    Ok(secs)
 }
 
 /// The link scenarios at the sizes the issue names (CI runs them scaled

@@ -15,6 +15,7 @@ const BENCHES: &[(&str, &[&str])] = &[
     ("install", &["--size-mib", "8"]),
     ("enroll", &["--devices", "50"]),
     ("link", &["--records", "2000", "--bundle-mib", "4"]),
+    ("cluster", &["--records", "2000", "--devices", "50"]),
     ("footprint", &["--seconds", "5"]),
     ("site", &["--drones", "3", "--bundle-mib", "8"]),
 ];

@@ -1,5 +1,6 @@
 //! A local fleet for the demo and the benchmarks: an org, a nats-server in
-//! operator mode with TLS on a free loopback port, and provisioners. Every
+//! operator mode with TLS on a free loopback port (or a cluster of them),
+//! and provisioners. Every
 //! process is killed when the `LocalFleet` is dropped, so nothing is left
 //! running whatever happens.
 
@@ -16,6 +17,8 @@ pub struct LocalFleet {
     pub dir: PathBuf,
     pub bin: PathBuf,
     pub url: String,
+    /// Every server's URL (`url` is the first).
+    pub urls: Vec<String>,
     children: Vec<(String, Child)>,
 }
 
@@ -42,10 +45,59 @@ impl LocalFleet {
             dir: dir.into(),
             bin: bin.into(),
             url: format!("tls://127.0.0.1:{port}"),
+            urls: vec![format!("tls://127.0.0.1:{port}")],
             children: vec![],
         };
         f.server("nats-server", &conf, port)?;
         Ok(f)
+    }
+
+    /// Starts a cluster of `n` servers `n1..` configured by `perch-bootstrap
+    /// nats cluster` for the org in `dir/org`, each in
+    /// `org/nats/cluster/nI/`; returns once they have routes to each other
+    /// and a JetStream meta leader.
+    pub fn start_cluster(dir: &Path, bin: &Path, n: usize) -> Result<LocalFleet> {
+        // Client, route and leafnode ports: probe them all while holding
+        // them, so no two are the same.
+        let probes = (0..3 * n).map(|_| TcpListener::bind("127.0.0.1:0")).collect::<Result<Vec<_>, _>>()?;
+        let ports = probes.iter().map(|l| l.local_addr().map(|a| a.port())).collect::<Result<Vec<_>, _>>()?;
+        drop(probes);
+        let mut args: Vec<String> = ["nats", "cluster", "--dir", "org", "--bind", "127.0.0.1"]
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        for i in 0..n {
+            let p = &ports[3 * i..3 * i + 3];
+            args.extend(["--server".into(), format!("n{}=127.0.0.1:{}:{}:{}", i + 1, p[0], p[1], p[2])]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        crate::util::run_in(dir, &bin.join("perch-bootstrap"), &args)?;
+        println!(
+            "  nats-server: {} (a cluster of {n})",
+            crate::util::nats_server_version(&crate::util::nats_server())
+        );
+        let urls: Vec<String> = (0..n).map(|i| format!("tls://127.0.0.1:{}", ports[3 * i])).collect();
+        let mut f =
+            LocalFleet { dir: dir.into(), bin: bin.into(), url: urls[0].clone(), urls, children: vec![] };
+        let sdirs: Vec<PathBuf> = (1..=n).map(|i| dir.join(format!("org/nats/cluster/n{i}"))).collect();
+        for (i, sdir) in sdirs.iter().enumerate() {
+            f.server(&format!("nats-server-n{}", i + 1), &sdir.join("nats-server.conf"), ports[3 * i])?;
+        }
+        let logs = || {
+            (1..=n).map(|i| fs::read_to_string(dir.join(format!("nats-server-n{i}.log"))).unwrap_or_default())
+        };
+        let start = Instant::now();
+        loop {
+            let all: Vec<String> = logs().collect();
+            let routed = all.iter().all(|l| l.matches("Route connection created").count() >= n - 1);
+            if routed && all.iter().any(|l| l.contains("metadata leader")) {
+                return Ok(f);
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                bail!("the cluster did not form in 30 s: {}", all.join("\n---\n"));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// Starts nats-server with `conf` (logging to `NAME.log`, stopped on
@@ -74,8 +126,12 @@ impl LocalFleet {
     /// Starts a provisioner and waits for it to say it is ready.
     pub fn provisioner(&mut self) -> Result<()> {
         let n = self.children.iter().filter(|(name, _)| name.starts_with("provisioner")).count();
-        let url = self.url.clone();
-        self.ready(&format!("provisioner-{n}"), &["run", "--dir", "org", "--url", &url], "provisioner ready")
+        let mut args = vec!["run".to_string(), "--dir".into(), "org".into()];
+        for u in &self.urls {
+            args.extend(["--url".into(), u.clone()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.ready(&format!("provisioner-{n}"), &args, "provisioner ready")
     }
 
     /// Starts `perch-bootstrap ARGS` (logging to `NAME.log`, stopped on

@@ -1,6 +1,7 @@
 //! Developer automation for perch: `cargo xtask <setup|ci|demo|cross|bench>`.
 
 mod bench;
+mod bench_cluster;
 mod bench_enroll;
 mod bench_footprint;
 mod bench_link;
@@ -39,11 +40,14 @@ commands:
   bench link [--records N] [--bundle-mib N]
                                 outbox drain rate, and chunk fetch against bare direct gets
   bench link --full             the link scenarios at full size (100 MiB, 10,000 reports)
+  bench cluster [--records N] [--devices N]
+                                report drain and enrollment rates, one server against a
+                                three-server R3 cluster, and the ratio
   bench footprint [--seconds N] agent size (aarch64) and idle memory (x86_64) against the floor
   bench site [--drones N] [--bundle-mib M]
                                 bytes across a field site's uplink for a bundle its N drones
                                 install, against the bundle's size (goal <= 1.1)
-  bench smoke                   verify, install, enroll, link, footprint, site at a small size (in CI)
+  bench smoke                   verify, install, enroll, link, cluster, footprint, site at a small size (in CI)
   fuzz [--seconds N] [TARGET...]  every cargo-fuzz target for N seconds each (default 600;
                       the scheduled job, not CI), then executions and corpus sizes
   docs                build the Hugo site and check its links";
