@@ -223,10 +223,22 @@ pub async fn follow(
             Decision::Nothing => continue,
             Decision::Record => {}
             Decision::Install => {
-                if let Some(busy) = deploy(&client, &cfg, &state_dir, &entry, &engine, &reporter).await {
+                if let Some(why) = deploy(&client, &cfg, &state_dir, &entry, &engine, &reporter).await {
                     // Not acted on: the next resync or change tries again.
                     if waiting != Some(entry.revision) {
-                        warn!("desired state waits: {busy}");
+                        warn!("desired state waits: {}", why.reason());
+                        if let (Waiting::NotHere(reason), Some(r)) = (&why, &reporter) {
+                            // Said once per revision, so the fleet sees why
+                            // the device has not started (a rollout waits).
+                            let kind = ReportKind::Deploy {
+                                state: "waiting".into(),
+                                reason: Some(reason.clone()),
+                                bundle: Some(entry.bundle),
+                            };
+                            if let Err(e) = r.queue(Lane::Events, kind) {
+                                warn!("waiting report not queued: {e}");
+                            }
+                        }
                         waiting = Some(entry.revision);
                     }
                     continue;
@@ -239,9 +251,26 @@ pub async fn follow(
     }
 }
 
+/// Why a deploy did not start; the next wake-up or resync tries again.
+enum Waiting {
+    /// A local command (a technician's `perch-agent install`, say) holds
+    /// the deploy engine: who holds it.
+    Busy(String),
+    /// The bundle is not on the server yet (not published, or a field site
+    /// still copying it).
+    NotHere(String),
+}
+
+impl Waiting {
+    fn reason(&self) -> &str {
+        match self {
+            Waiting::Busy(r) | Waiting::NotHere(r) => r,
+        }
+    }
+}
+
 /// Fetches and installs the bundle `entry` names; every outcome is reported.
-/// If it could not start because a local command (a technician's
-/// `perch-agent install`, say) holds the deploy engine, who holds it.
+/// None once it has ended; why, if it could not start.
 async fn deploy(
     client: &Client,
     cfg: &Config,
@@ -249,7 +278,7 @@ async fn deploy(
     entry: &Entry,
     engine: &Mutex<()>,
     reporter: &Option<Reporter>,
-) -> Option<String> {
+) -> Option<Waiting> {
     let digest = entry.bundle;
     let _turn = engine.lock().await;
     let settings = FetchSettings {
@@ -262,8 +291,10 @@ async fn deploy(
     let outcome =
         install(client.clone(), cfg.clone(), state_dir.to_path_buf(), entry, settings, reporter.clone())
             .await;
-    if let Err(Failure::EngineInUse(busy) | Failure::NotHere(busy)) = outcome {
-        return Some(busy);
+    match outcome {
+        Err(Failure::EngineInUse(busy)) => return Some(Waiting::Busy(busy)),
+        Err(Failure::NotHere(why)) => return Some(Waiting::NotHere(why)),
+        _ => {}
     }
     // The deploy has ended: a retry (a new revision) gets a fresh budget.
     let _ = std::fs::remove_file(state_dir.join(crate::fetch::LEDGER_FILE));

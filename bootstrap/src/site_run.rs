@@ -222,6 +222,8 @@ struct Wanted {
     arrived: BTreeSet<[u8; 32]>,
     /// The bundles the chunk stream was last set to copy.
     copying: Option<ChunkSources>,
+    /// Why the last retarget failed, so a lasting failure is said once.
+    failed: Option<String>,
 }
 
 impl Wanted {
@@ -292,6 +294,8 @@ impl Keeper {
                 }
                 _ = poll.tick() => {
                     if current {
+                        // Again, in case an update failed (the server was busy).
+                        self.retarget(wanted).await;
                         self.look_for_arrivals(wanted).await;
                     }
                 }
@@ -299,8 +303,8 @@ impl Keeper {
         }
     }
 
-    /// Points the chunk stream at the wanted bundles (on 2.9, at all) and
-    /// drops the chunks of bundles no longer wanted.
+    /// Points the chunk stream at the wanted bundles (on 2.9, at all), if
+    /// it is not already.
     async fn retarget(&self, wanted: &mut Wanted) {
         let want = ChunkSources::for_server(&self.version, wanted.bundles());
         if wanted.copying.as_ref() == Some(&want) {
@@ -318,8 +322,15 @@ impl Keeper {
                     .arrived
                     .retain(|d| matches!(&want, ChunkSources::All) || wanted.keys.values().any(|k| k == d));
                 wanted.copying = Some(want);
+                wanted.failed = None;
             }
-            Err(e) => warn!("site chunk stream not retargeted (tried again on the next change): {e}"),
+            Err(e) => {
+                let e = e.to_string();
+                if wanted.failed.as_ref() != Some(&e) {
+                    warn!("site chunk stream not retargeted (tried again every second): {e}");
+                }
+                wanted.failed = Some(e);
+            }
         }
     }
 
