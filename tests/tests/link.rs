@@ -385,7 +385,10 @@ fn a_put_is_applied_live_and_putting_a_failed_bundle_again_retries_it() {
     assert_eq!(set.code, 0, "{}", set.stderr);
     let listed = f.operator(&["desired", "list"], &["--json"]);
     assert!(listed.stdout.contains(&hex(&digest)), "{}", listed.stdout);
-    let done = wait_for(Duration::from_secs(60), || deploy_state(&d).0 == "committed");
+    // Committed, and the revision recorded (the agent writes its record
+    // just after the install returns).
+    let recorded = || d.dir.join("state/desired.json").exists();
+    let done = wait_for(Duration::from_secs(60), || deploy_state(&d).0 == "committed" && recorded());
     // A restart resumes from the recorded revision: nothing is redone.
     kill(&mut agent);
     assert!(done, "{}", f.log("rover-5-run.log"));
