@@ -511,56 +511,14 @@ impl Fleet {
     /// Builds and signs (with k1) an archive bundle of the scratch
     /// directory `dir`; returns (file, digest, payload length).
     pub fn bundle_of_dir(&self, name: &str, counter: u32, dir: &str) -> (String, [u8; 32], u64) {
-        let s = &self.s;
         let file = format!("{name}-{counter}.perch");
-        let input = s.path(dir);
-        s.ok(
-            "perch",
-            &[
-                "bundle",
-                "build",
-                "--name",
-                name,
-                "--counter",
-                &counter.to_string(),
-                "--kind",
-                "archive",
-                "--input",
-                input.to_str().unwrap(),
-                "--out",
-                &file,
-            ],
-        );
-        s.ok("perch", &["bundle", "sign", "--key", "k1.key", &file]);
-        let v: serde_json::Value =
-            serde_json::from_str(&s.ok("perch", &["bundle", "inspect", "--json", &file]).stdout).unwrap();
-        let hexd = v["digest"].as_str().unwrap();
-        let mut digest = [0u8; 32];
-        for (i, b) in digest.iter_mut().enumerate() {
-            *b = u8::from_str_radix(&hexd[2 * i..2 * i + 2], 16).unwrap();
-        }
-        (file, digest, v["payload_len"].as_u64().unwrap_or(0))
+        let (digest, len) = self.s.signed_archive(name, counter, dir, &file);
+        (file, digest, len)
     }
 
     /// `perch publish` of a bundle file in the scratch dir.
     pub fn publish(&self, file: &str) {
-        let s = &self.s;
-        s.fleet_creds("release");
-        s.ok(
-            "perch",
-            &[
-                "publish",
-                "--trust",
-                "org/trust.doc",
-                "--url",
-                &self.url,
-                "--creds",
-                "release.creds",
-                "--ca",
-                "org/tls/ca.pem",
-                file,
-            ],
-        );
+        self.s.publish(&self.url, file);
     }
 }
 

@@ -57,6 +57,38 @@ impl Default for Scratch {
 }
 
 impl Scratch {
+    /// Builds and signs (with k1) an archive bundle of the scratch
+    /// directory `dir` into `file`; returns its digest and payload length.
+    pub fn signed_archive(&self, name: &str, counter: u32, dir: &str, file: &str) -> ([u8; 32], u64) {
+        let input = self.path(dir);
+        let counter = counter.to_string();
+        let build =
+            ["bundle", "build", "--name", name, "--counter", &counter, "--kind", "archive", "--input"];
+        let mut args = build.to_vec();
+        args.extend([input.to_str().unwrap(), "--out", file]);
+        self.ok("perch", &args);
+        self.ok("perch", &["bundle", "sign", "--key", "k1.key", file]);
+        let v: serde_json::Value =
+            serde_json::from_str(&self.ok("perch", &["bundle", "inspect", "--json", file]).stdout).unwrap();
+        let hexd = v["digest"].as_str().unwrap();
+        let mut digest = [0u8; 32];
+        for (i, b) in digest.iter_mut().enumerate() {
+            *b = u8::from_str_radix(&hexd[2 * i..2 * i + 2], 16).unwrap();
+        }
+        (digest, v["payload_len"].as_u64().unwrap_or(0))
+    }
+
+    /// `perch publish FILE` (a file in the scratch dir) to the server at
+    /// `url`, with a release credential of the org.
+    pub fn publish(&self, url: &str, file: &str) {
+        self.fleet_creds("release");
+        let creds = ["--creds", "release.creds", "--ca", "org/tls/ca.pem"];
+        let mut args = vec!["publish", "--trust", "org/trust.doc", "--url", url];
+        args.extend(creds);
+        args.push(file);
+        self.ok("perch", &args);
+    }
+
     pub fn new() -> Self {
         Scratch { dir: tempfile::tempdir().expect("tempdir") }
     }

@@ -130,47 +130,9 @@ impl Field {
         std::fs::create_dir_all(s.path(name)).unwrap();
         s.write_payload(&format!("{name}/data.bin"), len, counter as u8);
         let file = format!("{name}.perch");
-        let input = s.path(name);
-        let counter = counter.to_string();
-        s.ok(
-            "perch",
-            &[
-                "bundle",
-                "build",
-                "--name",
-                name,
-                "--counter",
-                &counter,
-                "--kind",
-                "archive",
-                "--input",
-                input.to_str().unwrap(),
-                "--out",
-                &file,
-            ],
-        );
-        s.ok("perch", &["bundle", "sign", "--key", "k1.key", &file]);
-        s.fleet_creds("release");
-        let url = self.hub_url();
-        s.ok(
-            "perch",
-            &[
-                "publish",
-                "--trust",
-                "org/trust.doc",
-                "--creds",
-                "release.creds",
-                "--ca",
-                "org/tls/ca.pem",
-                "--url",
-                &url,
-                &file,
-            ],
-        );
-        let v: serde_json::Value =
-            serde_json::from_str(&s.ok("perch", &["bundle", "inspect", "--json", &file]).stdout).unwrap();
-        let size = std::fs::metadata(s.path(&file)).unwrap().len();
-        (v["digest"].as_str().unwrap().to_string(), size)
+        let (digest, _) = s.signed_archive(name, counter, name, &file);
+        s.publish(&self.hub_url(), &file);
+        (hex::encode(digest), std::fs::metadata(s.path(&file)).unwrap().len())
     }
 
     /// `perch desired set --group g --digest D` at the hub.
