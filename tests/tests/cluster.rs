@@ -796,10 +796,16 @@ fn a_server_whose_jetstream_directory_was_wiped_rejoins_and_catches_up() {
     let before = r.count();
     assert!(wait_for(Duration::from_secs(30), || r.count() >= before + 200), "{}", h.logs());
     let mut down = streams(&h);
-    assert!(wait_for(Duration::from_secs(30), || {
-        down = streams(&h);
-        down.code == 1 && down.stderr.contains(&format!("{name} "))
-    }));
+    assert!(
+        wait_for(Duration::from_secs(30), || {
+            down = streams(&h);
+            down.code == 1 && down.stderr.contains(&format!("{name} "))
+        }),
+        "perch streams with {name} down: exit {}\n{}{}",
+        down.code,
+        down.stdout,
+        down.stderr
+    );
     assert_eq!(down.stderr.lines().count(), 1, "{}", down.stderr);
     eprintln!("{name} down:\n{}{}", down.stdout, down.stderr);
     h.cluster.restart(wiped);
