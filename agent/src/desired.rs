@@ -177,6 +177,35 @@ async fn watch_keys(client: &Client, keys: &[String], wake: Arc<Notify>) {
     }
 }
 
+/// What the follower hands a new desired bundle to: the deploy engine
+/// ([`EngineDeployer`]) in the agent, a simulated device in `cargo xtask
+/// bench fleet` (which runs this follower, the link and the outbox
+/// without slots).
+pub trait Deployer: Send + Sync + 'static {
+    /// Mid-switch (a trial or a rollback waiting for its reboot): a change
+    /// is neither acted on nor recorded until the slot settles.
+    fn is_switching(&self) -> bool;
+    /// Whether the last outcome here is a failure or rollback of `digest`
+    /// (keeps a failed bundle from looping when the record was lost).
+    fn gave_up_on(&self, digest: &[u8; 32]) -> bool;
+    /// Fetches and installs `entry`'s bundle, reporting every outcome.
+    /// None once it has ended; why, if it could not start.
+    fn deploy(&self, entry: &Entry) -> impl std::future::Future<Output = Option<Waiting>> + Send;
+}
+
+/// The follower's link and where it keeps its record.
+pub struct Follow {
+    pub client: Client,
+    pub state_dir: PathBuf,
+    pub device: String,
+    pub groups: Vec<String>,
+    /// How often the keys are read even with no change heard (`fetch.resync`).
+    pub resync: std::time::Duration,
+    pub reporter: Option<Reporter>,
+    /// Notified on every (re)connect.
+    pub connected: Arc<Notify>,
+}
+
 /// Follows the desired state for as long as the agent runs. `connected`
 /// is notified on every (re)connect.
 #[allow(clippy::too_many_arguments)]
@@ -190,12 +219,26 @@ pub async fn follow(
     reporter: Option<Reporter>,
     connected: Arc<Notify>,
 ) {
+    let resync = cfg.fetch.resync;
+    let deployer = EngineDeployer {
+        client: client.clone(),
+        cfg,
+        state_dir: state_dir.clone(),
+        engine,
+        reporter: reporter.clone(),
+    };
+    follow_with(Follow { client, state_dir, device, groups, resync, reporter, connected }, deployer).await
+}
+
+/// Follows the desired state, handing each new intent to `deployer`.
+pub async fn follow_with<D: Deployer>(f: Follow, deployer: D) {
+    let Follow { client, state_dir, device, groups, resync, reporter, connected } = f;
     let wake = connected;
     watch_keys(&client, &keys(&device, &groups), wake.clone()).await;
     let mut handled = Handled::load(&state_dir);
     // The revision told to wait for a local command, so it is said once.
     let mut waiting = None;
-    let mut tick = tokio::time::interval(cfg.fetch.resync);
+    let mut tick = tokio::time::interval(resync);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -212,18 +255,15 @@ pub async fn follow(
                 continue;
             }
         };
-        let gave_up = |d: &[u8; 32]| gave_up_on(&state_dir, d);
         let Some(entry) = entry else { continue };
-        // Mid-switch (a trial or a rollback waiting for its reboot): not now,
-        // and not recorded, so the change is acted on once the slot settles.
-        if JournalStore::new(&state_dir).load().is_ok_and(|j| j.state.is_switching()) {
+        if deployer.is_switching() {
             continue;
         }
-        match decide(handled.as_ref(), Some(&entry), gave_up) {
+        match decide(handled.as_ref(), Some(&entry), |d| deployer.gave_up_on(d)) {
             Decision::Nothing => continue,
             Decision::Record => {}
             Decision::Install => {
-                if let Some(why) = deploy(&client, &cfg, &state_dir, &entry, &engine, &reporter).await {
+                if let Some(why) = deployer.deploy(&entry).await {
                     // Not acted on: the next resync or change tries again.
                     if waiting != Some(entry.revision) {
                         warn!("desired state waits: {}", why.reason());
@@ -252,7 +292,7 @@ pub async fn follow(
 }
 
 /// Why a deploy did not start; the next wake-up or resync tries again.
-enum Waiting {
+pub enum Waiting {
     /// A local command (a technician's `perch-agent install`, say) holds
     /// the deploy engine: who holds it.
     Busy(String),
@@ -266,6 +306,29 @@ impl Waiting {
         match self {
             Waiting::Busy(r) | Waiting::NotHere(r) => r,
         }
+    }
+}
+
+/// The agent's deployer: the deploy engine, one install at a time.
+pub struct EngineDeployer {
+    client: Client,
+    cfg: Config,
+    state_dir: PathBuf,
+    engine: Arc<Mutex<()>>,
+    reporter: Option<Reporter>,
+}
+
+impl Deployer for EngineDeployer {
+    fn is_switching(&self) -> bool {
+        JournalStore::new(&self.state_dir).load().is_ok_and(|j| j.state.is_switching())
+    }
+
+    fn gave_up_on(&self, digest: &[u8; 32]) -> bool {
+        gave_up_on(&self.state_dir, digest)
+    }
+
+    fn deploy(&self, entry: &Entry) -> impl std::future::Future<Output = Option<Waiting>> + Send {
+        deploy(&self.client, &self.cfg, &self.state_dir, entry, &self.engine, &self.reporter)
     }
 }
 

@@ -175,6 +175,17 @@ impl ChunkSource {
         })
     }
 
+    /// The bundle file's length: head and payload.
+    pub fn file_len(&self) -> u64 {
+        self.head.len() as u64 + self.payload_len
+    }
+
+    /// The head as fetched (checked to be the desired bundle's, not yet
+    /// verified: the engine does that).
+    pub fn head(&self) -> &[u8] {
+        &self.head
+    }
+
     /// Bytes received so far (head included).
     pub fn fetched(&self) -> Arc<AtomicU64> {
         self.fetched.clone()

@@ -255,6 +255,12 @@ impl Outbox {
         self.epoch
     }
 
+    /// The sequence number of the last record appended in this epoch (0:
+    /// none yet).
+    pub fn last_seq(&self) -> u64 {
+        self.next_seq.saturating_sub(1)
+    }
+
     /// Appends a record whose payload `make` builds from its sequence
     /// number. Events are fsynced before this returns. Returns the sequence
     /// number, and the range of telemetry records dropped to stay in

@@ -29,8 +29,8 @@ pub struct Reporter {
     device: String,
     boot_id: String,
     state_dir: PathBuf,
-    /// To tell which slot is running (and so which bundle).
-    slots: crate::config::Slots,
+    /// Where each report's journal state and running bundle come from.
+    state: StateSource,
     wake: Arc<Notify>,
     /// The journal state last accounted for (name, bundle): reached by
     /// this agent's engine, or reported by [`journal_watch`].
@@ -38,6 +38,21 @@ pub struct Reporter {
 }
 
 type DeployKey = (String, Option<[u8; 32]>);
+
+/// What a report says the device is doing: the journal's state name, the
+/// running slot and the bundle in it.
+pub type DeviceState = (String, Option<String>, Option<BundleInfo>);
+
+/// Where a report's [`DeviceState`] comes from.
+#[derive(Clone)]
+enum StateSource {
+    /// The journal and the booted slot, read afresh for every report.
+    Device(crate::config::Slots),
+    /// Told by the caller: a simulated device (`cargo xtask bench fleet`)
+    /// that runs the agent's link, outbox and desired-state follower with
+    /// no slots at all.
+    Given(Arc<dyn Fn() -> DeviceState + Send + Sync>),
+}
 
 impl Reporter {
     pub fn new(
@@ -47,12 +62,28 @@ impl Reporter {
         state_dir: &Path,
         slots: crate::config::Slots,
     ) -> Self {
+        Self::make(outbox, device, boot_id, state_dir, StateSource::Device(slots))
+    }
+
+    /// A reporter whose device state is whatever `state` says: for a
+    /// simulated device, which has an outbox but no journal or slots.
+    pub fn with_state(
+        outbox: Outbox,
+        device: &str,
+        boot_id: &str,
+        state_dir: &Path,
+        state: Arc<dyn Fn() -> DeviceState + Send + Sync>,
+    ) -> Self {
+        Self::make(outbox, device, boot_id, state_dir, StateSource::Given(state))
+    }
+
+    fn make(outbox: Outbox, device: &str, boot_id: &str, state_dir: &Path, state: StateSource) -> Self {
         Self {
             outbox: Arc::new(Mutex::new(outbox)),
             device: device.into(),
             boot_id: boot_id.into(),
             state_dir: state_dir.into(),
-            slots,
+            state,
             wake: Arc::new(Notify::new()),
             last_deploy: Arc::new(Mutex::new(None)),
         }
@@ -77,9 +108,13 @@ impl Reporter {
 
     /// The journal's state name, the running slot and its bundle: read
     /// afresh for every report, so a report never says what used to be.
-    fn device_state(&self) -> (String, Option<String>, Option<BundleInfo>) {
+    fn device_state(&self) -> DeviceState {
+        let slots = match &self.state {
+            StateSource::Device(slots) => slots,
+            StateSource::Given(f) => return f(),
+        };
         let journal = crate::journal::JournalStore::new(&self.state_dir).load().ok();
-        let booted = crate::slots::from_config(&self.slots, &self.state_dir).booted().ok();
+        let booted = crate::slots::from_config(slots, &self.state_dir).booted().ok();
         let bundle = journal.as_ref().zip(booted).and_then(|(j, s)| j.slot(s).cloned()).map(|b| BundleInfo {
             name: b.name,
             counter: b.counter,
@@ -119,6 +154,11 @@ impl Reporter {
         drop(ob);
         self.wake.notify_one();
         Ok(seq)
+    }
+
+    /// The sequence number of the last report queued (0: none yet).
+    pub fn last_seq(&self) -> u64 {
+        self.outbox().last_seq()
     }
 
     /// Records waiting, and their bytes.

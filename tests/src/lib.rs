@@ -6,7 +6,9 @@
 pub use perch_chaos as chaos;
 pub mod device;
 pub mod fleet;
+pub mod hub;
 pub mod nats;
+pub mod sim;
 /// Real U-Boot on qemu's virt board (its own crate: the demo uses it too).
 pub use perch_uboot_vm as uboot;
 
