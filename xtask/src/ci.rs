@@ -12,6 +12,7 @@ use crate::util::{cargo, root, sh, step};
 const SERVER_TESTS: &[&str] = &[
     "cluster",
     "enroll",
+    "fleet_scale",
     "link",
     "nats_operator",
     "provisioner",
@@ -93,7 +94,7 @@ mod tests {
         for e in std::fs::read_dir(&dir).unwrap() {
             let path = e.unwrap().path();
             let text = std::fs::read_to_string(&path).unwrap();
-            if ["Fleet::start", "NatsServer::start", "NatsCluster::start"].iter().any(|s| text.contains(s)) {
+            if ["Fleet::start", "NatsServer::start", "NatsCluster::start", "Hub::start"].iter().any(|s| text.contains(s)) {
                 starting.push(path.file_stem().unwrap().to_string_lossy().into_owned());
             }
         }
