@@ -36,6 +36,8 @@ pub struct Health {
     pub exists: bool,
     pub replicas: usize,
     pub messages: u64,
+    /// Bytes stored (on each copy).
+    pub bytes: u64,
     /// None: no leader (no quorum, or an election under way).
     pub leader: Option<String>,
     pub followers: Vec<Follower>,
@@ -82,6 +84,7 @@ pub async fn health(js: &jetstream::Context, stream: &str) -> Health {
         exists: true,
         replicas: 0,
         messages: 0,
+        bytes: 0,
         leader: None,
         followers: vec![],
     };
@@ -97,6 +100,7 @@ pub async fn health(js: &jetstream::Context, stream: &str) -> Health {
     let Ok(info) = s.info().await else { return h };
     h.replicas = info.config.num_replicas;
     h.messages = info.state.messages;
+    h.bytes = info.state.bytes;
     if let Some(c) = &info.cluster {
         h.leader = c.leader.clone().filter(|l| !l.is_empty());
         h.followers = c
@@ -135,6 +139,7 @@ mod tests {
             exists: true,
             replicas: 3,
             messages: 10,
+            bytes: 1000,
             leader: leader.map(String::from),
             followers: followers
                 .iter()

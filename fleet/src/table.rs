@@ -181,8 +181,14 @@ pub fn render_rollout(r: &Rollout, view: &FleetView) -> String {
                 _ => None,
             })
             .collect();
+        // A few by name: a wave of thousands can fail by the hundred.
+        const NAMED: usize = 5;
         if !failures.is_empty() {
-            let _ = write!(out, " [{}]", failures.join("; "));
+            let _ = write!(out, " [{}", failures[..failures.len().min(NAMED)].join("; "));
+            if failures.len() > NAMED {
+                let _ = write!(out, "; and {} more: `perch status --json`", failures.len() - NAMED);
+            }
+            out.push(']');
         }
         out.push('\n');
     }

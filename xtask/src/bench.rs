@@ -22,9 +22,10 @@ pub fn run(args: &[String]) -> Result<()> {
         Some("cluster") => crate::bench_cluster::run(&args[1..]),
         Some("footprint") => crate::bench_footprint::run(&args[1..]),
         Some("site") => crate::bench_site::run(&args[1..]),
+        Some("fleet") => crate::bench_fleet::run(&args[1..]),
         Some("smoke") if args.len() == 1 => crate::bench_smoke::run(),
         _ => bail!(
-            "usage: cargo xtask bench verify|install [--size-mib N] | enroll [--devices N] | link [--records N] [--bundle-mib N] | cluster [--records N] [--devices N] | footprint [--seconds N] | site [--drones N] [--bundle-mib M] | smoke"
+            "usage: cargo xtask bench verify|install [--size-mib N] | enroll [--devices N] | link [--records N] [--bundle-mib N] | cluster [--records N] [--devices N] | footprint [--seconds N] | site [--drones N] [--bundle-mib M] | fleet [--devices N] [--servers 1|3] [--agents K] [--chunk-share F] [--bundle-kib K] | smoke"
         ),
     }
 }

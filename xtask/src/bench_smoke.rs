@@ -18,6 +18,7 @@ const BENCHES: &[(&str, &[&str])] = &[
     ("cluster", &["--records", "2000", "--devices", "50"]),
     ("footprint", &["--seconds", "5"]),
     ("site", &["--drones", "3", "--bundle-mib", "8"]),
+    ("fleet", &["--devices", "200", "--servers", "1", "--agents", "1", "--bundle-kib", "256"]),
 ];
 
 pub fn run() -> Result<()> {

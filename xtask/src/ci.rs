@@ -94,7 +94,10 @@ mod tests {
         for e in std::fs::read_dir(&dir).unwrap() {
             let path = e.unwrap().path();
             let text = std::fs::read_to_string(&path).unwrap();
-            if ["Fleet::start", "NatsServer::start", "NatsCluster::start", "Hub::start"].iter().any(|s| text.contains(s)) {
+            if ["Fleet::start", "NatsServer::start", "NatsCluster::start", "Hub::start"]
+                .iter()
+                .any(|s| text.contains(s))
+            {
                 starting.push(path.file_stem().unwrap().to_string_lossy().into_owned());
             }
         }

@@ -168,6 +168,12 @@ impl LocalFleet {
         Ok(())
     }
 
+    /// The process ids of the nats-servers, by name.
+    pub fn servers(&self) -> Vec<(String, u32)> {
+        let servers = self.children.iter().filter(|(name, _)| name.starts_with("nats-server"));
+        servers.map(|(name, c)| (name.clone(), c.id())).collect()
+    }
+
     /// Keeps a background process to kill on drop.
     pub fn adopt(&mut self, name: &str, child: Child) {
         self.children.push((name.into(), child));

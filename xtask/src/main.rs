@@ -3,6 +3,7 @@
 mod bench;
 mod bench_cluster;
 mod bench_enroll;
+mod bench_fleet;
 mod bench_footprint;
 mod bench_link;
 mod bench_site;
