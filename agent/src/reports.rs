@@ -47,7 +47,7 @@ pub type DeviceState = (String, Option<String>, Option<BundleInfo>);
 #[derive(Clone)]
 enum StateSource {
     /// The journal and the booted slot, read afresh for every report.
-    Device(crate::config::Slots),
+    Device(Box<crate::config::Slots>),
     /// Told by the caller: a simulated device (`cargo xtask bench fleet`)
     /// that runs the agent's link, outbox and desired-state follower with
     /// no slots at all.
@@ -62,7 +62,7 @@ impl Reporter {
         state_dir: &Path,
         slots: crate::config::Slots,
     ) -> Self {
-        Self::make(outbox, device, boot_id, state_dir, StateSource::Device(slots))
+        Self::make(outbox, device, boot_id, state_dir, StateSource::Device(Box::new(slots)))
     }
 
     /// A reporter whose device state is whatever `state` says: for a
