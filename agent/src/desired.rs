@@ -13,11 +13,15 @@
 //! Each read yields the effective key and its revision (the stream
 //! sequence). The last revision acted on is kept in `STATE/desired.json`,
 //! so the agent resumes from it after a reconnect, a crash or a reboot: a
-//! revision newer than it is a new intent, the same one is not acted on
-//! twice. A bundle that failed or rolled back is therefore not tried again
-//! until the desired state is written again (re-putting the same bundle
-//! is how an operator asks for a retry). The revision is recorded only
-//! when a deploy has ended, so one cut short by a crash resumes.
+//! new revision of the same key is a new intent, the same one is not acted
+//! on twice. A bundle that failed or rolled back is therefore not tried
+//! again until its key is written again (re-putting the same bundle is how
+//! an operator asks for a retry). Another key taking over with the bundle
+//! already handled (a rollout clearing a device's key once its group's key
+//! names the same bundle) is not a new intent: it is recorded, not
+//! installed, so a device that failed the bundle does not retry it. The
+//! revision is recorded only when a deploy has ended, so one cut short by
+//! a crash resumes.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -67,6 +71,11 @@ impl Handled {
         self.key == e.key && self.revision == e.revision
     }
 
+    /// The same bundle, now named by another key.
+    fn same_bundle_other_key(&self, e: &Entry) -> bool {
+        self.key != e.key && self.bundle == hex::encode(e.bundle)
+    }
+
     pub fn parse(bytes: &[u8]) -> Result<Handled, String> {
         serde_json::from_slice(bytes).map_err(|e| format!("not a desired-state record: {e}"))
     }
@@ -111,6 +120,7 @@ fn decide(handled: Option<&Handled>, entry: Option<&Entry>, gave_up: impl Fn(&[u
     let Some(e) = entry else { return Decision::Nothing };
     match handled {
         Some(h) if h.is(e) => Decision::Nothing,
+        Some(h) if h.same_bundle_other_key(e) => Decision::Record,
         // Nothing recorded (first run, or a lost record): the journal still
         // knows whether this bundle failed here.
         None if gave_up(&e.bundle) => Decision::Record,
@@ -461,8 +471,10 @@ mod tests {
         assert_eq!(decide(Some(&h), Some(&e), never), Decision::Nothing);
         // Re-putting the same bundle is a new revision: a retry.
         assert_eq!(decide(Some(&h), Some(&entry("device.d1", 9, 1)), never), Decision::Install);
-        // The device key deleted, the group's rules: a new intent.
-        assert_eq!(decide(Some(&h), Some(&entry("group.g", 7, 1)), never), Decision::Install);
+        // The device key deleted, the group's rules with another bundle: a new intent.
+        assert_eq!(decide(Some(&h), Some(&entry("group.g", 7, 2)), never), Decision::Install);
+        // With the same bundle: recorded, not installed (nor retried, had it failed).
+        assert_eq!(decide(Some(&h), Some(&entry("group.g", 8, 1)), never), Decision::Record);
     }
 
     #[test]

@@ -138,8 +138,7 @@ pub fn run(args: DeployArgs) -> Result<()> {
                 for n in notes {
                     eprintln!("perch: {n}");
                 }
-                let reached =
-                    r.waves.iter().filter(|w| w.started_at.is_some()).map(|w| w.devices.len()).sum::<usize>();
+                let reached = r.waves.iter().rfind(|w| w.started_at.is_some()).map_or(0, |w| w.upto);
                 println!("rollout {} aborted: {reached} devices pointed back at what they ran before", r.id);
                 Ok(())
             }
@@ -201,8 +200,9 @@ async fn start(a: StartArgs) -> Result<()> {
     };
     let c = connect(conn.target()).await?;
     let r = rollouts::create(&c, &plan, now_unix()).await.map_err(usage)?;
-    let sizes: Vec<String> =
-        r.waves.iter().map(|w| format!("{} ({}%)", w.devices.len(), w.percent)).collect();
+    let sizes: Vec<String> = (0..r.waves.len())
+        .map(|i| format!("{} ({}%)", r.wave_devices(i).len(), r.waves[i].percent))
+        .collect();
     println!(
         "rollout {}: {}@{} to {} in {} waves of {} devices; pauses past {} failures per wave",
         r.id,

@@ -28,7 +28,7 @@ fn nats(e: impl std::fmt::Display) -> DesiredError {
 }
 
 /// Whose desired state.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Scope {
     Device(String),
     Group(String),
@@ -58,13 +58,19 @@ pub struct Entry {
 /// Names `digest` for `scope`; the new revision.
 pub async fn set(js: &jetstream::Context, scope: &Scope, digest: &[u8; 32]) -> Result<u64, DesiredError> {
     let key = scope.key()?;
+    check_published(js, digest).await?;
+    let kv = perch_net::streams::desired(js).await.map_err(DesiredError::Nats)?;
+    kv.put(&key, perch_protocol::desired::encode(digest).into()).await.map_err(nats)
+}
+
+/// Whether the head of bundle `digest` is in `PERCH_CHUNKS`.
+pub async fn check_published(js: &jetstream::Context, digest: &[u8; 32]) -> Result<(), DesiredError> {
     let hex = hex::encode(digest);
     let chunks = js.get_stream(CHUNKS_STREAM).await.map_err(|_| DesiredError::NotPublished(hex.clone()))?;
     if chunks.get_last_raw_message_by_subject(&subjects::chunk(digest, None)).await.is_err() {
         return Err(DesiredError::NotPublished(hex));
     }
-    let kv = perch_net::streams::desired(js).await.map_err(DesiredError::Nats)?;
-    kv.put(&key, perch_protocol::desired::encode(digest).into()).await.map_err(nats)
+    Ok(())
 }
 
 /// [`set`], unless the key already names `digest` (then its revision, and
@@ -95,24 +101,84 @@ pub async fn clear(js: &jetstream::Context, scope: &Scope) -> Result<(), Desired
     kv.delete(&key).await.map_err(nats)
 }
 
-/// Every key in force, sorted.
+/// Every key in force, sorted: one pass over the bucket's stream.
 pub async fn list(js: &jetstream::Context) -> Result<Vec<Entry>, DesiredError> {
-    let Ok(kv) = js.get_key_value(subjects::DESIRED_BUCKET).await else { return Ok(vec![]) };
-    let mut keys = perch_net::kv_keys(&kv).await.map_err(nats)?;
-    let mut names = vec![];
-    while let Some(k) = keys.next().await {
-        names.push(k.map_err(nats)?);
+    let entries = perch_net::read::kv_entries(js, subjects::DESIRED_BUCKET, "").await.map_err(nats)?;
+    let mut out = Vec::with_capacity(entries.len());
+    for e in entries {
+        let digest = perch_protocol::desired::decode(&e.value)
+            .map_err(|err| DesiredError::Corrupt { key: e.key.clone(), detail: err.to_string() })?;
+        out.push(Entry { key: e.key, bundle: hex::encode(digest), revision: e.revision });
     }
-    names.sort();
-    let mut out = vec![];
-    for key in names {
-        let Some(e) = kv.entry(&key).await.map_err(nats)? else { continue };
-        if e.operation != jetstream::kv::Operation::Put {
+    out.sort_by(|a, b| a.key.cmp(&b.key));
+    Ok(out)
+}
+
+/// One change of the desired state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Write {
+    Set(Scope, [u8; 32]),
+    Clear(Scope),
+}
+
+/// Writes in flight at once in [`apply`].
+const WINDOW: usize = 256;
+
+/// Makes each write, in order, that changes its key (a key already naming
+/// the bundle keeps its revision, so no device sees a spurious new
+/// intent): the bucket read once, each bundle's publication checked once,
+/// device keys written `WINDOW` at a time. A group's key is a barrier:
+/// written alone and acknowledged before anything after it is sent, so a
+/// device whose own key is cleared next finds the group's new value. The
+/// number of keys written.
+pub async fn apply(js: &jetstream::Context, writes: &[Write]) -> Result<usize, DesiredError> {
+    use futures_util::stream::FuturesUnordered;
+    let current: std::collections::HashMap<String, String> =
+        list(js).await?.into_iter().map(|e| (e.key, e.bundle)).collect();
+    let mut published = std::collections::HashSet::new();
+    for w in writes {
+        if let Write::Set(_, digest) = w {
+            if !published.contains(digest) {
+                check_published(js, digest).await?;
+                published.insert(*digest);
+            }
+        }
+    }
+    // Make sure the bucket exists before publishing into its stream.
+    perch_net::streams::desired(js).await.map_err(DesiredError::Nats)?;
+    let mut inflight = FuturesUnordered::new();
+    let mut written = 0;
+    for w in writes {
+        let (scope, digest) = match w {
+            Write::Set(scope, d) => (scope, Some(d)),
+            Write::Clear(scope) => (scope, None),
+        };
+        let key = scope.key()?;
+        let now = current.get(&key);
+        if now.map(String::as_str) == digest.map(hex::encode).as_deref() {
             continue;
         }
-        let digest = perch_protocol::desired::decode(&e.value)
-            .map_err(|err| DesiredError::Corrupt { key: key.clone(), detail: err.to_string() })?;
-        out.push(Entry { key, bundle: hex::encode(digest), revision: e.revision });
+        let subject = format!("$KV.{}.{key}", subjects::DESIRED_BUCKET);
+        let ack = match digest {
+            Some(d) => js.publish(subject, perch_protocol::desired::encode(d).into()).await,
+            None => {
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert("KV-Operation", "DEL");
+                js.publish_with_headers(subject, headers, Default::default()).await
+            }
+        }
+        .map_err(nats)?;
+        written += 1;
+        inflight.push(std::future::IntoFuture::into_future(ack));
+        let barrier = matches!(scope, Scope::Group(_));
+        while inflight.len() >= WINDOW || (barrier && !inflight.is_empty()) {
+            if let Some(acked) = inflight.next().await {
+                acked.map_err(nats)?;
+            }
+        }
     }
-    Ok(out)
+    while let Some(acked) = inflight.next().await {
+        acked.map_err(nats)?;
+    }
+    Ok(written)
 }

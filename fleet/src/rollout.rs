@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::view::{DeviceView, FleetView};
+use crate::view::{DeployReport, DeviceView, FleetView};
 
 /// The bundle a rollout installs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -70,21 +70,30 @@ impl std::fmt::Display for Limit {
 pub struct Wave {
     /// Cumulative share of the devices this wave brings the rollout to.
     pub percent: u8,
-    pub devices: Vec<String>,
+    /// The rollout's `devices[..upto]` are this wave and those before it.
+    #[serde(default)]
+    pub upto: usize,
     pub started_at: Option<u64>,
-    /// Each device's last report sequence when the wave started: only
-    /// later reports can fail it.
-    #[serde(default)]
-    pub baseline: BTreeMap<String, u64>,
-    /// The epoch that sequence counts in. A device reporting in another
-    /// epoch was wiped since: all its reports are later.
-    #[serde(default)]
-    pub baseline_epoch: BTreeMap<String, String>,
+    /// The last sequence of `PERCH_REPORTS` when the wave started: only a
+    /// report stored after it can fail the wave. One number for the whole
+    /// wave, however many devices (a device's own sequence numbers would
+    /// take a map of them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reports_seq: Option<u64>,
     /// When every device had an outcome (the `wave_wait` clock).
     pub settled_at: Option<u64>,
     /// Failures an operator accepted with `resume`.
     #[serde(default)]
     pub forgiven: Vec<String>,
+    /// Records written by perch before 0.2 list each wave's devices here,
+    /// with each one's last report sequence and epoch as the baseline;
+    /// [`Rollout::normalize`] moves the devices to the rollout.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub baseline: BTreeMap<String, u64>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub baseline_epoch: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -107,12 +116,20 @@ impl State {
     }
 }
 
+/// A rollout, as kept in `PERCH_ROLLOUTS`. Its size grows with the device
+/// count only by the sorted id list (and the few devices with keys of
+/// their own): about 12 bytes a device, so a NATS message of 1 MiB (the
+/// servers' default `max_payload`) holds a rollout to some 80,000 devices.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Rollout {
     pub id: String,
     pub release: Release,
     /// What the operator asked for: `group:<g>` or `devices`.
     pub scope: String,
+    /// Every device of the rollout, sorted; wave `i` is
+    /// `devices[waves[i-1].upto..waves[i].upto]`.
+    #[serde(default)]
+    pub devices: Vec<String>,
     pub waves: Vec<Wave>,
     pub max_failures: Limit,
     pub wave_wait_secs: u64,
@@ -120,18 +137,85 @@ pub struct Rollout {
     pub state: State,
     pub created_at: u64,
     pub updated_at: u64,
-    /// The bundle (hex digest) each device ran when the rollout began, for
-    /// `abort`; None when it ran no bundle perch knows.
+    /// A group rollout whose last wave names the bundle in the group's key
+    /// (one write, not one per device), then clears the device keys the
+    /// earlier waves wrote, so every device follows the group again.
+    #[serde(default)]
+    pub group_key: bool,
+    /// The group's key before the rollout (hex digest; None: no key),
+    /// which `abort` puts back once the last wave has written it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_before: Option<String>,
+    /// Devices (indexes into `devices`) with a desired-state key of their
+    /// own when the rollout began: the group's key does not reach them, so
+    /// every wave writes theirs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pinned: Vec<u32>,
+    /// What `abort` points devices back at: digest → device indexes. A
+    /// device the rollout reached that is not listed has its key cleared
+    /// (it follows its group's key again).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub restore: BTreeMap<String, Vec<u32>>,
+    /// Records written by perch before 0.2: per device, the bundle it ran.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub previous: BTreeMap<String, Option<String>>,
 }
 
-/// What a rollout step writes to the desired state.
+impl Rollout {
+    /// Moves an older record's per-wave device lists and `previous` map to
+    /// the rollout's device list, `upto` marks and `restore`; every device
+    /// keeps its own key (such a rollout never writes a group key). A
+    /// record already in this form is left as it is.
+    pub fn normalize(&mut self) {
+        if !self.devices.is_empty() || self.waves.iter().all(|w| w.devices.is_empty()) {
+            return;
+        }
+        for w in &mut self.waves {
+            self.devices.append(&mut w.devices);
+            w.upto = self.devices.len();
+        }
+        self.pinned = (0..self.devices.len() as u32).collect();
+        let index: BTreeMap<&str, u32> =
+            self.devices.iter().enumerate().map(|(i, d)| (d.as_str(), i as u32)).collect();
+        for (d, before) in std::mem::take(&mut self.previous) {
+            if let (Some(digest), Some(i)) = (before, index.get(d.as_str())) {
+                self.restore.entry(digest).or_default().push(*i);
+            }
+        }
+    }
+
+    /// The devices of wave `i`.
+    pub fn wave_devices(&self, i: usize) -> &[String] {
+        let from = if i == 0 { 0 } else { self.waves[i - 1].upto };
+        self.devices.get(from..self.waves[i].upto).unwrap_or(&[])
+    }
+
+    /// The group a group rollout is for.
+    pub fn group(&self) -> Option<&str> {
+        self.scope.strip_prefix("group:")
+    }
+
+    fn is_pinned(&self, i: usize) -> bool {
+        self.pinned.binary_search(&(i as u32)).is_ok()
+    }
+
+    /// Whether wave `i` names the bundle in the group's key.
+    fn writes_group_key(&self, i: usize) -> bool {
+        self.group_key && i + 1 == self.waves.len() && self.group().is_some()
+    }
+}
+
+/// What a rollout step writes to the desired state, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     /// `device.<id>` names this digest (written only if it does not already).
     Desire { device: String, digest: String },
     /// Remove `device.<id>`.
     Clear { device: String },
+    /// `group.<g>` names this digest (written only if it does not already).
+    DesireGroup { group: String, digest: String },
+    /// Remove `group.<g>`.
+    ClearGroup { group: String },
 }
 
 /// Where one device stands in its wave.
@@ -144,8 +228,9 @@ pub enum Outcome {
 }
 
 /// Cuts `devices` (sorted) into waves at cumulative `percents` (ending at
-/// 100). A wave that would be empty is skipped.
-pub fn plan_waves(devices: &[String], percents: &[u8]) -> Result<Vec<Wave>, String> {
+/// 100). A wave that would be empty is skipped. The devices, sorted and
+/// without repeats, and the waves.
+pub fn plan_waves(devices: &[String], percents: &[u8]) -> Result<(Vec<String>, Vec<Wave>), String> {
     if devices.is_empty() {
         return Err("no devices to roll out to".into());
     }
@@ -162,17 +247,19 @@ pub fn plan_waves(devices: &[String], percents: &[u8]) -> Result<Vec<Wave>, Stri
         if upto > taken {
             waves.push(Wave {
                 percent: p,
-                devices: devices[taken..upto].to_vec(),
+                upto,
                 started_at: None,
-                baseline: BTreeMap::new(),
-                baseline_epoch: BTreeMap::new(),
+                reports_seq: None,
                 settled_at: None,
                 forgiven: vec![],
+                devices: vec![],
+                baseline: BTreeMap::new(),
+                baseline_epoch: BTreeMap::new(),
             });
             taken = upto;
         }
     }
-    Ok(waves)
+    Ok((devices, waves))
 }
 
 /// `5%,25%,100%` as percentages.
@@ -190,20 +277,27 @@ pub fn parse_waves(s: &str) -> Result<Vec<u8>, String> {
         .collect()
 }
 
-/// Where a device stood when its wave started: its last report.
+/// Where a device stood when its wave started.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct Baseline<'a> {
-    pub seq: u64,
-    /// Unknown for rollouts started before epochs were recorded.
-    pub epoch: Option<&'a str>,
+pub enum Baseline<'a> {
+    /// Nothing known: every report counts.
+    #[default]
+    None,
+    /// The stream's last sequence: reports stored after it count.
+    Stream(u64),
+    /// A record from before 0.2: the device's own last report sequence, in
+    /// its epoch (unknown for the oldest records).
+    Device { seq: u64, epoch: Option<&'a str> },
 }
 
 impl Baseline<'_> {
-    /// Whether a report at `seq` of the device's current `epoch` came after.
-    fn precedes(self, epoch: Option<&str>, seq: u64) -> bool {
-        match self.epoch {
-            Some(e) if epoch != Some(e) => true,
-            _ => seq > self.seq,
+    /// Whether `d`, reported by a device now in `epoch`, came after.
+    fn precedes(self, d: &DeployReport, epoch: Option<&str>) -> bool {
+        match self {
+            Baseline::None => true,
+            Baseline::Stream(seq) => d.stored_seq > seq,
+            Baseline::Device { epoch: Some(e), .. } if epoch != Some(e) => true,
+            Baseline::Device { seq, .. } => d.at_seq > seq,
         }
     }
 }
@@ -221,51 +315,88 @@ pub fn outcome(v: Option<&DeviceView>, digest: &str, baseline: Baseline<'_>) -> 
     }
     if let Some(d) = &v.last_deploy {
         let about_this = d.bundle.as_deref() == Some(digest);
-        let later = baseline.precedes(v.epoch.as_deref(), d.at_seq);
-        if about_this && later && matches!(d.state.as_str(), "failed" | "rolled_back") {
+        if about_this
+            && baseline.precedes(d, v.epoch.as_deref())
+            && matches!(d.state.as_str(), "failed" | "rolled_back")
+        {
             return Outcome::Failed { reason: d.reason.clone().unwrap_or_else(|| d.state.clone()) };
         }
     }
     Outcome::Pending
 }
 
-/// Per device of a wave, its outcome.
-pub fn wave_outcomes(w: &Wave, digest: &str, view: &FleetView) -> Vec<(String, Outcome)> {
-    let by_id: BTreeMap<&str, &DeviceView> = view.devices.iter().map(|d| (d.id.as_str(), d)).collect();
-    w.devices
+/// The fleet's devices by id, for looking many up.
+pub fn by_id(view: &FleetView) -> BTreeMap<&str, &DeviceView> {
+    view.devices.iter().map(|d| (d.id.as_str(), d)).collect()
+}
+
+/// Per device of wave `i`, its outcome.
+pub fn wave_outcomes(r: &Rollout, i: usize, view: &FleetView) -> Vec<(String, Outcome)> {
+    let by_id = by_id(view);
+    let w = &r.waves[i];
+    r.wave_devices(i)
         .iter()
         .map(|id| {
-            let base = Baseline {
-                seq: w.baseline.get(id).copied().unwrap_or(0),
-                epoch: w.baseline_epoch.get(id).map(String::as_str),
+            let base = match (w.reports_seq, w.baseline.get(id)) {
+                (Some(seq), _) => Baseline::Stream(seq),
+                (None, Some(seq)) => {
+                    Baseline::Device { seq: *seq, epoch: w.baseline_epoch.get(id).map(String::as_str) }
+                }
+                (None, None) => Baseline::None,
             };
-            (id.clone(), outcome(by_id.get(id.as_str()).copied(), digest, base))
+            (id.clone(), outcome(by_id.get(id.as_str()).copied(), &r.release.digest, base))
         })
         .collect()
 }
 
-/// The rollout with each wave's per-device outcomes, for `--json`.
+/// The rollout with each started wave's per-device outcomes, for `--json`.
 pub fn progress_json(r: &Rollout, view: &FleetView) -> serde_json::Value {
     let mut v = serde_json::to_value(r).unwrap_or_default();
     for (i, w) in r.waves.iter().enumerate() {
+        v["waves"][i]["devices"] = serde_json::json!(r.wave_devices(i).len());
         if w.started_at.is_some() {
-            let o: BTreeMap<String, Outcome> =
-                wave_outcomes(w, &r.release.digest, view).into_iter().collect();
+            let o: BTreeMap<String, Outcome> = wave_outcomes(r, i, view).into_iter().collect();
             v["waves"][i]["outcomes"] = serde_json::to_value(o).unwrap_or_default();
         }
     }
     v
 }
 
+/// What wave `i` writes when it starts (or again, when a driver takes over).
+fn wave_actions(r: &Rollout, i: usize) -> Vec<Action> {
+    let digest = &r.release.digest;
+    let from = r.waves[i].upto - r.wave_devices(i).len();
+    let desire = |d: &String| Action::Desire { device: d.clone(), digest: digest.clone() };
+    let (Some(group), true) = (r.group(), r.writes_group_key(i)) else {
+        return r.wave_devices(i).iter().map(desire).collect();
+    };
+    let mut out = vec![Action::DesireGroup { group: group.into(), digest: digest.clone() }];
+    let pinned = r.wave_devices(i).iter().enumerate().filter(|(k, _)| r.is_pinned(from + k));
+    out.extend(pinned.map(|(_, d)| desire(d)));
+    out
+}
+
+/// What a group rollout writes when it is done: the earlier waves' device
+/// keys cleared, so those devices follow the group's key (which names the
+/// same bundle: they record it, and one that failed it does not retry)
+/// and a later change of the group reaches them. Done only now, long after
+/// the group's key was written, so no copy of the bucket can still hand a
+/// device the key's value from before.
+fn done_actions(r: &Rollout) -> Vec<Action> {
+    let Some(last) = r.waves.len().checked_sub(1) else { return vec![] };
+    if !r.writes_group_key(last) {
+        return vec![];
+    }
+    let before_last = r.waves[last].upto - r.wave_devices(last).len();
+    let unpinned = r.devices[..before_last].iter().enumerate().filter(|(k, _)| !r.is_pinned(*k));
+    unpinned.map(|(_, d)| Action::Clear { device: d.clone() }).collect()
+}
+
 fn start_wave(r: &mut Rollout, i: usize, view: &FleetView, now: u64) -> Vec<Action> {
-    let by_id: BTreeMap<&str, &DeviceView> = view.devices.iter().map(|d| (d.id.as_str(), d)).collect();
     let w = &mut r.waves[i];
     w.started_at = Some(now);
-    w.baseline =
-        w.devices.iter().map(|d| (d.clone(), by_id.get(d.as_str()).map_or(0, |v| v.last_seq))).collect();
-    w.baseline_epoch =
-        w.devices.iter().filter_map(|d| Some((d.clone(), by_id.get(d.as_str())?.epoch.clone()?))).collect();
-    w.devices.iter().map(|d| Action::Desire { device: d.clone(), digest: r.release.digest.clone() }).collect()
+    w.reports_seq = Some(view.reports_seq);
+    wave_actions(r, i)
 }
 
 /// The actions that (re)establish what the rollout has written so far:
@@ -273,26 +404,37 @@ fn start_wave(r: &mut Rollout, i: usize, view: &FleetView, now: u64) -> Vec<Acti
 pub fn ensure(r: &Rollout) -> Vec<Action> {
     match r.state {
         State::Aborted => abort_actions(r),
-        _ => r
-            .waves
-            .iter()
-            .filter(|w| w.started_at.is_some())
-            .flat_map(|w| &w.devices)
-            .map(|d| Action::Desire { device: d.clone(), digest: r.release.digest.clone() })
+        State::Done => done_actions(r),
+        _ => (0..r.waves.len())
+            .filter(|i| r.waves[*i].started_at.is_some())
+            .flat_map(|i| wave_actions(r, i))
             .collect(),
     }
 }
 
 fn abort_actions(r: &Rollout) -> Vec<Action> {
-    r.waves
-        .iter()
-        .filter(|w| w.started_at.is_some())
-        .flat_map(|w| &w.devices)
-        .map(|d| match r.previous.get(d).cloned().flatten() {
-            Some(digest) => Action::Desire { device: d.clone(), digest },
-            None => Action::Clear { device: d.clone() },
-        })
-        .collect()
+    let reached = r.waves.iter().rposition(|w| w.started_at.is_some()).map_or(0, |i| r.waves[i].upto);
+    let mut back: BTreeMap<u32, &str> = BTreeMap::new();
+    for (digest, devices) in &r.restore {
+        for i in devices {
+            back.insert(*i, digest);
+        }
+    }
+    let mut out = vec![];
+    let group_written =
+        r.waves.iter().enumerate().any(|(i, w)| w.started_at.is_some() && r.writes_group_key(i));
+    if let (Some(group), true) = (r.group(), group_written) {
+        // The group's key first, as when it was written.
+        out.push(match &r.group_before {
+            Some(digest) => Action::DesireGroup { group: group.into(), digest: digest.clone() },
+            None => Action::ClearGroup { group: group.into() },
+        });
+    }
+    out.extend(r.devices[..reached].iter().enumerate().map(|(i, d)| match back.get(&(i as u32)) {
+        Some(digest) => Action::Desire { device: d.clone(), digest: digest.to_string() },
+        None => Action::Clear { device: d.clone() },
+    }));
+    out
 }
 
 /// Stops the rollout and points every device it reached back at what it ran.
@@ -310,9 +452,15 @@ pub fn resume(r: &Rollout, view: &FleetView, now: u64) -> Result<Rollout, String
         return Err(format!("rollout {} is {}, not paused", r.id, r.state.name()));
     }
     let mut next = r.clone();
-    if let Some(w) = next.waves.iter_mut().rev().find(|w| w.started_at.is_some()) {
-        for (id, o) in wave_outcomes(w, &r.release.digest, view) {
-            if matches!(o, Outcome::Failed { .. }) && !w.forgiven.contains(&id) {
+    if let Some(i) = next.waves.iter().rposition(|w| w.started_at.is_some()) {
+        let failed: Vec<String> = wave_outcomes(r, i, view)
+            .into_iter()
+            .filter(|(_, o)| matches!(o, Outcome::Failed { .. }))
+            .map(|(id, _)| id)
+            .collect();
+        let w = &mut next.waves[i];
+        for id in failed {
+            if !w.forgiven.contains(&id) {
                 w.forgiven.push(id);
             }
         }
@@ -333,22 +481,28 @@ pub fn advance(r: &Rollout, view: &FleetView, now: u64) -> (Rollout, Vec<Action>
         next.updated_at = now;
         return (next, actions);
     };
-    let outcomes = wave_outcomes(&next.waves[cur], &next.release.digest, view);
+    let outcomes = wave_outcomes(&next, cur, view);
     let w = &next.waves[cur];
+    let size = outcomes.len();
     let failed: Vec<&String> = outcomes
         .iter()
         .filter(|(id, o)| matches!(o, Outcome::Failed { .. }) && !w.forgiven.contains(id))
         .map(|(id, _)| id)
         .collect();
-    if next.max_failures.exceeded(failed.len(), w.devices.len()) {
-        let names: Vec<&str> = failed.iter().map(|s| s.as_str()).collect();
+    if next.max_failures.exceeded(failed.len(), size) {
+        // A few by name: a wave of thousands can fail by the hundred.
+        let mut names: Vec<&str> = failed.iter().take(5).map(|s| s.as_str()).collect();
+        let more = format!("and {} more", failed.len().saturating_sub(5));
+        if failed.len() > 5 {
+            names.push(&more);
+        }
         next.state = State::Paused {
             reason: format!(
                 "wave {} ({}%): {} of {} devices failed ({}), over the limit of {}",
                 cur + 1,
                 w.percent,
                 failed.len(),
-                w.devices.len(),
+                size,
                 names.join(", "),
                 next.max_failures
             ),
@@ -372,7 +526,8 @@ pub fn advance(r: &Rollout, view: &FleetView, now: u64) -> (Rollout, Vec<Action>
         return (next, actions);
     }
     next.state = State::Done;
-    (next, vec![])
+    let actions = done_actions(&next);
+    (next, actions)
 }
 
 #[cfg(test)]
@@ -387,18 +542,27 @@ mod tests {
         (0..n).map(|i| format!("d{i:02}")).collect()
     }
 
+    const BEFORE: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+
+    /// A rollout to group g, whose key named BEFORE.
     fn rollout(n: usize, waves: &[u8], limit: Limit, wait: u64) -> Rollout {
+        let (devices, waves) = plan_waves(&ids(n), waves).unwrap();
         Rollout {
             id: "r1".into(),
             release: Release { name: "os".into(), counter: 2, digest: D.into() },
             scope: "group:g".into(),
-            waves: plan_waves(&ids(n), waves).unwrap(),
+            devices,
+            waves,
             max_failures: limit,
             wave_wait_secs: wait,
             state: State::Running,
             created_at: 0,
             updated_at: 0,
-            previous: ids(n).into_iter().map(|d| (d, Some("aa".repeat(32)))).collect(),
+            group_key: true,
+            group_before: Some(BEFORE.into()),
+            pinned: vec![],
+            restore: BTreeMap::new(),
+            previous: BTreeMap::new(),
         }
     }
 
@@ -428,6 +592,7 @@ mod tests {
                 },
             },
             stored_at: 100,
+            stream_seq: 10,
             site: None,
         }
     }
@@ -445,10 +610,11 @@ mod tests {
 
     #[test]
     fn waves_are_cut_by_cumulative_share_and_never_empty() {
-        let w = plan_waves(&ids(20), &[5, 25, 100]).unwrap();
-        assert_eq!(w.iter().map(|w| w.devices.len()).collect::<Vec<_>>(), vec![1, 4, 15]);
-        let w = plan_waves(&ids(3), &[5, 25, 100]).unwrap();
-        assert_eq!(w.iter().map(|w| w.devices.len()).collect::<Vec<_>>(), vec![1, 2]);
+        let (d, w) = plan_waves(&ids(20), &[5, 25, 100]).unwrap();
+        assert_eq!(d, ids(20));
+        assert_eq!(w.iter().map(|w| w.upto).collect::<Vec<_>>(), vec![1, 5, 20]);
+        let (_, w) = plan_waves(&ids(3), &[5, 25, 100]).unwrap();
+        assert_eq!(w.iter().map(|w| w.upto).collect::<Vec<_>>(), vec![1, 3]);
         assert!(plan_waves(&ids(3), &[50, 25, 100]).is_err());
         assert!(plan_waves(&ids(3), &[50]).is_err());
         assert!(plan_waves(&[], &[100]).is_err());
@@ -471,13 +637,16 @@ mod tests {
         let (r, a) = advance(&r, &fleet(&["d00"], &[]), 20);
         assert!(a.is_empty());
         assert_eq!(r.waves[0].settled_at, Some(20));
-        // ...and the next wave starts after it.
+        // ...and the last wave starts after it: one write, the group's key.
         let (r, a) = advance(&r, &fleet(&["d00"], &[]), 50);
-        assert_eq!(a.len(), 3);
+        assert_eq!(a, vec![Action::DesireGroup { group: "g".into(), digest: D.into() }]);
         assert!(r.waves[1].started_at.is_some());
         let (r, _) = advance(&r, &fleet(&["d00", "d01", "d02", "d03"], &[]), 60);
-        let (r, _) = advance(&r, &fleet(&["d00", "d01", "d02", "d03"], &[]), 100);
+        // Done: the first wave's device key is cleared (the group's rules).
+        let (r, a) = advance(&r, &fleet(&["d00", "d01", "d02", "d03"], &[]), 100);
         assert_eq!(r.state, State::Done);
+        assert_eq!(a, vec![Action::Clear { device: "d00".into() }]);
+        assert_eq!(ensure(&r), a, "a driver that takes over finishes the clearing");
     }
 
     #[test]
@@ -507,25 +676,73 @@ mod tests {
         let mut r = rollout(2, &[100], Limit::Count(0), 0);
         let (next, _) = advance(&r, &fleet(&[], &["d01"]), 0);
         r = next;
-        // d01's rollback (seq 10) is from before the wave: baseline is 10.
-        assert_eq!(r.waves[0].baseline.get("d01"), Some(&10));
-        assert_eq!(r.waves[0].baseline_epoch.get("d01").map(String::as_str), Some("0000000000000001"));
+        // d01's rollback is stored at 10, as the wave started: it does not count.
+        assert_eq!(r.waves[0].reports_seq, Some(10));
         let (r, _) = advance(&r, &fleet(&[], &["d01"]), 1);
         assert_eq!(r.state, State::Running);
+        // One stored after the wave started does, whatever the device's own
+        // sequence or epoch (a reflashed device counts from 1 again).
+        let mut failed = stored("d01", false, "rolled_back", Some("health: x"));
+        (failed.report.epoch, failed.report.seq, failed.stream_seq) = (2, 3, 11);
+        let (r, _) = advance(&r, &view(vec![failed]), 2);
+        assert!(matches!(r.state, State::Paused { .. }), "{:?}", r.state);
     }
 
     #[test]
-    fn a_device_wiped_during_its_wave_still_fails_it_from_seq_1() {
-        let mut r = rollout(2, &[100], Limit::Count(0), 0);
-        let mut before = stored("d01", false, "idle", None);
-        before.report.seq = 40;
-        r = advance(&r, &view(vec![before]), 0).0;
-        assert_eq!(r.waves[0].baseline.get("d01"), Some(&40));
-        // Reflashed: a new epoch, counting from 1, and it fails the bundle.
-        let mut failed = stored("d01", false, "rolled_back", Some("health: x"));
-        (failed.report.epoch, failed.report.seq) = (2, 3);
-        let (r, _) = advance(&r, &view(vec![failed]), 1);
-        assert!(matches!(r.state, State::Paused { .. }), "{:?}", r.state);
+    fn a_record_from_before_0_2_is_read_and_keeps_its_per_device_baselines() {
+        let old = serde_json::json!({
+            "id": "r0", "release": {"name": "os", "counter": 2, "digest": D}, "scope": "group:g",
+            "waves": [
+                {"percent": 50, "devices": ["d00"], "started_at": 5, "baseline": {"d00": 10},
+                 "baseline_epoch": {"d00": "0000000000000001"}, "settled_at": null},
+                {"percent": 100, "devices": ["d01"], "started_at": null, "settled_at": null},
+            ],
+            "max_failures": {"count": 0}, "wave_wait_secs": 0, "state": "running",
+            "created_at": 0, "updated_at": 0, "previous": {"d00": BEFORE, "d01": null},
+        });
+        let mut r: Rollout = serde_json::from_value(old).unwrap();
+        r.normalize();
+        assert_eq!(r.devices, ids(2));
+        assert_eq!((r.waves[0].upto, r.waves[1].upto), (1, 2));
+        assert_eq!(r.restore.get(BEFORE), Some(&vec![0]));
+        // Its devices keep their own keys: no group key is ever written.
+        assert_eq!(ensure(&r), vec![Action::Desire { device: "d00".into(), digest: D.into() }]);
+        // d00's failure at its own seq 10 is from before its wave...
+        assert_eq!(wave_outcomes(&r, 0, &fleet(&[], &["d00"]))[0].1, Outcome::Pending);
+        // ...in another epoch, after it.
+        let mut failed = stored("d00", false, "rolled_back", Some("x"));
+        failed.report.epoch = 2;
+        assert!(matches!(wave_outcomes(&r, 0, &view(vec![failed]))[0].1, Outcome::Failed { .. }));
+        let (r, a) = advance(&r, &fleet(&["d00"], &[]), 6);
+        assert_eq!(a, vec![Action::Desire { device: "d01".into(), digest: D.into() }]);
+        assert!(serde_json::to_value(&r).unwrap()["waves"][0].get("devices").is_none());
+    }
+
+    #[test]
+    fn a_device_with_its_own_key_gets_it_written_in_the_last_wave_too() {
+        let mut r = rollout(4, &[50, 100], Limit::Count(0), 0);
+        r.pinned = vec![0, 3];
+        r.restore.insert("bb".repeat(32), vec![0, 3]);
+        let (r, a) = advance(&r, &fleet(&[], &[]), 0);
+        assert_eq!(a.len(), 2);
+        let (r, a) = advance(&r, &fleet(&["d00", "d01"], &[]), 1);
+        assert_eq!(
+            a,
+            vec![
+                Action::DesireGroup { group: "g".into(), digest: D.into() },
+                Action::Desire { device: "d03".into(), digest: D.into() },
+            ]
+        );
+        // Abort: the group's key back first, then each device.
+        let (_, a) = abort(&r, 2);
+        assert_eq!(a[0], Action::DesireGroup { group: "g".into(), digest: BEFORE.into() });
+        assert_eq!(a[1], Action::Desire { device: "d00".into(), digest: "bb".repeat(32) });
+        assert_eq!(a[2], Action::Clear { device: "d01".into() });
+        assert_eq!(a.len(), 5);
+        // Done: only the unpinned device of the first wave is cleared.
+        let (r, a) = advance(&r, &fleet(&["d00", "d01", "d02", "d03"], &[]), 3);
+        assert_eq!(r.state, State::Done);
+        assert_eq!(a, vec![Action::Clear { device: "d01".into() }]);
     }
 
     #[test]
@@ -543,14 +760,20 @@ mod tests {
 
     #[test]
     fn abort_points_devices_back_and_ensure_repeats_it() {
-        let r = rollout(4, &[50, 100], Limit::Count(0), 0);
+        let mut r = rollout(4, &[50, 100], Limit::Count(0), 0);
+        r.restore.insert("cc".repeat(32), vec![1]);
         let (r, _) = advance(&r, &fleet(&[], &[]), 0);
-        let (mut r, a) = abort(&r, 1);
+        let (r, a) = abort(&r, 1);
         assert_eq!(r.state, State::Aborted);
-        assert_eq!(a.len(), 2, "only the devices the rollout reached");
-        assert!(a.iter().all(|x| matches!(x, Action::Desire { digest, .. } if *digest == "aa".repeat(32))));
-        r.previous.insert("d00".into(), None);
-        assert!(ensure(&r).contains(&Action::Clear { device: "d00".into() }));
+        // The group's key was never written: only the devices reached.
+        assert_eq!(
+            a,
+            vec![
+                Action::Clear { device: "d00".into() },
+                Action::Desire { device: "d01".into(), digest: "cc".repeat(32) },
+            ]
+        );
+        assert_eq!(ensure(&r), a);
         assert!(resume(&r, &fleet(&[], &[]), 2).is_err());
     }
 }

@@ -72,21 +72,20 @@ pub async fn load(js: &jetstream::Context, id: &str) -> Result<(Rollout, u64), R
     if e.operation != kv::Operation::Put {
         return Err(RolloutError::Unknown(id.into()));
     }
-    let r = serde_json::from_slice(&e.value)
-        .map_err(|err| RolloutError::Corrupt { id: id.into(), detail: err.to_string() })?;
-    Ok((r, e.revision))
+    Ok((parse(id, &e.value)?, e.revision))
 }
 
-/// Every rollout, oldest first.
+fn parse(id: &str, bytes: &[u8]) -> Result<Rollout, RolloutError> {
+    let mut r: Rollout = serde_json::from_slice(bytes)
+        .map_err(|err| RolloutError::Corrupt { id: id.into(), detail: err.to_string() })?;
+    r.normalize();
+    Ok(r)
+}
+
+/// Every rollout, oldest first: one pass over the bucket.
 pub async fn list(js: &jetstream::Context) -> Result<Vec<Rollout>, RolloutError> {
-    use futures_util::StreamExt;
-    let Ok(kv) = js.get_key_value(subjects::ROLLOUTS_BUCKET).await else { return Ok(vec![]) };
-    let mut keys = perch_net::kv_keys(&kv).await.map_err(nats)?;
-    let mut out = vec![];
-    while let Some(k) = keys.next().await {
-        let k = k.map_err(nats)?;
-        out.push(load(js, &k).await?.0);
-    }
+    let entries = perch_net::read::kv_entries(js, subjects::ROLLOUTS_BUCKET, "").await.map_err(nats)?;
+    let mut out = entries.iter().map(|e| parse(&e.key, &e.value)).collect::<Result<Vec<_>, _>>()?;
     out.sort_by_key(|r| (r.created_at, r.id.clone()));
     Ok(out)
 }
@@ -131,26 +130,54 @@ pub async fn create(client: &async_nats::Client, plan: &Plan, now: u64) -> Resul
             return Err(RolloutError::Plan(format!("'{d}' is not a valid device id")));
         }
     }
-    let waves = rollout::plan_waves(&devices, &plan.waves).map_err(RolloutError::Plan)?;
-    let running: BTreeMap<&str, Option<String>> = view
+    let (devices, waves) = rollout::plan_waves(&devices, &plan.waves).map_err(RolloutError::Plan)?;
+    // What abort puts back: a device with its own key, that key's bundle;
+    // without one, the group's (restored with the group's key) or, with
+    // no group key either, the bundle it runs.
+    let keys: BTreeMap<String, String> =
+        desired::list(&js).await?.into_iter().map(|e| (e.key, e.bundle)).collect();
+    let group_before = match &plan.target {
+        Target::Group(g) => keys.get(&subjects::desired_group_key(g)).cloned(),
+        Target::Devices(_) => None,
+    };
+    let running: BTreeMap<&str, String> = view
         .devices
         .iter()
-        .map(|v| (v.id.as_str(), v.running_bundle.as_ref().map(|b| hex::encode(b.digest))))
+        .filter_map(|v| Some((v.id.as_str(), hex::encode(v.running_bundle.as_ref()?.digest))))
         .collect();
-    let previous = devices.iter().map(|d| (d.clone(), running.get(d.as_str()).cloned().flatten())).collect();
+    let (mut pinned, mut restore) = (vec![], BTreeMap::<String, Vec<u32>>::new());
+    for (i, d) in devices.iter().enumerate() {
+        let own = keys.get(&subjects::desired_device_key(d));
+        if own.is_some() {
+            pinned.push(i as u32);
+        }
+        let back = match (&plan.target, own, &group_before) {
+            (_, Some(own), _) => Some(own.clone()),
+            (Target::Group(_), None, Some(_)) => None,
+            _ => running.get(d.as_str()).cloned(),
+        };
+        if let Some(digest) = back {
+            restore.entry(digest).or_default().push(i as u32);
+        }
+    }
     let mut rnd = [0u8; 3];
     getrandom::getrandom(&mut rnd).map_err(|e| RolloutError::Nats(format!("no randomness: {e}")))?;
     let r = Rollout {
         id: format!("{name}-{counter}-{}", hex::encode(rnd)),
         release: Release { name: name.clone(), counter: *counter, digest: published.digest },
         scope,
+        devices,
         waves,
         max_failures: plan.max_failures,
         wave_wait_secs: plan.wave_wait.as_secs(),
         state: State::Running,
         created_at: now,
         updated_at: now,
-        previous,
+        group_key: matches!(plan.target, Target::Group(_)),
+        group_before,
+        pinned,
+        restore,
+        previous: BTreeMap::new(),
     };
     let kv = store(&js).await?;
     kv.create(&r.id, serde_json::to_vec(&r).map_err(nats)?.into()).await.map_err(nats)?;
@@ -158,33 +185,57 @@ pub async fn create(client: &async_nats::Client, plan: &Plan, now: u64) -> Resul
 }
 
 /// Writes the actions to the desired state, each only if it changes
-/// something. A previous bundle that is no longer published cannot be
-/// named: its device's key is cleared instead (it keeps what it runs).
+/// something ([`desired::apply`]). A previous bundle that is no longer
+/// published cannot be named: its key is cleared instead (its devices
+/// keep what they run, or follow their group).
 pub async fn apply(js: &jetstream::Context, actions: &[Action]) -> Result<Vec<String>, RolloutError> {
+    use desired::Write;
     let mut notes = vec![];
+    let mut unpublished = std::collections::BTreeSet::new();
+    let mut writes = Vec::with_capacity(actions.len());
     for a in actions {
-        match a {
-            Action::Desire { device, digest } => {
-                let mut d = [0u8; 32];
-                hex::decode_to_slice(digest, &mut d)
-                    .map_err(|_| RolloutError::Plan(format!("'{digest}' is not a digest")))?;
-                let scope = Scope::Device(device.clone());
-                match desired::set_if_changed(js, &scope, &d).await {
-                    Ok(_) => {}
-                    Err(DesiredError::NotPublished(_)) => {
-                        desired::clear(js, &scope).await?;
-                        notes.push(format!(
-                            "{device}: its previous bundle {} is not published; key cleared",
-                            &digest[..16]
-                        ));
-                    }
-                    Err(e) => return Err(e.into()),
+        let (scope, digest) = match a {
+            Action::Desire { device, digest } => (Scope::Device(device.clone()), Some(digest)),
+            Action::DesireGroup { group, digest } => (Scope::Group(group.clone()), Some(digest)),
+            Action::Clear { device } => (Scope::Device(device.clone()), None),
+            Action::ClearGroup { group } => (Scope::Group(group.clone()), None),
+        };
+        let Some(digest) = digest else {
+            writes.push(Write::Clear(scope));
+            continue;
+        };
+        let mut d = [0u8; 32];
+        hex::decode_to_slice(digest, &mut d)
+            .map_err(|_| RolloutError::Plan(format!("'{digest}' is not a digest")))?;
+        if !unpublished.contains(&d) {
+            match desired::check_published(js, &d).await {
+                Ok(()) => {}
+                Err(DesiredError::NotPublished(_)) => {
+                    unpublished.insert(d);
                 }
+                Err(e) => return Err(e.into()),
             }
-            Action::Clear { device } => desired::clear(js, &Scope::Device(device.clone())).await?,
+        }
+        if unpublished.contains(&d) {
+            notes.push(format!(
+                "{}: its previous bundle {} is not published; key cleared",
+                scope_name(&scope),
+                &digest[..16]
+            ));
+            writes.push(Write::Clear(scope));
+        } else {
+            writes.push(Write::Set(scope, d));
         }
     }
+    desired::apply(js, &writes).await?;
     Ok(notes)
+}
+
+fn scope_name(s: &Scope) -> String {
+    match s {
+        Scope::Device(d) => d.clone(),
+        Scope::Group(g) => format!("group {g}"),
+    }
 }
 
 /// Changes a rollout by `f` (pause, resume, abort), applying its actions;

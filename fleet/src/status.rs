@@ -11,9 +11,9 @@
 //! the server lets a device publish only there, so a device cannot speak
 //! for another by writing another id into the payload.
 
-use async_nats::jetstream::{self, consumer::push::OrderedConfig, consumer::DeliverPolicy};
-use futures_util::StreamExt;
-use perch_protocol::registry::{device_key, DeviceRecord};
+use async_nats::jetstream;
+use perch_net::read::{self, Which};
+use perch_protocol::registry::DeviceRecord;
 use perch_protocol::report::Report;
 use perch_protocol::subjects::{self, REGISTRY_BUCKET, REPORTS_ALL, REPORTS_STREAM};
 
@@ -65,18 +65,17 @@ pub async fn read(client: &async_nats::Client, q: &Query, now: u64) -> Result<Re
     Ok(Read { view, rollouts, refused })
 }
 
-/// Every device record; none if the bucket does not exist yet.
+/// Every device record, sorted by id; none if the bucket does not exist
+/// yet. One pass over the bucket's stream, however many devices.
 pub async fn registry_records(js: &jetstream::Context) -> Result<Vec<DeviceRecord>, StatusError> {
-    let Ok(kv) = js.get_key_value(REGISTRY_BUCKET).await else { return Ok(vec![]) };
-    let mut out = vec![];
-    for id in perch_net::registry_ids(&kv).await.map_err(nats)? {
-        let key = device_key(&id);
-        if let Some(bytes) = kv.get(&key).await.map_err(nats)? {
-            let rec = serde_json::from_slice(&bytes)
-                .map_err(|e| StatusError::Registry { key: key.clone(), detail: e.to_string() })?;
-            out.push(rec);
-        }
+    let entries = read::kv_entries(js, REGISTRY_BUCKET, "device.").await.map_err(StatusError::Nats)?;
+    let mut out = Vec::with_capacity(entries.len());
+    for e in entries {
+        let rec: DeviceRecord = serde_json::from_slice(&e.value)
+            .map_err(|err| StatusError::Registry { key: e.key.clone(), detail: err.to_string() })?;
+        out.push(rec);
     }
+    out.sort_by(|a, b| a.id.cmp(&b.id));
     Ok(out)
 }
 
@@ -85,40 +84,14 @@ async fn reports(
     js: &jetstream::Context,
     device: Option<&str>,
 ) -> Result<(Vec<Stored>, Vec<String>), StatusError> {
-    let Ok(stream) = js.get_stream(REPORTS_STREAM).await else { return Ok((vec![], vec![])) };
-    let (filter, policy) = match device {
-        Some(d) => (format!("{}.>", subjects::reports(d)), DeliverPolicy::All),
-        None => (REPORTS_ALL.to_string(), DeliverPolicy::LastPerSubject),
-    };
-    let mut tries = 0;
-    let consumer = loop {
-        tries += 1;
-        let made = stream
-            .create_consumer(OrderedConfig {
-                deliver_subject: js_inbox(js),
-                filter_subject: filter.clone(),
-                deliver_policy: policy,
-                ..Default::default()
-            })
-            .await;
-        match made {
-            Ok(c) => break c,
-            // Placed on a server that is down: see perch_net::EPHEMERAL_TRIES.
-            Err(e)
-                if tries < perch_net::EPHEMERAL_TRIES
-                    && e.kind() == async_nats::jetstream::stream::ConsumerErrorKind::TimedOut => {}
-            Err(e) => return Err(nats(e)),
-        }
+    let (filter, which) = match device {
+        Some(d) => (format!("{}.>", subjects::reports(d)), Which::All),
+        None => (REPORTS_ALL.to_string(), Which::LastPerSubject),
     };
     let (mut out, mut refused) = (vec![], vec![]);
-    if consumer.cached_info().num_pending == 0 {
-        return Ok((out, refused));
-    }
-    let mut messages = consumer.messages().await.map_err(nats)?;
-    while let Some(m) = messages.next().await {
-        let m = m.map_err(nats)?;
-        let info = m.info().map_err(nats)?;
-        let (pending, stored_at) = (info.pending, info.published.unix_timestamp().max(0) as u64);
+    read::each(js, REPORTS_STREAM, &filter, which, |m| {
+        let info = m.info().map_err(|e| e.to_string())?;
+        let (stream_seq, stored_at) = (info.stream_sequence, info.published.unix_timestamp().max(0) as u64);
         let on = m.subject.split('.').nth(2).unwrap_or_default().to_string();
         let site = m
             .headers
@@ -127,14 +100,14 @@ async fn reports(
             .and_then(|v| perch_net::sites::site_of_source_header(v.as_str()))
             .map(String::from);
         match Report::from_bytes(&m.payload) {
-            Ok(report) if report.device == on => out.push(Stored { report, stored_at, site }),
+            Ok(report) if report.device == on => out.push(Stored { report, stored_at, stream_seq, site }),
             Ok(report) => refused.push(format!("{}: claims to be from {}", m.subject, report.device)),
             Err(e) => refused.push(format!("{}: {e}", m.subject)),
         }
-        if pending == 0 {
-            break;
-        }
-    }
+        Ok(())
+    })
+    .await
+    .map_err(StatusError::Nats)?;
     Ok((out, refused))
 }
 
@@ -156,8 +129,4 @@ pub async fn sites(js: &jetstream::Context) -> Result<Vec<SiteView>, StatusError
         .collect();
     out.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(out)
-}
-
-fn js_inbox(js: &jetstream::Context) -> String {
-    js.client().new_inbox()
 }

@@ -163,12 +163,12 @@ pub fn render_rollout(r: &Rollout, view: &FleetView) -> String {
     }
     out.push('\n');
     for (i, w) in r.waves.iter().enumerate() {
-        let _ = write!(out, "  wave {} ({:>3}%) {:>4} devices: ", i + 1, w.percent, w.devices.len());
+        let _ = write!(out, "  wave {} ({:>3}%) {:>4} devices: ", i + 1, w.percent, r.wave_devices(i).len());
         if w.started_at.is_none() {
             out.push_str("not started\n");
             continue;
         }
-        let outcomes = rollout::wave_outcomes(w, &r.release.digest, view);
+        let outcomes = rollout::wave_outcomes(r, i, view);
         let count = |f: fn(&Outcome) -> bool| outcomes.iter().filter(|(_, o)| f(o)).count();
         let committed = count(|o| *o == Outcome::Committed);
         let failed = count(|o| matches!(o, Outcome::Failed { .. }));
@@ -217,6 +217,7 @@ mod tests {
                 kind,
             },
             stored_at: 100,
+            stream_seq: seq,
             site: None,
         };
         let reasons = ReportKind::Deploy {
@@ -256,8 +257,13 @@ mod tests {
             journal_state: "idle".into(),
             kind: ReportKind::Heartbeat,
         };
-        let mut v =
-            build(&[], vec![Stored { report, stored_at: 100, site: Some("ridge".into()) }], 105, 60, false);
+        let mut v = build(
+            &[],
+            vec![Stored { report, stored_at: 100, stream_seq: 1, site: Some("ridge".into()) }],
+            105,
+            60,
+            false,
+        );
         v.sites = vec![
             SiteView { name: "ridge".into(), last_heard_secs: Some(300), lag: 12 },
             SiteView { name: "quarry".into(), last_heard_secs: None, lag: 0 },

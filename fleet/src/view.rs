@@ -27,6 +27,9 @@ pub struct Stored {
     pub report: Report,
     /// When the server stored it (unix seconds).
     pub stored_at: u64,
+    /// Its sequence in `PERCH_REPORTS`: a report stored later has a higher
+    /// one, whatever the device's clock or epoch.
+    pub stream_seq: u64,
     /// The field site it came through (None: sent to the hub directly).
     pub site: Option<String>,
 }
@@ -59,6 +62,10 @@ pub struct DeployReport {
     /// The bundle it is about (digest, hex).
     pub bundle: Option<String>,
     pub at_seq: u64,
+    /// Its sequence in `PERCH_REPORTS` (what a rollout's wave compares
+    /// with the stream's last sequence when the wave started).
+    #[serde(skip)]
+    pub stored_seq: u64,
 }
 
 /// How a device's reports add up (only when every report was read).
@@ -124,6 +131,10 @@ pub struct FleetView {
     pub devices: Vec<DeviceView>,
     /// The field sites whose reports the hub takes.
     pub sites: Vec<SiteView>,
+    /// The highest `PERCH_REPORTS` sequence read (a rollout's wave counts
+    /// only reports stored after the one its start saw).
+    #[serde(skip)]
+    pub reports_seq: u64,
 }
 
 /// A field site as the hub sees it: how long since it last heard from the
@@ -164,7 +175,7 @@ pub fn build(
     let mut seqs: BTreeMap<String, Vec<u64>> = BTreeMap::new();
     let mut dropped: BTreeMap<String, Vec<(u64, u64)>> = BTreeMap::new();
     let mut latest_seq: BTreeMap<String, u64> = BTreeMap::new();
-    for Stored { report: r, stored_at, site } in &reports {
+    for Stored { report: r, stored_at, stream_seq, site } in &reports {
         let stored_at = *stored_at;
         let v = by_id.entry(r.device.clone()).or_insert_with(|| empty(&r.device));
         v.last_seen = Some(v.last_seen.map_or(stored_at, |t| t.max(stored_at)));
@@ -182,6 +193,7 @@ pub fn build(
                     reason: reason.clone(),
                     bundle: bundle.map(hex::encode),
                     at_seq: r.seq,
+                    stored_seq: *stream_seq,
                 });
             }
             ReportKind::Dropped { first, last, .. } => {
@@ -221,7 +233,8 @@ pub fn build(
             v.reports = Some(a);
         }
     }
-    FleetView { now, stale_after_secs, devices: by_id.into_values().collect(), sites: vec![] }
+    let reports_seq = reports.iter().map(|s| s.stream_seq).max().unwrap_or(0);
+    FleetView { now, stale_after_secs, devices: by_id.into_values().collect(), sites: vec![], reports_seq }
 }
 
 fn empty(id: &str) -> DeviceView {
@@ -302,6 +315,7 @@ mod tests {
                 kind,
             },
             stored_at: 1000 + seq,
+            stream_seq: seq,
             site: None,
         }
     }

@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 mod log;
+pub mod read;
 pub mod replicas;
 pub mod sites;
 pub mod streams;

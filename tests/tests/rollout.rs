@@ -86,16 +86,22 @@ fn waves_commit_in_order_a_failing_wave_pauses_and_abort_points_back() {
             .map(|k| k["bundle"].as_str().unwrap().to_string())
     };
     assert_eq!(named("g-a"), Some(hex::encode(broken)));
+    // The good release's last wave named it in the group's key, and once
+    // done it cleared the first wave's device key: every other device
+    // follows the group, which still names the good release.
     for n in &names[1..] {
-        assert_eq!(named(n), Some(hex::encode(good)), "{n} was told about the broken release");
+        assert_eq!(named(n), None, "{n} has a key of its own");
     }
+    let group = keys.iter().find(|k| k["key"] == "group.g").map(|k| k["bundle"].as_str().unwrap());
+    assert_eq!(group, Some(hex::encode(good).as_str()), "{listed}");
     // The fleet view says what happened, and why.
     let shown = f.status(&[]).stdout;
     eprintln!("{shown}");
     assert!(shown.contains(&format!("rollout {id}")) && shown.contains("paused"), "{shown}");
     assert!(shown.contains("g-a: health: "), "{shown}");
 
-    // Abort: the device the rollout reached is pointed back at release 2.
+    // Abort: the device the rollout reached follows the group's key again,
+    // which names release 2.
     let r = f.operator(&["deploy", "abort"], &[&id]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     let listed = f.operator(&["desired", "list"], &["--json"]).stdout;

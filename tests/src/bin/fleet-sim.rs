@@ -95,6 +95,7 @@ fn main() {
         eprintln!("fleet-sim: {e}");
         std::process::exit(2)
     });
+    perch_net::init_logging(tracing::Level::WARN);
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     if let Err(e) = rt.block_on(run(a)) {
         eprintln!("fleet-sim: {e}");
