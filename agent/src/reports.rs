@@ -282,7 +282,7 @@ pub async fn send_loop(client: async_nats::Client, reporter: Reporter, settings:
         let batch = match batch {
             Ok(b) => b,
             Err(e) => {
-                warn!("outbox: {e}");
+                warn!("outbox: {}", perch_support::error_chain(&e));
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             }
@@ -318,7 +318,7 @@ pub async fn send_loop(client: async_nats::Client, reporter: Reporter, settings:
             match res {
                 Ok(Ok(_ack)) => {
                     if let Err(e) = reporter.outbox().ack(lane, seq) {
-                        warn!("outbox: {e}");
+                        warn!("outbox: {}", perch_support::error_chain(&e));
                     }
                 }
                 Ok(Err(e)) => {
@@ -337,7 +337,7 @@ pub async fn send_loop(client: async_nats::Client, reporter: Reporter, settings:
         // free: persist the done marks a few times a second.
         if failed || last_checkpoint.elapsed() > Duration::from_millis(250) {
             if let Err(e) = reporter.outbox().checkpoint() {
-                warn!("outbox checkpoint: {e}");
+                warn!("outbox checkpoint: {}", perch_support::error_chain(&e));
             }
             last_checkpoint = tokio::time::Instant::now();
         }

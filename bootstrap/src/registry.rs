@@ -68,6 +68,8 @@ struct TokenSlot {
 #[derive(Clone)]
 pub struct Registry {
     kv: Store,
+    /// For reading the whole bucket in one pass.
+    js: jetstream::Context,
     tokens: Arc<Mutex<HashMap<String, Arc<TokenSlot>>>>,
 }
 
@@ -75,7 +77,7 @@ impl Registry {
     /// Opens the bucket, creating it on first use.
     pub async fn open(js: &jetstream::Context) -> Result<Self, RegistryError> {
         let kv = perch_net::streams::REGISTRY.open(js).await.map_err(RegistryError::Kv)?;
-        Ok(Self { kv, tokens: Arc::default() })
+        Ok(Self { kv, js: js.clone(), tokens: Arc::default() })
     }
 
     async fn get_json<T: for<'de> Deserialize<'de>>(
@@ -140,15 +142,19 @@ impl Registry {
         }
     }
 
-    /// Every device record, sorted by id.
+    /// Every device record, sorted by id: one pass over the bucket.
     pub async fn devices(&self) -> Result<Vec<DeviceRecord>, RegistryError> {
-        let ids = perch_net::registry_ids(&self.kv).await.map_err(kv_err)?;
-        let mut out = Vec::with_capacity(ids.len());
-        for id in ids {
-            if let Some((rec, _)) = self.device(&id).await? {
-                out.push(rec);
-            }
+        let entries =
+            perch_net::read::kv_entries(&self.js, perch_protocol::subjects::REGISTRY_BUCKET, "device.")
+                .await
+                .map_err(kv_err)?;
+        let mut out = Vec::with_capacity(entries.len());
+        for e in entries {
+            let rec: DeviceRecord = serde_json::from_slice(&e.value)
+                .map_err(|err| RegistryError::Corrupt { key: e.key.clone(), detail: err.to_string() })?;
+            out.push(rec);
         }
+        out.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(out)
     }
 

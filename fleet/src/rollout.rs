@@ -85,7 +85,7 @@ pub struct Wave {
     /// Failures an operator accepted with `resume`.
     #[serde(default)]
     pub forgiven: Vec<String>,
-    /// Records written by perch before 0.2 list each wave's devices here,
+    /// Older records (before the device list moved to the rollout) list each wave's devices here,
     /// with each one's last report sequence and epoch as the baseline;
     /// [`Rollout::normalize`] moves the devices to the rollout.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -156,7 +156,7 @@ pub struct Rollout {
     /// (it follows its group's key again).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub restore: BTreeMap<String, Vec<u32>>,
-    /// Records written by perch before 0.2: per device, the bundle it ran.
+    /// Older records: per device, the bundle it ran.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub previous: BTreeMap<String, Option<String>>,
 }
@@ -285,7 +285,7 @@ pub enum Baseline<'a> {
     None,
     /// The stream's last sequence: reports stored after it count.
     Stream(u64),
-    /// A record from before 0.2: the device's own last report sequence, in
+    /// An older record: the device's own last report sequence, in
     /// its epoch (unknown for the oldest records).
     Device { seq: u64, epoch: Option<&'a str> },
 }
@@ -689,7 +689,7 @@ mod tests {
     }
 
     #[test]
-    fn a_record_from_before_0_2_is_read_and_keeps_its_per_device_baselines() {
+    fn an_older_record_is_read_and_keeps_its_per_device_baselines() {
         let old = serde_json::json!({
             "id": "r0", "release": {"name": "os", "counter": 2, "digest": D}, "scope": "group:g",
             "waves": [

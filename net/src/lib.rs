@@ -236,39 +236,6 @@ async fn kv(
 /// places it anew.
 pub const EPHEMERAL_TRIES: u32 = 5;
 
-/// The keys of a KV bucket (`Store::keys`, whose ephemeral consumer is
-/// made again if it was placed on a server that is down).
-pub async fn kv_keys(
-    kv: &async_nats::jetstream::kv::Store,
-) -> Result<async_nats::jetstream::kv::Keys, async_nats::jetstream::kv::WatchError> {
-    use async_nats::jetstream::kv::WatchErrorKind;
-    let mut tries = 0;
-    loop {
-        tries += 1;
-        match kv.keys().await {
-            Err(e)
-                if tries < EPHEMERAL_TRIES
-                    && matches!(e.kind(), WatchErrorKind::TimedOut | WatchErrorKind::ConsumerCreate) => {}
-            done => return done,
-        }
-    }
-}
-
-/// The id of every device with a record in the registry bucket, sorted.
-/// The provisioner and `perch status` both list the registry this way.
-pub async fn registry_ids(kv: &async_nats::jetstream::kv::Store) -> Result<Vec<String>, async_nats::Error> {
-    use futures_util::StreamExt;
-    let mut keys = kv_keys(kv).await?;
-    let mut ids = Vec::new();
-    while let Some(k) = keys.next().await {
-        if let Some(id) = perch_protocol::registry::device_of_key(&k?) {
-            ids.push(id.to_string());
-        }
-    }
-    ids.sort();
-    Ok(ids)
-}
-
 /// Creates a stream if it does not exist (with [`Replicas::Auto`]); an
 /// existing one is left as it is.
 pub async fn ensure_stream(

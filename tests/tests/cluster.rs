@@ -454,7 +454,10 @@ fn a_rollout_completes_when_a_server_is_killed_in_the_middle_of_a_wave() {
     let kv = r.rt.block_on(r.js.get_key_value(subjects::DESIRED_BUCKET)).unwrap();
     // Told by its own key (wave 1) or by the group's (the last wave).
     let names_it = |key: String| {
-        r.rt.block_on(kv.get(key)).ok().flatten().is_some_and(|v| String::from_utf8_lossy(&v).contains(&digest))
+        r.rt.block_on(kv.get(key))
+            .ok()
+            .flatten()
+            .is_some_and(|v| String::from_utf8_lossy(&v).contains(&digest))
     };
     let told = |dev: &str| names_it(format!("device.{dev}")) || names_it("group.g".into());
     let started = wait_for(Duration::from_secs(30), || names.iter().any(|n| told(n)));

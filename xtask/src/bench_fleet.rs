@@ -147,10 +147,13 @@ struct Timed {
 
 /// The simulated fleet's process and what it says.
 struct Sim {
-    child: Child,
-    stdin: Option<ChildStdin>,
+    children: Vec<(Child, Option<ChildStdin>)>,
     lines: Receiver<serde_json::Value>,
 }
+
+/// Simulated devices per `fleet-sim` process: each holds about three file
+/// descriptors, and a process may have 20,000 on a stock Debian machine.
+const PER_PROCESS: usize = 4000;
 
 impl Sim {
     fn next(&self, limit: Duration, what: &str) -> Result<serde_json::Value> {
@@ -160,7 +163,7 @@ impl Sim {
                 bail!("fleet-sim: nothing in {limit:?} while waiting for {what}")
             }
             Err(RecvTimeoutError::Disconnected) => {
-                bail!("fleet-sim ended while waiting for {what} (see sim.log)")
+                bail!("fleet-sim ended while waiting for {what} (see sim-*.log)")
             }
         }
     }
@@ -188,9 +191,11 @@ impl Sim {
 
 impl Drop for Sim {
     fn drop(&mut self) {
-        drop(self.stdin.take());
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        for (child, stdin) in &mut self.children {
+            drop(stdin.take());
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
@@ -296,48 +301,55 @@ fn bench(o: &Opts, bin: &Path, tools: &Path, dir: &Path, sim_root: &Path) -> Res
     let failing = ((total.div_ceil(10) - total.div_ceil(100)) / 10).clamp(2, FAILING);
     let fail = format!("{}:{}..{}", digests[1], first_sim_in_wave_2, first_sim_in_wave_2 + failing);
     step(&format!("bench fleet: {} simulated devices enroll and start", o.devices));
-    let devices = o.devices.to_string();
     let share = o.chunk_share.to_string();
     let sim_root_s = sim_root.display().to_string();
-    let mut child = Command::new(tools.join("fleet-sim"))
-        .args([
-            "--token",
-            "fleet.token",
-            "--devices",
-            &devices,
-            "--prefix",
-            "sim",
-            "--group",
-            GROUP,
-            "--root",
-            &sim_root_s,
-        ])
-        .args(["--chunk-share", &share, "--heartbeat", "60", "--resync", "60", "--fail", &fail])
-        .current_dir(dir)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(fs::File::create(dir.join("sim.log"))?)
-        .spawn()?;
     let (tx, lines) = std::sync::mpsc::channel();
-    let stdout = child.stdout.take().context("fleet-sim stdout")?;
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
-                if tx.send(v).is_err() {
-                    break;
+    let mut children = vec![];
+    let processes = o.devices.div_ceil(PER_PROCESS);
+    for p in 0..processes {
+        let first = p * PER_PROCESS;
+        let count = PER_PROCESS.min(o.devices - first).to_string();
+        let mut child = Command::new(tools.join("fleet-sim"))
+            .args(["--token", "fleet.token", "--devices", &count, "--first", &first.to_string()])
+            .args(["--prefix", "sim", "--group", GROUP, "--root", &sim_root_s])
+            .args(["--chunk-share", &share, "--heartbeat", "60", "--resync", "60", "--fail", &fail])
+            .current_dir(dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(fs::File::create(dir.join(format!("sim-{p}.log")))?)
+            .spawn()?;
+        let stdout = child.stdout.take().context("fleet-sim stdout")?;
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                    if tx.send(v).is_err() {
+                        break;
+                    }
                 }
             }
-        }
-    });
-    let sim = Sim { stdin: child.stdin.take(), child, lines };
-    let enrolled =
-        sim.next(Duration::from_secs(120 + o.devices as u64 / 10), "the simulated devices to enroll")?;
+        });
+        let stdin = child.stdin.take();
+        children.push((child, stdin));
+    }
+    drop(tx);
+    let sim = Sim { children, lines };
+    let started = Instant::now();
+    let mut enrolled = 0;
+    sim.until(Duration::from_secs(120 + o.devices as u64 / 10), "the simulated devices to enroll", |v| {
+        enrolled += usize::from(v["enrolled"].is_u64());
+        enrolled == processes
+    })?;
     println!(
-        "  enrolled {} simulated devices in {:.1} s",
-        enrolled["enrolled"],
-        enrolled["seconds"].as_f64().unwrap_or(0.0)
+        "  enrolled {} simulated devices in {:.1} s ({processes} processes)",
+        o.devices,
+        started.elapsed().as_secs_f64()
     );
-    sim.next(Duration::from_secs(120 + o.devices as u64 / 20), "the simulated devices to start")?;
+    let mut ready = 0;
+    sim.until(Duration::from_secs(120 + o.devices as u64 / 20), "the simulated devices to start", |v| {
+        ready += usize::from(v["ready"].is_u64());
+        ready == processes
+    })?;
 
     let agents = real_agents(dir, bin, &mut fleet, o.agents)?;
     step("bench fleet: waiting for every device to be online");
@@ -436,7 +448,8 @@ fn bench(o: &Opts, bin: &Path, tools: &Path, dir: &Path, sim_root: &Path) -> Res
                 Ok(String::from_utf8_lossy(&out.stdout).into_owned())
             }
         })?)?;
-    let sim_usage = usage(sim.child.id());
+    let sim_usage =
+        sim.children.iter().map(|(c, _)| usage(c.id())).fold((0, 0.0), |a, u| (a.0 + u.0, a.1 + u.1));
     drop(agents);
     drop(sim);
 
@@ -482,7 +495,7 @@ fn bench(o: &Opts, bin: &Path, tools: &Path, dir: &Path, sim_root: &Path) -> Res
     for (n, rss, cpu) in &servers_after {
         println!("{n:<26}{} MiB RSS, {cpu:.1} s CPU over the bench", rss / 1024);
     }
-    println!("fleet-sim process:        {} MiB RSS, {:.1} s CPU", sim_usage.0 / 1024, sim_usage.1);
+    println!("fleet-sim processes:      {} MiB RSS, {:.1} s CPU", sim_usage.0 / 1024, sim_usage.1);
     for s in streams.as_array().into_iter().flatten() {
         println!(
             "{:<26}{} messages, {} MiB",

@@ -1,7 +1,9 @@
 //! Simulated fleet for `cargo xtask bench fleet` (see `perch_tests::sim`):
 //! N devices enroll with one token through the provisioner, C at a time,
 //! then run the agent's link, outbox and desired-state follower until
-//! standard input closes.
+//! standard input closes. A device holds about three file descriptors (its
+//! connection and two outbox segments): the bench runs a few of these
+//! processes, each with a few thousand devices, to stay under the limit.
 //!
 //! Writes JSON lines to standard output:
 //! - `{"enrolled": N, "seconds": S}` once every device has enrolled;
@@ -20,13 +22,15 @@ use std::time::{Duration, Instant};
 
 use perch_tests::sim::{self, Event, SimSettings};
 
-const USAGE: &str = "usage: fleet-sim --token FILE --devices N --prefix P --group G --root DIR \
+const USAGE: &str = "usage: fleet-sim --token FILE --devices N --prefix P [--first K] --group G --root DIR \
 [--concurrency C] [--heartbeat SECS] [--resync SECS] [--chunk-share F] [--trial-ms MS] [--fail HEX:FROM..TO]";
 
 struct Args {
     token: PathBuf,
     devices: usize,
     prefix: String,
+    /// The first device's index: ids are `<prefix>-<first + i>`.
+    first: usize,
     group: String,
     root: PathBuf,
     concurrency: usize,
@@ -42,6 +46,7 @@ fn parse() -> Result<Args, String> {
         token: PathBuf::new(),
         devices: 0,
         prefix: "sim".into(),
+        first: 0,
         group: String::new(),
         root: PathBuf::new(),
         concurrency: 200,
@@ -61,6 +66,7 @@ fn parse() -> Result<Args, String> {
             "--token" => a.token = it.next().ok_or(USAGE)?.into(),
             "--devices" => a.devices = num(it.next(), flag)? as usize,
             "--prefix" => a.prefix = it.next().ok_or(USAGE)?.clone(),
+            "--first" => a.first = num(it.next(), flag)? as usize,
             "--group" => a.group = it.next().ok_or(USAGE)?.clone(),
             "--root" => a.root = it.next().ok_or(USAGE)?.into(),
             "--concurrency" => a.concurrency = num(it.next(), flag)?.max(1) as usize,
@@ -136,7 +142,8 @@ async fn run(a: Args) -> Result<(), String> {
     let mut tasks = Vec::with_capacity(a.devices);
     for i in 0..a.devices {
         let permit = slots.clone().acquire_owned().await.map_err(|e| e.to_string())?;
-        let (s, token, group, id) = (settings.clone(), token.clone(), a.group.clone(), id(&a.prefix, i));
+        let (s, token, group, id) =
+            (settings.clone(), token.clone(), a.group.clone(), id(&a.prefix, a.first + i));
         tasks.push(tokio::spawn(async move {
             let r = sim::enroll(&s, &token, &id, &group).await;
             drop(permit);
