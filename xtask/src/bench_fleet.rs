@@ -6,7 +6,11 @@
 //! provisioner, driven by the real `perch` commands. It prints:
 //!
 //! - desired-state propagation, p50 / p99 / max, from the moment before
-//!   `perch desired set --group` to each simulated device acting on it;
+//!   `perch desired set --group` to each simulated device acting on it:
+//!   once for a bundle the devices already run (what it costs the fleet to
+//!   hear a change), once for a new one (they hear it while the first ones
+//!   already fetch and report on the same two cores), and the time until
+//!   every device has committed it;
 //! - a 3-wave rollout (1%, 10%, 100%) whose second wave trips the failure
 //!   limit: the wall and CPU time of `perch deploy` until it pauses and of
 //!   `perch deploy resume` until it is done;
@@ -16,7 +20,7 @@
 //! - the provisioner's enrollment rate while the fleet is live.
 
 use std::fs;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
@@ -149,6 +153,8 @@ struct Timed {
 struct Sim {
     children: Vec<(Child, Option<ChildStdin>)>,
     lines: Receiver<serde_json::Value>,
+    /// How many simulated devices there are.
+    devices: usize,
 }
 
 /// Simulated devices per `fleet-sim` process: each holds about three file
@@ -165,6 +171,33 @@ impl Sim {
             Err(RecvTimeoutError::Disconnected) => {
                 bail!("fleet-sim ended while waiting for {what} (see sim-*.log)")
             }
+        }
+    }
+
+    /// Waits until every simulated device's outbox is empty (JetStream
+    /// acknowledged every report), so what is measured next is not
+    /// competing with a backlog.
+    fn drained(&mut self, limit: Duration) -> Result<()> {
+        let deadline = Instant::now() + limit;
+        loop {
+            for (_, stdin) in &mut self.children {
+                if let Some(s) = stdin {
+                    writeln!(s, "backlog")?;
+                }
+            }
+            let (processes, mut total, mut answers) = (self.children.len(), 0, 0);
+            self.until(limit, "the outboxes' backlog", |v| {
+                total += v["backlog"].as_u64().unwrap_or(0);
+                answers += usize::from(v["backlog"].is_u64());
+                answers == processes
+            })?;
+            if total == 0 {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("{total} reports still queued after {limit:?}");
+            }
+            std::thread::sleep(Duration::from_secs(1));
         }
     }
 
@@ -215,6 +248,28 @@ fn usage(pid: u32) -> (u64, f64) {
         |i: usize| after.split_whitespace().nth(i - 3).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
     // In clock ticks: 100 a second on Linux.
     (rss, (field(14) + field(15)) as f64 / 100.0)
+}
+
+/// Writes `digest` to the group's key and collects each simulated device's
+/// notice, in ms after the write, sorted; with `commits`, also waits for
+/// that many commits and says how long the last took (s).
+fn propagate(perch: &Perch, sim: &Sim, digest: &str, commits: Option<usize>) -> Result<(Vec<u64>, f64)> {
+    let devices = sim.devices;
+    let t0 = now_ms();
+    perch.ok(&["desired", "set", "--group", GROUP, "--digest", digest])?;
+    let (mut latencies, mut committed) = (vec![], 0usize);
+    let key = format!("group.{GROUP}");
+    sim.until(Duration::from_secs(600), "every simulated device to act on the group's key", |v| {
+        if v["key"] == key.as_str() {
+            latencies.push(v["at_ms"].as_u64().unwrap_or(t0).saturating_sub(t0));
+        }
+        if v["ended"].is_string() && v["committed"] == true {
+            committed += 1;
+        }
+        latencies.len() == devices && commits.is_none_or(|n| committed == n)
+    })?;
+    latencies.sort_unstable();
+    Ok((latencies, (now_ms() - t0) as f64 / 1000.0))
 }
 
 fn percentile(sorted: &[u64], p: f64) -> u64 {
@@ -333,23 +388,24 @@ fn bench(o: &Opts, bin: &Path, tools: &Path, dir: &Path, sim_root: &Path) -> Res
         children.push((child, stdin));
     }
     drop(tx);
-    let sim = Sim { children, lines };
+    let mut sim = Sim { children, lines, devices: o.devices };
+    // Each process says "enrolled", then "ready": one may be ready before
+    // another has enrolled, so both are counted in one pass.
     let started = Instant::now();
-    let mut enrolled = 0;
-    sim.until(Duration::from_secs(120 + o.devices as u64 / 10), "the simulated devices to enroll", |v| {
-        enrolled += usize::from(v["enrolled"].is_u64());
-        enrolled == processes
-    })?;
-    println!(
-        "  enrolled {} simulated devices in {:.1} s ({processes} processes)",
-        o.devices,
-        started.elapsed().as_secs_f64()
-    );
-    let mut ready = 0;
-    sim.until(Duration::from_secs(120 + o.devices as u64 / 20), "the simulated devices to start", |v| {
-        ready += usize::from(v["ready"].is_u64());
-        ready == processes
-    })?;
+    let (mut enrolled, mut ready, mut enrolled_secs) = (0, 0, 0.0);
+    sim.until(
+        Duration::from_secs(240 + o.devices as u64 / 5),
+        "the simulated devices to enroll and start",
+        |v| {
+            if v["enrolled"].is_u64() {
+                enrolled += 1;
+                enrolled_secs = started.elapsed().as_secs_f64();
+            }
+            ready += usize::from(v["ready"].is_u64());
+            enrolled == processes && ready == processes
+        },
+    )?;
+    println!("  enrolled {} simulated devices in {enrolled_secs:.1} s ({processes} processes)", o.devices);
 
     let agents = real_agents(dir, bin, &mut fleet, o.agents)?;
     step("bench fleet: waiting for every device to be online");
@@ -376,22 +432,12 @@ fn bench(o: &Opts, bin: &Path, tools: &Path, dir: &Path, sim_root: &Path) -> Res
     )?;
     let late: serde_json::Value = serde_json::from_str(out.trim()).context("enroll-load output")?;
 
-    step("bench fleet: desired-state propagation (perch desired set --group)");
-    let t0 = now_ms();
-    perch.ok(&["desired", "set", "--group", GROUP, "--digest", &digests[0]])?;
-    let mut latencies = vec![];
-    let mut committed = 0usize;
-    sim.until(Duration::from_secs(600), "every simulated device to commit release 1", |v| {
-        if v["key"] == format!("group.{GROUP}") {
-            latencies.push(v["at_ms"].as_u64().unwrap_or(t0).saturating_sub(t0));
-        }
-        if v["ended"].is_string() && v["committed"] == true {
-            committed += 1;
-        }
-        committed == o.devices
-    })?;
-    let converged_s = (now_ms() - t0) as f64 / 1000.0;
-    latencies.sort_unstable();
+    step("bench fleet: release 1 to the group (perch desired set --group)");
+    let (installing, converged_s) = propagate(&perch, &sim, &digests[0], Some(o.devices))?;
+    sim.drained(Duration::from_secs(600))?;
+    step("bench fleet: propagation alone: the same release written again (every device already runs it)");
+    let (latencies, _) = propagate(&perch, &sim, &digests[0], None)?;
+    sim.drained(Duration::from_secs(600))?;
 
     step("bench fleet: perch status");
     let status = perch.timed(&["status", "--json"])?;
@@ -430,7 +476,25 @@ fn bench(o: &Opts, bin: &Path, tools: &Path, dir: &Path, sim_root: &Path) -> Res
         bail!("perch deploy resume: {}\n{}", resume.stdout, resume.stderr);
     }
 
-    // Reports drained: every outbox empty.
+    // When each wave started and settled, from the rollout's record.
+    let record: serde_json::Value = serde_json::from_str(&perch.ok(&["deploy", "list", "--json"])?)?;
+    let rollout = record
+        .as_array()
+        .and_then(|a| a.iter().find(|r| r["id"] == id.as_str()))
+        .cloned()
+        .unwrap_or_default();
+    let created = rollout["created_at"].as_u64().unwrap_or(0);
+    let mut waves = vec![];
+    for w in rollout["waves"].as_array().into_iter().flatten() {
+        let at =
+            |k: &str| w[k].as_u64().map_or("-".to_string(), |t| format!("{}", t.saturating_sub(created)));
+        waves.push(format!(
+            "{}% started {} s, settled {} s",
+            w["percent"],
+            at("started_at"),
+            at("settled_at")
+        ));
+    }
     let servers_after: Vec<(String, u64, f64)> = servers_before
         .iter()
         .map(|(n, pid, cpu0)| {
@@ -492,6 +556,13 @@ fn bench(o: &Opts, bin: &Path, tools: &Path, dir: &Path, sim_root: &Path) -> Res
         "rollout resume to done:   {:.1} s wall, {:.2} s CPU of perch deploy resume (wave 3)",
         resume.wall, resume.cpu
     );
+    // The driver looks at the fleet every 2 s.
+    let steps = ((deploy.wall + resume.wall) / 2.0).max(1.0);
+    println!(
+        "  controller per step:    {:.2} s CPU (one read of the whole fleet, every 2 s)",
+        (deploy.cpu + resume.cpu) / steps
+    );
+    println!("  waves (from creation):  {}", waves.join("; "));
     for (n, rss, cpu) in &servers_after {
         println!("{n:<26}{} MiB RSS, {cpu:.1} s CPU over the bench", rss / 1024);
     }
@@ -510,7 +581,9 @@ fn bench(o: &Opts, bin: &Path, tools: &Path, dir: &Path, sim_root: &Path) -> Res
         "status_s": status.wall, "status_mib": status.rss_kib / 1024,
         "status_device_s": one.wall, "status_device_mib": one.rss_kib / 1024,
         "rollout_pause_s": deploy.wall, "rollout_pause_cpu_s": deploy.cpu,
-        "rollout_resume_s": resume.wall, "rollout_resume_cpu_s": resume.cpu,
+        "rollout_resume_s": resume.wall, "rollout_resume_cpu_s": resume.cpu, "waves": waves,
+        "propagation_installing_ms": {"p50": percentile(&installing, 0.5), "p99": percentile(&installing, 0.99), "max": installing.last()},
+        "converged_s": converged_s,
         "enroll_per_s": late["per_second"],
     });
     fs::write(dir.join("summary.json"), summary.to_string())?;
