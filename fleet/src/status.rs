@@ -136,8 +136,13 @@ const SOURCE_HEADER: &str = "Nats-Stream-Source";
 /// The field sites the hub's `PERCH_REPORTS` takes reports from, and how
 /// long since it heard from each; none if the stream does not exist yet.
 pub async fn sites(js: &jetstream::Context) -> Result<Vec<SiteView>, StatusError> {
-    let Ok(mut stream) = js.get_stream(REPORTS_STREAM).await else { return Ok(vec![]) };
-    let info = stream.info().await.map_err(nats)?;
+    let Ok(stream) = js.get_stream(REPORTS_STREAM).await else { return Ok(vec![]) };
+    let info = read::again(|| {
+        let mut s = stream.clone();
+        async move { s.info().await.cloned() }
+    })
+    .await
+    .map_err(nats)?;
     let mut out: Vec<SiteView> = info
         .sources
         .iter()

@@ -10,6 +10,36 @@
 use async_nats::jetstream::{self, consumer::push::OrderedConfig, consumer::DeliverPolicy};
 use futures_util::StreamExt;
 
+/// How many times a read is asked for. A cluster that is busy (10,000
+/// devices connecting at once) or electing a leader answers "JetStream
+/// system temporarily unavailable" (503) for a moment; an ephemeral
+/// consumer may be placed on a server that is down (see
+/// [`crate::EPHEMERAL_TRIES`]).
+const TRIES: u32 = 6;
+
+/// 0.25 s, 0.5 s, 1 s, ... between tries (7.75 s in all).
+async fn pause(tries: u32) {
+    tokio::time::sleep(std::time::Duration::from_millis(250 << tries.min(5).saturating_sub(1))).await
+}
+
+/// Asks `f` up to [`TRIES`] times, pausing between tries: for a request
+/// that a busy or electing cluster may answer with a 503.
+pub async fn again<T, E: std::fmt::Display, Fut: std::future::Future<Output = Result<T, E>>>(
+    mut f: impl FnMut() -> Fut,
+) -> Result<T, E> {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match f().await {
+            Err(e) if tries < TRIES => {
+                tracing::debug!("{e}; asking again");
+                pause(tries).await
+            }
+            done => return done,
+        }
+    }
+}
+
 /// Which messages of the stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Which {
@@ -27,7 +57,22 @@ pub async fn each(
     which: Which,
     mut f: impl FnMut(jetstream::Message) -> Result<(), String>,
 ) -> Result<bool, String> {
-    let Ok(stream) = js.get_stream(stream).await else { return Ok(false) };
+    let mut tries = 0;
+    let stream = loop {
+        tries += 1;
+        match js.get_stream(stream).await {
+            Ok(s) => break s,
+            Err(e) => match e.kind() {
+                jetstream::context::GetStreamErrorKind::JetStream(j)
+                    if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND =>
+                {
+                    return Ok(false)
+                }
+                _ if tries < TRIES => pause(tries).await,
+                _ => return Err(e.to_string()),
+            },
+        }
+    };
     let policy = match which {
         Which::All => DeliverPolicy::All,
         Which::LastPerSubject => DeliverPolicy::LastPerSubject,
@@ -45,10 +90,12 @@ pub async fn each(
             .await;
         match made {
             Ok(c) => break c,
-            // Placed on a server that is down: see crate::EPHEMERAL_TRIES.
-            Err(e)
-                if tries < crate::EPHEMERAL_TRIES
-                    && e.kind() == jetstream::stream::ConsumerErrorKind::TimedOut => {}
+            // Placed on a server that is down (see crate::EPHEMERAL_TRIES),
+            // or a busy cluster's 503: ask again.
+            Err(e) if tries < TRIES => {
+                tracing::debug!("reading {filter}: {e}; asking again");
+                pause(tries).await
+            }
             Err(e) => return Err(e.to_string()),
         }
     };

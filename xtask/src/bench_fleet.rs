@@ -414,7 +414,16 @@ fn bench(o: &Opts, bin: &Path, tools: &Path, dir: &Path, sim_root: &Path) -> Res
         Duration::from_secs(300),
         Duration::from_secs(5),
         || {
-            let v: serde_json::Value = serde_json::from_str(&perch.ok(&["status", "--json"])?)?;
+            // Ten thousand devices connecting keep the cluster busy: a
+            // status that fails now is asked again at the next poll.
+            let shown = match perch.ok(&["status", "--json"]) {
+                Ok(s) => s,
+                Err(e) => {
+                    println!("  (again: {e})");
+                    return Ok(false);
+                }
+            };
+            let v: serde_json::Value = serde_json::from_str(&shown)?;
             let online =
                 v["devices"].as_array().map_or(0, |a| a.iter().filter(|d| d["liveness"] == "online").count());
             Ok(online >= total)
