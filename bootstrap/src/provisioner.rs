@@ -66,6 +66,10 @@ struct Service {
     drops: DropLog,
     /// Sites whose reports the hub takes, and when that was last checked.
     sites: std::sync::Mutex<std::collections::HashMap<String, tokio::time::Instant>>,
+    /// Devices whose hello found (or made) their registry record: a fleet
+    /// reconnecting after a server restart says 10,000 hellos, and each
+    /// needs its record read only once per provisioner.
+    known: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// A site's hello is acted on at most this often: the stream's sources
@@ -222,7 +226,15 @@ async fn start(settings: Settings) -> Result<Ready, ProvisionerError> {
     info!(org = %issuer.trust.body().org, urls = %settings.urls.join(","), "provisioner ready");
     println!("provisioner ready");
     let drops = DropLog::new(DROP_LOG_INTERVAL);
-    let service = Arc::new(Service { settings, issuer, registry, fleet, drops, sites: Default::default() });
+    let service = Arc::new(Service {
+        settings,
+        issuer,
+        registry,
+        fleet,
+        drops,
+        sites: Default::default(),
+        known: Default::default(),
+    });
     Ok(Ready { service, prov, requests, hellos, events, sites })
 }
 
@@ -473,8 +485,15 @@ impl Service {
             Ok(_) => return self.drops.note(DropKind::Hello, id, &"carries another device's credential"),
             Err(e) => return self.drops.note(DropKind::Hello, id, &format_args!("credential: {e}")),
         };
+        let known = |s: &Self| s.known.lock().unwrap_or_else(|e| e.into_inner()).insert(id.to_string());
+        if self.known.lock().unwrap_or_else(|e| e.into_inner()).contains(id) {
+            return debug!(device = %id, "hello from a known device");
+        }
         match self.registry.device(id).await {
-            Ok(Some(_)) => debug!(device = %id, "hello from a known device"),
+            Ok(Some(_)) => {
+                known(self);
+                debug!(device = %id, "hello from a known device")
+            }
             Ok(None) => {
                 let rec = DeviceRecord {
                     id: id.into(),
@@ -493,7 +512,10 @@ impl Service {
                     nonces: vec![],
                 };
                 match self.registry.put_device(&rec, None).await {
-                    Ok(_) => info!(device = %id, "registered a device enrolled offline"),
+                    Ok(_) => {
+                        known(self);
+                        info!(device = %id, "registered a device enrolled offline")
+                    }
                     Err(e) => warn!(device = %id, error = %e, "could not register an offline device"),
                 }
             }

@@ -251,7 +251,16 @@ impl SimDeployer {
     /// counter and version.
     async fn fetch(&self, digest: [u8; 32]) -> Result<BundleInfo, FetchFailure> {
         let (client, share, r) = (self.client.clone(), self.settings.chunk_share, self.r.clone());
-        let settings = FetchSettings { window: self.settings.agent.fetch.window, ..FetchSettings::default() };
+        // A chunk's answer lost on loopback means a simulator process too
+        // busy to read its sockets (the server drops a slow consumer's
+        // messages): asked again after 5 s, not the agent's 60 s backstop
+        // for slow radio links, so a lost answer does not hold a wave for
+        // a minute that a real device would not lose.
+        let settings = FetchSettings {
+            window: self.settings.agent.fetch.window,
+            request_timeout: Duration::from_secs(5),
+            ..FetchSettings::default()
+        };
         let rt = tokio::runtime::Handle::current();
         let fetched = tokio::task::spawn_blocking(move || {
             use std::io::Read;
