@@ -261,6 +261,8 @@ pub async fn follow_with<D: Deployer>(f: Follow, deployer: D) {
     let mut handled = Handled::load(&state_dir);
     // The revision told to wait for a local command, so it is said once.
     let mut waiting = None;
+    // Reads that failed in a row (their retries back off).
+    let mut failed_reads = 0u32;
     let mut tick = tokio::time::interval(resync);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -272,9 +274,22 @@ pub async fn follow_with<D: Deployer>(f: Follow, deployer: D) {
             continue;
         }
         let entry = match read(&client, &device, &groups).await {
-            Ok(e) => e,
+            Ok(e) => {
+                failed_reads = 0;
+                e
+            }
             Err(e) => {
-                warn!("desired state: {e}");
+                // Asked again soon (with jitter: a fleet that timed out
+                // together must not ask again together), not at the next
+                // resync: a change must not wait a resync for one lost answer.
+                let pause = crate::enroll::backoff(failed_reads, std::time::Duration::from_secs(30));
+                warn!("desired state: {e}; reading again in {pause:?}");
+                failed_reads = failed_reads.saturating_add(1);
+                let wake = wake.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(pause).await;
+                    wake.notify_one();
+                });
                 continue;
             }
         };
