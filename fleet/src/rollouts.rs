@@ -191,7 +191,8 @@ pub async fn create(client: &async_nats::Client, plan: &Plan, now: u64) -> Resul
 pub async fn apply(js: &jetstream::Context, actions: &[Action]) -> Result<Vec<String>, RolloutError> {
     use desired::Write;
     let mut notes = vec![];
-    let mut unpublished = std::collections::BTreeSet::new();
+    // Each bundle's publication is checked once, however many devices name it.
+    let mut published: BTreeMap<[u8; 32], bool> = BTreeMap::new();
     let mut writes = Vec::with_capacity(actions.len());
     for a in actions {
         let (scope, digest) = match a {
@@ -207,16 +208,19 @@ pub async fn apply(js: &jetstream::Context, actions: &[Action]) -> Result<Vec<St
         let mut d = [0u8; 32];
         hex::decode_to_slice(digest, &mut d)
             .map_err(|_| RolloutError::Plan(format!("'{digest}' is not a digest")))?;
-        if !unpublished.contains(&d) {
-            match desired::check_published(js, &d).await {
-                Ok(()) => {}
-                Err(DesiredError::NotPublished(_)) => {
-                    unpublished.insert(d);
-                }
-                Err(e) => return Err(e.into()),
+        let is_published = match published.get(&d) {
+            Some(p) => *p,
+            None => {
+                let p = match desired::check_published(js, &d).await {
+                    Ok(()) => true,
+                    Err(DesiredError::NotPublished(_)) => false,
+                    Err(e) => return Err(e.into()),
+                };
+                published.insert(d, p);
+                p
             }
-        }
-        if unpublished.contains(&d) {
+        };
+        if !is_published {
             notes.push(format!(
                 "{}: its previous bundle {} is not published; key cleared",
                 scope_name(&scope),

@@ -393,8 +393,11 @@ fn operator_args<'a>(h: &'a Hub, args: &[&'a str], urls: &'a [String]) -> Vec<&'
 #[test]
 fn a_rollout_completes_when_a_server_is_killed_in_the_middle_of_a_wave() {
     let mut h = Hub::start();
+    // A trial long enough that wave 1 is still in it when the test,
+    // having seen the wave start, kills the server (on a loaded CI
+    // machine 3 s was not).
     let cfg = "[link]\nping_interval = \"1s\"\nmax_backoff = \"1s\"\n[reports]\nheartbeat = \"1s\"\n\
-               [health]\ntrial = \"3s\"\n";
+               [health]\ntrial = \"10s\"\n";
     let names = ["w-1", "w-2", "w-3"];
     let devices: Vec<Device> = names
         .iter()
