@@ -54,7 +54,17 @@ async fn run(
         let permit = slots.clone().acquire_owned().await.expect("semaphore");
         let (tb, text, id) = (tb.clone(), text.clone(), format!("{prefix}-{i:05}"));
         tasks.push(tokio::spawn(async move {
-            let r = one_device(&tb, &text, &id).await;
+            // A failed attempt (no answer yet: a cluster still spreading
+            // the provisioner's interest to the server this device reached)
+            // is tried again, as the agent does; a refusal is an answer.
+            let mut r = one_device(&tb, &text, &id).await;
+            for attempt in 1..5u64 {
+                if r.is_ok() {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(200 * attempt)).await;
+                r = one_device(&tb, &text, &id).await;
+            }
             drop(permit);
             r
         }));
