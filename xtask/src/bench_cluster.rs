@@ -52,20 +52,8 @@ pub fn run(args: &[String]) -> Result<()> {
         "-p",
         "perch-agent",
     ]))?;
-    sh(cargo().args([
-        "build",
-        "--profile",
-        "bench-tool",
-        "--locked",
-        "-p",
-        "perch-tests",
-        "--bin",
-        "link-bench",
-        "--bin",
-        "enroll-load",
-    ]))?;
+    let tools = crate::util::bench_tools(&["link-bench", "enroll-load"])?;
     let bin = root().join("target/release");
-    let tools = root().join("target/bench-tool");
     let top = crate::util::fresh_dir("bench-cluster")?;
     let mut rows = vec![];
     // One after the other: the two never compete for the machine.

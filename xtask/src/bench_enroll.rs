@@ -22,18 +22,8 @@ pub fn run(args: &[String]) -> Result<()> {
     step("bench enroll: building release binaries");
     // The provisioner as shipped (release); the load generator as light as it can be.
     sh(cargo().args(["build", "--release", "--locked", "-p", "perch-fleet", "-p", "perch-bootstrap"]))?;
-    sh(cargo().args([
-        "build",
-        "--profile",
-        "bench-tool",
-        "--locked",
-        "-p",
-        "perch-tests",
-        "--bin",
-        "enroll-load",
-    ]))?;
+    let load = crate::util::bench_tools(&["enroll-load"])?.join("enroll-load");
     let bin = root().join("target/release");
-    let load = root().join("target/bench-tool/enroll-load");
     let dir = crate::util::fresh_dir("bench-enroll")?;
     let quiet = |program: &str, args: &[&str]| crate::util::run_in(&dir, &bin.join(program), args);
     quiet("perch", &["keygen", "--out", "k1"])?;

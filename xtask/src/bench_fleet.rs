@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use crate::fleet::LocalFleet;
-use crate::util::{cargo, root, sh, step};
+use crate::util::step;
 
 const USAGE: &str = "usage: cargo xtask bench fleet [--devices N] [--servers 1|3] [--agents K] [--chunk-share F] [--bundle-kib K]";
 /// The group every device is in.
@@ -65,21 +65,7 @@ pub fn run(args: &[String]) -> Result<()> {
         bail!("--devices must be at least 100 (the first wave is 1%), --servers 1 or 3");
     }
     let bin = crate::util::release_bins("fleet", &["perch-fleet", "perch-bootstrap", "perch-agent"])?;
-    sh(cargo().args([
-        "build",
-        "--profile",
-        "bench-tool",
-        "--locked",
-        "-p",
-        "perch-tests",
-        "--bin",
-        "fleet-sim",
-        "--bin",
-        "enroll-load",
-        "--bin",
-        "link-bench",
-    ]))?;
-    let tools = root().join("target/bench-tool");
+    let tools = crate::util::bench_tools(&["fleet-sim", "enroll-load", "link-bench"])?;
     let dir = crate::util::fresh_dir("bench-fleet")?;
     // State directories on tmpfs where there is one: the outboxes fsync,
     // and 10,000 of them on a disk would measure the disk.

@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 
 use crate::fleet::LocalFleet;
-use crate::util::{cargo, root, sh, step};
+use crate::util::{cargo, sh, step};
 
 const USAGE: &str = "usage: cargo xtask bench link [--records N] [--bundle-mib N] | --full";
 
@@ -30,17 +30,7 @@ pub fn run(args: &[String]) -> Result<()> {
         }
     }
     let bin = crate::util::release_bins("link", &["perch-fleet", "perch-bootstrap", "perch-agent"])?;
-    sh(cargo().args([
-        "build",
-        "--profile",
-        "bench-tool",
-        "--locked",
-        "-p",
-        "perch-tests",
-        "--bin",
-        "link-bench",
-    ]))?;
-    let tool = root().join("target/bench-tool/link-bench");
+    let tool = crate::util::bench_tools(&["link-bench"])?.join("link-bench");
     let dir = crate::util::fresh_dir("bench-link")?;
     let quiet = |program: &std::path::Path, args: &[&str]| crate::util::run_in(&dir, program, args);
     let within = |program: &std::path::Path, args: &[&str], limit: u64, what: &str| {

@@ -89,6 +89,18 @@ pub fn release_bins(name: &str, packages: &[&str]) -> Result<PathBuf> {
 }
 
 /// `--flag value` pairs; `usage` when one has no value.
+/// Builds the load generators `bins` of perch-tests in the `bench-tool`
+/// profile (optimised, quick to link); the directory they are in.
+pub fn bench_tools(bins: &[&str]) -> Result<PathBuf> {
+    let mut c = cargo();
+    c.args(["build", "--profile", "bench-tool", "--locked", "-p", "perch-tests"]);
+    for b in bins {
+        c.args(["--bin", b]);
+    }
+    sh(&mut c)?;
+    Ok(root().join("target/bench-tool"))
+}
+
 pub fn flag_pairs<'a>(args: &'a [String], usage: &str) -> Result<Vec<(&'a str, &'a str)>> {
     args.chunks(2)
         .map(|p| match p {
