@@ -306,7 +306,10 @@ const CLUSTER_FORMING: Duration = Duration::from_secs(15);
 /// forming: for a few seconds after its servers connect, the meta leader
 /// has not yet heard from every peer ("no suitable peers"), and a peer
 /// may not yet have set up the account's store (nats-server 2.9: "error
-/// creating store for stream").
+/// creating store for stream"), and a server that has just started may
+/// answer that JetStream is "not enabled for account" until it has
+/// loaded the account's JetStream (seen on 2.9.10 in CI). A server that
+/// really has JetStream off gives the same error after the deadline.
 async fn while_cluster_forms<T, F, Fut>(
     mut op: F,
 ) -> Result<T, async_nats::jetstream::context::CreateStreamError>
@@ -326,6 +329,7 @@ where
                     ErrorCode::INSUFFICIENT_RESOURCES,
                     ErrorCode::CLUSTER_NOT_AVAILABLE,
                     ErrorCode::STREAM_CREATE,
+                    ErrorCode::JETSTREAM_NOT_ENABLED_FOR_ACCOUNT,
                 ]
                 .contains(&j.error_code()),
                 Kind::JetStreamUnavailable => true,
