@@ -126,19 +126,100 @@ pub struct KvEntry {
 /// Every key of KV bucket `bucket` starting with `prefix` that holds a
 /// value (deleted and purged keys left out), in stream order. Empty if the
 /// bucket does not exist.
+///
+/// The read is folded by key, the highest revision winning: an ordered
+/// consumer that misses a heartbeat (a busy cluster) is made again by
+/// async-nats with every message from the next sequence on (or from the
+/// start), not the last per subject, so a key may come more than once, or
+/// a put after its own delete.
 pub async fn kv_entries(js: &jetstream::Context, bucket: &str, prefix: &str) -> Result<Vec<KvEntry>, String> {
     let subject_prefix = format!("$KV.{bucket}.");
-    let mut out = vec![];
+    let mut keys = Latest::default();
     each(js, &format!("KV_{bucket}"), &format!("{subject_prefix}{prefix}>"), Which::LastPerSubject, |m| {
         let op = m.headers.as_ref().and_then(|h| h.get("KV-Operation")).map(|v| v.as_str().to_string());
-        if op.is_some_and(|op| op == "DEL" || op == "PURGE") {
-            return Ok(());
-        }
+        let deleted = op.is_some_and(|op| op == "DEL" || op == "PURGE");
         let revision = m.info().map_err(|e| e.to_string())?.stream_sequence;
         let key = m.subject.strip_prefix(subject_prefix.as_str()).unwrap_or(&m.subject).to_string();
-        out.push(KvEntry { key, revision, value: m.payload.to_vec() });
+        keys.offer(key, revision, (!deleted).then(|| m.payload.to_vec()));
         Ok(())
     })
     .await?;
-    Ok(out)
+    Ok(keys.entries())
+}
+
+/// The latest revision seen of each key, a delete included (so an older
+/// put delivered after it does not bring the key back).
+#[derive(Default)]
+struct Latest(std::collections::HashMap<String, (u64, Option<Vec<u8>>)>);
+
+impl Latest {
+    fn offer(&mut self, key: String, revision: u64, value: Option<Vec<u8>>) {
+        match self.0.entry(key) {
+            std::collections::hash_map::Entry::Occupied(mut o) => {
+                if o.get().0 < revision {
+                    o.insert((revision, value));
+                }
+            }
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert((revision, value));
+            }
+        }
+    }
+
+    /// The keys that hold a value, in revision (stream) order.
+    fn entries(self) -> Vec<KvEntry> {
+        let mut out: Vec<KvEntry> = self
+            .0
+            .into_iter()
+            .filter_map(|(key, (revision, value))| value.map(|value| KvEntry { key, revision, value }))
+            .collect();
+        out.sort_by_key(|e| e.revision);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_read_twice_keeps_its_highest_revision_and_a_delete_wins_over_an_older_put() {
+        let mut l = Latest::default();
+        l.offer("a".into(), 5, Some(b"new".to_vec()));
+        l.offer("b".into(), 7, None);
+        l.offer("c".into(), 2, Some(b"c".to_vec()));
+        // A consumer made again from the start delivers older revisions.
+        l.offer("a".into(), 1, Some(b"old".to_vec()));
+        l.offer("b".into(), 3, Some(b"put before the delete".to_vec()));
+        l.offer("c".into(), 9, Some(b"c2".to_vec()));
+        let got: Vec<(String, u64, Vec<u8>)> =
+            l.entries().into_iter().map(|e| (e.key, e.revision, e.value)).collect();
+        assert_eq!(got, vec![("a".into(), 5, b"new".to_vec()), ("c".into(), 9, b"c2".to_vec())]);
+    }
+
+    proptest::proptest! {
+        /// However the revisions arrive (repeated, out of order), each key
+        /// ends with its highest one.
+        #[test]
+        fn any_delivery_order_ends_with_each_keys_highest_revision(
+            offers in proptest::collection::vec((0u8..4, 1u64..50, proptest::option::of(0u8..3)), 0..40)
+        ) {
+            let mut l = Latest::default();
+            let mut best: std::collections::HashMap<u8, (u64, Option<u8>)> = Default::default();
+            for (k, rev, v) in &offers {
+                l.offer(k.to_string(), *rev, v.map(|v| vec![v]));
+                let b = best.entry(*k).or_insert((*rev, *v));
+                if b.0 < *rev { *b = (*rev, *v); }
+            }
+            let mut want: Vec<(String, u64, Vec<u8>)> = best
+                .into_iter()
+                .filter_map(|(k, (rev, v))| v.map(|v| (k.to_string(), rev, vec![v])))
+                .collect();
+            want.sort_by_key(|w| w.1);
+            let got: Vec<(String, u64, Vec<u8>)> = l.entries().into_iter().map(|e| (e.key, e.revision, e.value)).collect();
+            // Equal revisions of one key keep the first offered: compare keys and revisions.
+            let strip = |v: &[(String, u64, Vec<u8>)]| v.iter().map(|(k, r, _)| (k.clone(), *r)).collect::<std::collections::BTreeSet<_>>();
+            proptest::prop_assert_eq!(strip(&got), strip(&want));
+        }
+    }
 }
