@@ -10,6 +10,12 @@
 //!   watchers are known not to survive server restarts, nats.rs#1596):
 //!   the keys are read with direct gets.
 //!
+//! A direct get is answered by whichever server holds a copy of the
+//! bucket, and a copy may lag the put the device just heard: a read that
+//! does not show a heard key newer than before is asked again for a few
+//! seconds (measured at 10,000 devices: otherwise over 1% of them waited
+//! for their resync).
+//!
 //! Each read yields the effective key and its revision (the stream
 //! sequence). The last revision acted on is kept in `STATE/desired.json`,
 //! so the agent resumes from it after a reconnect, a crash or a reboot: a
@@ -140,57 +146,134 @@ fn keys(device: &str, groups: &[String]) -> Vec<String> {
     keys
 }
 
-/// Reads the desired state in force for `device` in `groups`: every key
-/// at once (one round trip, not one per key, when 10,000 devices wake to
-/// one put), the strongest that holds a value wins.
-pub async fn read(client: &Client, device: &str, groups: &[String]) -> Result<Option<Entry>, String> {
+/// One key as read: the revision of its last message (a put, or the
+/// marker of a delete), None if it was never written; and the bundle it
+/// names, if it holds one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRead {
+    pub key: String,
+    pub revision: Option<u64>,
+    pub bundle: Option<[u8; 32]>,
+}
+
+/// The keys of a device as read at once, strongest first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reads(pub Vec<KeyRead>);
+
+impl Reads {
+    /// The desired state in force: the strongest key that holds a value.
+    pub fn effective(&self) -> Option<Entry> {
+        self.0.iter().find_map(|k| match (k.revision, k.bundle) {
+            (Some(revision), Some(bundle)) => Some(Entry { key: k.key.clone(), revision, bundle }),
+            _ => None,
+        })
+    }
+
+    fn revision(&self, key: &str) -> Option<u64> {
+        self.0.iter().find(|k| k.key == key).and_then(|k| k.revision)
+    }
+}
+
+/// Reads every key of `device` in `groups` at once (one round trip, not
+/// one per key, when 10,000 devices wake to one put).
+pub async fn read(client: &Client, device: &str, groups: &[String]) -> Result<Reads, String> {
     let answers =
         futures_util::future::join_all(keys(device, groups).into_iter().map(|key| read_key(client, key)))
             .await;
-    for answer in answers {
-        if let Some(e) = answer? {
-            return Ok(Some(e));
-        }
-    }
-    Ok(None)
+    answers.into_iter().collect::<Result<Vec<_>, _>>().map(Reads)
 }
 
-/// One key's value and revision; None if it has none (never written, or
-/// deleted: the next key rules).
-async fn read_key(client: &Client, key: String) -> Result<Option<Entry>, String> {
+/// One key's last message; see [`KeyRead`].
+async fn read_key(client: &Client, key: String) -> Result<KeyRead, String> {
     let api = format!("$JS.API.DIRECT.GET.KV_{DESIRED_BUCKET}.{}", key_subject(&key));
     let msg = client.request(api, Default::default()).await.map_err(|e| format!("{key}: {e}"))?;
     if msg.status == Some(StatusCode::NOT_FOUND) {
-        return Ok(None);
+        return Ok(KeyRead { key, revision: None, bundle: None });
     }
     if msg.status.is_some_and(|s| s != StatusCode::OK) {
         return Err(format!("{key}: status {:?}", msg.status));
     }
     let headers = msg.headers.as_ref();
-    // A deleted key reads as a marker with no value.
-    let op = headers.and_then(|h| h.get("KV-Operation")).map(|v| v.as_str());
-    if op.is_some_and(|v| v == "DEL" || v == "PURGE") {
-        return Ok(None);
-    }
     // (A standard header: looked up by its constant, not its text.)
     let revision = headers
         .and_then(|h| h.get(async_nats::header::NATS_SEQUENCE))
         .map(|v| v.as_str())
         .and_then(|v| v.parse::<u64>().ok())
         .ok_or_else(|| format!("{key}: the answer has no Nats-Sequence"))?;
+    // A deleted key reads as a marker with no value.
+    let op = headers.and_then(|h| h.get("KV-Operation")).map(|v| v.as_str());
+    if op.is_some_and(|v| v == "DEL" || v == "PURGE") {
+        return Ok(KeyRead { key, revision: Some(revision), bundle: None });
+    }
     let bundle = perch_protocol::desired::decode(&msg.payload).map_err(|e| format!("{key}: {e}"))?;
-    Ok(Some(Entry { key, revision, bundle }))
+    Ok(KeyRead { key, revision: Some(revision), bundle: Some(bundle) })
 }
 
-/// Wakes `wake` on every put to one of the keys, for as long as the
-/// client lives (the client re-subscribes after a reconnect by itself).
-async fn watch_keys(client: &Client, keys: &[String], wake: Arc<Notify>) {
+/// The keys whose change was heard since the last read. A direct get is
+/// answered by any server holding a copy of the bucket, and a copy may
+/// not have stored a put that the device has already heard: a read that
+/// gives a heard key no newer revision than before is asked again, for a
+/// few seconds, instead of waiting for the next resync.
+#[derive(Default)]
+struct Heard(std::sync::Mutex<std::collections::BTreeSet<String>>);
+
+impl Heard {
+    fn add(&self, key: &str) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).insert(key.to_string());
+    }
+
+    fn take(&self) -> std::collections::BTreeSet<String> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// How often a read that missed a heard change is asked again (at 0.1,
+/// 0.2, 0.4, 0.8 and 1.6 s: a copy of the bucket a few seconds behind).
+const STALE_TRIES: u32 = 5;
+
+/// Whether `reads` shows every heard key newer than the revision read
+/// before it was heard (`before`: None if the key had no message).
+fn has_caught_up(reads: &Reads, heard: &[(String, Option<u64>)]) -> bool {
+    heard.iter().all(|(key, before)| match (reads.revision(key), before) {
+        (Some(now), Some(before)) => now > *before,
+        (now, None) => now.is_some(),
+        (None, Some(_)) => false,
+    })
+}
+
+/// Reads the keys until every heard change shows (at most
+/// [`STALE_TRIES`] more times); what the last read gave.
+async fn read_fresh(
+    client: &Client,
+    device: &str,
+    groups: &[String],
+    heard: &[(String, Option<u64>)],
+) -> Result<Reads, String> {
+    let mut tries = 0;
+    loop {
+        let reads = read(client, device, groups).await?;
+        if tries >= STALE_TRIES || has_caught_up(&reads, heard) {
+            return Ok(reads);
+        }
+        debug!("desired state: a copy of the bucket has not stored the change heard yet; reading again");
+        tokio::time::sleep(std::time::Duration::from_millis(100 << tries)).await;
+        tries += 1;
+    }
+}
+
+/// Wakes `wake` on every put or delete of one of the keys, noting the key
+/// in `heard`, for as long as the client lives (the client re-subscribes
+/// after a reconnect by itself).
+async fn watch_keys(client: &Client, keys: &[String], wake: Arc<Notify>, heard: Arc<Heard>) {
     for key in keys {
         match client.subscribe(key_subject(key)).await {
             Ok(mut sub) => {
-                let wake = wake.clone();
+                let (wake, heard, key) = (wake.clone(), heard.clone(), key.clone());
                 tokio::spawn(async move {
-                    while sub.next().await.is_some() {
+                    while let Some(msg) = sub.next().await {
+                        if is_change(&msg) {
+                            heard.add(&key);
+                        }
                         wake.notify_one();
                     }
                 });
@@ -198,6 +281,13 @@ async fn watch_keys(client: &Client, keys: &[String], wake: Arc<Notify>) {
             Err(e) => warn!("desired state: not watching {key} ({e}); reading it every resync"),
         }
     }
+}
+
+/// Whether a message on a key's subject is the put or delete itself (a
+/// value, or a `KV-Operation` header), not a field site's wake-up (empty:
+/// the key may not have changed, only its bundle arrived).
+fn is_change(msg: &async_nats::Message) -> bool {
+    !msg.payload.is_empty() || msg.headers.as_ref().is_some_and(|h| h.get("KV-Operation").is_some())
 }
 
 /// What the follower hands a new desired bundle to: the deploy engine
@@ -257,7 +347,10 @@ pub async fn follow(
 pub async fn follow_with<D: Deployer>(f: Follow, deployer: D) {
     let Follow { client, state_dir, device, groups, resync, reporter, connected } = f;
     let wake = connected;
-    watch_keys(&client, &keys(&device, &groups), wake.clone()).await;
+    let heard = Arc::new(Heard::default());
+    watch_keys(&client, &keys(&device, &groups), wake.clone(), heard.clone()).await;
+    // Each key's revision at the last read.
+    let mut last = Reads(vec![]);
     let mut handled = Handled::load(&state_dir);
     // The revision told to wait for a local command, so it is said once.
     let mut waiting = None;
@@ -273,12 +366,26 @@ pub async fn follow_with<D: Deployer>(f: Follow, deployer: D) {
         if client.connection_state() != async_nats::connection::State::Connected {
             continue;
         }
-        let entry = match read(&client, &device, &groups).await {
-            Ok(e) => {
+        let changed: Vec<(String, Option<u64>)> = heard
+            .take()
+            .into_iter()
+            .map(|k| {
+                let before = last.revision(&k);
+                (k, before)
+            })
+            .collect();
+        let entry = match read_fresh(&client, &device, &groups, &changed).await {
+            Ok(reads) => {
                 failed_reads = 0;
+                let e = reads.effective();
+                last = reads;
                 e
             }
             Err(e) => {
+                // The changes heard are still to be seen.
+                for (k, _) in &changed {
+                    heard.add(k);
+                }
                 // Asked again soon (with jitter: a fleet that timed out
                 // together must not ask again together), not at the next
                 // resync: a change must not wait a resync for one lost answer.
@@ -503,6 +610,30 @@ mod tests {
         assert_eq!(decide(Some(&h), Some(&entry("group.g", 7, 2)), never), Decision::Install);
         // With the same bundle: recorded, not installed (nor retried, had it failed).
         assert_eq!(decide(Some(&h), Some(&entry("group.g", 8, 1)), never), Decision::Record);
+    }
+
+    #[test]
+    fn a_read_has_caught_up_only_when_each_heard_key_is_newer_than_before() {
+        let k = |key: &str, revision: Option<u64>, b: Option<u8>| KeyRead {
+            key: key.into(),
+            revision,
+            bundle: b.map(|b| [b; 32]),
+        };
+        // The device's key deleted (a marker at 12), the group's at 9.
+        let reads = Reads(vec![k("device.d", Some(12), None), k("group.g", Some(9), Some(4))]);
+        assert_eq!(reads.effective(), Some(entry("group.g", 9, 4)));
+        assert!(has_caught_up(&reads, &[]));
+        // A put heard on the group's key, read at 9 before: a copy that
+        // still gives 9 has not stored it.
+        assert!(!has_caught_up(&reads, &[("group.g".into(), Some(9))]));
+        assert!(has_caught_up(&reads, &[("group.g".into(), Some(8))]));
+        // The delete heard: its marker is newer than the put before it.
+        assert!(has_caught_up(&reads, &[("device.d".into(), Some(11))]));
+        // A key never written before: any revision is news, none is not.
+        assert!(has_caught_up(&reads, &[("group.g".into(), None)]));
+        let unwritten = Reads(vec![k("device.d", None, None)]);
+        assert!(!has_caught_up(&unwritten, &[("device.d".into(), None)]));
+        assert_eq!(unwritten.effective(), None);
     }
 
     #[test]

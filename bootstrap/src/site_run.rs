@@ -357,6 +357,9 @@ impl Keeper {
             Ok(Ok(m)) if m.status.is_none() || m.status == Some(StatusCode::OK))
     }
 
+    /// An empty message on a key's subject: the agent reads its keys, and
+    /// takes it for a wake-up, not the change itself (which it would then
+    /// wait to see stored).
     async fn wake(&self, subject: &str) {
         if let Err(e) = self.client.publish(subject.to_string(), Default::default()).await {
             debug!("wake-up on {subject} not sent: {e}");

@@ -1,9 +1,11 @@
-//! `cargo xtask bench fleet [--devices N] [--servers 1|3] [--agents K]
-//! [--chunk-share F] [--bundle-kib K]`: a fleet of N simulated devices
-//! (default 10,000; `fleet-sim`, the agent's own link, outbox and
+//! `cargo xtask bench fleet [--devices N] [--servers 1|3] [--sites S]
+//! [--agents K] [--chunk-share F] [--bundle-kib K]`: a fleet of N simulated
+//! devices (default 10,000; `fleet-sim`, the agent's own link, outbox and
 //! desired-state follower without slots) and K real `perch-agent`s
 //! (default 3) on a three-server cluster (or one server), with a real
-//! provisioner, driven by the real `perch` commands. It prints:
+//! provisioner, driven by the real `perch` commands. With `--sites S`, the
+//! simulated devices are split over S field sites (leaf servers of the
+//! cluster, each with its `site run` daemon) and connect there. It prints:
 //!
 //! - desired-state propagation, p50 / p99 / max, from the moment before
 //!   `perch desired set --group` to each simulated device acting on it:
@@ -31,7 +33,7 @@ use anyhow::{bail, Context, Result};
 use crate::fleet::LocalFleet;
 use crate::util::step;
 
-const USAGE: &str = "usage: cargo xtask bench fleet [--devices N] [--servers 1|3] [--agents K] [--chunk-share F] [--bundle-kib K]";
+const USAGE: &str = "usage: cargo xtask bench fleet [--devices N] [--servers 1|3] [--sites S] [--agents K] [--chunk-share F] [--bundle-kib K]";
 /// The group every device is in.
 const GROUP: &str = "fleet";
 /// Devices of the second wave that roll the new bundle back, at most.
@@ -44,17 +46,20 @@ const LATE: usize = 500;
 struct Opts {
     devices: usize,
     servers: usize,
+    sites: usize,
     agents: usize,
     chunk_share: f64,
     bundle_kib: usize,
 }
 
 pub fn run(args: &[String]) -> Result<()> {
-    let mut o = Opts { devices: 10_000, servers: 3, agents: 3, chunk_share: 0.05, bundle_kib: 1024 };
+    let mut o =
+        Opts { devices: 10_000, servers: 3, sites: 0, agents: 3, chunk_share: 0.05, bundle_kib: 1024 };
     for (flag, value) in crate::util::flag_pairs(args, USAGE)? {
         match flag {
             "--devices" => o.devices = value.parse().context("--devices takes a number")?,
             "--servers" => o.servers = value.parse().context("--servers takes 1 or 3")?,
+            "--sites" => o.sites = value.parse().context("--sites takes a number")?,
             "--agents" => o.agents = value.parse().context("--agents takes a number")?,
             "--chunk-share" => o.chunk_share = value.parse().context("--chunk-share takes 0.0 to 1.0")?,
             "--bundle-kib" => o.bundle_kib = value.parse().context("--bundle-kib takes a number")?,
@@ -63,6 +68,10 @@ pub fn run(args: &[String]) -> Result<()> {
     }
     if o.devices < 100 || !(o.servers == 1 || o.servers == 3) {
         bail!("--devices must be at least 100 (the first wave is 1%), --servers 1 or 3");
+    }
+    if o.sites > 0 && o.servers != 3 {
+        // The cluster's servers have leafnode listeners; a single one here does not.
+        bail!("--sites needs --servers 3 (field sites connect to the cluster's leafnode listeners)");
     }
     let bin = crate::util::release_bins("fleet", &["perch-fleet", "perch-bootstrap", "perch-agent"])?;
     let tools = crate::util::bench_tools(&["fleet-sim", "enroll-load", "link-bench"])?;
@@ -291,8 +300,6 @@ fn bench(o: &Opts, bin: &Path, tools: &Path, dir: &Path, sim_root: &Path) -> Res
         conn.extend(["--url".into(), u.clone()]);
     }
     let perch = Perch { dir, bin: bin.join("perch"), conn };
-    let servers_before: Vec<(String, u32, f64)> =
-        fleet.servers().into_iter().map(|(n, pid)| (n, pid, usage(pid).1)).collect();
 
     // Two releases of one bundle.
     fs::create_dir_all(dir.join("payload"))?;
@@ -324,16 +331,33 @@ fn bench(o: &Opts, bin: &Path, tools: &Path, dir: &Path, sim_root: &Path) -> Res
         digests.push(v["digest"].as_str().context("bundle inspect gave no digest")?.to_string());
     }
 
-    let urls = fleet.urls.clone();
-    let token = |group: &str, uses: usize| -> Result<String> {
+    // Where the simulated devices connect: the hub's servers, or one
+    // field site each (an even share of them), leaf nodes of the cluster.
+    let mut places: Vec<(String, Vec<String>)> = vec![];
+    if o.sites == 0 {
+        places.push(("hub".into(), fleet.urls.clone()));
+    }
+    for k in 1..=o.sites {
+        let site = crate::site::Site::new(&format!("site-{k}"))?;
+        let init = site.init_args(&fleet.leaf_urls);
+        quiet("perch-bootstrap", &init.iter().map(String::as_str).collect::<Vec<_>>())?;
+        site.start(&mut fleet)?;
+        places.push((site.name.clone(), vec![site.url.clone()]));
+    }
+    if o.sites > 0 {
+        println!("  {} field sites, leaf nodes of the cluster", o.sites);
+    }
+    let servers_before: Vec<(String, u32, f64)> =
+        fleet.servers().into_iter().map(|(n, pid)| (n, pid, usage(pid).1)).collect();
+    let token = |group: &str, uses: usize, urls: &[String]| -> Result<String> {
         let uses = uses.to_string();
         let mut args = vec!["token", "issue", "--dir", "org", "--group", group, "--uses", &uses];
-        for u in &urls {
+        for u in urls {
             args.extend(["--url", u.as_str()]);
         }
         quiet("perch-bootstrap", &args)
     };
-    fs::write(dir.join("fleet.token"), token(GROUP, o.devices + o.agents)?.trim())?;
+    fs::write(dir.join("fleet.token"), token(GROUP, o.agents.max(1), &fleet.urls)?.trim())?;
 
     // The second wave: sorted ids from ⌈n/100⌉ to ⌈n/10⌉, real agents
     // ("agent-…") sorting first. A tenth of it (2 to FAILING) fails.
@@ -346,33 +370,44 @@ fn bench(o: &Opts, bin: &Path, tools: &Path, dir: &Path, sim_root: &Path) -> Res
     let sim_root_s = sim_root.display().to_string();
     let (tx, lines) = std::sync::mpsc::channel();
     let mut children = vec![];
-    let processes = o.devices.div_ceil(PER_PROCESS);
-    for p in 0..processes {
-        let first = p * PER_PROCESS;
-        let count = PER_PROCESS.min(o.devices - first).to_string();
-        let mut child = Command::new(tools.join("fleet-sim"))
-            .args(["--token", "fleet.token", "--devices", &count, "--first", &first.to_string()])
-            .args(["--prefix", "sim", "--group", GROUP, "--root", &sim_root_s])
-            .args(["--chunk-share", &share, "--heartbeat", "60", "--resync", "60", "--fail", &fail])
-            .current_dir(dir)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(fs::File::create(dir.join(format!("sim-{p}.log")))?)
-            .spawn()?;
-        let stdout = child.stdout.take().context("fleet-sim stdout")?;
-        let tx = tx.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
-                    if tx.send(v).is_err() {
-                        break;
-                    }
+    for (k, (place, urls)) in places.iter().enumerate() {
+        // Devices [from, to) are at this place.
+        let (from, to) = (k * o.devices / places.len(), (k + 1) * o.devices / places.len());
+        let token_file = format!("{place}.token");
+        fs::write(dir.join(&token_file), token(GROUP, to - from, urls)?.trim())?;
+        let mut first = from;
+        while first < to {
+            let count = PER_PROCESS.min(to - first);
+            let mut c = Command::new(tools.join("fleet-sim"));
+            c.args(["--token", &token_file, "--devices", &count.to_string(), "--first", &first.to_string()])
+                .args(["--prefix", "sim", "--group", GROUP, "--root", &sim_root_s])
+                .args(["--chunk-share", &share, "--heartbeat", "60", "--resync", "60", "--fail", &fail]);
+            if o.sites > 0 {
+                // Connected to the site's server, not the hub's its enrollment names.
+                for u in urls {
+                    c.args(["--url", u]);
                 }
             }
-        });
-        let stdin = child.stdin.take();
-        children.push((child, stdin));
+            let log = fs::File::create(dir.join(format!("sim-{}.log", children.len())))?;
+            let mut child =
+                c.current_dir(dir).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(log).spawn()?;
+            let stdout = child.stdout.take().context("fleet-sim stdout")?;
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                    if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                        if tx.send(v).is_err() {
+                            break;
+                        }
+                    }
+                }
+            });
+            let stdin = child.stdin.take();
+            children.push((child, stdin));
+            first += count;
+        }
     }
+    let processes = children.len();
     drop(tx);
     let mut sim = Sim { children, lines, devices: o.devices };
     // Each process says "enrolled", then "ready": one may be ready before
@@ -417,7 +452,7 @@ fn bench(o: &Opts, bin: &Path, tools: &Path, dir: &Path, sim_root: &Path) -> Res
     )?;
 
     step(&format!("bench fleet: enrollment while the fleet is live ({LATE} devices)"));
-    fs::write(dir.join("late.token"), token("late", LATE)?.trim())?;
+    fs::write(dir.join("late.token"), token("late", LATE, &places[0].1)?.trim())?;
     let out = crate::bench_wait::run_within(
         dir,
         &tools.join("enroll-load"),
@@ -513,7 +548,9 @@ fn bench(o: &Opts, bin: &Path, tools: &Path, dir: &Path, sim_root: &Path) -> Res
     drop(sim);
 
     println!();
-    println!("fleet: {} simulated devices + {} perch-agents on {} server(s), {} KiB bundle, {:.0}% fetched per device",
+    let at_sites =
+        if o.sites > 0 { format!(" (the simulated ones at {} field sites)", o.sites) } else { String::new() };
+    println!("fleet: {} simulated devices + {} perch-agents on {} server(s){at_sites}, {} KiB bundle, {:.0}% fetched per device",
         o.devices, o.agents, o.servers, o.bundle_kib, o.chunk_share * 100.0);
     println!(
         "enrollment (fleet live):  {:.0} devices/s ({} in {:.1} s)",
@@ -571,7 +608,7 @@ fn bench(o: &Opts, bin: &Path, tools: &Path, dir: &Path, sim_root: &Path) -> Res
         );
     }
     let summary = serde_json::json!({
-        "devices": o.devices, "agents": o.agents, "servers": o.servers,
+        "devices": o.devices, "agents": o.agents, "servers": o.servers, "sites": o.sites,
         "propagation_ms": {"p50": percentile(&latencies, 0.5), "p99": percentile(&latencies, 0.99), "max": latencies.last()},
         "status_s": status.wall, "status_mib": status.rss_kib / 1024,
         "status_device_s": one.wall, "status_device_mib": one.rss_kib / 1024,

@@ -39,7 +39,10 @@ pub fn run(args: &[String]) -> Result<()> {
     let mut fleet = uplink.hub(&dir, &bin)?;
     fleet.provisioner()?;
     let site = Site::new("bench")?;
-    quiet("perch-bootstrap", &site.init_args(&uplink).iter().map(String::as_str).collect::<Vec<_>>())?;
+    quiet(
+        "perch-bootstrap",
+        &site.init_args(&[uplink.url()]).iter().map(String::as_str).collect::<Vec<_>>(),
+    )?;
     site.start(&mut fleet)?;
     quiet(
         "perch-bootstrap",

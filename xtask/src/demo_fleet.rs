@@ -70,7 +70,7 @@ pub fn run(d: &Demo, arm: &[(&'static crate::cross::Target, PathBuf)]) -> Result
 
     say(15, "A ground station in the field, site `ridge`: its own nats-server, a leaf node of the hub with its own JetStream domain. The drones there connect to it; it reaches the hub over its uplink (a satellite link; here a proxy this demo cuts in step 21). `site init` writes its config; its daemon (`site run`) makes the site's streams: the drones' reports (the hub takes them from it), mirrors of the desired state and trust, and the bundles its drones want.");
     let site = Site::new("ridge")?;
-    let init = site.init_args(&uplink);
+    let init = site.init_args(&[uplink.url()]);
     d.sh("perch-bootstrap", &init.iter().map(String::as_str).collect::<Vec<_>>(), 0)?;
     site.start(&mut fleet)?;
     println!(

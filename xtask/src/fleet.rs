@@ -19,6 +19,10 @@ pub struct LocalFleet {
     pub url: String,
     /// Every server's URL (`url` is the first).
     pub urls: Vec<String>,
+    /// A cluster's leafnode listeners, where field sites connect (none
+    /// for a single server: a hub is started with its own, see
+    /// `site::Uplink::hub`).
+    pub leaf_urls: Vec<String>,
     children: Vec<(String, Child)>,
 }
 
@@ -46,6 +50,7 @@ impl LocalFleet {
             bin: bin.into(),
             url: format!("tls://127.0.0.1:{port}"),
             urls: vec![format!("tls://127.0.0.1:{port}")],
+            leaf_urls: vec![],
             children: vec![],
         };
         f.server("nats-server", &conf, port)?;
@@ -77,8 +82,15 @@ impl LocalFleet {
             crate::util::nats_server_version(&crate::util::nats_server())
         );
         let urls: Vec<String> = (0..n).map(|i| format!("tls://127.0.0.1:{}", ports[3 * i])).collect();
-        let mut f =
-            LocalFleet { dir: dir.into(), bin: bin.into(), url: urls[0].clone(), urls, children: vec![] };
+        let leaf_urls = (0..n).map(|i| format!("tls://127.0.0.1:{}", ports[3 * i + 2])).collect();
+        let mut f = LocalFleet {
+            dir: dir.into(),
+            bin: bin.into(),
+            url: urls[0].clone(),
+            urls,
+            leaf_urls,
+            children: vec![],
+        };
         let sdirs: Vec<PathBuf> = (1..=n).map(|i| dir.join(format!("org/nats/cluster/n{i}"))).collect();
         for (i, sdir) in sdirs.iter().enumerate() {
             f.server(&format!("nats-server-n{}", i + 1), &sdir.join("nats-server.conf"), ports[3 * i])?;
@@ -168,9 +180,9 @@ impl LocalFleet {
         Ok(())
     }
 
-    /// The process ids of the nats-servers, by name.
+    /// The process ids of the nats-servers (field sites' too), by name.
     pub fn servers(&self) -> Vec<(String, u32)> {
-        let servers = self.children.iter().filter(|(name, _)| name.starts_with("nats-server"));
+        let servers = self.children.iter().filter(|(name, _)| name.contains("nats-server"));
         servers.map(|(name, c)| (name.clone(), c.id())).collect()
     }
 

@@ -48,6 +48,11 @@ impl Uplink {
         LocalFleet::start_with(dir, bin, &format!(", domain: {HUB_DOMAIN}"), &leafnodes)
     }
 
+    /// Where the site connects: the proxy.
+    pub fn url(&self) -> String {
+        self.proxy.url()
+    }
+
     /// Bytes that crossed it so far: (hub → site, site → hub).
     pub fn bytes(&self) -> (u64, u64) {
         self.proxy.bytes()
@@ -84,29 +89,19 @@ impl Site {
     }
 
     /// The `perch-bootstrap` arguments that write it (`site init`, in
-    /// `org/sites/NAME/`), its uplink `uplink`.
-    pub fn init_args(&self, uplink: &Uplink) -> Vec<String> {
+    /// `org/sites/NAME/`), connecting to the hub at `hubs` (leafnode URLs).
+    pub fn init_args(&self, hubs: &[String]) -> Vec<String> {
         let port = self.port.to_string();
-        [
-            "site",
-            "init",
-            "--dir",
-            "org",
-            "--name",
-            &self.name,
-            "--hub",
-            &uplink.proxy.url(),
-            "--host",
-            "127.0.0.1",
-            "--bind",
-            "127.0.0.1",
-            "--client-port",
-            &port,
-            "--max-store",
-            "1G",
-        ]
-        .map(String::from)
-        .to_vec()
+        let mut args: Vec<String> =
+            ["site", "init", "--dir", "org", "--name", &self.name].map(String::from).to_vec();
+        for h in hubs {
+            args.extend(["--hub".into(), h.clone()]);
+        }
+        args.extend(
+            ["--host", "127.0.0.1", "--bind", "127.0.0.1", "--client-port", &port, "--max-store", "1G"]
+                .map(String::from),
+        );
+        args
     }
 
     /// Starts its nats-server and its daemon (`site run`, which prints

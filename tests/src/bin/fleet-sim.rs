@@ -23,7 +23,8 @@ use std::time::{Duration, Instant};
 use perch_tests::sim::{self, Event, SimSettings};
 
 const USAGE: &str = "usage: fleet-sim --token FILE --devices N --prefix P [--first K] --group G --root DIR \
-[--concurrency C] [--heartbeat SECS] [--resync SECS] [--chunk-share F] [--trial-ms MS] [--fail HEX:FROM..TO]";
+[--concurrency C] [--heartbeat SECS] [--resync SECS] [--chunk-share F] [--trial-ms MS] [--fail HEX:FROM..TO] \
+[--url URL]...";
 
 struct Args {
     token: PathBuf,
@@ -39,6 +40,9 @@ struct Args {
     chunk_share: f64,
     trial_ms: u64,
     fail: Option<([u8; 32], std::ops::Range<usize>)>,
+    /// The servers the devices connect to once enrolled (`[link] urls`): a
+    /// field site's, say. None: the ones their enrollment names.
+    urls: Vec<String>,
 }
 
 fn parse() -> Result<Args, String> {
@@ -55,6 +59,7 @@ fn parse() -> Result<Args, String> {
         chunk_share: 0.05,
         trial_ms: 0,
         fail: None,
+        urls: vec![],
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut it = args.iter();
@@ -73,6 +78,7 @@ fn parse() -> Result<Args, String> {
             "--heartbeat" => a.heartbeat = num(it.next(), flag)?.max(1),
             "--resync" => a.resync = num(it.next(), flag)?.max(1),
             "--trial-ms" => a.trial_ms = num(it.next(), flag)?,
+            "--url" => a.urls.push(it.next().ok_or(USAGE)?.clone()),
             "--chunk-share" => {
                 a.chunk_share =
                     it.next().and_then(|v| v.parse().ok()).ok_or("--chunk-share takes 0.0 to 1.0")?
@@ -121,9 +127,13 @@ fn id(prefix: &str, i: usize) -> String {
 
 async fn run(a: Args) -> Result<(), String> {
     let token = std::fs::read_to_string(&a.token).map_err(|e| format!("{}: {e}", a.token.display()))?;
+    // (TOML strings: a URL has no quote or backslash to escape.)
+    let urls: Vec<String> = a.urls.iter().map(|u| format!("\"{u}\"")).collect();
     let extra = format!(
-        "[reports]\nheartbeat = \"{}s\"\n[fetch]\nresync = \"{}s\"\n[link]\nmax_backoff = \"5s\"\n",
-        a.heartbeat, a.resync
+        "[reports]\nheartbeat = \"{}s\"\n[fetch]\nresync = \"{}s\"\n[link]\nmax_backoff = \"5s\"\nurls = [{}]\n",
+        a.heartbeat,
+        a.resync,
+        urls.join(", ")
     );
     let fail = a
         .fail
