@@ -351,7 +351,7 @@ impl Engine {
     /// How many chunks, from the first, read back from `slot` intact.
     fn intact_prefix(&self, m: &VerifiedManifest, slot: SlotId) -> Result<u32, DeployError> {
         let count = m.manifest().chunk_count();
-        let Ok(mut back) = self.backend.read_back(slot, m.manifest().payload_len) else { return Ok(0) };
+        let Ok(mut back) = self.backend.read_back(slot, m.manifest().payload_len()) else { return Ok(0) };
         let mut buf = Vec::new();
         for index in 0..count {
             buf.resize(m.manifest().chunk_len(index), 0);
@@ -419,13 +419,16 @@ impl Engine {
         slot: SlotId,
         from_chunk: u32,
     ) -> Result<(), DeployError> {
-        let chunk_size = u64::from(reader.manifest().manifest().chunk_size);
+        // Where each chunk goes in the slot (the running sums of the signed
+        // lengths), and where the progress resumes.
+        let layout = Arc::new(reader.manifest().manifest().clone());
+        let resumed_bytes = layout.written_offset(from_chunk);
         let mut writer = self.backend.open_writer(slot, bundle.kind, from_chunk > 0)?;
         let bundle_err = |source| DeployError::Bundle { path: PathBuf::new(), source };
         reader.skip_to_chunk(from_chunk).map_err(bundle_err)?;
         self.progress.start(
             &format!("staging {bundle} into slot {slot}"),
-            u64::from(from_chunk) * chunk_size,
+            resumed_bytes,
             bundle.payload_len,
         );
         let abort = Arc::new(AtomicBool::new(false));
@@ -481,14 +484,14 @@ impl Engine {
             Ok(journal)
         });
 
-        let (write_abort, write_count) = (abort.clone(), written_bytes.clone());
+        let (write_abort, write_count, at) = (abort.clone(), written_bytes.clone(), layout.clone());
         let write_thread = thread::spawn(move || -> Result<(), SlotError> {
             // Chunks arrive out of order from the hashers; `durable_from` is
             // the first chunk not yet written, the only safe checkpoint.
             let (mut since, mut durable_from, mut written) = (0u64, from_chunk, BTreeSet::new());
             for chunk in checked_rx {
                 let index = chunk.index();
-                if let Err(e) = writer.write_at(u64::from(index) * chunk_size, chunk.data()) {
+                if let Err(e) = writer.write_at(at.written_offset(index), chunk.data()) {
                     write_abort.store(true, Ordering::SeqCst);
                     return Err(e);
                 }
@@ -510,7 +513,6 @@ impl Engine {
             writer.sync()
         });
 
-        let resumed_bytes = u64::from(from_chunk) * chunk_size;
         let mut told = from_chunk / PROGRESS_EVERY;
         let observer = &mut self.observer;
         let progress = &mut self.progress;
@@ -523,7 +525,7 @@ impl Engine {
                 }
                 let staged_bytes = resumed_bytes + written_bytes.load(Ordering::Relaxed);
                 progress.set(staged_bytes);
-                let done = (staged_bytes / chunk_size) as u32;
+                let done = layout.chunk_at_written(staged_bytes).unwrap_or(count);
                 if done / PROGRESS_EVERY > told {
                     told = done / PROGRESS_EVERY;
                     if let Some(f) = observer.as_mut() {

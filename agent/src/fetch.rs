@@ -29,6 +29,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::{Client, StatusCode};
+use perch_protocol::bundle::Manifest;
 use perch_protocol::subjects::{self, CHUNKS_STREAM};
 use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
@@ -71,9 +72,10 @@ pub struct ChunkSource {
     digest: [u8; 32],
     settings: FetchSettings,
     head: Vec<u8>,
-    chunk_size: u64,
-    chunk_count: u32,
-    payload_len: u64,
+    /// The head's manifest, unverified: only where each chunk is in the
+    /// bundle file is taken from it (the engine verifies it before any
+    /// chunk is used).
+    layout: Manifest,
     pos: u64,
     current: Option<(u32, Vec<u8>)>,
     ahead: VecDeque<(u32, JoinHandle<io::Result<Vec<u8>>>)>,
@@ -107,19 +109,12 @@ fn other(msg: String) -> io::Error {
     io::Error::other(msg)
 }
 
-/// How a head says its payload is cut.
-#[derive(Debug, PartialEq, Eq)]
-struct Layout {
-    chunk_size: u64,
-    chunk_count: u32,
-    payload_len: u64,
-}
-
-/// Reads the payload layout from the head of bundle `digest`. The digest
+/// Reads how the payload is cut (the unverified manifest) from the head of
+/// bundle `digest`. The digest
 /// the head claims is compared first, from its header and signature block
 /// alone: a head for another bundle (or no bundle) is refused before a byte
 /// of its manifest, which may be tens of MiB, is hashed or decoded.
-fn layout(head: &[u8], digest: &[u8; 32]) -> Result<Layout, OpenError> {
+fn layout(head: &[u8], digest: &[u8; 32]) -> Result<Manifest, OpenError> {
     use perch_protocol::bundle::{claimed_digest, BundleReader};
     let bad = |e| other(format!("bundle {} head: {e}", hex::encode(digest)));
     let claimed = claimed_digest(head).map_err(bad)?.0;
@@ -130,12 +125,7 @@ fn layout(head: &[u8], digest: &[u8; 32]) -> Result<Layout, OpenError> {
     // digest. It is verified by the engine before any chunk is used, so
     // reading it here unverified is safe.
     let reader = BundleReader::open(head).map_err(bad)?;
-    let m = reader.head().unverified_manifest();
-    Ok(Layout {
-        chunk_size: u64::from(m.chunk_size),
-        chunk_count: m.chunk_count(),
-        payload_len: m.payload_len,
-    })
+    Ok(reader.head().unverified_manifest().clone())
 }
 
 impl ChunkSource {
@@ -158,16 +148,14 @@ impl ChunkSource {
                 io::ErrorKind::NotFound => OpenError::NotHere(hex::encode(digest)),
                 _ => OpenError::Io(e),
             })?;
-        let Layout { chunk_size, chunk_count, payload_len } = layout(&head, &digest)?;
+        let layout = layout(&head, &digest)?;
         Ok(Self {
             rt,
             client,
             digest,
             settings,
             head,
-            chunk_size,
-            chunk_count,
-            payload_len,
+            layout,
             pos: 0,
             current: None,
             ahead: VecDeque::new(),
@@ -177,7 +165,7 @@ impl ChunkSource {
 
     /// The bundle file's length: head and payload.
     pub fn file_len(&self) -> u64 {
-        self.head.len() as u64 + self.payload_len
+        self.head.len() as u64 + self.layout.stored_len()
     }
 
     /// The head as fetched (checked to be the desired bundle's, not yet
@@ -213,13 +201,14 @@ impl ChunkSource {
                 h.abort();
             }
         }
+        let count = self.layout.chunk_count();
         let mut next = self.ahead.back().map(|(i, _)| i + 1).unwrap_or(index);
-        while self.ahead.len() < self.settings.window.max(1) && next < self.chunk_count {
+        while self.ahead.len() < self.settings.window.max(1) && next < count {
             self.ahead.push_back((next, self.spawn(next)));
             next += 1;
         }
         let Some((i, h)) = self.ahead.pop_front() else {
-            return Err(other(format!("chunk {index} is past the end ({} chunks)", self.chunk_count)));
+            return Err(other(format!("chunk {index} is past the end ({count} chunks)")));
         };
         debug_assert_eq!(i, index);
         let data = self.rt.block_on(h).map_err(|e| other(format!("chunk {index} fetch stopped: {e}")))??;
@@ -231,12 +220,12 @@ impl ChunkSource {
             )));
         }
         self.current = Some((index, data));
-        if index % LEDGER_EVERY == 0 || index + 1 == self.chunk_count {
+        if index % LEDGER_EVERY == 0 || index + 1 == count {
             self.save_ledger();
         }
         // Keep the window full behind the one just taken.
         if let Some(n) = self.ahead.back().map(|(i, _)| i + 1).or(Some(index + 1)) {
-            if n < self.chunk_count && self.ahead.len() < self.settings.window {
+            if n < count && self.ahead.len() < self.settings.window {
                 self.ahead.push_back((n, self.spawn(n)));
             }
         }
@@ -255,14 +244,11 @@ impl Read for ChunkSource {
             return Ok(n);
         }
         let offset = self.pos - head_len;
-        if offset >= self.payload_len {
-            return Ok(0);
-        }
-        let index =
-            u32::try_from(offset / self.chunk_size).map_err(|_| other("offset out of range".into()))?;
+        // Past the payload's end: the end of the file.
+        let Some(index) = self.layout.chunk_at_stored(offset) else { return Ok(0) };
         self.load(index)?;
         let Some((_, data)) = &self.current else { return Ok(0) };
-        let within = (offset % self.chunk_size) as usize;
+        let within = (offset - self.layout.stored_offset(index)) as usize;
         if within >= data.len() {
             return Err(other(format!("chunk {index} is shorter than the manifest says")));
         }
@@ -275,7 +261,7 @@ impl Read for ChunkSource {
 
 impl Seek for ChunkSource {
     fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
-        let end = self.head.len() as u64 + self.payload_len;
+        let end = self.file_len();
         let new = match to {
             SeekFrom::Start(p) => Some(p),
             SeekFrom::Current(d) => self.pos.checked_add_signed(d),
@@ -435,6 +421,7 @@ mod tests {
             min_agent_version: None,
             allow_downgrade: false,
             allow_setid: false,
+            format: perch_protocol::bundle::Format::V3,
         })
         .unwrap();
         b.update(&[7; 3000]);
@@ -453,7 +440,7 @@ mod tests {
     fn the_requested_head_gives_its_layout() {
         let (bytes, digest, _) = head();
         let l = layout(&bytes, &digest).unwrap();
-        assert_eq!(l, Layout { chunk_size: 1024, chunk_count: 3, payload_len: 3000 });
+        assert_eq!((l.chunk_count(), l.stored_len(), l.stored_offset(2)), (3, 3000, 2048));
     }
 
     #[test]

@@ -98,7 +98,7 @@ impl BundleRef {
             version: man.version.clone(),
             digest: m.digest().0,
             kind: man.kind,
-            payload_len: man.payload_len,
+            payload_len: man.payload_len(),
             chunk_count: man.chunk_count(),
         }
     }

@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use perch_fleet::build::{build_bundle, BuildError};
 use perch_fleet::sign::{sign_file, SignOutcome};
 use perch_fleet::verify::verify_file;
-use perch_protocol::bundle::{BundleHead, BundleReader, Manifest, ManifestParams, PayloadKind};
+use perch_protocol::bundle::{BundleHead, BundleReader, Chunking, Format, Manifest, ManifestParams, PayloadKind};
 use perch_protocol::limits::DEFAULT_CHUNK_SIZE;
 use perch_protocol::SecretKey;
 use perch_support::exit::{self, UsageError};
@@ -208,6 +208,10 @@ struct BuildArgs {
     /// Chunk size in bytes (one chunk travels as one NATS message).
     #[arg(long, default_value_t = DEFAULT_CHUNK_SIZE)]
     chunk_size: u32,
+    /// Bundle format: 3, or 2 for agents older than format 3 (no
+    /// compression, and a whole-payload hash).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(2..=3))]
+    format: u16,
     /// A compatible device target; repeat for several. None means any target.
     #[arg(long = "target", value_name = "T")]
     targets: Vec<String>,
@@ -336,6 +340,7 @@ fn build(a: BuildArgs) -> Result<()> {
         min_agent_version: a.min_agent_version,
         allow_downgrade: a.allow_downgrade,
         allow_setid: a.allow_setid,
+        format: if a.format == 2 { Format::V2 } else { Format::V3 },
     };
     if !a.input.exists() {
         return Err(UsageError(format!("{}: no such file or directory", a.input.display())).into());
@@ -357,7 +362,7 @@ fn build(a: BuildArgs) -> Result<()> {
         a.out.display(),
         manifest.name,
         manifest.counter,
-        manifest.payload_len,
+        manifest.payload_len(),
         manifest.chunk_count()
     );
     Ok(())
@@ -380,14 +385,16 @@ fn verify(trust: &Path, file: &Path, json: bool) -> Result<()> {
         doc["threshold"] = json!(trust.threshold());
         println!("{doc}");
     } else {
+        // Format 2's whole-payload hash, as `sha256sum` prints it; format 3
+        // has none (its chunk hashes fix the payload).
+        let sha = m.payload_sha256().map(|h| format!(", sha256 {}", hex::encode(h))).unwrap_or_default();
         println!(
-            "OK {}: {} counter {} (version {}), {} chunks, sha256 {}, signed by {} of {} required: {}",
+            "OK {}: {} counter {} (version {}), {} chunks{sha}, signed by {} of {} required: {}",
             file.display(),
             m.name,
             m.counter,
             m.version,
             m.chunk_count(),
-            hex::encode(m.payload_sha256),
             signers.len(),
             trust.threshold(),
             signers.join(", ")
@@ -416,8 +423,12 @@ fn inspect(file: &Path, json: bool) -> Result<()> {
     println!("  counter     {}", m.counter);
     println!("  version     {}", m.version);
     println!("  kind        {}", m.kind.as_str());
-    println!("  payload     {} bytes in {} chunks of {}", m.payload_len, m.chunk_count(), m.chunk_size);
-    println!("  sha256      {}", hex::encode(m.payload_sha256));
+    println!("  format      {}", m.format().version());
+    println!("  payload     {} bytes in {} chunks ({})", m.payload_len(), m.chunk_count(), chunking(m));
+    println!("  stored      {} bytes ({} chunks compressed)", m.stored_len(), compressed(m));
+    if let Some(h) = m.payload_sha256() {
+        println!("  sha256      {}", hex::encode(h));
+    }
     println!("  digest      {}", head.digest());
     println!("  targets     {targets}");
     println!("  created     {}", time(m.created_at));
@@ -429,6 +440,18 @@ fn inspect(file: &Path, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// How the payload was cut, as `inspect` shows it.
+fn chunking(m: &Manifest) -> String {
+    match m.chunking() {
+        Chunking::Fixed { size } => format!("fixed {size}"),
+        Chunking::Cdc { min, avg, max } => format!("content-defined {min}/{avg}/{max}"),
+    }
+}
+
+fn compressed(m: &Manifest) -> usize {
+    m.chunks().iter().filter(|c| c.is_compressed()).count()
+}
+
 fn manifest_json(m: &Manifest) -> serde_json::Value {
     json!({
         "name": m.name,
@@ -436,10 +459,14 @@ fn manifest_json(m: &Manifest) -> serde_json::Value {
         "version": m.version,
         "kind": m.kind.as_str(),
         "targets": m.targets,
-        "payload_len": m.payload_len,
-        "chunk_size": m.chunk_size,
+        "format": m.format().version(),
+        "payload_len": m.payload_len(),
+        "stored_len": m.stored_len(),
+        "chunk_size": match m.chunking() { Chunking::Fixed { size } => Some(size), Chunking::Cdc { .. } => None },
+        "chunking": chunking(m),
         "chunk_count": m.chunk_count(),
-        "payload_sha256": hex::encode(m.payload_sha256),
+        "compressed_chunks": compressed(m),
+        "payload_sha256": m.payload_sha256().map(hex::encode),
         "created_at": m.created_at,
         "expires_at": m.expires_at,
         "min_agent_version": m.min_agent_version,

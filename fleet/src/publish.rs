@@ -66,7 +66,7 @@ pub async fn publish(
         version: m.version.clone(),
         digest: hex::encode(digest),
         chunks: chunk_count,
-        payload_len: m.payload_len,
+        payload_len: m.payload_len(),
         published_at: now,
     };
     let mut head = Vec::new();
@@ -94,7 +94,8 @@ pub async fn publish(
     let (mut acked, mut bytes) = (0u32, 0u64);
     let mut buf = Vec::new();
     loop {
-        let index = bundle.read_chunk(&mut buf).map_err(|e| file_err(e.to_string()))?;
+        // The bytes that travel: compressed chunks stay compressed.
+        let index = bundle.read_stored_chunk(&mut buf).map_err(|e| file_err(e.to_string()))?;
         if let Some(i) = index {
             bytes += buf.len() as u64;
             let mut headers = async_nats::HeaderMap::new();

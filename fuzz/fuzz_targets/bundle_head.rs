@@ -1,5 +1,5 @@
 #![no_main]
-//! Arbitrary signature and manifest sections behind a valid format 2 header,
+//! Arbitrary signature and manifest sections behind a valid format 2 or 3 header,
 //! with the signature block naming the manifest's real digest, so the fuzzer
 //! spends its time in manifest and signature decoding.
 use libfuzzer_sys::fuzz_target;
@@ -18,7 +18,11 @@ fuzz_target!(|data: &[u8]| {
     let (manifest, sig_list) = body.split_at(split.min(body.len()));
     let mut sigs = Sha256::digest(manifest).to_vec();
     sigs.extend_from_slice(sig_list);
-    let mut bytes = b"PERCHBDL\x02\x00\x00\x00".to_vec();
+    // Both formats' manifest decoders: the top bit of the second byte picks.
+    let version: u16 = if data[1] & 0x80 != 0 { 3 } else { 2 };
+    let mut bytes = b"PERCHBDL".to_vec();
+    bytes.extend_from_slice(&version.to_le_bytes());
+    bytes.extend_from_slice(&[0, 0]);
     bytes.extend_from_slice(&(manifest.len() as u32).to_le_bytes());
     bytes.extend_from_slice(&(sigs.len() as u32).to_le_bytes());
     bytes.extend_from_slice(&sigs);

@@ -213,6 +213,7 @@ impl Device {
             min_agent_version: None,
             allow_downgrade: false,
             allow_setid,
+            format: perch_protocol::bundle::Format::V3,
         })
         .unwrap();
         b.update(tar);

@@ -1,11 +1,14 @@
 //! The `.perch` bundle format.
 //!
 //! ```text
-//! header      magic "PERCHBDL", format version 2, manifest len, signatures len
+//! header      magic "PERCHBDL", format version 2 or 3, manifest len, signatures len
 //! signatures  postcard (manifest sha256, [(key id, ed25519 signature over that sha256)])
-//! manifest    postcard Manifest, whose SHA-256 must be the signed one
-//! payload     the chunks, one after another
+//! manifest    postcard manifest of that format, whose SHA-256 must be the signed one
+//! payload     the chunks as stored (raw, or zstd in format 3), one after another
 //! ```
+//!
+//! Format 3 (see [`Manifest`]) adds compressed and content-defined chunks
+//! and drops the whole-payload hash; format 2 is still read and written.
 //!
 //! The signatures come first and sign the manifest's digest, so that
 //! [`BundleReader::open_verified`] refuses an unsigned bundle after reading
@@ -21,12 +24,15 @@
 //! parses the whole head unverified, for tools that display or re-sign it.
 
 mod archive;
+mod decompress;
 mod manifest;
 mod reader;
 mod writer;
 
 pub use archive::{check_archive, raw_entry, ArchiveError, ArchivePolicy, Refusal, MAX_ENTRY_PATH};
-pub use manifest::{Manifest, PayloadKind};
+pub use manifest::{
+    ChunkEntry, Chunking, Format, Manifest, ManifestError, PayloadKind, Release, MIN_CDC_CHUNK,
+};
 pub use reader::{
     check_archive_payload, claimed_digest, verify_stream, BundleReader, CheckedChunk, PayloadHasher,
     UncheckedChunk, VerifiedBundle, VerifiedManifest,
@@ -36,10 +42,18 @@ pub use writer::{BundleHead, ManifestBuilder, ManifestParams};
 use crate::keys::SignatureCheckError;
 
 pub const BUNDLE_MAGIC: &[u8; 8] = b"PERCHBDL";
-pub const BUNDLE_FORMAT_VERSION: u16 = 2;
-/// Context string mixed into every signature over a manifest's digest. Not
-/// the format 1 context, so no format 1 signature verifies here.
-pub(crate) const MANIFEST_CONTEXT: &[u8] = b"perch/bundle-digest/v2\0";
+/// The newest format this build writes (and the oldest it reads is 2).
+pub const BUNDLE_FORMAT_VERSION: u16 = 3;
+
+/// Context string mixed into every signature over a manifest's digest, one
+/// per format: no signature made for one format verifies for another, so a
+/// header's version cannot be changed to read signed bytes another way.
+pub(crate) fn manifest_context(format: Format) -> &'static [u8] {
+    match format {
+        Format::V2 => b"perch/bundle-digest/v2\0",
+        Format::V3 => b"perch/bundle-digest/v3\0",
+    }
+}
 
 /// Identifies a bundle: the SHA-256 of its manifest bytes. Two bundles with
 /// the same digest have the same payload (the manifest lists every chunk hash).
@@ -79,7 +93,7 @@ impl core::fmt::Display for Section {
 pub enum BundleError {
     #[error("not a perch bundle (bad magic)")]
     BadMagic,
-    #[error("unsupported bundle format version {0} (this build reads {BUNDLE_FORMAT_VERSION})")]
+    #[error("unsupported bundle format version {0} (this build reads 2 and {BUNDLE_FORMAT_VERSION})")]
     UnsupportedVersion(u16),
     #[error("bundle header: reserved bytes are not zero")]
     Reserved,
@@ -101,6 +115,8 @@ pub enum BundleError {
     ChunkMismatch { index: u32, count: u32 },
     #[error("chunk {index} of {count}: length {got}, expected {expected}")]
     ChunkLength { index: u32, count: u32, got: usize, expected: usize },
+    #[error("chunk {index} of {count}: its signed compressed bytes do not decompress to its signed length: {detail}")]
+    Decompress { index: u32, count: u32, detail: String },
     #[error("chunk {index} is out of range (bundle has {count})")]
     ChunkOutOfRange { index: u32, count: u32 },
     #[error("payload sha256 mismatch (every chunk matched, the whole-payload digest did not)")]

@@ -3,7 +3,8 @@ use std::io::{self, Write};
 use sha2::{Digest, Sha256};
 
 use super::{
-    BundleDigest, BundleError, Manifest, PayloadKind, BUNDLE_FORMAT_VERSION, BUNDLE_MAGIC, MANIFEST_CONTEXT,
+    manifest_context, BundleDigest, BundleError, ChunkEntry, Chunking, Format, Manifest, PayloadKind,
+    Release, BUNDLE_MAGIC,
 };
 use crate::codec;
 use crate::keys::SignatureEntry;
@@ -25,6 +26,8 @@ pub struct ManifestParams {
     pub allow_downgrade: bool,
     /// Setuid and setgid files may be in the archive.
     pub allow_setid: bool,
+    /// The format to write: 3, or 2 for agents that read no other.
+    pub format: Format,
 }
 
 /// Hashes a payload as it streams past, then produces its manifest.
@@ -32,9 +35,9 @@ pub struct ManifestBuilder {
     params: ManifestParams,
     chunk: Sha256,
     in_chunk: usize,
-    chunk_hashes: Vec<[u8; 32]>,
-    whole: Sha256,
-    len: u64,
+    chunks: Vec<ChunkEntry>,
+    /// Format 2 only.
+    whole: Option<Sha256>,
 }
 
 impl ManifestBuilder {
@@ -45,19 +48,14 @@ impl ManifestBuilder {
                 params.chunk_size
             )));
         }
-        Ok(Self {
-            params,
-            chunk: Sha256::new(),
-            in_chunk: 0,
-            chunk_hashes: Vec::new(),
-            whole: Sha256::new(),
-            len: 0,
-        })
+        let whole = (params.format == Format::V2).then(Sha256::new);
+        Ok(Self { params, chunk: Sha256::new(), in_chunk: 0, chunks: Vec::new(), whole })
     }
 
     pub fn update(&mut self, mut data: &[u8]) {
-        self.whole.update(data);
-        self.len += data.len() as u64;
+        if let Some(w) = &mut self.whole {
+            w.update(data);
+        }
         let size = self.params.chunk_size as usize;
         while !data.is_empty() {
             let take = (size - self.in_chunk).min(data.len());
@@ -65,35 +63,40 @@ impl ManifestBuilder {
             self.in_chunk += take;
             data = &data[take..];
             if self.in_chunk == size {
-                self.chunk_hashes.push(self.chunk.finalize_reset().into());
-                self.in_chunk = 0;
+                self.end_chunk();
             }
         }
     }
 
+    fn end_chunk(&mut self) {
+        let hash = self.chunk.finalize_reset().into();
+        // in_chunk <= chunk_size <= MAX_CHUNK_SIZE, a u32.
+        let len = u32::try_from(self.in_chunk).unwrap_or(u32::MAX);
+        self.chunks.push(ChunkEntry::Raw { hash, len });
+        self.in_chunk = 0;
+    }
+
     pub fn finish(mut self) -> Result<Manifest, BundleError> {
         if self.in_chunk > 0 {
-            self.chunk_hashes.push(self.chunk.finalize().into());
+            self.end_chunk();
         }
         let p = self.params;
-        let m = Manifest {
+        let release = Release {
             name: p.name,
             counter: p.counter,
             version: p.version,
             targets: p.targets,
             kind: p.kind,
-            payload_len: self.len,
-            chunk_size: p.chunk_size,
-            chunk_hashes: self.chunk_hashes,
-            payload_sha256: self.whole.finalize().into(),
             created_at: p.created_at,
             expires_at: p.expires_at,
             min_agent_version: p.min_agent_version,
             allow_downgrade: p.allow_downgrade,
             allow_setid: p.allow_setid,
         };
-        m.validate().map_err(BundleError::InvalidManifest)?;
-        Ok(m)
+        let whole = self.whole.map(|w| w.finalize().into());
+        let chunking = Chunking::Fixed { size: p.chunk_size };
+        Manifest::from_parts(release, p.format, chunking, self.chunks, whole)
+            .map_err(BundleError::InvalidManifest)
     }
 }
 
@@ -109,7 +112,7 @@ impl BundleHead {
     /// A head with no signatures yet.
     pub fn new(manifest: Manifest) -> Result<Self, BundleError> {
         manifest.validate().map_err(BundleError::InvalidManifest)?;
-        let manifest_bytes = codec::encode(&manifest);
+        let manifest_bytes = manifest.encode();
         Ok(Self { manifest, manifest_bytes, signatures: Vec::new() })
     }
 
@@ -136,7 +139,7 @@ impl BundleHead {
         if self.signatures.len() >= MAX_SIGNATURES {
             return Err(BundleError::InvalidManifest(format!("already {MAX_SIGNATURES} signatures")));
         }
-        let signature = key.sign(MANIFEST_CONTEXT, &self.signed_message());
+        let signature = key.sign(manifest_context(self.manifest.format()), &self.signed_message());
         self.signatures.push(SignatureEntry { key_id, signature });
         Ok(true)
     }
@@ -155,7 +158,7 @@ impl BundleHead {
         let too_big = |_| io::Error::new(io::ErrorKind::InvalidInput, "bundle section over 4 GiB");
         let header = codec::encode_header(
             BUNDLE_MAGIC,
-            BUNDLE_FORMAT_VERSION,
+            self.manifest.format().version(),
             u32::try_from(self.manifest_bytes.len()).map_err(too_big)?,
             u32::try_from(sigs.len()).map_err(too_big)?,
         );
