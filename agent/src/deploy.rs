@@ -426,11 +426,7 @@ impl Engine {
         let mut writer = self.backend.open_writer(slot, bundle.kind, from_chunk > 0)?;
         let bundle_err = |source| DeployError::Bundle { path: PathBuf::new(), source };
         reader.skip_to_chunk(from_chunk).map_err(bundle_err)?;
-        self.progress.start(
-            &format!("staging {bundle} into slot {slot}"),
-            resumed_bytes,
-            bundle.payload_len,
-        );
+        self.progress.start(&format!("staging {bundle} into slot {slot}"), resumed_bytes, bundle.payload_len);
         let abort = Arc::new(AtomicBool::new(false));
         let (raw_tx, raw_rx) = mpsc::sync_channel::<UncheckedChunk>(8);
         let raw_rx = Arc::new(Mutex::new(raw_rx));

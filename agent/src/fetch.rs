@@ -422,6 +422,7 @@ mod tests {
             allow_downgrade: false,
             allow_setid: false,
             format: perch_protocol::bundle::Format::V3,
+            zstd_level: None,
         })
         .unwrap();
         b.update(&[7; 3000]);

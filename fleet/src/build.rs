@@ -80,7 +80,8 @@ pub fn build_bundle(params: ManifestParams, input: &Path, out: &Path) -> Result<
     Ok(manifest)
 }
 
-/// Streams `path` through a [`ManifestBuilder`], copying it to `copy`.
+/// Streams `path` through a [`ManifestBuilder`], copying what it stores
+/// (each chunk raw or compressed) to `copy`.
 fn hash_payload(params: ManifestParams, path: &Path, copy: &mut impl Write) -> Result<Manifest, BuildError> {
     let io_err = |source| BuildError::Io { path: path.into(), source };
     let mut file = File::open(path).map_err(io_err)?;
@@ -94,9 +95,11 @@ fn hash_payload(params: ManifestParams, path: &Path, copy: &mut impl Write) -> R
             Err(e) => return Err(io_err(e)),
         };
         builder.update(&buf[..n]);
-        copy.write_all(&buf[..n]).map_err(io_err)?;
+        copy.write_all(&builder.take_stored()).map_err(io_err)?;
     }
-    builder.finish().map_err(params_error)
+    let (manifest, last) = builder.finish_stored().map_err(params_error)?;
+    copy.write_all(&last).map_err(io_err)?;
+    Ok(manifest)
 }
 
 fn params_error(e: BundleError) -> BuildError {

@@ -10,7 +10,9 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use perch_fleet::build::{build_bundle, BuildError};
 use perch_fleet::sign::{sign_file, SignOutcome};
 use perch_fleet::verify::verify_file;
-use perch_protocol::bundle::{BundleHead, BundleReader, Chunking, Format, Manifest, ManifestParams, PayloadKind};
+use perch_protocol::bundle::{
+    BundleHead, BundleReader, Chunking, Format, Manifest, ManifestParams, PayloadKind, ZSTD_LEVELS,
+};
 use perch_protocol::limits::DEFAULT_CHUNK_SIZE;
 use perch_protocol::SecretKey;
 use perch_support::exit::{self, UsageError};
@@ -212,6 +214,10 @@ struct BuildArgs {
     /// compression, and a whole-payload hash).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(2..=3))]
     format: u16,
+    /// Compress each chunk: `zstd` (level 19) or `zstd:LEVEL` (1-22). A
+    /// chunk that does not shrink is kept as it is. Format 3 only.
+    #[arg(long, value_name = "zstd[:LEVEL]", value_parser = parse_compress)]
+    compress: Option<i32>,
     /// A compatible device target; repeat for several. None means any target.
     #[arg(long = "target", value_name = "T")]
     targets: Vec<String>,
@@ -341,6 +347,7 @@ fn build(a: BuildArgs) -> Result<()> {
         allow_downgrade: a.allow_downgrade,
         allow_setid: a.allow_setid,
         format: if a.format == 2 { Format::V2 } else { Format::V3 },
+        zstd_level: a.compress,
     };
     if !a.input.exists() {
         return Err(UsageError(format!("{}: no such file or directory", a.input.display())).into());
@@ -438,6 +445,22 @@ fn inspect(file: &Path, json: bool) -> Result<()> {
     println!("  setid       {}", if m.allow_setid { "allowed" } else { "refused" });
     println!("  signatures  {} {}", sigs.len(), sigs.join(" "));
     Ok(())
+}
+
+/// `--compress`: the zstd level.
+fn parse_compress(s: &str) -> Result<i32, String> {
+    let level = match s.strip_prefix("zstd") {
+        Some("") => 19,
+        Some(rest) => rest
+            .strip_prefix(':')
+            .and_then(|l| l.parse().ok())
+            .ok_or_else(|| format!("'{s}': expected zstd or zstd:LEVEL"))?,
+        None => return Err(format!("'{s}': the one compression is zstd (zstd or zstd:LEVEL)")),
+    };
+    if !ZSTD_LEVELS.contains(&level) {
+        return Err(format!("zstd level {level} is outside {}..={}", ZSTD_LEVELS.start(), ZSTD_LEVELS.end()));
+    }
+    Ok(level)
 }
 
 /// How the payload was cut, as `inspect` shows it.

@@ -48,6 +48,7 @@ fn params(chunk_size: u32) -> ManifestParams {
         // The format agents in the field read: every test below must keep
         // passing for it. (Format 3 has its own tests.)
         format: Format::V2,
+        zstd_level: None,
     }
 }
 

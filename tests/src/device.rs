@@ -214,6 +214,7 @@ impl Device {
             allow_downgrade: false,
             allow_setid,
             format: perch_protocol::bundle::Format::V3,
+            zstd_level: None,
         })
         .unwrap();
         b.update(tar);

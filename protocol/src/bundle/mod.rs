@@ -37,7 +37,7 @@ pub use reader::{
     check_archive_payload, claimed_digest, verify_stream, BundleReader, CheckedChunk, PayloadHasher,
     UncheckedChunk, VerifiedBundle, VerifiedManifest,
 };
-pub use writer::{BundleHead, ManifestBuilder, ManifestParams};
+pub use writer::{BundleHead, ManifestBuilder, ManifestParams, ZSTD_LEVELS};
 
 use crate::keys::SignatureCheckError;
 

@@ -28,16 +28,29 @@ pub struct ManifestParams {
     pub allow_setid: bool,
     /// The format to write: 3, or 2 for agents that read no other.
     pub format: Format,
+    /// Compress each chunk with zstd at this level (1..=22; format 3), and
+    /// keep it compressed if that makes it smaller.
+    pub zstd_level: Option<i32>,
 }
 
-/// Hashes a payload as it streams past, then produces its manifest.
+/// The zstd levels `--compress zstd:LEVEL` takes.
+pub const ZSTD_LEVELS: std::ops::RangeInclusive<i32> = 1..=22;
+
+/// Hashes (and compresses, if asked) a payload as it streams past, handing
+/// out the bytes to store after the head as each chunk ends
+/// ([`take_stored`](Self::take_stored)), then produces its manifest.
 pub struct ManifestBuilder {
     params: ManifestParams,
     chunk: Sha256,
     in_chunk: usize,
+    /// The current chunk's bytes, when compressing.
+    raw: Vec<u8>,
+    /// Bytes ready to follow the head.
+    stored: Vec<u8>,
     chunks: Vec<ChunkEntry>,
     /// Format 2 only.
     whole: Option<Sha256>,
+    failed: Option<String>,
 }
 
 impl ManifestBuilder {
@@ -48,8 +61,29 @@ impl ManifestBuilder {
                 params.chunk_size
             )));
         }
+        if let Some(level) = params.zstd_level {
+            if params.format == Format::V2 {
+                return Err(BundleError::InvalidManifest("format 2 has no compression".into()));
+            }
+            if !ZSTD_LEVELS.contains(&level) {
+                return Err(BundleError::InvalidManifest(format!(
+                    "zstd level {level} is outside {}..={}",
+                    ZSTD_LEVELS.start(),
+                    ZSTD_LEVELS.end()
+                )));
+            }
+        }
         let whole = (params.format == Format::V2).then(Sha256::new);
-        Ok(Self { params, chunk: Sha256::new(), in_chunk: 0, chunks: Vec::new(), whole })
+        Ok(Self {
+            params,
+            chunk: Sha256::new(),
+            in_chunk: 0,
+            raw: Vec::new(),
+            stored: Vec::new(),
+            chunks: Vec::new(),
+            whole,
+            failed: None,
+        })
     }
 
     pub fn update(&mut self, mut data: &[u8]) {
@@ -59,7 +93,13 @@ impl ManifestBuilder {
         let size = self.params.chunk_size as usize;
         while !data.is_empty() {
             let take = (size - self.in_chunk).min(data.len());
-            self.chunk.update(&data[..take]);
+            let piece = &data[..take];
+            self.chunk.update(piece);
+            if self.params.zstd_level.is_some() {
+                self.raw.extend_from_slice(piece);
+            } else {
+                self.stored.extend_from_slice(piece);
+            }
             self.in_chunk += take;
             data = &data[take..];
             if self.in_chunk == size {
@@ -68,17 +108,58 @@ impl ManifestBuilder {
         }
     }
 
+    /// The bytes to write after the head so far, in order: every chunk
+    /// that has ended, as stored.
+    pub fn take_stored(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.stored)
+    }
+
     fn end_chunk(&mut self) {
         let hash = self.chunk.finalize_reset().into();
         // in_chunk <= chunk_size <= MAX_CHUNK_SIZE, a u32.
         let len = u32::try_from(self.in_chunk).unwrap_or(u32::MAX);
-        self.chunks.push(ChunkEntry::Raw { hash, len });
         self.in_chunk = 0;
+        let Some(level) = self.params.zstd_level else {
+            self.chunks.push(ChunkEntry::Raw { hash, len });
+            return;
+        };
+        let raw = std::mem::take(&mut self.raw);
+        match zstd::bulk::compress(&raw, level) {
+            // Kept compressed only if that saves something.
+            Ok(z) if z.len() < raw.len() => {
+                let stored_len = u32::try_from(z.len()).unwrap_or(u32::MAX);
+                let stored_hash = Sha256::digest(&z).into();
+                self.chunks.push(ChunkEntry::Zstd { stored_hash, stored_len, hash, len });
+                self.stored.extend_from_slice(&z);
+            }
+            Ok(_) => {
+                self.chunks.push(ChunkEntry::Raw { hash, len });
+                self.stored.extend_from_slice(&raw);
+            }
+            Err(e) => {
+                self.failed.get_or_insert(format!("compressing chunk {}: {e}", self.chunks.len()));
+                self.chunks.push(ChunkEntry::Raw { hash, len });
+            }
+        }
+        // The buffer back, for the next chunk.
+        self.raw = raw;
+        self.raw.clear();
     }
 
-    pub fn finish(mut self) -> Result<Manifest, BundleError> {
+    /// The manifest, for a caller that writes the payload itself (it must
+    /// be uncompressed then: the stored bytes are the input's).
+    pub fn finish(self) -> Result<Manifest, BundleError> {
+        self.finish_stored().map(|(m, _)| m)
+    }
+
+    /// The manifest, and the stored bytes not yet taken (the last chunk's).
+    pub fn finish_stored(mut self) -> Result<(Manifest, Vec<u8>), BundleError> {
         if self.in_chunk > 0 {
             self.end_chunk();
+        }
+        let last = std::mem::take(&mut self.stored);
+        if let Some(e) = self.failed {
+            return Err(BundleError::InvalidManifest(e));
         }
         let p = self.params;
         let release = Release {
@@ -95,8 +176,9 @@ impl ManifestBuilder {
         };
         let whole = self.whole.map(|w| w.finalize().into());
         let chunking = Chunking::Fixed { size: p.chunk_size };
-        Manifest::from_parts(release, p.format, chunking, self.chunks, whole)
-            .map_err(BundleError::InvalidManifest)
+        let m = Manifest::from_parts(release, p.format, chunking, self.chunks, whole)
+            .map_err(BundleError::InvalidManifest)?;
+        Ok((m, last))
     }
 }
 
