@@ -8,6 +8,7 @@ pub mod archive;
 pub mod build;
 pub mod catalog;
 pub mod desired;
+pub mod diff;
 pub mod link;
 pub mod publish;
 pub mod rollout;

@@ -183,6 +183,15 @@ enum BundleCommand {
         #[arg(long)]
         json: bool,
     },
+    /// How many chunks and bytes a device running OLD downloads to install
+    /// NEW (chunks whose bytes it already has are read from its slot).
+    /// Reads both heads without verifying them.
+    Diff {
+        old: PathBuf,
+        new: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -273,6 +282,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Bundle(BundleCommand::Verify { trust, file, json }) => verify(&trust, &file, json),
         Command::Bundle(BundleCommand::Inspect { file, json }) => inspect(&file, json),
+        Command::Bundle(BundleCommand::Diff { old, new, json }) => diff(&old, &new, json),
     }
 }
 
@@ -407,6 +417,32 @@ fn verify(trust: &Path, file: &Path, json: bool) -> Result<()> {
             signers.join(", ")
         );
     }
+    Ok(())
+}
+
+fn diff(old: &Path, new: &Path, json: bool) -> Result<()> {
+    let head = |file: &Path| -> Result<Manifest> {
+        let f = std::fs::File::open(file).map_err(|e| UsageError(format!("{}: {e}", file.display())))?;
+        let reader = BundleReader::open(f).with_context(|| file.display().to_string())?;
+        Ok(reader.head().unverified_manifest().clone())
+    };
+    let d = perch_fleet::diff::diff(&head(old)?, &head(new)?);
+    if json {
+        println!("{}", serde_json::to_string(&d)?);
+        return Ok(());
+    }
+    let share = |part: u64| if d.full_bytes == 0 { 0.0 } else { 100.0 * part as f64 / d.full_bytes as f64 };
+    println!(
+        "{} of {} chunks to download: {} bytes ({:.1}% of the bundle's {} bytes); {} chunks ({} bytes) reused from {}",
+        d.fetched,
+        d.chunks,
+        d.fetched_bytes,
+        share(d.fetched_bytes),
+        d.full_bytes,
+        d.reused,
+        d.reused_bytes,
+        old.display()
+    );
     Ok(())
 }
 

@@ -4,8 +4,8 @@
 use std::io::{Cursor, Read};
 
 use perch_protocol::bundle::{
-    check_archive_payload, verify_stream, BundleError, BundleHead, BundleReader, Format, ManifestBuilder,
-    ManifestParams, PayloadKind,
+    check_archive_payload, verify_stream, BundleError, BundleHead, BundleReader, ChunkEntry, Chunking, Format,
+    Manifest, ManifestBuilder, ManifestParams, PayloadKind, Release,
 };
 use perch_protocol::trust::{SignedTrust, TrustBody, VerifiedTrust};
 use perch_protocol::SecretKey;
@@ -112,7 +112,7 @@ fn named_failures() {
     b[8] = 9;
     assert_eq!(
         verify(&b, &t).unwrap_err().to_string(),
-        "unsupported bundle format version 9 (this build reads 2)"
+        "unsupported bundle format version 9 (this build reads 2 and 3)"
     );
     let one = build(&payload(5000, 1), 1024, &[1]);
     assert_eq!(
@@ -367,4 +367,143 @@ fn claimed_digest_reads_no_byte_of_the_manifest() {
     junk[before_manifest..bytes.len() - payload.len()].fill(0xff);
     assert_eq!(perch_protocol::bundle::claimed_digest(&junk[..]).unwrap(), head.digest());
     assert!(BundleReader::open(&junk[..]).is_err());
+}
+
+/// A format-3 bundle of `payload`, each chunk zstd-compressed at `level`
+/// where that makes it smaller, signed by `signers`.
+fn build_v3(payload: &[u8], chunk_size: u32, signers: &[u8], level: Option<i32>) -> Vec<u8> {
+    let mut b = ManifestBuilder::new(ManifestParams { format: Format::V3, zstd_level: level, ..params(chunk_size) })
+        .unwrap();
+    b.update(payload);
+    let mut stored = b.take_stored();
+    let (m, last) = b.finish_stored().unwrap();
+    stored.extend_from_slice(&last);
+    signed(m, signers, &stored)
+}
+
+fn signed(m: Manifest, signers: &[u8], stored: &[u8]) -> Vec<u8> {
+    let mut head = BundleHead::new(m).unwrap();
+    for s in signers {
+        head.add_signature(&key(*s)).unwrap();
+    }
+    let mut out = Vec::new();
+    head.write_to(&mut out).unwrap();
+    out.extend_from_slice(stored);
+    out
+}
+
+fn release() -> Release {
+    Release {
+        name: "app".into(),
+        counter: 3,
+        version: "1.0".into(),
+        targets: vec![],
+        kind: PayloadKind::Image,
+        created_at: NOW - 5,
+        expires_at: None,
+        min_agent_version: None,
+        allow_downgrade: false,
+        allow_setid: false,
+    }
+}
+
+#[test]
+fn a_compressed_bundle_is_smaller_and_gives_back_its_payload() {
+    let t = trust(1, 1);
+    // Compressible: a few distinct runs.
+    let p: Vec<u8> = (0..100_000u32).map(|i| (i / 1000) as u8).collect();
+    let bytes = build_v3(&p, 4096, &[1], Some(3));
+    assert!(bytes.len() < p.len() / 4, "{} bytes for {}", bytes.len(), p.len());
+    assert_eq!(verify(&bytes, &t).unwrap(), p);
+    let m = BundleReader::open(Cursor::new(&bytes)).unwrap().head().unverified_manifest().clone();
+    assert_eq!((m.format(), m.payload_len()), (Format::V3, 100_000));
+    assert!(m.chunks().iter().all(ChunkEntry::is_compressed));
+    assert_eq!(m.payload_sha256(), None);
+}
+
+#[test]
+fn a_format_2_signature_does_not_verify_as_format_3() {
+    let t = trust(1, 1);
+    let mut bytes = build(&payload(3000, 1), 1024, &[1]);
+    bytes[8] = 3;
+    assert!(verify(&bytes, &t).unwrap_err().is_security());
+}
+
+/// A signed compressed chunk whose signed sizes lie: refused, for security,
+/// before any byte of it reaches the sink (the slot).
+#[test]
+fn compressed_chunks_whose_signed_sizes_lie_are_refused_before_a_write() {
+    let t = trust(1, 1);
+    let data = vec![5u8; 8192];
+    let frame = zstd::bulk::compress(&data, 3).unwrap();
+    let sha = |b: &[u8]| -> [u8; 32] {
+        use sha2::Digest;
+        sha2::Sha256::digest(b).into()
+    };
+    let fixed = Chunking::Fixed { size: 8192 };
+    let cases: Vec<(&str, ChunkEntry, Vec<u8>)> = vec![
+        // Decompresses to more than it says.
+        (
+            "longer",
+            ChunkEntry::Zstd { stored_hash: sha(&frame), stored_len: frame.len() as u32, hash: sha(&data[..8000]), len: 8000 },
+            frame.clone(),
+        ),
+        // To less.
+        (
+            "shorter",
+            ChunkEntry::Zstd { stored_hash: sha(&frame), stored_len: frame.len() as u32, hash: sha(&data), len: 8192 + 1 },
+            frame.clone(),
+        ),
+        // Two frames, each the right size.
+        (
+            "two frames",
+            ChunkEntry::Zstd {
+                stored_hash: sha(&[frame.clone(), frame.clone()].concat()),
+                stored_len: 2 * frame.len() as u32,
+                hash: sha(&data),
+                len: 8192,
+            },
+            [frame.clone(), frame.clone()].concat(),
+        ),
+        // Not zstd at all.
+        (
+            "not a frame",
+            ChunkEntry::Zstd { stored_hash: sha(&data[..100]), stored_len: 100, hash: sha(&data), len: 8192 },
+            data[..100].to_vec(),
+        ),
+    ];
+    for (what, entry, stored) in cases {
+        let chunking = if entry.len() == 8192 { fixed } else { Chunking::Fixed { size: entry.len() } };
+        let m = Manifest::from_parts(release(), Format::V3, chunking, vec![entry], None).unwrap();
+        let bytes = signed(m, &[1], &stored);
+        let mut written = 0;
+        let e = verify_stream(Cursor::new(&bytes), &t, NOW, |_, _| {
+            written += 1;
+            Ok(())
+        })
+        .expect_err(what);
+        assert!(e.is_security(), "{what}: {e}");
+        assert_eq!(written, 0, "{what}: a chunk reached the sink");
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 32, .. ProptestConfig::default() })]
+
+    #[test]
+    fn format_3_round_trips_and_refuses_any_flip(
+        len in 1usize..20_000,
+        runs in 1u32..64,
+        level in prop::option::of(1i32..6),
+        at: prop::sample::Index,
+        mask in 1u8..=255,
+    ) {
+        let t = trust(1, 1);
+        let p: Vec<u8> = (0..len as u32).map(|i| (i / runs) as u8).collect();
+        let bytes = build_v3(&p, 1024, &[1], level);
+        prop_assert_eq!(verify(&bytes, &t).unwrap(), p);
+        let mut b = bytes.clone();
+        b[at.index(b.len())] ^= mask;
+        prop_assert!(verify(&b, &t).unwrap_err().is_security());
+    }
 }
