@@ -4,8 +4,8 @@
 use std::io::{Cursor, Read};
 
 use perch_protocol::bundle::{
-    check_archive_payload, verify_stream, BundleError, BundleHead, BundleReader, ChunkEntry, Chunking, Format,
-    Manifest, ManifestBuilder, ManifestParams, PayloadKind, Release,
+    check_archive_payload, verify_stream, BundleError, BundleHead, BundleReader, ChunkEntry, Chunking,
+    Format, Manifest, ManifestBuilder, ManifestParams, PayloadKind, Release,
 };
 use perch_protocol::trust::{SignedTrust, TrustBody, VerifiedTrust};
 use perch_protocol::SecretKey;
@@ -372,8 +372,9 @@ fn claimed_digest_reads_no_byte_of_the_manifest() {
 /// A format-3 bundle of `payload`, each chunk zstd-compressed at `level`
 /// where that makes it smaller, signed by `signers`.
 fn build_v3(payload: &[u8], chunk_size: u32, signers: &[u8], level: Option<i32>) -> Vec<u8> {
-    let mut b = ManifestBuilder::new(ManifestParams { format: Format::V3, zstd_level: level, ..params(chunk_size) })
-        .unwrap();
+    let mut b =
+        ManifestBuilder::new(ManifestParams { format: Format::V3, zstd_level: level, ..params(chunk_size) })
+            .unwrap();
     b.update(payload);
     let mut stored = b.take_stored();
     let (m, last) = b.finish_stored().unwrap();
@@ -445,13 +446,23 @@ fn compressed_chunks_whose_signed_sizes_lie_are_refused_before_a_write() {
         // Decompresses to more than it says.
         (
             "longer",
-            ChunkEntry::Zstd { stored_hash: sha(&frame), stored_len: frame.len() as u32, hash: sha(&data[..8000]), len: 8000 },
+            ChunkEntry::Zstd {
+                stored_hash: sha(&frame),
+                stored_len: frame.len() as u32,
+                hash: sha(&data[..8000]),
+                len: 8000,
+            },
             frame.clone(),
         ),
         // To less.
         (
             "shorter",
-            ChunkEntry::Zstd { stored_hash: sha(&frame), stored_len: frame.len() as u32, hash: sha(&data), len: 8192 + 1 },
+            ChunkEntry::Zstd {
+                stored_hash: sha(&frame),
+                stored_len: frame.len() as u32,
+                hash: sha(&data),
+                len: 8192 + 1,
+            },
             frame.clone(),
         ),
         // Two frames, each the right size.
@@ -503,7 +514,8 @@ proptest! {
         let bytes = build_v3(&p, 1024, &[1], level);
         prop_assert_eq!(verify(&bytes, &t).unwrap(), p);
         let mut b = bytes.clone();
-        b[at.index(b.len())] ^= mask;
+        let i = at.index(b.len());
+        b[i] ^= mask;
         prop_assert!(verify(&b, &t).unwrap_err().is_security());
     }
 }
