@@ -203,24 +203,12 @@ fn reports_stay_exactly_once_when_the_reports_stream_leader_is_killed() {
     // test runs the command again, for up to a minute.
     let mut status = vec!["status", "--creds", "reader.creds", "--ca", "org/tls/ca.pem", "--url", &dead];
     status.extend(urls.iter().map(String::as_str));
-    let mut shown = h.s.run("perch", &status);
-    if shown.code != 0 {
-        wait_for(Duration::from_secs(60), || {
-            shown = h.s.run("perch", &status);
-            shown.code == 0
-        });
-    }
+    let shown = again_for_a_minute(&h, "perch", &status);
     assert_eq!(shown.code, 0, "perch status with n{} down: {}", i + 1, shown.stderr);
     assert!(shown.stdout.contains("drone-3"), "{}", shown.stdout);
     let mut devices = vec!["devices", "--dir", "org", "--url", &dead];
     devices.extend(urls.iter().map(String::as_str));
-    let mut listed = h.s.run("perch-bootstrap", &devices);
-    if listed.code != 0 {
-        wait_for(Duration::from_secs(60), || {
-            listed = h.s.run("perch-bootstrap", &devices);
-            listed.code == 0
-        });
-    }
+    let listed = again_for_a_minute(&h, "perch-bootstrap", &devices);
     assert_eq!(listed.code, 0, "devices with n{} down: {}", i + 1, listed.stderr);
     assert!(listed.stdout.contains("drone-3"), "{}", listed.stdout);
 }
@@ -524,6 +512,18 @@ fn a_rollout_completes_when_a_server_is_killed_in_the_middle_of_a_wave() {
     for a in &mut agents {
         a.kill();
     }
+}
+
+/// Runs `program` until it exits 0, for up to a minute; its last run.
+fn again_for_a_minute(h: &Hub, program: &str, args: &[&str]) -> perch_tests::Run {
+    let mut run = h.s.run(program, args);
+    if run.code != 0 {
+        wait_for(Duration::from_secs(60), || {
+            run = h.s.run(program, args);
+            run.code == 0
+        });
+    }
+    run
 }
 
 /// `perch streams` over every URL.
