@@ -308,8 +308,11 @@ const CLUSTER_FORMING: Duration = Duration::from_secs(15);
 /// may not yet have set up the account's store (nats-server 2.9: "error
 /// creating store for stream"), and a server that has just started may
 /// answer that JetStream is "not enabled for account" until it has
-/// loaded the account's JetStream (seen on 2.9.10 in CI). A server that
-/// really has JetStream off gives the same error after the deadline.
+/// loaded the account's JetStream (seen on 2.9.10 in CI), or a peer the
+/// stream is placed on may not have the account's JWT yet and reject the
+/// assignment: "account not found" (seen on 2.15.1 in CI). A server that
+/// really has JetStream off, or no such account, gives the same error
+/// after the deadline.
 async fn while_cluster_forms<T, F, Fut>(
     mut op: F,
 ) -> Result<T, async_nats::jetstream::context::CreateStreamError>
@@ -330,6 +333,7 @@ where
                     ErrorCode::CLUSTER_NOT_AVAILABLE,
                     ErrorCode::STREAM_CREATE,
                     ErrorCode::JETSTREAM_NOT_ENABLED_FOR_ACCOUNT,
+                    ErrorCode::NO_ACCOUNT,
                 ]
                 .contains(&j.error_code()),
                 Kind::JetStreamUnavailable => true,

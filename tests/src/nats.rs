@@ -247,7 +247,7 @@ impl NatsServer {
     }
 
     /// The log of the server's current run.
-    fn log_since_start(&self) -> String {
+    pub fn log_since_start(&self) -> String {
         let log = self.log();
         let last = log.rfind("Starting nats-server").unwrap_or(0);
         log[last..].to_string()

