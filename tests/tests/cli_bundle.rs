@@ -224,13 +224,13 @@ fn failures_name_what_failed() {
     assert!(verify(&s, "bad.perch").stderr.contains("chunk 3 of 5: sha256 mismatch"));
     // A future format, and format 1 (signatures after the manifest), which
     // no shipped agent reads.
-    for version in [3u8, 1] {
+    for version in [4u8, 1] {
         let mut other = good.clone();
         other[8] = version;
         fs::write(s.path("other.perch"), &other).unwrap();
         let r = verify(&s, "other.perch");
         assert_eq!(r.code, 3);
-        let want = format!("unsupported bundle format version {version} (this build reads 2)");
+        let want = format!("unsupported bundle format version {version} (this build reads 2 and 3)");
         assert!(r.stderr.contains(&want), "{}", r.stderr);
     }
     fs::write(s.path("junk.perch"), b"hello, this is not a bundle at all").unwrap();
