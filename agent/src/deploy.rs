@@ -19,6 +19,7 @@ use perch_support::trustfile::LoadTrustError;
 
 use crate::config::Config;
 use crate::decision::{self, Decision};
+use crate::delta::{self, BundleSource, LocalChunks};
 use crate::engine_lock::{EngineLock, LockError};
 use crate::failpoint::{self, hit};
 use crate::health::TrialEnd;
@@ -93,6 +94,21 @@ pub enum EngineEvent<'a> {
     State(&'a DeployState),
     /// Staging progress, every [`PROGRESS_EVERY`] chunks.
     Progress { done: u32, count: u32 },
+    /// Staging is done: what came from the device and what from the bundle.
+    Transferred { bundle: &'a BundleRef, transfer: Transfer },
+}
+
+/// Where one staging's chunks came from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Transfer {
+    /// Written bytes the device already held: chunks of the running slot,
+    /// and chunks kept on the target slot by an interrupted install.
+    pub reused_bytes: u64,
+    pub reused_chunks: u32,
+    /// Bytes read from the bundle (file or link), as stored (compressed
+    /// where the chunk is).
+    pub fetched_bytes: u64,
+    pub fetched_chunks: u32,
 }
 
 /// Who is told of engine events.
@@ -254,7 +270,7 @@ impl Engine {
 
     /// [`install`](Self::install) from any seekable source of bundle bytes
     /// (a file, or chunks fetched over the link); `label` names it in errors.
-    pub fn install_from<R: Read + std::io::Seek>(
+    pub fn install_from<R: BundleSource>(
         &mut self,
         source: R,
         label: &Path,
@@ -326,7 +342,8 @@ impl Engine {
                 self.progress
                     .note(&format!("resuming {bundle} at chunk {from_chunk} of {}", bundle.chunk_count));
             }
-            if let Err(e) = self.stage(&mut reader, &bundle, slot, from_chunk) {
+            let local = self.running_chunks(booted, from_chunk < bundle.chunk_count);
+            if let Err(e) = self.stage(&mut reader, &bundle, slot, from_chunk, local.as_ref()) {
                 // Named by the bundle's path before it becomes the reason:
                 // stage() does not know it.
                 let e = match e {
@@ -346,6 +363,19 @@ impl Engine {
             }
         }
         self.activate_when_allowed()
+    }
+
+    /// The chunks of the running slot, for a delta install, when its record
+    /// can be used (see [`delta`]); otherwise every chunk is fetched.
+    fn running_chunks(&self, booted: SlotId, wanted: bool) -> Option<LocalChunks> {
+        let bundle = self.journal.slot(booted).filter(|_| wanted)?;
+        match LocalChunks::of_slot(&self.state_dir(), self.backend.as_ref(), booted, bundle) {
+            Ok(local) => Some(local),
+            Err(why) => {
+                self.progress.note(&format!("{why}; fetching every chunk"));
+                None
+            }
+        }
     }
 
     /// How many chunks, from the first, read back from `slot` intact.
@@ -412,12 +442,13 @@ impl Engine {
     /// chunks kept from an interrupted install were re-hashed on the slot
     /// before resuming, so no whole-payload pass is needed here (that
     /// digest is checked by `perch bundle verify`).
-    fn stage<R: Read + std::io::Seek>(
+    fn stage<R: BundleSource>(
         &mut self,
         reader: &mut VerifiedBundle<R>,
         bundle: &BundleRef,
         slot: SlotId,
         from_chunk: u32,
+        local: Option<&LocalChunks>,
     ) -> Result<(), DeployError> {
         // Where each chunk goes in the slot (the running sums of the signed
         // lengths), and where the progress resumes.
@@ -425,7 +456,25 @@ impl Engine {
         let resumed_bytes = layout.written_offset(from_chunk);
         let mut writer = self.backend.open_writer(slot, bundle.kind, from_chunk > 0)?;
         let bundle_err = |source| DeployError::Bundle { path: PathBuf::new(), source };
-        reader.skip_to_chunk(from_chunk).map_err(bundle_err)?;
+        // The chunks the device holds (by the running slot's record) are
+        // read from there; only the others are asked of the bundle.
+        let total = layout.chunk_count();
+        let held: Vec<Option<u64>> = (from_chunk..total)
+            .map(|i| local.and_then(|l| layout.chunk(i).and_then(|c| l.find(c.hash(), c.len()))))
+            .collect();
+        let wanted: Vec<u32> =
+            (from_chunk..total).zip(&held).filter(|(_, h)| h.is_none()).map(|(i, _)| i).collect();
+        reader.source_mut().plan(&wanted);
+        if let Some(l) = local {
+            let reused = total - from_chunk - wanted.len() as u32;
+            self.progress.note(&format!(
+                "{reused} of {} chunks are on slot {} ({}); fetching {}",
+                total - from_chunk,
+                l.slot(),
+                l.path().display(),
+                wanted.len()
+            ));
+        }
         self.progress.start(&format!("staging {bundle} into slot {slot}"), resumed_bytes, bundle.payload_len);
         let abort = Arc::new(AtomicBool::new(false));
         let (raw_tx, raw_rx) = mpsc::sync_channel::<UncheckedChunk>(8);
@@ -459,6 +508,8 @@ impl Engine {
                 })
             })
             .collect();
+        // Chunks taken from the device go straight to the writer.
+        let local_tx = checked_tx.clone();
         drop(checked_tx);
         // Only the hashers hold the receiver: once they stop, sends fail.
         drop(raw_rx);
@@ -512,10 +563,39 @@ impl Engine {
         let mut told = from_chunk / PROGRESS_EVERY;
         let observer = &mut self.observer;
         let progress = &mut self.progress;
+        let mut transfer =
+            Transfer { reused_bytes: resumed_bytes, reused_chunks: from_chunk, ..Transfer::default() };
         let read_all = (|| -> Result<(), DeployError> {
-            while !abort.load(Ordering::SeqCst) {
-                let buf = spare_rx.try_recv().unwrap_or_default();
-                let Some(chunk) = reader.read_unchecked(buf).map_err(bundle_err)? else { return Ok(()) };
+            for (index, at) in (from_chunk..count).zip(held) {
+                if abort.load(Ordering::SeqCst) {
+                    break;
+                }
+                let mut buf = spare_rx.try_recv().unwrap_or_default();
+                if let (Some(l), Some(offset)) = (local, at) {
+                    // Checked against the new manifest here; a chunk that
+                    // is not what the record said is fetched instead.
+                    let len = layout.chunk(index).map_or(0, |c| c.len());
+                    let read = l.read(offset, len, &mut buf);
+                    hit("chunk-reused");
+                    let checked = match read {
+                        Ok(()) => manifest.check_written(index, buf).map_err(|e| e.1),
+                        Err(_) => Err(buf),
+                    };
+                    match checked {
+                        Ok(checked) => {
+                            transfer.reused_bytes += u64::from(len);
+                            transfer.reused_chunks += 1;
+                            if local_tx.send(checked).is_err() {
+                                return Ok(()); // the writer stopped; its error is reported below
+                            }
+                            continue;
+                        }
+                        Err(back) => buf = back,
+                    }
+                }
+                let chunk = reader.read_unchecked_at(index, buf).map_err(bundle_err)?;
+                transfer.fetched_bytes += layout.chunk(index).map_or(0, |c| u64::from(c.stored_len()));
+                transfer.fetched_chunks += 1;
                 if raw_tx.send(chunk).is_err() {
                     return Ok(()); // the hashers stopped; their error is reported below
                 }
@@ -532,6 +612,7 @@ impl Engine {
             Ok(())
         })();
         drop(raw_tx);
+        drop(local_tx);
         // Join every thread before looking at any result, so none outlives
         // this call (a late syncer must not overwrite the journal).
         let join_err = |what: &str| DeployError::Nothing(format!("{what} thread panicked"));
@@ -563,10 +644,23 @@ impl Engine {
         let staged = Staged::check(self.backend.as_ref(), slot, bundle.payload_len, archive)?;
         self.backend.finish(&staged)?;
         hit("slot-finished");
+        // The record for the next delta install, before the journal names
+        // the slot's bundle: a crash between the two leaves a record the
+        // journal does not vouch for, which is not used.
+        delta::save_head(&self.state_dir(), slot, reader.manifest().head()).map_err(JournalError::from)?;
+        hit("head-saved");
+        if let Some(f) = self.observer.as_mut() {
+            f(EngineEvent::Transferred { bundle, transfer });
+        }
         self.journal.set_slot(slot, SlotContent::Bundle(bundle.clone()));
         self.save(DeployState::Staged { bundle: bundle.clone(), slot })?;
-        self.backend.cleanup(slot);
-        self.progress.note(&format!("staged {bundle} in slot {slot}"));
+        self.progress.note(&format!(
+            "staged {bundle} in slot {slot}: {} chunks ({}) reused from the device, {} chunks ({}) fetched",
+            transfer.reused_chunks,
+            perch_support::mib(transfer.reused_bytes),
+            transfer.fetched_chunks,
+            perch_support::mib(transfer.fetched_bytes)
+        ));
         Ok(())
     }
 

@@ -79,6 +79,11 @@ pub struct ChunkSource {
     pos: u64,
     current: Option<(u32, Vec<u8>)>,
     ahead: VecDeque<(u32, JoinHandle<io::Result<Vec<u8>>>)>,
+    /// The chunks staging will read (increasing), once it says; until
+    /// then, every chunk in order.
+    plan: Option<Vec<u32>>,
+    /// Chunks taken, for how often the ledger is saved.
+    loads: u32,
     fetched: Arc<AtomicU64>,
 }
 
@@ -159,6 +164,8 @@ impl ChunkSource {
             pos: 0,
             current: None,
             ahead: VecDeque::new(),
+            plan: None,
+            loads: 0,
             fetched,
         })
     }
@@ -190,27 +197,43 @@ impl ChunkSource {
         self.rt.spawn(get(self.client.clone(), subject, self.settings.clone(), self.fetched.clone()))
     }
 
+    /// The chunk fetched after `index`: the next in the plan, or the next.
+    fn after(&self, index: u32) -> Option<u32> {
+        match &self.plan {
+            Some(plan) => plan.get(plan.partition_point(|&i| i <= index)).copied(),
+            None => index.checked_add(1).filter(|&n| n < self.layout.chunk_count()),
+        }
+    }
+
     /// Makes chunk `index` current, fetching it (and the window after it).
     fn load(&mut self, index: u32) -> io::Result<()> {
         if self.current.as_ref().is_some_and(|(i, _)| *i == index) {
             return Ok(());
         }
-        // A seek elsewhere: what was fetched ahead is of no use.
-        if self.ahead.front().is_some_and(|(i, _)| *i != index) {
-            for (_, h) in self.ahead.drain(..) {
+        // Chunks fetched ahead of one now passed are of no use.
+        while self.ahead.front().is_some_and(|(i, _)| *i < index) {
+            if let Some((_, h)) = self.ahead.pop_front() {
                 h.abort();
             }
         }
         let count = self.layout.chunk_count();
-        let mut next = self.ahead.back().map(|(i, _)| i + 1).unwrap_or(index);
-        while self.ahead.len() < self.settings.window.max(1) && next < count {
-            self.ahead.push_back((next, self.spawn(next)));
-            next += 1;
-        }
-        let Some((i, h)) = self.ahead.pop_front() else {
+        if index >= count {
             return Err(other(format!("chunk {index} is past the end ({count} chunks)")));
+        }
+        let h = match self.ahead.front() {
+            Some((i, _)) if *i == index => self.ahead.pop_front().map(|(_, h)| h),
+            _ => None,
         };
-        debug_assert_eq!(i, index);
+        // Not fetched ahead: the first chunk, or one out of the plan (a
+        // chunk taken from the device that failed its check). Fetched
+        // alone; what is ahead stays.
+        let h = h.unwrap_or_else(|| self.spawn(index));
+        let mut next = self.ahead.back().map_or(self.after(index), |(i, _)| self.after(*i));
+        while self.ahead.len() < self.settings.window.max(1) {
+            let Some(n) = next else { break };
+            self.ahead.push_back((n, self.spawn(n)));
+            next = self.after(n);
+        }
         let data = self.rt.block_on(h).map_err(|e| other(format!("chunk {index} fetch stopped: {e}")))??;
         if self.settings.budget > 0 && self.fetched.load(Ordering::Relaxed) > self.settings.budget {
             return Err(other(format!(
@@ -220,16 +243,22 @@ impl ChunkSource {
             )));
         }
         self.current = Some((index, data));
-        if index % LEDGER_EVERY == 0 || index + 1 == count {
+        self.loads += 1;
+        if self.loads % LEDGER_EVERY == 0 || self.after(index).is_none() {
             self.save_ledger();
         }
-        // Keep the window full behind the one just taken.
-        if let Some(n) = self.ahead.back().map(|(i, _)| i + 1).or(Some(index + 1)) {
-            if n < count && self.ahead.len() < self.settings.window {
-                self.ahead.push_back((n, self.spawn(n)));
-            }
-        }
         Ok(())
+    }
+}
+
+impl crate::delta::BundleSource for ChunkSource {
+    fn plan(&mut self, chunks: &[u32]) {
+        // What was fetched ahead on the old plan is dropped: none of it
+        // was read yet (the plan is set before the first chunk).
+        for (_, h) in self.ahead.drain(..) {
+            h.abort();
+        }
+        self.plan = Some(chunks.to_vec());
     }
 }
 

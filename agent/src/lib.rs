@@ -16,6 +16,7 @@ pub mod config;
 pub mod counters;
 pub mod daemon;
 pub mod decision;
+pub mod delta;
 pub mod deploy;
 pub mod desired;
 pub mod engine_lock;

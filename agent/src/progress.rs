@@ -119,11 +119,7 @@ impl Bar {
     }
 }
 
-/// `12.3 MiB`, rounded down to a tenth.
-fn mib(bytes: u64) -> String {
-    let tenths = bytes / (1 << 20) * 10 + bytes % (1 << 20) * 10 / (1 << 20);
-    format!("{}.{} MiB", tenths / 10, tenths % 10)
-}
+use perch_support::mib;
 
 impl Default for Progress {
     fn default() -> Self {

@@ -190,6 +190,16 @@ pub fn engine_observer(r: Reporter) -> impl FnMut(crate::deploy::EngineEvent<'_>
             EngineEvent::Progress { done, count } => {
                 (Lane::Telemetry, ReportKind::Progress { chunks_done: done, chunk_count: count })
             }
+            EngineEvent::Transferred { bundle, transfer: t } => (
+                Lane::Events,
+                ReportKind::Transfer {
+                    bundle: bundle.digest,
+                    reused_bytes: t.reused_bytes,
+                    reused_chunks: t.reused_chunks,
+                    fetched_bytes: t.fetched_bytes,
+                    fetched_chunks: t.fetched_chunks,
+                },
+            ),
         };
         if let Err(e) = r.queue(lane, kind) {
             warn!("deploy report not queued: {e}");

@@ -4,7 +4,7 @@
 use std::fmt::Write;
 
 use crate::rollout::{self, Outcome, Rollout, State};
-use crate::view::{Accounting, DeviceView, FleetView, Liveness, SiteView};
+use crate::view::{Accounting, DeviceView, FleetView, Liveness, SiteView, TransferReport};
 
 /// `text` cut to about `max` characters, keeping its start and its end
 /// (where a failure usually says what went wrong).
@@ -68,6 +68,17 @@ fn deploy(v: &DeviceView) -> String {
     out
 }
 
+fn transfer(t: &TransferReport) -> String {
+    format!(
+        "bundle {}: {} reused from the device ({} chunks), {} fetched ({} chunks)",
+        &t.bundle[..t.bundle.len().min(16)],
+        perch_support::mib(t.reused_bytes),
+        t.reused_chunks,
+        perch_support::mib(t.fetched_bytes),
+        t.fetched_chunks
+    )
+}
+
 fn accounting(a: &Accounting) -> String {
     let mut out = format!("{} stored, seq {}..{}", a.stored, a.first, a.last);
     if a.dropped > 0 {
@@ -126,6 +137,9 @@ pub fn render(view: &FleetView) -> String {
         line(&mut out, [&r[0], &r[1], &r[2], &r[3], &r[4]]);
         if let Some(a) = &v.reports {
             let _ = writeln!(out, "  reports: {}", accounting(a));
+            if let Some(t) = &v.transfer {
+                let _ = writeln!(out, "  last staging: {}", transfer(t));
+            }
         }
     }
     if view.devices.is_empty() {

@@ -68,6 +68,19 @@ pub struct DeployReport {
     pub stored_seq: u64,
 }
 
+/// Where the chunks of a device's last staging came from: reused from the
+/// device (a delta install) or fetched.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TransferReport {
+    /// The bundle staged (digest, hex).
+    pub bundle: String,
+    pub reused_bytes: u64,
+    pub reused_chunks: u32,
+    pub fetched_bytes: u64,
+    pub fetched_chunks: u32,
+    pub at_seq: u64,
+}
+
 /// How a device's reports add up (only when every report was read).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Accounting {
@@ -113,6 +126,8 @@ pub struct DeviceView {
     pub last_deploy: Option<DeployReport>,
     /// Staging progress, while a download is under way.
     pub progress: Option<(u32, u32)>,
+    /// Where the chunks of its last staging came from.
+    pub transfer: Option<TransferReport>,
     /// The epoch of the device's report stored last (16 hex digits, as in
     /// its message ids): `last_seq` and every `at_seq` count within it.
     pub epoch: Option<String>,
@@ -196,6 +211,18 @@ pub fn build(
                     stored_seq: *stream_seq,
                 });
             }
+            ReportKind::Transfer { bundle, reused_bytes, reused_chunks, fetched_bytes, fetched_chunks }
+                if v.transfer.as_ref().is_none_or(|t| t.at_seq < r.seq) =>
+            {
+                v.transfer = Some(TransferReport {
+                    bundle: hex::encode(bundle),
+                    reused_bytes: *reused_bytes,
+                    reused_chunks: *reused_chunks,
+                    fetched_bytes: *fetched_bytes,
+                    fetched_chunks: *fetched_chunks,
+                    at_seq: r.seq,
+                });
+            }
             ReportKind::Dropped { first, last, .. } => {
                 dropped.entry(r.device.clone()).or_default().push((*first, *last));
             }
@@ -251,6 +278,7 @@ fn empty(id: &str) -> DeviceView {
         journal_state: None,
         last_deploy: None,
         progress: None,
+        transfer: None,
         epoch: None,
         last_seq: 0,
         site: None,

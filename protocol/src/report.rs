@@ -63,6 +63,18 @@ pub enum ReportKind {
     Dropped { first: u64, last: u64, count: u64 },
     /// Free-form, for tests and operators' own checks.
     Note(String),
+    /// How a bundle was staged: the bytes the device already held
+    /// (`reused`: read from its slots and checked against the new
+    /// manifest) and the bytes read from the bundle (`fetched`: as stored,
+    /// so compressed where the chunk is). Sent once staging is done.
+    /// Appended last: older readers' variants keep their tags.
+    Transfer {
+        bundle: [u8; 32],
+        reused_bytes: u64,
+        reused_chunks: u32,
+        fetched_bytes: u64,
+        fetched_chunks: u32,
+    },
 }
 
 /// One report.

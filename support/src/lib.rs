@@ -43,3 +43,9 @@ mod tests {
         assert_eq!(super::error_chain(&Outer(inner)), "nats:perch.chunk.x.m: data budget used up");
     }
 }
+
+/// `12.3 MiB`, rounded down to a tenth.
+pub fn mib(bytes: u64) -> String {
+    let tenths = bytes / (1 << 20) * 10 + bytes % (1 << 20) * 10 / (1 << 20);
+    format!("{}.{} MiB", tenths / 10, tenths % 10)
+}

@@ -913,3 +913,92 @@ fn install_without_the_trust_file_is_a_config_error() {
     assert!(r.stderr.contains("trust.doc"), "{}", r.stderr);
     assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
 }
+
+// ------------------------------------------------------------------- delta
+
+/// Installs `bundle` on a U-Boot device and takes it through its trial boot.
+fn install_and_commit(d: &mut Device, bundle: &str) -> String {
+    let r = install(d, bundle);
+    assert_eq!(r.code, 0, "{} {}", r.stdout, r.stderr);
+    d.reboot();
+    let run = d.agent(&["run", "--once"]);
+    assert_eq!(run.code, 0, "{} {}", run.stdout, run.stderr);
+    assert_eq!(d.state(), "committed", "{}", run.stdout);
+    r.stdout
+}
+
+/// A new release of `payload` with `len` bytes changed at `at`.
+fn changed(payload: &[u8], at: usize, len: usize) -> Vec<u8> {
+    let mut p = payload.to_vec();
+    for b in &mut p[at..at + len] {
+        *b = !*b;
+    }
+    p
+}
+
+fn build_image(d: &Device, out: &str, counter: u64, payload: &[u8]) {
+    fs::write(d.path(&format!("{out}.payload")), payload).unwrap();
+    d.build(out, counter, "image", &format!("{out}.payload"), 16 * 1024, &["--compress", "zstd:3"]);
+}
+
+#[test]
+fn delta_install_reads_unchanged_chunks_from_the_running_slot_and_checks_each() {
+    const CHUNKS: usize = LEN / (16 * 1024) + 1; // 19: the last one short
+    let mut d = Device::new(Backend::Uboot);
+    // The factory image has no record: release 2 is fetched whole.
+    let v2 = perch_tests::device::new_image(1, LEN);
+    build_image(&d, "v2.perch", 2, &v2);
+    let out = install_and_commit(&mut d, "v2.perch");
+    assert!(out.contains(&format!("0 chunks (0.0 MiB) reused from the device, {CHUNKS} chunks")), "{out}");
+    assert!(fs::metadata(d.path("state/slots/b.head")).is_ok());
+
+    // Release 3 changes 100 bytes in chunk 6: only that chunk is read from
+    // the bundle; the others come from slot b and are checked against
+    // release 3's manifest.
+    let v3 = changed(&v2, 6 * 16 * 1024 + 10, 100);
+    build_image(&d, "v3.perch", 3, &v3);
+    let out = install_and_commit(&mut d, "v3.perch");
+    assert!(out.contains(&format!("{} of {CHUNKS} chunks are on slot b", CHUNKS - 1)), "{out}");
+    assert!(
+        out.contains(&format!("{} chunks (0.2 MiB) reused from the device, 1 chunks", CHUNKS - 1)),
+        "{out}"
+    );
+    assert_eq!(d.slot_bytes("a", LEN), v3);
+    assert_eq!(d.slot_bytes("b", LEN), v2, "the slot read from is untouched");
+
+    // The running slot's bytes changed under its record (a file system
+    // mounted read-write): chunk 10 no longer matches, so it is fetched.
+    // Release 4 changes chunk 2. The slot written is exactly release 4.
+    let mut img = fs::read(d.path("a.img")).unwrap();
+    img[10 * 16 * 1024 + 5] ^= 0xff;
+    fs::write(d.path("a.img"), &img).unwrap();
+    let v4 = changed(&v3, 2 * 16 * 1024, 7);
+    build_image(&d, "v4.perch", 4, &v4);
+    let out = install_and_commit(&mut d, "v4.perch");
+    assert!(out.contains(&format!("{} of {CHUNKS} chunks are on slot a", CHUNKS - 1)), "{out}");
+    // ...and the one that no longer matched was fetched instead.
+    assert!(
+        out.contains(&format!("{} chunks (0.2 MiB) reused from the device, 2 chunks", CHUNKS - 2)),
+        "{out}"
+    );
+    assert_eq!(d.slot_bytes("b", LEN), v4);
+
+    // A damaged record, and a record of another bundle: every chunk is
+    // fetched, and the install is still exact.
+    for (i, damage) in ["garbage", "other"].into_iter().enumerate() {
+        let (running, target) = if i == 0 { ("b", "a") } else { ("a", "b") };
+        let record = d.path(&format!("state/slots/{running}.head"));
+        match damage {
+            "garbage" => fs::write(&record, b"PERCHBDL not a head").unwrap(),
+            // A whole bundle file starts with a valid head: release 4's.
+            _ => fs::copy(d.path("v4.perch"), &record).map(drop).unwrap(),
+        }
+        let counter = 5 + i as u64;
+        let v = changed(&v4, 12 * 16 * 1024, 1 + i);
+        build_image(&d, "vn.perch", counter, &v);
+        let out = install_and_commit(&mut d, "vn.perch");
+        let said = if damage == "garbage" { "is damaged" } else { "is for another bundle" };
+        assert!(out.contains(said) && out.contains("fetching every chunk"), "{damage}: {out}");
+        assert_eq!(d.slot_bytes(target, LEN), v, "{damage}");
+    }
+}

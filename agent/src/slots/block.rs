@@ -1,12 +1,11 @@
 //! Two block slots (devices or plain files) that take raw images. Shared by
 //! the U-Boot and GRUB backends.
 
-use std::io::Read;
 use std::path::Path;
 
 use perch_protocol::bundle::PayloadKind;
 
-use super::{read_prefix, FileWriter, SlotError, SlotWriter};
+use super::{FileWriter, SlotError, SlotWriter};
 use crate::config::SlotPaths;
 use crate::journal::SlotId;
 
@@ -32,9 +31,5 @@ impl BlockSlots {
         }
         // Never create or truncate: a device cannot be, and a resumed install keeps its chunks.
         FileWriter::open(self.path(slot), false, false)
-    }
-
-    pub fn read_back(&self, slot: SlotId, len: u64) -> Result<Box<dyn Read>, SlotError> {
-        read_prefix(self.path(slot), len)
     }
 }

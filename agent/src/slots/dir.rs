@@ -2,7 +2,8 @@
 //! the running one, swapped atomically (symlink + rename). An archive
 //! payload is staged as `ROOT/.staging-<slot>.tar`, checked entry by entry
 //! by the engine (a [`Staged`] archive), then unpacked into `ROOT/.<slot>.new`, fsynced, and
-//! renamed over `ROOT/<slot>`.
+//! renamed over `ROOT/<slot>`. The staged archive stays, as the source of the next delta
+//! install (its chunks are read back and checked against the new manifest).
 
 use std::fs::{self, File};
 use std::io::{BufReader, Read};
@@ -11,7 +12,7 @@ use std::path::{Path, PathBuf};
 use perch_protocol::bundle::PayloadKind;
 use perch_support::durable::sync_dir;
 
-use super::{io_err, read_prefix, shell, FileWriter, SlotBackend, SlotError, SlotWriter, Staged, Switch};
+use super::{io_err, shell, FileWriter, SlotBackend, SlotError, SlotWriter, Staged, Switch};
 use crate::config::DirSlots;
 use crate::journal::SlotId;
 
@@ -83,8 +84,8 @@ impl SlotBackend for DirBackend {
         FileWriter::open(&self.staging(slot), true, !resume)
     }
 
-    fn read_back(&self, slot: SlotId, len: u64) -> Result<Box<dyn Read>, SlotError> {
-        read_prefix(&self.staging(slot), len)
+    fn payload_path(&self, slot: SlotId) -> PathBuf {
+        self.staging(slot)
     }
 
     /// Unpacks exactly the bytes the engine's archive check read (the same
@@ -118,10 +119,6 @@ impl SlotBackend for DirBackend {
 
     /// The tar is kept until the journal says staged, so a crash before
     /// that can unpack it again.
-    fn cleanup(&self, slot: SlotId) {
-        let _ = fs::remove_file(self.staging(slot));
-    }
-
     fn activate(&self, slot: SlotId) -> Result<Switch, SlotError> {
         self.point_current_at(slot)?;
         Ok(Switch::Running)

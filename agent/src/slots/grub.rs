@@ -5,7 +5,7 @@
 //! slot hangs, the next boot is the old default again. Confirming moves
 //! `saved_entry` to the new slot. The kernel command line carries `perch.slot=`.
 
-use std::io::Read;
+use std::path::PathBuf;
 use std::process::Command;
 
 use perch_protocol::bundle::PayloadKind;
@@ -73,8 +73,8 @@ impl SlotBackend for GrubBackend {
         self.block.open_writer(slot, kind)
     }
 
-    fn read_back(&self, slot: SlotId, len: u64) -> Result<Box<dyn Read>, SlotError> {
-        self.block.read_back(slot, len)
+    fn payload_path(&self, slot: SlotId) -> PathBuf {
+        self.block.path(slot).to_path_buf()
     }
 
     fn finish(&self, _staged: &Staged) -> Result<(), SlotError> {

@@ -3,14 +3,11 @@
 //! `PERCH_KIND` and `PERCH_PAYLOAD` (the staged file). Every hook must be
 //! safe to run twice: after a crash the agent repeats the step it was in.
 
-use std::io::Read;
 use std::path::PathBuf;
 
 use perch_protocol::bundle::PayloadKind;
 
-use super::{
-    read_prefix, reboot_with, shell, FileWriter, SlotBackend, SlotError, SlotWriter, Staged, Switch,
-};
+use super::{reboot_with, shell, FileWriter, SlotBackend, SlotError, SlotWriter, Staged, Switch};
 use crate::config::HookSlots;
 use crate::journal::SlotId;
 
@@ -61,8 +58,8 @@ impl SlotBackend for HookBackend {
         FileWriter::open(&self.staged(slot), true, !resume)
     }
 
-    fn read_back(&self, slot: SlotId, len: u64) -> Result<Box<dyn Read>, SlotError> {
-        read_prefix(&self.staged(slot), len)
+    fn payload_path(&self, slot: SlotId) -> PathBuf {
+        self.staged(slot)
     }
 
     /// `write` only ever sees an archive the engine checked entry by entry.
@@ -75,10 +72,6 @@ impl SlotBackend for HookBackend {
             &[("PERCH_SLOT", slot.as_str()), ("PERCH_KIND", kind.as_str()), ("PERCH_PAYLOAD", &payload_str)],
         )?;
         Ok(())
-    }
-
-    fn cleanup(&self, slot: SlotId) {
-        let _ = std::fs::remove_file(self.staged(slot));
     }
 
     fn activate(&self, slot: SlotId) -> Result<Switch, SlotError> {

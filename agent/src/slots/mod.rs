@@ -86,16 +86,20 @@ pub trait SlotBackend {
         resume: bool,
     ) -> Result<Box<dyn SlotWriter>, SlotError>;
 
+    /// The file whose first bytes are the payload last written to `slot`:
+    /// the slot's block device, or the staged archive or hook payload,
+    /// which stays after staging as the source of the next delta install.
+    fn payload_path(&self, slot: SlotId) -> PathBuf;
+
     /// Reads back the first `len` payload bytes written to `slot`.
-    fn read_back(&self, slot: SlotId, len: u64) -> Result<Box<dyn Read>, SlotError>;
+    fn read_back(&self, slot: SlotId, len: u64) -> Result<Box<dyn Read>, SlotError> {
+        read_prefix(&self.payload_path(slot), len)
+    }
 
     /// Turns the staged payload into a usable slot (unpack an archive, hand
     /// the payload to a hook). An archive in `staged` has passed the archive
     /// check already. Must be safe to repeat after a crash.
     fn finish(&self, staged: &Staged) -> Result<(), SlotError>;
-
-    /// Drops staging leftovers once the journal says `slot` is staged.
-    fn cleanup(&self, _slot: SlotId) {}
 
     /// Points the bootloader (or symlink) at `slot` for one trial.
     fn activate(&self, slot: SlotId) -> Result<Switch, SlotError>;

@@ -7,7 +7,8 @@
 //! `perch_slot` back. The kernel command line carries `perch.slot=` so the
 //! agent knows what really booted.
 
-use std::io::{Read, Write};
+use std::io::Write;
+use std::path::PathBuf;
 use std::process::Command;
 
 use perch_protocol::bundle::PayloadKind;
@@ -76,8 +77,8 @@ impl SlotBackend for UbootBackend {
         self.block.open_writer(slot, kind)
     }
 
-    fn read_back(&self, slot: SlotId, len: u64) -> Result<Box<dyn Read>, SlotError> {
-        self.block.read_back(slot, len)
+    fn payload_path(&self, slot: SlotId) -> PathBuf {
+        self.block.path(slot).to_path_buf()
     }
 
     fn finish(&self, _staged: &Staged) -> Result<(), SlotError> {

@@ -45,6 +45,12 @@ pub const BUNDLE_MAGIC: &[u8; 8] = b"PERCHBDL";
 /// The newest format this build writes (and the oldest it reads is 2).
 pub const BUNDLE_FORMAT_VERSION: u16 = 3;
 
+/// The most bytes a bundle's head (header, signature block, manifest) can
+/// take: a bound for reading a kept head back.
+pub const MAX_HEAD_LEN: usize = crate::codec::HEADER_LEN
+    + crate::limits::MAX_SIGNATURES_LEN as usize
+    + crate::limits::MAX_MANIFEST_LEN as usize;
+
 /// Context string mixed into every signature over a manifest's digest, one
 /// per format: no signature made for one format verifies for another, so a
 /// header's version cannot be changed to read signed bytes another way.

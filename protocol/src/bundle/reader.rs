@@ -202,6 +202,34 @@ impl<R: Read> VerifiedBundle<R> {
         }
         Ok(Some(UncheckedChunk { index, data: buf }))
     }
+
+    /// The source the payload is read from, e.g. to tell a fetching source
+    /// which chunks will be asked for. Bytes read from it directly are not
+    /// checked and cannot become a [`CheckedChunk`].
+    pub fn source_mut(&mut self) -> &mut R {
+        &mut self.r
+    }
+}
+
+impl<R: Read + io::Seek> VerifiedBundle<R> {
+    /// [`read_unchecked`](Self::read_unchecked) of chunk `index`, seeking
+    /// forward past the chunks before it that are not wanted (a delta
+    /// install takes those from the device). Chunks are taken in
+    /// increasing order; asking for one already passed is an error.
+    pub fn read_unchecked_at(&mut self, index: u32, buf: Vec<u8>) -> Result<UncheckedChunk, BundleError> {
+        let m = &self.manifest.head.manifest;
+        let count = m.chunk_count();
+        if index < self.next || index >= count {
+            return Err(BundleError::ChunkOutOfRange { index, count });
+        }
+        if index > self.next {
+            let skip = m.stored_offset(index) - m.stored_offset(self.next);
+            let skip = i64::try_from(skip).map_err(|_| BundleError::ChunkOutOfRange { index, count })?;
+            self.r.seek(io::SeekFrom::Current(skip)).map_err(BundleError::Io)?;
+            self.next = index;
+        }
+        self.read_unchecked(buf)?.ok_or(BundleError::ChunkOutOfRange { index, count })
+    }
 }
 
 /// A payload chunk as read, not yet compared with its signed hash.
@@ -258,6 +286,19 @@ impl VerifiedManifest {
                 self.check_chunk(index, &data)?;
                 Ok(CheckedChunk { index, data })
             }
+        }
+    }
+}
+
+impl VerifiedManifest {
+    /// Checks bytes the device already holds (a chunk of the running
+    /// slot) as chunk `index` of this manifest: its written length and
+    /// hash. The buffer comes back with the error, for the caller to
+    /// fetch the chunk instead.
+    pub fn check_written(&self, index: u32, data: Vec<u8>) -> Result<CheckedChunk, (BundleError, Vec<u8>)> {
+        match self.check_chunk(index, &data) {
+            Ok(()) => Ok(CheckedChunk { index, data }),
+            Err(e) => Err((e, data)),
         }
     }
 }
