@@ -636,3 +636,72 @@ fn a_signed_bundle_published_under_another_bundles_digest_is_refused_naming_both
     let (after, _) = proxy.bytes();
     assert!(after - before < 256 * 1024, "{} bytes came down after the put", after - before);
 }
+
+/// The committed counter in the slot that runs, per `perch-agent status`.
+fn running_counter(d: &Device) -> Option<u64> {
+    let r = d.agent(&["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).ok()?;
+    let booted = v["booted_slot"].as_str()?.to_string();
+    (v["deploy"]["state"] == "committed").then(|| v["slots"][&booted]["counter"].as_u64())?
+}
+
+#[test]
+fn a_release_that_changes_one_file_fetches_only_its_chunks_over_the_link() {
+    use perch_tests::device::new_image;
+    const FILES: u8 = 32;
+    const FILE: usize = 256 * 1024;
+    let f = Fleet::start(1);
+    let proxy = Proxy::start(([127, 0, 0, 1], f.server.port).into());
+    let d = fetch_device(&f, &proxy, "rover-8");
+    let admin = f.reports_reader();
+    let mut agent = d.spawn_run();
+    await_connected(&f, &d);
+    // Release 2: 32 files of 256 KiB. The factory image has no record, so
+    // it comes whole.
+    for dir in ["os-2", "os-3"] {
+        std::fs::create_dir_all(f.s.path(dir)).unwrap();
+        for i in 0..FILES {
+            std::fs::write(f.s.path(&format!("{dir}/f{i:02}")), new_image(i + 1, FILE)).unwrap();
+        }
+    }
+    // Release 3: one file rewritten in place.
+    let changed = new_image(200, FILE);
+    std::fs::write(f.s.path("os-3/f17"), &changed).unwrap();
+    let mut digests = vec![];
+    for (counter, dir) in [(2, "os-2"), (3, "os-3")] {
+        let (file, digest, len) = f.bundle_of_dir("os", counter, dir);
+        f.publish(&file);
+        digests.push((digest, len));
+    }
+    let mut down = vec![];
+    for (i, (digest, _)) in digests.iter().enumerate() {
+        let before = proxy.bytes().0;
+        admin.kv_put("PERCH_DESIRED", "device.rover-8", &format!("{{\"bundle\": \"{}\"}}", hex(digest)));
+        let counter = 2 + i as u64;
+        let done = wait_for(Duration::from_secs(60), || running_counter(&d) == Some(counter));
+        assert!(done, "release {counter} not committed\n{}", f.log("rover-8-run.log"));
+        down.push(proxy.bytes().0 - before);
+    }
+    let (_, payload_len) = digests[1];
+    eprintln!("bytes down the link: release 2 {}, release 3 {} (payload {payload_len})", down[0], down[1]);
+    assert!(down[0] > payload_len, "release 2 came whole: {down:?}");
+    // The changed file spans at most two 256-KiB chunks (tar headers shift
+    // it off their edges); the head, reports and pings are the rest.
+    let chunk = 256 * 1024;
+    assert!(down[1] >= FILE as u64 / 2, "the changed file must cross the link: {down:?}");
+    assert!(down[1] <= 2 * chunk + 256 * 1024, "release 3 fetched more than its changed chunks: {down:?}");
+    assert_eq!(std::fs::read(d.dir.join("slots/current/f17")).unwrap(), changed);
+    assert_eq!(std::fs::read(d.dir.join("slots/current/f03")).unwrap(), new_image(4, FILE));
+    // The device says so, and `perch status --device` shows it.
+    let transfer = wait_for(Duration::from_secs(20), || {
+        admin.all().iter().any(|r| {
+            matches!(r.kind, ReportKind::Transfer { bundle, fetched_chunks, reused_chunks, .. }
+                if bundle == digests[1].0 && fetched_chunks <= 2 && reused_chunks >= 30)
+        })
+    });
+    kill(&mut agent);
+    assert!(transfer, "no transfer report for release 3: {:?}", admin.all());
+    let st = f.operator(&["status"], &["--device", "rover-8"]);
+    assert_eq!(st.code, 0, "{}", st.stderr);
+    assert!(st.stdout.contains("reused from the device (3"), "{}", st.stdout);
+}
