@@ -137,6 +137,89 @@ fn uboot_install_survives_sigkill_at_every_point() {
     assert!(points >= 250, "only {points} kill points");
 }
 
+/// A delta install (chunks read from the running slot, the rest from the
+/// bundle) killed at every failpoint: the running slot is never written,
+/// the firmware never points at an incomplete slot, and the install
+/// resumes to an exact copy of the new release.
+#[test]
+fn uboot_delta_install_survives_sigkill_at_every_point() {
+    const LEN: usize = 128 * 1024;
+    let mut d = Device::new(Backend::Uboot);
+    d.boot_model = true;
+    d.checkpoint_bytes = 16 * 1024;
+    d.write_config();
+    // Release 2 runs in slot b, with its record.
+    let v2 = d.image_bundle("v2.perch", 2, 7, LEN, CHUNK);
+    assert_eq!(d.agent(&["install", "v2.perch"]).code, 0);
+    assert_eq!(d.reboot(), "b");
+    assert_eq!(d.agent(&["run", "--once"]).code, 0);
+    assert_eq!(d.state(), "committed");
+    // Release 3: every fourth chunk changed.
+    let mut v3 = v2.clone();
+    for c in (0..LEN / CHUNK as usize).step_by(4) {
+        v3[c * CHUNK as usize + 9] ^= 0x5a;
+    }
+    fs::write(d.path("v3.payload"), &v3).unwrap();
+    d.build("v3.perch", 3, "image", "v3.payload", CHUNK, &[]);
+    d.snapshot();
+    let check = |d: &Device, when: &str| {
+        assert_eq!(d.slot_bytes("b", LEN), v2, "{when}: the running slot was written");
+        match d.firmware_next().as_str() {
+            "b" => {}
+            "a" => assert_eq!(d.slot_bytes("a", LEN), v3, "{when}: firmware points at an incomplete slot a"),
+            other => panic!("{when}: firmware points at '{other}'"),
+        }
+        assert!(d.status()["journal_problem"].is_null(), "{when}");
+    };
+    let mut points = 0;
+    let mut reused_points = 0;
+    for n in 1.. {
+        d.restore();
+        let trace = d.path("trace");
+        let _ = fs::remove_file(&trace);
+        let fp = format!("any:{n}");
+        let r = d.agent_env(&["install", "v3.perch"], &[("PERCH_FAILPOINT", &fp)]);
+        if !killed(&r) {
+            assert_eq!(r.code, 0, "{}", r.stderr);
+            assert!(r.stdout.contains("24 of 32 chunks are on slot b"), "{}", r.stdout);
+            break;
+        }
+        points += 1;
+        let when = format!("killed at delta failpoint {n}");
+        check(&d, &when);
+        let st = d.status();
+        let recorded = match st["deploy"]["state"].as_str() {
+            Some("staging") => st["deploy"]["next_chunk"].as_u64().unwrap_or(0) as u32,
+            _ => 0,
+        };
+        if r.stdout.contains("chunks are on slot b") {
+            reused_points += 1;
+        }
+        if n % 2 == 0 {
+            // A power cut: the device boots what the firmware says.
+            d.reboot();
+            check(&d, &format!("{when}, after reboot"));
+        }
+        let r = d.agent_env(&["install", "v3.perch"], &[("PERCH_TRACE", trace.to_str().unwrap())]);
+        assert_eq!(r.code, 0, "{when}: restart: {} {}", r.stdout, r.stderr);
+        check(&d, &format!("{when}, after restart"));
+        let rewritten: BTreeSet<u32> = writes(&trace).into_iter().filter(|i| *i < recorded).collect();
+        assert!(rewritten.is_empty(), "{when}: resumed staging rewrote recorded chunks {rewritten:?}");
+        if d.state() != "committed" {
+            if d.status()["booted_slot"] != "a" {
+                assert_eq!(d.reboot(), "a", "{when}");
+            }
+            let r = d.agent(&["run", "--once"]);
+            assert_eq!(r.code, 0, "{when}: {} {}", r.stdout, r.stderr);
+        }
+        assert_eq!(d.state(), "committed", "{when}");
+        assert_eq!(d.slot_bytes("a", LEN), v3, "{when}");
+        assert_eq!(d.slot_bytes("b", LEN), v2, "{when}: the slot read from was written");
+    }
+    eprintln!("uboot delta: {points} kill points, {reused_points} after chunks were taken from slot b");
+    assert!(reused_points >= 24, "only {reused_points} kill points after reusing began");
+}
+
 #[test]
 fn uboot_rollback_survives_sigkill() {
     let mut d = Device::new(Backend::Uboot);
