@@ -4,8 +4,8 @@
 use std::io::{Cursor, Read};
 
 use perch_protocol::bundle::{
-    check_archive_payload, verify_stream, BundleError, BundleHead, BundleReader, ChunkEntry, Chunking,
-    Format, Manifest, ManifestBuilder, ManifestParams, PayloadKind, Release,
+    check_archive_payload, verify_file, verify_stream, BundleError, BundleHead, BundleReader, ChunkEntry,
+    Chunking, Format, Manifest, ManifestBuilder, ManifestParams, PayloadKind, Release,
 };
 use perch_protocol::trust::{SignedTrust, TrustBody, VerifiedTrust};
 use perch_protocol::SecretKey;
@@ -65,12 +65,26 @@ fn build(payload: &[u8], chunk_size: u32, signers: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Verifies `bytes` as a stream (what the device stages from) and as a
+/// file on several threads (`perch bundle verify`, `perch-agent check`):
+/// the two must agree on every input.
 fn verify(bytes: &[u8], trust: &VerifiedTrust) -> Result<Vec<u8>, BundleError> {
     let mut got = Vec::new();
-    verify_stream(Cursor::new(bytes), trust, NOW, |_, c| {
+    let streamed = verify_stream(Cursor::new(bytes), trust, NOW, |_, c| {
         got.extend_from_slice(c);
         Ok(())
-    })?;
+    });
+    let file = tempfile::tempfile().unwrap();
+    std::io::Write::write_all(&mut &file, bytes).unwrap();
+    let parallel = verify_file(&file, trust, NOW, 3);
+    match (&streamed, &parallel) {
+        (Ok(a), Ok(b)) => assert_eq!(a.digest(), b.digest()),
+        (Err(a), Err(b)) => assert!(b.is_security() == a.is_security(), "stream: {a}; file: {b}"),
+        _ => {
+            panic!("stream and file verification disagree: {:?} vs {:?}", streamed.is_ok(), parallel.is_ok())
+        }
+    }
+    streamed?;
     Ok(got)
 }
 
@@ -495,6 +509,7 @@ fn compressed_chunks_whose_signed_sizes_lie_are_refused_before_a_write() {
         .expect_err(what);
         assert!(e.is_security(), "{what}: {e}");
         assert_eq!(written, 0, "{what}: a chunk reached the sink");
+        assert!(verify(&bytes, &t).unwrap_err().is_security(), "{what}: the file check");
     }
 }
 

@@ -27,6 +27,7 @@ mod archive;
 mod decompress;
 mod manifest;
 mod reader;
+mod verify;
 mod writer;
 
 pub use archive::{check_archive, raw_entry, ArchiveError, ArchivePolicy, Refusal, MAX_ENTRY_PATH};
@@ -37,6 +38,7 @@ pub use reader::{
     check_archive_payload, claimed_digest, verify_stream, BundleReader, CheckedChunk, PayloadHasher,
     UncheckedChunk, VerifiedBundle, VerifiedManifest,
 };
+pub use verify::verify_file;
 pub use writer::{BundleHead, ManifestBuilder, ManifestParams, ZSTD_LEVELS};
 
 use crate::keys::SignatureCheckError;

@@ -1,0 +1,133 @@
+//! Verifying a whole bundle file on every core.
+//!
+//! Format 3 has no whole-payload digest: the signed manifest fixes every
+//! chunk's hash, so each byte is hashed once, and chunks are independent.
+//! Each worker takes the next unchecked chunk, reads it at its offset
+//! (`read_at`, so no shared file position) in pieces it hashes while they
+//! are still in cache, and, for a compressed chunk, decompresses it into
+//! exactly its signed length and hashes that too. Format 2 adds its
+//! whole-payload digest on one more thread.
+
+use std::fs::File;
+use std::io::{self, Seek};
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Mutex;
+use std::thread;
+
+use sha2::{Digest, Sha256};
+
+use super::{BundleError, BundleReader, Manifest, PayloadHasher, Section, VerifiedManifest};
+use crate::trust::VerifiedTrust;
+
+/// Bytes read and hashed at a time (see the reader's `PIECE`).
+const PIECE: usize = 64 * 1024;
+
+/// Verifies every byte of the bundle in `file`: the signatures against
+/// `trust`, the expiry, and every chunk against the signed manifest, on
+/// `threads` workers (at least one). The first failing chunk (the lowest
+/// index among those seen failing) is the error.
+pub fn verify_file(
+    file: &File,
+    trust: &VerifiedTrust,
+    now: u64,
+    threads: usize,
+) -> Result<VerifiedManifest, BundleError> {
+    let mut reader = file;
+    reader.rewind().map_err(BundleError::Io)?;
+    let manifest = BundleReader::open_verified(reader, trust, now)?.into_manifest();
+    let start = reader.stream_position().map_err(BundleError::Io)?;
+    let m = manifest.manifest();
+    let end = start + m.stored_len();
+    let len = file.metadata().map_err(BundleError::Io)?.len();
+    if len < end {
+        return Err(BundleError::Truncated(Section::Payload));
+    }
+    if len > end {
+        return Err(BundleError::TrailingData);
+    }
+    let count = m.chunk_count();
+    let next = AtomicU32::new(0);
+    let abort = AtomicBool::new(false);
+    let failed: Mutex<Option<(u32, BundleError)>> = Mutex::new(None);
+    let fail = |index: u32, e: BundleError| {
+        abort.store(true, Ordering::SeqCst);
+        if let Ok(mut f) = failed.lock() {
+            if f.as_ref().is_none_or(|(i, _)| index < *i) {
+                *f = Some((index, e));
+            }
+        }
+    };
+    let whole = thread::scope(|s| {
+        let whole =
+            m.payload_sha256().map(|_| s.spawn(|| payload_digest(file, start, m.stored_len(), &abort)));
+        for _ in 0..threads.max(1).min(count as usize) {
+            s.spawn(|| {
+                let mut buf = Vec::new();
+                while !abort.load(Ordering::SeqCst) {
+                    let index = next.fetch_add(1, Ordering::SeqCst);
+                    if index >= count {
+                        break;
+                    }
+                    if let Err(e) = check_at(file, start, m, index, &mut buf) {
+                        fail(index, e);
+                        break;
+                    }
+                }
+            });
+        }
+        whole.map(|h| h.join())
+    });
+    if let Some((_, e)) = failed.into_inner().ok().flatten() {
+        return Err(e);
+    }
+    if let Some(digest) = whole {
+        let digest = digest.map_err(|_| BundleError::Io(io::Error::other("payload hasher panicked")))??;
+        manifest.check_payload_digest(digest)?;
+    }
+    Ok(manifest)
+}
+
+/// Checks chunk `index` where it lies in the file.
+fn check_at(file: &File, start: u64, m: &Manifest, index: u32, buf: &mut Vec<u8>) -> Result<(), BundleError> {
+    let count = m.chunk_count();
+    let entry = m.chunk(index).ok_or(BundleError::ChunkOutOfRange { index, count })?;
+    buf.resize(entry.stored_len() as usize, 0);
+    let mut at = start + m.stored_offset(index);
+    let mut hasher = Sha256::new();
+    for piece in buf.chunks_mut(PIECE) {
+        read_at(file, piece, at)?;
+        hasher.update(&*piece);
+        at += piece.len() as u64;
+    }
+    if hasher.finalize().as_slice() != entry.stored_hash() {
+        return Err(BundleError::ChunkMismatch { index, count });
+    }
+    if entry.is_compressed() {
+        let data = super::decompress::chunk(buf, entry.len() as usize)
+            .map_err(|detail| BundleError::Decompress { index, count, detail })?;
+        m.check_chunk(index, &data)?;
+    }
+    Ok(())
+}
+
+/// Format 2's whole-payload SHA-256, read in order on its own thread.
+fn payload_digest(file: &File, start: u64, len: u64, abort: &AtomicBool) -> Result<[u8; 32], BundleError> {
+    let mut whole = PayloadHasher::default();
+    let mut buf = vec![0u8; 4 * PIECE];
+    let mut done = 0;
+    while done < len && !abort.load(Ordering::SeqCst) {
+        let n = (len - done).min(buf.len() as u64) as usize;
+        read_at(file, &mut buf[..n], start + done)?;
+        whole.update(&buf[..n]);
+        done += n as u64;
+    }
+    Ok(whole.finalize())
+}
+
+fn read_at(file: &File, buf: &mut [u8], at: u64) -> Result<(), BundleError> {
+    file.read_exact_at(buf, at).map_err(|e| match e.kind() {
+        io::ErrorKind::UnexpectedEof => BundleError::Truncated(Section::Payload),
+        _ => BundleError::Io(e),
+    })
+}
