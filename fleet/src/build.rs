@@ -5,9 +5,10 @@ use std::io::{self, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
 use perch_protocol::bundle::{
-    check_archive, ArchivePolicy, BundleError, BundleHead, Manifest, ManifestBuilder, ManifestParams,
-    PayloadKind,
+    build_chunk, check_archive, ArchivePolicy, BundleError, BundleHead, ChunkEntry, Chunking, Format,
+    Manifest, ManifestBuilder, ManifestParams, PayloadKind, MIN_CDC_CHUNK,
 };
+use perch_protocol::limits::MAX_CHUNK_SIZE;
 use perch_support::durable::{self, Replace, WriteError};
 
 use crate::archive::{self, ArchiveError};
@@ -32,9 +33,38 @@ pub enum BuildError {
     InputChanged(PathBuf),
 }
 
+/// How `perch bundle build` cuts the payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cut {
+    /// Chunks of `chunk_size` bytes: block images, whose changes stay in place.
+    Fixed,
+    /// Content-defined (FastCDC 2020), averaging `chunk_size` bytes, from
+    /// a quarter of it to three times it: inserting bytes (a file added to
+    /// an archive) moves only the chunks around them.
+    ContentDefined,
+}
+
+impl Cut {
+    fn chunking(self, size: u32) -> Chunking {
+        match self {
+            Cut::Fixed => Chunking::Fixed { size },
+            Cut::ContentDefined => Chunking::Cdc {
+                min: (size / 4).max(MIN_CDC_CHUNK),
+                avg: size,
+                max: size.saturating_mul(3).min(MAX_CHUNK_SIZE),
+            },
+        }
+    }
+}
+
 /// Builds an unsigned bundle at `out` from `input` (a file for `image`, a
 /// directory for `archive`). The output appears atomically, or not at all.
-pub fn build_bundle(params: ManifestParams, input: &Path, out: &Path) -> Result<Manifest, BuildError> {
+pub fn build_bundle(
+    params: ManifestParams,
+    cut: Cut,
+    input: &Path,
+    out: &Path,
+) -> Result<Manifest, BuildError> {
     let out_dir = match out.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
@@ -63,6 +93,13 @@ pub fn build_bundle(params: ManifestParams, input: &Path, out: &Path) -> Result<
             tar_tmp.path()
         }
     };
+    if params.format == Format::V3 {
+        let chunking = cut.chunking(params.chunk_size);
+        return build_v3(params, chunking, payload_path, out_dir, out);
+    }
+    if cut != Cut::Fixed {
+        return Err(BuildError::InvalidParams("format 2 has fixed-size chunks only".into()));
+    }
     let manifest = hash_payload(params.clone(), payload_path, &mut io::sink())?;
     let head = BundleHead::new(manifest.clone()).map_err(params_error)?;
     durable::write_atomic(out, 0o644, Replace::Allow, |file| {
@@ -78,6 +115,113 @@ pub fn build_bundle(params: ManifestParams, input: &Path, out: &Path) -> Result<
         Ok(())
     })?;
     Ok(manifest)
+}
+
+/// Format 3 in one pass over the payload: chunks are cut, then hashed and
+/// compressed on every core in batches, and stored in order in a temp
+/// file beside the output; the head (which needs every chunk's entry)
+/// is written first, then the stored bytes are copied after it. What is
+/// stored is exactly what was hashed, whatever happens to the input.
+fn build_v3(
+    params: ManifestParams,
+    chunking: Chunking,
+    payload: &Path,
+    out_dir: &Path,
+    out: &Path,
+) -> Result<Manifest, BuildError> {
+    let in_err = |source| BuildError::Io { path: payload.into(), source };
+    let tmp = tempfile::Builder::new()
+        .prefix(".perch-payload-")
+        .tempfile_in(out_dir)
+        .map_err(|source| BuildError::Io { path: out_dir.into(), source })?;
+    let tmp_err = |source| BuildError::Io { path: tmp.path().into(), source };
+    let level = params.zstd_level;
+    let mut builder = ManifestBuilder::new(params).map_err(params_error)?;
+    let mut stored = BufWriter::with_capacity(READ_PIECE, tmp.as_file());
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut batch: Vec<Vec<u8>> = Vec::with_capacity(2 * threads);
+    let mut flush = |batch: &mut Vec<Vec<u8>>| -> Result<(), BuildError> {
+        let built = build_batch(batch, level, threads);
+        for (raw, b) in batch.drain(..).zip(built) {
+            let (entry, z) = b.map_err(BuildError::InvalidParams)?;
+            builder.push_chunk(chunking, entry).map_err(params_error)?;
+            stored.write_all(z.as_deref().unwrap_or(&raw)).map_err(tmp_err)?;
+        }
+        Ok(())
+    };
+    let file = File::open(payload).map_err(in_err)?;
+    for chunk in cut_chunks(file, chunking) {
+        batch.push(chunk.map_err(in_err)?);
+        if batch.len() == 2 * threads {
+            flush(&mut batch)?;
+        }
+    }
+    flush(&mut batch)?;
+    stored.flush().map_err(tmp_err)?;
+    drop(stored);
+    let manifest = builder.finish().map_err(params_error)?;
+    let head = BundleHead::new(manifest.clone()).map_err(params_error)?;
+    durable::write_atomic(out, 0o644, Replace::Allow, |file| {
+        let out_err = |source| BuildError::Io { path: out.into(), source };
+        let mut w = BufWriter::with_capacity(READ_PIECE, file);
+        head.write_to(&mut w).map_err(out_err)?;
+        let mut from = File::open(tmp.path()).map_err(tmp_err)?;
+        let copied = io::copy(&mut from, &mut w).map_err(out_err)?;
+        w.flush().map_err(out_err)?;
+        if copied != manifest.stored_len() {
+            return Err(BuildError::InputChanged(tmp.path().into()));
+        }
+        Ok(())
+    })?;
+    Ok(manifest)
+}
+
+/// A chunk's manifest entry and its compressed bytes (see [`build_chunk`]).
+type Built = Result<(ChunkEntry, Option<Vec<u8>>), String>;
+
+/// Builds each chunk of `batch` (see [`build_chunk`]) on up to `threads`
+/// threads, in order.
+fn build_batch(batch: &[Vec<u8>], level: Option<i32>, threads: usize) -> Vec<Built> {
+    if batch.len() <= 1 || threads <= 1 {
+        return batch.iter().map(|raw| build_chunk(raw, level)).collect();
+    }
+    let per = batch.len().div_ceil(threads);
+    std::thread::scope(|s| {
+        let parts: Vec<_> = batch
+            .chunks(per)
+            .map(|part| s.spawn(move || part.iter().map(|raw| build_chunk(raw, level)).collect::<Vec<_>>()))
+            .collect();
+        parts
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_else(|_| vec![Err("a chunk builder thread panicked".into())]))
+            .collect()
+    })
+}
+
+/// The payload cut into chunks as `chunking` says.
+fn cut_chunks(file: File, chunking: Chunking) -> Box<dyn Iterator<Item = io::Result<Vec<u8>>>> {
+    match chunking {
+        Chunking::Fixed { size } => {
+            let mut file = file;
+            Box::new(std::iter::from_fn(move || {
+                let mut buf = Vec::with_capacity(size as usize);
+                match (&mut file).take(u64::from(size)).read_to_end(&mut buf) {
+                    Ok(0) => None,
+                    Ok(_) => Some(Ok(buf)),
+                    Err(e) => Some(Err(e)),
+                }
+            }))
+        }
+        Chunking::Cdc { min, avg, max } => Box::new(
+            fastcdc::v2020::StreamCDC::new(
+                io::BufReader::new(file),
+                min as usize,
+                avg as usize,
+                max as usize,
+            )
+            .map(|c| c.map(|c| c.data).map_err(|e| io::Error::other(e.to_string()))),
+        ),
+    }
 }
 
 /// Streams `path` through a [`ManifestBuilder`], copying what it stores

@@ -7,7 +7,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use perch_fleet::build::{build_bundle, BuildError};
+use perch_fleet::build::{build_bundle, BuildError, Cut};
 use perch_fleet::sign::{sign_file, SignOutcome};
 use perch_fleet::verify::verify_file;
 use perch_protocol::bundle::{
@@ -200,6 +200,12 @@ enum Kind {
     Archive,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum ChunkingArg {
+    Fixed,
+    Cdc,
+}
+
 #[derive(Args)]
 struct BuildArgs {
     /// Bundle name (A-Z a-z 0-9 - _).
@@ -216,9 +222,17 @@ struct BuildArgs {
     input: PathBuf,
     #[arg(long)]
     out: PathBuf,
-    /// Chunk size in bytes (one chunk travels as one NATS message).
+    /// Chunk size in bytes (one chunk travels as one NATS message); with
+    /// content-defined chunking, the average (chunks are a quarter of it
+    /// to three times it).
     #[arg(long, default_value_t = DEFAULT_CHUNK_SIZE)]
     chunk_size: u32,
+    /// How the payload is cut: `fixed` (the default for images, whose
+    /// changes stay in place) or `cdc`, content-defined (the default for
+    /// archives: a file added or grown moves only the chunks around it, so
+    /// a delta update stays small). Format 3 only for `cdc`.
+    #[arg(long, value_enum)]
+    chunking: Option<ChunkingArg>,
     /// Bundle format: 3, or 2 for agents older than format 3 (no
     /// compression, and a whole-payload hash).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(2..=3))]
@@ -369,7 +383,12 @@ fn build(a: BuildArgs) -> Result<()> {
         ))
         .into());
     }
-    let manifest = build_bundle(params, &a.input, &a.out).map_err(|e| match e {
+    let cut = match (a.chunking, params.kind, params.format) {
+        (Some(ChunkingArg::Cdc), _, _) => Cut::ContentDefined,
+        (None, PayloadKind::Archive, Format::V3) => Cut::ContentDefined,
+        _ => Cut::Fixed,
+    };
+    let manifest = build_bundle(params, cut, &a.input, &a.out).map_err(|e| match e {
         BuildError::InvalidParams(m) => anyhow::Error::new(UsageError(m)),
         BuildError::Archive(e) => anyhow::Error::new(UsageError(e.to_string())),
         other => other.into(),

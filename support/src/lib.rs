@@ -32,6 +32,12 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     out
 }
 
+/// `12.3 MiB`, rounded down to a tenth.
+pub fn mib(bytes: u64) -> String {
+    let tenths = bytes / (1 << 20) * 10 + bytes % (1 << 20) * 10 / (1 << 20);
+    format!("{}.{} MiB", tenths / 10, tenths % 10)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -42,10 +48,4 @@ mod tests {
         struct Outer(#[source] std::io::Error);
         assert_eq!(super::error_chain(&Outer(inner)), "nats:perch.chunk.x.m: data budget used up");
     }
-}
-
-/// `12.3 MiB`, rounded down to a tenth.
-pub fn mib(bytes: u64) -> String {
-    let tenths = bytes / (1 << 20) * 10 + bytes % (1 << 20) * 10 / (1 << 20);
-    format!("{}.{} MiB", tenths / 10, tenths % 10)
 }

@@ -62,12 +62,25 @@ impl Scratch {
     /// Builds and signs (with k1) an archive bundle of the scratch
     /// directory `dir` into `file`; returns its digest and payload length.
     pub fn signed_archive(&self, name: &str, counter: u32, dir: &str, file: &str) -> ([u8; 32], u64) {
+        self.signed_archive_with(name, counter, dir, file, &[])
+    }
+
+    /// [`signed_archive`](Self::signed_archive) with more `perch bundle build` arguments.
+    pub fn signed_archive_with(
+        &self,
+        name: &str,
+        counter: u32,
+        dir: &str,
+        file: &str,
+        extra: &[&str],
+    ) -> ([u8; 32], u64) {
         let input = self.path(dir);
         let counter = counter.to_string();
         let build =
             ["bundle", "build", "--name", name, "--counter", &counter, "--kind", "archive", "--input"];
         let mut args = build.to_vec();
         args.extend([input.to_str().unwrap(), "--out", file]);
+        args.extend_from_slice(extra);
         self.ok("perch", &args);
         self.ok("perch", &["bundle", "sign", "--key", "k1.key", file]);
         let v: serde_json::Value =

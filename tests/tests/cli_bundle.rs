@@ -560,3 +560,50 @@ fn verify_and_check_refuse_a_signed_archive_a_device_would_refuse() {
     d.s.ok("perch", &["bundle", "verify", "--trust", trust, "ok.perch"]);
     d.s.ok("perch-agent", &["check", "--trust", trust, "ok.perch"]);
 }
+
+/// A file inserted in the middle of an archive's tree: with content-defined
+/// chunks (the default for archives) a device downloads little more than
+/// the new file; with fixed chunks every chunk after it shifts.
+#[test]
+fn content_defined_chunks_keep_an_insertion_delta_small() {
+    use perch_tests::device::new_image;
+    let s = Scratch::new();
+    for (dir, extra) in [("v1", false), ("v2", true)] {
+        std::fs::create_dir_all(s.path(dir)).unwrap();
+        for i in 0..40u8 {
+            std::fs::write(s.path(&format!("{dir}/f{i:02}")), new_image(i, 64 * 1024)).unwrap();
+        }
+        if extra {
+            std::fs::write(s.path(&format!("{dir}/f20a")), new_image(99, 20_000)).unwrap();
+        }
+    }
+    let diff = |chunking: &str| -> serde_json::Value {
+        for v in ["v1", "v2"] {
+            let out = format!("{v}-{chunking}.perch");
+            let input = s.path(v);
+            s.ok(
+                "perch",
+                &["bundle", "build", "--name", "app", "--counter", "1", "--kind", "archive"]
+                    .into_iter()
+                    .chain(["--input", input.to_str().unwrap(), "--out", &out, "--chunking", chunking])
+                    .chain(["--chunk-size", "32768"])
+                    .collect::<Vec<_>>(),
+            );
+        }
+        let r = s.ok(
+            "perch",
+            &["bundle", "diff", &format!("v1-{chunking}.perch"), &format!("v2-{chunking}.perch"), "--json"],
+        );
+        serde_json::from_str(&r.stdout).unwrap()
+    };
+    let cdc = diff("cdc");
+    let fixed = diff("fixed");
+    let share =
+        |d: &serde_json::Value| d["fetched_bytes"].as_f64().unwrap() / d["full_bytes"].as_f64().unwrap();
+    eprintln!("fetched share: cdc {:.3}, fixed {:.3}", share(&cdc), share(&fixed));
+    assert!(share(&cdc) <= 0.10, "content-defined: {cdc}");
+    assert!(share(&fixed) >= 0.4, "fixed chunks should shift after the insertion: {fixed}");
+    // The text form says the same.
+    let r = s.ok("perch", &["bundle", "diff", "v1-cdc.perch", "v2-cdc.perch"]);
+    assert!(r.stdout.contains(&format!("{} of {} chunks", cdc["fetched"], cdc["chunks"])), "{}", r.stdout);
+}

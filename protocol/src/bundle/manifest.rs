@@ -71,7 +71,7 @@ pub enum Chunking {
 }
 
 /// Smallest `min` a content-defined chunking may declare.
-pub const MIN_CDC_CHUNK: u32 = 4 * 1024;
+pub const MIN_CDC_CHUNK: u32 = crate::limits::MIN_CHUNK_SIZE;
 
 /// One chunk: how it travels, and what is written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -92,7 +92,9 @@ impl ChunkEntry {
         }
     }
 
-    /// How many bytes are written.
+    /// How many bytes are written (never 0 in a valid manifest, so no
+    /// `is_empty`).
+    #[allow(clippy::len_without_is_empty)]
     pub fn len(&self) -> u32 {
         match self {
             ChunkEntry::Raw { len, .. } | ChunkEntry::Zstd { len, .. } => *len,

@@ -39,7 +39,7 @@ pub use reader::{
     UncheckedChunk, VerifiedBundle, VerifiedManifest,
 };
 pub use verify::verify_file;
-pub use writer::{BundleHead, ManifestBuilder, ManifestParams, ZSTD_LEVELS};
+pub use writer::{build_chunk, BundleHead, ManifestBuilder, ManifestParams, ZSTD_LEVELS};
 
 use crate::keys::SignatureCheckError;
 

@@ -51,6 +51,26 @@ pub struct ManifestBuilder {
     /// Format 2 only.
     whole: Option<Sha256>,
     failed: Option<String>,
+    /// Set for chunks cut by the caller ([`push_chunk`](Self::push_chunk)).
+    chunking: Option<Chunking>,
+}
+
+/// Hashes one chunk and, with a zstd level, compresses it: its manifest
+/// entry, and its compressed bytes if they are what is stored (only when
+/// smaller than the chunk; `None`: the chunk is stored as it is). Each
+/// chunk is one independent frame, so chunks can be built on any thread
+/// and fetched, checked and decompressed alone.
+pub fn build_chunk(raw: &[u8], zstd_level: Option<i32>) -> Result<(ChunkEntry, Option<Vec<u8>>), String> {
+    let hash = Sha256::digest(raw).into();
+    let len = u32::try_from(raw.len()).map_err(|_| format!("a chunk of {} bytes", raw.len()))?;
+    let Some(level) = zstd_level else { return Ok((ChunkEntry::Raw { hash, len }, None)) };
+    let z = zstd::bulk::compress(raw, level).map_err(|e| format!("compressing a chunk: {e}"))?;
+    if z.len() >= raw.len() {
+        return Ok((ChunkEntry::Raw { hash, len }, None));
+    }
+    let stored_len = u32::try_from(z.len()).unwrap_or(u32::MAX);
+    let stored_hash = Sha256::digest(&z).into();
+    Ok((ChunkEntry::Zstd { stored_hash, stored_len, hash, len }, Some(z)))
 }
 
 impl ManifestBuilder {
@@ -83,7 +103,22 @@ impl ManifestBuilder {
             chunks: Vec::new(),
             whole,
             failed: None,
+            chunking: None,
         })
+    }
+
+    /// Adds a chunk the caller cut (fixed or content-defined, as
+    /// `chunking` says) and built with [`build_chunk`]; the caller stores
+    /// its bytes. Format 3 only, and not mixed with [`update`](Self::update).
+    pub fn push_chunk(&mut self, chunking: Chunking, entry: ChunkEntry) -> Result<(), BundleError> {
+        if self.whole.is_some() || self.in_chunk > 0 || self.chunking.is_some_and(|c| c != chunking) {
+            return Err(BundleError::InvalidManifest(
+                "chunks cut by the caller need format 3 and one chunking".into(),
+            ));
+        }
+        self.chunking = Some(chunking);
+        self.chunks.push(entry);
+        Ok(())
     }
 
     pub fn update(&mut self, mut data: &[u8]) {
@@ -119,25 +154,18 @@ impl ManifestBuilder {
         // in_chunk <= chunk_size <= MAX_CHUNK_SIZE, a u32.
         let len = u32::try_from(self.in_chunk).unwrap_or(u32::MAX);
         self.in_chunk = 0;
-        let Some(level) = self.params.zstd_level else {
+        if self.params.zstd_level.is_none() {
             self.chunks.push(ChunkEntry::Raw { hash, len });
             return;
-        };
+        }
         let raw = std::mem::take(&mut self.raw);
-        match zstd::bulk::compress(&raw, level) {
-            // Kept compressed only if that saves something.
-            Ok(z) if z.len() < raw.len() => {
-                let stored_len = u32::try_from(z.len()).unwrap_or(u32::MAX);
-                let stored_hash = Sha256::digest(&z).into();
-                self.chunks.push(ChunkEntry::Zstd { stored_hash, stored_len, hash, len });
-                self.stored.extend_from_slice(&z);
-            }
-            Ok(_) => {
-                self.chunks.push(ChunkEntry::Raw { hash, len });
-                self.stored.extend_from_slice(&raw);
+        match build_chunk(&raw, self.params.zstd_level) {
+            Ok((entry, z)) => {
+                self.chunks.push(entry);
+                self.stored.extend_from_slice(z.as_deref().unwrap_or(&raw));
             }
             Err(e) => {
-                self.failed.get_or_insert(format!("compressing chunk {}: {e}", self.chunks.len()));
+                self.failed.get_or_insert(format!("chunk {}: {e}", self.chunks.len()));
                 self.chunks.push(ChunkEntry::Raw { hash, len });
             }
         }
@@ -175,7 +203,7 @@ impl ManifestBuilder {
             allow_setid: p.allow_setid,
         };
         let whole = self.whole.map(|w| w.finalize().into());
-        let chunking = Chunking::Fixed { size: p.chunk_size };
+        let chunking = self.chunking.unwrap_or(Chunking::Fixed { size: p.chunk_size });
         let m = Manifest::from_parts(release, p.format, chunking, self.chunks, whole)
             .map_err(BundleError::InvalidManifest)?;
         Ok((m, last))
