@@ -187,8 +187,12 @@ enum BundleCommand {
     /// NEW (chunks whose bytes it already has are read from its slot).
     /// Reads both heads without verifying them.
     Diff {
+        /// The bundle the device runs.
         old: PathBuf,
+        /// The bundle it is to install.
         new: PathBuf,
+        /// One JSON document: chunks, reused, fetched, reused_bytes,
+        /// fetched_bytes, full_bytes.
         #[arg(long)]
         json: bool,
     },

@@ -1002,3 +1002,73 @@ fn delta_install_reads_unchanged_chunks_from_the_running_slot_and_checks_each() 
         assert_eq!(d.slot_bytes(target, LEN), v, "{damage}");
     }
 }
+
+/// Validly signed compressed chunks whose signed sizes lie: refused with
+/// exit 3 before any byte reaches a slot, whichever way they lie.
+#[test]
+fn signed_compressed_chunks_whose_sizes_lie_exit_3_before_a_write() {
+    use perch_protocol::bundle::{build_chunk, ChunkEntry, Chunking};
+    const N: usize = 16 * 1024;
+    let data: Vec<u8> = (0..N).map(|i| (i / 100) as u8).collect();
+    let (entry, frame) = build_chunk(&data, Some(3)).unwrap();
+    let frame = frame.expect("compressible");
+    let ChunkEntry::Zstd { stored_hash, stored_len, hash, .. } = entry else { panic!("not compressed") };
+    let hash_of = |b: &[u8]| *build_chunk(b, None).unwrap().0.hash();
+    let junk = [frame.clone(), vec![0xAA; 5]].concat();
+    let lying =
+        |len: usize, hash: [u8; 32]| ChunkEntry::Zstd { stored_hash, stored_len, hash, len: len as u32 };
+    type Case = (&'static str, ChunkEntry, Vec<u8>);
+    let cases: [Case; 3] = [
+        // Decompresses to more than the signed length (a bomb, in small).
+        ("more than stated", lying(N - 100, hash_of(&data[..N - 100])), frame.clone()),
+        // To fewer bytes than stated.
+        ("fewer than stated", lying(N + 100, hash), frame.clone()),
+        // Signed stored bytes with junk after the frame.
+        (
+            "junk after the frame",
+            ChunkEntry::Zstd {
+                stored_hash: hash_of(&junk),
+                stored_len: junk.len() as u32,
+                hash,
+                len: N as u32,
+            },
+            junk.clone(),
+        ),
+    ];
+    for (what, entry, stored) in cases {
+        let d = Device::new(Backend::Uboot);
+        let chunking = Chunking::Fixed { size: entry.len() };
+        d.signed_chunks_bundle("bad.perch", 2, chunking, vec![entry], &stored);
+        let trace = d.path("trace");
+        let r = d.agent_env(&["install", "bad.perch"], &[("PERCH_TRACE", trace.to_str().unwrap())]);
+        assert_eq!(r.code, 3, "{what}: {} {}", r.stdout, r.stderr);
+        assert!(r.stderr.contains("do not decompress to its signed length"), "{what}: {}", r.stderr);
+        assert_eq!(r.stderr.lines().count(), 1, "{what}: {}", r.stderr);
+        let traced = fs::read_to_string(&trace).unwrap_or_default();
+        assert!(!traced.lines().any(|l| l.starts_with("write ")), "{what}: a chunk was written: {traced}");
+        assert_eq!(d.slot_bytes("b", SLOT_SIZE), vec![0u8; SLOT_SIZE], "{what}: slot b was written");
+        assert_eq!(d.slot_bytes("a", SLOT_SIZE), old_image(), "{what}: the running slot changed");
+        // `perch-agent check` refuses it the same way.
+        let c = d.agent(&["check", "--trust", "org/trust.doc", "bad.perch"]);
+        assert_eq!(c.code, 3, "{what}: check: {}", c.stderr);
+    }
+}
+
+/// Bundles built for agents older than format 3 still install, and a delta
+/// from a format-2 release to a format-3 one reuses its chunks.
+#[test]
+fn format_2_bundles_still_install_and_serve_as_a_delta_source() {
+    let mut d = Device::new(Backend::Uboot);
+    let v2 = perch_tests::device::new_image(5, LEN);
+    fs::write(d.path("v2.payload"), &v2).unwrap();
+    d.build("v2.perch", 2, "image", "v2.payload", 16 * 1024, &["--format", "2"]);
+    let inspect = d.s.ok("perch", &["bundle", "inspect", "--json", "v2.perch"]);
+    assert!(inspect.stdout.contains("\"format\":2"), "{}", inspect.stdout);
+    install_and_commit(&mut d, "v2.perch");
+    assert_eq!(d.slot_bytes("b", LEN), v2);
+    let v3 = changed(&v2, 3 * 16 * 1024, 10);
+    build_image(&d, "v3.perch", 3, &v3);
+    let out = install_and_commit(&mut d, "v3.perch");
+    assert!(out.contains("18 of 19 chunks are on slot b"), "{out}");
+    assert_eq!(d.slot_bytes("a", LEN), v3);
+}

@@ -23,9 +23,10 @@ pub fn run(args: &[String]) -> Result<()> {
         Some("footprint") => crate::bench_footprint::run(&args[1..]),
         Some("site") => crate::bench_site::run(&args[1..]),
         Some("fleet") => crate::bench_fleet::run(&args[1..]),
+        Some("delta") => crate::bench_delta::run(&args[1..]),
         Some("smoke") if args.len() == 1 => crate::bench_smoke::run(),
         _ => bail!(
-            "usage: cargo xtask bench verify|install [--size-mib N] | enroll [--devices N] | link [--records N] [--bundle-mib N] | cluster [--records N] [--devices N] | footprint [--seconds N] | site [--drones N] [--bundle-mib M] | fleet [--devices N] [--servers 1|3] [--agents K] [--chunk-share F] [--bundle-kib K] | smoke"
+            "usage: cargo xtask bench verify|install [--size-mib N] | enroll [--devices N] | link [--records N] [--bundle-mib N] | cluster [--records N] [--devices N] | footprint [--seconds N] | site [--drones N] [--bundle-mib M] | fleet [--devices N] [--servers 1|3] [--agents K] [--chunk-share F] [--bundle-kib K] | delta [--image-mib N] | smoke"
         ),
     }
 }
@@ -98,38 +99,75 @@ fn verify(args: &[String]) -> Result<()> {
     let (dir, perch) = (f.dir.clone(), f.bin.join("perch"));
     step(&format!("bench verify: best of {RUNS} runs each, files in page cache"));
     let bytes = (mib << 20) as f64;
-    let sha256sum = best(&dir, Command::new("sha256sum").arg("payload.img"))?;
-    let openssl = best(&dir, Command::new("openssl").args(["dgst", "-sha256", "payload.img"]))?;
-    let verify =
-        best(&dir, Command::new(&perch).args(["bundle", "verify", "--trust", "org/trust.doc", "b.perch"]))?;
+    let sha256sum = best_cpu(&dir, Command::new("sha256sum").arg("payload.img"))?;
+    let openssl = best_cpu(&dir, Command::new("openssl").args(["dgst", "-sha256", "payload.img"]))?;
+    let verify = best_cpu(
+        &dir,
+        Command::new(&perch).args(["bundle", "verify", "--trust", "org/trust.doc", "b.perch"]),
+    )?;
     let rate = |d: Duration| bytes / d.as_secs_f64() / 1e6;
-    println!("{:<28} {:>10} {:>12}", "command", "seconds", "MB/s");
-    for (name, d) in
+    println!("{:<28} {:>10} {:>12} {:>12}", "command", "seconds", "MB/s", "CPU seconds");
+    for (name, (d, cpu)) in
         [("sha256sum", sha256sum), ("openssl dgst -sha256", openssl), ("perch bundle verify", verify)]
     {
-        println!("{name:<28} {:>10.3} {:>12.0}", d.as_secs_f64(), rate(d));
+        println!("{name:<28} {:>10.3} {:>12.0} {:>12.3}", d.as_secs_f64(), rate(d), cpu.as_secs_f64());
     }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!();
-    println!("verify / openssl   = {:.2}x  (goal >= 0.90)", rate(verify) / rate(openssl));
-    println!("verify / sha256sum = {:.2}x", rate(verify) / rate(sha256sum));
-    println!("(perch verify checks every chunk hash, the whole-payload hash and 2 signatures)");
+    println!(
+        "verify / openssl   = {:.2}x  (goal >= 1.80 on 2 cores; this machine has {cores})",
+        rate(verify.0) / rate(openssl.0)
+    );
+    println!(
+        "verify CPU / openssl CPU = {:.2}  (goal <= 1.10: each byte hashed once)",
+        verify.1.as_secs_f64() / openssl.1.as_secs_f64()
+    );
+    println!("verify / sha256sum = {:.2}x", rate(verify.0) / rate(sha256sum.0));
+    println!("(perch verify checks every chunk hash on every core, and 2 signatures)");
     fs::remove_dir_all(&dir)?;
     Ok(())
 }
 
-fn best(dir: &std::path::Path, cmd: &mut Command) -> Result<Duration> {
+/// The fastest of [`RUNS`] runs (after one untimed), with the CPU time
+/// (user + system) that run took, from `wait4`'s resource usage.
+fn best_cpu(dir: &std::path::Path, cmd: &mut Command) -> Result<(Duration, Duration)> {
     cmd.current_dir(dir).stdout(Stdio::null());
-    let mut timed = Vec::with_capacity(RUNS);
-    // One untimed run first, so every timed run reads from the page cache.
-    for _ in 0..=RUNS {
+    let mut best = (Duration::MAX, Duration::ZERO);
+    let hz = clock_ticks()?;
+    for round in 0..=RUNS {
+        let before = children_cpu(hz)?;
         let t = Instant::now();
         let st = cmd.status()?;
-        timed.push(t.elapsed());
+        let took = t.elapsed();
+        let cpu = children_cpu(hz)?.saturating_sub(before);
         if !st.success() {
             bail!("{} failed", crate::util::show(cmd));
         }
+        if round > 0 && took < best.0 {
+            best = (took, cpu);
+        }
     }
-    Ok(timed[1..].iter().copied().min().unwrap_or_default())
+    Ok(best)
+}
+
+/// User + system CPU time of this process's waited-for children so far,
+/// from `/proc/self/stat` (cutime and cstime, in clock ticks).
+fn children_cpu(hz: f64) -> Result<Duration> {
+    let stat = fs::read_to_string("/proc/self/stat")?;
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).context("/proc/self/stat")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // cutime and cstime are fields 16 and 17 of the whole line: 13 and 14 here.
+    let ticks = |i: usize| -> Result<u64> {
+        fields.get(i).context("/proc/self/stat")?.parse().context("/proc/self/stat")
+    };
+    Ok(Duration::from_secs_f64((ticks(13)? + ticks(14)?) as f64 / hz))
+}
+
+/// The kernel's clock ticks per second (`getconf CLK_TCK`).
+fn clock_ticks() -> Result<f64> {
+    let out = Command::new("getconf").arg("CLK_TCK").output()?;
+    String::from_utf8_lossy(&out.stdout).trim().parse().context("getconf CLK_TCK")
 }
 
 /// `cargo xtask bench install`: `perch-agent install` of an image bundle into

