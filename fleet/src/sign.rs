@@ -41,7 +41,8 @@ pub fn sign_file(path: &Path, key: &SecretKey) -> Result<SignOutcome, SignError>
         let io = |e| bundle_err(BundleError::Io(e));
         head.write_to(&mut w).map_err(io)?;
         let mut buf = Vec::new();
-        while payload.read_chunk(&mut buf).map_err(bundle_err)?.is_some() {
+        // As stored: a compressed chunk stays compressed.
+        while payload.read_stored_checked(&mut buf).map_err(bundle_err)?.is_some() {
             w.write_all(&buf).map_err(io)?;
         }
         w.flush().map_err(io)

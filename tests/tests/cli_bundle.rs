@@ -607,3 +607,46 @@ fn content_defined_chunks_keep_an_insertion_delta_small() {
     let r = s.ok("perch", &["bundle", "diff", "v1-cdc.perch", "v2-cdc.perch"]);
     assert!(r.stdout.contains(&format!("{} of {} chunks", cdc["fetched"], cdc["chunks"])), "{}", r.stdout);
 }
+
+/// A compressed bundle signed twice keeps its compressed payload: it
+/// verifies, installs its bytes, and is the size `inspect` says.
+#[test]
+fn a_compressed_bundle_survives_signing_and_verifies() {
+    let s = Scratch::new();
+    s.org(2, 2);
+    // Compressible, like a real image: runs of bytes.
+    let payload: Vec<u8> = (0..3_000_000u32).map(|i| (i / 4000) as u8).collect();
+    fs::write(s.path("img"), &payload).unwrap();
+    s.ok(
+        "perch",
+        &[
+            "bundle",
+            "build",
+            "--name",
+            "app",
+            "--counter",
+            "5",
+            "--kind",
+            "image",
+            "--input",
+            "img",
+            "--out",
+            "c.perch",
+        ]
+        .into_iter()
+        .chain(["--compress", "zstd:19", "--chunk-size", "65536"])
+        .collect::<Vec<_>>(),
+    );
+    let unsigned = fs::metadata(s.path("c.perch")).unwrap().len();
+    for k in ["k1.key", "k2.key"] {
+        s.ok("perch", &["bundle", "sign", "--key", k, "c.perch"]);
+    }
+    let v: serde_json::Value =
+        serde_json::from_str(&s.ok("perch", &["bundle", "inspect", "--json", "c.perch"]).stdout).unwrap();
+    let stored = v["stored_len"].as_u64().unwrap();
+    assert!(stored < payload.len() as u64 / 20, "{v}");
+    let signed = fs::metadata(s.path("c.perch")).unwrap().len();
+    assert!(signed < unsigned + 1024, "signing grew the bundle from {unsigned} to {signed}");
+    s.ok("perch", &["bundle", "verify", "--trust", "org/trust.doc", "c.perch"]);
+    s.ok("perch-agent", &["check", "--trust", "org/trust.doc", "c.perch"]);
+}

@@ -348,6 +348,23 @@ impl<R: Read> ChunkStream<R> {
     pub fn read_chunk(&mut self, buf: &mut Vec<u8>) -> Result<Option<u32>, BundleError> {
         read_checked(&mut self.r, &self.manifest, &mut self.next, buf)
     }
+
+    /// Reads the next chunk's stored bytes into `buf`, as they are to be
+    /// written back (compressed, if they are), after every check
+    /// [`read_chunk`](Self::read_chunk) makes: the stored hash, and for a
+    /// compressed chunk its decompressed length and hash. What a re-signer
+    /// copies, so that a damaged chunk is never signed.
+    pub fn read_stored_checked(&mut self, buf: &mut Vec<u8>) -> Result<Option<u32>, BundleError> {
+        let m = &self.manifest;
+        let Some(index) = read_stored(&mut self.r, m, &mut self.next, buf)? else { return Ok(None) };
+        if let Some(entry) = m.chunk(index).filter(|e| e.is_compressed()) {
+            let count = m.chunk_count();
+            let data = super::decompress::chunk(buf, entry.len() as usize)
+                .map_err(|detail| BundleError::Decompress { index, count, detail })?;
+            m.check_chunk(index, &data)?;
+        }
+        Ok(Some(index))
+    }
 }
 
 /// Whole-payload SHA-256, kept apart from chunk reading so that it can run
