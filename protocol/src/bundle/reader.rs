@@ -281,9 +281,7 @@ impl VerifiedManifest {
             }
             ChunkEntry::Zstd { .. } => {
                 check_stored(entry, index, count, &chunk.data)?;
-                let data = super::decompress::chunk(&chunk.data, entry.len() as usize)
-                    .map_err(|detail| BundleError::Decompress { index, count, detail })?;
-                self.check_chunk(index, &data)?;
+                let data = decode_checked(m, index, &chunk.data)?;
                 Ok(CheckedChunk { index, data })
             }
         }
@@ -357,11 +355,8 @@ impl<R: Read> ChunkStream<R> {
     pub fn read_stored_checked(&mut self, buf: &mut Vec<u8>) -> Result<Option<u32>, BundleError> {
         let m = &self.manifest;
         let Some(index) = read_stored(&mut self.r, m, &mut self.next, buf)? else { return Ok(None) };
-        if let Some(entry) = m.chunk(index).filter(|e| e.is_compressed()) {
-            let count = m.chunk_count();
-            let data = super::decompress::chunk(buf, entry.len() as usize)
-                .map_err(|detail| BundleError::Decompress { index, count, detail })?;
-            m.check_chunk(index, &data)?;
+        if m.chunk(index).is_some_and(ChunkEntry::is_compressed) {
+            decode_checked(m, index, buf)?;
         }
         Ok(Some(index))
     }
@@ -461,14 +456,22 @@ fn read_checked<R: Read>(
     buf: &mut Vec<u8>,
 ) -> Result<Option<u32>, BundleError> {
     let Some(index) = read_stored(r, m, next, buf)? else { return Ok(None) };
-    if let Some(entry) = m.chunk(index).filter(|e| e.is_compressed()) {
-        let count = m.chunk_count();
-        let data = super::decompress::chunk(buf, entry.len() as usize)
-            .map_err(|detail| BundleError::Decompress { index, count, detail })?;
-        m.check_chunk(index, &data)?;
-        *buf = data;
+    if m.chunk(index).is_some_and(ChunkEntry::is_compressed) {
+        *buf = decode_checked(m, index, buf)?;
     }
     Ok(Some(index))
+}
+
+/// Decompresses compressed chunk `index`, whose stored bytes already
+/// matched their signed hash, into exactly its signed length, and compares
+/// the result with its signed hash: the one way any reader decodes a chunk.
+pub(super) fn decode_checked(m: &Manifest, index: u32, stored: &[u8]) -> Result<Vec<u8>, BundleError> {
+    let count = m.chunk_count();
+    let entry = m.chunk(index).ok_or(BundleError::ChunkOutOfRange { index, count })?;
+    let data = super::decompress::chunk(stored, entry.len() as usize)
+        .map_err(|detail| BundleError::Decompress { index, count, detail })?;
+    m.check_chunk(index, &data)?;
+    Ok(data)
 }
 
 /// Reads chunk `*next`'s stored bytes, hashing them as they arrive, and

@@ -104,9 +104,7 @@ fn check_at(file: &File, start: u64, m: &Manifest, index: u32, buf: &mut Vec<u8>
         return Err(BundleError::ChunkMismatch { index, count });
     }
     if entry.is_compressed() {
-        let data = super::decompress::chunk(buf, entry.len() as usize)
-            .map_err(|detail| BundleError::Decompress { index, count, detail })?;
-        m.check_chunk(index, &data)?;
+        super::reader::decode_checked(m, index, buf)?;
     }
     Ok(())
 }
