@@ -194,20 +194,7 @@ fn install(args: &[String]) -> Result<()> {
             "status=none",
         ]))?;
     }
-    fs::write(dir.join("cmdline"), "perch.slot=a\n")?;
-    fs::write(dir.join("boot_id"), "bench\n")?;
-    let p = |f: &str| dir.join(f).display().to_string();
-    fs::write(
-        dir.join("agent.toml"),
-        format!(
-            "target = \"bench\"\ntrust = \"{}\"\nboot_id = \"{}\"\n[slots]\nbackend = \"uboot\"\ndevices = {{ a = \"{}\", b = \"{}\" }}\nfw_env_config = \"{}\"\ncmdline = \"{}\"\n",
-            p("org/trust.doc"), p("boot_id"), p("a.img"), p("b.img"), p("fw_env.config"), p("cmdline")
-        ),
-    )?;
-    let reset = |dir: &std::path::Path| -> Result<()> {
-        let _ = fs::remove_dir_all(dir.join("state"));
-        crate::util::fresh_uboot_env(dir, "perch_slot=a\nbootlimit=3\n")
-    };
+    crate::util::bench_uboot_device(&dir)?;
     step(&format!(
         "bench install: best of {RUNS} rounds, the three interleaved, payload and bundle in page cache"
     ));
@@ -241,7 +228,7 @@ fn install(args: &[String]) -> Result<()> {
         };
         let a = timed(&mut dd_cmd)?;
         let b = timed(&mut direct_cmd)?;
-        reset(&dir)?;
+        crate::util::reset_bench_uboot_device(&dir)?;
         let c = timed(&mut install_cmd)?;
         if round > 0 {
             dd = dd.min(a);

@@ -307,16 +307,7 @@ fn install_vs_dd(dir: &Path, agent: &Path, qemu: Option<&str>) -> Result<Timed> 
         fs::write(dir.join(slot), b"")?;
         fs::File::options().write(true).open(dir.join(slot))?.set_len(len)?;
     }
-    fs::write(dir.join("cmdline"), "perch.slot=a\n")?;
-    fs::write(dir.join("boot_id"), "bench\n")?;
-    let p = |f: &str| dir.join(f).display().to_string();
-    fs::write(
-        dir.join("agent.toml"),
-        format!(
-            "target = \"bench\"\ntrust = \"{}\"\nboot_id = \"{}\"\n[slots]\nbackend = \"uboot\"\ndevices = {{ a = \"{}\", b = \"{}\" }}\nfw_env_config = \"{}\"\ncmdline = \"{}\"\n",
-            p("org/trust.doc"), p("boot_id"), p("a.img"), p("b.img"), p("fw_env.config"), p("cmdline")
-        ),
-    )?;
+    crate::util::bench_uboot_device(dir)?;
     let mut install = match qemu {
         Some(q) => {
             let mut c = Command::new(q);
@@ -341,8 +332,7 @@ fn install_vs_dd(dir: &Path, agent: &Path, qemu: Option<&str>) -> Result<Timed> 
             Ok(took)
         };
         let a = timed(&mut dd)?;
-        let _ = fs::remove_dir_all(dir.join("state"));
-        crate::util::fresh_uboot_env(dir, "perch_slot=a\nbootlimit=3\n")?;
+        crate::util::reset_bench_uboot_device(dir)?;
         let b = timed(&mut install)?;
         if round > 0 {
             best_dd = best_dd.min(a);

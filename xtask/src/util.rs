@@ -116,6 +116,30 @@ pub fn build_host_tools() -> Result<()> {
     sh(cargo().args(["build", "-q", "--bins", "-p", "perch-fleet", "-p", "perch-bootstrap"]))
 }
 
+/// The benches' install target in `dir`: `agent.toml` for a U-Boot device
+/// whose slots are the files `a.img` and `b.img` there, trusting
+/// `org/trust.doc`, running slot a.
+pub fn bench_uboot_device(dir: &Path) -> Result<()> {
+    std::fs::write(dir.join("cmdline"), "perch.slot=a\n")?;
+    std::fs::write(dir.join("boot_id"), "bench\n")?;
+    let p = |f: &str| dir.join(f).display().to_string();
+    std::fs::write(
+        dir.join("agent.toml"),
+        format!(
+            "target = \"bench\"\ntrust = \"{}\"\nboot_id = \"{}\"\n[slots]\nbackend = \"uboot\"\ndevices = {{ a = \"{}\", b = \"{}\" }}\nfw_env_config = \"{}\"\ncmdline = \"{}\"\n",
+            p("org/trust.doc"), p("boot_id"), p("a.img"), p("b.img"), p("fw_env.config"), p("cmdline")
+        ),
+    )?;
+    Ok(())
+}
+
+/// Puts the bench device back before an install: no state, a fresh U-Boot
+/// environment booting slot a.
+pub fn reset_bench_uboot_device(dir: &Path) -> Result<()> {
+    let _ = std::fs::remove_dir_all(dir.join("state"));
+    fresh_uboot_env(dir, "perch_slot=a\nbootlimit=3\n")
+}
+
 /// A fresh file-backed U-Boot environment in `dir` (`env`, described by
 /// `fw_env.config`), set by the real `fw_setenv` from `defenv` with
 /// `perch_slot=a`.
