@@ -12,7 +12,8 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 
 use perch_protocol::bundle::{
-    BundleError, BundleReader, CheckedChunk, UncheckedChunk, VerifiedBundle, VerifiedManifest,
+    BundleError, BundleReader, Checked, CheckedChunk, UncheckedChunk, VerifiedBundle, VerifiedManifest,
+    Window,
 };
 use perch_support::now_unix;
 use perch_support::trustfile::LoadTrustError;
@@ -29,6 +30,7 @@ use crate::journal::{
 };
 use crate::progress::Progress;
 use crate::recovery::{self, Problem, Recovered};
+use crate::sequencer;
 use crate::slots::{self, SlotBackend, SlotError, Staged, Switch};
 use crate::{health, inhibit, statefile};
 
@@ -325,7 +327,11 @@ impl Engine {
             // cheap, fetching again is not) and resume at the first chunk
             // that is not there intact. Chunks written after the last
             // checkpoint count too, so a crash costs no download.
-            let from_chunk = if same_bundle { self.intact_prefix(reader.manifest(), slot)? } else { 0 };
+            let (from_chunk, window) = if same_bundle {
+                self.intact_prefix(reader.manifest(), slot)?
+            } else {
+                (0, Window::starting_at(reader.manifest().manifest(), 0))
+            };
             if self.backend.next_boot()? == Some(slot) {
                 // The bootloader would boot the slot about to be overwritten
                 // (a fallback it made by itself): pin the running slot first.
@@ -343,7 +349,7 @@ impl Engine {
                     .note(&format!("resuming {bundle} at chunk {from_chunk} of {}", bundle.chunk_count));
             }
             let local = self.running_chunks(booted, from_chunk < bundle.chunk_count);
-            if let Err(e) = self.stage(&mut reader, &bundle, slot, from_chunk, local.as_ref()) {
+            if let Err(e) = self.stage(&mut reader, &bundle, slot, window, local.as_ref()) {
                 // Named by the bundle's path before it becomes the reason:
                 // stage() does not know it.
                 let e = match e {
@@ -378,22 +384,40 @@ impl Engine {
         }
     }
 
-    /// How many chunks, from the first, read back from `slot` intact.
-    fn intact_prefix(&self, m: &VerifiedManifest, slot: SlotId) -> Result<u32, DeployError> {
+    /// How many chunks, from the first, read back from `slot` intact, and
+    /// the window of the last of them (what a linked chunk after them is
+    /// decoded against; empty for a bundle without linked chunks).
+    fn intact_prefix(&self, m: &VerifiedManifest, slot: SlotId) -> Result<(u32, Window), DeployError> {
         let count = m.manifest().chunk_count();
-        let Ok(mut back) = self.backend.read_back(slot, m.manifest().payload_len()) else { return Ok(0) };
+        let mut window = Window::starting_at(m.manifest(), 0);
+        let Ok(mut back) = self.backend.read_back(slot, m.manifest().payload_len()) else {
+            return Ok((0, window));
+        };
         let mut buf = Vec::new();
         for index in 0..count {
             buf.resize(m.manifest().chunk_len(index), 0);
-            if back.read_exact(&mut buf).is_err() || m.check_chunk(index, &buf).is_err() {
-                if index > 0 {
-                    self.progress
-                        .note(&format!("chunks 0..{index} on slot {slot} are intact; staging from there"));
+            let intact = match back.read_exact(&mut buf) {
+                Ok(()) => m.check_written(index, std::mem::take(&mut buf)).map_err(|(_, b)| b),
+                Err(_) => Err(std::mem::take(&mut buf)),
+            };
+            match intact {
+                Ok(chunk) => {
+                    window
+                        .push(&chunk)
+                        .map_err(|source| DeployError::Bundle { path: PathBuf::new(), source })?;
+                    buf = chunk.into_buffer();
                 }
-                return Ok(index);
+                Err(_) => {
+                    if index > 0 {
+                        self.progress.note(&format!(
+                            "chunks 0..{index} on slot {slot} are intact; staging from there"
+                        ));
+                    }
+                    return Ok((index, window));
+                }
             }
         }
-        Ok(count)
+        Ok((count, window))
     }
 
     /// The checks on a verified manifest before anything is written.
@@ -447,9 +471,11 @@ impl Engine {
         reader: &mut VerifiedBundle<R>,
         bundle: &BundleRef,
         slot: SlotId,
-        from_chunk: u32,
+        window: Window,
         local: Option<&LocalChunks>,
     ) -> Result<(), DeployError> {
+        // The window holds the chunks before the first one to stage.
+        let from_chunk = window.next();
         // Where each chunk goes in the slot (the running sums of the signed
         // lengths), and where the progress resumes.
         let layout = Arc::new(reader.manifest().manifest().clone());
@@ -487,10 +513,11 @@ impl Engine {
         let (checkpoint, count) = (self.cfg.checkpoint_bytes, bundle.chunk_count);
 
         let manifest = Arc::new(reader.manifest().clone());
+        let (onward, sequencer) = sequencer::onward(manifest.clone(), window, checked_tx, abort.clone());
         let hashers: Vec<_> = (0..HASHERS)
             .map(|_| {
                 let (rx, tx, manifest, abort) =
-                    (raw_rx.clone(), checked_tx.clone(), manifest.clone(), abort.clone());
+                    (raw_rx.clone(), onward.clone(), manifest.clone(), abort.clone());
                 thread::spawn(move || -> Result<(), BundleError> {
                     loop {
                         let next = rx
@@ -501,16 +528,15 @@ impl Engine {
                         let checked =
                             manifest.check(chunk).inspect_err(|_| abort.store(true, Ordering::SeqCst))?;
                         hit("chunk-verified");
-                        if tx.send(checked).is_err() {
+                        if !tx.send(checked)? {
                             return Ok(());
                         }
                     }
                 })
             })
             .collect();
-        // Chunks taken from the device go straight to the writer.
-        let local_tx = checked_tx.clone();
-        drop(checked_tx);
+        // Chunks taken from the device go on as the hashers' do.
+        let local_tx = onward;
         // Only the hashers hold the receiver: once they stop, sends fail.
         drop(raw_rx);
 
@@ -571,34 +597,41 @@ impl Engine {
                     break;
                 }
                 let mut buf = spare_rx.try_recv().unwrap_or_default();
-                if let (Some(l), Some(offset)) = (local, at) {
-                    // Checked against the new manifest here; a chunk that
-                    // is not what the record said is fetched instead.
-                    let len = layout.chunk(index).map_or(0, |c| c.len());
-                    let read = l.read(offset, len, &mut buf);
-                    hit("chunk-reused");
-                    let checked = match read {
-                        Ok(()) => manifest.check_written(index, buf).map_err(|e| e.1),
-                        Err(_) => Err(buf),
-                    };
-                    match checked {
-                        Ok(checked) => {
-                            transfer.reused_bytes += u64::from(len);
-                            transfer.reused_chunks += 1;
-                            if local_tx.send(checked).is_err() {
-                                return Ok(()); // the writer stopped; its error is reported below
+                // `Some(buf)`: still to fetch, into `buf`.
+                let to_fetch = match (local, at) {
+                    (Some(l), Some(offset)) => {
+                        // Checked against the new manifest here; a chunk that
+                        // is not what the record said is fetched instead.
+                        let len = layout.chunk(index).map_or(0, |c| c.len());
+                        let read = l.read(offset, len, &mut buf);
+                        hit("chunk-reused");
+                        let checked = match read {
+                            Ok(()) => manifest.check_written(index, buf).map_err(|e| e.1),
+                            Err(_) => Err(buf),
+                        };
+                        match checked {
+                            Ok(checked) => {
+                                transfer.reused_bytes += u64::from(len);
+                                transfer.reused_chunks += 1;
+                                if !local_tx.send(Checked::Written(checked)).map_err(bundle_err)? {
+                                    return Ok(()); // the writer stopped; its error is reported below
+                                }
+                                None
                             }
-                            continue;
+                            Err(back) => Some(back),
                         }
-                        Err(back) => buf = back,
+                    }
+                    _ => Some(buf),
+                };
+                if let Some(buf) = to_fetch {
+                    let chunk = reader.read_unchecked_at(index, buf).map_err(bundle_err)?;
+                    transfer.fetched_bytes += layout.chunk(index).map_or(0, |c| u64::from(c.stored_len()));
+                    transfer.fetched_chunks += 1;
+                    if raw_tx.send(chunk).is_err() {
+                        return Ok(()); // the hashers stopped; their error is reported below
                     }
                 }
-                let chunk = reader.read_unchecked_at(index, buf).map_err(bundle_err)?;
-                transfer.fetched_bytes += layout.chunk(index).map_or(0, |c| u64::from(c.stored_len()));
-                transfer.fetched_chunks += 1;
-                if raw_tx.send(chunk).is_err() {
-                    return Ok(()); // the hashers stopped; their error is reported below
-                }
+                // Reused chunks move the progress too.
                 let staged_bytes = resumed_bytes + written_bytes.load(Ordering::Relaxed);
                 progress.set(staged_bytes);
                 let done = layout.chunk_at_written(staged_bytes).unwrap_or(count);
@@ -616,7 +649,8 @@ impl Engine {
         // Join every thread before looking at any result, so none outlives
         // this call (a late syncer must not overwrite the journal).
         let join_err = |what: &str| DeployError::Nothing(format!("{what} thread panicked"));
-        let hashed: Vec<_> = hashers.into_iter().map(|h| h.join()).collect();
+        let mut hashed: Vec<_> = hashers.into_iter().map(|h| h.join()).collect();
+        hashed.extend(sequencer.map(|h| h.join()));
         let written = write_thread.join().map_err(|_| join_err("slot writer"));
         let synced = sync_thread.join().map_err(|_| join_err("slot syncer")).and_then(|r| r);
         let mut hashed_ok = Ok(());

@@ -32,6 +32,7 @@ pub mod outbox;
 pub mod progress;
 pub mod recovery;
 pub mod reports;
+pub mod sequencer;
 pub mod service;
 pub mod slots;
 pub mod statefile;

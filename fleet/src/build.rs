@@ -5,7 +5,7 @@ use std::io::{self, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
 use perch_protocol::bundle::{
-    build_chunk, check_archive, ArchivePolicy, BundleError, BundleHead, ChunkEntry, Chunking, Format,
+    build_linked_chunk, check_archive, ArchivePolicy, BundleError, BundleHead, ChunkEntry, Chunking, Format,
     Manifest, ManifestBuilder, ManifestParams, PayloadKind, MIN_CDC_CHUNK,
 };
 use perch_protocol::limits::MAX_CHUNK_SIZE;
@@ -59,9 +59,14 @@ impl Cut {
 
 /// Builds an unsigned bundle at `out` from `input` (a file for `image`, a
 /// directory for `archive`). The output appears atomically, or not at all.
+///
+/// With compression, `window` > 0 links each chunk to the `window` written
+/// bytes before it (see [`ChunkEntry::ZstdLinked`]); 0 makes every chunk
+/// an independent frame.
 pub fn build_bundle(
     params: ManifestParams,
     cut: Cut,
+    window: u32,
     input: &Path,
     out: &Path,
 ) -> Result<Manifest, BuildError> {
@@ -95,7 +100,7 @@ pub fn build_bundle(
     };
     if params.format == Format::V3 {
         let chunking = cut.chunking(params.chunk_size);
-        return build_v3(params, chunking, payload_path, out_dir, out);
+        return build_v3(params, chunking, window, payload_path, out_dir, out);
     }
     if cut != Cut::Fixed {
         return Err(BuildError::InvalidParams("format 2 has fixed-size chunks only".into()));
@@ -122,9 +127,11 @@ pub fn build_bundle(
 /// file beside the output; the head (which needs every chunk's entry)
 /// is written first, then the stored bytes are copied after it. What is
 /// stored is exactly what was hashed, whatever happens to the input.
+/// The last `window` bytes before each batch are kept for linked chunks.
 fn build_v3(
     params: ManifestParams,
     chunking: Chunking,
+    window: u32,
     payload: &Path,
     out_dir: &Path,
     out: &Path,
@@ -140,8 +147,11 @@ fn build_v3(
     let mut stored = BufWriter::with_capacity(READ_PIECE, tmp.as_file());
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut batch: Vec<Vec<u8>> = Vec::with_capacity(2 * threads);
+    let window = if level.is_some() { window } else { 0 };
+    // The payload's last `window` bytes before the batch.
+    let mut history = Vec::new();
     let mut flush = |batch: &mut Vec<Vec<u8>>| -> Result<(), BuildError> {
-        let built = build_batch(batch, level, threads);
+        let built = build_batch(batch, &mut history, level, window, threads);
         for (raw, b) in batch.drain(..).zip(built) {
             let (entry, z) = b.map_err(BuildError::InvalidParams)?;
             builder.push_chunk(chunking, entry).map_err(params_error)?;
@@ -176,26 +186,56 @@ fn build_v3(
     Ok(manifest)
 }
 
-/// A chunk's manifest entry and its compressed bytes (see [`build_chunk`]).
+/// A chunk's manifest entry and its compressed bytes (see [`build_linked_chunk`]).
 type Built = Result<(ChunkEntry, Option<Vec<u8>>), String>;
 
-/// Builds each chunk of `batch` (see [`build_chunk`]) on up to `threads`
-/// threads, in order.
-fn build_batch(batch: &[Vec<u8>], level: Option<i32>, threads: usize) -> Vec<Built> {
-    if batch.len() <= 1 || threads <= 1 {
-        return batch.iter().map(|raw| build_chunk(raw, level)).collect();
+/// Builds each chunk of `batch` (see [`build_linked_chunk`]) on up to
+/// `threads` threads, in order. `history` holds the payload's last
+/// `window` bytes before the batch on entry, and before the next batch on
+/// return.
+fn build_batch(
+    batch: &[Vec<u8>],
+    history: &mut Vec<u8>,
+    level: Option<i32>,
+    window: u32,
+    threads: usize,
+) -> Vec<Built> {
+    // The history and the batch in one buffer, so that each chunk's
+    // prefix is one slice of it.
+    let mut ctx = std::mem::take(history);
+    let mut at = Vec::with_capacity(batch.len());
+    for raw in batch {
+        at.push(ctx.len());
+        if window > 0 {
+            ctx.extend_from_slice(raw);
+        }
     }
-    let per = batch.len().div_ceil(threads);
-    std::thread::scope(|s| {
-        let parts: Vec<_> = batch
-            .chunks(per)
-            .map(|part| s.spawn(move || part.iter().map(|raw| build_chunk(raw, level)).collect::<Vec<_>>()))
-            .collect();
-        parts
-            .into_iter()
-            .flat_map(|h| h.join().unwrap_or_else(|_| vec![Err("a chunk builder thread panicked".into())]))
-            .collect()
-    })
+    let ctx = &ctx;
+    let build = |(raw, &start): (&Vec<u8>, &usize)| {
+        let prefix = if window > 0 { &ctx[start.saturating_sub(window as usize)..start] } else { &[][..] };
+        build_linked_chunk(raw, level, window, prefix)
+    };
+    let built = if batch.len() <= 1 || threads <= 1 {
+        batch.iter().zip(&at).map(build).collect()
+    } else {
+        let per = batch.len().div_ceil(threads);
+        std::thread::scope(|s| {
+            let parts: Vec<_> = batch
+                .chunks(per)
+                .zip(at.chunks(per))
+                .map(|(part, at)| s.spawn(move || part.iter().zip(at).map(build).collect::<Vec<_>>()))
+                .collect();
+            parts
+                .into_iter()
+                .flat_map(|h| {
+                    h.join().unwrap_or_else(|_| vec![Err("a chunk builder thread panicked".into())])
+                })
+                .collect()
+        })
+    };
+    let keep = ctx.len().min(window as usize);
+    *history = ctx[ctx.len() - keep..].to_vec();
+    built
 }
 
 /// The payload cut into chunks as `chunking` says.

@@ -4,8 +4,9 @@
 use std::io::{Cursor, Read};
 
 use perch_protocol::bundle::{
-    check_archive_payload, verify_file, verify_stream, BundleError, BundleHead, BundleReader, ChunkEntry,
-    Chunking, Format, Manifest, ManifestBuilder, ManifestParams, PayloadKind, Release,
+    build_linked_chunk, check_archive_payload, verify_file, verify_stream, BundleError, BundleHead,
+    BundleReader, ChunkEntry, Chunking, Format, Manifest, ManifestBuilder, ManifestParams, PayloadKind,
+    Release, Window, MAX_WINDOW,
 };
 use perch_protocol::trust::{SignedTrust, TrustBody, VerifiedTrust};
 use perch_protocol::SecretKey;
@@ -511,6 +512,126 @@ fn compressed_chunks_whose_signed_sizes_lie_are_refused_before_a_write() {
         assert_eq!(written, 0, "{what}: a chunk reached the sink");
         assert!(verify(&bytes, &t).unwrap_err().is_security(), "{what}: the file check");
     }
+}
+
+/// Random bytes from a seed (xorshift): incompressible by themselves.
+fn noise(len: usize, mut x: u64) -> Vec<u8> {
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// `payload` in `chunk`-byte chunks, each built with [`build_linked_chunk`]
+/// against the `window` bytes before it (0: independent frames): the
+/// manifest's chunks and the stored bytes.
+fn linked_parts(payload: &[u8], chunk: usize, window: u32) -> (Vec<ChunkEntry>, Vec<u8>) {
+    let (mut entries, mut stored) = (Vec::new(), Vec::new());
+    for (i, raw) in payload.chunks(chunk).enumerate() {
+        let start = i * chunk;
+        let prefix = &payload[start.saturating_sub(window as usize)..start];
+        let (entry, z) = build_linked_chunk(raw, Some(3), window, prefix).unwrap();
+        entries.push(entry);
+        stored.extend_from_slice(z.as_deref().unwrap_or(raw));
+    }
+    (entries, stored)
+}
+
+fn linked_bundle(entries: Vec<ChunkEntry>, stored: &[u8], chunk: u32) -> Vec<u8> {
+    let m =
+        Manifest::from_parts(release(), Format::V3, Chunking::Fixed { size: chunk }, entries, None).unwrap();
+    signed(m, &[1], stored)
+}
+
+/// What linking is for: a chunk that repeats bytes from before it (another
+/// copy of a library in an image, say) costs almost nothing, where an
+/// independent frame cannot see the first copy.
+#[test]
+fn linked_chunks_refer_back_and_give_back_their_payload() {
+    let t = trust(1, 1);
+    let block = noise(64 * 1024, 7);
+    let p: Vec<u8> = block.iter().cycle().take(8 * block.len()).copied().collect();
+    let (alone, alone_stored) = linked_parts(&p, 16 * 1024, 0);
+    let (linked, linked_stored) = linked_parts(&p, 16 * 1024, 128 * 1024);
+    assert!(alone.iter().all(|c| c.window() == 0));
+    // The first copy is noise either way; every later chunk refers back.
+    assert!(linked[4..].iter().all(|c| c.window() == 128 * 1024), "{linked:?}");
+    assert!(
+        linked_stored.len() * 4 < alone_stored.len(),
+        "{} vs {}",
+        linked_stored.len(),
+        alone_stored.len()
+    );
+    let bytes = linked_bundle(linked, &linked_stored, 16 * 1024);
+    assert_eq!(verify(&bytes, &t).unwrap(), p);
+}
+
+/// A linked chunk decoded against anything but the checked chunks just
+/// before it is refused, and nothing reaches the sink.
+#[test]
+fn a_linked_chunk_is_decoded_only_against_the_checked_chunks_before_it() {
+    let t = trust(1, 1);
+    let block = noise(32 * 1024, 9);
+    let p: Vec<u8> = [block.clone(), block.clone()].concat();
+    // Chunk 1 was compressed against a prefix that is not chunk 0: its
+    // stored hash is signed, the bytes it decodes to are not chunk 1.
+    let (mut entries, mut stored) = linked_parts(&p, 32 * 1024, 32 * 1024);
+    let mut other = block.clone();
+    other.rotate_left(1000);
+    let (entry, z) = build_linked_chunk(&block, Some(3), 32 * 1024, &other).unwrap();
+    let z = z.unwrap();
+    let ChunkEntry::ZstdLinked { stored_hash, stored_len, window, .. } = entry else { panic!("{entry:?}") };
+    entries[1] =
+        ChunkEntry::ZstdLinked { window, stored_hash, stored_len, hash: *entries[1].hash(), len: 32 * 1024 };
+    stored.truncate(32 * 1024);
+    stored.extend_from_slice(&z);
+    let bytes = linked_bundle(entries, &stored, 32 * 1024);
+    let mut written = Vec::new();
+    let e = verify_stream(Cursor::new(&bytes), &t, NOW, |i, _| {
+        written.push(i);
+        Ok(())
+    })
+    .unwrap_err();
+    assert!(e.is_security(), "{e}");
+    assert_eq!(written, [0], "only chunk 0 was checked");
+    assert!(verify(&bytes, &t).unwrap_err().is_security());
+
+    // Through the API: a window that does not reach back far enough, or
+    // is fed out of order, is an error, never a decode without its bytes.
+    let (entries, stored) = linked_parts(&p, 32 * 1024, 32 * 1024);
+    let bytes = linked_bundle(entries, &stored, 32 * 1024);
+    let mut b = BundleReader::open(Cursor::new(&bytes)).unwrap().verify(&t, NOW).unwrap();
+    let m = b.manifest().clone();
+    let _ = b.read_unchecked(Vec::new()).unwrap().unwrap();
+    let one = b.read_unchecked(Vec::new()).unwrap().unwrap();
+    let perch_protocol::bundle::Checked::Linked(one) = m.check(one).unwrap() else { panic!("not linked") };
+    let late = Window::starting_at(m.manifest(), 1);
+    assert!(matches!(m.decode_linked(one, &late), Err(BundleError::NoWindow { index: 1, .. })));
+    let mut w = Window::starting_at(m.manifest(), 0);
+    let c1 = m.check_written(1, block.clone()).ok().unwrap();
+    assert!(matches!(w.push(&c1), Err(BundleError::NoWindow { index: 1, .. })));
+}
+
+#[test]
+fn a_linked_chunk_names_a_window_within_bounds() {
+    let z = |window| ChunkEntry::ZstdLinked {
+        window,
+        stored_hash: [1; 32],
+        stored_len: 10,
+        hash: [2; 32],
+        len: 4096,
+    };
+    let fixed = Chunking::Fixed { size: 4096 };
+    for bad in [0, MAX_WINDOW + 1, u32::MAX] {
+        let e = Manifest::from_parts(release(), Format::V3, fixed, vec![z(bad)], None).unwrap_err();
+        assert!(e.contains("window"), "{e}");
+    }
+    assert!(Manifest::from_parts(release(), Format::V3, fixed, vec![z(MAX_WINDOW)], None).is_ok());
+    assert!(Manifest::from_parts(release(), Format::V2, fixed, vec![z(1)], Some([0; 32])).is_err());
 }
 
 proptest! {

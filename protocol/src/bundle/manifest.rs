@@ -70,6 +70,10 @@ pub enum Chunking {
     Cdc { min: u32, avg: u32, max: u32 },
 }
 
+/// Largest window a linked chunk may name: what a decoding device keeps
+/// in memory beside the chunk. 8 MiB is also zstd -19's own window.
+pub const MAX_WINDOW: u32 = 8 * 1024 * 1024;
+
 /// Smallest `min` a content-defined chunking may declare.
 pub const MIN_CDC_CHUNK: u32 = crate::limits::MIN_CHUNK_SIZE;
 
@@ -82,13 +86,22 @@ pub enum ChunkEntry {
     /// `stored_hash`, which decompresses to exactly `len` bytes hashing to
     /// `hash`. The stored hash is checked before a byte is decompressed.
     Zstd { stored_hash: [u8; 32], stored_len: u32, hash: [u8; 32], len: u32 },
+    /// As [`Zstd`](Self::Zstd), but compressed with the written bytes just
+    /// before it in the payload as a zstd prefix (the `window` bytes that
+    /// end where this chunk starts, or all of them if fewer), so that it
+    /// can refer back to them as a whole-file compressor would. Decoding
+    /// it needs those bytes first, checked against their own hashes: a
+    /// [`Window`](super::Window) holds them.
+    ZstdLinked { window: u32, stored_hash: [u8; 32], stored_len: u32, hash: [u8; 32], len: u32 },
 }
 
 impl ChunkEntry {
     /// The SHA-256 of the bytes written.
     pub fn hash(&self) -> &[u8; 32] {
         match self {
-            ChunkEntry::Raw { hash, .. } | ChunkEntry::Zstd { hash, .. } => hash,
+            ChunkEntry::Raw { hash, .. }
+            | ChunkEntry::Zstd { hash, .. }
+            | ChunkEntry::ZstdLinked { hash, .. } => hash,
         }
     }
 
@@ -97,7 +110,9 @@ impl ChunkEntry {
     #[allow(clippy::len_without_is_empty)]
     pub fn len(&self) -> u32 {
         match self {
-            ChunkEntry::Raw { len, .. } | ChunkEntry::Zstd { len, .. } => *len,
+            ChunkEntry::Raw { len, .. }
+            | ChunkEntry::Zstd { len, .. }
+            | ChunkEntry::ZstdLinked { len, .. } => *len,
         }
     }
 
@@ -105,7 +120,7 @@ impl ChunkEntry {
     pub fn stored_hash(&self) -> &[u8; 32] {
         match self {
             ChunkEntry::Raw { hash, .. } => hash,
-            ChunkEntry::Zstd { stored_hash, .. } => stored_hash,
+            ChunkEntry::Zstd { stored_hash, .. } | ChunkEntry::ZstdLinked { stored_hash, .. } => stored_hash,
         }
     }
 
@@ -113,12 +128,20 @@ impl ChunkEntry {
     pub fn stored_len(&self) -> u32 {
         match self {
             ChunkEntry::Raw { len, .. } => *len,
-            ChunkEntry::Zstd { stored_len, .. } => *stored_len,
+            ChunkEntry::Zstd { stored_len, .. } | ChunkEntry::ZstdLinked { stored_len, .. } => *stored_len,
         }
     }
 
     pub fn is_compressed(&self) -> bool {
-        matches!(self, ChunkEntry::Zstd { .. })
+        matches!(self, ChunkEntry::Zstd { .. } | ChunkEntry::ZstdLinked { .. })
+    }
+
+    /// How many written bytes before this chunk its decoder needs (0: none).
+    pub fn window(&self) -> u32 {
+        match self {
+            ChunkEntry::ZstdLinked { window, .. } => *window,
+            _ => 0,
+        }
     }
 }
 
@@ -256,6 +279,20 @@ impl Manifest {
         self.written_at.get(index as usize).copied().unwrap_or(self.payload_len)
     }
 
+    /// The written bytes chunk `index` is decoded against (see
+    /// [`ChunkEntry::ZstdLinked`]): `start..end` of the payload, empty for
+    /// an unlinked chunk.
+    pub fn prefix_range(&self, index: u32) -> std::ops::Range<u64> {
+        let end = self.written_offset(index);
+        let window = self.chunk(index).map_or(0, ChunkEntry::window);
+        end.saturating_sub(u64::from(window))..end
+    }
+
+    /// The largest window any chunk names (0: every chunk decodes alone).
+    pub fn max_window(&self) -> u32 {
+        self.chunks.iter().map(ChunkEntry::window).max().unwrap_or(0)
+    }
+
     /// Where chunk `index` starts in the bundle's payload; `chunk_count()` gives the end.
     pub fn stored_offset(&self, index: u32) -> u64 {
         let end = self.stored_len();
@@ -329,11 +366,17 @@ impl Manifest {
             if !fits {
                 return Err(format!("chunk {i} writes {len} bytes, outside what its chunking allows"));
             }
-            if let ChunkEntry::Zstd { stored_len, .. } = c {
+            if c.is_compressed() {
                 // The builder stores a chunk raw when compressing does not
                 // shrink it: a stored chunk is never bigger than it writes.
-                if *stored_len == 0 || *stored_len >= len {
+                let stored_len = c.stored_len();
+                if stored_len == 0 || stored_len >= len {
                     return Err(format!("chunk {i}: {stored_len} compressed bytes for {len} written"));
+                }
+            }
+            if let ChunkEntry::ZstdLinked { window, .. } = c {
+                if !(1..=MAX_WINDOW).contains(window) {
+                    return Err(format!("chunk {i}: a window of {window} bytes is outside 1..={MAX_WINDOW}"));
                 }
             }
         }

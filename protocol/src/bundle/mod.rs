@@ -28,18 +28,20 @@ mod decompress;
 mod manifest;
 mod reader;
 mod verify;
+mod window;
 mod writer;
 
 pub use archive::{check_archive, raw_entry, ArchiveError, ArchivePolicy, Refusal, MAX_ENTRY_PATH};
 pub use manifest::{
-    ChunkEntry, Chunking, Format, Manifest, ManifestError, PayloadKind, Release, MIN_CDC_CHUNK,
+    ChunkEntry, Chunking, Format, Manifest, ManifestError, PayloadKind, Release, MAX_WINDOW, MIN_CDC_CHUNK,
 };
 pub use reader::{
-    check_archive_payload, claimed_digest, verify_stream, BundleReader, CheckedChunk, PayloadHasher,
-    UncheckedChunk, VerifiedBundle, VerifiedManifest,
+    check_archive_payload, claimed_digest, verify_stream, BundleReader, Checked, CheckedChunk, LinkedChunk,
+    PayloadHasher, UncheckedChunk, VerifiedBundle, VerifiedManifest,
 };
 pub use verify::verify_file;
-pub use writer::{build_chunk, BundleHead, ManifestBuilder, ManifestParams, ZSTD_LEVELS};
+pub use window::Window;
+pub use writer::{build_chunk, build_linked_chunk, BundleHead, ManifestBuilder, ManifestParams, ZSTD_LEVELS};
 
 use crate::keys::SignatureCheckError;
 
@@ -125,6 +127,12 @@ pub enum BundleError {
     ChunkLength { index: u32, count: u32, got: usize, expected: usize },
     #[error("chunk {index} of {count}: its signed compressed bytes do not decompress to its signed length: {detail}")]
     Decompress { index: u32, count: u32, detail: String },
+    /// A caller asked to decode a linked chunk without the chunks before
+    /// it (a bug, or a resume that did not read them back).
+    #[error(
+        "chunk {index} of {count}: the written bytes before it, which it is decoded against, are not at hand"
+    )]
+    NoWindow { index: u32, count: u32 },
     #[error("chunk {index} is out of range (bundle has {count})")]
     ChunkOutOfRange { index: u32, count: u32 },
     #[error("payload sha256 mismatch (every chunk matched, the whole-payload digest did not)")]
@@ -142,7 +150,7 @@ impl BundleError {
     /// True for rejections of the bundle itself, false for I/O trouble.
     pub fn is_security(&self) -> bool {
         match self {
-            BundleError::Io(_) => false,
+            BundleError::Io(_) | BundleError::NoWindow { .. } => false,
             BundleError::Archive(a) => a.is_security(),
             _ => true,
         }

@@ -4,7 +4,7 @@ use sha2::{Digest, Sha256};
 
 use super::{
     manifest_context, BundleDigest, BundleError, BundleHead, ChunkEntry, Format, Manifest, ManifestError,
-    Section, BUNDLE_MAGIC,
+    Section, Window, BUNDLE_MAGIC,
 };
 use crate::codec::{self, FrameError, HEADER_LEN};
 use crate::keys::{check_signatures, SignatureEntry};
@@ -49,7 +49,7 @@ impl<R: Read> BundleReader<R> {
         let (manifest, manifest_bytes) = read_manifest(&mut r, &signed)?;
         let head = BundleHead { manifest, manifest_bytes, signatures: signed.signatures };
         let manifest = VerifiedManifest::checked(head, signers, now)?;
-        Ok(VerifiedBundle { manifest, r, next: 0 })
+        Ok(VerifiedBundle::new(manifest, r))
     }
 
     /// The parsed head. Its manifest is unverified: fit for display only.
@@ -61,14 +61,15 @@ impl<R: Read> BundleReader<R> {
     /// Only after this can the payload be read.
     pub fn verify(self, trust: &VerifiedTrust, now: u64) -> Result<VerifiedBundle<R>, BundleError> {
         let manifest = VerifiedManifest::from_head(self.head, trust, now)?;
-        Ok(VerifiedBundle { manifest, r: self.r, next: 0 })
+        Ok(VerifiedBundle::new(manifest, self.r))
     }
 
     /// Splits off the head for re-signing, with a payload stream that still
     /// checks every chunk against the (unauthenticated) manifest, so a
     /// damaged bundle is never signed.
     pub fn into_resign_parts(self) -> (BundleHead, ChunkStream<R>) {
-        let stream = ChunkStream { manifest: self.head.manifest.clone(), r: self.r, next: 0 };
+        let window = Window::starting_at(&self.head.manifest, 0);
+        let stream = ChunkStream { manifest: self.head.manifest.clone(), r: self.r, next: 0, window };
         (self.head, stream)
     }
 }
@@ -156,6 +157,16 @@ pub struct VerifiedBundle<R> {
     manifest: VerifiedManifest,
     r: R,
     next: u32,
+    /// What [`read_chunk`](Self::read_chunk) decodes linked chunks against.
+    window: Window,
+}
+
+impl<R> VerifiedBundle<R> {
+    /// The payload of `manifest`'s bundle, read from `r` (positioned at its start).
+    pub(super) fn new(manifest: VerifiedManifest, r: R) -> Self {
+        let window = Window::starting_at(manifest.manifest(), 0);
+        VerifiedBundle { manifest, r, next: 0, window }
+    }
 }
 
 impl<R: Read> VerifiedBundle<R> {
@@ -166,7 +177,7 @@ impl<R: Read> VerifiedBundle<R> {
     /// Reads the next chunk into `buf` and checks its hash. Returns its index,
     /// or `None` once every chunk has been read and nothing follows the payload.
     pub fn read_chunk(&mut self, buf: &mut Vec<u8>) -> Result<Option<u32>, BundleError> {
-        read_checked(&mut self.r, &self.manifest.head.manifest, &mut self.next, buf)
+        read_checked(&mut self.r, &self.manifest.head.manifest, &mut self.next, buf, &mut self.window)
     }
 
     /// Reads the next chunk's stored bytes (compressed, if it is) into
@@ -270,21 +281,62 @@ impl VerifiedManifest {
     /// its signed stored hash, and only then, for a compressed chunk,
     /// decompresses it into exactly its signed length and compares that
     /// with its signed hash: unsigned bytes never reach the decoder.
-    pub fn check(&self, chunk: UncheckedChunk) -> Result<CheckedChunk, BundleError> {
+    ///
+    /// A linked chunk is only checked here: it comes back as
+    /// [`Checked::Linked`], to be decoded in payload order
+    /// ([`decode_linked`](Self::decode_linked)).
+    pub fn check(&self, chunk: UncheckedChunk) -> Result<Checked, BundleError> {
         let m = &self.head.manifest;
         let (index, count) = (chunk.index, m.chunk_count());
         let entry = m.chunk(index).ok_or(BundleError::ChunkOutOfRange { index, count })?;
         match entry {
             ChunkEntry::Raw { .. } => {
                 self.check_chunk(index, &chunk.data)?;
-                Ok(CheckedChunk { index, data: chunk.data })
+                Ok(Checked::Written(CheckedChunk { index, data: chunk.data }))
             }
             ChunkEntry::Zstd { .. } => {
                 check_stored(entry, index, count, &chunk.data)?;
-                let data = decode_checked(m, index, &chunk.data)?;
-                Ok(CheckedChunk { index, data })
+                let data = decode_checked(m, index, &chunk.data, &[])?;
+                Ok(Checked::Written(CheckedChunk { index, data }))
+            }
+            ChunkEntry::ZstdLinked { .. } => {
+                check_stored(entry, index, count, &chunk.data)?;
+                Ok(Checked::Linked(LinkedChunk { index, data: chunk.data }))
             }
         }
+    }
+
+    /// Decodes a linked chunk against `window`, which must hold the
+    /// chunks just before it, and compares the result with its signed
+    /// hash. The caller pushes the result into the window before the
+    /// next chunk.
+    pub fn decode_linked(&self, chunk: LinkedChunk, window: &Window) -> Result<CheckedChunk, BundleError> {
+        let m = &self.head.manifest;
+        let prefix = window.prefix(m, chunk.index)?;
+        let data = decode_checked(m, chunk.index, &chunk.data, prefix)?;
+        Ok(CheckedChunk { index: chunk.index, data })
+    }
+}
+
+/// A chunk after [`VerifiedManifest::check`].
+pub enum Checked {
+    /// Its written bytes, checked against their signed hash.
+    Written(CheckedChunk),
+    /// A linked chunk whose stored bytes matched their signed hash, still
+    /// to be decoded in payload order.
+    Linked(LinkedChunk),
+}
+
+/// The stored bytes of a linked chunk, checked against their signed hash
+/// (only [`VerifiedManifest::check`] makes one).
+pub struct LinkedChunk {
+    index: u32,
+    data: Vec<u8>,
+}
+
+impl LinkedChunk {
+    pub fn index(&self) -> u32 {
+        self.index
     }
 }
 
@@ -327,6 +379,9 @@ impl<R: Read + io::Seek> VerifiedBundle<R> {
         let offset = i64::try_from(offset).map_err(|_| BundleError::ChunkOutOfRange { index, count })?;
         self.r.seek(io::SeekFrom::Current(offset)).map_err(BundleError::Io)?;
         self.next = index;
+        // A linked chunk after this one needs the bytes skipped here:
+        // reading it fails (`NoWindow`) rather than decode without them.
+        self.window = Window::starting_at(m, index);
         if index == count {
             expect_eof(&mut self.r)?;
         }
@@ -339,12 +394,13 @@ pub struct ChunkStream<R> {
     manifest: Manifest,
     r: R,
     next: u32,
+    window: Window,
 }
 
 impl<R: Read> ChunkStream<R> {
     /// Same contract as [`VerifiedBundle::read_chunk`].
     pub fn read_chunk(&mut self, buf: &mut Vec<u8>) -> Result<Option<u32>, BundleError> {
-        read_checked(&mut self.r, &self.manifest, &mut self.next, buf)
+        read_checked(&mut self.r, &self.manifest, &mut self.next, buf, &mut self.window)
     }
 
     /// Reads the next chunk's stored bytes into `buf`, as they are to be
@@ -356,7 +412,10 @@ impl<R: Read> ChunkStream<R> {
         let m = &self.manifest;
         let Some(index) = read_stored(&mut self.r, m, &mut self.next, buf)? else { return Ok(None) };
         if m.chunk(index).is_some_and(ChunkEntry::is_compressed) {
-            decode_checked(m, index, buf)?;
+            let written = decode_checked(m, index, buf, self.window.prefix(m, index)?)?;
+            self.window.push_verified(index, &written)?;
+        } else {
+            self.window.push_verified(index, buf)?;
         }
         Ok(Some(index))
     }
@@ -454,21 +513,31 @@ fn read_checked<R: Read>(
     m: &Manifest,
     next: &mut u32,
     buf: &mut Vec<u8>,
+    window: &mut Window,
 ) -> Result<Option<u32>, BundleError> {
     let Some(index) = read_stored(r, m, next, buf)? else { return Ok(None) };
     if m.chunk(index).is_some_and(ChunkEntry::is_compressed) {
-        *buf = decode_checked(m, index, buf)?;
+        *buf = decode_checked(m, index, buf, window.prefix(m, index)?)?;
     }
+    window.push_verified(index, buf)?;
     Ok(Some(index))
 }
 
 /// Decompresses compressed chunk `index`, whose stored bytes already
 /// matched their signed hash, into exactly its signed length, and compares
 /// the result with its signed hash: the one way any reader decodes a chunk.
-pub(super) fn decode_checked(m: &Manifest, index: u32, stored: &[u8]) -> Result<Vec<u8>, BundleError> {
+/// `prefix` is what a linked chunk is decoded against (checked bytes from a
+/// [`Window`]); it is empty for any other chunk.
+pub(super) fn decode_checked(
+    m: &Manifest,
+    index: u32,
+    stored: &[u8],
+    prefix: &[u8],
+) -> Result<Vec<u8>, BundleError> {
     let count = m.chunk_count();
     let entry = m.chunk(index).ok_or(BundleError::ChunkOutOfRange { index, count })?;
-    let data = super::decompress::chunk(stored, entry.len() as usize)
+    let prefix = if entry.window() == 0 { &[][..] } else { prefix };
+    let data = super::decompress::chunk(stored, entry.len() as usize, prefix)
         .map_err(|detail| BundleError::Decompress { index, count, detail })?;
     m.check_chunk(index, &data)?;
     Ok(data)

@@ -6,7 +6,8 @@
 //! (`read_at`, so no shared file position) in pieces it hashes while they
 //! are still in cache, and, for a compressed chunk, decompresses it into
 //! exactly its signed length and hashes that too. Format 2 adds its
-//! whole-payload digest on one more thread.
+//! whole-payload digest on one more thread. A bundle with linked chunks
+//! (each decoded against the chunks before it) is read in order instead.
 
 use std::fs::File;
 use std::io::{self, Seek};
@@ -17,7 +18,7 @@ use std::thread;
 
 use sha2::{Digest, Sha256};
 
-use super::{BundleError, BundleReader, Manifest, PayloadHasher, Section, VerifiedManifest};
+use super::{BundleError, BundleReader, Manifest, PayloadHasher, Section, VerifiedBundle, VerifiedManifest};
 use crate::trust::VerifiedTrust;
 
 /// Bytes read and hashed at a time (see the reader's `PIECE`).
@@ -45,6 +46,14 @@ pub fn verify_file(
     }
     if len > end {
         return Err(BundleError::TrailingData);
+    }
+    if m.max_window() > 0 {
+        // Linked chunks are decoded in payload order, each against the
+        // chunks before it: one pass, in order.
+        let mut bundle = VerifiedBundle::new(manifest, reader);
+        let mut buf = Vec::new();
+        while bundle.read_chunk(&mut buf)?.is_some() {}
+        return Ok(bundle.into_manifest());
     }
     let count = m.chunk_count();
     let next = AtomicU32::new(0);
@@ -104,7 +113,7 @@ fn check_at(file: &File, start: u64, m: &Manifest, index: u32, buf: &mut Vec<u8>
         return Err(BundleError::ChunkMismatch { index, count });
     }
     if entry.is_compressed() {
-        super::reader::decode_checked(m, index, buf)?;
+        super::reader::decode_checked(m, index, buf, &[])?;
     }
     Ok(())
 }

@@ -61,16 +61,57 @@ pub struct ManifestBuilder {
 /// chunk is one independent frame, so chunks can be built on any thread
 /// and fetched, checked and decompressed alone.
 pub fn build_chunk(raw: &[u8], zstd_level: Option<i32>) -> Result<(ChunkEntry, Option<Vec<u8>>), String> {
+    build_linked_chunk(raw, zstd_level, 0, &[])
+}
+
+/// [`build_chunk`], compressing against `prefix`: the written bytes just
+/// before this chunk, `window` of them or all there are if fewer (see
+/// [`ChunkEntry::ZstdLinked`]). Still one frame per chunk, built on any
+/// thread, but decoded only after the chunks before it. With an empty
+/// prefix the chunk is independent.
+pub fn build_linked_chunk(
+    raw: &[u8],
+    zstd_level: Option<i32>,
+    window: u32,
+    prefix: &[u8],
+) -> Result<(ChunkEntry, Option<Vec<u8>>), String> {
     let hash = Sha256::digest(raw).into();
     let len = u32::try_from(raw.len()).map_err(|_| format!("a chunk of {} bytes", raw.len()))?;
     let Some(level) = zstd_level else { return Ok((ChunkEntry::Raw { hash, len }, None)) };
-    let z = zstd::bulk::compress(raw, level).map_err(|e| format!("compressing a chunk: {e}"))?;
+    if prefix.len() > window as usize {
+        return Err(format!("a prefix of {} bytes for a window of {window}", prefix.len()));
+    }
+    let z = compress(raw, level, prefix).map_err(|e| format!("compressing a chunk: {e}"))?;
     if z.len() >= raw.len() {
         return Ok((ChunkEntry::Raw { hash, len }, None));
     }
     let stored_len = u32::try_from(z.len()).unwrap_or(u32::MAX);
     let stored_hash = Sha256::digest(&z).into();
-    Ok((ChunkEntry::Zstd { stored_hash, stored_len, hash, len }, Some(z)))
+    let entry = if prefix.is_empty() {
+        ChunkEntry::Zstd { stored_hash, stored_len, hash, len }
+    } else {
+        ChunkEntry::ZstdLinked { window, stored_hash, stored_len, hash, len }
+    };
+    Ok((entry, Some(z)))
+}
+
+/// One zstd frame of `raw` at `level`, referring back into `prefix` if
+/// it is not empty.
+fn compress(raw: &[u8], level: i32, prefix: &[u8]) -> Result<Vec<u8>, &'static str> {
+    use zstd::zstd_safe::{get_error_name, CCtx, CParameter};
+    let mut c = CCtx::create();
+    let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(raw.len()));
+    c.set_parameter(CParameter::CompressionLevel(level)).map_err(get_error_name)?;
+    if !prefix.is_empty() {
+        // The window must reach from the chunk's end back to the prefix's
+        // start, or zstd would not look that far.
+        let span = (prefix.len() + raw.len()) as u64;
+        let log = (u64::BITS - span.saturating_sub(1).leading_zeros()).clamp(10, 27);
+        c.set_parameter(CParameter::WindowLog(log)).map_err(get_error_name)?;
+        c.ref_prefix(prefix).map_err(get_error_name)?;
+    }
+    c.compress2(&mut out, raw).map_err(get_error_name)?;
+    Ok(out)
 }
 
 impl ManifestBuilder {

@@ -1,0 +1,83 @@
+//! Linked chunks while staging (`ChunkEntry::ZstdLinked`: compressed
+//! against the written bytes before them).
+//!
+//! The hashers check chunks in any order, but a linked chunk can only be
+//! decoded once every chunk before it is known. For a bundle with linked
+//! chunks, a sequencer thread takes every checked chunk (fetched or reused
+//! from the device), puts them back in payload order, decodes each linked
+//! one against a [`Window`] of the chunks before it (checking the result
+//! against its signed hash), and hands the chunks on to the writer in
+//! order. A bundle without linked chunks goes straight to the writer.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, SyncSender};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+
+use perch_protocol::bundle::{BundleError, Checked, CheckedChunk, VerifiedManifest, Window};
+
+/// Where a checked chunk goes next.
+#[derive(Clone)]
+pub enum Onward {
+    /// The writer, and the bundle's chunk count.
+    Writer(SyncSender<CheckedChunk>, u32),
+    Sequencer(SyncSender<Checked>),
+}
+
+impl Onward {
+    /// Passes `chunk` on. `Ok(false)`: the next stage has stopped (it
+    /// reports its own error).
+    pub fn send(&self, chunk: Checked) -> Result<bool, BundleError> {
+        match (self, chunk) {
+            (Onward::Writer(tx, _), Checked::Written(c)) => Ok(tx.send(c).is_ok()),
+            (Onward::Sequencer(tx), c) => Ok(tx.send(c).is_ok()),
+            // Only a manifest with linked chunks makes them, and such a
+            // manifest always gets a sequencer.
+            (Onward::Writer(_, count), Checked::Linked(c)) => {
+                Err(BundleError::NoWindow { index: c.index(), count: *count })
+            }
+        }
+    }
+}
+
+/// Where the hashers send checked chunks: the writer's channel itself, or,
+/// for a bundle with linked chunks, a sequencer started here that feeds it
+/// (`window` holds the chunks before the first one staged).
+pub fn onward(
+    manifest: Arc<VerifiedManifest>,
+    window: Window,
+    writer: SyncSender<CheckedChunk>,
+    abort: Arc<AtomicBool>,
+) -> (Onward, Option<JoinHandle<Result<(), BundleError>>>) {
+    if manifest.manifest().max_window() == 0 {
+        return (Onward::Writer(writer, manifest.manifest().chunk_count()), None);
+    }
+    let (tx, rx) = mpsc::sync_channel::<Checked>(16);
+    let handle = thread::spawn(move || {
+        let mut window = window;
+        // Chunks that came early; at most what the pipeline holds in flight.
+        let mut early: BTreeMap<u32, Checked> = BTreeMap::new();
+        for chunk in rx {
+            let index = match &chunk {
+                Checked::Written(c) => c.index(),
+                Checked::Linked(c) => c.index(),
+            };
+            early.insert(index, chunk);
+            while let Some(chunk) = early.remove(&window.next()) {
+                let checked = match chunk {
+                    Checked::Written(c) => c,
+                    Checked::Linked(c) => manifest
+                        .decode_linked(c, &window)
+                        .inspect_err(|_| abort.store(true, Ordering::SeqCst))?,
+                };
+                window.push(&checked)?;
+                if writer.send(checked).is_err() {
+                    return Ok(()); // the writer stopped; it reports why
+                }
+            }
+        }
+        Ok(())
+    });
+    (Onward::Sequencer(tx), Some(handle))
+}
