@@ -72,6 +72,7 @@ pub fn onward(
                         .inspect_err(|_| abort.store(true, Ordering::SeqCst))?,
                 };
                 window.push(&checked)?;
+                crate::failpoint::hit("chunk-in-order");
                 if writer.send(checked).is_err() {
                     return Ok(()); // the writer stopped; it reports why
                 }

@@ -482,6 +482,13 @@ pub fn new_image(seed: u8, len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// `len` bytes of one `block`-byte noise block, repeated: incompressible
+/// chunk by chunk, but each repeat is cheap for a chunk linked to the
+/// bytes before it (`--compress-window`).
+pub fn repeating_image(seed: u8, len: usize, block: usize) -> Vec<u8> {
+    new_image(seed, block).into_iter().cycle().take(len).collect()
+}
+
 /// SHA-256 of a directory tree's files (sorted paths and contents), via sha256sum.
 pub fn tree_digest(root: &Path) -> String {
     let out = Command::new("sh")

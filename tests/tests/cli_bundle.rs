@@ -645,8 +645,69 @@ fn a_compressed_bundle_survives_signing_and_verifies() {
         serde_json::from_str(&s.ok("perch", &["bundle", "inspect", "--json", "c.perch"]).stdout).unwrap();
     let stored = v["stored_len"].as_u64().unwrap();
     assert!(stored < payload.len() as u64 / 20, "{v}");
+    // Linked chunks (the default window): signing re-checked each one
+    // against the chunks before it.
+    assert_eq!(v["compress_window"], 4 << 20, "{v}");
     let signed = fs::metadata(s.path("c.perch")).unwrap().len();
     assert!(signed < unsigned + 1024, "signing grew the bundle from {unsigned} to {signed}");
     s.ok("perch", &["bundle", "verify", "--trust", "org/trust.doc", "c.perch"]);
     s.ok("perch-agent", &["check", "--trust", "org/trust.doc", "c.perch"]);
+}
+
+/// `--compress-window`: how far back a compressed chunk may refer. Linking
+/// is what lets a chunk that repeats earlier bytes cost almost nothing; 0
+/// gives independent frames; a window over 8 MiB or not a size is a usage
+/// error.
+#[test]
+fn the_compress_window_links_chunks_to_the_bytes_before_them() {
+    let s = Scratch::new();
+    s.org(1, 1);
+    let payload = perch_tests::device::repeating_image(3, 1 << 20, 64 * 1024);
+    fs::write(s.path("img"), &payload).unwrap();
+    let build = |out: &str, window: &str| {
+        s.run(
+            "perch",
+            &[
+                "bundle",
+                "build",
+                "--name",
+                "app",
+                "--counter",
+                "1",
+                "--kind",
+                "image",
+                "--input",
+                "img",
+                "--out",
+                out,
+                "--compress",
+                "zstd:3",
+                "--compress-window",
+                window,
+            ],
+        )
+    };
+    let inspect = |out: &str| -> serde_json::Value {
+        serde_json::from_str(&s.ok("perch", &["bundle", "inspect", "--json", out]).stdout).unwrap()
+    };
+    for (out, window, bytes) in [("alone.perch", "0", 0), ("linked.perch", "256K", 256 * 1024)] {
+        let r = build(out, window);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        s.ok("perch", &["bundle", "sign", "--key", "k1.key", out]);
+        s.ok("perch", &["bundle", "verify", "--trust", "org/trust.doc", out]);
+        assert_eq!(inspect(out)["compress_window"], bytes, "{out}");
+    }
+    let (alone, linked) =
+        (inspect("alone.perch")["stored_len"].clone(), inspect("linked.perch")["stored_len"].clone());
+    // Each independent 256 KiB chunk stores its own copy of the noise;
+    // linked, only the first copy is stored.
+    assert!(linked.as_u64().unwrap() * 3 < alone.as_u64().unwrap(), "linked {linked}, alone {alone}");
+    let text = s.ok("perch", &["bundle", "inspect", "linked.perch"]).stdout;
+    assert!(text.contains("decoded against up to 262144 bytes before it"), "{text}");
+    for bad in ["9M", "12x", "-1"] {
+        let r = build("bad.perch", bad);
+        assert_eq!(r.code, 2, "{bad}: {}", r.stderr);
+        assert!(r.stderr.contains(bad), "{bad}: {}", r.stderr);
+        assert!(!s.path("bad.perch").exists());
+    }
 }

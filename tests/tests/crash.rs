@@ -140,7 +140,9 @@ fn uboot_install_survives_sigkill_at_every_point() {
 /// A delta install (chunks read from the running slot, the rest from the
 /// bundle) killed at every failpoint: the running slot is never written,
 /// the firmware never points at an incomplete slot, and the install
-/// resumes to an exact copy of the new release.
+/// resumes to an exact copy of the new release. Both releases are
+/// compressed with linked chunks, so a resume also has to find the bytes
+/// before its first chunk again (on the slot it writes) to decode it.
 #[test]
 fn uboot_delta_install_survives_sigkill_at_every_point() {
     const LEN: usize = 128 * 1024;
@@ -148,8 +150,11 @@ fn uboot_delta_install_survives_sigkill_at_every_point() {
     d.boot_model = true;
     d.checkpoint_bytes = 16 * 1024;
     d.write_config();
+    let compress = ["--compress", "zstd:3"];
     // Release 2 runs in slot b, with its record.
-    let v2 = d.image_bundle("v2.perch", 2, 7, LEN, CHUNK);
+    let v2 = perch_tests::device::repeating_image(7, LEN, 16 * 1024);
+    fs::write(d.path("v2.payload"), &v2).unwrap();
+    d.build("v2.perch", 2, "image", "v2.payload", CHUNK, &compress);
     assert_eq!(d.agent(&["install", "v2.perch"]).code, 0);
     assert_eq!(d.reboot(), "b");
     assert_eq!(d.agent(&["run", "--once"]).code, 0);
@@ -160,7 +165,11 @@ fn uboot_delta_install_survives_sigkill_at_every_point() {
         v3[c * CHUNK as usize + 9] ^= 0x5a;
     }
     fs::write(d.path("v3.payload"), &v3).unwrap();
-    d.build("v3.perch", 3, "image", "v3.payload", CHUNK, &[]);
+    d.build("v3.perch", 3, "image", "v3.payload", CHUNK, &compress);
+    let inspect = d.s.ok("perch", &["bundle", "inspect", "--json", "v3.perch"]);
+    let inspect: serde_json::Value = serde_json::from_str(&inspect.stdout).unwrap();
+    assert_eq!(inspect["compress_window"], 4 << 20, "{inspect}");
+    assert!(inspect["stored_len"].as_u64().unwrap() < LEN as u64 / 4, "{inspect}");
     d.snapshot();
     let check = |d: &Device, when: &str| {
         assert_eq!(d.slot_bytes("b", LEN), v2, "{when}: the running slot was written");

@@ -109,6 +109,28 @@ fn dir_setid_archive_installs_only_when_signed_so() {
     assert_eq!(fs::metadata(d.path("root/b/app")).unwrap().permissions().mode() & 0o7777, 0o4755);
 }
 
+/// An archive whose files repeat each other (copies of one library),
+/// compressed with chunks linked to the bytes before them: the later
+/// copies cost almost nothing, and the tree installs file for file.
+#[test]
+fn a_linked_compressed_archive_installs_file_for_file() {
+    let d = Device::new(Backend::Dir);
+    let tree = d.path("linked.tree");
+    fs::create_dir_all(&tree).unwrap();
+    let lib = perch_tests::device::new_image(5, 200 * 1024);
+    for name in ["lib1.so", "lib2.so", "lib3.so"] {
+        fs::write(tree.join(name), &lib).unwrap();
+    }
+    fs::write(tree.join("app"), b"app\n").unwrap();
+    d.build("linked.perch", 2, "archive", "linked.tree", 16 * 1024, &["--compress", "zstd:3"]);
+    let inspect = d.s.ok("perch", &["bundle", "inspect", "--json", "linked.perch"]);
+    let inspect: serde_json::Value = serde_json::from_str(&inspect.stdout).unwrap();
+    assert!(inspect["stored_len"].as_u64().unwrap() < 300 * 1024, "{inspect}");
+    let r = install(&d, "linked.perch");
+    assert_eq!(r.code, 0, "{} {}", r.stdout, r.stderr);
+    assert_eq!(tree_digest(&d.path("root/b")), tree_digest(&tree));
+}
+
 #[test]
 fn back_on_a_bundle_after_a_rollback_it_is_already_running() {
     let mut d = Device::new(Backend::Dir);
