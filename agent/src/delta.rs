@@ -22,7 +22,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use perch_protocol::bundle::{BundleHead, BundleReader, Manifest, MAX_HEAD_LEN};
+use perch_protocol::bundle::{BundleHead, BundleReader, Manifest, VerifiedManifest, MAX_HEAD_LEN};
 use perch_support::durable::{self, Replace};
 
 use crate::journal::{BundleRef, SlotId};
@@ -79,6 +79,29 @@ impl LocalChunks {
         let file = File::open(&path)
             .map_err(|e| format!("slot {slot}'s payload {} cannot be read: {e}", path.display()))?;
         Ok(LocalChunks { slot, file, path, by_hash: index(manifest) })
+    }
+
+    /// The slot about to be written, for the chunks of the new bundle that
+    /// are already in place there: from an install of another bundle that
+    /// was interrupted, an older release, or this one's own writes after
+    /// its last checkpoint. Only the backends whose writer keeps a slot's
+    /// bytes ([`SlotBackend::keeps_bytes`]) are asked. A chunk is looked for
+    /// only at its own offset, where staging writes that same chunk and no
+    /// other, so nothing is overwritten before it is read.
+    pub fn in_place(backend: &dyn SlotBackend, slot: SlotId) -> Option<Self> {
+        if !backend.keeps_bytes() {
+            return None;
+        }
+        let path = backend.payload_path(slot);
+        let file = File::open(&path).ok()?;
+        Some(LocalChunks { slot, file, path, by_hash: HashMap::new() })
+    }
+
+    /// Whether chunk `index` of `m` is in place: its bytes at its own
+    /// offset hash to its signed hash.
+    pub fn holds_in_place(&self, m: &VerifiedManifest, index: u32, buf: &mut Vec<u8>) -> bool {
+        let len = m.manifest().chunk_len(index) as u32;
+        self.read(m.manifest().written_offset(index), len, buf).is_ok() && m.check_chunk(index, buf).is_ok()
     }
 
     pub fn slot(&self) -> SlotId {

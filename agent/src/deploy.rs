@@ -482,24 +482,42 @@ impl Engine {
         let resumed_bytes = layout.written_offset(from_chunk);
         let mut writer = self.backend.open_writer(slot, bundle.kind, from_chunk > 0)?;
         let bundle_err = |source| DeployError::Bundle { path: PathBuf::new(), source };
-        // The chunks the device holds (by the running slot's record) are
-        // read from there; only the others are asked of the bundle.
+        // The chunks the device holds (by the running slot's record, or in
+        // place on the slot being written) are read from there; only the
+        // others are asked of the bundle.
         let total = layout.chunk_count();
-        let held: Vec<Option<u64>> = (from_chunk..total)
-            .map(|i| local.and_then(|l| layout.chunk(i).and_then(|c| l.find(c.hash(), c.len()))))
+        let target = LocalChunks::in_place(self.backend.as_ref(), slot);
+        let mut scratch = Vec::new();
+        let held: Vec<Option<(&LocalChunks, u64)>> = (from_chunk..total)
+            .map(|i| {
+                let c = layout.chunk(i)?;
+                local.and_then(|l| l.find(c.hash(), c.len()).map(|at| (l, at))).or_else(|| {
+                    let t = target.as_ref()?;
+                    t.holds_in_place(reader.manifest(), i, &mut scratch)
+                        .then(|| (t, layout.written_offset(i)))
+                })
+            })
             .collect();
+        drop(scratch);
         let wanted: Vec<u32> =
             (from_chunk..total).zip(&held).filter(|(_, h)| h.is_none()).map(|(i, _)| i).collect();
         reader.source_mut().plan(&wanted);
-        if let Some(l) = local {
-            let reused = total - from_chunk - wanted.len() as u32;
-            self.progress.note(&format!(
-                "{reused} of {} chunks are on slot {} ({}); fetching {}",
-                total - from_chunk,
-                l.slot(),
-                l.path().display(),
+        let on = |s: SlotId| held.iter().flatten().filter(|(l, _)| l.slot() == s).count();
+        let (from_running, in_place) = (local.map_or(0, |l| on(l.slot())), on(slot));
+        let of = total - from_chunk;
+        let found = match local {
+            Some(l) => {
+                format!("{from_running} of {of} chunks are on slot {} ({})", l.slot(), l.path().display())
+            }
+            None => format!("of {of} chunks"),
+        };
+        match (local.is_some(), in_place) {
+            (false, 0) => {}
+            (_, 0) => self.progress.note(&format!("{found}; fetching {}", wanted.len())),
+            _ => self.progress.note(&format!(
+                "{found}, {in_place} already in place on slot {slot}; fetching {}",
                 wanted.len()
-            ));
+            )),
         }
         self.progress.start(&format!("staging {bundle} into slot {slot}"), resumed_bytes, bundle.payload_len);
         let abort = Arc::new(AtomicBool::new(false));
@@ -592,14 +610,14 @@ impl Engine {
         let mut transfer =
             Transfer { reused_bytes: resumed_bytes, reused_chunks: from_chunk, ..Transfer::default() };
         let read_all = (|| -> Result<(), DeployError> {
-            for (index, at) in (from_chunk..count).zip(held) {
+            for (index, at) in (from_chunk..count).zip(held.iter().copied()) {
                 if abort.load(Ordering::SeqCst) {
                     break;
                 }
                 let mut buf = spare_rx.try_recv().unwrap_or_default();
                 // `Some(buf)`: still to fetch, into `buf`.
-                let to_fetch = match (local, at) {
-                    (Some(l), Some(offset)) => {
+                let to_fetch = match at {
+                    Some((l, offset)) => {
                         // Checked against the new manifest here; a chunk that
                         // is not what the record said is fetched instead.
                         let len = layout.chunk(index).map_or(0, |c| c.len());

@@ -963,6 +963,41 @@ fn build_image(d: &Device, out: &str, counter: u64, payload: &[u8]) {
     d.build(out, counter, "image", &format!("{out}.payload"), 16 * 1024, &["--compress", "zstd:3"]);
 }
 
+/// An install cut short (the link lost, the agent killed) leaves chunks of
+/// its bundle on the slot it was writing. The next bundle for that slot
+/// takes every chunk it shares with them from there, checked against its
+/// own manifest, and fetches only the rest.
+#[test]
+fn an_interrupted_install_leaves_chunks_that_the_next_bundle_takes_in_place() {
+    const CHUNKS: usize = LEN / (16 * 1024) + 1;
+    let mut d = Device::new(Backend::Uboot);
+    let v2 = perch_tests::device::new_image(1, LEN);
+    build_image(&d, "v2.perch", 2, &v2);
+    install_and_commit(&mut d, "v2.perch");
+    // Release 3 shares nothing with release 2; its install into slot a is
+    // killed after 8 chunks were written.
+    let v3 = perch_tests::device::new_image(2, LEN);
+    build_image(&d, "v3.perch", 3, &v3);
+    let r = d.agent_env(&["install", "v3.perch"], &[("PERCH_FAILPOINT", "chunk-written:8")]);
+    assert_eq!(r.code, -1, "not killed: {} {}", r.stdout, r.stderr);
+    // Release 4 replaces it before it finished: release 3 with chunk 15
+    // changed. Chunks 0..8 are on slot a already; at least those are not
+    // fetched, and slot a ends up exactly release 4.
+    let v4 = changed(&v3, 15 * 16 * 1024 + 3, 10);
+    build_image(&d, "v4.perch", 4, &v4);
+    let out = install_and_commit(&mut d, "v4.perch");
+    let in_place: usize = out
+        .split(" already in place on slot a")
+        .next()
+        .and_then(|s| s.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!((8..CHUNKS - 1).contains(&in_place), "{in_place} in place: {out}");
+    assert!(out.contains(&format!("fetching {}", CHUNKS - in_place)), "{out}");
+    assert_eq!(d.slot_bytes("a", LEN), v4);
+    assert_eq!(d.slot_bytes("b", LEN), v2, "the running slot is untouched");
+}
+
 #[test]
 fn delta_install_reads_unchanged_chunks_from_the_running_slot_and_checks_each() {
     const CHUNKS: usize = LEN / (16 * 1024) + 1; // 19: the last one short

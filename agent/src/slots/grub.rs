@@ -64,6 +64,10 @@ impl SlotBackend for GrubBackend {
         Ok(self.var("perch_slot")?.as_deref().and_then(SlotId::parse))
     }
 
+    fn keeps_bytes(&self) -> bool {
+        true
+    }
+
     fn open_writer(
         &self,
         slot: SlotId,

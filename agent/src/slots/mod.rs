@@ -86,6 +86,13 @@ pub trait SlotBackend {
         resume: bool,
     ) -> Result<Box<dyn SlotWriter>, SlotError>;
 
+    /// Whether a fresh [`open_writer`](Self::open_writer) keeps what `slot`
+    /// holds (a block device; a staging file is truncated), so that chunks
+    /// already in place there need not be fetched again.
+    fn keeps_bytes(&self) -> bool {
+        false
+    }
+
     /// The file whose first bytes are the payload last written to `slot`:
     /// the slot's block device, or the staged archive or hook payload,
     /// which stays after staging as the source of the next delta install.

@@ -68,6 +68,10 @@ impl SlotBackend for UbootBackend {
         Ok(self.printenv(&self.cfg.vars.slot)?.as_deref().and_then(SlotId::parse))
     }
 
+    fn keeps_bytes(&self) -> bool {
+        true
+    }
+
     fn open_writer(
         &self,
         slot: SlotId,
