@@ -81,11 +81,11 @@ impl LocalChunks {
         Ok(LocalChunks { slot, file, path, by_hash: index(manifest) })
     }
 
-    /// The slot about to be written, for the chunks of the new bundle that
-    /// are already in place there: from an install of another bundle that
-    /// was interrupted, an older release, or this one's own writes after
-    /// its last checkpoint. Only the backends whose writer keeps a slot's
-    /// bytes ([`SlotBackend::keeps_bytes`]) are asked. A chunk is looked for
+    /// The slot about to be written, when a staging left it partly
+    /// written, for the chunks of the new bundle already in place there:
+    /// an install of another bundle that was cut short, or this one's own
+    /// writes after its last checkpoint. Only the backends whose writer
+    /// keeps a slot's bytes ([`SlotBackend::keeps_bytes`]) are asked. A chunk is looked for
     /// only at its own offset, where staging writes that same chunk and no
     /// other, so nothing is overwritten before it is read.
     pub fn in_place(backend: &dyn SlotBackend, slot: SlotId) -> Option<Self> {

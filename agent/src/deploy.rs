@@ -38,6 +38,16 @@ use crate::{health, inhibit, statefile};
 /// on a two-core device, while reading and writing run beside them.
 const HASHERS: usize = 2;
 
+/// Where staging looks for chunks before it fetches them.
+#[derive(Clone, Copy)]
+struct Sources<'a> {
+    /// The running slot, by its record.
+    running: Option<&'a LocalChunks>,
+    /// The slot being written, when a staging left it partly written:
+    /// chunks already in place there.
+    target: Option<&'a LocalChunks>,
+}
+
 /// This agent's version, compared with a manifest's `min_agent_version`.
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -311,6 +321,9 @@ impl Engine {
             )));
         }
         let slot = booted.other();
+        // A slot some staging left unfinished (this bundle's or another's)
+        // may hold chunks of this bundle in place.
+        let partly_staged = matches!(self.journal.slot_content(slot), SlotContent::Dirty(_));
         let (resume_at, same_bundle) = match &self.journal.state {
             DeployState::Staging { bundle: b, slot: s, next_chunk }
                 if b.digest == bundle.digest && *s == slot =>
@@ -349,7 +362,10 @@ impl Engine {
                     .note(&format!("resuming {bundle} at chunk {from_chunk} of {}", bundle.chunk_count));
             }
             let local = self.running_chunks(booted, from_chunk < bundle.chunk_count);
-            if let Err(e) = self.stage(&mut reader, &bundle, slot, window, local.as_ref()) {
+            let target =
+                if partly_staged { LocalChunks::in_place(self.backend.as_ref(), slot) } else { None };
+            let sources = Sources { running: local.as_ref(), target: target.as_ref() };
+            if let Err(e) = self.stage(&mut reader, &bundle, slot, window, sources) {
                 // Named by the bundle's path before it becomes the reason:
                 // stage() does not know it.
                 let e = match e {
@@ -472,8 +488,9 @@ impl Engine {
         bundle: &BundleRef,
         slot: SlotId,
         window: Window,
-        local: Option<&LocalChunks>,
+        sources: Sources<'_>,
     ) -> Result<(), DeployError> {
+        let Sources { running: local, target } = sources;
         // The window holds the chunks before the first one to stage.
         let from_chunk = window.next();
         // Where each chunk goes in the slot (the running sums of the signed
@@ -486,13 +503,12 @@ impl Engine {
         // place on the slot being written) are read from there; only the
         // others are asked of the bundle.
         let total = layout.chunk_count();
-        let target = LocalChunks::in_place(self.backend.as_ref(), slot);
         let mut scratch = Vec::new();
         let held: Vec<Option<(&LocalChunks, u64)>> = (from_chunk..total)
             .map(|i| {
                 let c = layout.chunk(i)?;
                 local.and_then(|l| l.find(c.hash(), c.len()).map(|at| (l, at))).or_else(|| {
-                    let t = target.as_ref()?;
+                    let t = target?;
                     t.holds_in_place(reader.manifest(), i, &mut scratch)
                         .then(|| (t, layout.written_offset(i)))
                 })
@@ -531,7 +547,8 @@ impl Engine {
         let (checkpoint, count) = (self.cfg.checkpoint_bytes, bundle.chunk_count);
 
         let manifest = Arc::new(reader.manifest().clone());
-        let (onward, sequencer) = sequencer::onward(manifest.clone(), window, checked_tx, abort.clone());
+        let (onward, sequencer) =
+            sequencer::onward(manifest.clone(), window, checked_tx, abort.clone(), HASHERS);
         let hashers: Vec<_> = (0..HASHERS)
             .map(|_| {
                 let (rx, tx, manifest, abort) =
@@ -668,7 +685,7 @@ impl Engine {
         // this call (a late syncer must not overwrite the journal).
         let join_err = |what: &str| DeployError::Nothing(format!("{what} thread panicked"));
         let mut hashed: Vec<_> = hashers.into_iter().map(|h| h.join()).collect();
-        hashed.extend(sequencer.map(|h| h.join()));
+        hashed.extend(sequencer.into_iter().map(|h| h.join()));
         let written = write_thread.join().map_err(|_| join_err("slot writer"));
         let synced = sync_thread.join().map_err(|_| join_err("slot syncer")).and_then(|r| r);
         let mut hashed_ok = Ok(());

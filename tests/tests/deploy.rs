@@ -1111,6 +1111,45 @@ fn signed_compressed_chunks_whose_sizes_lie_exit_3_before_a_write() {
     }
 }
 
+/// A signed linked chunk that was compressed against other bytes than the
+/// chunks before it decodes to something that is not its signed hash: the
+/// install stops with exit 3, nothing of that chunk or after it reaches the
+/// slot, and the running slot is untouched.
+#[test]
+fn a_linked_chunk_that_decodes_wrong_exits_3_and_is_never_written() {
+    use perch_protocol::bundle::{build_linked_chunk, ChunkEntry, Chunking};
+    const N: usize = 16 * 1024;
+    let block = perch_tests::device::new_image(4, N);
+    let mut other = block.clone();
+    other.rotate_left(1000);
+    let raw = |b: &[u8]| build_linked_chunk(b, None, 0, &[]).unwrap().0;
+    // Chunk 0 is the noise itself, stored raw; chunk 1 repeats it, but its
+    // frame refers into `other`.
+    let (entry, frame) = build_linked_chunk(&block, Some(3), N as u32, &other).unwrap();
+    let ChunkEntry::ZstdLinked { window, stored_hash, stored_len, .. } = entry else { panic!("{entry:?}") };
+    let wrong =
+        ChunkEntry::ZstdLinked { window, stored_hash, stored_len, hash: *raw(&block).hash(), len: N as u32 };
+    let d = Device::new(Backend::Uboot);
+    let stored = [block.clone(), frame.unwrap()].concat();
+    d.signed_chunks_bundle(
+        "bad.perch",
+        2,
+        Chunking::Fixed { size: N as u32 },
+        vec![raw(&block), wrong],
+        &stored,
+    );
+    let trace = d.path("trace");
+    let r = d.agent_env(&["install", "bad.perch"], &[("PERCH_TRACE", trace.to_str().unwrap())]);
+    assert_eq!(r.code, 3, "{} {}", r.stdout, r.stderr);
+    assert!(r.stderr.contains("chunk 1 of 2"), "{}", r.stderr);
+    assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+    let traced = fs::read_to_string(&trace).unwrap_or_default();
+    assert!(!traced.lines().any(|l| l == "write 1"), "chunk 1 was written: {traced}");
+    assert_eq!(d.slot_bytes("a", SLOT_SIZE), old_image(), "the running slot changed");
+    let c = d.agent(&["check", "--trust", "org/trust.doc", "bad.perch"]);
+    assert_eq!(c.code, 3, "check: {}", c.stderr);
+}
+
 /// Bundles built for agents older than format 3 still install, and a delta
 /// from a format-2 release to a format-3 one reuses its chunks.
 #[test]

@@ -36,8 +36,8 @@ pub use manifest::{
     ChunkEntry, Chunking, Format, Manifest, ManifestError, PayloadKind, Release, MAX_WINDOW, MIN_CDC_CHUNK,
 };
 pub use reader::{
-    check_archive_payload, claimed_digest, verify_stream, BundleReader, Checked, CheckedChunk, LinkedChunk,
-    PayloadHasher, UncheckedChunk, VerifiedBundle, VerifiedManifest,
+    check_archive_payload, claimed_digest, verify_stream, BundleReader, Checked, CheckedChunk, DecodedChunk,
+    LinkedChunk, PayloadHasher, UncheckedChunk, VerifiedBundle, VerifiedManifest,
 };
 pub use verify::verify_file;
 pub use window::Window;

@@ -307,14 +307,41 @@ impl VerifiedManifest {
     }
 
     /// Decodes a linked chunk against `window`, which must hold the
-    /// chunks just before it, and compares the result with its signed
-    /// hash. The caller pushes the result into the window before the
-    /// next chunk.
-    pub fn decode_linked(&self, chunk: LinkedChunk, window: &Window) -> Result<CheckedChunk, BundleError> {
+    /// chunks just before it, into exactly its signed length. The result
+    /// becomes a [`CheckedChunk`] only through
+    /// [`check_decoded`](Self::check_decoded); it may go into the window
+    /// first (the decoder's output for signed bytes), so that the next
+    /// chunk is decoded while this one is hashed on another thread.
+    pub fn decode_linked(&self, chunk: LinkedChunk, window: &Window) -> Result<DecodedChunk, BundleError> {
         let m = &self.head.manifest;
-        let prefix = window.prefix(m, chunk.index)?;
-        let data = decode_checked(m, chunk.index, &chunk.data, prefix)?;
-        Ok(CheckedChunk { index: chunk.index, data })
+        let (index, count) = (chunk.index, m.chunk_count());
+        let len = m.chunk_len(index);
+        let data = super::decompress::chunk(&chunk.data, len, window.prefix(m, index)?)
+            .map_err(|detail| BundleError::Decompress { index, count, detail })?;
+        Ok(DecodedChunk { index, data })
+    }
+
+    /// Compares a decoded linked chunk with its signed hash.
+    pub fn check_decoded(&self, chunk: DecodedChunk) -> Result<CheckedChunk, BundleError> {
+        self.check_chunk(chunk.index, &chunk.data)?;
+        Ok(CheckedChunk { index: chunk.index, data: chunk.data })
+    }
+}
+
+/// A linked chunk as [`VerifiedManifest::decode_linked`] decoded it, not
+/// yet compared with its signed hash.
+pub struct DecodedChunk {
+    index: u32,
+    data: Vec<u8>,
+}
+
+impl DecodedChunk {
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    pub(super) fn data(&self) -> &[u8] {
+        &self.data
     }
 }
 

@@ -1,13 +1,17 @@
 //! The written bytes a linked chunk is decoded against (see
 //! [`ChunkEntry::ZstdLinked`](super::ChunkEntry::ZstdLinked)).
 //!
-//! A [`Window`] is fed whole chunks in payload order, and only chunks that
-//! matched their signed written hash ([`CheckedChunk`]s), so the prefix a
-//! decoder gets is always signed bytes. It keeps the last
+//! A [`Window`] is fed whole chunks in payload order: chunks that matched
+//! their signed written hash ([`CheckedChunk`]s), or linked chunks as the
+//! decoder made them from their signed bytes ([`DecodedChunk`]s), whose
+//! own hash is checked meanwhile on another thread. So a decoder is only
+//! ever given signed bytes, or its own output for signed bytes; and a
+//! chunk decoded against a chunk whose check then fails is never written,
+//! since that failure stops the install. It keeps the last
 //! [`Manifest::max_window`] of them: at most 8 MiB, and nothing for a
 //! bundle without linked chunks.
 
-use super::{BundleError, CheckedChunk, Manifest};
+use super::{BundleError, CheckedChunk, DecodedChunk, Manifest};
 
 /// The last written bytes before chunk [`next`](Self::next).
 #[derive(Debug, Clone)]
@@ -48,6 +52,15 @@ impl Window {
 
     /// Appends chunk [`next`](Self::next), checked against its signed hash.
     pub fn push(&mut self, chunk: &CheckedChunk) -> Result<(), BundleError> {
+        self.push_verified(chunk.index(), chunk.data())
+    }
+
+    /// Appends linked chunk [`next`](Self::next) as it was decoded; its
+    /// hash is to be checked ([`VerifiedManifest::check_decoded`]) before
+    /// any of it is written.
+    ///
+    /// [`VerifiedManifest::check_decoded`]: super::VerifiedManifest::check_decoded
+    pub fn push_decoded(&mut self, chunk: &DecodedChunk) -> Result<(), BundleError> {
         self.push_verified(chunk.index(), chunk.data())
     }
 
