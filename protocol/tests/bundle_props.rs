@@ -654,4 +654,26 @@ proptest! {
         b[i] ^= mask;
         prop_assert!(verify(&b, &t).unwrap_err().is_security());
     }
+
+    /// Linked chunks: any payload of repeated noise, chunk size and window
+    /// round-trips through both readers, and any flipped byte is refused.
+    #[test]
+    fn linked_chunks_round_trip_and_refuse_any_flip(
+        block in 64usize..4096,
+        copies in 1usize..8,
+        chunk in 1024usize..4096,
+        window in 1u32..16_384,
+        at: prop::sample::Index,
+        mask in 1u8..=255,
+    ) {
+        let t = trust(1, 1);
+        let p: Vec<u8> = noise(block, 3).into_iter().cycle().take(block * copies + 1).collect();
+        let (entries, stored) = linked_parts(&p, chunk, window);
+        let bytes = linked_bundle(entries, &stored, chunk as u32);
+        prop_assert_eq!(verify(&bytes, &t).unwrap(), p);
+        let mut b = bytes.clone();
+        let i = at.index(b.len());
+        b[i] ^= mask;
+        prop_assert!(verify(&b, &t).unwrap_err().is_security());
+    }
 }
