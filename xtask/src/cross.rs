@@ -246,6 +246,10 @@ pub fn qemu_check(t: &Target, bin: &Path) -> Result<()> {
     std::os::unix::fs::symlink("a", dir.join("slots/current"))?;
     std::fs::create_dir_all(dir.join("tree"))?;
     std::fs::write(dir.join("tree/app"), "built on x86_64, installed by an ARM agent\n")?;
+    // Two copies of one library: compressed, the second copy's chunks are
+    // linked to the first, so the ARM agent decodes linked chunks in order.
+    crate::demo::write_image(&dir.join("tree/lib1.so"), 300 << 10)?;
+    std::fs::copy(dir.join("tree/lib1.so"), dir.join("tree/lib2.so"))?;
     host_run(
         "perch",
         &[
@@ -263,6 +267,8 @@ pub fn qemu_check(t: &Target, bin: &Path) -> Result<()> {
             "app.perch",
             "--target",
             "drone",
+            "--compress",
+            "zstd:3",
         ],
     )?;
     host_run("perch", &["bundle", "sign", "--key", "k.key", "app.perch"])?;
@@ -273,6 +279,11 @@ pub fn qemu_check(t: &Target, bin: &Path) -> Result<()> {
     agent(&["--config", "agent.toml", "--state-dir", "state", "install", "app.perch"], 0)?;
     if std::fs::read_link(dir.join("slots/current"))? != Path::new("b") {
         bail!("{}: the ARM agent did not switch to slot b", t.triple);
+    }
+    for lib in ["lib1.so", "lib2.so"] {
+        if std::fs::read(dir.join("slots/b").join(lib))? != std::fs::read(dir.join("tree").join(lib))? {
+            bail!("{}: the ARM agent installed {lib} wrong", t.triple);
+        }
     }
     agent(&["--config", "agent.toml", "--state-dir", "state", "status", "--json"], 0)?;
     Ok(())
