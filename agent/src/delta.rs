@@ -84,14 +84,11 @@ impl LocalChunks {
     /// The slot about to be written, when a staging left it partly
     /// written, for the chunks of the new bundle already in place there:
     /// an install of another bundle that was cut short, or this one's own
-    /// writes after its last checkpoint. Only the backends whose writer
-    /// keeps a slot's bytes ([`SlotBackend::keeps_bytes`]) are asked. A chunk is looked for
-    /// only at its own offset, where staging writes that same chunk and no
-    /// other, so nothing is overwritten before it is read.
+    /// writes after its last checkpoint (staging then opens the slot
+    /// keeping its bytes). A chunk is looked for only at its own offset,
+    /// where staging writes that same chunk and no other, so nothing is
+    /// overwritten before it is read.
     pub fn in_place(backend: &dyn SlotBackend, slot: SlotId) -> Option<Self> {
-        if !backend.keeps_bytes() {
-            return None;
-        }
         let path = backend.payload_path(slot);
         let file = File::open(&path).ok()?;
         Some(LocalChunks { slot, file, path, by_hash: HashMap::new() })

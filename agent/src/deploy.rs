@@ -497,7 +497,9 @@ impl Engine {
         // lengths), and where the progress resumes.
         let layout = Arc::new(reader.manifest().manifest().clone());
         let resumed_bytes = layout.written_offset(from_chunk);
-        let mut writer = self.backend.open_writer(slot, bundle.kind, from_chunk > 0)?;
+        // Kept: the chunks before `from_chunk`, and any in place.
+        let keep = from_chunk > 0 || target.is_some();
+        let mut writer = self.backend.open_writer(slot, bundle.kind, keep, bundle.payload_len)?;
         let bundle_err = |source| DeployError::Bundle { path: PathBuf::new(), source };
         // The chunks the device holds (by the running slot's record, or in
         // place on the slot being written) are read from there; only the

@@ -986,16 +986,52 @@ fn an_interrupted_install_leaves_chunks_that_the_next_bundle_takes_in_place() {
     let v4 = changed(&v3, 15 * 16 * 1024 + 3, 10);
     build_image(&d, "v4.perch", 4, &v4);
     let out = install_and_commit(&mut d, "v4.perch");
-    let in_place: usize = out
-        .split(" already in place on slot a")
-        .next()
-        .and_then(|s| s.rsplit(' ').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("{out}"));
+    let in_place = in_place_on(&out, "a");
     assert!((8..CHUNKS - 1).contains(&in_place), "{in_place} in place: {out}");
     assert!(out.contains(&format!("fetching {}", CHUNKS - in_place)), "{out}");
     assert_eq!(d.slot_bytes("a", LEN), v4);
     assert_eq!(d.slot_bytes("b", LEN), v2, "the running slot is untouched");
+}
+
+/// How many chunks an install's output says were in place on `slot`.
+fn in_place_on(out: &str, slot: &str) -> usize {
+    out.split(&format!(" already in place on slot {slot}"))
+        .next()
+        .and_then(|s| s.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no chunks in place on slot {slot}: {out}"))
+}
+
+/// The same for a directory slot, whose staging file a new install keeps
+/// (cut to the new payload's length) when a staging left it partly written.
+#[test]
+fn an_interrupted_archive_install_leaves_chunks_that_the_next_bundle_takes_in_place() {
+    let d = Device::new(Backend::Dir);
+    // Y is X with its last file changed and shorter: the staging file X
+    // left is longer than Y's payload.
+    let tree = |name: &str, last: u8, last_len: usize| {
+        let dir = d.path(name);
+        fs::create_dir_all(&dir).unwrap();
+        for i in 0..10u8 {
+            let (seed, len) = if i == 9 { (last, last_len) } else { (i + 1, 64 * 1024) };
+            fs::write(dir.join(format!("f{i}")), perch_tests::device::new_image(seed, len)).unwrap();
+        }
+        dir
+    };
+    tree("x.tree", 10, 64 * 1024);
+    let y = tree("y.tree", 11, 20 * 1024);
+    d.build("x.perch", 2, "archive", "x.tree", 16 * 1024, &[]);
+    d.build("y.perch", 3, "archive", "y.tree", 16 * 1024, &[]);
+    let r = d.agent_env(&["install", "x.perch"], &[("PERCH_FAILPOINT", "chunk-written:6")]);
+    assert_eq!(r.code, -1, "not killed: {} {}", r.stdout, r.stderr);
+    let r = install(&d, "y.perch");
+    assert_eq!(r.code, 0, "{} {}", r.stdout, r.stderr);
+    assert!(in_place_on(&r.stdout, "b") >= 6, "{}", r.stdout);
+    assert_eq!(tree_digest(&d.path("root/b")), tree_digest(&y));
+    let staged = fs::metadata(d.path("root/.staging-b.tar")).unwrap().len();
+    let inspect = d.s.ok("perch", &["bundle", "inspect", "--json", "y.perch"]);
+    let inspect: serde_json::Value = serde_json::from_str(&inspect.stdout).unwrap();
+    assert_eq!(inspect["payload_len"].as_u64(), Some(staged), "the staged archive is exactly the payload");
 }
 
 #[test]

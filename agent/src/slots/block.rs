@@ -30,6 +30,6 @@ impl BlockSlots {
             return Err(SlotError::Unsupported("block slots take image bundles, not archives".into()));
         }
         // Never create or truncate: a device cannot be, and a resumed install keeps its chunks.
-        FileWriter::open(self.path(slot), false, false)
+        FileWriter::open_device(self.path(slot))
     }
 }

@@ -75,13 +75,14 @@ impl SlotBackend for DirBackend {
         &self,
         slot: SlotId,
         kind: PayloadKind,
-        resume: bool,
+        keep: bool,
+        len: u64,
     ) -> Result<Box<dyn SlotWriter>, SlotError> {
         if kind != PayloadKind::Archive {
             return Err(SlotError::Unsupported("directory slots take archive bundles, not images".into()));
         }
         fs::create_dir_all(&self.cfg.root).map_err(io_err(&self.cfg.root))?;
-        FileWriter::open(&self.staging(slot), true, !resume)
+        FileWriter::open_staging(&self.staging(slot), keep, len)
     }
 
     fn payload_path(&self, slot: SlotId) -> PathBuf {

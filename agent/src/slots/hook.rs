@@ -53,9 +53,10 @@ impl SlotBackend for HookBackend {
         &self,
         slot: SlotId,
         _kind: PayloadKind,
-        resume: bool,
+        keep: bool,
+        len: u64,
     ) -> Result<Box<dyn SlotWriter>, SlotError> {
-        FileWriter::open(&self.staged(slot), true, !resume)
+        FileWriter::open_staging(&self.staged(slot), keep, len)
     }
 
     fn payload_path(&self, slot: SlotId) -> PathBuf {

@@ -78,20 +78,16 @@ pub trait SlotBackend {
     /// Which slot the bootloader (or symlink) will run next, if it says.
     fn next_boot(&self) -> Result<Option<SlotId>, SlotError>;
 
-    /// Opens `slot` for the payload. With `resume`, what is already there is kept.
+    /// Opens `slot` for a payload of `len` bytes. With `keep`, the bytes
+    /// already there stay (a resumed install, or chunks in place from an
+    /// interrupted one); a staging file is then cut or grown to `len`.
     fn open_writer(
         &self,
         slot: SlotId,
         kind: PayloadKind,
-        resume: bool,
+        keep: bool,
+        len: u64,
     ) -> Result<Box<dyn SlotWriter>, SlotError>;
-
-    /// Whether a fresh [`open_writer`](Self::open_writer) keeps what `slot`
-    /// holds (a block device; a staging file is truncated), so that chunks
-    /// already in place there need not be fetched again.
-    fn keeps_bytes(&self) -> bool {
-        false
-    }
 
     /// The file whose first bytes are the payload last written to `slot`:
     /// the slot's block device, or the staged archive or hook payload,
@@ -161,16 +157,24 @@ pub(crate) struct FileWriter {
 }
 
 impl FileWriter {
-    /// Opens `path` for writing: staging files are created (and truncated
-    /// for a fresh install); devices are opened as they are.
-    pub(crate) fn open(path: &Path, create: bool, truncate: bool) -> Result<Box<dyn SlotWriter>, SlotError> {
+    /// Opens a device as it is (never created, never truncated).
+    pub(crate) fn open_device(path: &Path) -> Result<Box<dyn SlotWriter>, SlotError> {
+        let file = std::fs::OpenOptions::new().write(true).open(path).map_err(io_err(path))?;
+        Ok(Box::new(FileWriter { file, path: path.to_path_buf() }))
+    }
+
+    /// Opens a staging file for a payload of `len` bytes: created if
+    /// missing, emptied unless `keep`, and then exactly `len` bytes long, so
+    /// that what a hook or `tar` reads ends where the payload does.
+    pub(crate) fn open_staging(path: &Path, keep: bool, len: u64) -> Result<Box<dyn SlotWriter>, SlotError> {
         let existed = path.exists();
         let file = std::fs::OpenOptions::new()
             .write(true)
-            .create(create)
-            .truncate(truncate)
+            .create(true)
+            .truncate(!keep)
             .open(path)
             .map_err(io_err(path))?;
+        file.set_len(len).map_err(io_err(path))?;
         if !existed {
             // A new staging file must survive a power cut as well as its data.
             let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));

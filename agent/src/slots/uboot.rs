@@ -68,15 +68,12 @@ impl SlotBackend for UbootBackend {
         Ok(self.printenv(&self.cfg.vars.slot)?.as_deref().and_then(SlotId::parse))
     }
 
-    fn keeps_bytes(&self) -> bool {
-        true
-    }
-
     fn open_writer(
         &self,
         slot: SlotId,
         kind: PayloadKind,
-        _resume: bool,
+        _keep: bool,
+        _len: u64,
     ) -> Result<Box<dyn SlotWriter>, SlotError> {
         self.block.open_writer(slot, kind)
     }
