@@ -6,9 +6,9 @@
 //! zstd (libzstd through the `zstd` crate, no legacy formats): see the
 //! architecture notes for why this one and what it costs the agent.
 
-/// The `len` bytes `stored` decompresses to, with `prefix` (the checked
-/// written bytes before it, for a linked chunk; else empty) as its zstd
-/// prefix, or why it does not.
+/// The `len` bytes `stored` decompresses to, with `prefix` as its zstd
+/// prefix (for a linked chunk, the written bytes before it, from a
+/// [`Window`](super::Window); else empty), or why it does not.
 pub(super) fn chunk(stored: &[u8], len: usize, prefix: &[u8]) -> Result<Vec<u8>, String> {
     let mut out = Vec::with_capacity(len);
     let mut d = zstd::zstd_safe::DCtx::create();

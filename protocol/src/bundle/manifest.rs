@@ -4,9 +4,10 @@
 //! - format 2: fixed-size chunks, each stored as written, plus a
 //!   whole-payload SHA-256 (redundant with the chunk hashes, kept so that
 //!   format-2 bundles still verify as they were signed);
-//! - format 3: a table of chunks, each stored raw or zstd-compressed with
-//!   both hashes signed (of the bytes that travel and of the bytes that are
-//!   written), fixed-size or content-defined; no whole-payload hash.
+//! - format 3: a table of chunks, each stored raw or zstd-compressed (alone,
+//!   or linked to the written bytes before it) with both hashes signed (of
+//!   the bytes that travel and of the bytes that are written), fixed-size
+//!   or content-defined; no whole-payload hash.
 //!
 //! Offsets are never stored: they are the running sums of the lengths,
 //! computed once when a manifest is made ([`Manifest::from_parts`]), so a

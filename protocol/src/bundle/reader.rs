@@ -553,8 +553,8 @@ fn read_checked<R: Read>(
 /// Decompresses compressed chunk `index`, whose stored bytes already
 /// matched their signed hash, into exactly its signed length, and compares
 /// the result with its signed hash: the one way any reader decodes a chunk.
-/// `prefix` is what a linked chunk is decoded against (checked bytes from a
-/// [`Window`]); it is empty for any other chunk.
+/// `prefix` is what a linked chunk is decoded against (from a [`Window`]);
+/// it is ignored for any other chunk.
 pub(super) fn decode_checked(
     m: &Manifest,
     index: u32,

@@ -26,9 +26,10 @@ pub struct Window {
 }
 
 impl Window {
-    /// An empty window that takes chunks from `first` on. To decode from
-    /// chunk `n`, start at [`first_needed`](Self::first_needed)`(m, n)` and
-    /// push the chunks before `n`.
+    /// An empty window that takes chunks from `first` on. A linked chunk
+    /// can be decoded once the chunks its prefix covers were pushed, so to
+    /// resume at chunk `n`, start at 0 (or far enough back) and push the
+    /// chunks before `n` again.
     pub fn starting_at(m: &Manifest, first: u32) -> Window {
         Window {
             bytes: Vec::new(),
@@ -37,12 +38,6 @@ impl Window {
             keep: m.max_window() as usize,
             count: m.chunk_count(),
         }
-    }
-
-    /// The first chunk whose bytes decoding from chunk `from` on may need.
-    pub fn first_needed(m: &Manifest, from: u32) -> u32 {
-        let back = m.written_offset(from).saturating_sub(u64::from(m.max_window()));
-        m.chunk_at_written(back).unwrap_or(from).min(from)
     }
 
     /// The chunk this window expects next.
