@@ -27,7 +27,7 @@ pub struct DeployArgs {
 #[derive(Args)]
 struct StartArgs {
     #[command(flatten)]
-    conn: Option<Conn>,
+    conn: Conn,
     /// The published bundle, NAME@COUNTER.
     #[arg(long, required = true)]
     bundle: Option<String>,
@@ -93,7 +93,7 @@ pub fn run(args: DeployArgs) -> Result<()> {
         match args.action {
             None => start(args.start).await,
             Some(Action::Pause { conn, id }) => {
-                let c = connect(conn.target()).await?;
+                let c = connect(conn.target()?).await?;
                 let (r, _) = rollouts::change(&c, &id, now_unix(), |r, _| match &r.state {
                     State::Running => {
                         let mut next = r.clone();
@@ -112,7 +112,7 @@ pub fn run(args: DeployArgs) -> Result<()> {
                 Ok(())
             }
             Some(Action::Resume { conn, id, detach }) => {
-                let c = connect(conn.target()).await?;
+                let c = connect(conn.target()?).await?;
                 let (r, _) = rollouts::change(&c, &id, now_unix(), |r, view| match &r.state {
                     State::Paused { .. } => Ok((rollout::resume(r, view, now_unix())?, vec![])),
                     // Running: taken over as it is.
@@ -128,7 +128,7 @@ pub fn run(args: DeployArgs) -> Result<()> {
                 drive(&c, &r.id).await
             }
             Some(Action::Abort { conn, id }) => {
-                let c = connect(conn.target()).await?;
+                let c = connect(conn.target()?).await?;
                 let (r, notes) = rollouts::change(&c, &id, now_unix(), |r, _| match &r.state {
                     State::Aborted => Err(format!("rollout {id} is already aborted")),
                     _ => Ok(rollout::abort(r, now_unix())),
@@ -143,7 +143,7 @@ pub fn run(args: DeployArgs) -> Result<()> {
                 Ok(())
             }
             Some(Action::List { conn, json }) => {
-                let c = connect(conn.target()).await?;
+                let c = connect(conn.target()?).await?;
                 let js = async_nats::jetstream::new(c);
                 let all = rollouts::list(&js).await?;
                 if json {
@@ -183,8 +183,8 @@ fn usage(e: RolloutError) -> anyhow::Error {
 }
 
 async fn start(a: StartArgs) -> Result<()> {
-    let (Some(conn), Some(bundle)) = (a.conn, a.bundle) else {
-        return Err(UsageError("perch deploy needs --bundle, --creds and --ca".into()).into());
+    let (conn, Some(bundle)) = (a.conn, a.bundle) else {
+        return Err(UsageError("perch deploy needs --bundle".into()).into());
     };
     let bundle = perch_fleet::catalog::parse_ref(&bundle).map_err(|e| UsageError(e.to_string()))?;
     let target = match a.group {
@@ -198,7 +198,7 @@ async fn start(a: StartArgs) -> Result<()> {
         max_failures: Limit::parse(&a.max_failures).map_err(UsageError)?,
         wave_wait: a.wave_wait,
     };
-    let c = connect(conn.target()).await?;
+    let c = connect(conn.target()?).await?;
     let r = rollouts::create(&c, &plan, now_unix()).await.map_err(usage)?;
     let sizes: Vec<String> = (0..r.waves.len())
         .map(|i| format!("{} ({}%)", r.wave_devices(i).len(), r.waves[i].percent))

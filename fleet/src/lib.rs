@@ -7,6 +7,7 @@
 pub mod archive;
 pub mod build;
 pub mod catalog;
+pub mod context;
 pub mod desired;
 pub mod diff;
 pub mod link;

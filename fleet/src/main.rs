@@ -8,6 +8,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use perch_fleet::build::{build_bundle, BuildError, Cut};
+use perch_fleet::context;
 use perch_fleet::sign::{sign_file, SignOutcome};
 use perch_fleet::verify::verify_file;
 use perch_protocol::bundle::{
@@ -45,6 +46,9 @@ enum Command {
     /// Build, sign, verify and inspect bundles.
     #[command(subcommand)]
     Bundle(BundleCommand),
+    /// Saved connection settings (URL, credential, CA), as `nats context` keeps them.
+    #[command(subcommand)]
+    Context(ContextCommand),
     /// Verify a bundle and upload it to the fleet's PERCH_CHUNKS stream.
     Publish {
         /// The org trust document: the bundle is verified against it first.
@@ -138,24 +142,164 @@ impl ScopeArgs {
     }
 }
 
+/// The three connection settings.
+#[derive(Args)]
+pub struct Settings {
+    /// NATS URL; repeat for several.
+    #[arg(long = "url", value_name = "URL")]
+    urls: Vec<String>,
+    /// A FLEET user credential (`perch-bootstrap nats creds --account fleet`).
+    #[arg(long, value_name = "FILE")]
+    creds: Option<PathBuf>,
+    /// The fleet CA certificate (ORG/tls/ca.pem).
+    #[arg(long, value_name = "FILE")]
+    ca: Option<PathBuf>,
+}
+
 /// How the operator reaches the fleet's NATS.
 #[derive(Args)]
 pub struct Conn {
-    /// NATS URL; repeat for several.
-    #[arg(long = "url", value_name = "URL", default_value = "tls://127.0.0.1:4222")]
-    urls: Vec<String>,
-    /// A FLEET user credential (`perch-bootstrap nats creds --account fleet`).
-    #[arg(long)]
-    creds: PathBuf,
-    /// The fleet CA certificate (ORG/tls/ca.pem).
-    #[arg(long)]
-    ca: PathBuf,
+    #[command(flatten)]
+    settings: Settings,
+    /// The saved context for the settings not given as flags or in
+    /// PERCH_URL, PERCH_CREDS, PERCH_CA (default: PERCH_CONTEXT, else the
+    /// one `perch context use` selected).
+    #[arg(long, value_name = "NAME")]
+    context: Option<String>,
 }
 
 impl Conn {
-    pub fn target(self) -> perch_fleet::link::Target {
-        perch_fleet::link::Target { urls: self.urls, creds: self.creds, ca: self.ca }
+    /// The settings, resolved against the environment and the context.
+    pub fn resolve(self) -> Result<context::Resolved> {
+        let Settings { urls, creds, ca } = self.settings;
+        let flags = context::Flags { urls, creds, ca, context: self.context };
+        context::resolve(flags, &env_var).map_err(context_error)
     }
+
+    pub fn target(self) -> Result<perch_fleet::link::Target> {
+        Ok(self.resolve()?.target)
+    }
+}
+
+fn env_var(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+/// A context error, as usage (exit 2) unless it is I/O trouble.
+fn context_error(e: context::ContextError) -> anyhow::Error {
+    if e.is_usage() {
+        UsageError(e.to_string()).into()
+    } else {
+        e.into()
+    }
+}
+
+#[derive(Subcommand)]
+enum ContextCommand {
+    /// Save a context (replacing one of that name): the settings given,
+    /// file paths made absolute.
+    Add {
+        name: String,
+        #[command(flatten)]
+        settings: Settings,
+        /// A line saying what the context is for.
+        #[arg(long)]
+        description: Option<String>,
+        /// Also select it.
+        #[arg(long = "use")]
+        select: bool,
+    },
+    /// Select the context networked commands use.
+    Use { name: String },
+    /// List the saved contexts; `*` marks the selected one.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// What a networked command would connect with now, and where each
+    /// setting comes from.
+    Show {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a saved context.
+    Rm { name: String },
+}
+
+fn context_cmd(cmd: ContextCommand) -> Result<()> {
+    let store = context::Store::from_env(&env_var).map_err(context_error)?;
+    match cmd {
+        ContextCommand::Add { name, settings: Settings { urls, creds, ca }, description, select } => {
+            let c = context::made(description, urls, creds, ca).map_err(context_error)?;
+            store.save(&name, &c).map_err(context_error)?;
+            if select {
+                store.select(&name).map_err(context_error)?;
+            }
+            println!(
+                "saved context '{name}' in {}{}",
+                store.dir().display(),
+                if select { " and selected it" } else { "" }
+            );
+        }
+        ContextCommand::Use { name } => {
+            store.select(&name).map_err(context_error)?;
+            println!("selected context '{name}'");
+        }
+        ContextCommand::Ls { json } => {
+            let selected = store.selected().map_err(context_error)?;
+            let mut rows = vec![];
+            for name in store.names().map_err(context_error)? {
+                let c = store.load(&name).map_err(context_error)?;
+                rows.push((selected.as_deref() == Some(name.as_str()), name, c));
+            }
+            if json {
+                let list: Vec<_> = rows
+                    .iter()
+                    .map(|(sel, name, c)| {
+                        json!({"name": name, "selected": sel, "description": c.description,
+                               "urls": c.urls, "creds": c.creds, "ca": c.ca})
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&json!({ "contexts": list }))?);
+            } else if rows.is_empty() {
+                println!(
+                    "no contexts in {} (perch context add NAME --url .. --creds .. --ca ..)",
+                    store.dir().display()
+                );
+            } else {
+                let width = rows.iter().map(|(_, n, _)| n.len()).max().unwrap_or(0);
+                for (sel, name, c) in rows {
+                    let mark = if sel { '*' } else { ' ' };
+                    println!("{mark} {name:<width$}  {}  {}", c.urls.join(","), c.description);
+                }
+            }
+        }
+        ContextCommand::Show { conn, json } => {
+            let r = conn.resolve()?;
+            let t = &r.target;
+            if json {
+                let v = json!({
+                    "context": r.context,
+                    "urls": t.urls, "urls_from": r.urls_from.to_string(),
+                    "creds": t.creds, "creds_from": r.creds_from.to_string(),
+                    "ca": t.ca, "ca_from": r.ca_from.to_string(),
+                });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("context  {}", r.context.as_deref().unwrap_or("(none)"));
+                println!("url      {}  ({})", t.urls.join(","), r.urls_from);
+                println!("creds    {}  ({})", t.creds.display(), r.creds_from);
+                println!("ca       {}  ({})", t.ca.display(), r.ca_from);
+            }
+        }
+        ContextCommand::Rm { name } => {
+            store.remove(&name).map_err(context_error)?;
+            println!("removed context '{name}'");
+        }
+    }
+    Ok(())
 }
 
 #[derive(Subcommand)]
@@ -287,14 +431,15 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Keygen { out } => keygen(&out),
-        Command::Publish { trust, conn, file } => publish(&trust, conn.target(), &file),
+        Command::Publish { trust, conn, file } => publish(&trust, conn.target()?, &file),
+        Command::Context(cmd) => context_cmd(cmd),
         Command::Desired(cmd) => desired(cmd),
         Command::Deploy(args) => deploy_cli::run(args),
         Command::Status { conn, device, stale_after, json, watch } => {
             let q = perch_fleet::status::Query { device, stale_after_secs: stale_after.as_secs() };
-            status(&conn.target(), &q, json, watch)
+            status(&conn.target()?, &q, json, watch)
         }
-        Command::Streams { conn, json } => streams(conn.target(), json),
+        Command::Streams { conn, json } => streams(conn.target()?, json),
         Command::Bundle(BundleCommand::Build(args)) => build(args),
         Command::Bundle(BundleCommand::Sign { key, file }) => {
             let key = keyfile::read_secret(&key)?;
@@ -700,18 +845,18 @@ fn desired(cmd: DesiredCommand) -> Result<()> {
                     (None, None) => return Err(UsageError("give --bundle or --digest".into()).into()),
                 };
                 let scope = scope.scope();
-                let js = async_nats::jetstream::new(conn.target().connect("perch desired").await?);
+                let js = async_nats::jetstream::new(conn.target()?.connect("perch desired").await?);
                 let rev = desired::set(&js, &scope, &d).await.map_err(desired_err)?;
                 println!("{} -> {} (revision {rev})", scope.key().map_err(desired_err)?, hex::encode(d));
             }
             DesiredCommand::Clear { conn, scope } => {
                 let scope = scope.scope();
-                let js = async_nats::jetstream::new(conn.target().connect("perch desired").await?);
+                let js = async_nats::jetstream::new(conn.target()?.connect("perch desired").await?);
                 desired::clear(&js, &scope).await.map_err(desired_err)?;
                 println!("{} cleared", scope.key().map_err(desired_err)?);
             }
             DesiredCommand::List { conn, json } => {
-                let js = async_nats::jetstream::new(conn.target().connect("perch desired").await?);
+                let js = async_nats::jetstream::new(conn.target()?.connect("perch desired").await?);
                 let all = desired::list(&js).await.map_err(desired_err)?;
                 if json {
                     println!("{}", serde_json::to_string_pretty(&all)?);

@@ -80,3 +80,66 @@ fn publish_uploads_a_verified_bundle_once() {
         assert_eq!(&chunk[..], &payload[at..at + (1 << 18)], "chunk {i}");
     }
 }
+
+/// `perch context`: an operator saves the URL, credential and CA once and
+/// selects them; the environment overrides the context, and a flag
+/// overrides both. Nothing given is one line naming the three ways.
+#[test]
+fn a_context_or_the_environment_supplies_the_connection() {
+    let f = Fleet::start(1);
+    let s = &f.s;
+    s.fleet_creds("reader");
+    let cfg = s.path("cfg");
+    let run = |args: &[&str], env: &[(&str, &str)]| -> perch_tests::Run {
+        let mut c = std::process::Command::new(perch_tests::bin("perch"));
+        c.args(args).current_dir(s.dir.path()).env("PERCH_CONFIG_DIR", &cfg);
+        for var in ["PERCH_URL", "PERCH_CREDS", "PERCH_CA", "PERCH_CONTEXT"] {
+            c.env_remove(var);
+        }
+        c.envs(env.iter().copied());
+        c.output().expect("spawn").into()
+    };
+    let r = run(&["status", "--json"], &[]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("--creds") && r.stderr.contains("PERCH_CREDS"), "{}", r.stderr);
+    assert!(r.stderr.contains("perch context add"), "{}", r.stderr);
+    assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+
+    let add = ["context", "add", "lab", "--url", &f.url, "--creds", "reader.creds", "--ca", "org/tls/ca.pem"];
+    let r = run(&[&add[..], &["--description", "the lab fleet", "--use"]].concat(), &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let r = run(&["status", "--json"], &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert!(v["devices"].is_array(), "{v}");
+    let ls: serde_json::Value = serde_json::from_str(&run(&["context", "ls", "--json"], &[]).stdout).unwrap();
+    assert_eq!(ls["contexts"][0]["name"], "lab", "{ls}");
+    assert_eq!(ls["contexts"][0]["selected"], true, "{ls}");
+    assert!(ls["contexts"][0]["creds"].as_str().unwrap().starts_with('/'), "saved absolute: {ls}");
+
+    // The environment beats the context; a flag beats the environment.
+    let r = run(&["status", "--json"], &[("PERCH_CREDS", "nowhere.creds")]);
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains("nowhere.creds"), "{}", r.stderr);
+    let r = run(&["status", "--json", "--creds", "reader.creds"], &[("PERCH_CREDS", "nowhere.creds")]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let r = run(&["context", "show", "--json"], &[("PERCH_CA", "org/tls/ca.pem")]);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(
+        (v["creds_from"].as_str(), v["ca_from"].as_str()),
+        (Some("context 'lab'"), Some("environment (PERCH_CA)"))
+    );
+
+    // A context that does not exist, named by PERCH_CONTEXT or --context.
+    for (args, env) in
+        [(&["status"][..], &[("PERCH_CONTEXT", "prod")][..]), (&["status", "--context", "prod"], &[])]
+    {
+        let r = run(args, env);
+        assert_eq!(r.code, 2, "{}", r.stderr);
+        assert!(r.stderr.contains("no context 'prod'"), "{}", r.stderr);
+    }
+    // Removing the selected context unselects it.
+    assert_eq!(run(&["context", "rm", "lab"], &[]).code, 0);
+    assert_eq!(run(&["status"], &[]).code, 2);
+    assert_eq!(run(&["context", "use", "lab"], &[]).code, 2);
+}
