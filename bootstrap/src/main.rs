@@ -34,7 +34,8 @@ struct Cli {
 enum Command {
     /// Create an org: root key pair and a version-1 trust document.
     Init {
-        #[arg(long)]
+        /// The org directory (`perch-bootstrap init` made it).
+        #[arg(long, env = "PERCH_ORG", value_name = "ORG_DIR")]
         dir: PathBuf,
         /// A release public key (PREFIX.pub); repeat for each key.
         #[arg(long = "release-key", value_name = "PUB", required = true)]
@@ -75,7 +76,8 @@ enum Command {
     Site(SiteCommand),
     /// Run the provisioner: answer enrollment requests until stopped.
     Run {
-        #[arg(long)]
+        /// The org directory (`perch-bootstrap init` made it).
+        #[arg(long, env = "PERCH_ORG", value_name = "ORG_DIR")]
         dir: PathBuf,
         #[command(flatten)]
         server: Server,
@@ -95,7 +97,8 @@ enum Command {
     },
     /// List devices waiting for approval (new devices and re-enrollments).
     Pending {
-        #[arg(long)]
+        /// The org directory (`perch-bootstrap init` made it).
+        #[arg(long, env = "PERCH_ORG", value_name = "ORG_DIR")]
         dir: PathBuf,
         #[command(flatten)]
         server: Server,
@@ -104,7 +107,8 @@ enum Command {
     },
     /// List every device in the registry.
     Devices {
-        #[arg(long)]
+        /// The org directory (`perch-bootstrap init` made it).
+        #[arg(long, env = "PERCH_ORG", value_name = "ORG_DIR")]
         dir: PathBuf,
         #[command(flatten)]
         server: Server,
@@ -113,7 +117,8 @@ enum Command {
     },
     /// Approve a pending device (or its re-enrollment with a new key).
     Approve {
-        #[arg(long)]
+        /// The org directory (`perch-bootstrap init` made it).
+        #[arg(long, env = "PERCH_ORG", value_name = "ORG_DIR")]
         dir: PathBuf,
         #[command(flatten)]
         server: Server,
@@ -121,7 +126,8 @@ enum Command {
     },
     /// Reject a pending device (or its re-enrollment with a new key).
     Reject {
-        #[arg(long)]
+        /// The org directory (`perch-bootstrap init` made it).
+        #[arg(long, env = "PERCH_ORG", value_name = "ORG_DIR")]
         dir: PathBuf,
         #[command(flatten)]
         server: Server,
@@ -129,7 +135,8 @@ enum Command {
     },
     /// Revoke a device: the server cuts it off within seconds and refuses it from then on.
     Revoke {
-        #[arg(long)]
+        /// The org directory (`perch-bootstrap init` made it).
+        #[arg(long, env = "PERCH_ORG", value_name = "ORG_DIR")]
         dir: PathBuf,
         #[command(flatten)]
         server: Server,
@@ -137,7 +144,8 @@ enum Command {
     },
     /// Offline enrollment: answer a device's request file with an enrollment file.
     SignRequest {
-        #[arg(long)]
+        /// The org directory (`perch-bootstrap init` made it).
+        #[arg(long, env = "PERCH_ORG", value_name = "ORG_DIR")]
         dir: PathBuf,
         /// The request from `perch-agent enroll --request-out`.
         file: PathBuf,
@@ -167,7 +175,8 @@ struct Server {
 enum TokenCommand {
     /// Issue an enrollment token (printed on stdout).
     Issue {
-        #[arg(long)]
+        /// The org directory (`perch-bootstrap init` made it).
+        #[arg(long, env = "PERCH_ORG", value_name = "ORG_DIR")]
         dir: PathBuf,
         /// A group enrolled devices may join; repeat for several.
         #[arg(long = "group", value_name = "G", required = true)]
@@ -217,7 +226,8 @@ enum NatsCommand {
     /// Issue a user credential (.creds, mode 0600) in an account, signed by
     /// the account's signing key: for services and operators.
     Creds {
-        #[arg(long)]
+        /// The org directory (`perch-bootstrap init` made it).
+        #[arg(long, env = "PERCH_ORG", value_name = "ORG_DIR")]
         dir: PathBuf,
         /// fleet or provisioning.
         #[arg(long)]
@@ -240,7 +250,8 @@ enum NatsCommand {
     /// over TLS, JetStream, the operator and a full resolver on each) to
     /// DIR/nats/cluster/<name>/.
     Cluster {
-        #[arg(long)]
+        /// The org directory (`perch-bootstrap init` made it).
+        #[arg(long, env = "PERCH_ORG", value_name = "ORG_DIR")]
         dir: PathBuf,
         /// A server: NAME=HOST or NAME=HOST:CLIENT_PORT:ROUTE_PORT[:LEAF_PORT]; repeat for each (at least 3).
         #[arg(long = "server", value_name = "NAME=HOST", required = true)]
@@ -278,7 +289,8 @@ enum SiteCommand {
     /// Write a field site's nats-server configuration, credentials and
     /// certificate to DIR/sites/NAME/.
     Init {
-        #[arg(long)]
+        /// The org directory (`perch-bootstrap init` made it).
+        #[arg(long, env = "PERCH_ORG", value_name = "ORG_DIR")]
         dir: PathBuf,
         /// The site's name (a-z 0-9 -, at most 32): its JetStream domain.
         #[arg(long)]
@@ -325,7 +337,8 @@ enum SiteCommand {
 enum TrustCommand {
     /// Root-sign the next version of DIR/trust.doc into OUT (needs co-signing).
     Rotate {
-        #[arg(long)]
+        /// The org directory (`perch-bootstrap init` made it).
+        #[arg(long, env = "PERCH_ORG", value_name = "ORG_DIR")]
         dir: PathBuf,
         #[arg(long = "release-key", value_name = "PUB", required = true)]
         release_keys: Vec<PathBuf>,
@@ -353,7 +366,8 @@ enum TrustCommand {
     /// keeps only the latest: a device that missed a version refuses the
     /// next until it gets the missed one, so push versions in order.
     Push {
-        #[arg(long)]
+        /// The org directory (`perch-bootstrap init` made it).
+        #[arg(long, env = "PERCH_ORG", value_name = "ORG_DIR")]
         dir: PathBuf,
         #[command(flatten)]
         server: Server,

@@ -109,3 +109,27 @@ fn an_oversized_token_file_is_refused_as_hostile_with_exit_3() {
     let r = s.run("perch-bootstrap", &["token", "check", "--trust", "org/trust.doc", "--file", "none.token"]);
     assert_eq!(r.code, 2, "{}", r.stderr);
 }
+
+/// The org directory from `PERCH_ORG` when `--dir` is not given; neither is
+/// exit 2, and the help names the variable.
+#[test]
+fn the_org_directory_can_come_from_perch_org() {
+    let s = Scratch::new();
+    s.org(1, 1);
+    let run = |env: Option<&str>| -> perch_tests::Run {
+        let mut c = std::process::Command::new(perch_tests::bin("perch-bootstrap"));
+        c.args(["token", "issue", "--group", "drones"]).current_dir(s.dir.path()).env_remove("PERCH_ORG");
+        if let Some(dir) = env {
+            c.env("PERCH_ORG", dir);
+        }
+        c.output().expect("spawn").into()
+    };
+    let r = run(Some("org"));
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.trim().len() > 20, "{}", r.stdout);
+    let r = run(None);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("--dir <ORG_DIR>"), "{}", r.stderr);
+    let help = s.ok("perch-bootstrap", &["token", "issue", "--help"]).stdout;
+    assert!(help.contains("[env: PERCH_ORG"), "{help}");
+}
