@@ -138,6 +138,18 @@ pub trait BundleSource: std::io::Read + std::io::Seek {
     /// only when a chunk taken from the device fails its check. A source
     /// that fetches ahead fetches these and skips the rest.
     fn plan(&mut self, _chunks: &[u32]) {}
+
+    /// The whole bundle's length, when the source holds all of it (a
+    /// file): staging checks it against the signed manifest before a
+    /// write, so a cut or padded file is refused even when the chunks it
+    /// lacks are already on the device. `None` for a source that fetches.
+    fn whole_len(&mut self) -> std::io::Result<Option<u64>> {
+        Ok(None)
+    }
 }
 
-impl BundleSource for File {}
+impl BundleSource for File {
+    fn whole_len(&mut self) -> std::io::Result<Option<u64>> {
+        Ok(Some(self.metadata()?.len()))
+    }
+}

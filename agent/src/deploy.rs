@@ -293,6 +293,7 @@ impl Engine {
         let trust = crate::trust_store::for_engine(&self.cfg.trust, &self.state_dir(), now)?;
         let bundle_err = |source| DeployError::Bundle { path: path.into(), source };
         let mut reader = BundleReader::open_verified(source, &trust, now).map_err(bundle_err)?;
+        check_whole_len(&mut reader).map_err(bundle_err)?;
         let bundle = BundleRef::of(reader.manifest());
         let booted = self.backend.booted()?;
         // The bundle the device runs, with nothing in flight (the last deploy
@@ -1000,6 +1001,22 @@ impl Engine {
                 Err(DeployError::Nothing(format!("nothing to roll back: the deploy is {}", other.name())))
             }
         }
+    }
+}
+
+/// Refuses a bundle file shorter or longer than its signed head says, as
+/// `verify_file` does, before anything is staged: delta reuse would
+/// otherwise install a cut file whose missing chunks are on the device.
+fn check_whole_len<R: BundleSource>(reader: &mut VerifiedBundle<R>) -> Result<(), BundleError> {
+    let stored = reader.manifest().manifest().stored_len();
+    let source = reader.source_mut();
+    let Some(len) = source.whole_len().map_err(BundleError::Io)? else { return Ok(()) };
+    let start = source.stream_position().map_err(BundleError::Io)?;
+    let end = start.saturating_add(stored);
+    match len.cmp(&end) {
+        std::cmp::Ordering::Less => Err(BundleError::Truncated(perch_protocol::bundle::Section::Payload)),
+        std::cmp::Ordering::Greater => Err(BundleError::TrailingData),
+        std::cmp::Ordering::Equal => Ok(()),
     }
 }
 

@@ -993,6 +993,38 @@ fn an_interrupted_install_leaves_chunks_that_the_next_bundle_takes_in_place() {
     assert_eq!(d.slot_bytes("b", LEN), v2, "the running slot is untouched");
 }
 
+/// A bundle file cut short or padded is refused before anything is
+/// staged, even when every chunk it lacks is on the device already (here
+/// all but chunk 0 are on the running slot), so the file's own damage is
+/// never hidden by delta reuse.
+#[test]
+fn a_cut_or_padded_bundle_file_is_refused_even_when_the_device_has_its_chunks() {
+    let mut d = Device::new(Backend::Uboot);
+    let v2 = perch_tests::device::new_image(1, LEN);
+    build_image(&d, "v2.perch", 2, &v2);
+    install_and_commit(&mut d, "v2.perch");
+    let v3 = changed(&v2, 3, 10);
+    build_image(&d, "v3.perch", 3, &v3);
+    let good = fs::read(d.path("v3.perch")).unwrap();
+    let mut padded = good.clone();
+    padded.push(0);
+    fs::write(d.path("cut.perch"), &good[..good.len() - 100]).unwrap();
+    fs::write(d.path("padded.perch"), &padded).unwrap();
+    let env_before = fs::read(d.path("env")).unwrap();
+    for (file, needle) in [("cut.perch", "truncated"), ("padded.perch", "unexpected data after the payload")]
+    {
+        let r = d.agent(&["install", file]);
+        assert_eq!(r.code, 3, "{file}: {} {}", r.stdout, r.stderr);
+        assert!(r.stderr.contains(needle), "{file}: {}", r.stderr);
+        assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+        assert_eq!(d.slot_bytes("b", LEN), v2, "{file}: the running slot changed");
+        assert_eq!(fs::read(d.path("env")).unwrap(), env_before, "{file}: the bootloader env changed");
+        assert_eq!(d.state(), "committed", "{file}: nothing was staged");
+    }
+    install_and_commit(&mut d, "v3.perch");
+    assert_eq!(d.slot_bytes("a", LEN), v3);
+}
+
 /// How many chunks an install's output says were in place on `slot`.
 fn in_place_on(out: &str, slot: &str) -> usize {
     out.split(&format!(" already in place on slot {slot}"))
