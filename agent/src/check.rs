@@ -1,5 +1,6 @@
 //! Offline bundle check: everything `install` verifies before it writes.
 
+use perch_support::exit::{Class, Classify};
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -16,6 +17,12 @@ pub struct CheckError {
     pub path: PathBuf,
     #[source]
     pub source: BundleError,
+}
+
+impl Classify for CheckError {
+    fn class(&self) -> Option<Class> {
+        self.source.class()
+    }
 }
 
 /// Verifies the bundle at `path` for `target` and discards the payload.

@@ -75,7 +75,7 @@ pub enum Parsed {
 pub enum CliError {
     #[error(transparent)]
     Lex(#[from] lexopt::Error),
-    #[error("unknown command '{0}'")]
+    #[error("unknown command '{0}'{suggestion}", suggestion = suggest(.0))]
     UnknownCommand(String),
     #[error("no command given")]
     NoCommand,
@@ -101,6 +101,37 @@ enum Name {
     Enroll,
     Check,
     Trust,
+}
+
+/// The commands, for suggestions.
+const COMMANDS: [&str; 8] = ["install", "status", "commit", "rollback", "run", "enroll", "check", "trust"];
+
+/// `" (did you mean 'install'?)"` for a command one or two edits from a
+/// real one (`instal`, `stauts`), else nothing (`trust bogus` too).
+fn suggest(given: &str) -> String {
+    COMMANDS
+        .iter()
+        .map(|c| (edits(given, c), c))
+        .filter(|(d, _)| *d <= 2 && !given.contains(' '))
+        .min()
+        .map(|(_, c)| format!(" (did you mean '{c}'?)"))
+        .unwrap_or_default()
+}
+
+/// Levenshtein distance (the command names are short).
+fn edits(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diag = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let next = (diag + usize::from(ca != *cb)).min(row[j] + 1).min(row[j + 1] + 1);
+            diag = row[j + 1];
+            row[j + 1] = next;
+        }
+    }
+    row[b.len()]
 }
 
 impl Name {
@@ -427,6 +458,14 @@ mod tests {
             Ok(other) => Err(format!("{other:?}")),
             Err(e) => Err(e.to_string()),
         }
+    }
+
+    #[test]
+    fn a_mistyped_command_gets_a_suggestion() {
+        assert_eq!(run(&["instal", "x"]).unwrap_err(), "unknown command 'instal' (did you mean 'install'?)");
+        assert_eq!(run(&["stauts"]).unwrap_err(), "unknown command 'stauts' (did you mean 'status'?)");
+        assert_eq!(run(&["frobnicate"]).unwrap_err(), "unknown command 'frobnicate'");
+        assert_eq!(run(&["trust", "updat", "f"]).unwrap_err(), "unknown command 'trust updat'");
     }
 
     #[test]

@@ -15,6 +15,7 @@ use perch_protocol::bundle::{
     BundleError, BundleReader, Checked, CheckedChunk, UncheckedChunk, VerifiedBundle, VerifiedManifest,
     Window,
 };
+use perch_support::exit::{Class, Classify};
 use perch_support::now_unix;
 use perch_support::trustfile::LoadTrustError;
 
@@ -82,6 +83,17 @@ impl DeployError {
             DeployError::Refused(_) => true,
             DeployError::Slot(s) => s.is_security(),
             _ => false,
+        }
+    }
+}
+
+impl Classify for DeployError {
+    fn class(&self) -> Option<Class> {
+        match self {
+            _ if self.is_security() => Some(Class::Security),
+            // Transparent: its chain skips it, so it is asked here.
+            DeployError::Trust(t) => t.class(),
+            _ => Some(Class::Runtime),
         }
     }
 }
@@ -747,8 +759,8 @@ impl Engine {
         while let Some(reason) = inhibit::reason(&self.cfg.inhibit) {
             if reason != said {
                 self.progress.note(&format!(
-                    "activation deferred: {reason}; checking again every {:?}",
-                    self.cfg.inhibit.poll
+                    "activation deferred: {reason}; checking again every {}",
+                    perch_support::duration(self.cfg.inhibit.poll)
                 ));
                 said = reason;
             }

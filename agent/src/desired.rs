@@ -390,7 +390,7 @@ pub async fn follow_with<D: Deployer>(f: Follow, deployer: D) {
                 // together must not ask again together), not at the next
                 // resync: a change must not wait a resync for one lost answer.
                 let pause = crate::enroll::backoff(failed_reads, std::time::Duration::from_secs(30));
-                warn!("desired state: {e}; reading again in {pause:?}");
+                warn!("desired state: {e}; reading again in {}", perch_support::duration(pause));
                 failed_reads = failed_reads.saturating_add(1);
                 let wake = wake.clone();
                 tokio::spawn(async move {

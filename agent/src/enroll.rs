@@ -22,6 +22,7 @@ use perch_protocol::enroll::{
 use perch_protocol::subjects::ENROLL_REQUEST;
 use perch_protocol::token::SignedToken;
 use perch_protocol::SecretKey;
+use perch_support::exit::{Class, Classify};
 use perch_support::now_unix;
 use tracing::{info, warn};
 
@@ -46,9 +47,9 @@ pub enum EnrollFailure {
     Link(#[from] perch_net::LinkError),
     #[error("the enrollment answer does not check out: {0}")]
     BadAnswer(perch_protocol::enroll::EnrollError),
-    #[error("still pending approval after {0:?}; run again (or use --wait)")]
+    #[error("still pending approval after {waited}; run again (or use --wait)", waited = perch_support::duration(*.0))]
     StillPending(Duration),
-    #[error("no answer from the provisioner after {0:?}; last problem: {1}")]
+    #[error("no answer from the provisioner after {waited}; last problem: {1}", waited = perch_support::duration(*.0))]
     GaveUp(Duration, String),
     #[error("{0}")]
     Transient(String),
@@ -68,6 +69,16 @@ impl EnrollFailure {
             | EnrollFailure::BadAnswer(_) => true,
             EnrollFailure::Identity(i) => i.is_security(),
             _ => false,
+        }
+    }
+}
+
+impl Classify for EnrollFailure {
+    fn class(&self) -> Option<Class> {
+        match self {
+            _ if self.is_security() => Some(Class::Security),
+            EnrollFailure::Identity(i) => i.class(),
+            _ => Some(Class::Runtime),
         }
     }
 }

@@ -21,6 +21,7 @@
 //! those in flight when it dropped are sent again the moment it is back. What stops a fetch is the server saying a
 //! chunk does not exist, or the bundle's data budget running out.
 
+use perch_support::exit::{Class, Classify};
 use std::collections::VecDeque;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -107,6 +108,12 @@ impl OpenError {
     /// True for a refusal of what was published, false for link trouble.
     pub fn is_security(&self) -> bool {
         matches!(self, OpenError::WrongBundle { .. })
+    }
+}
+
+impl Classify for OpenError {
+    fn class(&self) -> Option<Class> {
+        Some(if self.is_security() { Class::Security } else { Class::Runtime })
     }
 }
 

@@ -83,7 +83,7 @@ pub fn run_with_timeout(c: &mut Command, timeout: Duration) -> Result<(), String
             Ok(None) if start.elapsed() >= timeout => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(format!("timed out after {timeout:?}"));
+                return Err(format!("timed out after {}", perch_support::duration(timeout)));
             }
             Ok(None) => sleep(Duration::from_millis(20)),
             Err(e) => return Err(e.to_string()),

@@ -7,6 +7,7 @@
 //!
 //! Both are written atomically (temp, fsync, rename, fsync dir).
 
+use perch_support::exit::{Class, Classify};
 use std::path::{Path, PathBuf};
 
 use perch_protocol::enroll::{EnrollError, Enrollment, Expect, VerifiedEnrollment, MAX_MESSAGE};
@@ -58,6 +59,21 @@ impl IdentityError {
                     | IdentityError::Trust { .. }
                     | IdentityError::TrustConflict { .. }
             ),
+        }
+    }
+}
+
+impl Classify for IdentityError {
+    fn class(&self) -> Option<Class> {
+        match self {
+            _ if self.is_security() => Some(Class::Security),
+            IdentityError::DeviceId(_) | IdentityError::NoTrust(_) => Some(Class::Usage),
+            // Transparent wrappers, which their chain skips.
+            IdentityError::Key(e) => e.class(),
+            IdentityError::Write(e) => e.class(),
+            IdentityError::Read(e) => e.class(),
+            IdentityError::TrustStore(e) => e.class(),
+            _ => Some(Class::Runtime),
         }
     }
 }

@@ -39,3 +39,15 @@ pub mod statefile;
 pub mod status;
 pub mod trust_store;
 pub mod trust_update;
+
+/// Finds the exit class of this crate's errors (see `perch_support::exit`).
+pub const CLASSIFY: perch_support::exit::Classifier = perch_support::classifier![
+    deploy::DeployError,
+    config::ConfigError,
+    enroll::EnrollFailure,
+    identity::IdentityError,
+    trust_store::TrustStoreError,
+    slots::SlotError,
+    fetch::OpenError,
+    check::CheckError,
+];

@@ -11,8 +11,8 @@ use perch_agent::cli::{self, Cli, Command, EnrollArgs, Parsed};
 use perch_agent::config::Config;
 use perch_agent::decision::Decision;
 use perch_agent::deploy::{DeployError, Engine, Finished};
-use perch_agent::enroll::{self as enrolling, EnrollFailure, Plan};
-use perch_agent::identity::{self, Identity, IdentityError};
+use perch_agent::enroll::{self as enrolling, Plan};
+use perch_agent::identity::{self, Identity};
 use perch_agent::journal::{DeployState, Journal};
 use perch_agent::recovery::Recovered;
 use perch_agent::status;
@@ -45,43 +45,9 @@ fn main() -> ExitCode {
     }
 }
 
+/// The one mapping from an error to an exit code (`perch_support::exit`).
 fn code_for(e: &anyhow::Error) -> i32 {
-    for cause in e.chain() {
-        if let Some(d) = cause.downcast_ref::<DeployError>() {
-            return match d {
-                _ if d.is_security() => exit::SECURITY,
-                // The trust error itself, not the chain under it:
-                // `Trust` is transparent, so the chain skips it.
-                DeployError::Trust(t) => exit::code_for([t as &(dyn std::error::Error + 'static)]),
-                _ => exit::RUNTIME,
-            };
-        }
-        if cause.is::<perch_agent::config::ConfigError>() {
-            return exit::USAGE;
-        }
-        if let Some(f) = cause.downcast_ref::<EnrollFailure>() {
-            return match f {
-                _ if f.is_security() => exit::SECURITY,
-                EnrollFailure::Identity(IdentityError::DeviceId(_) | IdentityError::NoTrust(_)) => {
-                    exit::USAGE
-                }
-                EnrollFailure::Identity(i) => identity_code(i, e),
-                _ => exit::RUNTIME,
-            };
-        }
-        if let Some(i) = cause.downcast_ref::<IdentityError>() {
-            return identity_code(i, e);
-        }
-    }
-    exit::code_for(e.chain())
-}
-
-fn identity_code(i: &IdentityError, e: &anyhow::Error) -> i32 {
-    match i {
-        _ if i.is_security() => exit::SECURITY,
-        IdentityError::DeviceId(_) | IdentityError::NoTrust(_) => exit::USAGE,
-        _ => exit::code_for(e.chain().skip(1)),
-    }
+    exit::code_for(e.chain(), &[perch_agent::CLASSIFY])
 }
 
 fn open(cli: &Cli) -> Result<(Engine, Option<Recovered>)> {
@@ -205,6 +171,11 @@ fn report(state: &DeployState, f: &Finished) -> u8 {
 }
 
 fn run(cli: Cli) -> Result<u8> {
+    // Only the commands that just print: an install or a trial goes on
+    // (quietly) when its output pipe closes. See perch_support::sigpipe.
+    if matches!(cli.command, Command::Status { .. } | Command::Check { .. }) {
+        perch_support::sigpipe::die_on_closed_pipe();
+    }
     match &cli.command {
         Command::Check { trust, target, bundle } => {
             check(trust, target.as_deref(), bundle)?;
@@ -418,17 +389,12 @@ fn check(trust: &Path, target: Option<&str>, bundle: &Path) -> Result<()> {
 /// `perch-agent trust update FILE`: only the accepted version again, or a
 /// newer one by a valid rotation chain (see trust_store).
 fn trust_update(cli: &Cli, file: &Path) -> Result<u8> {
-    use perch_agent::trust_store::{self, TrustStoreError};
+    use perch_agent::trust_store;
     if !file.is_file() {
         return Err(UsageError(format!("{}: no such trust document file", file.display())).into());
     }
     let cfg = Config::load(&cli.config)?;
-    let c = trust_store::update(&cfg.trust, file, &cli.state_dir, now_unix()).map_err(|e| match e {
-        // The refusals carry the reason; the CLI contract makes them exit 3.
-        e if e.is_security() => anyhow::Error::new(SecurityError(e.to_string())),
-        TrustStoreError::Load(l) => l.into(),
-        other => other.into(),
-    })?;
+    let c = trust_store::update(&cfg.trust, file, &cli.state_dir, now_unix())?;
     for w in &c.warnings {
         eprintln!("perch-agent: {w}");
     }

@@ -19,6 +19,7 @@
 //! in between leaves `trust.doc` one valid step ahead of the records, which
 //! the next use catches up on; the records are never ahead of `trust.doc`.
 
+use perch_support::exit::{Class, Classify};
 use std::path::{Path, PathBuf};
 
 use perch_protocol::trust::{
@@ -58,6 +59,18 @@ pub enum TrustStoreError {
 impl TrustStoreError {
     pub fn is_security(&self) -> bool {
         matches!(self, Self::Rollback { .. } | Self::Fork { .. } | Self::Chain { .. } | Self::NoFloor { .. })
+    }
+}
+
+impl Classify for TrustStoreError {
+    fn class(&self) -> Option<Class> {
+        match self {
+            _ if self.is_security() => Some(Class::Security),
+            Self::Load(e) => e.class(),
+            Self::Read(e) => e.class(),
+            Self::Write(e) => e.class(),
+            _ => Some(Class::Runtime),
+        }
     }
 }
 

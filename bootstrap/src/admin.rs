@@ -8,6 +8,7 @@
 //! connections and refuses new ones; the full resolver keeps the update
 //! across restarts.
 
+use perch_support::exit::{Class, Classify};
 use std::path::Path;
 use std::time::Duration;
 
@@ -30,6 +31,18 @@ pub enum AdminError {
     Registry(#[from] RegistryError),
     #[error("pushing the FLEET account update: {0}")]
     ClaimsUpdate(String),
+}
+
+impl Classify for AdminError {
+    fn class(&self) -> Option<Class> {
+        match self {
+            AdminError::Nats(e) => e.class(),
+            AdminError::Tls(e) => e.class(),
+            AdminError::Link(e) => e.class(),
+            AdminError::Registry(e) => e.class(),
+            AdminError::ClaimsUpdate(_) => Some(Class::Runtime),
+        }
+    }
 }
 
 /// Which account a service or operator connection joins.

@@ -12,6 +12,7 @@
 //! same on every server) and every server takes leaf node connections
 //! from field sites (see [`crate::site`]).
 
+use perch_support::exit::{Class, Classify};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -35,6 +36,17 @@ pub enum ClusterError {
     Tls(#[from] tls::TlsError),
     #[error(transparent)]
     Write(#[from] WriteError),
+}
+
+impl Classify for ClusterError {
+    fn class(&self) -> Option<Class> {
+        match self {
+            ClusterError::Invalid(_) | ClusterError::Exists(_) => Some(Class::Usage),
+            ClusterError::Nats(e) => e.class(),
+            ClusterError::Tls(e) => e.class(),
+            ClusterError::Write(e) => e.class(),
+        }
+    }
 }
 
 /// One server: `NAME=HOST`, `NAME=HOST:CLIENT_PORT:ROUTE_PORT` or

@@ -4,6 +4,7 @@
 //!
 //! Used by the provisioner (online) and by `sign-request` (offline).
 
+use perch_support::exit::{Class, Classify};
 use std::path::Path;
 
 use nkeys::KeyPair;
@@ -31,6 +32,19 @@ pub enum IssuerError {
     NotListed,
     #[error(transparent)]
     Enroll(#[from] EnrollError),
+}
+
+impl Classify for IssuerError {
+    fn class(&self) -> Option<Class> {
+        match self {
+            IssuerError::Nats(e) => e.class(),
+            IssuerError::Tls(e) => e.class(),
+            IssuerError::Read(e) => e.class(),
+            IssuerError::Trust { .. } => Some(Class::Security),
+            IssuerError::NotListed => Some(Class::Usage),
+            IssuerError::Enroll(_) => Some(Class::Runtime),
+        }
+    }
 }
 
 /// An org's issuing key and everything that goes into an enrollment.

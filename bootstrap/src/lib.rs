@@ -29,3 +29,21 @@ pub mod site_run;
 pub mod tls;
 pub mod token;
 pub mod trust_push;
+
+/// Finds the exit class of this crate's errors (see `perch_support::exit`).
+pub const CLASSIFY: perch_support::exit::Classifier = perch_support::classifier![
+    admin::AdminError,
+    cluster::ClusterError,
+    issue::IssuerError,
+    nats::NatsError,
+    org::OrgError,
+    provisioner::ProvisionerError,
+    registry::RegistryError,
+    site::SiteError,
+    site::SiteConfigError,
+    site_run::SiteError,
+    tls::TlsError,
+    token::IssueError,
+    trust_push::PushError,
+    perch_net::LinkError,
+];

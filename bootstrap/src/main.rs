@@ -11,7 +11,7 @@ use perch_bootstrap::org::{self, InitParams, TRUST_DOC};
 use perch_bootstrap::{nats, provisioner, token};
 
 mod fleet;
-use perch_protocol::token::{Approval, SignedToken, TokenError};
+use perch_protocol::token::{Approval, SignedToken};
 use perch_protocol::trust::{SignedTrust, TrustBody, MAX_TRUST_FILE_LEN};
 use perch_protocol::PublicKey;
 use perch_support::durable::{self, read_bounded, Replace};
@@ -382,18 +382,30 @@ enum TrustCommand {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // --help and --version, to stdout.
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            eprintln!("{}", exit::one_line_usage("perch-bootstrap", &e.to_string()));
+            return ExitCode::from(exit::USAGE as u8);
+        }
+    };
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("perch-bootstrap: {e:#}");
-            ExitCode::from(exit::code_for(e.chain()) as u8)
+            ExitCode::from(exit::code_for(e.chain(), &[perch_bootstrap::CLASSIFY]) as u8)
         }
     }
 }
 
 fn run(cli: Cli) -> Result<()> {
     let now = now_unix();
+    // The daemons keep SIGPIPE ignored; see perch_support::sigpipe.
+    if !matches!(cli.command, Command::Run { .. } | Command::Site(SiteCommand::Run { .. })) {
+        perch_support::sigpipe::die_on_closed_pipe();
+    }
     match cli.command {
         Command::Init {
             dir,
@@ -422,7 +434,7 @@ fn run(cli: Cli) -> Result<()> {
             let (mut seed, mut issuing) = ([0u8; 32], [0u8; 32]);
             getrandom::getrandom(&mut seed).context("reading OS randomness")?;
             getrandom::getrandom(&mut issuing).context("reading OS randomness")?;
-            let doc = org::init(&dir, &seed, &issuing, params).map_err(usage_unless_io)?;
+            let doc = org::init(&dir, &seed, &issuing, params)?;
             let b = doc.unverified_body();
             println!("created org '{}' in {}", b.org, dir.display());
             println!(
@@ -455,7 +467,7 @@ fn run(cli: Cli) -> Result<()> {
                 tls_names: vec![],
                 own_tls: None,
             };
-            let next = org::rotate(&dir, &current, params).map_err(usage_unless_io)?;
+            let next = org::rotate(&dir, &current, params)?;
             durable::write_bytes(&out, 0o644, Replace::Refuse, &next.to_bytes())?;
             let cur = current.unverified_body();
             println!(
@@ -486,13 +498,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Trust(TrustCommand::Push { dir, server, file }) => {
             let file = file.unwrap_or_else(|| dir.join(TRUST_DOC));
             let bytes = read_bounded(&file, MAX_TRUST_FILE_LEN)?;
-            let trust =
-                perch_bootstrap::trust_push::check(&dir, &file, &bytes, now).map_err(|e| match e {
-                    perch_bootstrap::trust_push::PushError::Trust { .. } => {
-                        anyhow::Error::new(SecurityError(e.to_string()))
-                    }
-                    other => other.into(),
-                })?;
+            let trust = perch_bootstrap::trust_push::check(&dir, &file, &bytes, now)?;
             fleet::init_logging(tracing::Level::WARN);
             let rev = fleet::runtime()?.block_on(perch_bootstrap::trust_push::push(
                 &dir,
@@ -579,11 +585,7 @@ fn run(cli: Cli) -> Result<()> {
                 config_dir,
                 store_dir,
             };
-            let written = perch_bootstrap::cluster::write(&dir, &params).map_err(|e| match e {
-                perch_bootstrap::cluster::ClusterError::Invalid(_)
-                | perch_bootstrap::cluster::ClusterError::Exists(_) => UsageError(e.to_string()).into(),
-                other => anyhow::Error::new(other),
-            })?;
+            let written = perch_bootstrap::cluster::write(&dir, &params)?;
             for conf in written {
                 println!("wrote {}", conf.display());
             }
@@ -627,10 +629,7 @@ fn run(cli: Cli) -> Result<()> {
                 store_dir,
                 max_store,
             };
-            let written = site::write(&dir, &params, now).map_err(|e| match e {
-                site::SiteError::Invalid(_) | site::SiteError::Exists(_) => UsageError(e.to_string()).into(),
-                other => anyhow::Error::new(other),
-            })?;
+            let written = site::write(&dir, &params, now)?;
             println!("wrote {}", written.display());
             println!(
                 "start it on the ground station: nats-server -c {}",
@@ -640,8 +639,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Site(SiteCommand::Run { dir, reports_limit }) => {
             fleet::init_logging(tracing::Level::INFO);
-            let c = perch_bootstrap::site::SiteConfig::load(&dir.join(perch_bootstrap::site::SITE_JSON))
-                .map_err(|e| UsageError(e.to_string()))?;
+            let c = perch_bootstrap::site::SiteConfig::load(&dir.join(perch_bootstrap::site::SITE_JSON))?;
             let p = perch_bootstrap::site_run::SiteRun::from_config(&c, &dir, reports_limit)
                 .map_err(|e| UsageError(e.to_string()))?;
             let rt = fleet::runtime()?;
@@ -682,10 +680,7 @@ fn run(cli: Cli) -> Result<()> {
                 now,
                 expires_at: now.saturating_add(ttl.as_secs()),
             };
-            let t = token::issue(&dir, &trust, params).map_err(|e| match e {
-                token::IssueError::Token(TokenError::Invalid(m)) => anyhow::Error::new(UsageError(m)),
-                other => other.into(),
-            })?;
+            let t = token::issue(&dir, &trust, params)?;
             let text = t.to_text();
             if json {
                 let b = t.unverified_body();
@@ -814,16 +809,4 @@ fn read_pubs(paths: &[PathBuf]) -> Result<Vec<PublicKey>> {
 fn read_trust(path: &Path) -> Result<SignedTrust> {
     let bytes = read_bounded(path, MAX_TRUST_FILE_LEN)?;
     SignedTrust::parse(&bytes).with_context(|| path.display().to_string())
-}
-
-/// Org errors are the operator's to fix (existing org, bad threshold),
-/// except plain I/O failures.
-fn usage_unless_io(e: org::OrgError) -> anyhow::Error {
-    match e {
-        org::OrgError::CreateDir { .. }
-        | org::OrgError::Key(_)
-        | org::OrgError::Write(_)
-        | org::OrgError::Nats(_) => e.into(),
-        other => UsageError(other.to_string()).into(),
-    }
 }

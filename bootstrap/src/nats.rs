@@ -6,6 +6,7 @@
 //! Everything is an nkey (ed25519) and a NATS JWT (v2 claims) written with
 //! serde. Seeds are written 0600 and never overwritten.
 
+use perch_support::exit::{Class, Classify};
 use std::path::{Path, PathBuf};
 
 use data_encoding::{BASE32_NOPAD, BASE64URL_NOPAD};
@@ -26,6 +27,16 @@ pub enum NatsError {
     Read { path: PathBuf, source: std::io::Error },
     #[error("reading OS randomness: {0}")]
     Random(String),
+}
+
+impl Classify for NatsError {
+    fn class(&self) -> Option<Class> {
+        match self {
+            NatsError::Write(e) => e.class(),
+            NatsError::Read { source, .. } if perch_support::exit::is_missing(source) => Some(Class::Usage),
+            NatsError::Key(_) | NatsError::Read { .. } | NatsError::Random(_) => Some(Class::Runtime),
+        }
+    }
 }
 
 fn key_err(e: nkeys::error::Error) -> NatsError {

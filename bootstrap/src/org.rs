@@ -1,5 +1,6 @@
 //! The org directory: `root.key` (0600), `root.pub` and `trust.doc`.
 
+use perch_support::exit::{Class, Classify};
 use std::path::{Path, PathBuf};
 
 use perch_protocol::trust::{SignedTrust, TrustBody, TrustError};
@@ -28,6 +29,20 @@ pub enum OrgError {
     Nats(#[from] crate::nats::NatsError),
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
+}
+
+impl Classify for OrgError {
+    fn class(&self) -> Option<Class> {
+        match self {
+            // An existing org, a threshold the keys cannot meet: the operator's to fix.
+            OrgError::Exists { .. } | OrgError::Trust(_) => Some(Class::Usage),
+            OrgError::CreateDir { .. } => Some(Class::Runtime),
+            OrgError::Key(e) => e.class(),
+            OrgError::Write(e) => e.class(),
+            OrgError::Nats(e) => e.class(),
+            OrgError::Tls(e) => e.class(),
+        }
+    }
 }
 
 /// What `init` is asked to create.

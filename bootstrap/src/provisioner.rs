@@ -11,6 +11,7 @@
 //! the hub's `PERCH_REPORTS` take the reports of each field site that
 //! announces itself.
 
+use perch_support::exit::{Class, Classify};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -56,6 +57,17 @@ pub enum ProvisionerError {
     Registry(#[from] RegistryError),
     #[error("subscribing to {subject}: {detail}")]
     Subscribe { subject: &'static str, detail: String },
+}
+
+impl Classify for ProvisionerError {
+    fn class(&self) -> Option<Class> {
+        match self {
+            ProvisionerError::Admin(e) => e.class(),
+            ProvisionerError::Issuer(e) => e.class(),
+            ProvisionerError::Registry(e) => e.class(),
+            ProvisionerError::Subscribe { .. } => Some(Class::Runtime),
+        }
+    }
 }
 
 struct Service {

@@ -9,6 +9,7 @@
 //! - `token.<token id hex>`: how many uses of a token were claimed (decimal);
 //! - `revocations`: the FLEET account's revocation list ([`Revocations`]).
 
+use perch_support::exit::{Class, Classify};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
@@ -32,6 +33,15 @@ pub enum RegistryError {
     NoSuchDevice(String),
     #[error("device '{id}' is {status}; {action} does not apply")]
     WrongStatus { id: String, status: Status, action: &'static str },
+}
+
+impl Classify for RegistryError {
+    fn class(&self) -> Option<Class> {
+        Some(match self {
+            RegistryError::NoSuchDevice(_) | RegistryError::WrongStatus { .. } => Class::Usage,
+            RegistryError::Kv(_) | RegistryError::Corrupt { .. } => Class::Runtime,
+        })
+    }
 }
 
 fn kv_err(e: impl std::fmt::Display) -> RegistryError {

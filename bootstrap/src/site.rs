@@ -14,6 +14,7 @@
 //!   server's certificate for its `--host` names, signed by it;
 //! - `site.json`: [`SiteConfig`], what `site run` reads.
 
+use perch_support::exit::{Class, Classify};
 use std::path::{Path, PathBuf};
 
 use nkeys::KeyPairType;
@@ -42,6 +43,17 @@ pub enum SiteError {
     Tls(#[from] tls::TlsError),
     #[error(transparent)]
     Write(#[from] WriteError),
+}
+
+impl Classify for SiteError {
+    fn class(&self) -> Option<Class> {
+        match self {
+            SiteError::Invalid(_) | SiteError::Exists(_) => Some(Class::Usage),
+            SiteError::Nats(e) => e.class(),
+            SiteError::Tls(e) => e.class(),
+            SiteError::Write(e) => e.class(),
+        }
+    }
 }
 
 /// What `site init` is asked to write.
@@ -162,6 +174,12 @@ pub enum SiteConfigError {
     Read(#[from] durable::ReadError),
     #[error("{}: {detail}", path.display())]
     Invalid { path: PathBuf, detail: String },
+}
+
+impl Classify for SiteConfigError {
+    fn class(&self) -> Option<Class> {
+        Some(Class::Usage)
+    }
 }
 
 impl SiteConfig {

@@ -20,6 +20,7 @@
 //! comes from it except wake-ups, which carry no authority (a drone reads
 //! the desired state again and verifies every bundle).
 
+use perch_support::exit::{Class, Classify};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -107,6 +108,15 @@ pub enum SiteError {
     Connect { urls: String, detail: String },
     #[error("setting up the site's streams: {0}")]
     Streams(String),
+}
+
+impl Classify for SiteError {
+    fn class(&self) -> Option<Class> {
+        Some(match self {
+            SiteError::File { .. } => Class::Usage,
+            SiteError::Connect { .. } | SiteError::Streams(_) => Class::Runtime,
+        })
+    }
 }
 
 /// Runs until `shutdown` resolves.

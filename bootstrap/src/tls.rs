@@ -7,6 +7,7 @@
 //! Both certificates are valid from 1970: drones without a real-time clock
 //! boot in 1970 and must still be able to enroll.
 
+use perch_support::exit::{Class, Classify};
 use std::path::{Path, PathBuf};
 
 use rcgen::{
@@ -25,7 +26,7 @@ const MAX_PEM: usize = 256 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("making certificates: {0}")]
+    #[error("making certificates")]
     Rcgen(#[from] rcgen::Error),
     #[error("{}: {detail}", path.display())]
     Pem { path: PathBuf, detail: String },
@@ -33,6 +34,17 @@ pub enum TlsError {
     Read(#[from] durable::ReadError),
     #[error(transparent)]
     Write(#[from] WriteError),
+}
+
+impl Classify for TlsError {
+    fn class(&self) -> Option<Class> {
+        match self {
+            // A name or address no certificate can carry, a CA file that is not one.
+            TlsError::Rcgen(_) | TlsError::Pem { .. } => Some(Class::Usage),
+            TlsError::Read(e) => e.class(),
+            TlsError::Write(e) => e.class(),
+        }
+    }
 }
 
 /// Where an org's TLS files live: `ORG/tls/`.

@@ -1,6 +1,7 @@
 //! Issuing enrollment tokens: a PROVISIONING credential that may only ask
 //! to enroll, wrapped in a token signed by the org's issuing key.
 
+use perch_support::exit::{Class, Classify};
 use std::path::Path;
 
 use nkeys::KeyPairType;
@@ -21,6 +22,17 @@ pub enum IssueError {
     Token(#[from] TokenError),
     #[error("{0}")]
     Trust(String),
+}
+
+impl Classify for IssueError {
+    fn class(&self) -> Option<Class> {
+        match self {
+            IssueError::Nats(e) => e.class(),
+            // Parameters no valid token can carry: the operator's to fix.
+            IssueError::Token(TokenError::Invalid(_)) => Some(Class::Usage),
+            IssueError::Token(_) | IssueError::Trust(_) => Some(Class::Security),
+        }
+    }
 }
 
 /// What the operator asks for.

@@ -4,6 +4,7 @@
 //! chain; the check here (root-signed by this org's root key, not expired)
 //! only keeps an operator from pushing the wrong file.
 
+use perch_support::exit::{Class, Classify};
 use std::path::Path;
 
 use perch_protocol::subjects::{TRUST_BUCKET, TRUST_KEY};
@@ -24,6 +25,17 @@ pub enum PushError {
     Admin(#[from] AdminError),
     #[error("{0}")]
     Kv(String),
+}
+
+impl Classify for PushError {
+    fn class(&self) -> Option<Class> {
+        match self {
+            PushError::Key(e) => e.class(),
+            PushError::Trust { .. } => Some(Class::Security),
+            PushError::Admin(e) => e.class(),
+            PushError::Kv(_) => Some(Class::Runtime),
+        }
+    }
 }
 
 /// Checks `bytes` against the org in `org_dir`.

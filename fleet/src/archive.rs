@@ -7,6 +7,7 @@
 //! refused here first: other file types, world-writable files and
 //! directories, and setuid/setgid without `--allow-setid`.
 
+use perch_support::exit::{Class, Classify};
 use std::fs::{self, File, Metadata};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::MetadataExt;
@@ -29,6 +30,18 @@ pub enum ArchiveError {
     Setid { path: PathBuf, mode: u32 },
     #[error("{}: mode {mode:o} is world-writable; a device refuses that", path.display())]
     WorldWritable { path: PathBuf, mode: u32 },
+}
+
+impl Classify for ArchiveError {
+    fn class(&self) -> Option<Class> {
+        match self {
+            ArchiveError::Io { source, .. } if !perch_support::exit::is_missing(source) => {
+                Some(Class::Runtime)
+            }
+            // What the input holds, or that it is not there: the operator's to fix.
+            _ => Some(Class::Usage),
+        }
+    }
 }
 
 /// Writes a deterministic tar of everything under `root` to `out`.

@@ -1,5 +1,6 @@
 //! `perch bundle build`: payload in, unsigned bundle out.
 
+use perch_support::exit::{Class, Classify};
 use std::fs::File;
 use std::io::{self, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
@@ -31,6 +32,18 @@ pub enum BuildError {
     Check(perch_protocol::bundle::ArchiveError),
     #[error("{}: input changed while the bundle was being built", .0.display())]
     InputChanged(PathBuf),
+}
+
+impl Classify for BuildError {
+    fn class(&self) -> Option<Class> {
+        match self {
+            BuildError::InvalidParams(_) | BuildError::Check(_) => Some(Class::Usage),
+            BuildError::Archive(e) => e.class(),
+            BuildError::Write(e) => e.class(),
+            BuildError::Io { source, .. } if perch_support::exit::is_missing(source) => Some(Class::Usage),
+            BuildError::Io { .. } | BuildError::InputChanged(_) => Some(Class::Runtime),
+        }
+    }
 }
 
 /// How `perch bundle build` cuts the payload.

@@ -3,6 +3,7 @@
 //! operator can say `perch deploy --bundle os@3` instead of a digest.
 
 use async_nats::jetstream;
+use perch_support::exit::{Class, Classify};
 use serde::{Deserialize, Serialize};
 
 /// One published bundle.
@@ -28,6 +29,15 @@ pub enum CatalogError {
     Unknown(String),
     #[error("catalog entry {key} is not readable: {detail}")]
     Corrupt { key: String, detail: String },
+}
+
+impl Classify for CatalogError {
+    fn class(&self) -> Option<Class> {
+        Some(match self {
+            CatalogError::BadRef(_) | CatalogError::Unknown(_) => Class::Usage,
+            CatalogError::Nats(_) | CatalogError::Corrupt { .. } => Class::Runtime,
+        })
+    }
 }
 
 fn key(name: &str, counter: u64) -> String {

@@ -12,6 +12,7 @@
 //! `~/.config/perch`: `context/NAME.json` (mode 0600) and `context.txt`, the
 //! selected name.
 
+use perch_support::exit::{Class, Classify};
 use std::path::{Path, PathBuf};
 
 use perch_support::durable::{self, ReadError, Replace, WriteError};
@@ -63,6 +64,16 @@ pub enum ContextError {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl Classify for ContextError {
+    fn class(&self) -> Option<Class> {
+        match self {
+            ContextError::Write(e) => e.class(),
+            e if e.is_usage() => Some(Class::Usage),
+            _ => Some(Class::Runtime),
+        }
+    }
 }
 
 impl ContextError {

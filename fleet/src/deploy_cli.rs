@@ -7,7 +7,7 @@ use anyhow::Result;
 use clap::{Args, Subcommand};
 use perch_fleet::link::Target;
 use perch_fleet::rollout::{self, Limit, Rollout, State};
-use perch_fleet::rollouts::{self, Plan, RolloutError};
+use perch_fleet::rollouts::{self, Plan};
 use perch_fleet::view::FleetView;
 use perch_support::exit::UsageError;
 use perch_support::now_unix;
@@ -103,8 +103,7 @@ pub fn run(args: DeployArgs) -> Result<()> {
                     }
                     other => Err(format!("rollout {id} is {}, not running", other.name())),
                 })
-                .await
-                .map_err(usage)?;
+                .await?;
                 println!(
                     "rollout {} paused: no new wave starts; devices already told finish their install",
                     r.id
@@ -119,8 +118,7 @@ pub fn run(args: DeployArgs) -> Result<()> {
                     State::Running => Ok((r.clone(), vec![])),
                     other => Err(format!("rollout {id} is {}; it cannot resume", other.name())),
                 })
-                .await
-                .map_err(usage)?;
+                .await?;
                 println!("rollout {} running", r.id);
                 if detach {
                     return Ok(());
@@ -133,8 +131,7 @@ pub fn run(args: DeployArgs) -> Result<()> {
                     State::Aborted => Err(format!("rollout {id} is already aborted")),
                     _ => Ok(rollout::abort(r, now_unix())),
                 })
-                .await
-                .map_err(usage)?;
+                .await?;
                 for n in notes {
                     eprintln!("perch: {n}");
                 }
@@ -172,16 +169,6 @@ async fn connect(t: Target) -> Result<async_nats::Client> {
     Ok(t.connect("perch deploy").await?)
 }
 
-/// Plan mistakes, unknown ids and bundles are the operator's (exit 2).
-fn usage(e: RolloutError) -> anyhow::Error {
-    match e {
-        RolloutError::Plan(_) | RolloutError::Unknown(_) | RolloutError::Catalog(_) => {
-            UsageError(e.to_string()).into()
-        }
-        other => other.into(),
-    }
-}
-
 async fn start(a: StartArgs) -> Result<()> {
     let (conn, Some(bundle)) = (a.conn, a.bundle) else {
         return Err(UsageError("perch deploy needs --bundle".into()).into());
@@ -199,7 +186,7 @@ async fn start(a: StartArgs) -> Result<()> {
         wave_wait: a.wave_wait,
     };
     let c = connect(conn.target()?).await?;
-    let r = rollouts::create(&c, &plan, now_unix()).await.map_err(usage)?;
+    let r = rollouts::create(&c, &plan, now_unix()).await?;
     let sizes: Vec<String> = (0..r.waves.len())
         .map(|i| format!("{} ({}%)", r.wave_devices(i).len(), r.waves[i].percent))
         .collect();

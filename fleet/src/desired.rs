@@ -9,6 +9,7 @@
 use async_nats::jetstream;
 use futures_util::StreamExt;
 use perch_protocol::subjects::{self, CHUNKS_STREAM};
+use perch_support::exit::{Class, Classify};
 use serde::Serialize;
 
 #[derive(Debug, thiserror::Error)]
@@ -21,6 +22,19 @@ pub enum DesiredError {
     BadName(String),
     #[error("desired-state key {key} holds something else: {detail}")]
     Corrupt { key: String, detail: String },
+    #[error("no device '{0}' in the registry (enroll it first, or see `perch-bootstrap devices`)")]
+    UnknownDevice(String),
+}
+
+impl Classify for DesiredError {
+    fn class(&self) -> Option<Class> {
+        Some(match self {
+            DesiredError::NotPublished(_) | DesiredError::BadName(_) | DesiredError::UnknownDevice(_) => {
+                Class::Usage
+            }
+            DesiredError::Nats(_) | DesiredError::Corrupt { .. } => Class::Runtime,
+        })
+    }
 }
 
 fn nats(e: impl std::fmt::Display) -> DesiredError {
@@ -58,6 +72,18 @@ pub struct Entry {
 /// Names `digest` for `scope`; the new revision.
 pub async fn set(js: &jetstream::Context, scope: &Scope, digest: &[u8; 32]) -> Result<u64, DesiredError> {
     let key = scope.key()?;
+    if let Scope::Device(d) = scope {
+        let record = perch_net::read::kv_entry(
+            js,
+            perch_protocol::subjects::REGISTRY_BUCKET,
+            &perch_protocol::registry::device_key(d),
+        )
+        .await
+        .map_err(DesiredError::Nats)?;
+        if record.is_none() {
+            return Err(DesiredError::UnknownDevice(d.clone()));
+        }
+    }
     check_published(js, digest).await?;
     let kv = perch_net::streams::desired(js).await.map_err(DesiredError::Nats)?;
     kv.put(&key, perch_protocol::desired::encode(digest).into()).await.map_err(nats)

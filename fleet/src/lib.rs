@@ -20,3 +20,18 @@ pub mod streams;
 pub mod table;
 pub mod verify;
 pub mod view;
+
+/// Finds the exit class of this crate's errors (see `perch_support::exit`).
+pub const CLASSIFY: perch_support::exit::Classifier = perch_support::classifier![
+    archive::ArchiveError,
+    build::BuildError,
+    catalog::CatalogError,
+    context::ContextError,
+    desired::DesiredError,
+    link::ConnectError,
+    publish::PublishError,
+    rollouts::RolloutError,
+    sign::SignError,
+    status::StatusError,
+    verify::VerifyError,
+];

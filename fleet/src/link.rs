@@ -3,6 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
+use perch_support::exit::{Class, Classify};
+
 /// Where and as whom the operator connects.
 #[derive(Debug, Clone)]
 pub struct Target {
@@ -15,27 +17,59 @@ pub struct Target {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
+    /// The creds or CA file: missing, unreadable, or not what it should be.
     #[error("{}: {detail}", path.display())]
     File { path: PathBuf, detail: String },
-    #[error("NATS: {0}")]
-    Nats(String),
+    /// A bad --url.
+    #[error("--url: {0}")]
+    Url(String),
+    /// The server did not accept the credential.
+    #[error("{urls}: the server refused the credential in {}: {detail}", creds.display())]
+    Refused { urls: String, creds: PathBuf, detail: String },
+    /// TLS failed: not the fleet's server, or the wrong CA.
+    #[error("{urls}: TLS failed (is {} the CA of this server's fleet?): {detail}", ca.display())]
+    Tls { urls: String, ca: PathBuf, detail: String },
+    #[error("cannot connect to {urls}: {detail}")]
+    Unreachable { urls: String, detail: String },
+}
+
+impl Classify for ConnectError {
+    fn class(&self) -> Option<Class> {
+        Some(match self {
+            ConnectError::File { .. } | ConnectError::Url(_) => Class::Usage,
+            ConnectError::Refused { .. } | ConnectError::Tls { .. } => Class::Security,
+            ConnectError::Unreachable { .. } => Class::Runtime,
+        })
+    }
 }
 
 impl Target {
     /// Connects; `name` is what the server's monitoring shows.
     pub async fn connect(&self, name: &str) -> Result<async_nats::Client, ConnectError> {
-        let nats = |e: &dyn std::fmt::Display| ConnectError::Nats(e.to_string());
+        let file = |path: &Path, detail: String| ConnectError::File { path: path.into(), detail };
         let tls = perch_net::tls::client_config(&perch_net::CaTrust::Certificate(read_ca(&self.ca)?))
-            .map_err(|e| nats(&e))?;
-        async_nats::ConnectOptions::with_credentials_file(&self.creds)
-            .await
-            .map_err(|e| ConnectError::File { path: self.creds.clone(), detail: e.to_string() })?
+            .map_err(|e| file(&self.ca, e.to_string()))?;
+        let creds = std::fs::read_to_string(&self.creds).map_err(|e| file(&self.creds, e.to_string()))?;
+        let addrs = perch_net::server_addrs(&self.urls).map_err(|e| ConnectError::Url(e.to_string()))?;
+        let urls = self.urls.join(",");
+        async_nats::ConnectOptions::with_credentials(&creds)
+            .map_err(|e| file(&self.creds, e.to_string()))?
             .require_tls(true)
             .tls_client_config(tls)
             .name(name)
-            .connect(perch_net::server_addrs(&self.urls).map_err(|e| nats(&e))?)
+            .connect(addrs)
             .await
-            .map_err(|e| nats(&e))
+            .map_err(|err| {
+                let detail = err.to_string();
+                let e = perch_net::LinkError::Connect { urls: urls.clone(), err };
+                if e.is_auth_rejection() {
+                    ConnectError::Refused { urls, creds: self.creds.clone(), detail }
+                } else if e.is_tls_rejection() {
+                    ConnectError::Tls { urls, ca: self.ca.clone(), detail }
+                } else {
+                    ConnectError::Unreachable { urls, detail }
+                }
+            })
     }
 }
 

@@ -7,7 +7,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use perch_fleet::build::{build_bundle, BuildError, Cut};
+use perch_fleet::build::{build_bundle, Cut};
 use perch_fleet::context;
 use perch_fleet::sign::{sign_file, SignOutcome};
 use perch_fleet::verify::verify_file;
@@ -173,7 +173,7 @@ impl Conn {
     pub fn resolve(self) -> Result<context::Resolved> {
         let Settings { urls, creds, ca } = self.settings;
         let flags = context::Flags { urls, creds, ca, context: self.context };
-        context::resolve(flags, &env_var).map_err(context_error)
+        Ok(context::resolve(flags, &env_var)?)
     }
 
     pub fn target(self) -> Result<perch_fleet::link::Target> {
@@ -183,15 +183,6 @@ impl Conn {
 
 fn env_var(name: &str) -> Option<String> {
     std::env::var(name).ok()
-}
-
-/// A context error, as usage (exit 2) unless it is I/O trouble.
-fn context_error(e: context::ContextError) -> anyhow::Error {
-    if e.is_usage() {
-        UsageError(e.to_string()).into()
-    } else {
-        e.into()
-    }
 }
 
 #[derive(Subcommand)]
@@ -229,13 +220,13 @@ enum ContextCommand {
 }
 
 fn context_cmd(cmd: ContextCommand) -> Result<()> {
-    let store = context::Store::from_env(&env_var).map_err(context_error)?;
+    let store = context::Store::from_env(&env_var)?;
     match cmd {
         ContextCommand::Add { name, settings: Settings { urls, creds, ca }, description, select } => {
-            let c = context::made(description, urls, creds, ca).map_err(context_error)?;
-            store.save(&name, &c).map_err(context_error)?;
+            let c = context::made(description, urls, creds, ca)?;
+            store.save(&name, &c)?;
             if select {
-                store.select(&name).map_err(context_error)?;
+                store.select(&name)?;
             }
             println!(
                 "saved context '{name}' in {}{}",
@@ -244,14 +235,14 @@ fn context_cmd(cmd: ContextCommand) -> Result<()> {
             );
         }
         ContextCommand::Use { name } => {
-            store.select(&name).map_err(context_error)?;
+            store.select(&name)?;
             println!("selected context '{name}'");
         }
         ContextCommand::Ls { json } => {
-            let selected = store.selected().map_err(context_error)?;
+            let selected = store.selected()?;
             let mut rows = vec![];
-            for name in store.names().map_err(context_error)? {
-                let c = store.load(&name).map_err(context_error)?;
+            for name in store.names()? {
+                let c = store.load(&name)?;
                 rows.push((selected.as_deref() == Some(name.as_str()), name, c));
             }
             if json {
@@ -295,7 +286,7 @@ fn context_cmd(cmd: ContextCommand) -> Result<()> {
             }
         }
         ContextCommand::Rm { name } => {
-            store.remove(&name).map_err(context_error)?;
+            store.remove(&name)?;
             println!("removed context '{name}'");
         }
     }
@@ -418,17 +409,27 @@ struct BuildArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // --help and --version, to stdout.
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            eprintln!("{}", exit::one_line_usage("perch", &e.to_string()));
+            return ExitCode::from(exit::USAGE as u8);
+        }
+    };
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("perch: {e:#}");
-            ExitCode::from(exit::code_for(e.chain()) as u8)
+            ExitCode::from(exit::code_for(e.chain(), &[perch_fleet::CLASSIFY]) as u8)
         }
     }
 }
 
 fn run(cli: Cli) -> Result<()> {
+    perch_net::init_logging_if_asked();
+    perch_support::sigpipe::die_on_closed_pipe();
     match cli.command {
         Command::Keygen { out } => keygen(&out),
         Command::Publish { trust, conn, file } => publish(&trust, conn.target()?, &file),
@@ -545,11 +546,7 @@ fn build(a: BuildArgs) -> Result<()> {
         (None, PayloadKind::Archive, Format::V3) => Cut::ContentDefined,
         _ => Cut::Fixed,
     };
-    let manifest = build_bundle(params, cut, a.compress_window, &a.input, &a.out).map_err(|e| match e {
-        BuildError::InvalidParams(m) => anyhow::Error::new(UsageError(m)),
-        BuildError::Archive(e) => anyhow::Error::new(UsageError(e.to_string())),
-        other => other.into(),
-    })?;
+    let manifest = build_bundle(params, cut, a.compress_window, &a.input, &a.out)?;
     println!(
         "built {} ({} {}, {} bytes in {} chunks); unsigned: sign it with `perch bundle sign`",
         a.out.display(),
@@ -846,18 +843,18 @@ fn desired(cmd: DesiredCommand) -> Result<()> {
                 };
                 let scope = scope.scope();
                 let js = async_nats::jetstream::new(conn.target()?.connect("perch desired").await?);
-                let rev = desired::set(&js, &scope, &d).await.map_err(desired_err)?;
-                println!("{} -> {} (revision {rev})", scope.key().map_err(desired_err)?, hex::encode(d));
+                let rev = desired::set(&js, &scope, &d).await?;
+                println!("{} -> {} (revision {rev})", scope.key()?, hex::encode(d));
             }
             DesiredCommand::Clear { conn, scope } => {
                 let scope = scope.scope();
                 let js = async_nats::jetstream::new(conn.target()?.connect("perch desired").await?);
-                desired::clear(&js, &scope).await.map_err(desired_err)?;
-                println!("{} cleared", scope.key().map_err(desired_err)?);
+                desired::clear(&js, &scope).await?;
+                println!("{} cleared", scope.key()?);
             }
             DesiredCommand::List { conn, json } => {
                 let js = async_nats::jetstream::new(conn.target()?.connect("perch desired").await?);
-                let all = desired::list(&js).await.map_err(desired_err)?;
+                let all = desired::list(&js).await?;
                 if json {
                     println!("{}", serde_json::to_string_pretty(&all)?);
                 } else if all.is_empty() {
@@ -870,13 +867,4 @@ fn desired(cmd: DesiredCommand) -> Result<()> {
         }
         Ok(())
     })
-}
-
-/// Names and unpublished bundles are the operator's mistake (exit 2).
-fn desired_err(e: perch_fleet::desired::DesiredError) -> anyhow::Error {
-    use perch_fleet::desired::DesiredError;
-    match e {
-        DesiredError::NotPublished(_) | DesiredError::BadName(_) => UsageError(e.to_string()).into(),
-        other => other.into(),
-    }
 }

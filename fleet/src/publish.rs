@@ -9,6 +9,7 @@
 //!   every message has a `Nats-Msg-Id`; a bundle whose head and chunks are
 //!   all there already is not sent again.
 
+use perch_support::exit::{Class, Classify};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -32,6 +33,19 @@ pub enum PublishError {
         "the bundle head is {len} bytes, over the server's max_payload of {max}; use a larger --chunk-size"
     )]
     HeadTooLarge { len: usize, max: usize },
+    #[error(transparent)]
+    Connect(#[from] crate::link::ConnectError),
+}
+
+impl Classify for PublishError {
+    fn class(&self) -> Option<Class> {
+        match self {
+            PublishError::Verify(e) => e.class(),
+            PublishError::Connect(e) => e.class(),
+            PublishError::HeadTooLarge { .. } => Some(Class::Usage),
+            PublishError::File { .. } | PublishError::Nats(_) => Some(Class::Runtime),
+        }
+    }
 }
 
 fn nats<E: std::fmt::Display>(e: E) -> PublishError {
@@ -72,10 +86,7 @@ pub async fn publish(
     let mut head = Vec::new();
     bundle.manifest().head().write_to(&mut head).map_err(|e| file_err(e.to_string()))?;
 
-    let client = target.connect("perch publish").await.map_err(|e| match e {
-        crate::link::ConnectError::File { path, detail } => PublishError::File { path, detail },
-        other => nats(other),
-    })?;
+    let client = target.connect("perch publish").await?;
     let max = client.server_info().max_payload;
     if head.len() > max {
         return Err(PublishError::HeadTooLarge { len: head.len(), max });

@@ -10,6 +10,7 @@
 //! bundle is left alone, so no device sees a spurious new revision, which
 //! it would take as a retry).
 
+use perch_support::exit::{Class, Classify};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -38,6 +39,19 @@ pub enum RolloutError {
     Desired(#[from] DesiredError),
     #[error(transparent)]
     Status(#[from] crate::status::StatusError),
+}
+
+impl Classify for RolloutError {
+    fn class(&self) -> Option<Class> {
+        match self {
+            RolloutError::Unknown(_) | RolloutError::Plan(_) => Some(Class::Usage),
+            RolloutError::Nats(_) | RolloutError::Corrupt { .. } => Some(Class::Runtime),
+            // Transparent: their chain skips them, so they are asked here.
+            RolloutError::Catalog(e) => e.class(),
+            RolloutError::Desired(e) => e.class(),
+            RolloutError::Status(e) => e.class(),
+        }
+    }
 }
 
 fn nats(e: impl std::fmt::Display) -> RolloutError {

@@ -1,5 +1,6 @@
 //! `perch bundle sign`: add one signature, rewriting the file atomically.
 
+use perch_support::exit::{Class, Classify};
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -17,6 +18,17 @@ pub enum SignError {
     Bundle { path: PathBuf, source: BundleError },
     #[error(transparent)]
     Write(#[from] WriteError),
+}
+
+impl Classify for SignError {
+    fn class(&self) -> Option<Class> {
+        match self {
+            SignError::Open { source, .. } if perch_support::exit::is_missing(source) => Some(Class::Usage),
+            SignError::Open { .. } => Some(Class::Runtime),
+            SignError::Bundle { source, .. } => source.class(),
+            SignError::Write(e) => e.class(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

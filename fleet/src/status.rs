@@ -16,6 +16,7 @@ use perch_net::read::{self, Which};
 use perch_protocol::registry::DeviceRecord;
 use perch_protocol::report::Report;
 use perch_protocol::subjects::{self, REGISTRY_BUCKET, REPORTS_ALL, REPORTS_STREAM};
+use perch_support::exit::{Class, Classify};
 
 use crate::view::{self, FleetView, SiteView, Stored};
 
@@ -25,6 +26,18 @@ pub enum StatusError {
     Nats(String),
     #[error("registry record {key} is not readable: {detail}")]
     Registry { key: String, detail: String },
+    /// `--device` names a device neither enrolled nor reporting.
+    #[error("no device '{0}': not in the registry and no reports from it (see `perch status`)")]
+    UnknownDevice(String),
+}
+
+impl Classify for StatusError {
+    fn class(&self) -> Option<Class> {
+        Some(match self {
+            StatusError::UnknownDevice(_) => Class::Usage,
+            StatusError::Nats(_) | StatusError::Registry { .. } => Class::Runtime,
+        })
+    }
 }
 
 fn nats(e: impl std::fmt::Display) -> StatusError {
@@ -57,6 +70,11 @@ pub async fn read(client: &async_nats::Client, q: &Query, now: u64) -> Result<Re
         registry.retain(|r| &r.id == d);
     }
     let (reports, refused) = reports(&js, q.device.as_deref()).await?;
+    if let Some(d) = &q.device {
+        if registry.is_empty() && reports.is_empty() && refused.is_empty() {
+            return Err(StatusError::UnknownDevice(d.clone()));
+        }
+    }
     let mut view = view::build(&registry, reports, now, q.stale_after_secs, q.device.is_some());
     view.sites = sites(&js).await?;
     let rollouts = match q.device {
@@ -130,13 +148,23 @@ async fn reports(
     Ok((out, refused))
 }
 
+fn is_not_found(e: &jetstream::context::GetStreamError) -> bool {
+    matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(j)
+        if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND)
+}
+
 /// The header JetStream gives a message it copied from another stream.
 const SOURCE_HEADER: &str = "Nats-Stream-Source";
 
 /// The field sites the hub's `PERCH_REPORTS` takes reports from, and how
 /// long since it heard from each; none if the stream does not exist yet.
 pub async fn sites(js: &jetstream::Context) -> Result<Vec<SiteView>, StatusError> {
-    let Ok(stream) = js.get_stream(REPORTS_STREAM).await else { return Ok(vec![]) };
+    // Only a stream that is not there yet is no sites; anything else is an error.
+    let stream = match read::again(|| js.get_stream(REPORTS_STREAM)).await {
+        Ok(s) => s,
+        Err(e) if is_not_found(&e) => return Ok(vec![]),
+        Err(e) => return Err(nats(e)),
+    };
     let info = read::again(|| {
         let mut s = stream.clone();
         async move { s.info().await.cloned() }

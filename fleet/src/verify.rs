@@ -1,5 +1,6 @@
 //! `perch bundle verify`: the whole bundle, payload included.
 
+use perch_support::exit::{Class, Classify};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -13,6 +14,12 @@ pub struct VerifyError {
     pub path: PathBuf,
     #[source]
     pub source: BundleError,
+}
+
+impl Classify for VerifyError {
+    fn class(&self) -> Option<Class> {
+        self.source.class()
+    }
 }
 
 /// Verifies every byte of the bundle at `path`, on every core (each byte

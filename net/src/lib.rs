@@ -16,8 +16,9 @@ pub mod sites;
 pub mod streams;
 pub mod tls;
 
-pub use log::init_logging;
+pub use log::{init_logging, init_logging_if_asked};
 
+use perch_support::exit::{Class, Classify};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -88,6 +89,16 @@ pub enum LinkError {
     // `err`, not `source`: shown here once, not again as a cause.
     #[error("connecting to {urls}: {err}")]
     Connect { urls: String, err: async_nats::ConnectError },
+}
+
+impl Classify for LinkError {
+    fn class(&self) -> Option<Class> {
+        Some(match self {
+            LinkError::Tls(_) | LinkError::Url { .. } => Class::Usage,
+            _ if self.is_tls_rejection() || self.is_auth_rejection() => Class::Security,
+            LinkError::Connect { .. } => Class::Runtime,
+        })
+    }
 }
 
 impl LinkError {

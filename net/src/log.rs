@@ -20,6 +20,14 @@ use tracing::{Event, Level, Metadata, Subscriber};
 /// async-nats logs whole message payloads at trace level, and payloads
 /// carry enrollment tokens; it is held at debug so that no level of
 /// logging ever shows a secret.
+/// Logs to stderr only when `PERCH_LOG` asks: for the operator's
+/// commands, whose stderr is otherwise the one line of an error.
+pub fn init_logging_if_asked() {
+    if std::env::var_os("PERCH_LOG").is_some() {
+        init_logging(Level::ERROR);
+    }
+}
+
 pub fn init_logging(default: Level) {
     let level = std::env::var("PERCH_LOG").ok().and_then(|l| l.parse().ok()).unwrap_or(default);
     let _ = tracing::subscriber::set_global_default(StderrLog { level });

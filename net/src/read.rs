@@ -5,7 +5,8 @@
 //!
 //! - [`each`]: every message matching a filter, or only the last per
 //!   subject (the registry, the desired state, the last report per lane).
-//! - [`kv_entries`]: the value of every key of a KV bucket under a prefix.
+//! - [`kv_entries`]: the value of every key of a KV bucket under a prefix;
+//!   [`kv_entry`]: of one key.
 
 use async_nats::jetstream::{self, consumer::push::OrderedConfig, consumer::DeliverPolicy};
 use futures_util::StreamExt;
@@ -133,18 +134,29 @@ pub struct KvEntry {
 /// start), not the last per subject, so a key may come more than once, or
 /// a put after its own delete.
 pub async fn kv_entries(js: &jetstream::Context, bucket: &str, prefix: &str) -> Result<Vec<KvEntry>, String> {
+    kv_matching(js, bucket, &format!("{prefix}>")).await
+}
+
+/// The value of `key` in KV bucket `bucket`; None if the key holds none
+/// (never put, deleted, purged) or the bucket does not exist.
+pub async fn kv_entry(js: &jetstream::Context, bucket: &str, key: &str) -> Result<Option<KvEntry>, String> {
+    Ok(kv_matching(js, bucket, key).await?.pop())
+}
+
+/// The keys matching `keys` (a subject filter below the bucket's prefix).
+async fn kv_matching(js: &jetstream::Context, bucket: &str, keys: &str) -> Result<Vec<KvEntry>, String> {
     let subject_prefix = format!("$KV.{bucket}.");
-    let mut keys = Latest::default();
-    each(js, &format!("KV_{bucket}"), &format!("{subject_prefix}{prefix}>"), Which::LastPerSubject, |m| {
+    let mut keys_seen = Latest::default();
+    each(js, &format!("KV_{bucket}"), &format!("{subject_prefix}{keys}"), Which::LastPerSubject, |m| {
         let op = m.headers.as_ref().and_then(|h| h.get("KV-Operation")).map(|v| v.as_str().to_string());
         let deleted = op.is_some_and(|op| op == "DEL" || op == "PURGE");
         let revision = m.info().map_err(|e| e.to_string())?.stream_sequence;
         let key = m.subject.strip_prefix(subject_prefix.as_str()).unwrap_or(&m.subject).to_string();
-        keys.offer(key, revision, (!deleted).then(|| m.payload.to_vec()));
+        keys_seen.offer(key, revision, (!deleted).then(|| m.payload.to_vec()));
         Ok(())
     })
     .await?;
-    Ok(keys.entries())
+    Ok(keys_seen.entries())
 }
 
 /// The latest revision seen of each key, a delete included (so an older

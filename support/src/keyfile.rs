@@ -22,6 +22,8 @@ pub enum KeyFileError {
     NotText(PathBuf),
     #[error("{}: secret key is accessible by group or others (mode {mode:o}); run chmod 600", path.display())]
     TooOpen { path: PathBuf, mode: u32 },
+    #[error("{}: this is a public key; give the secret key (the .key file made with it)", .0.display())]
+    NotSecret(PathBuf),
 }
 
 /// Writes a new key pair as `PREFIX.key` and `PREFIX.pub`. Refuses to
@@ -41,6 +43,12 @@ pub fn write_pair(prefix: &Path, key: &SecretKey) -> Result<(PathBuf, PathBuf), 
 }
 
 pub fn read_secret(path: &Path) -> Result<SecretKey, KeyFileError> {
+    // What the file is comes first: a public key given as a secret one is
+    // named as such, not refused for its (public) mode.
+    let text = read_text(path)?;
+    if PublicKey::from_text(&text).is_ok() {
+        return Err(KeyFileError::NotSecret(path.to_path_buf()));
+    }
     let mode = std::fs::metadata(path)
         .map_err(|source| durable::ReadError::Io { path: path.to_path_buf(), source })?
         .permissions()
@@ -48,7 +56,6 @@ pub fn read_secret(path: &Path) -> Result<SecretKey, KeyFileError> {
     if mode & 0o077 != 0 {
         return Err(KeyFileError::TooOpen { path: path.to_path_buf(), mode: mode & 0o777 });
     }
-    let text = read_text(path)?;
     SecretKey::from_text(&text).map_err(|source| KeyFileError::Parse { path: path.to_path_buf(), source })
 }
 
@@ -72,6 +79,15 @@ fn with_ext(prefix: &Path, ext: &str) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_public_key_given_as_the_secret_one_is_named_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, public) = write_pair(&dir.path().join("k"), &SecretKey::from_seed(&[3; 32])).unwrap();
+        let e = read_secret(&public).unwrap_err();
+        assert!(matches!(e, KeyFileError::NotSecret(_)), "{e}");
+        assert!(e.to_string().contains("this is a public key"), "{e}");
+    }
 
     #[test]
     fn pair_round_trip_and_permissions() {

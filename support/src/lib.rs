@@ -3,11 +3,13 @@
 //! This crate is where the binaries' I/O conventions live, so that they are
 //! written once: every state or key file goes through [`durable`], every key
 //! file through [`keyfile`], and every process exit through [`exit`].
-#![forbid(unsafe_code)]
+// Forbidden everywhere but `sigpipe`, which says why.
+#![deny(unsafe_code)]
 
 pub mod durable;
 pub mod exit;
 pub mod keyfile;
+pub mod sigpipe;
 pub mod trustfile;
 
 /// Seconds since the Unix epoch (0 if the clock is before 1970).
@@ -47,5 +49,37 @@ mod tests {
         #[error("nats:perch.chunk.x.m")]
         struct Outer(#[source] std::io::Error);
         assert_eq!(super::error_chain(&Outer(inner)), "nats:perch.chunk.x.m: data budget used up");
+    }
+}
+
+/// A duration as people write it: `250ms`, `5s`, `2m30s`, `1h5m`; whole
+/// seconds from a second up (`5.002162309s` says nothing more than `5s`).
+pub fn duration(d: std::time::Duration) -> String {
+    if d < std::time::Duration::from_secs(1) {
+        return format!("{}ms", d.as_millis());
+    }
+    let s = d.as_secs() + u64::from(d.subsec_millis() >= 500);
+    let (h, m, s) = (s / 3600, s / 60 % 60, s % 60);
+    let mut out = String::new();
+    for (n, unit) in [(h, "h"), (m, "m"), (s, "s")] {
+        if n > 0 {
+            out.push_str(&format!("{n}{unit}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod duration_tests {
+    use std::time::Duration;
+
+    #[test]
+    fn durations_read_as_people_write_them() {
+        let d = super::duration;
+        assert_eq!(d(Duration::from_millis(250)), "250ms");
+        assert_eq!(d(Duration::from_nanos(5_002_162_309)), "5s");
+        assert_eq!(d(Duration::from_millis(149_600)), "2m30s");
+        assert_eq!(d(Duration::from_secs(3900)), "1h5m");
+        assert_eq!(d(Duration::from_secs(3600)), "1h");
     }
 }

@@ -12,6 +12,7 @@ use crate::util::{cargo, root, sh, step};
 const SERVER_TESTS: &[&str] = &[
     "cluster",
     "enroll",
+    "exit_codes",
     "fleet_scale",
     "link",
     "nats_operator",

@@ -3,6 +3,7 @@
 //!
 //! Unknown keys and bad values are errors that name the key and the line.
 
+use perch_support::exit::{Class, Classify};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -295,6 +296,12 @@ pub enum ConfigError {
     Parse { path: String, line: usize, message: String },
     #[error("{path}: {message}")]
     Invalid { path: String, message: String },
+}
+
+impl Classify for ConfigError {
+    fn class(&self) -> Option<Class> {
+        Some(Class::Usage)
+    }
 }
 
 impl Config {

@@ -10,6 +10,7 @@ mod uboot;
 
 pub use staged::Staged;
 
+use perch_support::exit::{Class, Classify};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -42,6 +43,12 @@ impl SlotError {
     /// True when the payload itself was refused, not the device failing.
     pub fn is_security(&self) -> bool {
         matches!(self, SlotError::Archive { err, .. } if err.is_security())
+    }
+}
+
+impl Classify for SlotError {
+    fn class(&self) -> Option<Class> {
+        Some(if self.is_security() { Class::Security } else { Class::Runtime })
     }
 }
 
