@@ -27,6 +27,7 @@ pub struct Cli {
 pub enum Command {
     Install {
         bundle: PathBuf,
+        json: bool,
     },
     Status {
         json: bool,
@@ -37,10 +38,13 @@ pub enum Command {
         once: bool,
     },
     Enroll(EnrollArgs),
+    /// `trust`: the file given, or (None) the config's, whose target is
+    /// then checked too unless `target` is given.
     Check {
-        trust: PathBuf,
+        trust: Option<PathBuf>,
         target: Option<String>,
         bundle: PathBuf,
+        json: bool,
     },
     /// `trust update FILE`: take a newer trust document by its rotation chain.
     TrustUpdate {
@@ -229,7 +233,7 @@ where
                 }
                 name = Some(Name::from(&v).ok_or(CliError::UnknownCommand(v))?);
             }
-            Long("json") if name == Some(Name::Status) => json = true,
+            Long("json") if matches!(name, Some(Name::Status | Name::Install | Name::Check)) => json = true,
             Long("once") if name == Some(Name::Run) => once_flag = true,
             Long("token") if name == Some(Name::Enroll) => {
                 once(&mut token, string(&mut p, "--token")?, "--token")?
@@ -273,16 +277,12 @@ where
         }
     };
     let command = match name {
-        Name::Install => Command::Install { bundle: one_file("install", positional)? },
+        Name::Install => Command::Install { bundle: one_file("install", positional)?, json },
         Name::Status => Command::Status { json },
         Name::Commit => Command::Commit,
         Name::Rollback => Command::Rollback,
         Name::Run => Command::Run { once: once_flag },
-        Name::Check => Command::Check {
-            trust: trust.ok_or(CliError::Missing { command: "check", what: "--trust TRUST" })?,
-            target,
-            bundle: one_file("check", positional)?,
-        },
+        Name::Check => Command::Check { trust, target, bundle: one_file("check", positional)?, json },
         Name::Trust => {
             let mut it = positional.into_iter();
             match (it.next().map(|v| v.string()).transpose()?.as_deref(), it.next(), it.next()) {
@@ -381,9 +381,12 @@ Usage: perch-agent trust update FILE
 const HELP_INSTALL: &str = "\
 Install a bundle into the inactive slot, activate it and run its trial.
 
-Usage: perch-agent install BUNDLE
+Usage: perch-agent install [--json] BUNDLE
 
 Resumes a staging that a crash interrupted. Exit code 1 if the trial failed and the device rolled back.
+
+Options:
+  --json  Say nothing while it works; print how it ended as one JSON document
 ";
 
 const HELP_STATUS: &str = "\
@@ -437,11 +440,13 @@ Options:
 const HELP_CHECK: &str = "\
 Check a bundle offline against the trust document. Writes nothing.
 
-Usage: perch-agent check --trust TRUST [--target TARGET] BUNDLE
+Usage: perch-agent check [--trust TRUST] [--target TARGET] [--json] BUNDLE
 
 Options:
-  --trust TRUST      The org trust document
+  --trust TRUST      The org trust document (default: the config's `trust`,
+                     and then the config's `target` is checked too)
   --target TARGET    The device target to check compatibility with
+  --json             Print what was checked as one JSON document
 ";
 
 #[cfg(test)]
@@ -477,7 +482,7 @@ mod tests {
         let c = run(&["install", "-", "--state-dir=/s"]).unwrap();
         assert_eq!(c.config, PathBuf::from(DEFAULT_CONFIG));
         assert_eq!(c.state_dir, PathBuf::from("/s"));
-        assert_eq!(c.command, Command::Install { bundle: "-".into() });
+        assert_eq!(c.command, Command::Install { bundle: "-".into(), json: false });
         let c = run(&["trust", "update", "new.doc"]).unwrap();
         assert_eq!(c.command, Command::TrustUpdate { file: "new.doc".into() });
         let c = run(&["enroll", "--device-id=-odd"]).unwrap();

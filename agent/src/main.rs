@@ -177,16 +177,27 @@ fn run(cli: Cli) -> Result<u8> {
         perch_support::sigpipe::die_on_closed_pipe();
     }
     match &cli.command {
-        Command::Check { trust, target, bundle } => {
-            check(trust, target.as_deref(), bundle)?;
+        Command::Check { trust, target, bundle, json } => {
+            check(&cli, trust.as_deref(), target.as_deref(), bundle, *json)?;
             Ok(0)
         }
-        Command::Install { bundle } => {
+        Command::Install { bundle, json } => {
             if !bundle.is_file() {
                 return Err(UsageError(format!("{}: no such bundle file", bundle.display())).into());
             }
             let (mut engine, problem) = open(&cli)?;
             warn(problem);
+            let report = |state: &DeployState, f: &Finished| {
+                if *json {
+                    println!("{}", status::finished_json(state, f));
+                    u8::from(matches!(f, Finished::RolledBack(..)))
+                } else {
+                    report(state, f)
+                }
+            };
+            if *json {
+                engine.progress = perch_agent::progress::Progress::quiet();
+            }
             // Finish anything a crash interrupted before starting something new;
             // if it cannot finish yet (it awaits a reboot), say so and stop.
             if engine.journal.state.is_switching() {
@@ -211,16 +222,16 @@ fn run(cli: Cli) -> Result<u8> {
                         "fleet_urls": v.enrollment.fleet_urls, "key_id": v.credential.device_key.id().to_string(),
                     }),
                     format!(
-                        "enrolled   as {} (key {}) in groups [{}]",
+                        "enrolled     as {} (key {}) in groups [{}]",
                         v.credential.device_id,
                         v.credential.device_key.id(),
                         v.credential.groups.join(", ")
                     ),
                 ),
-                Ok(None) => (serde_json::json!({ "enrolled": false }), "enrolled   no".to_string()),
+                Ok(None) => (serde_json::json!({ "enrolled": false }), "enrolled     no".to_string()),
                 Err(e) => (
                     serde_json::json!({ "enrolled": false, "problem": e.to_string() }),
-                    format!("enrolled   no ({e})"),
+                    format!("enrolled     no ({e})"),
                 ),
             };
             doc["enrollment"] = enrollment;
@@ -241,20 +252,20 @@ fn run(cli: Cli) -> Result<u8> {
                         .to_string()
                     });
                     format!(
-                        "link       {} since {}",
+                        "link         {} since {}",
                         l["state"].as_str().unwrap_or("?"),
                         since.unwrap_or_default()
                     )
                 }
-                None => "link       none (no agent has run with an enrollment)".to_string(),
+                None => "link         none (no agent has run with an enrollment)".to_string(),
             };
             doc["link"] = link.unwrap_or(serde_json::Value::Null);
             let outbox_line = match perch_agent::outbox::peek(&cli.state_dir) {
                 Ok((n, bytes)) => {
                     doc["outbox"] = serde_json::json!({ "waiting": n, "bytes": bytes });
-                    format!("outbox     {n} reports waiting to be sent ({bytes} bytes)")
+                    format!("outbox       {n} reports waiting to be sent ({bytes} bytes)")
                 }
-                Err(e) => format!("outbox     unreadable ({e})"),
+                Err(e) => format!("outbox       unreadable ({e})"),
             };
             if *json {
                 println!("{doc}");
@@ -364,12 +375,22 @@ fn warn(recovered: Option<Recovered>) {
     }
 }
 
-fn check(trust: &Path, target: Option<&str>, bundle: &Path) -> Result<()> {
+fn check(cli: &Cli, trust: Option<&Path>, target: Option<&str>, bundle: &Path, json: bool) -> Result<()> {
     if !bundle.is_file() {
         return Err(UsageError(format!("{}: no such bundle file", bundle.display())).into());
     }
     let now = now_unix();
-    let trust = load_trust(trust, now)?;
+    // Without --trust, check as this device would: its trust file and target.
+    let (trust, target) = match trust {
+        Some(t) => (t.to_path_buf(), target.map(String::from)),
+        None => {
+            let cfg = Config::load(&cli.config)?;
+            let target = target.map(String::from).unwrap_or(cfg.target.clone());
+            (cfg.trust, Some(target))
+        }
+    };
+    let target = target.as_deref();
+    let trust = load_trust(&trust, now)?;
     let verified = check_bundle(&trust, bundle, now)?;
     let m = verified.manifest();
     if let Some(t) = target {
@@ -381,6 +402,15 @@ fn check(trust: &Path, target: Option<&str>, bundle: &Path) -> Result<()> {
             ))
             .into());
         }
+    }
+    if json {
+        let doc = serde_json::json!({
+            "file": bundle, "verified": true, "name": m.name, "counter": m.counter, "version": m.version,
+            "kind": m.kind.as_str(), "digest": verified.digest().to_string(), "chunk_count": m.chunk_count(),
+            "payload_len": m.payload_len(), "targets": m.targets, "target_checked": target,
+        });
+        println!("{doc}");
+        return Ok(());
     }
     println!("OK {} {} counter {} ({} chunks)", bundle.display(), m.name, m.counter, m.chunk_count());
     Ok(())

@@ -9,6 +9,8 @@ use std::io::{IsTerminal, Write};
 use std::time::Instant;
 
 pub struct Progress {
+    /// Says nothing (`install --json`: stdout is the one JSON document).
+    quiet: bool,
     bar: Option<Bar>,
     last_pct: u64,
     total: u64,
@@ -28,12 +30,19 @@ const WIDTH: u64 = 24;
 
 impl Progress {
     pub fn new() -> Self {
-        Self { bar: None, last_pct: u64::MAX, total: 0 }
+        Self { quiet: false, bar: None, last_pct: u64::MAX, total: 0 }
+    }
+
+    pub fn quiet() -> Self {
+        Self { quiet: true, ..Self::new() }
     }
 
     /// Starts a byte counter for staging `total` bytes, from `done`.
     pub fn start(&mut self, what: &str, done: u64, total: u64) {
         self.total = total.max(1);
+        if self.quiet {
+            return;
+        }
         if std::io::stderr().is_terminal() {
             // The label on a line of its own: the bar line stays short
             // enough (under 80 columns) never to wrap, which would leave a
@@ -51,6 +60,9 @@ impl Progress {
     }
 
     pub fn set(&mut self, done: u64) {
+        if self.quiet {
+            return;
+        }
         if let Some(bar) = &mut self.bar {
             bar.done = done;
             self.draw();
@@ -71,6 +83,9 @@ impl Progress {
 
     /// A state change or event, one line.
     pub fn note(&self, line: &str) {
+        if self.quiet {
+            return;
+        }
         if let Some(bar) = &self.bar {
             eprint!("{CLEAR}");
             println!("{line}");

@@ -55,6 +55,31 @@ fn state_json(s: &DeployState) -> Value {
     v
 }
 
+/// How `install` (or a resumed deploy) ended, for `install --json`:
+/// `{"outcome": ..., "bundle": {...}, "deploy": {...}}`, plus the
+/// rollback `reason` or the `slot` a reboot goes to.
+pub fn finished_json(state: &DeployState, f: &crate::deploy::Finished) -> Value {
+    use crate::deploy::Finished;
+    let (outcome, bundle) = match f {
+        Finished::Committed(b) => ("committed", Some(b)),
+        Finished::RolledBack(b, _) => ("rolled_back", Some(b)),
+        Finished::AwaitingReboot(_) => ("awaiting_reboot", state.bundle()),
+        Finished::Idle => ("idle", None),
+        Finished::AlreadyRunning(b) => ("already_running", Some(b)),
+        Finished::NeedsBundle(b) => ("needs_bundle", Some(b)),
+    };
+    let mut v = json!({ "outcome": outcome, "deploy": state_json(state) });
+    if let Some(b) = bundle {
+        v["bundle"] = bundle_json(b);
+    }
+    match f {
+        Finished::RolledBack(_, reason) => v["reason"] = json!(reason.to_string()),
+        Finished::AwaitingReboot(slot) => v["slot"] = json!(slot.as_str()),
+        _ => {}
+    }
+    v
+}
+
 fn outcome_text(o: &Outcome) -> (String, Option<String>) {
     match o {
         Outcome::Committed => ("committed".into(), None),

@@ -102,6 +102,7 @@ enum Command {
         dir: PathBuf,
         #[command(flatten)]
         server: Server,
+        /// Print one JSON document.
         #[arg(long)]
         json: bool,
     },
@@ -112,6 +113,7 @@ enum Command {
         dir: PathBuf,
         #[command(flatten)]
         server: Server,
+        /// Print one JSON document.
         #[arg(long)]
         json: bool,
     },
@@ -122,6 +124,7 @@ enum Command {
         dir: PathBuf,
         #[command(flatten)]
         server: Server,
+        /// The device id.
         id: String,
     },
     /// Reject a pending device (or its re-enrollment with a new key).
@@ -131,6 +134,7 @@ enum Command {
         dir: PathBuf,
         #[command(flatten)]
         server: Server,
+        /// The device id.
         id: String,
     },
     /// Revoke a device: the server cuts it off within seconds and refuses it from then on.
@@ -140,6 +144,7 @@ enum Command {
         dir: PathBuf,
         #[command(flatten)]
         server: Server,
+        /// The device id.
         id: String,
     },
     /// Offline enrollment: answer a device's request file with an enrollment file.
@@ -149,6 +154,7 @@ enum Command {
         dir: PathBuf,
         /// The request from `perch-agent enroll --request-out`.
         file: PathBuf,
+        /// Where to write the enrollment file (`perch-agent enroll --import` reads it).
         #[arg(long)]
         out: PathBuf,
         /// A group the device joins; repeat for several.
@@ -196,6 +202,7 @@ enum TokenCommand {
         /// The provisioner's NATS URL; repeat for several.
         #[arg(long = "url", default_value = "tls://127.0.0.1:4222")]
         urls: Vec<String>,
+        /// Print one JSON document.
         #[arg(long)]
         json: bool,
         /// Also print the token as a QR code for the terminal.
@@ -204,12 +211,15 @@ enum TokenCommand {
     },
     /// Check a token against a trust document and print what it allows.
     Check {
+        /// The org trust document the token must be signed under.
         #[arg(long)]
         trust: PathBuf,
         /// The token text (or use --file).
         token: Option<String>,
+        /// A file holding the token (a QR code's text, say).
         #[arg(long)]
         file: Option<PathBuf>,
+        /// Print one JSON document.
         #[arg(long)]
         json: bool,
     },
@@ -232,6 +242,7 @@ enum NatsCommand {
         /// fleet or provisioning.
         #[arg(long)]
         account: String,
+        /// The user's name, as the server's monitoring shows it.
         #[arg(long)]
         name: String,
         /// A subject the user may publish to; repeat for several.
@@ -243,6 +254,7 @@ enum NatsCommand {
         /// Let the user reply to requests it receives.
         #[arg(long)]
         allow_responses: bool,
+        /// Where to write the .creds file (mode 0600).
         #[arg(long)]
         out: PathBuf,
     },
@@ -262,8 +274,10 @@ enum NatsCommand {
         /// The address each server listens on.
         #[arg(long, default_value = "0.0.0.0")]
         bind: String,
+        /// The port clients connect to, unless a --server gives its own.
         #[arg(long, default_value_t = 4222)]
         client_port: u16,
+        /// The port the servers connect to each other on (routes), unless a --server gives its own.
         #[arg(long, default_value_t = 6222)]
         route_port: u16,
         /// Where field sites connect (leaf nodes), unless a --server gives its own.
@@ -304,6 +318,7 @@ enum SiteCommand {
         /// A DNS name or IPv4 address drones reach the site's server by; repeat for several.
         #[arg(long = "host", value_name = "NAME", required = true)]
         hosts: Vec<String>,
+        /// The port the site's devices connect to.
         #[arg(long, default_value_t = 4222)]
         client_port: u16,
         /// The address the site's server listens on.
@@ -340,25 +355,33 @@ enum TrustCommand {
         /// The org directory (`perch-bootstrap init` made it).
         #[arg(long, env = "PERCH_ORG", value_name = "ORG_DIR")]
         dir: PathBuf,
+        /// A release public key of the new version (PREFIX.pub); repeat for each.
         #[arg(long = "release-key", value_name = "PUB", required = true)]
         release_keys: Vec<PathBuf>,
+        /// How many release keys must sign a bundle in the new version.
         #[arg(long)]
         threshold: u32,
+        /// How long the new version is valid (default: no expiry).
         #[arg(long, value_parser = humantime::parse_duration)]
         expires_in: Option<Duration>,
+        /// Where to write the new version (it still needs `trust sign`).
         #[arg(long)]
         out: PathBuf,
     },
     /// Add a rotation signature by one of the current version's release keys.
     Sign {
+        /// A release secret key of the current version (PREFIX.key).
         #[arg(long)]
         key: PathBuf,
+        /// The new trust document, signed in place.
         file: PathBuf,
     },
     /// Check that NEW may replace CURRENT (root signature and k-of-n rotation).
     Verify {
+        /// The trust document in force.
         #[arg(long)]
         current: PathBuf,
+        /// The one that would replace it.
         new: PathBuf,
     },
     /// Push a trust document (default DIR/trust.doc) to every enrolled
@@ -371,11 +394,14 @@ enum TrustCommand {
         dir: PathBuf,
         #[command(flatten)]
         server: Server,
+        /// The trust document to push (default: DIR/trust.doc).
         file: Option<PathBuf>,
     },
     /// Print a trust document.
     Show {
+        /// The trust document.
         file: PathBuf,
+        /// Print one JSON document.
         #[arg(long)]
         json: bool,
     },
@@ -809,4 +835,29 @@ fn read_pubs(paths: &[PathBuf]) -> Result<Vec<PublicKey>> {
 fn read_trust(path: &Path) -> Result<SignedTrust> {
     let bytes = read_bounded(path, MAX_TRUST_FILE_LEN)?;
     SignedTrust::parse(&bytes).with_context(|| path.display().to_string())
+}
+
+#[cfg(test)]
+mod help_tests {
+    use clap::CommandFactory;
+
+    /// Every flag and argument of every command says what it is in `--help`.
+    #[test]
+    fn no_flag_or_argument_has_a_blank_help() {
+        fn walk(cmd: &clap::Command, path: &str, blank: &mut Vec<String>) {
+            for a in cmd.get_arguments() {
+                let id = a.get_id().as_str();
+                if id != "help" && id != "version" && a.get_help().is_none() {
+                    blank.push(format!("{path} {id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), blank);
+            }
+        }
+        let mut blank = vec![];
+        let cmd = super::Cli::command();
+        walk(&cmd, cmd.get_name(), &mut blank);
+        assert!(blank.is_empty(), "no help text: {blank:#?}");
+    }
 }

@@ -2,6 +2,8 @@
 //! written by `perch publish` after the last chunk is stored, so that an
 //! operator can say `perch deploy --bundle os@3` instead of a digest.
 
+use std::path::{Path, PathBuf};
+
 use async_nats::jetstream;
 use perch_support::exit::{Class, Classify};
 use serde::{Deserialize, Serialize};
@@ -29,12 +31,22 @@ pub enum CatalogError {
     Unknown(String),
     #[error("catalog entry {key} is not readable: {detail}")]
     Corrupt { key: String, detail: String },
+    #[error("--bundle {0}: no such bundle file, and not NAME@COUNTER")]
+    NoBundle(String),
+    #[error("{}: {detail}", path.display())]
+    File { path: PathBuf, detail: String },
+    #[error("{} is {name}@{counter}, but the bundle published as {name}@{counter} is another one (digest {published})", path.display())]
+    NotThePublished { path: PathBuf, name: String, counter: u64, published: String },
 }
 
 impl Classify for CatalogError {
     fn class(&self) -> Option<Class> {
         Some(match self {
-            CatalogError::BadRef(_) | CatalogError::Unknown(_) => Class::Usage,
+            CatalogError::BadRef(_)
+            | CatalogError::Unknown(_)
+            | CatalogError::NoBundle(_)
+            | CatalogError::File { .. }
+            | CatalogError::NotThePublished { .. } => Class::Usage,
             CatalogError::Nats(_) | CatalogError::Corrupt { .. } => Class::Runtime,
         })
     }
@@ -52,6 +64,74 @@ pub fn parse_ref(s: &str) -> Result<(String, u64), CatalogError> {
         return Err(CatalogError::BadRef(s.into()));
     }
     Ok((name.into(), counter))
+}
+
+/// What `--bundle` names, in every command that takes it: a published
+/// `NAME@COUNTER`, or a bundle file (its head says its name, counter and
+/// digest). An existing file wins.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BundleArg {
+    Published { name: String, counter: u64 },
+    File(PathBuf),
+}
+
+impl BundleArg {
+    pub fn parse(s: &str) -> Result<BundleArg, CatalogError> {
+        if Path::new(s).is_file() {
+            return Ok(BundleArg::File(s.into()));
+        }
+        let (name, counter) = parse_ref(s).map_err(|_| CatalogError::NoBundle(s.into()))?;
+        Ok(BundleArg::Published { name, counter })
+    }
+
+    /// The catalog entry of the bundle named. A file must be the bundle
+    /// published under its name and counter.
+    pub async fn published(&self, js: &jetstream::Context) -> Result<Published, CatalogError> {
+        match self {
+            BundleArg::Published { name, counter } => lookup(js, name, *counter).await,
+            BundleArg::File(path) => {
+                let (name, counter, digest) = head_of(path)?;
+                let p = lookup(js, &name, counter).await?;
+                if p.digest != hex::encode(digest) {
+                    return Err(CatalogError::NotThePublished {
+                        path: path.clone(),
+                        name,
+                        counter,
+                        published: p.digest,
+                    });
+                }
+                Ok(p)
+            }
+        }
+    }
+
+    /// The digest of the bundle named: a file's own, or the published one's.
+    pub async fn digest(&self, js: &jetstream::Context) -> Result<[u8; 32], CatalogError> {
+        match self {
+            BundleArg::File(path) => Ok(head_of(path)?.2),
+            published => {
+                let p = published.published(js).await?;
+                let mut d = [0u8; 32];
+                hex::decode_to_slice(&p.digest, &mut d).map_err(|e| CatalogError::Corrupt {
+                    key: key(&p.name, p.counter),
+                    detail: e.to_string(),
+                })?;
+                Ok(d)
+            }
+        }
+    }
+}
+
+/// A bundle file's name, counter and digest, from its head (unverified:
+/// the catalog and the devices check the rest).
+fn head_of(path: &Path) -> Result<(String, u64, [u8; 32]), CatalogError> {
+    let file_err = |detail: String| CatalogError::File { path: path.into(), detail };
+    let f = std::fs::File::open(path).map_err(|e| file_err(e.to_string()))?;
+    let r = perch_protocol::bundle::BundleReader::open(std::io::BufReader::new(f))
+        .map_err(|e| file_err(e.to_string()))?;
+    let head = r.head();
+    let m = head.unverified_manifest();
+    Ok((m.name.clone(), m.counter, head.digest().0))
 }
 
 pub async fn record(js: &jetstream::Context, p: &Published) -> Result<(), CatalogError> {

@@ -1,5 +1,9 @@
 //! `perch deploy`: start a rollout and drive it; pause, resume, abort, list.
 //! (A module of the `perch` binary; the rollout logic is in the library.)
+//!
+//! `perch deploy start ...` starts one; `perch deploy --bundle ...` (the
+//! first form) still does. With `--json`, starting and driving print JSON
+//! lines: one event per line, as it happens.
 
 use std::time::Duration;
 
@@ -28,8 +32,8 @@ pub struct DeployArgs {
 struct StartArgs {
     #[command(flatten)]
     conn: Conn,
-    /// The published bundle, NAME@COUNTER.
-    #[arg(long, required = true)]
+    /// The published bundle: NAME@COUNTER, or its bundle file.
+    #[arg(long, required = true, value_name = "NAME@COUNTER|FILE")]
     bundle: Option<String>,
     /// Every enrolled device of this group.
     #[arg(long, conflicts_with = "device", required_unless_present = "device")]
@@ -49,36 +53,56 @@ struct StartArgs {
     /// Create the rollout and return; `perch deploy resume ID` drives it.
     #[arg(long)]
     detach: bool,
+    /// JSON lines: the rollout created, each change, and how it ended.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
 enum Action {
+    /// Start a rollout and drive it until it ends or pauses (`perch deploy
+    /// --bundle ...` without `start` is the same).
+    Start(StartArgs),
     /// Stop starting new waves (devices already told finish their install).
     Pause {
         #[command(flatten)]
         conn: Conn,
+        /// The rollout id (`perch deploy list`).
         id: String,
+        /// The rollout as it now stands, as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Resume a paused rollout (its failures so far are accepted), or take
     /// over driving a running one; drives it until it ends or pauses.
     Resume {
         #[command(flatten)]
         conn: Conn,
+        /// The rollout id (`perch deploy list`).
         id: String,
+        /// Resume it and return, without driving it.
         #[arg(long)]
         detach: bool,
+        /// JSON lines, as `start --json` prints them.
+        #[arg(long)]
+        json: bool,
     },
     /// Stop the rollout and point every device it reached back at the
     /// bundle it ran before.
     Abort {
         #[command(flatten)]
         conn: Conn,
+        /// The rollout id (`perch deploy list`).
         id: String,
+        /// The rollout as it now stands, as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Every rollout and its state.
     List {
         #[command(flatten)]
         conn: Conn,
+        /// Every rollout as a JSON array.
         #[arg(long)]
         json: bool,
     },
@@ -92,7 +116,8 @@ pub fn run(args: DeployArgs) -> Result<()> {
     rt.block_on(async move {
         match args.action {
             None => start(args.start).await,
-            Some(Action::Pause { conn, id }) => {
+            Some(Action::Start(a)) => start(a).await,
+            Some(Action::Pause { conn, id, json }) => {
                 let c = connect(conn.target()?).await?;
                 let (r, _) = rollouts::change(&c, &id, now_unix(), |r, _| match &r.state {
                     State::Running => {
@@ -104,13 +129,16 @@ pub fn run(args: DeployArgs) -> Result<()> {
                     other => Err(format!("rollout {id} is {}, not running", other.name())),
                 })
                 .await?;
+                if json {
+                    return print_json(&r);
+                }
                 println!(
                     "rollout {} paused: no new wave starts; devices already told finish their install",
                     r.id
                 );
                 Ok(())
             }
-            Some(Action::Resume { conn, id, detach }) => {
+            Some(Action::Resume { conn, id, detach, json }) => {
                 let c = connect(conn.target()?).await?;
                 let (r, _) = rollouts::change(&c, &id, now_unix(), |r, view| match &r.state {
                     State::Paused { .. } => Ok((rollout::resume(r, view, now_unix())?, vec![])),
@@ -119,13 +147,17 @@ pub fn run(args: DeployArgs) -> Result<()> {
                     other => Err(format!("rollout {id} is {}; it cannot resume", other.name())),
                 })
                 .await?;
-                println!("rollout {} running", r.id);
+                if json {
+                    event("resumed", &r)?;
+                } else {
+                    println!("rollout {} running", r.id);
+                }
                 if detach {
                     return Ok(());
                 }
-                drive(&c, &r.id).await
+                drive(&c, &r.id, json).await
             }
-            Some(Action::Abort { conn, id }) => {
+            Some(Action::Abort { conn, id, json }) => {
                 let c = connect(conn.target()?).await?;
                 let (r, notes) = rollouts::change(&c, &id, now_unix(), |r, _| match &r.state {
                     State::Aborted => Err(format!("rollout {id} is already aborted")),
@@ -134,6 +166,9 @@ pub fn run(args: DeployArgs) -> Result<()> {
                 .await?;
                 for n in notes {
                     eprintln!("perch: {n}");
+                }
+                if json {
+                    return print_json(&r);
                 }
                 let reached = r.waves.iter().rfind(|w| w.started_at.is_some()).map_or(0, |w| w.upto);
                 println!("rollout {} aborted: {reached} devices pointed back at what they ran before", r.id);
@@ -173,43 +208,66 @@ async fn start(a: StartArgs) -> Result<()> {
     let (conn, Some(bundle)) = (a.conn, a.bundle) else {
         return Err(UsageError("perch deploy needs --bundle".into()).into());
     };
-    let bundle = perch_fleet::catalog::parse_ref(&bundle).map_err(|e| UsageError(e.to_string()))?;
+    let bundle = perch_fleet::catalog::BundleArg::parse(&bundle)?;
     let target = match a.group {
         Some(g) => rollouts::Target::Group(g),
         None => rollouts::Target::Devices(a.device),
     };
+    let waves = rollout::parse_waves(&a.waves).map_err(UsageError)?;
+    let max_failures = Limit::parse(&a.max_failures).map_err(UsageError)?;
+    let c = connect(conn.target()?).await?;
+    let published = bundle.published(&async_nats::jetstream::new(c.clone())).await?;
     let plan = Plan {
-        bundle,
+        bundle: (published.name, published.counter),
         target,
-        waves: rollout::parse_waves(&a.waves).map_err(UsageError)?,
-        max_failures: Limit::parse(&a.max_failures).map_err(UsageError)?,
+        waves,
+        max_failures,
         wave_wait: a.wave_wait,
     };
-    let c = connect(conn.target()?).await?;
     let r = rollouts::create(&c, &plan, now_unix()).await?;
-    let sizes: Vec<String> = (0..r.waves.len())
-        .map(|i| format!("{} ({}%)", r.wave_devices(i).len(), r.waves[i].percent))
-        .collect();
-    println!(
-        "rollout {}: {}@{} to {} in {} waves of {} devices; pauses past {} failures per wave",
-        r.id,
-        r.release.name,
-        r.release.counter,
-        r.scope,
-        r.waves.len(),
-        sizes.join(", "),
-        r.max_failures
-    );
+    if a.json {
+        event("created", &r)?;
+    } else {
+        let sizes: Vec<String> = (0..r.waves.len())
+            .map(|i| format!("{} ({}%)", r.wave_devices(i).len(), r.waves[i].percent))
+            .collect();
+        println!(
+            "rollout {}: {}@{} to {} in {} waves of {} devices; pauses past {} failures per wave",
+            r.id,
+            r.release.name,
+            r.release.counter,
+            r.scope,
+            r.waves.len(),
+            sizes.join(", "),
+            r.max_failures
+        );
+    }
     if a.detach {
-        println!("detached: `perch deploy resume {}` drives it", r.id);
+        if !a.json {
+            println!("detached: `perch deploy resume {}` drives it", r.id);
+        }
         return Ok(());
     }
     let _ = std::io::Write::flush(&mut std::io::stdout());
-    drive(&c, &r.id).await
+    drive(&c, &r.id, a.json).await
 }
 
-/// Drives until the rollout ends or pauses, printing each change.
-async fn drive(c: &async_nats::Client, id: &str) -> Result<()> {
+fn print_json(r: &Rollout) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(r)?);
+    Ok(())
+}
+
+/// One JSON line: `{"event": EVENT, "rollout": {...}}`, flushed at once.
+fn event(name: &str, r: &Rollout) -> Result<()> {
+    println!("{}", serde_json::json!({ "event": name, "rollout": r }));
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+    Ok(())
+}
+
+/// Drives until the rollout ends or pauses, printing each change: as a
+/// table, or (`json`) as a `changed` event per change and a last `done`,
+/// `paused` or `aborted` event.
+async fn drive(c: &async_nats::Client, id: &str, json: bool) -> Result<()> {
     let mut last = String::new();
     let show = |r: &Rollout, view: &FleetView, notes: &[String]| {
         for n in notes {
@@ -217,16 +275,31 @@ async fn drive(c: &async_nats::Client, id: &str) -> Result<()> {
         }
         let now = perch_fleet::table::render_rollout(r, view);
         if now != last {
-            print!("{now}");
-            // Seen as it happens, also through a pipe.
-            let _ = std::io::Write::flush(&mut std::io::stdout());
+            if json {
+                let _ = event("changed", r);
+            } else {
+                print!("{now}");
+                // Seen as it happens, also through a pipe.
+                let _ = std::io::Write::flush(&mut std::io::stdout());
+            }
             last = now;
         }
     };
     let r = rollouts::drive(c, id, TICK, now_unix, show).await?;
+    if json {
+        let name = match r.state {
+            State::Done => "done",
+            State::Paused { .. } => "paused",
+            State::Aborted => "aborted",
+            State::Running => "running",
+        };
+        event(name, &r)?;
+    }
     match r.state {
         State::Done => {
-            println!("rollout {} done: every wave committed", r.id);
+            if !json {
+                println!("rollout {} done: every wave committed", r.id);
+            }
             Ok(())
         }
         State::Paused { reason } => {

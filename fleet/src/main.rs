@@ -8,6 +8,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use perch_fleet::build::{build_bundle, Cut};
+use perch_fleet::catalog::BundleArg;
 use perch_fleet::context;
 use perch_fleet::sign::{sign_file, SignOutcome};
 use perch_fleet::verify::verify_file;
@@ -42,6 +43,9 @@ enum Command {
         /// Path prefix of the two files.
         #[arg(long, value_name = "PREFIX")]
         out: PathBuf,
+        /// The key id and the two paths, as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Build, sign, verify and inspect bundles.
     #[command(subcommand)]
@@ -56,13 +60,17 @@ enum Command {
         trust: PathBuf,
         #[command(flatten)]
         conn: Conn,
+        /// The signed bundle file.
         file: PathBuf,
+        /// What was published (digest, chunks, bytes sent), as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Which bundle a device or a group should run (devices follow it).
     #[command(subcommand)]
     Desired(DesiredCommand),
     /// Roll a published bundle out in waves (and pause, resume, abort, list).
-    Deploy(deploy_cli::DeployArgs),
+    Deploy(Box<deploy_cli::DeployArgs>),
     /// The fleet as its devices report it: who is online, what runs where,
     /// how the last deploy went.
     Status {
@@ -74,6 +82,7 @@ enum Command {
         /// A device silent this long is shown as stale.
         #[arg(long, value_parser = humantime::parse_duration, default_value = "3m")]
         stale_after: Duration,
+        /// Print one JSON document.
         #[arg(long, conflicts_with = "watch")]
         json: bool,
         /// Redraw every two seconds until interrupted.
@@ -86,6 +95,7 @@ enum Command {
     Streams {
         #[command(flatten)]
         conn: Conn,
+        /// Print one JSON document.
         #[arg(long)]
         json: bool,
     },
@@ -100,9 +110,14 @@ enum DesiredCommand {
         conn: Conn,
         #[command(flatten)]
         scope: ScopeArgs,
-        /// The bundle file (its digest is used; it must be published).
-        #[arg(long, conflicts_with = "digest", required_unless_present = "digest")]
-        bundle: Option<PathBuf>,
+        /// The bundle: a published NAME@COUNTER, or its bundle file (it must be published).
+        #[arg(
+            long,
+            conflicts_with = "digest",
+            required_unless_present = "digest",
+            value_name = "NAME@COUNTER|FILE"
+        )]
+        bundle: Option<String>,
         /// The bundle digest (hex), as `perch bundle inspect` shows it.
         #[arg(long)]
         digest: Option<String>,
@@ -118,6 +133,7 @@ enum DesiredCommand {
     List {
         #[command(flatten)]
         conn: Conn,
+        /// Print one JSON document.
         #[arg(long)]
         json: bool,
     },
@@ -126,8 +142,10 @@ enum DesiredCommand {
 #[derive(Args)]
 #[group(required = true, multiple = false)]
 struct ScopeArgs {
+    /// One device, by its id.
     #[arg(long)]
     device: Option<String>,
+    /// A group: every device enrolled with it.
     #[arg(long)]
     group: Option<String>,
 }
@@ -190,6 +208,7 @@ enum ContextCommand {
     /// Save a context (replacing one of that name): the settings given,
     /// file paths made absolute.
     Add {
+        /// The context's name (letters, digits, '-', '_', '.').
         name: String,
         #[command(flatten)]
         settings: Settings,
@@ -201,9 +220,13 @@ enum ContextCommand {
         select: bool,
     },
     /// Select the context networked commands use.
-    Use { name: String },
+    Use {
+        /// The context's name.
+        name: String,
+    },
     /// List the saved contexts; `*` marks the selected one.
     Ls {
+        /// Print one JSON document.
         #[arg(long)]
         json: bool,
     },
@@ -212,11 +235,15 @@ enum ContextCommand {
     Show {
         #[command(flatten)]
         conn: Conn,
+        /// Print one JSON document.
         #[arg(long)]
         json: bool,
     },
     /// Delete a saved context.
-    Rm { name: String },
+    Rm {
+        /// The context's name.
+        name: String,
+    },
 }
 
 fn context_cmd(cmd: ContextCommand) -> Result<()> {
@@ -302,20 +329,28 @@ enum BundleCommand {
         /// The release secret key (PREFIX.key).
         #[arg(long)]
         key: PathBuf,
+        /// The bundle file, signed in place.
         file: PathBuf,
+        /// The key id and whether a signature was added, as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Check a bundle completely: signatures, threshold, expiry, every chunk.
     Verify {
         /// The org trust document.
         #[arg(long)]
         trust: PathBuf,
+        /// The bundle file.
         file: PathBuf,
+        /// Print one JSON document.
         #[arg(long)]
         json: bool,
     },
     /// Print a bundle's manifest and signers without verifying them.
     Inspect {
+        /// The bundle file.
         file: PathBuf,
+        /// Print one JSON document.
         #[arg(long)]
         json: bool,
     },
@@ -360,8 +395,12 @@ struct BuildArgs {
     /// The image file, or the directory to archive.
     #[arg(long)]
     input: PathBuf,
+    /// The bundle file to write (unsigned).
     #[arg(long)]
     out: PathBuf,
+    /// What was built (name, counter, digest, sizes), as JSON.
+    #[arg(long)]
+    json: bool,
     /// Chunk size in bytes (one chunk travels as one NATS message); with
     /// content-defined chunking, the average (chunks are a quarter of it
     /// to three times it).
@@ -431,24 +470,28 @@ fn run(cli: Cli) -> Result<()> {
     perch_net::init_logging_if_asked();
     perch_support::sigpipe::die_on_closed_pipe();
     match cli.command {
-        Command::Keygen { out } => keygen(&out),
-        Command::Publish { trust, conn, file } => publish(&trust, conn.target()?, &file),
+        Command::Keygen { out, json } => keygen(&out, json),
+        Command::Publish { trust, conn, file, json } => publish(&trust, conn.target()?, &file, json),
         Command::Context(cmd) => context_cmd(cmd),
         Command::Desired(cmd) => desired(cmd),
-        Command::Deploy(args) => deploy_cli::run(args),
+        Command::Deploy(args) => deploy_cli::run(*args),
         Command::Status { conn, device, stale_after, json, watch } => {
             let q = perch_fleet::status::Query { device, stale_after_secs: stale_after.as_secs() };
             status(&conn.target()?, &q, json, watch)
         }
         Command::Streams { conn, json } => streams(conn.target()?, json),
         Command::Bundle(BundleCommand::Build(args)) => build(args),
-        Command::Bundle(BundleCommand::Sign { key, file }) => {
+        Command::Bundle(BundleCommand::Sign { key, file, json }) => {
             let key = keyfile::read_secret(&key)?;
-            match sign_file(&file, &key)? {
-                SignOutcome::Added(id) => println!("signed {} with key {id}", file.display()),
-                SignOutcome::AlreadySigned(id) => {
-                    println!("{} is already signed by key {id}; nothing changed", file.display())
-                }
+            let outcome = sign_file(&file, &key)?;
+            let (SignOutcome::Added(id) | SignOutcome::AlreadySigned(id)) = &outcome;
+            let added = matches!(outcome, SignOutcome::Added(_));
+            if json {
+                println!("{}", json!({ "file": file, "key_id": id.to_string(), "added": added }));
+            } else if added {
+                println!("signed {} with key {id}", file.display());
+            } else {
+                println!("{} is already signed by key {id}; nothing changed", file.display());
             }
             Ok(())
         }
@@ -500,11 +543,18 @@ fn streams(target: perch_fleet::link::Target, json: bool) -> Result<()> {
     Ok(())
 }
 
-fn keygen(prefix: &Path) -> Result<()> {
+fn keygen(prefix: &Path, json: bool) -> Result<()> {
     let mut seed = [0u8; 32];
     getrandom::getrandom(&mut seed).context("reading OS randomness")?;
     let key = SecretKey::from_seed(&seed);
     let (secret, public) = keyfile::write_pair(prefix, &key)?;
+    if json {
+        println!(
+            "{}",
+            json!({ "key_id": key.public().id().to_string(), "secret": secret, "public": public })
+        );
+        return Ok(());
+    }
     println!("key id {}", key.public().id());
     println!("secret {} (keep it offline; mode 0600)", secret.display());
     println!("public {}", public.display());
@@ -547,6 +597,22 @@ fn build(a: BuildArgs) -> Result<()> {
         _ => Cut::Fixed,
     };
     let manifest = build_bundle(params, cut, a.compress_window, &a.input, &a.out)?;
+    if a.json {
+        let head = BundleReader::open(std::fs::File::open(&a.out)?)?;
+        let doc = json!({
+            "out": a.out,
+            "name": manifest.name,
+            "counter": manifest.counter,
+            "version": manifest.version,
+            "digest": head.head().digest().to_string(),
+            "payload_len": manifest.payload_len(),
+            "stored_len": manifest.stored_len(),
+            "chunk_count": manifest.chunk_count(),
+            "signed": false,
+        });
+        println!("{doc}");
+        return Ok(());
+    }
     println!(
         "built {} ({} {}, {} bytes in {} chunks); unsigned: sign it with `perch bundle sign`",
         a.out.display(),
@@ -732,7 +798,7 @@ fn time(unix: u64) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(unix)).to_string()
 }
 
-fn publish(trust: &Path, target: perch_fleet::link::Target, file: &Path) -> Result<()> {
+fn publish(trust: &Path, target: perch_fleet::link::Target, file: &Path, json: bool) -> Result<()> {
     use perch_fleet::publish::{self, Published};
     if !file.is_file() {
         return Err(UsageError(format!("{}: no such bundle file", file.display())).into());
@@ -758,10 +824,27 @@ fn publish(trust: &Path, target: perch_fleet::link::Target, file: &Path) -> Resu
     if let Some(b) = &bar {
         b.finish_and_clear();
     }
-    match done.map_err(|e| match e {
-        publish::PublishError::Verify(v) => anyhow::Error::new(v),
-        other => anyhow::Error::new(other),
-    })? {
+    let done = done?;
+    if json {
+        let (chunks, bytes, sent) = match done {
+            Published::Sent { chunks, bytes } => (chunks, bytes, true),
+            Published::AlreadyThere { chunks } => (chunks, 0, false),
+        };
+        let head = BundleReader::open(std::fs::File::open(file)?)?;
+        let m = head.head().unverified_manifest();
+        let doc = json!({
+            "file": file,
+            "name": m.name,
+            "counter": m.counter,
+            "digest": head.head().digest().to_string(),
+            "chunk_count": chunks,
+            "bytes_sent": bytes,
+            "already_published": !sent,
+        });
+        println!("{doc}");
+        return Ok(());
+    }
+    match done {
         Published::Sent { chunks, bytes } => {
             println!("published {} ({chunks} chunks, {bytes} bytes)", file.display())
         }
@@ -827,22 +910,23 @@ fn desired(cmd: DesiredCommand) -> Result<()> {
     rt.block_on(async {
         match cmd {
             DesiredCommand::Set { conn, scope, bundle, digest } => {
-                let d = match (bundle, digest) {
-                    (Some(file), _) => {
-                        let f = std::fs::File::open(&file)
-                            .map_err(|e| UsageError(format!("{}: {e}", file.display())))?;
-                        BundleReader::open(f).with_context(|| file.display().to_string())?.head().digest().0
-                    }
-                    (None, Some(hex)) => {
+                let bundle = bundle.as_deref().map(BundleArg::parse).transpose()?;
+                let digest = match digest {
+                    Some(hex) => {
                         let mut d = [0u8; 32];
                         hex::decode_to_slice(hex.trim(), &mut d)
                             .map_err(|_| UsageError(format!("--digest {hex}: not a 64-digit hex digest")))?;
-                        d
+                        Some(d)
                     }
-                    (None, None) => return Err(UsageError("give --bundle or --digest".into()).into()),
+                    None => None,
                 };
                 let scope = scope.scope();
                 let js = async_nats::jetstream::new(conn.target()?.connect("perch desired").await?);
+                let d = match (bundle, digest) {
+                    (Some(b), _) => b.digest(&js).await?,
+                    (None, Some(d)) => d,
+                    (None, None) => return Err(UsageError("give --bundle or --digest".into()).into()),
+                };
                 let rev = desired::set(&js, &scope, &d).await?;
                 println!("{} -> {} (revision {rev})", scope.key()?, hex::encode(d));
             }
@@ -867,4 +951,29 @@ fn desired(cmd: DesiredCommand) -> Result<()> {
         }
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod help_tests {
+    use clap::CommandFactory;
+
+    /// Every flag and argument of every command says what it is in `--help`.
+    #[test]
+    fn no_flag_or_argument_has_a_blank_help() {
+        fn walk(cmd: &clap::Command, path: &str, blank: &mut Vec<String>) {
+            for a in cmd.get_arguments() {
+                let id = a.get_id().as_str();
+                if id != "help" && id != "version" && a.get_help().is_none() {
+                    blank.push(format!("{path} {id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), blank);
+            }
+        }
+        let mut blank = vec![];
+        let cmd = super::Cli::command();
+        walk(&cmd, cmd.get_name(), &mut blank);
+        assert!(blank.is_empty(), "no help text: {blank:#?}");
+    }
 }

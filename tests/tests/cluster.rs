@@ -432,8 +432,11 @@ fn a_rollout_completes_when_a_server_is_killed_in_the_middle_of_a_wave() {
     let leader = r.leader("KV_PERCH_ROLLOUTS");
     let victim = h.cluster.index_of(&leader);
     // One device in wave 1, the other two in wave 2.
-    let deploy =
-        operator_args(&h, &["deploy", "--bundle", "app@2", "--group", "g", "--waves", "33%,100%"], &urls);
+    let deploy = operator_args(
+        &h,
+        &["deploy", "start", "--bundle", "app@2", "--group", "g", "--waves", "33%,100%"],
+        &urls,
+    );
     let mut child = Command::new(bin("perch"))
         .args(&deploy)
         .current_dir(h.s.dir.path())

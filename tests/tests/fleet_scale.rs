@@ -139,7 +139,18 @@ fn a_thousand_simulated_devices_converge_roll_out_and_every_report_is_accounted_
     let limit = (failing.len() - 1).to_string();
     let r = perch(
         &h,
-        &["deploy", "--bundle", "two@2", "--group", "g", "--waves", "1%,10%,100%", "--max-failures", &limit],
+        &[
+            "deploy",
+            "start",
+            "--bundle",
+            "two@2",
+            "--group",
+            "g",
+            "--waves",
+            "1%,10%,100%",
+            "--max-failures",
+            &limit,
+        ],
     );
     assert_ne!(r.code, 0, "the rollout should have paused:\n{}", r.stdout);
     assert!(r.stderr.contains("paused") && r.stderr.contains("wave 2"), "{}\n{}", r.stdout, r.stderr);

@@ -59,7 +59,7 @@ fn waves_commit_in_order_a_failing_wave_pauses_and_abort_points_back() {
 
     // A good release, in two waves: 25% (one device), then the rest.
     let good = release(&f, 2, 0);
-    let r = f.operator(&["deploy"], &["--bundle", "app@2", "--group", "g", "--waves", "25%,100%"]);
+    let r = f.operator(&["deploy", "start"], &["--bundle", "app@2", "--group", "g", "--waves", "25%,100%"]);
     assert_eq!(r.code, 0, "{}\n{}\n{}", r.stdout, r.stderr, f.all_logs());
     eprintln!("{}", r.stdout);
     assert!(r.stdout.contains("done: every wave committed"), "{}", r.stdout);

@@ -14,6 +14,7 @@ const SERVER_TESTS: &[&str] = &[
     "enroll",
     "exit_codes",
     "fleet_scale",
+    "json_output",
     "link",
     "nats_operator",
     "provisioner",

@@ -302,7 +302,7 @@ pub fn run(d: &Demo, arm: &[(&'static crate::cross::Target, PathBuf)]) -> Result
         println!("    -- drone-os 2 crossed the uplink to the site as it was published --");
     }
     // `perch deploy` drives the rollout while the demo works the uplink.
-    let deploy = stream(d, &with(&["deploy"], &["--bundle", "drone-os@2", "--group", "drones"]))?;
+    let deploy = stream(d, &with(&["deploy", "start"], &["--bundle", "drone-os@2", "--group", "drones"]))?;
     // The uplink drops as the drones start installing the release from the
     // site: they are told at once, and try when the site has it whole.
     let told = |name: &str| {
@@ -359,8 +359,11 @@ pub fn run(d: &Demo, arm: &[(&'static crate::cross::Target, PathBuf)]) -> Result
 
     say(22, "Release drone-os 3 is broken: its image fails the health check. drone-07 (wave 1) installs it, reboots into it, fails its trial and rolls back by itself; the rollout pauses at once and drone-09 is never told (exit 1). Abort points drone-07 back at drone-os 2.");
     release(3, false)?;
-    let paused =
-        perch(&["deploy"], &["--bundle", "drone-os@3", "--group", "drones", "--waves", "50%,100%"], 1)?;
+    let paused = perch(
+        &["deploy", "start"],
+        &["--bundle", "drone-os@3", "--group", "drones", "--waves", "50%,100%"],
+        1,
+    )?;
     let id = paused.split_whitespace().nth(1).unwrap_or_default().trim_end_matches(':').to_string();
     perch(&["deploy", "abort"], &[&id], 0)?;
     perch(&["desired", "list"], &[], 0)?;
