@@ -1,13 +1,13 @@
 //! The `perch-bootstrap` commands that talk to a running fleet or answer
 //! requests offline: their I/O and output, over the library's logic.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use perch_bootstrap::admin;
 use perch_bootstrap::issue::Issuer;
-use perch_bootstrap::registry::{DeviceRecord, RegistryError, Status};
+use perch_bootstrap::registry::{DeviceRecord, Registry, Status};
 use perch_protocol::enroll::SignedRequest;
 use perch_support::durable::{self, read_bounded, Replace};
 use perch_support::exit::SecurityError;
@@ -39,10 +39,30 @@ pub async fn shutdown_signal() {
     }
 }
 
-pub fn list(dir: &Path, urls: &[String], json: bool, pending_only: bool) -> Result<()> {
+/// As whom a registry command acts.
+pub enum Access {
+    /// With the org's keys: a FLEET service user minted on the spot.
+    Org { dir: PathBuf, urls: Vec<String> },
+    /// As the operator whose FLEET creds file this is.
+    Creds(perch_net::operator::Target),
+}
+
+impl Access {
+    async fn registry(&self, now: u64) -> Result<Registry> {
+        match self {
+            Access::Org { dir, urls } => Ok(admin::registry(dir, urls, now).await?),
+            Access::Creds(target) => {
+                let client = target.connect("perch-bootstrap").await?;
+                Ok(Registry::open(&async_nats::jetstream::new(client)).await?)
+            }
+        }
+    }
+}
+
+pub fn list(access: &Access, json: bool, pending_only: bool) -> Result<()> {
     init_logging(tracing::Level::WARN);
     let devices = runtime()?.block_on(async {
-        let reg = admin::registry(dir, urls, now_unix()).await?;
+        let reg = access.registry(now_unix()).await?;
         Ok::<_, anyhow::Error>(reg.devices().await?)
     })?;
     let shown: Vec<&DeviceRecord> = devices
@@ -101,23 +121,25 @@ pub enum Action {
     Revoke,
 }
 
-pub fn act(dir: &Path, urls: &[String], action: Action, id: &str) -> Result<()> {
+pub fn act(access: &Access, action: Action, id: &str) -> Result<()> {
     init_logging(tracing::Level::WARN);
     let now = now_unix();
+    if let (Action::Revoke, Access::Creds(_)) = (action, access) {
+        return Err(perch_support::exit::UsageError(
+            "revoke needs the org's keys (--dir ORG_DIR or PERCH_ORG): it signs the FLEET account's revocation list"
+                .into(),
+        )
+        .into());
+    }
     let rec = runtime()?.block_on(async {
-        let reg = admin::registry(dir, urls, now).await?;
-        let done = match action {
-            Action::Approve => admin::approve(&reg, id, now).await,
-            Action::Reject => admin::reject(&reg, id, now).await,
-            Action::Revoke => admin::revoke(dir, urls, &reg, id, now).await,
+        let reg = access.registry(now).await?;
+        let done = match (action, access) {
+            (Action::Approve, _) => admin::approve(&reg, id, now).await,
+            (Action::Reject, _) => admin::reject(&reg, id, now).await,
+            (Action::Revoke, Access::Org { dir, urls }) => admin::revoke(dir, urls, &reg, id, now).await,
+            (Action::Revoke, Access::Creds(_)) => unreachable!("refused above"),
         };
-        // An unknown id or a device in the wrong state is the operator's to fix.
-        done.map_err(|e| match e {
-            admin::AdminError::Registry(
-                r @ (RegistryError::NoSuchDevice(_) | RegistryError::WrongStatus { .. }),
-            ) => anyhow::Error::new(perch_support::exit::UsageError(r.to_string())),
-            other => other.into(),
-        })
+        Ok::<_, anyhow::Error>(done?)
     })?;
     match action {
         Action::Approve if rec.rekey.is_some() => {

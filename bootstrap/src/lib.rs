@@ -46,4 +46,5 @@ pub const CLASSIFY: perch_support::exit::Classifier = perch_support::classifier!
     token::IssueError,
     trust_push::PushError,
     perch_net::LinkError,
+    perch_net::operator::ConnectError,
 ];

@@ -97,53 +97,38 @@ enum Command {
     },
     /// List devices waiting for approval (new devices and re-enrollments).
     Pending {
-        /// The org directory (`perch-bootstrap init` made it).
-        #[arg(long, env = "PERCH_ORG", value_name = "ORG_DIR")]
-        dir: PathBuf,
         #[command(flatten)]
-        server: Server,
+        access: RegistryAccess,
         /// Print one JSON document.
         #[arg(long)]
         json: bool,
     },
     /// List every device in the registry.
     Devices {
-        /// The org directory (`perch-bootstrap init` made it).
-        #[arg(long, env = "PERCH_ORG", value_name = "ORG_DIR")]
-        dir: PathBuf,
         #[command(flatten)]
-        server: Server,
+        access: RegistryAccess,
         /// Print one JSON document.
         #[arg(long)]
         json: bool,
     },
     /// Approve a pending device (or its re-enrollment with a new key).
     Approve {
-        /// The org directory (`perch-bootstrap init` made it).
-        #[arg(long, env = "PERCH_ORG", value_name = "ORG_DIR")]
-        dir: PathBuf,
         #[command(flatten)]
-        server: Server,
+        access: RegistryAccess,
         /// The device id.
         id: String,
     },
     /// Reject a pending device (or its re-enrollment with a new key).
     Reject {
-        /// The org directory (`perch-bootstrap init` made it).
-        #[arg(long, env = "PERCH_ORG", value_name = "ORG_DIR")]
-        dir: PathBuf,
         #[command(flatten)]
-        server: Server,
+        access: RegistryAccess,
         /// The device id.
         id: String,
     },
     /// Revoke a device: the server cuts it off within seconds and refuses it from then on.
     Revoke {
-        /// The org directory (`perch-bootstrap init` made it).
-        #[arg(long, env = "PERCH_ORG", value_name = "ORG_DIR")]
-        dir: PathBuf,
         #[command(flatten)]
-        server: Server,
+        access: RegistryAccess,
         /// The device id.
         id: String,
     },
@@ -169,11 +154,60 @@ enum Command {
     },
 }
 
+/// As whom the registry commands act: an operator's FLEET creds file, or
+/// the org's own keys (the org directory). `revoke` needs the org's keys:
+/// it signs the FLEET account's revocation list.
+#[derive(clap::Args)]
+struct RegistryAccess {
+    /// The org directory: act with the org's keys (what `revoke` needs).
+    #[arg(long, env = "PERCH_ORG", value_name = "ORG_DIR")]
+    dir: Option<PathBuf>,
+    /// A FLEET user's creds file (`perch-bootstrap nats creds --account fleet`):
+    /// act as that operator, without the org's keys.
+    #[arg(long, env = "PERCH_CREDS", value_name = "FILE")]
+    creds: Option<PathBuf>,
+    /// The fleet CA certificate, with --creds (default: ORG_DIR/tls/ca.pem).
+    #[arg(long, env = "PERCH_CA", value_name = "FILE")]
+    ca: Option<PathBuf>,
+    #[command(flatten)]
+    server: Server,
+}
+
+impl RegistryAccess {
+    fn resolve(self) -> Result<fleet::Access> {
+        let urls = self.server.urls;
+        match (self.creds, self.dir) {
+            (Some(creds), dir) => {
+                let ca = match (self.ca, dir) {
+                    (Some(ca), _) => ca,
+                    (None, Some(dir)) => perch_bootstrap::tls::ca_cert_path(&dir),
+                    (None, None) => {
+                        return Err(UsageError("--creds needs --ca (the fleet CA) or --dir ORG_DIR".into()).into())
+                    }
+                };
+                Ok(fleet::Access::Creds(perch_net::operator::Target { urls, creds, ca }))
+            }
+            (None, Some(dir)) => Ok(fleet::Access::Org { dir, urls }),
+            (None, None) => Err(UsageError(
+                "give --creds FILE (a FLEET creds file; also PERCH_CREDS) with --ca, or --dir ORG_DIR (also PERCH_ORG)"
+                    .into(),
+            )
+            .into()),
+        }
+    }
+}
+
 /// Where the fleet's nats-server is.
 #[derive(clap::Args)]
 struct Server {
-    /// NATS URL; repeat for several.
-    #[arg(long = "url", value_name = "URL", default_value = "tls://127.0.0.1:4222")]
+    /// NATS URL; repeat for several (PERCH_URL: comma-separated).
+    #[arg(
+        long = "url",
+        env = "PERCH_URL",
+        value_delimiter = ',',
+        value_name = "URL",
+        default_value = "tls://127.0.0.1:4222"
+    )]
     urls: Vec<String>,
 }
 
@@ -740,11 +774,11 @@ fn run(cli: Cli) -> Result<()> {
             rt.shutdown_timeout(Duration::from_secs(1));
             Ok(done?)
         }
-        Command::Pending { dir, server, json } => fleet::list(&dir, &server.urls, json, true),
-        Command::Devices { dir, server, json } => fleet::list(&dir, &server.urls, json, false),
-        Command::Approve { dir, server, id } => fleet::act(&dir, &server.urls, fleet::Action::Approve, &id),
-        Command::Reject { dir, server, id } => fleet::act(&dir, &server.urls, fleet::Action::Reject, &id),
-        Command::Revoke { dir, server, id } => fleet::act(&dir, &server.urls, fleet::Action::Revoke, &id),
+        Command::Pending { access, json } => fleet::list(&access.resolve()?, json, true),
+        Command::Devices { access, json } => fleet::list(&access.resolve()?, json, false),
+        Command::Approve { access, id } => fleet::act(&access.resolve()?, fleet::Action::Approve, &id),
+        Command::Reject { access, id } => fleet::act(&access.resolve()?, fleet::Action::Reject, &id),
+        Command::Revoke { access, id } => fleet::act(&access.resolve()?, fleet::Action::Revoke, &id),
         Command::SignRequest { dir, file, out, groups, fleet_urls, credential_ttl } => {
             fleet::sign_request(&dir, &file, &out, &groups, &fleet_urls, credential_ttl)
         }

@@ -181,9 +181,14 @@ fn contains(der: &[u8], part: &[u8]) -> bool {
     !part.is_empty() && der.windows(part.len()).any(|w| w == part)
 }
 
+/// Where an org keeps its fleet CA certificate (PEM).
+pub fn ca_cert_path(org_dir: &Path) -> std::path::PathBuf {
+    tls_dir(org_dir).join(CA_PEM)
+}
+
 /// The fleet CA certificate (DER) of an org.
 pub fn ca_der(org_dir: &Path) -> Result<Vec<u8>, TlsError> {
-    let path = tls_dir(org_dir).join(CA_PEM);
+    let path = ca_cert_path(org_dir);
     let text = pem_text(&path)?;
     Ok(first_cert(&path, &text)?.as_ref().to_vec())
 }

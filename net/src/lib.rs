@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 mod log;
+pub mod operator;
 pub mod read;
 pub mod replicas;
 pub mod sites;

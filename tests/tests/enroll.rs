@@ -104,8 +104,15 @@ fn technician_approves_or_rejects_a_waiting_drone() {
     let first = enroll(&d, &token, &[]);
     assert_eq!(first.code, 1, "{}", first.stderr);
     assert!(first.stderr.contains("pending"), "{}", first.stderr);
-    let pending = f.admin(&["pending", "--json"]);
-    assert!(pending.stdout.contains("\"drone-1\""), "{}", pending.stdout);
+    // The technician has an operator's FLEET creds file, not the org's keys.
+    f.s.fleet_creds("tech");
+    let tech = |args: &[&str]| {
+        let mut a = args.to_vec();
+        a.extend(["--creds", "tech.creds", "--ca", "org/tls/ca.pem", "--url", &f.url]);
+        f.s.run("perch-bootstrap", &a)
+    };
+    let pending = tech(&["pending", "--json"]);
+    assert!(pending.stdout.contains("\"drone-1\""), "{}{}", pending.stdout, pending.stderr);
     // The device waits while the technician looks at it.
     let waiting = {
         let d = Device { dir: d.dir.clone(), name: d.name.clone() };
@@ -113,7 +120,7 @@ fn technician_approves_or_rejects_a_waiting_drone() {
         std::thread::spawn(move || enroll(&d, &token, &["--wait"]))
     };
     std::thread::sleep(Duration::from_millis(500));
-    let ok = f.admin(&["approve", "drone-1"]);
+    let ok = tech(&["approve", "drone-1"]);
     assert_eq!(ok.code, 0, "{}", ok.stderr);
     let r = waiting.join().unwrap();
     assert_eq!(r.code, 0, "{}", r.stderr);
@@ -124,7 +131,16 @@ fn technician_approves_or_rejects_a_waiting_drone() {
     // A second drone is turned away by the technician.
     let d2 = f.device("drone-2");
     assert_eq!(enroll(&d2, &token, &[]).code, 1);
-    assert_eq!(f.admin(&["reject", "drone-2"]).code, 0);
+    assert_eq!(tech(&["reject", "drone-2"]).code, 0);
+    // Revoking signs the FLEET account's revocation list: the org's keys only.
+    let r = tech(&["revoke", "drone-1"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("needs the org's keys"), "{}", r.stderr);
+    assert_eq!(f.device_status("drone-1").as_deref(), Some("enrolled"), "nothing changed");
+    // Neither creds nor the org: one line saying both ways.
+    let r = f.s.run("perch-bootstrap", &["devices", "--url", &f.url]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("--creds") && r.stderr.contains("--dir"), "{}", r.stderr);
     let r = enroll(&d2, &token, &[]);
     assert_eq!(r.code, 3, "{}", r.stderr);
     assert!(r.stderr.contains("rejected"), "{}", r.stderr);
