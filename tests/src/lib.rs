@@ -16,18 +16,64 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 /// Path of a workspace binary (`perch`, `perch-agent`, `perch-bootstrap`)
-/// built next to this test executable.
+/// built next to this test executable. The first call in a test process
+/// runs `cargo build --workspace --bins` for this profile, so that `cargo
+/// test --workspace` in a fresh clone, or after a change, runs the
+/// binaries of the code as it is (cargo does not build other packages'
+/// binaries for a test; when they are current this takes a moment).
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     // target/<profile>/deps/<test> -> target/<profile>/<name>
     let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    static BUILT: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    if let Err(e) = BUILT.get_or_init(|| build_bins(dir)) {
+        panic!("building the binaries for the tests: {e}");
+    }
     let path = dir.join(name);
-    assert!(
-        path.is_file(),
-        "{} is not built; run `cargo build --workspace --bins` (cargo xtask ci does)",
-        path.display()
-    );
+    assert!(path.is_file(), "{} is not built", path.display());
     path
+}
+
+/// `cargo build --workspace --bins` into the target directory `dir` (its
+/// profile) from the workspace root.
+fn build_bins(dir: &Path) -> Result<(), String> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().ok_or("no workspace root")?;
+    let target = dir.parent().ok_or("no target dir")?;
+    let mut c = Command::new(cargo);
+    // What cargo set for this test crate is not the build's to see: a
+    // build script that watches CARGO_MANIFEST_DIR (ring's) would rebuild.
+    for (var, _) in std::env::vars_os() {
+        let v = var.to_string_lossy();
+        let per_crate = [
+            "CARGO_MANIFEST_",
+            "CARGO_PKG_",
+            "CARGO_BIN_",
+            "CARGO_CRATE_",
+            "CARGO_PRIMARY_",
+            "CARGO_TARGET_TMPDIR",
+        ];
+        if per_crate.iter().any(|p| v.starts_with(p)) {
+            c.env_remove(&var);
+        }
+    }
+    c.current_dir(root).args(["build", "--workspace", "--bins", "--quiet", "--target-dir"]).arg(target);
+    match dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") => {}
+        Some("release") => {
+            c.arg("--release");
+        }
+        Some(other) => {
+            c.args(["--profile", other]);
+        }
+        None => return Err(format!("{}: not a profile directory", dir.display())),
+    }
+    let out = c.output().map_err(|e| format!("running cargo: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
 }
 
 /// Result of one CLI run.
