@@ -1,4 +1,7 @@
-//! `perch-bootstrap`: org init and trust document maintenance.
+//! `perch-bootstrap`: the org's side of perch. It creates the org and
+//! maintains its trust document, issues tokens and NATS credentials, runs
+//! the provisioner, keeps the device registry (approve, reject, revoke),
+//! and writes the configuration of a server cluster and of field sites.
 #![forbid(unsafe_code)]
 
 use std::path::{Path, PathBuf};

@@ -87,7 +87,7 @@ pub fn build_package(t: &Target, package: &str, bin: &str) -> Result<PathBuf> {
         debug_assert!(ARM_ARCHES.iter().any(|(a, _)| *a == t.arch));
         let sysroot = sysroot(t.arch);
         if !sysroot.join("lib/rustlib").join(t.triple).is_dir() {
-            bail!("{} is missing: run `cargo xtask setup` first", sysroot.display());
+            bail!("{} is missing: `cargo xtask setup` did not install it", sysroot.display());
         }
         rustflags = format!("--sysroot={}", sysroot.display());
     }

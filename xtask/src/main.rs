@@ -1,4 +1,5 @@
-//! Developer automation for perch: `cargo xtask <setup|ci|demo|cross|bench>`.
+//! Developer automation for perch: `cargo xtask <command>` (the list is
+//! `USAGE` below: setup, ci, demo, cross, package, qemu, bench, fuzz, docs).
 
 mod bench;
 mod bench_cluster;
@@ -32,7 +33,7 @@ commands:
   ci                  the whole test suite, exactly as CI runs it
   demo [--nats current]  walk through the release flow on this machine (on Debian's
                       nats-server 2.9.10, or the current upstream release)
-  cross [CLASS...]    release perch-agent per device class (aarch64-drone, armv7-drone,
+  cross [CLASS...]    (runs setup) release perch-agent per device class (aarch64-drone, armv7-drone,
                       x86_64-desktop) with Debian's rustc 1.85
   package [CLASS...]  cross, then a checked .deb per device class (target/package/)
   qemu [TARGET...]    cross, then run each ARM agent under qemu-user: --version, check, an A/B install
@@ -68,9 +69,10 @@ fn run() -> Result<()> {
         Some("setup") => setup::run(),
         Some("ci") => ci::run(),
         Some("demo") => demo::run(rest),
-        Some("cross") => cross::run(rest).map(drop),
-        Some("package") => package::run(rest).map(drop),
-        Some("qemu") => cross::qemu_all(rest),
+        // Each installs what it needs first (as demo and ci do).
+        Some("cross") => setup::run().and_then(|()| cross::run(rest).map(drop)),
+        Some("package") => setup::run().and_then(|()| package::run(rest).map(drop)),
+        Some("qemu") => setup::run().and_then(|()| cross::qemu_all(rest)),
         Some("bench") => bench::run(rest),
         Some("docs") => docs::run(),
         Some("fuzz") => fuzz::run(rest),
