@@ -1,5 +1,7 @@
-//! `cargo xtask docs`: builds the Hugo site (warnings are errors) and checks
-//! that every internal link and asset reference resolves to a built file.
+//! `cargo xtask docs`: builds the Hugo site (warnings are errors), checks
+//! that every internal link and asset reference resolves to a built file,
+//! and then uses the site in a real browser (Debian's headless Chromium):
+//! searches, follows a result, and checks the page layout at phone width.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -35,6 +37,100 @@ pub fn run() -> Result<()> {
         bail!("broken links in the docs:\n  {}", broken.join("\n  "));
     }
     println!("{} pages, all internal links resolve", pages.len());
+    step("docs: in headless Chromium");
+    browser_checks(&out)
+}
+
+/// Loads `url` in headless Chromium and returns the DOM after its scripts ran.
+fn dump_dom(url: &str) -> Result<String> {
+    let out = Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--allow-file-access-from-files",
+            "--virtual-time-budget=5000",
+            "--window-size=1280,900",
+            "--dump-dom",
+            url,
+        ])
+        .output()
+        .context("running chromium (cargo xtask setup installs it)")?;
+    if !out.status.success() {
+        bail!("chromium {url}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The value of the first `attr="..."` after `marker` in `html`.
+fn attr_after<'a>(html: &'a str, marker: &str, attr: &str) -> Option<&'a str> {
+    let rest = &html[html.find(marker)?..];
+    let rest = &rest[rest.find(&format!("{attr}=\""))? + attr.len() + 2..];
+    Some(&rest[..rest.find('"')?])
+}
+
+fn browser_checks(site: &Path) -> Result<()> {
+    let url = |rel: &str| format!("file://{}/{rel}", site.display());
+    // Search finds the pages that mention a word, and a result opens one.
+    let found = dump_dom(&url("search/index.html?q=rollback"))?;
+    let first = attr_after(&found, "class=\"result\"", "href")
+        .ok_or_else(|| anyhow::anyhow!("searching for 'rollback' found nothing:\n{found}"))?
+        .to_string();
+    let page = dump_dom(&first)?;
+    for (what, needle) in [
+        ("its title", "<h1>"),
+        ("the word searched for", "rollback"),
+        ("the current page marked in the navigation", "aria-current=\"page\""),
+        ("previous/next links", "class=\"pager\""),
+    ] {
+        if !page.to_lowercase().contains(&needle.to_lowercase()) {
+            bail!("the first result for 'rollback' ({first}) has no {what}");
+        }
+    }
+    let none = dump_dom(&url("search/index.html?q=qwxzzy"))?;
+    if !none.contains("No page mentions") || none.contains("class=\"result\"") {
+        bail!("searching for a word no page has does not say so");
+    }
+    // A long page has its table of contents.
+    let cli = dump_dom(&url("reference/cli/index.html"))?;
+    if !cli.contains("class=\"toc\"") || !cli.contains("toc-inline") {
+        bail!("the command line page has no table of contents");
+    }
+    // At phone width no page scrolls sideways and the menu folds away:
+    // every page in a 390 px frame, measured from outside (file:// frames
+    // are readable with --allow-file-access-from-files).
+    let mut pages = Vec::new();
+    collect_html(site, &mut pages)?;
+    let frames: String = pages
+        .iter()
+        .map(|p| format!("<iframe src=\"file://{}\" width=390 height=600></iframe>", p.display()))
+        .collect();
+    let probe = site.parent().unwrap_or(site).join("docs-phone-probe.html");
+    fs::write(
+        &probe,
+        format!(
+            "<!doctype html><body>{frames}<script>window.onload=function(){{var worst=0,at='',menu='none';\
+             document.querySelectorAll('iframe').forEach(function(f){{var d=f.contentDocument;\
+             var w=d.documentElement.scrollWidth;if(w>worst){{worst=w;at=f.src;}}\
+             var m=d.querySelector('.menu');if(m&&getComputedStyle(m).display!=='none'){{menu=f.src;}}}});\
+             document.body.setAttribute('data-scroll-width',worst);document.body.setAttribute('data-widest',at);\
+             document.body.setAttribute('data-menu',menu);}};</script></body>"
+        ),
+    )?;
+    let measured = dump_dom(&format!("file://{}", probe.display()))?;
+    let width: u32 = attr_after(&measured, "<body", "data-scroll-width")
+        .and_then(|w| w.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("the phone-width probe measured nothing:\n{measured}"))?;
+    let widest = attr_after(&measured, "<body", "data-widest").unwrap_or("?");
+    let menu = attr_after(&measured, "<body", "data-menu").unwrap_or("?");
+    if width > 390 || menu != "none" {
+        bail!("at 390 px {widest} is {width} px wide (the menu is open on: {menu})");
+    }
+    println!(
+        "search finds and opens pages ({first}); the current page is marked; long pages have contents; \
+         at 390 px the {} pages are at most {width} px wide, the menu folded",
+        pages.len()
+    );
     Ok(())
 }
 

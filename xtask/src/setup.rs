@@ -15,6 +15,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("libubootenv-tool", "fw_setenv / fw_printenv for U-Boot slots"),
     ("grub-common", "grub-editenv for GRUB slots"),
     ("hugo", "builds the docs site"),
+    ("chromium", "headless browser the docs site is checked in (search, layout)"),
     ("qemu-user-static", "runs the ARM builds"),
     ("gcc-aarch64-linux-gnu", "aarch64 linker"),
     ("libc6-dev-arm64-cross", "aarch64 C library"),
