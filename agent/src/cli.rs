@@ -517,7 +517,7 @@ mod tests {
             (&["status", "--once"][..], "invalid option '--once'"),
             (&["install"][..], "'install' needs a BUNDLE file"),
             (&["install", "a", "b"][..], "unexpected argument \"b\""),
-            (&["check", "b.perch"][..], "'check' needs --trust TRUST"),
+            (&["check"][..], "'check' needs a BUNDLE file"),
             (&["--config"][..], "missing argument for option '--config'"),
             (&["commit", "--json"][..], "invalid option '--json'"),
             (&["enroll", "--request-out", "--wait"][..], "--request-out needs a value"),

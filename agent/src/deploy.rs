@@ -354,7 +354,7 @@ impl Engine {
             // that is not there intact. Chunks written after the last
             // checkpoint count too, so a crash costs no download.
             let (from_chunk, window) = if same_bundle {
-                self.intact_prefix(reader.manifest(), slot)?
+                self.intact_prefix(reader.manifest(), slot, path)?
             } else {
                 (0, Window::starting_at(reader.manifest().manifest(), 0))
             };
@@ -378,13 +378,7 @@ impl Engine {
             let target =
                 if partly_staged { LocalChunks::in_place(self.backend.as_ref(), slot) } else { None };
             let sources = Sources { running: local.as_ref(), target: target.as_ref() };
-            if let Err(e) = self.stage(&mut reader, &bundle, slot, window, sources) {
-                // Named by the bundle's path before it becomes the reason:
-                // stage() does not know it.
-                let e = match e {
-                    DeployError::Bundle { source, .. } => DeployError::Bundle { path: path.into(), source },
-                    other => other,
-                };
+            if let Err(e) = self.stage(&mut reader, path, &bundle, slot, window, sources) {
                 let reason = perch_support::error_chain(&e);
                 self.journal.last = Some(LastOutcome {
                     bundle: Some(bundle.clone()),
@@ -416,7 +410,12 @@ impl Engine {
     /// How many chunks, from the first, read back from `slot` intact, and
     /// the window of the last of them (what a linked chunk after them is
     /// decoded against; empty for a bundle without linked chunks).
-    fn intact_prefix(&self, m: &VerifiedManifest, slot: SlotId) -> Result<(u32, Window), DeployError> {
+    fn intact_prefix(
+        &self,
+        m: &VerifiedManifest,
+        slot: SlotId,
+        label: &Path,
+    ) -> Result<(u32, Window), DeployError> {
         let count = m.manifest().chunk_count();
         let mut window = Window::starting_at(m.manifest(), 0);
         let Ok(mut back) = self.backend.read_back(slot, m.manifest().payload_len()) else {
@@ -433,7 +432,7 @@ impl Engine {
                 Ok(chunk) => {
                     window
                         .push(&chunk)
-                        .map_err(|source| DeployError::Bundle { path: PathBuf::new(), source })?;
+                        .map_err(|source| DeployError::Bundle { path: label.into(), source })?;
                     buf = chunk.into_buffer();
                 }
                 Err(_) => {
@@ -498,6 +497,7 @@ impl Engine {
     fn stage<R: BundleSource>(
         &mut self,
         reader: &mut VerifiedBundle<R>,
+        label: &Path,
         bundle: &BundleRef,
         slot: SlotId,
         window: Window,
@@ -513,7 +513,9 @@ impl Engine {
         // Kept: the chunks before `from_chunk`, and any in place.
         let keep = from_chunk > 0 || target.is_some();
         let mut writer = self.backend.open_writer(slot, bundle.kind, keep, bundle.payload_len)?;
-        let bundle_err = |source| DeployError::Bundle { path: PathBuf::new(), source };
+        // Every bundle error names the bundle (its file, or where it is
+        // fetched from): it becomes the failure reason the fleet sees.
+        let bundle_err = |source| DeployError::Bundle { path: label.into(), source };
         // The chunks the device holds (by the running slot's record, or in
         // place on the slot being written) are read from there; only the
         // others are asked of the bundle.
@@ -551,166 +553,169 @@ impl Engine {
             )),
         }
         self.progress.start(&format!("staging {bundle} into slot {slot}"), resumed_bytes, bundle.payload_len);
-        let abort = Arc::new(AtomicBool::new(false));
+        let abort = AtomicBool::new(false);
         let (raw_tx, raw_rx) = mpsc::sync_channel::<UncheckedChunk>(8);
+        // Shared by the hashers, and only by them: once they all stop,
+        // the receiver is gone and the reader's sends fail.
         let raw_rx = Arc::new(Mutex::new(raw_rx));
         let (checked_tx, checked_rx) = mpsc::sync_channel::<CheckedChunk>(8);
         let (spare_tx, spare_rx) = mpsc::channel::<Vec<u8>>();
         // Bytes written since this call started, for the progress bar.
-        let written_bytes = Arc::new(AtomicU64::new(0));
+        let written_bytes = AtomicU64::new(0);
         let (sync_tx, sync_rx) = mpsc::channel::<u32>();
         let (checkpoint, count) = (self.cfg.checkpoint_bytes, bundle.chunk_count);
-
-        let manifest = Arc::new(reader.manifest().clone());
-        let (onward, sequencer) =
-            sequencer::onward(manifest.clone(), window, checked_tx, abort.clone(), HASHERS);
-        let hashers: Vec<_> = (0..HASHERS)
-            .map(|_| {
-                let (rx, tx, manifest, abort) =
-                    (raw_rx.clone(), onward.clone(), manifest.clone(), abort.clone());
-                thread::spawn(move || -> Result<(), BundleError> {
-                    loop {
-                        let next = rx
-                            .lock()
-                            .map_err(|_| BundleError::Io(std::io::Error::other("hasher lock")))?
-                            .recv();
-                        let Ok(chunk) = next else { return Ok(()) };
-                        let checked =
-                            manifest.check(chunk).inspect_err(|_| abort.store(true, Ordering::SeqCst))?;
-                        hit("chunk-verified");
-                        if !tx.send(checked)? {
-                            return Ok(());
-                        }
-                    }
-                })
-            })
-            .collect();
-        // Chunks taken from the device go on as the hashers' do.
-        let local_tx = onward;
-        // Only the hashers hold the receiver: once they stop, sends fail.
-        drop(raw_rx);
-
         // Syncs and the journal checkpoints after them run on their own
         // thread: a sync that returns covers every write issued before it
         // started, and only then does the journal record the progress.
         let mut sync_handle = writer.sync_handle()?;
         let (store, mut journal, staging) = (self.store.clone(), self.journal.clone(), bundle.clone());
-        let sync_thread = thread::spawn(move || -> Result<Journal, DeployError> {
-            while let Ok(mut upto) = sync_rx.recv() {
-                while let Ok(later) = sync_rx.try_recv() {
-                    upto = later;
-                }
-                sync_handle.sync()?;
-                journal.state = DeployState::Staging { bundle: staging.clone(), slot, next_chunk: upto };
-                store.save(&mut journal)?;
-            }
-            Ok(journal)
-        });
-
-        let (write_abort, write_count, at) = (abort.clone(), written_bytes.clone(), layout.clone());
-        let write_thread = thread::spawn(move || -> Result<(), SlotError> {
-            // Chunks arrive out of order from the hashers; `durable_from` is
-            // the first chunk not yet written, the only safe checkpoint.
-            let (mut since, mut durable_from, mut written) = (0u64, from_chunk, BTreeSet::new());
-            for chunk in checked_rx {
-                let index = chunk.index();
-                if let Err(e) = writer.write_at(at.written_offset(index), chunk.data()) {
-                    write_abort.store(true, Ordering::SeqCst);
-                    return Err(e);
-                }
-                failpoint::trace(format_args!("write {index}"));
-                hit("chunk-written");
-                written.insert(index);
-                while written.remove(&durable_from) {
-                    durable_from += 1;
-                }
-                since += chunk.data().len() as u64;
-                write_count.fetch_add(chunk.data().len() as u64, Ordering::Relaxed);
-                if since >= checkpoint && durable_from < count {
-                    since = 0;
-                    let _ = sync_tx.send(durable_from);
-                }
-                let _ = spare_tx.send(chunk.into_buffer());
-            }
-            drop(sync_tx);
-            writer.sync()
-        });
-
+        let manifest = reader.manifest().clone();
         let mut told = from_chunk / PROGRESS_EVERY;
         let observer = &mut self.observer;
         let progress = &mut self.progress;
         let mut transfer =
             Transfer { reused_bytes: resumed_bytes, reused_chunks: from_chunk, ..Transfer::default() };
-        let read_all = (|| -> Result<(), DeployError> {
-            for (index, at) in (from_chunk..count).zip(held.iter().copied()) {
-                if abort.load(Ordering::SeqCst) {
-                    break;
-                }
-                let mut buf = spare_rx.try_recv().unwrap_or_default();
-                // `Some(buf)`: still to fetch, into `buf`.
-                let to_fetch = match at {
-                    Some((l, offset)) => {
-                        // Checked against the new manifest here; a chunk that
-                        // is not what the record said is fetched instead.
-                        let len = layout.chunk(index).map_or(0, |c| c.len());
-                        let read = l.read(offset, len, &mut buf);
-                        hit("chunk-reused");
-                        let checked = match read {
-                            Ok(()) => manifest.check_written(index, buf).map_err(|e| e.1),
-                            Err(_) => Err(buf),
-                        };
-                        match checked {
-                            Ok(checked) => {
-                                transfer.reused_bytes += u64::from(len);
-                                transfer.reused_chunks += 1;
-                                if !local_tx.send(Checked::Written(checked)).map_err(bundle_err)? {
-                                    return Ok(()); // the writer stopped; its error is reported below
-                                }
-                                None
+
+        // Scoped: no thread of this staging outlives it (a late syncer
+        // must not overwrite the journal), and they borrow what they share.
+        let (hashed, read_all, written, synced) = thread::scope(|s| {
+            let (onward, sequencer) = sequencer::onward(s, &manifest, window, checked_tx, &abort, HASHERS);
+            let hashers: Vec<_> = (0..HASHERS)
+                .map(|_| {
+                    let (rx, tx, manifest, abort) = (raw_rx.clone(), onward.clone(), &manifest, &abort);
+                    s.spawn(move || -> Result<(), BundleError> {
+                        loop {
+                            let next = rx
+                                .lock()
+                                .map_err(|_| BundleError::Io(std::io::Error::other("hasher lock")))?
+                                .recv();
+                            let Ok(chunk) = next else { return Ok(()) };
+                            let checked =
+                                manifest.check(chunk).inspect_err(|_| abort.store(true, Ordering::SeqCst))?;
+                            hit("chunk-verified");
+                            if !tx.send(checked)? {
+                                return Ok(());
                             }
-                            Err(back) => Some(back),
+                        }
+                    })
+                })
+                .collect();
+            // Chunks taken from the device go on as the hashers' do.
+            let local_tx = onward;
+            drop(raw_rx);
+
+            let sync_thread = s.spawn(move || -> Result<Journal, DeployError> {
+                while let Ok(mut upto) = sync_rx.recv() {
+                    while let Ok(later) = sync_rx.try_recv() {
+                        upto = later;
+                    }
+                    sync_handle.sync()?;
+                    journal.state = DeployState::Staging { bundle: staging.clone(), slot, next_chunk: upto };
+                    store.save(&mut journal)?;
+                }
+                Ok(journal)
+            });
+
+            let (abort, written_bytes, at) = (&abort, &written_bytes, &layout);
+            let write_thread = s.spawn(move || -> Result<(), SlotError> {
+                // Chunks arrive out of order from the hashers; `durable_from` is
+                // the first chunk not yet written, the only safe checkpoint.
+                let (mut since, mut durable_from, mut written) = (0u64, from_chunk, BTreeSet::new());
+                for chunk in checked_rx {
+                    let index = chunk.index();
+                    if let Err(e) = writer.write_at(at.written_offset(index), chunk.data()) {
+                        abort.store(true, Ordering::SeqCst);
+                        return Err(e);
+                    }
+                    failpoint::trace(format_args!("write {index}"));
+                    hit("chunk-written");
+                    written.insert(index);
+                    while written.remove(&durable_from) {
+                        durable_from += 1;
+                    }
+                    since += chunk.data().len() as u64;
+                    written_bytes.fetch_add(chunk.data().len() as u64, Ordering::Relaxed);
+                    if since >= checkpoint && durable_from < count {
+                        since = 0;
+                        let _ = sync_tx.send(durable_from);
+                    }
+                    let _ = spare_tx.send(chunk.into_buffer());
+                }
+                drop(sync_tx);
+                writer.sync()
+            });
+
+            let read_all = (|| -> Result<(), DeployError> {
+                for (index, at) in (from_chunk..count).zip(held.iter().copied()) {
+                    if abort.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let mut buf = spare_rx.try_recv().unwrap_or_default();
+                    // `Some(buf)`: still to fetch, into `buf`.
+                    let to_fetch = match at {
+                        Some((l, offset)) => {
+                            // Checked against the new manifest here; a chunk that
+                            // is not what the record said is fetched instead.
+                            let len = layout.chunk(index).map_or(0, |c| c.len());
+                            let read = l.read(offset, len, &mut buf);
+                            hit("chunk-reused");
+                            let checked = match read {
+                                Ok(()) => manifest.check_written(index, buf).map_err(|e| e.1),
+                                Err(_) => Err(buf),
+                            };
+                            match checked {
+                                Ok(checked) => {
+                                    transfer.reused_bytes += u64::from(len);
+                                    transfer.reused_chunks += 1;
+                                    if !local_tx.send(Checked::Written(checked)).map_err(bundle_err)? {
+                                        return Ok(()); // the writer stopped; its error is reported below
+                                    }
+                                    None
+                                }
+                                Err(back) => Some(back),
+                            }
+                        }
+                        _ => Some(buf),
+                    };
+                    if let Some(buf) = to_fetch {
+                        let chunk = reader.read_unchecked_at(index, buf).map_err(bundle_err)?;
+                        transfer.fetched_bytes +=
+                            layout.chunk(index).map_or(0, |c| u64::from(c.stored_len()));
+                        transfer.fetched_chunks += 1;
+                        if raw_tx.send(chunk).is_err() {
+                            return Ok(()); // the hashers stopped; their error is reported below
                         }
                     }
-                    _ => Some(buf),
-                };
-                if let Some(buf) = to_fetch {
-                    let chunk = reader.read_unchecked_at(index, buf).map_err(bundle_err)?;
-                    transfer.fetched_bytes += layout.chunk(index).map_or(0, |c| u64::from(c.stored_len()));
-                    transfer.fetched_chunks += 1;
-                    if raw_tx.send(chunk).is_err() {
-                        return Ok(()); // the hashers stopped; their error is reported below
+                    // Reused chunks move the progress too.
+                    let staged_bytes = resumed_bytes + written_bytes.load(Ordering::Relaxed);
+                    progress.set(staged_bytes);
+                    let done = layout.chunk_at_written(staged_bytes).unwrap_or(count);
+                    if done / PROGRESS_EVERY > told {
+                        told = done / PROGRESS_EVERY;
+                        if let Some(f) = observer.as_mut() {
+                            f(EngineEvent::Progress { done, count });
+                        }
                     }
                 }
-                // Reused chunks move the progress too.
-                let staged_bytes = resumed_bytes + written_bytes.load(Ordering::Relaxed);
-                progress.set(staged_bytes);
-                let done = layout.chunk_at_written(staged_bytes).unwrap_or(count);
-                if done / PROGRESS_EVERY > told {
-                    told = done / PROGRESS_EVERY;
-                    if let Some(f) = observer.as_mut() {
-                        f(EngineEvent::Progress { done, count });
-                    }
+                Ok(())
+            })();
+            drop(raw_tx);
+            drop(local_tx);
+            // Every thread joined before any result is looked at.
+            let join_err = |what: &str| DeployError::Nothing(format!("{what} thread panicked"));
+            let mut hashed = Ok(());
+            for h in hashers.into_iter().chain(sequencer) {
+                match h.join() {
+                    Err(_) => hashed = Err(join_err("hasher")),
+                    Ok(Err(e)) if hashed.is_ok() => hashed = Err(bundle_err(e)),
+                    Ok(_) => {}
                 }
             }
-            Ok(())
-        })();
-        drop(raw_tx);
-        drop(local_tx);
-        // Join every thread before looking at any result, so none outlives
-        // this call (a late syncer must not overwrite the journal).
-        let join_err = |what: &str| DeployError::Nothing(format!("{what} thread panicked"));
-        let mut hashed: Vec<_> = hashers.into_iter().map(|h| h.join()).collect();
-        hashed.extend(sequencer.into_iter().map(|h| h.join()));
-        let written = write_thread.join().map_err(|_| join_err("slot writer"));
-        let synced = sync_thread.join().map_err(|_| join_err("slot syncer")).and_then(|r| r);
-        let mut hashed_ok = Ok(());
-        for h in hashed {
-            match h {
-                Err(_) => hashed_ok = Err(join_err("hasher")),
-                Ok(Err(e)) if hashed_ok.is_ok() => hashed_ok = Err(bundle_err(e)),
-                Ok(_) => {}
-            }
-        }
+            let written = write_thread.join().map_err(|_| join_err("slot writer"));
+            let synced = sync_thread.join().map_err(|_| join_err("slot syncer")).and_then(|r| r);
+            (hashed, read_all, written, synced)
+        });
+        let hashed_ok = hashed;
         let written = written.and_then(|r| r.map_err(DeployError::from));
         self.progress.finish();
         // The syncer's copy of the journal is the newest one.

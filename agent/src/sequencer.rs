@@ -15,7 +15,7 @@ use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, SyncSender};
 use std::sync::{Arc, Mutex};
-use std::thread::{self, JoinHandle};
+use std::thread::{Scope, ScopedJoinHandle};
 
 use perch_protocol::bundle::{BundleError, Checked, CheckedChunk, DecodedChunk, VerifiedManifest, Window};
 
@@ -48,13 +48,15 @@ impl Onward {
 /// (`window` holds the chunks before the first one staged), with
 /// `checkers` threads that compare each decoded chunk with its signed hash
 /// while the sequencer decodes the next.
-pub fn onward(
-    manifest: Arc<VerifiedManifest>,
+/// The threads are `s`'s: none outlives the staging that made them.
+pub fn onward<'scope>(
+    s: &'scope Scope<'scope, '_>,
+    manifest: &'scope VerifiedManifest,
     window: Window,
     writer: SyncSender<CheckedChunk>,
-    abort: Arc<AtomicBool>,
+    abort: &'scope AtomicBool,
     checkers: usize,
-) -> (Onward, Vec<JoinHandle<Result<(), BundleError>>>) {
+) -> (Onward, Vec<ScopedJoinHandle<'scope, Result<(), BundleError>>>) {
     if manifest.manifest().max_window() == 0 {
         return (Onward::Writer(writer, manifest.manifest().chunk_count()), vec![]);
     }
@@ -62,9 +64,8 @@ pub fn onward(
     let decoded_rx = Arc::new(Mutex::new(decoded_rx));
     let mut threads: Vec<_> = (0..checkers.max(1))
         .map(|_| {
-            let (rx, writer, manifest, abort) =
-                (decoded_rx.clone(), writer.clone(), manifest.clone(), abort.clone());
-            thread::spawn(move || -> Result<(), BundleError> {
+            let (rx, writer) = (decoded_rx.clone(), writer.clone());
+            s.spawn(move || -> Result<(), BundleError> {
                 loop {
                     let next =
                         rx.lock().map_err(|_| BundleError::Io(io::Error::other("checker lock")))?.recv();
@@ -80,7 +81,7 @@ pub fn onward(
         })
         .collect();
     let (tx, rx) = mpsc::sync_channel::<Checked>(16);
-    threads.push(thread::spawn(move || {
+    threads.push(s.spawn(move || {
         let mut window = window;
         // Chunks that came early; at most what the pipeline holds in flight.
         let mut early: BTreeMap<u32, Checked> = BTreeMap::new();
