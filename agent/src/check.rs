@@ -1,14 +1,13 @@
 //! Offline bundle check: everything `install` verifies before it writes.
 
-use perch_support::exit::{Class, Classify};
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use perch_protocol::bundle::{
-    check_archive_payload, verify_file, BundleError, BundleReader, VerifiedManifest,
-};
+use perch_protocol::bundle::{check_archive_payload, BundleError, BundleReader, VerifiedManifest};
 use perch_protocol::trust::VerifiedTrust;
+use perch_support::bundle_file::verify_file;
+use perch_support::exit::{Class, Classify};
 
 /// Why a bundle failed the check.
 #[derive(Debug, thiserror::Error)]

@@ -21,7 +21,6 @@
 //! those in flight when it dropped are sent again the moment it is back. What stops a fetch is the server saying a
 //! chunk does not exist, or the bundle's data budget running out.
 
-use perch_support::exit::{Class, Classify};
 use std::collections::VecDeque;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -32,6 +31,7 @@ use std::time::Duration;
 use async_nats::{Client, StatusCode};
 use perch_protocol::bundle::Manifest;
 use perch_protocol::subjects::{self, CHUNKS_STREAM};
+use perch_support::exit::{Class, Classify};
 use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
 use tracing::debug;

@@ -7,13 +7,13 @@
 //!
 //! Both are written atomically (temp, fsync, rename, fsync dir).
 
-use perch_support::exit::{Class, Classify};
 use std::path::{Path, PathBuf};
 
 use perch_protocol::enroll::{EnrollError, Enrollment, Expect, VerifiedEnrollment, MAX_MESSAGE};
 use perch_protocol::trust::{SignedTrust, MAX_TRUST_FILE_LEN};
 use perch_protocol::SecretKey;
 use perch_support::durable::{self, read_bounded, Replace, WriteError};
+use perch_support::exit::{Class, Classify};
 use perch_support::keyfile::{self, KeyFileError};
 
 use crate::config::Config;

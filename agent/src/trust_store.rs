@@ -19,13 +19,13 @@
 //! in between leaves `trust.doc` one valid step ahead of the records, which
 //! the next use catches up on; the records are never ahead of `trust.doc`.
 
-use perch_support::exit::{Class, Classify};
 use std::path::{Path, PathBuf};
 
 use perch_protocol::trust::{
     SignedTrust, TrustError, TrustFloor, VerifiedTrust, MAX_FLOOR_TEXT, MAX_TRUST_FILE_LEN,
 };
 use perch_support::durable::{self, read_bounded, ReadError, Replace, WriteError};
+use perch_support::exit::{Class, Classify};
 use perch_support::trustfile::LoadTrustError;
 
 use crate::statefile::{self, StateFile};

@@ -8,13 +8,13 @@
 //! connections and refuses new ones; the full resolver keeps the update
 //! across restarts.
 
-use perch_support::exit::{Class, Classify};
 use std::path::Path;
 use std::time::Duration;
 
 use nkeys::KeyPairType;
 use perch_net::{CaTrust, LinkOptions, Signer, User};
 use perch_protocol::subjects::CLAIMS_UPDATE;
+use perch_support::exit::{Class, Classify};
 
 use crate::nats::{self, NatsError, Permissions};
 use crate::registry::{Cas, DeviceRecord, Registry, RegistryError, Status};

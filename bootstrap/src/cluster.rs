@@ -12,11 +12,11 @@
 //! same on every server) and every server takes leaf node connections
 //! from field sites (see [`crate::site`]).
 
-use perch_support::exit::{Class, Classify};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use perch_support::durable::{self, Replace, WriteError};
+use perch_support::exit::{Class, Classify};
 
 use crate::server_conf::{check_domain, check_host, check_server_name, leaf_listener};
 use crate::{nats, tls};

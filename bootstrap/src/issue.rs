@@ -4,7 +4,6 @@
 //!
 //! Used by the provisioner (online) and by `sign-request` (offline).
 
-use perch_support::exit::{Class, Classify};
 use std::path::Path;
 
 use nkeys::KeyPair;
@@ -13,6 +12,7 @@ use perch_protocol::subjects::device_grant;
 use perch_protocol::trust::{SignedTrust, VerifiedTrust, MAX_TRUST_FILE_LEN};
 use perch_protocol::{PublicKey, SecretKey};
 use perch_support::durable::read_bounded;
+use perch_support::exit::{Class, Classify};
 
 use crate::nats::{self, NatsError, Permissions};
 use crate::org::TRUST_DOC;

@@ -6,11 +6,11 @@
 //! Everything is an nkey (ed25519) and a NATS JWT (v2 claims) written with
 //! serde. Seeds are written 0600 and never overwritten.
 
-use perch_support::exit::{Class, Classify};
 use std::path::{Path, PathBuf};
 
 use data_encoding::{BASE32_NOPAD, BASE64URL_NOPAD};
 use nkeys::{KeyPair, KeyPairType};
+use perch_support::exit::{Class, Classify};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha512_256};
 

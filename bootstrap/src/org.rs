@@ -1,11 +1,11 @@
 //! The org directory: `root.key` (0600), `root.pub` and `trust.doc`.
 
-use perch_support::exit::{Class, Classify};
 use std::path::{Path, PathBuf};
 
 use perch_protocol::trust::{SignedTrust, TrustBody, TrustError};
 use perch_protocol::{PublicKey, SecretKey};
 use perch_support::durable::{self, Replace, WriteError};
+use perch_support::exit::{Class, Classify};
 use perch_support::keyfile::{self, KeyFileError};
 
 pub const ROOT_KEY: &str = "root.key";

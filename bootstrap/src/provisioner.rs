@@ -11,7 +11,6 @@
 //! the hub's `PERCH_REPORTS` take the reports of each field site that
 //! announces itself.
 
-use perch_support::exit::{Class, Classify};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,6 +23,7 @@ use perch_protocol::subjects::{
 };
 use perch_protocol::token::{Approval, SignedToken, VerifiedToken};
 use perch_protocol::PublicKey;
+use perch_support::exit::{Class, Classify};
 use perch_support::now_unix;
 use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};

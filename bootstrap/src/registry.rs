@@ -9,13 +9,13 @@
 //! - `token.<token id hex>`: how many uses of a token were claimed (decimal);
 //! - `revocations`: the FLEET account's revocation list ([`Revocations`]).
 
-use perch_support::exit::{Class, Classify};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use async_nats::jetstream;
 use async_nats::jetstream::kv::{CreateErrorKind, Operation, Store, UpdateErrorKind};
 use bytes::Bytes;
+use perch_support::exit::{Class, Classify};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 

@@ -14,10 +14,10 @@
 //!   server's certificate for its `--host` names, signed by it;
 //! - `site.json`: [`SiteConfig`], what `site run` reads.
 
-use perch_support::exit::{Class, Classify};
 use std::path::{Path, PathBuf};
 
 use nkeys::KeyPairType;
+use perch_support::exit::{Class, Classify};
 use serde::{Deserialize, Serialize};
 
 use perch_protocol::subjects::SITE_LEAF_DENY;

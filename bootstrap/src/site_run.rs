@@ -20,7 +20,6 @@
 //! comes from it except wake-ups, which carry no authority (a drone reads
 //! the desired state again and verifies every bundle).
 
-use perch_support::exit::{Class, Classify};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -31,6 +30,7 @@ use futures_util::StreamExt;
 use perch_net::sites::{self, ChunkSources};
 use perch_net::streams;
 use perch_protocol::subjects;
+use perch_support::exit::{Class, Classify};
 use tracing::{debug, info, warn};
 
 /// How often the site announces itself to the hub.

@@ -7,9 +7,9 @@
 //! Both certificates are valid from 1970: drones without a real-time clock
 //! boot in 1970 and must still be able to enroll.
 
-use perch_support::exit::{Class, Classify};
 use std::path::{Path, PathBuf};
 
+use perch_support::exit::{Class, Classify};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
 };

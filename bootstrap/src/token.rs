@@ -1,12 +1,12 @@
 //! Issuing enrollment tokens: a PROVISIONING credential that may only ask
 //! to enroll, wrapped in a token signed by the org's issuing key.
 
-use perch_support::exit::{Class, Classify};
 use std::path::Path;
 
 use nkeys::KeyPairType;
 use perch_protocol::token::{Approval, SignedToken, TokenBody, TokenError};
 use perch_protocol::trust::SignedTrust;
+use perch_support::exit::{Class, Classify};
 
 use crate::nats::{self, NatsError, Permissions};
 

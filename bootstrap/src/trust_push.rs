@@ -4,11 +4,11 @@
 //! chain; the check here (root-signed by this org's root key, not expired)
 //! only keeps an operator from pushing the wrong file.
 
-use perch_support::exit::{Class, Classify};
 use std::path::Path;
 
 use perch_protocol::subjects::{TRUST_BUCKET, TRUST_KEY};
 use perch_protocol::trust::{SignedTrust, TrustError, VerifiedTrust};
+use perch_support::exit::{Class, Classify};
 use perch_support::keyfile::{self, KeyFileError};
 
 use crate::admin::{self, Account, AdminError};

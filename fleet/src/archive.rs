@@ -7,13 +7,13 @@
 //! refused here first: other file types, world-writable files and
 //! directories, and setuid/setgid without `--allow-setid`.
 
-use perch_support::exit::{Class, Classify};
 use std::fs::{self, File, Metadata};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use perch_protocol::bundle::ArchivePolicy;
+use perch_support::exit::{Class, Classify};
 
 /// Why a directory could not be archived.
 #[derive(Debug, thiserror::Error)]

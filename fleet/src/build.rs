@@ -1,6 +1,5 @@
 //! `perch bundle build`: payload in, unsigned bundle out.
 
-use perch_support::exit::{Class, Classify};
 use std::fs::File;
 use std::io::{self, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
@@ -11,6 +10,7 @@ use perch_protocol::bundle::{
 };
 use perch_protocol::limits::MAX_CHUNK_SIZE;
 use perch_support::durable::{self, Replace, WriteError};
+use perch_support::exit::{Class, Classify};
 
 use crate::archive::{self, ArchiveError};
 

@@ -12,10 +12,10 @@
 //! `~/.config/perch`: `context/NAME.json` (mode 0600) and `context.txt`, the
 //! selected name.
 
-use perch_support::exit::{Class, Classify};
 use std::path::{Path, PathBuf};
 
 use perch_support::durable::{self, ReadError, Replace, WriteError};
+use perch_support::exit::{Class, Classify};
 use serde::{Deserialize, Serialize};
 
 use crate::link::Target;

@@ -9,7 +9,6 @@
 //!   every message has a `Nats-Msg-Id`; a bundle whose head and chunks are
 //!   all there already is not sent again.
 
-use perch_support::exit::{Class, Classify};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -18,6 +17,7 @@ use futures_util::stream::{FuturesOrdered, StreamExt};
 use perch_protocol::bundle::BundleReader;
 use perch_protocol::subjects::{self, CHUNKS_STREAM};
 use perch_protocol::trust::VerifiedTrust;
+use perch_support::exit::{Class, Classify};
 
 pub use crate::link::Target;
 

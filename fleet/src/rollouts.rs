@@ -10,13 +10,13 @@
 //! bundle is left alone, so no device sees a spurious new revision, which
 //! it would take as a retry).
 
-use perch_support::exit::{Class, Classify};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
 use perch_protocol::registry::Status;
 use perch_protocol::subjects;
+use perch_support::exit::{Class, Classify};
 
 use crate::desired::{self, DesiredError, Scope};
 use crate::rollout::{self, Action, Limit, Release, Rollout, State};

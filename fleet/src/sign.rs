@@ -1,6 +1,5 @@
 //! `perch bundle sign`: add one signature, rewriting the file atomically.
 
-use perch_support::exit::{Class, Classify};
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -8,6 +7,7 @@ use std::path::{Path, PathBuf};
 use perch_protocol::bundle::{BundleError, BundleReader};
 use perch_protocol::{KeyId, SecretKey};
 use perch_support::durable::{self, Replace, WriteError};
+use perch_support::exit::{Class, Classify};
 
 /// Why a bundle could not be signed.
 #[derive(Debug, thiserror::Error)]

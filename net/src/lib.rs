@@ -19,12 +19,12 @@ pub mod tls;
 
 pub use log::{init_logging, init_logging_if_asked};
 
-use perch_support::exit::{Class, Classify};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::{AuthError, ConnectOptions};
 use perch_protocol::SecretKey;
+use perch_support::exit::{Class, Classify};
 
 pub use replicas::Replicas;
 pub use tls::CaTrust;

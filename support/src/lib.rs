@@ -6,6 +6,7 @@
 // Forbidden everywhere but `sigpipe`, which says why.
 #![deny(unsafe_code)]
 
+pub mod bundle_file;
 pub mod durable;
 pub mod exit;
 pub mod keyfile;

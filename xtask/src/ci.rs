@@ -34,6 +34,8 @@ pub fn run() -> Result<()> {
     step("format");
     sh(cargo().args(["fmt", "--all", "--check"]))?;
 
+    crate::graph::run()?;
+
     step("clippy");
     sh(cargo().args(["clippy", "--workspace", "--all-targets", "--locked", "--", "-D", "warnings"]))?;
 

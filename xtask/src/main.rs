@@ -19,6 +19,7 @@ mod docs;
 mod drone;
 mod fleet;
 mod fuzz;
+mod graph;
 mod package;
 mod setup;
 mod site;
@@ -53,7 +54,8 @@ commands:
   bench smoke                   verify, install, enroll, link, cluster, footprint, site at a small size (in CI)
   fuzz [--seconds N] [TARGET...]  every cargo-fuzz target for N seconds each (default 600;
                       the scheduled job, not CI), then executions and corpus sizes
-  docs                build the Hugo site and check its links";
+  docs                build the Hugo site, check its links, and use it in headless Chromium
+  graph               the crate graph is the one the architecture page draws; protocol does no I/O";
 
 fn main() {
     if let Err(e) = run() {
@@ -75,6 +77,7 @@ fn run() -> Result<()> {
         Some("qemu") => setup::run().and_then(|()| cross::qemu_all(rest)),
         Some("bench") => bench::run(rest),
         Some("docs") => docs::run(),
+        Some("graph") => graph::run(),
         Some("fuzz") => fuzz::run(rest),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");

@@ -3,10 +3,10 @@
 //!
 //! Unknown keys and bad values are errors that name the key and the line.
 
-use perch_support::exit::{Class, Classify};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use perch_support::exit::{Class, Classify};
 use reader::{FieldError, Table};
 
 mod reader;

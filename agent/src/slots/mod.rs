@@ -10,12 +10,12 @@ mod uboot;
 
 pub use staged::Staged;
 
-use perch_support::exit::{Class, Classify};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use perch_protocol::bundle::{ArchiveError, PayloadKind};
+use perch_support::exit::{Class, Classify};
 
 use crate::config::Slots;
 use crate::journal::SlotId;

@@ -27,7 +27,6 @@ mod archive;
 mod decompress;
 mod manifest;
 mod reader;
-mod verify;
 mod window;
 mod writer;
 
@@ -39,7 +38,6 @@ pub use reader::{
     check_archive_payload, claimed_digest, verify_stream, BundleReader, Checked, CheckedChunk, DecodedChunk,
     LinkedChunk, PayloadHasher, UncheckedChunk, VerifiedBundle, VerifiedManifest,
 };
-pub use verify::verify_file;
 pub use window::Window;
 pub use writer::{build_chunk, build_linked_chunk, BundleHead, ManifestBuilder, ManifestParams, ZSTD_LEVELS};
 

@@ -140,6 +140,35 @@ impl VerifiedManifest {
         self.head.manifest.check_chunk(index, data)
     }
 
+    /// Checks chunk `index` as stored in the bundle (`stored`: its stored
+    /// bytes, compressed or not) against its signed hash, and decodes a
+    /// compressed one to check what it gives back; keeps nothing. For a
+    /// reader that checks chunks out of order (`perch_support::bundle_file`).
+    /// A linked chunk cannot be checked alone: `NoWindow`.
+    pub fn check_stored(&self, index: u32, stored: &[u8]) -> Result<(), BundleError> {
+        let m = &self.head.manifest;
+        let count = m.chunk_count();
+        let entry = m.chunk(index).ok_or(BundleError::ChunkOutOfRange { index, count })?;
+        if stored.len() != entry.stored_len() as usize {
+            return Err(BundleError::ChunkLength {
+                index,
+                count,
+                got: stored.len(),
+                expected: entry.stored_len() as usize,
+            });
+        }
+        if Sha256::digest(stored).as_slice() != entry.stored_hash() {
+            return Err(BundleError::ChunkMismatch { index, count });
+        }
+        if entry.window() > 0 {
+            return Err(BundleError::NoWindow { index, count });
+        }
+        if entry.is_compressed() {
+            decode_checked(m, index, stored, &[])?;
+        }
+        Ok(())
+    }
+
     /// Compares a whole-payload digest (from [`PayloadHasher`]) with the
     /// manifest's, if it has one (format 2; format 3's chunk hashes fix the
     /// payload by themselves).

@@ -4,12 +4,13 @@
 use std::io::{Cursor, Read};
 
 use perch_protocol::bundle::{
-    build_linked_chunk, check_archive_payload, verify_file, verify_stream, BundleError, BundleHead,
-    BundleReader, ChunkEntry, Chunking, Format, Manifest, ManifestBuilder, ManifestParams, PayloadKind,
-    Release, Window, MAX_WINDOW,
+    build_linked_chunk, check_archive_payload, verify_stream, BundleError, BundleHead, BundleReader,
+    ChunkEntry, Chunking, Format, Manifest, ManifestBuilder, ManifestParams, PayloadKind, Release, Window,
+    MAX_WINDOW,
 };
 use perch_protocol::trust::{SignedTrust, TrustBody, VerifiedTrust};
 use perch_protocol::SecretKey;
+use perch_support::bundle_file::verify_file;
 use proptest::prelude::*;
 
 const NOW: u64 = 1_800_000_000;

@@ -1,11 +1,13 @@
-//! Verifying a whole bundle file on every core.
+//! Verifying a whole bundle file on every core: the file reads and the
+//! threads, over perch-protocol's checks (which do no I/O themselves).
 //!
 //! Format 3 has no whole-payload digest: the signed manifest fixes every
 //! chunk's hash, so each byte is hashed once, and chunks are independent.
 //! Each worker takes the next unchecked chunk, reads it at its offset
-//! (`read_at`, so no shared file position) in pieces it hashes while they
-//! are still in cache, and, for a compressed chunk, decompresses it into
-//! exactly its signed length and hashes that too. Format 2 adds its
+//! (`read_at`, so no shared file position), and has the protocol check it
+//! (`VerifiedManifest::check_stored`: its stored hash, and for a
+//! compressed chunk its decoding into exactly its signed length, hashed
+//! too). Format 2 adds its
 //! whole-payload digest on one more thread. A bundle with linked chunks
 //! (each decoded against the chunks before it) is read in order instead.
 
@@ -16,12 +18,10 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Mutex;
 use std::thread;
 
-use sha2::{Digest, Sha256};
+use perch_protocol::bundle::{BundleError, BundleReader, PayloadHasher, Section, VerifiedManifest};
+use perch_protocol::trust::VerifiedTrust;
 
-use super::{BundleError, BundleReader, Manifest, PayloadHasher, Section, VerifiedBundle, VerifiedManifest};
-use crate::trust::VerifiedTrust;
-
-/// Bytes read and hashed at a time (see the reader's `PIECE`).
+/// Bytes read and hashed at a time for format 2's whole-payload digest.
 const PIECE: usize = 64 * 1024;
 
 /// Verifies every byte of the bundle in `file`: the signatures against
@@ -36,9 +36,9 @@ pub fn verify_file(
 ) -> Result<VerifiedManifest, BundleError> {
     let mut reader = file;
     reader.rewind().map_err(BundleError::Io)?;
-    let manifest = BundleReader::open_verified(reader, trust, now)?.into_manifest();
+    let mut bundle = BundleReader::open_verified(reader, trust, now)?;
     let start = reader.stream_position().map_err(BundleError::Io)?;
-    let m = manifest.manifest();
+    let m = bundle.manifest().manifest();
     let end = start + m.stored_len();
     let len = file.metadata().map_err(BundleError::Io)?.len();
     if len < end {
@@ -50,11 +50,12 @@ pub fn verify_file(
     if m.max_window() > 0 {
         // Linked chunks are decoded in payload order, each against the
         // chunks before it: one pass, in order.
-        let mut bundle = VerifiedBundle::new(manifest, reader);
         let mut buf = Vec::new();
         while bundle.read_chunk(&mut buf)?.is_some() {}
         return Ok(bundle.into_manifest());
     }
+    let manifest = bundle.into_manifest();
+    let m = manifest.manifest();
     let count = m.chunk_count();
     let next = AtomicU32::new(0);
     let abort = AtomicBool::new(false);
@@ -78,7 +79,7 @@ pub fn verify_file(
                     if index >= count {
                         break;
                     }
-                    if let Err(e) = check_at(file, start, m, index, &mut buf) {
+                    if let Err(e) = check_at(file, start, &manifest, index, &mut buf) {
                         fail(index, e);
                         break;
                     }
@@ -98,24 +99,19 @@ pub fn verify_file(
 }
 
 /// Checks chunk `index` where it lies in the file.
-fn check_at(file: &File, start: u64, m: &Manifest, index: u32, buf: &mut Vec<u8>) -> Result<(), BundleError> {
+fn check_at(
+    file: &File,
+    start: u64,
+    manifest: &VerifiedManifest,
+    index: u32,
+    buf: &mut Vec<u8>,
+) -> Result<(), BundleError> {
+    let m = manifest.manifest();
     let count = m.chunk_count();
     let entry = m.chunk(index).ok_or(BundleError::ChunkOutOfRange { index, count })?;
     buf.resize(entry.stored_len() as usize, 0);
-    let mut at = start + m.stored_offset(index);
-    let mut hasher = Sha256::new();
-    for piece in buf.chunks_mut(PIECE) {
-        read_at(file, piece, at)?;
-        hasher.update(&*piece);
-        at += piece.len() as u64;
-    }
-    if hasher.finalize().as_slice() != entry.stored_hash() {
-        return Err(BundleError::ChunkMismatch { index, count });
-    }
-    if entry.is_compressed() {
-        super::reader::decode_checked(m, index, buf, &[])?;
-    }
-    Ok(())
+    read_at(file, buf, start + m.stored_offset(index))?;
+    manifest.check_stored(index, buf)
 }
 
 /// Format 2's whole-payload SHA-256, read in order on its own thread.
