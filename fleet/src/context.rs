@@ -166,7 +166,8 @@ impl Store {
         let path = self.path(name)?;
         let dir = self.dir.join("context");
         std::fs::create_dir_all(&dir).map_err(|source| ContextError::Io { path: dir, source })?;
-        let mut bytes = serde_json::to_vec_pretty(context).unwrap_or_default();
+        let mut bytes = serde_json::to_vec_pretty(context)
+            .map_err(|e| ContextError::Damaged { path: path.clone(), detail: e.to_string() })?;
         bytes.push(b'\n');
         durable::write_bytes(&path, 0o600, Replace::Allow, &bytes)?;
         Ok(())
@@ -253,6 +254,9 @@ pub fn resolve(flags: Flags, env: &dyn Fn(&str) -> Option<String>) -> Result<Res
     let (context, saved) = match (named, &store) {
         (Some(name), Ok(store)) => (Some(name.clone()), store.load(&name)?),
         (Some(_), Err(_)) => return Err(ContextError::NoDir),
+        // Everything given by flags and the environment: the selected
+        // context is not read (a damaged one must not stop such a command).
+        (None, _) if complete(&flags, &env_set) => (None, Context::default()),
         (None, Ok(store)) => match store.selected()? {
             Some(name) => (Some(name.clone()), store.load(&name)?),
             None => (None, Context::default()),
@@ -286,6 +290,14 @@ pub fn resolve(flags: Flags, env: &dyn Fn(&str) -> Option<String>) -> Result<Res
     let (creds, creds_from) = path(flags.creds, "PERCH_CREDS", saved.creds, "FLEET credential", "creds")?;
     let (ca, ca_from) = path(flags.ca, "PERCH_CA", saved.ca, "fleet CA certificate", "ca")?;
     Ok(Resolved { target: Target { urls, creds, ca }, context, urls_from, creds_from, ca_from })
+}
+
+/// Whether the flags and the environment give every setting.
+fn complete(flags: &Flags, env_set: &dyn Fn(&str) -> Option<String>) -> bool {
+    let given = |flag: bool, var: &str| flag || env_set(var).is_some();
+    given(!flags.urls.is_empty(), "PERCH_URL")
+        && given(flags.creds.is_some(), "PERCH_CREDS")
+        && given(flags.ca.is_some(), "PERCH_CA")
 }
 
 /// A context made from `add`'s flags: each file must exist, and is saved
@@ -369,5 +381,19 @@ mod tests {
         // A damaged file says which.
         std::fs::write(dir.path().join("context/bad.json"), "{").unwrap();
         assert!(matches!(store.load("bad"), Err(ContextError::Damaged { .. })));
+        // ...but only when it is needed: with every setting given, the
+        // selected context is not read.
+        // (As if it was damaged after it was selected.)
+        std::fs::write(dir.path().join("context.txt"), "bad\n").unwrap();
+        let env = env_of(&[("PERCH_CONFIG_DIR", cfg.clone())]);
+        assert!(matches!(resolve(Flags::default(), &env), Err(ContextError::Damaged { .. })));
+        let all = Flags {
+            urls: vec!["tls://x:1".into()],
+            creds: Some("/f.creds".into()),
+            ca: Some("/ca.pem".into()),
+            ..Flags::default()
+        };
+        let r = resolve(all, &env).unwrap();
+        assert_eq!((r.context, r.creds_from), (None, Source::Flag));
     }
 }
