@@ -36,35 +36,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Create an org: root key pair and a version-1 trust document.
-    Init {
-        /// The org directory (`perch-bootstrap init` made it).
-        #[arg(long, env = "PERCH_ORG", value_name = "ORG_DIR")]
-        dir: PathBuf,
-        /// A release public key (PREFIX.pub); repeat for each key.
-        #[arg(long = "release-key", value_name = "PUB", required = true)]
-        release_keys: Vec<PathBuf>,
-        /// How many distinct release keys must sign a bundle.
-        #[arg(long)]
-        threshold: u32,
-        /// Org name.
-        #[arg(long, default_value = "perch")]
-        org: String,
-        /// Make the trust document expire, e.g. "2y".
-        #[arg(long, value_parser = humantime::parse_duration)]
-        expires_in: Option<Duration>,
-        /// A DNS name or IP address devices reach nats-server by; repeat for several.
-        #[arg(long = "tls-name", value_name = "NAME", default_values = ["localhost", "127.0.0.1"])]
-        tls_names: Vec<String>,
-        /// Use your own fleet CA certificate (PEM) instead of making one.
-        #[arg(long, requires_all = ["tls_cert", "tls_key"])]
-        tls_ca: Option<PathBuf>,
-        /// Your nats-server certificate (PEM, signed by --tls-ca).
-        #[arg(long, requires = "tls_ca")]
-        tls_cert: Option<PathBuf>,
-        /// Its private key (PEM).
-        #[arg(long, requires = "tls_ca")]
-        tls_key: Option<PathBuf>,
-    },
+    Init(InitArgs),
     /// Rotate, co-sign, check and show trust documents.
     #[command(subcommand)]
     Trust(TrustCommand),
@@ -78,26 +50,7 @@ enum Command {
     #[command(subcommand)]
     Site(SiteCommand),
     /// Run the provisioner: answer enrollment requests until stopped.
-    Run {
-        /// The org directory (`perch-bootstrap init` made it).
-        #[arg(long, env = "PERCH_ORG", value_name = "ORG_DIR")]
-        dir: PathBuf,
-        #[command(flatten)]
-        server: Server,
-        /// URL enrolled devices connect to for FLEET; repeat for several (default: --url).
-        #[arg(long = "fleet-url", value_name = "URL")]
-        fleet_urls: Vec<String>,
-        /// How long device credentials are valid.
-        #[arg(long, value_parser = humantime::parse_duration, default_value = "365d")]
-        credential_ttl: Duration,
-        /// Enrollment requests handled at once.
-        #[arg(long, default_value_t = 256)]
-        concurrency: usize,
-        /// Copies of each stream and bucket: auto (3 on a cluster of three
-        /// or more servers, else 1; only ever scales up) or 1 to 5.
-        #[arg(long, default_value = "auto")]
-        replicas: perch_net::Replicas,
-    },
+    Run(RunArgs),
     /// List devices waiting for approval (new devices and re-enrollments).
     Pending {
         #[command(flatten)]
@@ -155,6 +108,61 @@ enum Command {
         #[arg(long, value_parser = humantime::parse_duration, default_value = "365d")]
         credential_ttl: Duration,
     },
+}
+
+/// `perch-bootstrap run`: the provisioner.
+#[derive(clap::Args)]
+struct RunArgs {
+    /// The org directory (`perch-bootstrap init` made it).
+    #[arg(long, env = "PERCH_ORG", value_name = "ORG_DIR")]
+    dir: PathBuf,
+    #[command(flatten)]
+    server: Server,
+    /// URL enrolled devices connect to for FLEET; repeat for several (default: --url).
+    #[arg(long = "fleet-url", value_name = "URL")]
+    fleet_urls: Vec<String>,
+    /// How long device credentials are valid.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "365d")]
+    credential_ttl: Duration,
+    /// Enrollment requests handled at once.
+    #[arg(long, default_value_t = 256)]
+    concurrency: usize,
+    /// Copies of each stream and bucket: auto (3 on a cluster of three
+    /// or more servers, else 1; only ever scales up) or 1 to 5.
+    #[arg(long, default_value = "auto")]
+    replicas: perch_net::Replicas,
+}
+
+/// `perch-bootstrap init`.
+#[derive(clap::Args)]
+struct InitArgs {
+    /// The org directory (`perch-bootstrap init` made it).
+    #[arg(long, env = "PERCH_ORG", value_name = "ORG_DIR")]
+    dir: PathBuf,
+    /// A release public key (PREFIX.pub); repeat for each key.
+    #[arg(long = "release-key", value_name = "PUB", required = true)]
+    release_keys: Vec<PathBuf>,
+    /// How many distinct release keys must sign a bundle.
+    #[arg(long)]
+    threshold: u32,
+    /// Org name.
+    #[arg(long, default_value = "perch")]
+    org: String,
+    /// Make the trust document expire, e.g. "2y".
+    #[arg(long, value_parser = humantime::parse_duration)]
+    expires_in: Option<Duration>,
+    /// A DNS name or IP address devices reach nats-server by; repeat for several.
+    #[arg(long = "tls-name", value_name = "NAME", default_values = ["localhost", "127.0.0.1"])]
+    tls_names: Vec<String>,
+    /// Use your own fleet CA certificate (PEM) instead of making one.
+    #[arg(long, requires_all = ["tls_cert", "tls_key"])]
+    tls_ca: Option<PathBuf>,
+    /// Your nats-server certificate (PEM, signed by --tls-ca).
+    #[arg(long, requires = "tls_ca")]
+    tls_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long, requires = "tls_ca")]
+    tls_key: Option<PathBuf>,
 }
 
 /// As whom the registry commands act: an operator's FLEET creds file, or
@@ -466,60 +474,91 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<()> {
     let now = now_unix();
     // The daemons keep SIGPIPE ignored; see perch_support::sigpipe.
-    if !matches!(cli.command, Command::Run { .. } | Command::Site(SiteCommand::Run { .. })) {
+    if !matches!(cli.command, Command::Run(_) | Command::Site(SiteCommand::Run { .. })) {
         perch_support::sigpipe::die_on_closed_pipe();
     }
     match cli.command {
-        Command::Init {
-            dir,
-            release_keys,
-            threshold,
-            org,
-            expires_in,
-            tls_names,
-            tls_ca,
-            tls_cert,
-            tls_key,
-        } => {
-            let own_tls = match (tls_ca, tls_cert, tls_key) {
-                (Some(ca), Some(cert), Some(key)) => Some(perch_bootstrap::tls::OwnCerts { ca, cert, key }),
-                _ => None,
-            };
-            let params = InitParams {
-                org,
-                release_keys: read_pubs(&release_keys)?,
-                threshold,
-                now,
-                expires_at: expires_in.map(|d| now + d.as_secs()),
-                tls_names,
-                own_tls,
-            };
-            let (mut seed, mut issuing) = ([0u8; 32], [0u8; 32]);
-            getrandom::getrandom(&mut seed).context("reading OS randomness")?;
-            getrandom::getrandom(&mut issuing).context("reading OS randomness")?;
-            let doc = org::init(&dir, &seed, &issuing, params)?;
-            let b = doc.unverified_body();
-            println!("created org '{}' in {}", b.org, dir.display());
-            println!(
-                "  root key   {} ({}; keep it offline)",
-                b.root_key.id(),
-                dir.join(org::ROOT_KEY).display()
-            );
-            println!(
-                "  trust doc  {} version {}, {} of {} release keys",
-                dir.join(TRUST_DOC).display(),
-                b.version,
-                b.threshold,
-                b.release_keys.len()
-            );
-            println!("  fingerprint {}", hex::encode(doc.fingerprint()));
-            println!(
-                "  nats       {} (operator mode, full resolver: include it in nats-server's config)",
-                nats::nats_dir(&dir).join("server.conf").display()
-            );
-            Ok(())
+        Command::Init(args) => init(args, now),
+        Command::Run(args) => provision(args),
+        Command::Pending { access, json } => fleet::list(&access.resolve()?, json, true),
+        Command::Devices { access, json } => fleet::list(&access.resolve()?, json, false),
+        Command::Approve { access, id } => fleet::act(&access.resolve()?, fleet::Action::Approve, &id),
+        Command::Reject { access, id } => fleet::act(&access.resolve()?, fleet::Action::Reject, &id),
+        Command::Revoke { access, id } => fleet::act(&access.resolve()?, fleet::Action::Revoke, &id),
+        Command::SignRequest { dir, file, out, groups, fleet_urls, credential_ttl } => {
+            fleet::sign_request(&dir, &file, &out, &groups, &fleet_urls, credential_ttl)
         }
-        Command::Trust(TrustCommand::Rotate { dir, release_keys, threshold, expires_in, out }) => {
+        Command::Trust(cmd) => trust(cmd, now),
+        Command::Nats(cmd) => nats_cmd(cmd, now),
+        Command::Site(cmd) => site(cmd, now),
+        Command::Token(cmd) => token_cmd(cmd, now),
+    }
+}
+
+/// `perch-bootstrap init`: the org's keys, trust document, NATS operator and TLS.
+fn init(args: InitArgs, now: u64) -> Result<()> {
+    let InitArgs { dir, release_keys, threshold, org, expires_in, tls_names, tls_ca, tls_cert, tls_key } =
+        args;
+    let own_tls = match (tls_ca, tls_cert, tls_key) {
+        (Some(ca), Some(cert), Some(key)) => Some(perch_bootstrap::tls::OwnCerts { ca, cert, key }),
+        _ => None,
+    };
+    let params = InitParams {
+        org,
+        release_keys: read_pubs(&release_keys)?,
+        threshold,
+        now,
+        expires_at: expires_in.map(|d| now + d.as_secs()),
+        tls_names,
+        own_tls,
+    };
+    let (mut seed, mut issuing) = ([0u8; 32], [0u8; 32]);
+    getrandom::getrandom(&mut seed).context("reading OS randomness")?;
+    getrandom::getrandom(&mut issuing).context("reading OS randomness")?;
+    let doc = org::init(&dir, &seed, &issuing, params)?;
+    let b = doc.unverified_body();
+    println!("created org '{}' in {}", b.org, dir.display());
+    println!("  root key   {} ({}; keep it offline)", b.root_key.id(), dir.join(org::ROOT_KEY).display());
+    println!(
+        "  trust doc  {} version {}, {} of {} release keys",
+        dir.join(TRUST_DOC).display(),
+        b.version,
+        b.threshold,
+        b.release_keys.len()
+    );
+    println!("  fingerprint {}", hex::encode(doc.fingerprint()));
+    println!(
+        "  nats       {} (operator mode, full resolver: include it in nats-server's config)",
+        nats::nats_dir(&dir).join("server.conf").display()
+    );
+    Ok(())
+}
+
+/// `perch-bootstrap run`: the provisioner, until SIGINT or SIGTERM.
+fn provision(args: RunArgs) -> Result<()> {
+    let RunArgs { dir, server, fleet_urls, credential_ttl, concurrency, replicas } = args;
+    fleet::init_logging(tracing::Level::INFO);
+    provisioner::preflight(&dir)?;
+    let fleet_urls = if fleet_urls.is_empty() { server.urls.clone() } else { fleet_urls };
+    let settings = provisioner::Settings {
+        org_dir: dir,
+        urls: server.urls,
+        fleet_urls,
+        credential_ttl,
+        concurrency,
+        replicas,
+    };
+    let rt = fleet::runtime()?;
+    let done = rt.block_on(provisioner::run(settings, fleet::shutdown_signal()));
+    // Tasks still waiting on a hung server are dropped, not awaited.
+    rt.shutdown_timeout(Duration::from_secs(1));
+    Ok(done?)
+}
+
+/// `perch-bootstrap trust ...`: the trust document's versions.
+fn trust(cmd: TrustCommand, now: u64) -> Result<()> {
+    match cmd {
+        TrustCommand::Rotate { dir, release_keys, threshold, expires_in, out } => {
             let current = read_trust(&dir.join(TRUST_DOC))?;
             let params = InitParams {
                 org: String::new(),
@@ -543,7 +582,7 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::Trust(TrustCommand::Sign { key, file }) => {
+        TrustCommand::Sign { key, file } => {
             let key = keyfile::read_secret(&key)?;
             let mut doc = read_trust(&file)?;
             if doc.add_rotation_signature(&key) {
@@ -558,7 +597,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Trust(TrustCommand::Push { dir, server, file }) => {
+        TrustCommand::Push { dir, server, file } => {
             let file = file.unwrap_or_else(|| dir.join(TRUST_DOC));
             let bytes = read_bounded(&file, MAX_TRUST_FILE_LEN)?;
             let trust = perch_bootstrap::trust_push::check(&dir, &file, &bytes, now)?;
@@ -577,7 +616,7 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::Trust(TrustCommand::Verify { current, new }) => {
+        TrustCommand::Verify { current, new } => {
             let cur = read_trust(&current)?
                 .verify_anchor(now, None)
                 .with_context(|| current.display().to_string())?;
@@ -591,15 +630,18 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::Nats(NatsCommand::Creds {
-            dir,
-            account,
-            name,
-            publish,
-            subscribe,
-            allow_responses,
-            out,
-        }) => {
+        TrustCommand::Show { file, json } => {
+            let doc = read_trust(&file)?;
+            show(&doc, json);
+            Ok(())
+        }
+    }
+}
+
+/// `perch-bootstrap nats ...`: credentials and server cluster configs.
+fn nats_cmd(cmd: NatsCommand, now: u64) -> Result<()> {
+    match cmd {
+        NatsCommand::Creds { dir, account, name, publish, subscribe, allow_responses, out } => {
             let account = account.to_lowercase();
             if account != "fleet" && account != "provisioning" {
                 return Err(
@@ -621,7 +663,7 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::Nats(NatsCommand::Cluster {
+        NatsCommand::Cluster {
             dir,
             servers,
             cluster_name,
@@ -633,7 +675,7 @@ fn run(cli: Cli) -> Result<()> {
             tls_names,
             config_dir,
             store_dir,
-        }) => {
+        } => {
             let org = read_trust(&dir.join(TRUST_DOC))?.unverified_body().org.clone();
             let params = perch_bootstrap::cluster::ClusterParams {
                 org,
@@ -666,7 +708,13 @@ fn run(cli: Cli) -> Result<()> {
             println!("field sites (JetStream domain '{}'): --hub {}", params.domain, hubs.join(" --hub "));
             Ok(())
         }
-        Command::Site(SiteCommand::Init {
+    }
+}
+
+/// `perch-bootstrap site ...`: a field site's config and its daemon.
+fn site(cmd: SiteCommand, now: u64) -> Result<()> {
+    match cmd {
+        SiteCommand::Init {
             dir,
             name,
             hub_urls,
@@ -677,7 +725,7 @@ fn run(cli: Cli) -> Result<()> {
             config_dir,
             store_dir,
             max_store,
-        }) => {
+        } => {
             use perch_bootstrap::site;
             let org = read_trust(&dir.join(TRUST_DOC))?.unverified_body().org.clone();
             let params = site::SiteParams {
@@ -700,7 +748,7 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::Site(SiteCommand::Run { dir, reports_limit }) => {
+        SiteCommand::Run { dir, reports_limit } => {
             fleet::init_logging(tracing::Level::INFO);
             let c = perch_bootstrap::site::SiteConfig::load(&dir.join(perch_bootstrap::site::SITE_JSON))?;
             let p = perch_bootstrap::site_run::SiteRun::from_config(&c, &dir, reports_limit)
@@ -710,17 +758,13 @@ fn run(cli: Cli) -> Result<()> {
             rt.shutdown_timeout(Duration::from_secs(1));
             Ok(done?)
         }
-        Command::Token(TokenCommand::Issue {
-            dir,
-            groups,
-            uses,
-            ttl,
-            approval,
-            id_pattern,
-            urls,
-            json,
-            qr,
-        }) => {
+    }
+}
+
+/// `perch-bootstrap token ...`: enrollment tokens.
+fn token_cmd(cmd: TokenCommand, now: u64) -> Result<()> {
+    match cmd {
+        TokenCommand::Issue { dir, groups, uses, ttl, approval, id_pattern, urls, json, qr } => {
             // The format needs expires_at > issued_at; never round 0s up silently.
             if ttl.as_secs() == 0 {
                 return Err(UsageError(format!(
@@ -759,33 +803,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Run { dir, server, fleet_urls, credential_ttl, concurrency, replicas } => {
-            fleet::init_logging(tracing::Level::INFO);
-            provisioner::preflight(&dir)?;
-            let fleet_urls = if fleet_urls.is_empty() { server.urls.clone() } else { fleet_urls };
-            let settings = provisioner::Settings {
-                org_dir: dir,
-                urls: server.urls,
-                fleet_urls,
-                credential_ttl,
-                concurrency,
-                replicas,
-            };
-            let rt = fleet::runtime()?;
-            let done = rt.block_on(provisioner::run(settings, fleet::shutdown_signal()));
-            // Tasks still waiting on a hung server are dropped, not awaited.
-            rt.shutdown_timeout(Duration::from_secs(1));
-            Ok(done?)
-        }
-        Command::Pending { access, json } => fleet::list(&access.resolve()?, json, true),
-        Command::Devices { access, json } => fleet::list(&access.resolve()?, json, false),
-        Command::Approve { access, id } => fleet::act(&access.resolve()?, fleet::Action::Approve, &id),
-        Command::Reject { access, id } => fleet::act(&access.resolve()?, fleet::Action::Reject, &id),
-        Command::Revoke { access, id } => fleet::act(&access.resolve()?, fleet::Action::Revoke, &id),
-        Command::SignRequest { dir, file, out, groups, fleet_urls, credential_ttl } => {
-            fleet::sign_request(&dir, &file, &out, &groups, &fleet_urls, credential_ttl)
-        }
-        Command::Token(TokenCommand::Check { trust, token, file, json }) => {
+        TokenCommand::Check { trust, token, file, json } => {
             let text = match (token, file) {
                 (Some(t), None) => t,
                 (None, Some(f)) => {
@@ -825,11 +843,6 @@ fn run(cli: Cli) -> Result<()> {
                     b.expires_at
                 );
             }
-            Ok(())
-        }
-        Command::Trust(TrustCommand::Show { file, json }) => {
-            let doc = read_trust(&file)?;
-            show(&doc, json);
             Ok(())
         }
     }

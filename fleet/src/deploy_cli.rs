@@ -11,7 +11,7 @@ use anyhow::Result;
 use clap::{Args, Subcommand};
 use perch_fleet::link::Target;
 use perch_fleet::rollout::{self, Limit, Rollout, State};
-use perch_fleet::rollouts::{self, Plan};
+use perch_fleet::rollout_store::{self, Plan};
 use perch_fleet::view::FleetView;
 use perch_support::exit::UsageError;
 use perch_support::now_unix;
@@ -119,7 +119,7 @@ pub fn run(args: DeployArgs) -> Result<()> {
             Some(Action::Start(a)) => start(a).await,
             Some(Action::Pause { conn, id, json }) => {
                 let c = connect(conn.target()?).await?;
-                let (r, _) = rollouts::change(&c, &id, now_unix(), |r, _| match &r.state {
+                let (r, _) = rollout_store::change(&c, &id, now_unix(), |r, _| match &r.state {
                     State::Running => {
                         let mut next = r.clone();
                         next.state = State::Paused { reason: "paused by the operator".into() };
@@ -140,7 +140,7 @@ pub fn run(args: DeployArgs) -> Result<()> {
             }
             Some(Action::Resume { conn, id, detach, json }) => {
                 let c = connect(conn.target()?).await?;
-                let (r, _) = rollouts::change(&c, &id, now_unix(), |r, view| match &r.state {
+                let (r, _) = rollout_store::change(&c, &id, now_unix(), |r, view| match &r.state {
                     State::Paused { .. } => Ok((rollout::resume(r, view, now_unix())?, vec![])),
                     // Running: taken over as it is.
                     State::Running => Ok((r.clone(), vec![])),
@@ -159,7 +159,7 @@ pub fn run(args: DeployArgs) -> Result<()> {
             }
             Some(Action::Abort { conn, id, json }) => {
                 let c = connect(conn.target()?).await?;
-                let (r, notes) = rollouts::change(&c, &id, now_unix(), |r, _| match &r.state {
+                let (r, notes) = rollout_store::change(&c, &id, now_unix(), |r, _| match &r.state {
                     State::Aborted => Err(format!("rollout {id} is already aborted")),
                     _ => Ok(rollout::abort(r, now_unix())),
                 })
@@ -177,7 +177,7 @@ pub fn run(args: DeployArgs) -> Result<()> {
             Some(Action::List { conn, json }) => {
                 let c = connect(conn.target()?).await?;
                 let js = async_nats::jetstream::new(c);
-                let all = rollouts::list(&js).await?;
+                let all = rollout_store::list(&js).await?;
                 if json {
                     println!("{}", serde_json::to_string_pretty(&all)?);
                 } else if all.is_empty() {
@@ -210,8 +210,8 @@ async fn start(a: StartArgs) -> Result<()> {
     };
     let bundle = perch_fleet::catalog::BundleArg::parse(&bundle)?;
     let target = match a.group {
-        Some(g) => rollouts::Target::Group(g),
-        None => rollouts::Target::Devices(a.device),
+        Some(g) => rollout_store::Target::Group(g),
+        None => rollout_store::Target::Devices(a.device),
     };
     let waves = rollout::parse_waves(&a.waves).map_err(UsageError)?;
     let max_failures = Limit::parse(&a.max_failures).map_err(UsageError)?;
@@ -224,7 +224,7 @@ async fn start(a: StartArgs) -> Result<()> {
         max_failures,
         wave_wait: a.wave_wait,
     };
-    let r = rollouts::create(&c, &plan, now_unix()).await?;
+    let r = rollout_store::create(&c, &plan, now_unix()).await?;
     if a.json {
         event("created", &r)?;
     } else {
@@ -285,7 +285,7 @@ async fn drive(c: &async_nats::Client, id: &str, json: bool) -> Result<()> {
             last = now;
         }
     };
-    let r = rollouts::drive(c, id, TICK, now_unix, show).await?;
+    let r = rollout_store::drive(c, id, TICK, now_unix, show).await?;
     if json {
         let name = match r.state {
             State::Done => "done",

@@ -13,7 +13,7 @@ pub mod diff;
 pub mod link;
 pub mod publish;
 pub mod rollout;
-pub mod rollouts;
+pub mod rollout_store;
 pub mod sign;
 pub mod status;
 pub mod streams;
@@ -30,7 +30,7 @@ pub const CLASSIFY: perch_support::exit::Classifier = perch_support::classifier!
     desired::DesiredError,
     link::ConnectError,
     publish::PublishError,
-    rollouts::RolloutError,
+    rollout_store::RolloutError,
     sign::SignError,
     status::StatusError,
     verify::VerifyError,

@@ -868,13 +868,20 @@ fn status(
         let client = target.connect("perch status").await?;
         loop {
             let r = read(&client, q, now_unix()).await.map_err(|e: StatusError| anyhow::Error::new(e))?;
+            // A device's own view shows no rollouts.
+            let rollouts = match q.device {
+                Some(_) => vec![],
+                None => {
+                    perch_fleet::rollout_store::shown(&async_nats::jetstream::new(client.clone())).await?
+                }
+            };
             for why in &r.refused {
                 eprintln!("perch: report set aside: {why}");
             }
             if json {
                 let mut doc = serde_json::to_value(&r.view)?;
                 doc["rollouts"] =
-                    r.rollouts.iter().map(|x| perch_fleet::rollout::progress_json(x, &r.view)).collect();
+                    rollouts.iter().map(|x| perch_fleet::rollout::progress_json(x, &r.view)).collect();
                 println!("{}", serde_json::to_string_pretty(&doc)?);
                 return Ok(());
             }
@@ -886,8 +893,8 @@ fn status(
                     perch_fleet::rollout::State::Running | perch_fleet::rollout::State::Paused { .. }
                 )
             };
-            let last_ended = r.rollouts.iter().rfind(|x| !live(x));
-            for x in r.rollouts.iter().filter(live).chain(last_ended) {
+            let last_ended = rollouts.iter().rfind(|x| !live(x));
+            for x in rollouts.iter().filter(live).chain(last_ended) {
                 table.push('\n');
                 table.push_str(&perch_fleet::table::render_rollout(x, &r.view));
             }

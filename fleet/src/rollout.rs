@@ -1,7 +1,7 @@
 //! A rollout: one bundle, a set of devices cut into waves, and the rules
 //! that move it from wave to wave. Pure: [`advance`] is handed the rollout,
 //! the fleet view and the time, and returns the next rollout and what to
-//! write to the desired state. The NATS side is in [`crate::rollouts`].
+//! write to the desired state. The NATS side is in [`crate::rollout_store`].
 //!
 //! Rules:
 //! - a wave starts by naming the bundle in each of its devices' keys;

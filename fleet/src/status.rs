@@ -56,9 +56,6 @@ pub struct Query {
 /// What was read, and what was set aside.
 pub struct Read {
     pub view: FleetView,
-    /// The rollouts under way and the [`ENDED_SHOWN`] that ended last
-    /// (none with `--device`), oldest first.
-    pub rollouts: Vec<crate::rollout::Rollout>,
     /// Reports that did not parse, or claimed another device's id.
     pub refused: Vec<String>,
 }
@@ -77,29 +74,7 @@ pub async fn read(client: &async_nats::Client, q: &Query, now: u64) -> Result<Re
     }
     let mut view = view::build(&registry, reports, now, q.stale_after_secs, q.device.is_some());
     view.sites = sites(&js).await?;
-    let rollouts = match q.device {
-        Some(_) => vec![],
-        None => recent(crate::rollouts::list(&js).await.map_err(|e| StatusError::Nats(e.to_string()))?),
-    };
-    Ok(Read { view, rollouts, refused })
-}
-
-/// Ended rollouts `perch status` shows: a rollout to 10,000 devices shows
-/// each one's outcome, and the history only grows (`perch deploy list`
-/// has it all).
-pub const ENDED_SHOWN: usize = 5;
-
-/// The rollouts under way, and the last [`ENDED_SHOWN`] that ended.
-fn recent(mut all: Vec<crate::rollout::Rollout>) -> Vec<crate::rollout::Rollout> {
-    use crate::rollout::State;
-    let ended = all.iter().filter(|r| matches!(r.state, State::Done | State::Aborted)).count();
-    let mut skip = ended.saturating_sub(ENDED_SHOWN);
-    all.retain(|r| {
-        let drop = skip > 0 && matches!(r.state, State::Done | State::Aborted);
-        skip -= usize::from(drop);
-        !drop
-    });
-    all
+    Ok(Read { view, refused })
 }
 
 /// Every device record, sorted by id; none if the bucket does not exist

@@ -69,6 +69,13 @@ pub async fn each(
                 {
                     return Ok(false)
                 }
+                // An account without JetStream (another account's
+                // credentials) will not have it in a moment: say so now.
+                jetstream::context::GetStreamErrorKind::JetStream(j)
+                    if j.error_code() == jetstream::ErrorCode::JETSTREAM_NOT_ENABLED_FOR_ACCOUNT =>
+                {
+                    return Err(e.to_string())
+                }
                 _ if tries < TRIES => pause(tries).await,
                 _ => return Err(e.to_string()),
             },

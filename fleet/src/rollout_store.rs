@@ -372,6 +372,30 @@ async fn step(
     Ok(Some((next, view)))
 }
 
+/// Ended rollouts `perch status` shows: a rollout to 10,000 devices shows
+/// each one's outcome, and the history only grows (`perch deploy list`
+/// has it all).
+pub const ENDED_SHOWN: usize = 5;
+
+/// The rollouts under way, and the last [`ENDED_SHOWN`] that ended.
+fn recent(mut all: Vec<crate::rollout::Rollout>) -> Vec<crate::rollout::Rollout> {
+    use crate::rollout::State;
+    let ended = all.iter().filter(|r| matches!(r.state, State::Done | State::Aborted)).count();
+    let mut skip = ended.saturating_sub(ENDED_SHOWN);
+    all.retain(|r| {
+        let drop = skip > 0 && matches!(r.state, State::Done | State::Aborted);
+        skip -= usize::from(drop);
+        !drop
+    });
+    all
+}
+
+/// What `perch status` shows of the rollouts: those under way and the
+/// [`ENDED_SHOWN`] that ended last, oldest first.
+pub async fn shown(js: &jetstream::Context) -> Result<Vec<crate::rollout::Rollout>, RolloutError> {
+    Ok(recent(list(js).await?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
