@@ -3,42 +3,46 @@
 //! - [`deploy`]: the A/B engine (stage → activate → trial → commit/rollback),
 //!   driven by the crash-safe [`journal`].
 //! - [`slots`]: the `dir`, `uboot`, `grub` and `hook` backends.
-//! - [`health`] and [`inhibit`]: what decides a trial, and what defers activation.
+//! - `health` and `inhibit` (crate-private): what decides a trial, and what defers activation.
 //! - [`check`]: the offline verification an install starts with.
 //! - [`identity`], [`enroll`] and [`link`]: the device key, enrollment
 //!   (online with a token, or offline with files) and the FLEET link.
+//!
+//! The `pub` modules are what the `perch-agent` binary, the end-to-end tests
+//! and the simulated devices use (the architecture page lists the API);
+//! the `pub(crate)` ones are the engine's insides.
 #![forbid(unsafe_code)]
 
 pub mod check;
 pub mod checksum;
 pub mod cli;
 pub mod config;
-pub mod counters;
+pub(crate) mod counters;
 pub mod daemon;
 pub mod decision;
-pub mod delta;
+pub(crate) mod delta;
 pub mod deploy;
 pub mod desired;
-pub mod engine_lock;
+pub(crate) mod engine_lock;
 pub mod enroll;
-pub mod failpoint;
+pub(crate) mod failpoint;
 pub mod fetch;
-pub mod health;
+pub(crate) mod health;
 pub mod identity;
-pub mod inhibit;
+pub(crate) mod inhibit;
 pub mod journal;
 pub mod link;
 pub mod outbox;
 pub mod progress;
 pub mod recovery;
 pub mod reports;
-pub mod sequencer;
+pub(crate) mod sequencer;
 pub mod service;
 pub mod slots;
-pub mod statefile;
+pub(crate) mod statefile;
 pub mod status;
 pub mod trust_store;
-pub mod trust_update;
+pub(crate) mod trust_update;
 
 /// Finds the exit class of this crate's errors (see `perch_support::exit`).
 pub const CLASSIFY: perch_support::exit::Classifier = perch_support::classifier![
