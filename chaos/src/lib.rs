@@ -209,11 +209,14 @@ fn pump(mut from: TcpStream, mut to: TcpStream, st: Arc<State>, down: bool) {
             } else {
                 ((shape.bandwidth / 20).max(1) as usize).min(n - sent)
             };
+            // Counted before the write: once written, the bytes (or the
+            // peer's answer to them) may be seen before a count after it.
+            counter.fetch_add(step as u64, Ordering::Relaxed);
             if to.write_all(&buf[sent..sent + step]).is_err() {
+                counter.fetch_sub(step as u64, Ordering::Relaxed);
                 let _ = to.shutdown(Shutdown::Both);
                 return;
             }
-            counter.fetch_add(step as u64, Ordering::Relaxed);
             sent += step;
             if shape.bandwidth > 0 {
                 std::thread::sleep(Duration::from_secs_f64(step as f64 / shape.bandwidth as f64));
