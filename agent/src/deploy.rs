@@ -1025,16 +1025,10 @@ impl Engine {
 /// `verify_file` does, before anything is staged: delta reuse would
 /// otherwise install a cut file whose missing chunks are on the device.
 fn check_whole_len<R: BundleSource>(reader: &mut VerifiedBundle<R>) -> Result<(), BundleError> {
-    let stored = reader.manifest().manifest().stored_len();
     let source = reader.source_mut();
     let Some(len) = source.whole_len().map_err(BundleError::Io)? else { return Ok(()) };
     let start = source.stream_position().map_err(BundleError::Io)?;
-    let end = start.saturating_add(stored);
-    match len.cmp(&end) {
-        std::cmp::Ordering::Less => Err(BundleError::Truncated(perch_protocol::bundle::Section::Payload)),
-        std::cmp::Ordering::Greater => Err(BundleError::TrailingData),
-        std::cmp::Ordering::Equal => Ok(()),
-    }
+    reader.manifest().check_file_len(start, len)
 }
 
 /// Orders dotted versions numerically ("1.10.0" > "1.9.2"); non-numeric parts sort as 0.

@@ -113,7 +113,7 @@ impl OpenError {
 
 impl Classify for OpenError {
     fn class(&self) -> Option<Class> {
-        Some(if self.is_security() { Class::Security } else { Class::Runtime })
+        perch_support::exit::security_if(self.is_security())
     }
 }
 

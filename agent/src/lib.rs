@@ -54,4 +54,5 @@ pub const CLASSIFY: perch_support::exit::Classifier = perch_support::classifier!
     slots::SlotError,
     fetch::OpenError,
     check::CheckError,
+    daemon::DaemonError,
 ];

@@ -89,6 +89,28 @@ pub struct Link {
 /// What `status` shows of the link: written by the running agent.
 pub const STATE_FILE: &str = "link.json";
 
+/// The link's state as the running agent last wrote it ([`STATE_FILE`]).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct LinkState {
+    /// `connecting`, `connected` or `disconnected`.
+    pub state: String,
+    /// Unix seconds.
+    pub since: u64,
+    #[serde(default)]
+    pub urls: Vec<String>,
+    #[serde(default)]
+    pub last_event: Option<String>,
+}
+
+impl LinkState {
+    /// What the running agent wrote, if anything readable. Bounded: a
+    /// damaged file must not cost the device its memory.
+    pub fn read(state_dir: &std::path::Path) -> Option<LinkState> {
+        let bytes = perch_support::durable::read_bounded(&state_dir.join(STATE_FILE), 64 * 1024).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+}
+
 /// Starts the link: returns at once, connected or not. The client connects
 /// in the background (the agent works with no link at all), pings every
 /// `ping_interval` so a dead link is noticed after two missed pongs, and
@@ -190,18 +212,19 @@ impl Link {
     }
 
     fn record(&self, state: &str, event: Option<&str>) {
-        let doc = serde_json::json!({
-            "state": state,
-            "since": perch_support::now_unix(),
-            "urls": self.urls,
-            "last_event": event,
-        });
+        let doc = LinkState {
+            state: state.to_string(),
+            since: perch_support::now_unix(),
+            urls: self.urls.clone(),
+            last_event: event.map(str::to_string),
+        };
         // Best effort: status is informative, the link does not depend on it.
+        let Ok(bytes) = serde_json::to_vec(&doc) else { return };
         let _ = perch_support::durable::write_bytes(
             &self.state_file,
             0o644,
             perch_support::durable::Replace::Allow,
-            doc.to_string().as_bytes(),
+            &bytes,
         );
     }
 

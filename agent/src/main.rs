@@ -130,44 +130,11 @@ fn decided(d: Decision, code: u8, f: &Finished) -> u8 {
     }
 }
 
-/// The daemon's engine at startup: a local command (a technician's
-/// `install`) may hold it for a while; wait for it rather than fail.
-fn open_waiting(config: &Path, state_dir: &Path) -> Result<(Engine, Option<Recovered>)> {
-    let mut told = false;
-    loop {
-        match Engine::open(Config::load(config)?, state_dir) {
-            Err(DeployError::Lock(l)) if l.is_held() => {
-                if !told {
-                    tracing::warn!("{l}; waiting for it");
-                    told = true;
-                }
-                std::thread::sleep(Duration::from_secs(1));
-            }
-            other => return Ok(other?),
-        }
-    }
-}
-
 /// Prints how a command left the device; its exit code. `state` is the
 /// journal's state now.
 fn report(state: &DeployState, f: &Finished) -> u8 {
-    let line = match f {
-        Finished::Committed(b) => format!("committed {b}"),
-        Finished::RolledBack(b, r) => format!("rolled back {b}: {r}"),
-        Finished::AwaitingReboot(s) => format!("waiting for a reboot into slot {s}"),
-        Finished::Idle => format!("nothing in flight ({})", state.name()),
-        Finished::AlreadyRunning(b) => format!("{b} is already running; nothing to do"),
-        Finished::NeedsBundle(b) => format!(
-            "staging of {b} was interrupted; run `perch-agent install` with the bundle again to resume"
-        ),
-    };
-    println!("{line}");
-    // A rolled-back deploy is a failed deploy for scripts.
-    if matches!(f, Finished::RolledBack(..)) {
-        1
-    } else {
-        0
-    }
+    println!("{}", status::finished_text(state, f));
+    status::finished_code(f)
 }
 
 fn run(cli: Cli) -> Result<u8> {
@@ -190,7 +157,7 @@ fn run(cli: Cli) -> Result<u8> {
             let report = |state: &DeployState, f: &Finished| {
                 if *json {
                     println!("{}", status::finished_json(state, f));
-                    u8::from(matches!(f, Finished::RolledBack(..)))
+                    status::finished_code(f)
                 } else {
                     report(state, f)
                 }
@@ -211,69 +178,11 @@ fn run(cli: Cli) -> Result<u8> {
         }
         Command::Status { json } => {
             let cfg = Config::load(&cli.config)?;
-            let (journal, b, problems) = Engine::inspect(&cfg, &cli.state_dir);
-            let mut doc =
-                status::to_json(&journal, b.name(), b.booted().ok(), b.next_boot().ok().flatten(), &problems);
-            let (enrollment, line) = match Identity::new(&cli.state_dir).enrollment(&cfg, now_unix()) {
-                Ok(Some(v)) => (
-                    serde_json::json!({
-                        "enrolled": true, "device_id": v.credential.device_id, "org": v.trust.body().org,
-                        "groups": v.credential.groups, "expires_at": v.credential.expires_at,
-                        "fleet_urls": v.enrollment.fleet_urls, "key_id": v.credential.device_key.id().to_string(),
-                    }),
-                    format!(
-                        "enrolled     as {} (key {}) in groups [{}]",
-                        v.credential.device_id,
-                        v.credential.device_key.id(),
-                        v.credential.groups.join(", ")
-                    ),
-                ),
-                Ok(None) => (serde_json::json!({ "enrolled": false }), "enrolled     no".to_string()),
-                Err(e) => (
-                    serde_json::json!({ "enrolled": false, "problem": e.to_string() }),
-                    format!("enrolled     no ({e})"),
-                ),
-            };
-            doc["enrollment"] = enrollment;
-            // The running agent writes its link state; none means no link was tried.
-            // Bounded: a damaged file must not cost the device its memory.
-            let link = perch_support::durable::read_bounded(
-                &cli.state_dir.join(perch_agent::link::STATE_FILE),
-                64 * 1024,
-            )
-            .ok()
-            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
-            let link_line = match &link {
-                Some(l) => {
-                    let since = l["since"].as_u64().map(|t| {
-                        humantime::format_rfc3339_seconds(
-                            std::time::UNIX_EPOCH + std::time::Duration::from_secs(t),
-                        )
-                        .to_string()
-                    });
-                    format!(
-                        "link         {} since {}",
-                        l["state"].as_str().unwrap_or("?"),
-                        since.unwrap_or_default()
-                    )
-                }
-                None => "link         none (no agent has run with an enrollment)".to_string(),
-            };
-            doc["link"] = link.unwrap_or(serde_json::Value::Null);
-            let outbox_line = match perch_agent::outbox::peek(&cli.state_dir) {
-                Ok((n, bytes)) => {
-                    doc["outbox"] = serde_json::json!({ "waiting": n, "bytes": bytes });
-                    format!("outbox       {n} reports waiting to be sent ({bytes} bytes)")
-                }
-                Err(e) => format!("outbox       unreadable ({e})"),
-            };
+            let st = status::DeviceStatus::gather(&cfg, &cli.state_dir, now_unix());
             if *json {
-                println!("{doc}");
+                println!("{}", st.to_json());
             } else {
-                print!("{}", status::to_text(&doc));
-                println!("{line}");
-                println!("{link_line}");
-                println!("{outbox_line}");
+                print!("{}", st.to_text());
             }
             Ok(0)
         }
@@ -286,82 +195,8 @@ fn run(cli: Cli) -> Result<u8> {
                 let f = engine.resume()?;
                 return Ok(report(&engine.journal.state, &f));
             }
-            init_logging();
-            let cfg = Config::load(&cli.config)?;
-            let state_dir = cli.state_dir.clone();
-            let (config_path, engine_dir) = (cli.config.clone(), cli.state_dir.clone());
-            runtime()?.block_on(async move {
-                // The link (enrolling first if need be) runs while the
-                // engine finishes whatever the journal says is in flight;
-                // new installs wait for it.
-                let engine_turn = std::sync::Arc::new(tokio::sync::Mutex::new(()));
-                let turn = engine_turn.clone().lock_owned().await;
-                let stop = std::sync::Arc::new(tokio::sync::Notify::new());
-                let reporter = perch_agent::daemon::reporter(&cfg, &state_dir);
-                // Before any engine runs: what the journal holds now was
-                // reported when it happened, or happened while no agent ran.
-                if let Some(r) = &reporter {
-                    r.baseline();
-                }
-                let observer = reporter.clone().map(perch_agent::reports::engine_observer);
-                let link = tokio::spawn(perch_agent::daemon::run(
-                    cfg,
-                    state_dir,
-                    engine_turn,
-                    reporter,
-                    stop.clone(),
-                ));
-                // Ready at once (the agent is up and answers signals): a
-                // resumed install at boot may take longer than any start
-                // timeout. The watchdog is pinged from the runtime while the
-                // engine works on its own thread.
-                let notifier = perch_agent::service::Notifier::from_env().map(std::sync::Arc::new);
-                if let Some(n) = &notifier {
-                    n.ready("finishing the deploy journal's work");
-                    if let Some(every) = perch_agent::service::watchdog_interval() {
-                        let n = n.clone();
-                        tokio::spawn(async move {
-                            loop {
-                                n.watchdog();
-                                tokio::time::sleep(every).await;
-                            }
-                        });
-                    }
-                }
-                let resumed = tokio::task::spawn_blocking(move || -> Result<String> {
-                    let _turn = turn;
-                    // The engine is not Send: it lives on this thread only.
-                    let (mut engine, problem) = open_waiting(&config_path, &engine_dir)?;
-                    for line in problem.iter().flat_map(|r| &r.0) {
-                        tracing::warn!("{line}");
-                    }
-                    // What the engine finishes now (a trial after a reboot,
-                    // a bootloader fallback) is reported like any deploy.
-                    if let Some(o) = observer {
-                        engine.observe(o);
-                    }
-                    let f = engine.resume()?;
-                    report(&engine.journal.state, &f);
-                    Ok(engine.journal.state.name().to_string())
-                })
-                .await;
-                let state = match resumed {
-                    Ok(r) => r?,
-                    Err(e) => anyhow::bail!("the deploy engine stopped: {e}"),
-                };
-                if let Some(n) = &notifier {
-                    n.status(&format!("deploy {state}"));
-                }
-                let signal = shutdown_signal().await;
-                tracing::info!("{signal}: stopping");
-                if let Some(n) = &notifier {
-                    n.stopping();
-                }
-                stop.notify_one();
-                // A goodbye on the link if it is up; never long.
-                let _ = tokio::time::timeout(std::time::Duration::from_secs(3), link).await;
-                Ok(0)
-            })
+            perch_agent::daemon::serve(&cli.config, &cli.state_dir)?;
+            Ok(0)
         }
         Command::Enroll(args) => enroll_cmd(&cli, args),
         Command::TrustUpdate { file } => trust_update(&cli, file),
@@ -438,24 +273,6 @@ fn trust_update(cli: &Cli, file: &Path) -> Result<u8> {
         cfg.trust.display()
     );
     Ok(0)
-}
-
-fn init_logging() {
-    perch_net::init_logging(tracing::Level::INFO);
-}
-
-/// Waits for SIGTERM (the service manager) or SIGINT; which one.
-async fn shutdown_signal() -> &'static str {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-    else {
-        // No signal handling: run until killed.
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    }
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {

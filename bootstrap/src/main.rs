@@ -171,11 +171,12 @@ struct InitArgs {
 #[derive(clap::Args)]
 struct RegistryAccess {
     /// The org directory: act with the org's keys (what `revoke` needs).
-    #[arg(long, env = "PERCH_ORG", value_name = "ORG_DIR")]
+    /// Also PERCH_ORG.
+    #[arg(long, value_name = "ORG_DIR")]
     dir: Option<PathBuf>,
     /// A FLEET user's creds file (`perch-bootstrap nats creds --account fleet`):
-    /// act as that operator, without the org's keys.
-    #[arg(long, env = "PERCH_CREDS", value_name = "FILE")]
+    /// act as that operator, without the org's keys. Also PERCH_CREDS.
+    #[arg(long, value_name = "FILE")]
     creds: Option<PathBuf>,
     /// The fleet CA certificate, with --creds (default: ORG_DIR/tls/ca.pem).
     #[arg(long, env = "PERCH_CA", value_name = "FILE")]
@@ -185,9 +186,29 @@ struct RegistryAccess {
 }
 
 impl RegistryAccess {
-    fn resolve(self) -> Result<fleet::Access> {
+    fn with_env(self, wants_org: bool) -> Result<fleet::Access> {
+        self.resolve(wants_org, |v| std::env::var_os(v))
+    }
+
+    /// Which authority to act with. A flag beats both variables (so
+    /// `--dir` is not overridden by a PERCH_CREDS set for `perch`); with
+    /// only the variables, `revoke` (`wants_org`) takes PERCH_ORG and the
+    /// others PERCH_CREDS, the smaller authority.
+    fn resolve(
+        self,
+        wants_org: bool,
+        env: impl Fn(&str) -> Option<std::ffi::OsString>,
+    ) -> Result<fleet::Access> {
+        let var = |name: &str| env(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+        let (creds, dir) = match (self.creds, self.dir) {
+            (None, None) => match (var("PERCH_CREDS"), var("PERCH_ORG")) {
+                (Some(_), Some(dir)) if wants_org => (None, Some(dir)),
+                from_env => from_env,
+            },
+            flags => flags,
+        };
         let urls = self.server.urls;
-        match (self.creds, self.dir) {
+        match (creds, dir) {
             (Some(creds), dir) => {
                 let ca = match (self.ca, dir) {
                     (Some(ca), _) => ca,
@@ -480,11 +501,11 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Init(args) => init(args, now),
         Command::Run(args) => provision(args),
-        Command::Pending { access, json } => fleet::list(&access.resolve()?, json, true),
-        Command::Devices { access, json } => fleet::list(&access.resolve()?, json, false),
-        Command::Approve { access, id } => fleet::act(&access.resolve()?, fleet::Action::Approve, &id),
-        Command::Reject { access, id } => fleet::act(&access.resolve()?, fleet::Action::Reject, &id),
-        Command::Revoke { access, id } => fleet::act(&access.resolve()?, fleet::Action::Revoke, &id),
+        Command::Pending { access, json } => fleet::list(&access.with_env(false)?, json, true),
+        Command::Devices { access, json } => fleet::list(&access.with_env(false)?, json, false),
+        Command::Approve { access, id } => fleet::act(&access.with_env(false)?, fleet::Action::Approve, &id),
+        Command::Reject { access, id } => fleet::act(&access.with_env(false)?, fleet::Action::Reject, &id),
+        Command::Revoke { access, id } => fleet::act(&access.with_env(true)?, fleet::Action::Revoke, &id),
         Command::SignRequest { dir, file, out, groups, fleet_urls, credential_ttl } => {
             fleet::sign_request(&dir, &file, &out, &groups, &fleet_urls, credential_ttl)
         }
@@ -894,20 +915,60 @@ mod help_tests {
     /// Every flag and argument of every command says what it is in `--help`.
     #[test]
     fn no_flag_or_argument_has_a_blank_help() {
-        fn walk(cmd: &clap::Command, path: &str, blank: &mut Vec<String>) {
-            for a in cmd.get_arguments() {
-                let id = a.get_id().as_str();
-                if id != "help" && id != "version" && a.get_help().is_none() {
-                    blank.push(format!("{path} {id}"));
-                }
-            }
-            for sub in cmd.get_subcommands() {
-                walk(sub, &format!("{path} {}", sub.get_name()), blank);
-            }
-        }
-        let mut blank = vec![];
-        let cmd = super::Cli::command();
-        walk(&cmd, cmd.get_name(), &mut blank);
+        let blank = perch_support::clap_help::blank_help(&super::Cli::command());
         assert!(blank.is_empty(), "no help text: {blank:#?}");
+    }
+}
+
+#[cfg(test)]
+mod access_tests {
+    use std::ffi::OsString;
+
+    use crate::fleet::Access;
+    use clap::Parser;
+
+    /// The access `args` (after `perch-bootstrap`) resolve to with `env` set.
+    fn access(args: &[&str], env: &[(&str, &str)]) -> Result<Access, String> {
+        let cli = super::Cli::try_parse_from(std::iter::once("perch-bootstrap").chain(args.iter().copied()))
+            .map_err(|e| e.to_string())?;
+        let (access, wants_org) = match cli.command {
+            super::Command::Devices { access, .. } => (access, false),
+            super::Command::Revoke { access, .. } => (access, true),
+            _ => unreachable!("only devices and revoke here"),
+        };
+        let env = |v: &str| env.iter().find(|(k, _)| *k == v).map(|(_, val)| OsString::from(val));
+        access.resolve(wants_org, env).map_err(|e| e.to_string())
+    }
+
+    fn is_org(a: &Access, dir: &str) -> bool {
+        matches!(a, Access::Org { dir: d, .. } if d.as_os_str() == dir)
+    }
+
+    fn is_creds(a: &Access, creds: &str) -> bool {
+        matches!(a, Access::Creds(t) if t.creds.as_os_str() == creds)
+    }
+
+    #[test]
+    fn a_flag_beats_both_variables() {
+        let env = [("PERCH_CREDS", "env.creds"), ("PERCH_ORG", "env-org")];
+        assert!(is_org(&access(&["devices", "--dir", "flag-org"], &env).unwrap(), "flag-org"));
+        let revoke = access(&["revoke", "--creds", "flag.creds", "--ca", "ca.pem", "d1"], &env);
+        assert!(is_creds(&revoke.unwrap(), "flag.creds"));
+    }
+
+    #[test]
+    fn with_only_variables_revoke_takes_the_org_and_the_rest_the_creds() {
+        let env = [("PERCH_CREDS", "env.creds"), ("PERCH_ORG", "env-org")];
+        assert!(is_creds(&access(&["devices"], &env).unwrap(), "env.creds"));
+        assert!(is_org(&access(&["revoke", "d1"], &env).unwrap(), "env-org"));
+        // Creds alone need the CA from somewhere.
+        let e = access(&["revoke", "d1"], &env[..1]).err().unwrap();
+        assert!(e.contains("--ca"), "{e}");
+    }
+
+    #[test]
+    fn nothing_given_is_a_usage_error_naming_both_ways() {
+        let e = access(&["devices"], &[]).err().unwrap();
+        assert!(e.contains("--creds") && e.contains("--dir"), "{e}");
     }
 }

@@ -111,12 +111,10 @@ impl BundleArg {
             BundleArg::File(path) => Ok(head_of(path)?.2),
             published => {
                 let p = published.published(js).await?;
-                let mut d = [0u8; 32];
-                hex::decode_to_slice(&p.digest, &mut d).map_err(|e| CatalogError::Corrupt {
+                perch_protocol::digest_from_hex(&p.digest).ok_or_else(|| CatalogError::Corrupt {
                     key: key(&p.name, p.counter),
-                    detail: e.to_string(),
-                })?;
-                Ok(d)
+                    detail: format!("digest '{}' is not 64 hex digits", p.digest),
+                })
             }
         }
     }

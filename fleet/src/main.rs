@@ -918,15 +918,12 @@ fn desired(cmd: DesiredCommand) -> Result<()> {
         match cmd {
             DesiredCommand::Set { conn, scope, bundle, digest } => {
                 let bundle = bundle.as_deref().map(BundleArg::parse).transpose()?;
-                let digest = match digest {
-                    Some(hex) => {
-                        let mut d = [0u8; 32];
-                        hex::decode_to_slice(hex.trim(), &mut d)
-                            .map_err(|_| UsageError(format!("--digest {hex}: not a 64-digit hex digest")))?;
-                        Some(d)
-                    }
-                    None => None,
-                };
+                let digest = digest
+                    .map(|hex| {
+                        perch_protocol::digest_from_hex(hex.trim())
+                            .ok_or_else(|| UsageError(format!("--digest {hex}: not a 64-digit hex digest")))
+                    })
+                    .transpose()?;
                 let scope = scope.scope();
                 let js = async_nats::jetstream::new(conn.target()?.connect("perch desired").await?);
                 let d = match (bundle, digest) {
@@ -967,20 +964,7 @@ mod help_tests {
     /// Every flag and argument of every command says what it is in `--help`.
     #[test]
     fn no_flag_or_argument_has_a_blank_help() {
-        fn walk(cmd: &clap::Command, path: &str, blank: &mut Vec<String>) {
-            for a in cmd.get_arguments() {
-                let id = a.get_id().as_str();
-                if id != "help" && id != "version" && a.get_help().is_none() {
-                    blank.push(format!("{path} {id}"));
-                }
-            }
-            for sub in cmd.get_subcommands() {
-                walk(sub, &format!("{path} {}", sub.get_name()), blank);
-            }
-        }
-        let mut blank = vec![];
-        let cmd = super::Cli::command();
-        walk(&cmd, cmd.get_name(), &mut blank);
+        let blank = perch_support::clap_help::blank_help(&super::Cli::command());
         assert!(blank.is_empty(), "no help text: {blank:#?}");
     }
 }

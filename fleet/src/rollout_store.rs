@@ -219,9 +219,8 @@ pub async fn apply(js: &jetstream::Context, actions: &[Action]) -> Result<Vec<St
             writes.push(Write::Clear(scope));
             continue;
         };
-        let mut d = [0u8; 32];
-        hex::decode_to_slice(digest, &mut d)
-            .map_err(|_| RolloutError::Plan(format!("'{digest}' is not a digest")))?;
+        let d = perch_protocol::digest_from_hex(digest)
+            .ok_or_else(|| RolloutError::Plan(format!("'{digest}' is not a digest")))?;
         let is_published = match published.get(&d) {
             Some(p) => *p,
             None => {

@@ -50,7 +50,8 @@ impl Target {
         let file = |path: &Path, detail: String| ConnectError::File { path: path.into(), detail };
         let tls = crate::tls::client_config(&crate::CaTrust::Certificate(read_ca(&self.ca)?))
             .map_err(|e| file(&self.ca, e.to_string()))?;
-        let creds = std::fs::read_to_string(&self.creds).map_err(|e| file(&self.creds, e.to_string()))?;
+        let creds = String::from_utf8(read_small(&self.creds)?)
+            .map_err(|_| file(&self.creds, "not a creds file (not UTF-8)".into()))?;
         let addrs = crate::server_addrs(&self.urls).map_err(|e| ConnectError::Url(e.to_string()))?;
         let urls = self.urls.join(",");
         async_nats::ConnectOptions::with_credentials(&creds)
@@ -74,9 +75,24 @@ impl Target {
     }
 }
 
+/// The largest creds or CA file read: both are a few KiB; a bound keeps a
+/// wrong path (a disk image, /dev/zero) from costing the laptop its memory.
+const MAX_FILE: usize = 256 * 1024;
+
+fn read_small(path: &Path) -> Result<Vec<u8>, ConnectError> {
+    use perch_support::durable::ReadError;
+    perch_support::durable::read_bounded(path, MAX_FILE).map_err(|e| {
+        let detail = match e {
+            ReadError::Io { source, .. } => source.to_string(),
+            ReadError::TooLarge { max, .. } => format!("larger than {max} bytes; not a creds or CA file"),
+        };
+        ConnectError::File { path: path.into(), detail }
+    })
+}
+
 fn read_ca(path: &Path) -> Result<Vec<u8>, ConnectError> {
     use rustls::pki_types::pem::PemObject;
-    rustls::pki_types::CertificateDer::from_pem_file(path)
+    rustls::pki_types::CertificateDer::from_pem_slice(&read_small(path)?)
         .map(|c| c.as_ref().to_vec())
         .map_err(|e| ConnectError::File { path: path.into(), detail: format!("no PEM certificate: {e}") })
 }

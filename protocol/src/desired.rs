@@ -33,9 +33,7 @@ pub fn decode(bytes: &[u8]) -> Result<[u8; 32], DesiredError> {
         return Err(DesiredError::TooLarge(bytes.len()));
     }
     let v: Value = serde_json::from_slice(bytes).map_err(|e| DesiredError::Malformed(e.to_string()))?;
-    let mut digest = [0u8; 32];
-    hex::decode_to_slice(v.bundle.trim(), &mut digest).map_err(|_| DesiredError::BadDigest)?;
-    Ok(digest)
+    crate::digest_from_hex(v.bundle.trim()).ok_or(DesiredError::BadDigest)
 }
 
 #[cfg(test)]

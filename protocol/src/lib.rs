@@ -32,3 +32,25 @@ mod codec;
 mod testkit;
 
 pub use keys::{KeyError, KeyId, PublicKey, SecretKey};
+
+/// A SHA-256 digest as perch writes it everywhere: 64 hex digits. `None`
+/// for anything else.
+pub fn digest_from_hex(s: &str) -> Option<[u8; 32]> {
+    let mut d = [0u8; 32];
+    hex::decode_to_slice(s, &mut d).ok().map(|()| d)
+}
+
+#[cfg(test)]
+mod digest_tests {
+    #[test]
+    fn a_digest_is_exactly_64_hex_digits() {
+        let d = [0xab; 32];
+        assert_eq!(super::digest_from_hex(&hex::encode(d)), Some(d));
+        assert_eq!(super::digest_from_hex(&hex::encode(d).to_uppercase()), Some(d));
+        for bad in
+            ["", "ab", &"a".repeat(63), &"a".repeat(65), &"g".repeat(64), &format!(" {}", "a".repeat(63))]
+        {
+            assert_eq!(super::digest_from_hex(bad), None, "{bad:?}");
+        }
+    }
+}

@@ -351,9 +351,7 @@ impl TrustFloor {
             if h.bytes().any(|b| b.is_ascii_uppercase()) {
                 return Err(FloorError::Malformed("hex in upper case"));
             }
-            let mut out = [0u8; 32];
-            hex::decode_to_slice(h, &mut out).map_err(|_| FloorError::Malformed("not 64 hex digits"))?;
-            Ok(out)
+            crate::digest_from_hex(h).ok_or(FloorError::Malformed("not 64 hex digits"))
         };
         let fingerprint = hex32(f, "fingerprint=")?;
         let root = KeyId(hex32(r, "root=")?);

@@ -38,16 +38,9 @@ pub fn verify_file(
     reader.rewind().map_err(BundleError::Io)?;
     let mut bundle = BundleReader::open_verified(reader, trust, now)?;
     let start = reader.stream_position().map_err(BundleError::Io)?;
-    let m = bundle.manifest().manifest();
-    let end = start + m.stored_len();
     let len = file.metadata().map_err(BundleError::Io)?.len();
-    if len < end {
-        return Err(BundleError::Truncated(Section::Payload));
-    }
-    if len > end {
-        return Err(BundleError::TrailingData);
-    }
-    if m.max_window() > 0 {
+    bundle.manifest().check_file_len(start, len)?;
+    if bundle.manifest().manifest().max_window() > 0 {
         // Linked chunks are decoded in payload order, each against the
         // chunks before it: one pass, in order.
         let mut buf = Vec::new();

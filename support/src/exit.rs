@@ -130,8 +130,9 @@ impl Classify for SecurityError {
     }
 }
 
-/// Security for what a device refuses, runtime for I/O trouble.
-fn security_if(refused: bool) -> Option<Class> {
+/// Security for what a device refuses, runtime for I/O trouble: the class
+/// of an error type with an `is_security()`.
+pub fn security_if(refused: bool) -> Option<Class> {
     Some(if refused { Class::Security } else { Class::Runtime })
 }
 

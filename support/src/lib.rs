@@ -7,6 +7,8 @@
 #![deny(unsafe_code)]
 
 pub mod bundle_file;
+#[cfg(feature = "clap")]
+pub mod clap_help;
 pub mod durable;
 pub mod exit;
 pub mod keyfile;

@@ -48,7 +48,7 @@ impl SlotError {
 
 impl Classify for SlotError {
     fn class(&self) -> Option<Class> {
-        Some(if self.is_security() { Class::Security } else { Class::Runtime })
+        perch_support::exit::security_if(self.is_security())
     }
 }
 

@@ -140,6 +140,18 @@ impl VerifiedManifest {
         self.head.manifest.check_chunk(index, data)
     }
 
+    /// Checks a whole bundle file's length: its payload starts at
+    /// `payload_start` and must end the file. Shorter is
+    /// `Truncated(Payload)`, longer `TrailingData`.
+    pub fn check_file_len(&self, payload_start: u64, file_len: u64) -> Result<(), BundleError> {
+        let end = payload_start.saturating_add(self.head.manifest.stored_len());
+        match file_len.cmp(&end) {
+            std::cmp::Ordering::Less => Err(BundleError::Truncated(Section::Payload)),
+            std::cmp::Ordering::Greater => Err(BundleError::TrailingData),
+            std::cmp::Ordering::Equal => Ok(()),
+        }
+    }
+
     /// Checks chunk `index` as stored in the bundle (`stored`: its stored
     /// bytes, compressed or not) against its signed hash, and decodes a
     /// compressed one to check what it gives back; keeps nothing. For a

@@ -88,8 +88,7 @@ fn parse() -> Result<Args, String> {
                 let bad = || format!("--fail takes HEX:FROM..TO, not {v}");
                 let (hex_digest, range) = v.split_once(':').ok_or_else(bad)?;
                 let (from, to) = range.split_once("..").ok_or_else(bad)?;
-                let mut d = [0u8; 32];
-                hex::decode_to_slice(hex_digest, &mut d).map_err(|_| bad())?;
+                let d = perch_protocol::digest_from_hex(hex_digest).ok_or_else(bad)?;
                 a.fail = Some((d, from.parse().map_err(|_| bad())?..to.parse().map_err(|_| bad())?));
             }
             _ => return Err(USAGE.into()),
