@@ -39,7 +39,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("perch-agent: {e:#}");
+            eprintln!("perch-agent: {}", perch_support::chain_line(e.chain()));
             ExitCode::from(code_for(&e) as u8)
         }
     }

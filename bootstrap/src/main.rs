@@ -486,7 +486,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("perch-bootstrap: {e:#}");
+            eprintln!("perch-bootstrap: {}", perch_support::chain_line(e.chain()));
             ExitCode::from(exit::code_for(e.chain(), &[perch_bootstrap::CLASSIFY]) as u8)
         }
     }

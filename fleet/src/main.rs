@@ -460,7 +460,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("perch: {e:#}");
+            eprintln!("perch: {}", perch_support::chain_line(e.chain()));
             ExitCode::from(exit::code_for(e.chain(), &[perch_fleet::CLASSIFY]) as u8)
         }
     }

@@ -23,18 +23,28 @@ pub fn now_unix() -> u64 {
 /// An error and every cause under it, `outer: inner: innermost`, on one
 /// line: what a report or a log needs when only the text travels on.
 pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
+    chain_line(std::iter::successors(Some(e), |e| e.source()))
+}
+
+/// An error chain (outermost first, as `anyhow::Error::chain` gives it) on
+/// one line, each thing said once. Some errors repeat their source in their
+/// own message (async-nats' do: `no responders: no responders`), so a
+/// cause already at the end is skipped, and so is a part equal to the one
+/// before it.
+pub fn chain_line<'a>(chain: impl IntoIterator<Item = &'a (dyn std::error::Error + 'static)>) -> String {
+    let mut out = String::new();
+    for c in chain {
         let text = c.to_string();
-        // Some errors repeat their source in their own message.
-        if !out.ends_with(&text) {
+        if out.is_empty() {
+            out = text;
+        } else if !out.ends_with(&text) {
             out.push_str(": ");
             out.push_str(&text);
         }
-        cause = c.source();
     }
-    out
+    let mut parts: Vec<&str> = out.split(": ").collect();
+    parts.dedup();
+    parts.join(": ")
 }
 
 /// `12.3 MiB`, rounded down to a tenth.
@@ -52,6 +62,21 @@ mod tests {
         #[error("nats:perch.chunk.x.m")]
         struct Outer(#[source] std::io::Error);
         assert_eq!(super::error_chain(&Outer(inner)), "nats:perch.chunk.x.m: data budget used up");
+    }
+
+    /// async-nats' errors print their source and also return it.
+    #[test]
+    fn a_cause_is_said_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("no responders")]
+        struct Kind;
+        #[derive(Debug, thiserror::Error)]
+        #[error("no responders: {0}")]
+        struct Request(#[source] Kind);
+        #[derive(Debug, thiserror::Error)]
+        #[error("reading the catalog")]
+        struct Outer(#[source] Request);
+        assert_eq!(super::error_chain(&Outer(Request(Kind))), "reading the catalog: no responders");
     }
 }
 

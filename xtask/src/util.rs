@@ -12,7 +12,10 @@ pub fn root() -> PathBuf {
 
 /// Prints a section heading.
 pub fn step(title: &str) {
-    println!("\n==> {title}");
+    // The time since xtask started, so a slow CI shows where it went.
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let at = START.get_or_init(std::time::Instant::now).elapsed().as_secs();
+    println!("\n==> [{}:{:02}] {title}", at / 60, at % 60);
 }
 
 /// Runs a command, echoing it, and fails if it fails.
