@@ -15,7 +15,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 
 use crate::fleet::LocalFleet;
-use crate::util::{cargo, root, sh, step};
+use crate::util::step;
 
 const USAGE: &str = "usage: cargo xtask bench cluster [--records N] [--devices N]";
 /// Devices enrolling at a time, as in `bench enroll`.
@@ -40,20 +40,8 @@ pub fn run(args: &[String]) -> Result<()> {
             _ => bail!(USAGE),
         }
     }
-    step("bench cluster: building release binaries");
-    sh(cargo().args([
-        "build",
-        "--release",
-        "--locked",
-        "-p",
-        "perch-fleet",
-        "-p",
-        "perch-bootstrap",
-        "-p",
-        "perch-agent",
-    ]))?;
+    let bin = crate::util::release_bins("cluster", &["perch-fleet", "perch-bootstrap", "perch-agent"])?;
     let tools = crate::util::bench_tools(&["link-bench", "enroll-load"])?;
-    let bin = root().join("target/release");
     let top = crate::util::fresh_dir("bench-cluster")?;
     let mut rows = vec![];
     // One after the other: the two never compete for the machine.

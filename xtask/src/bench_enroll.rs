@@ -9,7 +9,7 @@ use std::fs;
 use anyhow::{bail, Context, Result};
 
 use crate::fleet::LocalFleet;
-use crate::util::{cargo, root, sh, step};
+use crate::util::step;
 
 const CHORIA_PER_SECOND: f64 = 1000.0 / 60.0;
 
@@ -19,11 +19,9 @@ pub fn run(args: &[String]) -> Result<()> {
         [f, n] if f == "--devices" => (n.parse().context("--devices takes a number")?, 200),
         _ => bail!("usage: cargo xtask bench enroll [--devices N]"),
     };
-    step("bench enroll: building release binaries");
     // The provisioner as shipped (release); the load generator as light as it can be.
-    sh(cargo().args(["build", "--release", "--locked", "-p", "perch-fleet", "-p", "perch-bootstrap"]))?;
+    let bin = crate::util::release_bins("enroll", &["perch-fleet", "perch-bootstrap"])?;
     let load = crate::util::bench_tools(&["enroll-load"])?.join("enroll-load");
-    let bin = root().join("target/release");
     let dir = crate::util::fresh_dir("bench-enroll")?;
     let quiet = |program: &str, args: &[&str]| crate::util::run_in(&dir, &bin.join(program), args);
     quiet("perch", &["keygen", "--out", "k1"])?;

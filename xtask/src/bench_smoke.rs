@@ -1,7 +1,8 @@
 //! `cargo xtask bench smoke`: every benchmark at a small size, so that CI
 //! notices when one stops finishing (as `bench link` did when the filled
 //! outbox outgrew the telemetry budget). The numbers are not the point; a
-//! bench that ends with a result or a reason is.
+//! bench that ends with a result or a reason is. So the benches run the
+//! debug builds the tests made (`util::use_smoke_builds`), not release.
 
 use std::time::{Duration, Instant};
 
@@ -24,6 +25,7 @@ const BENCHES: &[(&str, &[&str])] = &[
 
 pub fn run() -> Result<()> {
     let started = Instant::now();
+    crate::util::use_smoke_builds();
     let mut took: Vec<(&str, Duration)> = vec![];
     for (name, size) in BENCHES {
         step(&format!("bench smoke: {name} {}", size.join(" ")));

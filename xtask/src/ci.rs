@@ -49,6 +49,9 @@ pub fn run() -> Result<()> {
         crate::setup::CURRENT_NATS
     ));
     let mut current = cargo();
+    // The uplink cut is the two minutes on the first run; here it
+    // is the server version under test, not the cut's length.
+    current.env("PERCH_SITE_CUT_SECS", "30");
     current.env("PERCH_NATS_SERVER", crate::setup::current_nats_server()).args([
         "test",
         "-p",

@@ -1,5 +1,6 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -79,8 +80,27 @@ pub fn run_in(dir: &Path, program: &Path, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Set by `bench smoke`: the benches build in the dev profile, which the
+/// tests built already, not in release. The smoke checks that every bench
+/// finishes, not its numbers, and the release builds (of perch and of the
+/// load generators) cost CI about 8 minutes.
+static SMOKE_BUILDS: AtomicBool = AtomicBool::new(false);
+
+/// From now on, benches use debug builds (see `SMOKE_BUILDS`).
+pub fn use_smoke_builds() {
+    SMOKE_BUILDS.store(true, Ordering::Relaxed);
+}
+
+fn smoke_builds() -> bool {
+    SMOKE_BUILDS.load(Ordering::Relaxed)
+}
+
 /// `bench NAME`: builds `packages` in release; where their binaries are.
 pub fn release_bins(name: &str, packages: &[&str]) -> Result<PathBuf> {
+    if smoke_builds() {
+        step(&format!("bench {name}: the debug binaries (a smoke run: its numbers measure nothing)"));
+        return smoke_bins();
+    }
     step(&format!("bench {name}: building release binaries"));
     let mut build = cargo();
     build.args(["build", "--release", "--locked"]);
@@ -91,10 +111,22 @@ pub fn release_bins(name: &str, packages: &[&str]) -> Result<PathBuf> {
     Ok(root().join("target/release"))
 }
 
+/// Every binary of the workspace in the dev profile, built as the tests
+/// build them (`--workspace`, so with the same features: a build of a few
+/// packages would rebuild their dependencies).
+fn smoke_bins() -> Result<PathBuf> {
+    sh(cargo().args(["build", "--locked", "--workspace", "--bins"]))?;
+    Ok(root().join("target/debug"))
+}
+
 /// `--flag value` pairs; `usage` when one has no value.
 /// Builds the load generators `bins` of perch-tests in the `bench-tool`
 /// profile (optimised, quick to link); the directory they are in.
+/// (Debug builds in a smoke run, see `SMOKE_BUILDS`.)
 pub fn bench_tools(bins: &[&str]) -> Result<PathBuf> {
+    if smoke_builds() {
+        return smoke_bins();
+    }
     let mut c = cargo();
     c.args(["build", "--profile", "bench-tool", "--locked", "-p", "perch-tests"]);
     for b in bins {
