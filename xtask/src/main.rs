@@ -58,9 +58,32 @@ commands:
   graph               the crate graph is the one the architecture page draws; protocol does no I/O";
 
 fn main() {
+    forget_cargo_run_vars();
     if let Err(e) = run() {
         eprintln!("xtask: {e:#}");
         std::process::exit(1);
+    }
+}
+
+/// `cargo run` gave xtask its package's CARGO_PKG_*, CARGO_MANIFEST_* and
+/// the like. Every cargo xtask starts would inherit them, and ring's build
+/// script watches some: cargo would rebuild ring and all above it, and the
+/// next cargo started without them (a shell, perch-tests' own build) would
+/// rebuild it back. In CI that cost minutes, several times over.
+fn forget_cargo_run_vars() {
+    let per_crate = [
+        "CARGO_MANIFEST_",
+        "CARGO_PKG_",
+        "CARGO_BIN_",
+        "CARGO_CRATE_",
+        "CARGO_PRIMARY_",
+        "CARGO_TARGET_TMPDIR",
+    ];
+    for (var, _) in std::env::vars_os() {
+        if per_crate.iter().any(|p| var.to_string_lossy().starts_with(p)) {
+            // Single-threaded still: nothing else reads the environment.
+            std::env::remove_var(&var);
+        }
     }
 }
 
