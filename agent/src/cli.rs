@@ -359,6 +359,9 @@ Commands:
   check BUNDLE     Check a bundle offline against the trust document. Writes nothing
   trust update FILE  Take a newer trust document (root-signed and signed by a threshold of the current release keys)
   help [COMMAND]   Print this help, or one command's
+  choria-external REQUEST REPLY PROTOCOL
+                   Answer a Choria server's call (the `perch` external agent; it runs
+                   perch-agent as `perch` from its agent directory)
 
 Options (before or after the command):
   --config FILE    The agent config [env: PERCH_CONFIG] [default: /etc/perch/agent.toml]

@@ -15,6 +15,7 @@
 
 pub mod check;
 pub mod checksum;
+pub mod choria_external;
 pub mod cli;
 pub mod config;
 pub(crate) mod counters;

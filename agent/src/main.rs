@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use perch_agent::check::check_bundle;
+use perch_agent::choria_external;
 use perch_agent::cli::{self, Cli, Command, EnrollArgs, Parsed};
 use perch_agent::config::Config;
 use perch_agent::decision::Decision;
@@ -21,7 +22,11 @@ use perch_support::now_unix;
 use perch_support::trustfile::load_trust;
 
 fn main() -> ExitCode {
-    let cli = match cli::parse(std::env::args_os(), |var| std::env::var_os(var)) {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if let Some(rest) = choria_external::invoked_as(&args) {
+        return choria(rest);
+    }
+    let cli = match cli::parse(args, |var| std::env::var_os(var)) {
         Ok(Parsed::Run(cli)) => cli,
         Ok(Parsed::Help(text)) => {
             print!("{text}");
@@ -41,6 +46,22 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("perch-agent: {}", perch_support::chain_line(e.chain()));
             ExitCode::from(code_for(&e) as u8)
+        }
+    }
+}
+
+/// A Choria server's call (`perch REQUEST REPLY PROTOCOL`): the reply goes
+/// to its file; exit 1 only if it could not be written.
+fn choria(args: &[std::ffi::OsString]) -> ExitCode {
+    let answered = choria_external::Call::from(args, |var| std::env::var_os(var)).and_then(|call| {
+        let agent = std::env::current_exe().map_err(|e| format!("finding perch-agent: {e}"))?;
+        choria_external::answer(&call, &agent)
+    });
+    match answered {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("perch-agent: {e}");
+            ExitCode::from(1)
         }
     }
 }

@@ -10,6 +10,7 @@ use crate::util::{cargo, root, sh, step};
 /// on Debian's 2.9.10 (the embedded default); these run again on the
 /// current upstream release. `server_tests_are_listed` keeps the list whole.
 const SERVER_TESTS: &[&str] = &[
+    "choria_external",
     "cluster",
     "enroll",
     "exit_codes",

@@ -25,7 +25,13 @@ struct Entry {
 enum Source {
     File(PathBuf),
     Bytes(Vec<u8>),
+    /// A symbolic link to this path.
+    Symlink(&'static str),
 }
+
+/// Where the Choria agent goes: the operator adds this directory to the
+/// Choria server's `plugin.choria.agent_provider.mcorpc.libdir`.
+const CHORIA_LIBDIR: &str = "usr/lib/perch/choria";
 
 fn entries(t: &Target, agent: &Path, work: &Path) -> Result<Vec<Entry>> {
     let dir = root().join("targets").join(t.class);
@@ -58,9 +64,30 @@ fn entries(t: &Target, agent: &Path, work: &Path) -> Result<Vec<Entry>> {
     if dir.join("09_perch").exists() {
         v.push(file(&format!("{share}/grub/09_perch"), "09_perch", 0o755));
     }
+    // The classes whose devices run a Choria server (desktops) ship the
+    // external agent: its DDL, and `perch` calling perch-agent by that name.
+    if dir.join("choria-plugin.conf").exists() {
+        let agent_dir = format!("{CHORIA_LIBDIR}/mcollective/agent");
+        v.push(Entry {
+            dest: format!("{agent_dir}/perch.json"),
+            src: Source::File(root().join("agent/choria/perch.json")),
+            mode: 0o644,
+        });
+        v.push(Entry {
+            dest: format!("{agent_dir}/perch"),
+            src: Source::Symlink("/usr/bin/perch-agent"),
+            mode: 0o777,
+        });
+        v.push(file(&format!("{share}/choria/plugin.d-perch"), "choria-plugin.conf", 0o644));
+    }
     let readme = format!(
-        "perch-agent for {class}\n\nThe agent is at /usr/bin/perch-agent, its config at /etc/perch/agent.toml\n(kept across upgrades), its state in /var/lib/perch. Enroll the device\n(`perch-agent enroll`, see the provisioning docs), then\n`systemctl enable --now perch-agent`.\n\nBootloader files for the image builder are under /usr/share/perch/.\n",
-        class = t.class
+        "perch-agent for {class}\n\nThe agent is at /usr/bin/perch-agent, its config at /etc/perch/agent.toml\n(kept across upgrades), its state in /var/lib/perch. Enroll the device\n(`perch-agent enroll`, see the provisioning docs), then\n`systemctl enable --now perch-agent`.\n\nBootloader files for the image builder are under /usr/share/perch/.\n{choria}",
+        class = t.class,
+        choria = if dir.join("choria-plugin.conf").exists() {
+            format!("\nThe Choria agent (`choria req perch ...`) is in /{CHORIA_LIBDIR}: add that\ndirectory to the Choria server's plugin.choria.agent_provider.mcorpc.libdir.\n")
+        } else {
+            String::new()
+        }
     );
     v.push(Entry {
         dest: "usr/share/doc/perch-agent/README".into(),
@@ -126,6 +153,10 @@ pub fn run(args: &[String]) -> Result<Vec<PathBuf>> {
                     fs::copy(p, &dest).with_context(|| p.display().to_string())?;
                 }
                 Source::Bytes(b) => fs::write(&dest, b)?,
+                Source::Symlink(to) => {
+                    std::os::unix::fs::symlink(to, &dest)?;
+                    continue;
+                }
             }
             fs::set_permissions(&dest, fs::Permissions::from_mode(e.mode))?;
             bytes += fs::metadata(&dest)?.len();
@@ -162,21 +193,31 @@ fn check(t: &Target, deb: &Path, files: &[Entry]) -> Result<()> {
     }
     let listing = Command::new("dpkg-deb").arg("--contents").arg(deb).output()?;
     let listing = String::from_utf8_lossy(&listing.stdout).to_string();
-    // Lines: mode owner/group size date time ./path
+    // Lines: mode owner/group size date time ./path [-> target]
     let mut found: Vec<(String, String, String)> = listing
         .lines()
         .filter_map(|l| {
             let cols: Vec<&str> = l.split_whitespace().collect();
-            let path = cols.last()?.trim_start_matches("./").to_string();
+            let path = match cols.iter().position(|c| *c == "->") {
+                Some(arrow) => {
+                    format!("{} -> {}", cols.get(arrow - 1)?.trim_start_matches("./"), cols.get(arrow + 1)?)
+                }
+                None => cols.last()?.trim_start_matches("./").to_string(),
+            };
             (!cols[0].starts_with('d')).then(|| (path, cols[0].to_string(), cols[1].to_string()))
         })
         .collect();
     found.sort();
     let mut want: Vec<(String, String, String)> = files
         .iter()
-        .map(|e| {
-            let mode = if e.mode == 0o755 { "-rwxr-xr-x" } else { "-rw-r--r--" };
-            (e.dest.clone(), mode.to_string(), "root/root".to_string())
+        .map(|e| match e.src {
+            Source::Symlink(to) => {
+                (format!("{} -> {to}", e.dest), "lrwxrwxrwx".to_string(), "root/root".to_string())
+            }
+            _ => {
+                let mode = if e.mode == 0o755 { "-rwxr-xr-x" } else { "-rw-r--r--" };
+                (e.dest.clone(), mode.to_string(), "root/root".to_string())
+            }
         })
         .collect();
     want.sort();

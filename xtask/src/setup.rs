@@ -32,6 +32,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("qemu-system-arm", "runs that U-Boot (qemu-system-aarch64 and qemu-system-arm)"),
     ("fdisk", "sfdisk lays out the test board's A/B disk"),
     ("e2fsprogs", "mkfs.ext4 fills the test board's root file systems"),
+    ("curl", "the Choria agent's `install` downloads a bundle URL with it"),
 ];
 
 /// Foreign architectures whose Rust standard library we unpack.
