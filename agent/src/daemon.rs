@@ -68,6 +68,8 @@ async fn serve_async(cfg: Config, config_path: PathBuf, state_dir: PathBuf) -> R
         r.baseline();
     }
     let observer = reporter.clone().map(reports::engine_observer);
+    // Before the engine resumes: a trial it commits now is news for Choria.
+    crate::announce::baseline(&state_dir);
     let link = tokio::spawn(run(cfg, state_dir.clone(), engine_turn, reporter, stop.clone()));
     // Ready at once (the agent is up and answers signals): a resumed install
     // at boot may take longer than any start timeout. The watchdog is pinged
@@ -179,6 +181,7 @@ async fn run(
     let settings = LinkSettings {
         ping_interval: cfg.link.ping_interval,
         max_backoff: cfg.link.max_backoff,
+        alive_every: cfg.reports.heartbeat,
         urls: cfg.link.urls.clone(),
     };
     let link = match link::start(v, key, &settings, &state_dir).await {

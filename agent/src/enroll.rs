@@ -177,6 +177,7 @@ pub async fn online(
                 };
                 let v = (*e).verify(&expect).map_err(EnrollFailure::BadAnswer)?;
                 identity.store(cfg, &v, now_unix())?;
+                crate::announce::owe_provisioned(state_dir);
                 info!(device = %plan.device_id, groups = %v.credential.groups.join(","), "enrolled");
                 return Ok(v);
             }
@@ -273,5 +274,6 @@ pub fn import(
     };
     let v = e.verify(&expect).map_err(EnrollFailure::BadAnswer)?;
     identity.store(cfg, &v, now_unix())?;
+    crate::announce::owe_provisioned(state_dir);
     Ok(v)
 }

@@ -13,6 +13,7 @@
 //! the `pub(crate)` ones are the engine's insides.
 #![forbid(unsafe_code)]
 
+pub(crate) mod announce;
 pub mod check;
 pub mod checksum;
 pub mod choria_external;

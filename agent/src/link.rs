@@ -70,6 +70,9 @@ async fn hello(client: &async_nats::Client, v: &VerifiedEnrollment) {
 pub struct LinkSettings {
     pub ping_interval: Duration,
     pub max_backoff: Duration,
+    /// How often a Choria `alive` event goes out while the link is up
+    /// (the report heartbeat's interval).
+    pub alive_every: Duration,
     /// `link.urls`: empty for the enrollment's URLs.
     pub urls: Vec<String>,
 }
@@ -83,7 +86,9 @@ pub struct Link {
     pub connected: Arc<tokio::sync::Notify>,
     v: VerifiedEnrollment,
     urls: Vec<String>,
+    state_dir: std::path::PathBuf,
     state_file: std::path::PathBuf,
+    alive_every: Duration,
 }
 
 /// What `status` shows of the link: written by the running agent.
@@ -141,8 +146,16 @@ pub async fn start(
         .connect(perch_net::server_addrs(&urls)?)
         .await
         .map_err(|err| perch_net::LinkError::Connect { urls: urls.join(","), err })?;
-    let link =
-        Link { client, events, connected: Arc::default(), v, urls, state_file: state_dir.join(STATE_FILE) };
+    let link = Link {
+        client,
+        events,
+        connected: Arc::default(),
+        v,
+        urls,
+        state_dir: state_dir.to_path_buf(),
+        state_file: state_dir.join(STATE_FILE),
+        alive_every: settings.alive_every,
+    };
     link.record("connecting", None);
     Ok(link)
 }
@@ -150,16 +163,33 @@ pub async fn start(
 impl Link {
     /// Follows the link's events until `stop` is notified: hello on every
     /// connect, a Choria startup event on the first, the state written for
-    /// `status`; on `stop`, a Choria shutdown event (if the link is up).
+    /// `status`; while up, `alive` at its interval and the `provisioned` and
+    /// `upgraded` events owed (see [`crate::announce`]); on `stop`, a Choria
+    /// shutdown event (if the link is up).
     pub async fn watch(mut self, stop: Arc<tokio::sync::Notify>) {
         let id = self.v.credential.device_id.clone();
         let mut announced = false;
+        let mut alive = tokio::time::interval(self.alive_every.max(Duration::from_millis(100)));
+        alive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        alive.tick().await;
+        // A commit is announced within a couple of seconds of the journal
+        // saying so, whoever's engine made it.
+        let mut owed = tokio::time::interval(Duration::from_secs(2));
+        owed.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let ev = tokio::select! {
                 ev = self.events.recv() => match ev {
                     Some(ev) => ev,
                     None => return,
                 },
+                _ = alive.tick() => {
+                    self.lifecycle(Kind::Alive).await;
+                    continue;
+                }
+                _ = owed.tick() => {
+                    self.send_owed().await;
+                    continue;
+                }
                 _ = stop.notified() => {
                     self.lifecycle(Kind::Shutdown).await;
                     return;
@@ -173,6 +203,7 @@ impl Link {
                     if !announced {
                         announced = self.lifecycle(Kind::Startup).await;
                     }
+                    self.send_owed().await;
                     self.connected.notify_one();
                 }
                 Event::Disconnected => {
@@ -187,9 +218,31 @@ impl Link {
         }
     }
 
-    /// Publishes a Choria lifecycle event and waits (briefly) for it to be
-    /// written; whether it was.
+    /// `provisioned` and `upgraded`, if owed and the link is up; each
+    /// marked sent only once the server has it.
+    async fn send_owed(&self) {
+        if crate::announce::provisioned_owed(&self.state_dir) && self.lifecycle(Kind::Provisioned).await {
+            crate::announce::provisioned_sent(&self.state_dir);
+        }
+        if let Some(u) = crate::announce::upgrade_owed(&self.state_dir) {
+            let ev =
+                lifecycle::Event::upgraded(&self.v.credential.device_id, &u.before, &u.after, [0; 16], 0);
+            if self.send(Kind::Upgraded, ev).await {
+                crate::announce::upgraded_sent(&self.state_dir, &u);
+            }
+        }
+    }
+
+    /// Publishes a Choria lifecycle event of `kind` and waits (briefly) for
+    /// it to be written; whether it was.
     async fn lifecycle(&self, kind: Kind) -> bool {
+        let ev =
+            lifecycle::Event::new(kind, &self.v.credential.device_id, env!("CARGO_PKG_VERSION"), [0; 16], 0);
+        self.send(kind, ev).await
+    }
+
+    /// Sends `ev` with a fresh id and the time now.
+    async fn send(&self, kind: Kind, mut ev: lifecycle::Event) -> bool {
         if self.client.connection_state() != async_nats::connection::State::Connected {
             return false;
         }
@@ -198,7 +251,8 @@ impl Link {
             return false;
         }
         let id = &self.v.credential.device_id;
-        let ev = lifecycle::Event::new(kind, id, env!("CARGO_PKG_VERSION"), uuid, perch_support::now_unix());
+        let fresh = lifecycle::Event::new(kind, id, "", uuid, perch_support::now_unix());
+        (ev.id, ev.timestamp) = (fresh.id, fresh.timestamp);
         let sent = async {
             // Its own subject: the provisioner republishes it for Choria.
             self.client.publish(subjects::lifecycle(id), ev.to_json().into()).await.ok()?;

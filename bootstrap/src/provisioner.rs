@@ -122,6 +122,7 @@ pub async fn run(
     };
     let Ready { service, prov, mut requests, mut hellos, mut events, mut sites } = ready;
     let fleet = service.fleet.clone();
+    announce(&fleet, lifecycle::Kind::Startup).await;
     let concurrency = service.settings.concurrency.max(1);
     let slots = Arc::new(Semaphore::new(concurrency));
     let mut summary = tokio::time::interval_at(
@@ -192,6 +193,7 @@ pub async fn run(
     if !drained {
         warn!("stopping with requests still in flight: the server did not answer within {DRAIN_LIMIT:?}");
     }
+    announce(&fleet, lifecycle::Kind::Shutdown).await;
     service.drops.summary();
     let [(_, requests), (_, hellos), (_, events)] = service.drops.totals();
     info!(
@@ -201,6 +203,30 @@ pub async fn run(
         "provisioner stopped"
     );
     Ok(())
+}
+
+/// The provisioner's own Choria lifecycle event (component
+/// `perch-provisioner`, identity this host's name), best effort and brief,
+/// as Choria's own are.
+async fn announce(fleet: &async_nats::Client, kind: lifecycle::Kind) {
+    let mut id = [0u8; 16];
+    if getrandom::getrandom(&mut id).is_err() {
+        return;
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let identity = if host.trim().is_empty() { "perch-provisioner" } else { host.trim() };
+    let event = lifecycle::Event::new(kind, identity, env!("CARGO_PKG_VERSION"), id, now_unix())
+        .from_component(lifecycle::PROVISIONER);
+    let sent = async {
+        fleet
+            .publish(lifecycle::subject_of(kind, lifecycle::PROVISIONER), event.to_json().into())
+            .await
+            .ok()?;
+        fleet.flush().await.ok()
+    };
+    if !matches!(tokio::time::timeout(Duration::from_secs(2), sent).await, Ok(Some(()))) {
+        warn!("Choria {} event not sent", kind.as_str());
+    }
 }
 
 /// Connects, opens the registry and streams, and subscribes.

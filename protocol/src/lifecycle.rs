@@ -1,23 +1,37 @@
 //! Choria lifecycle events, so Choria tooling sees perch devices come and
-//! go: `io.choria.lifecycle.v1.startup` / `.shutdown` JSON on
-//! `choria.lifecycle.event.<type>.perch` (plain NATS, best effort, as in
-//! Choria itself). Schema: choria-io/schemas, `choria/lifecycle/v1`.
+//! go: `io.choria.lifecycle.v1.<kind>` JSON on
+//! `choria.lifecycle.event.<kind>.<component>` (plain NATS, best effort,
+//! as in Choria itself). Schema: choria-io/schemas, `choria/lifecycle/v1`.
 //!
-//! A device never publishes there itself: it sends its events on its own
-//! subject ([`crate::subjects::lifecycle`]), and the provisioner republishes
-//! those that [`Event::from_device`] accepts. So `identity` in what Choria
-//! tooling reads is always the id of the device that sent it.
+//! A device sends `startup`, `alive` (on its heartbeat), `provisioned`
+//! (once, after it enrolled), `upgraded` (when a deploy commits: `version`
+//! and `new_version` are the bundles before and after, `NAME@COUNTER`) and
+//! `shutdown`. It never publishes on `choria.>` itself: it sends its events
+//! on its own subject ([`crate::subjects::lifecycle`]), and the provisioner
+//! republishes those that [`Event::from_device`] accepts. So `identity` in
+//! what Choria tooling reads is always the id of the device that sent it.
+//! The provisioner announces itself (`startup`, `shutdown`) as
+//! [`PROVISIONER`].
 
 use serde::{Deserialize, Serialize};
 
 /// The component name perch devices announce.
 pub const COMPONENT: &str = "perch";
 
+/// The component name a provisioner announces.
+pub const PROVISIONER: &str = "perch-provisioner";
+
+/// The `version` of an `upgraded` event when the slot held no bundle perch knows.
+pub const NO_BUNDLE: &str = "none";
+
 /// The kinds perch emits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     Startup,
     Shutdown,
+    Alive,
+    Provisioned,
+    Upgraded,
 }
 
 impl Kind {
@@ -25,20 +39,49 @@ impl Kind {
         match self {
             Kind::Startup => "startup",
             Kind::Shutdown => "shutdown",
+            Kind::Alive => "alive",
+            Kind::Provisioned => "provisioned",
+            Kind::Upgraded => "upgraded",
+        }
+    }
+
+    fn from_protocol(protocol: &str) -> Option<Kind> {
+        Some(match protocol.strip_prefix("io.choria.lifecycle.v1.")? {
+            "startup" => Kind::Startup,
+            "shutdown" => Kind::Shutdown,
+            "alive" => Kind::Alive,
+            "provisioned" => Kind::Provisioned,
+            "upgraded" => Kind::Upgraded,
+            _ => return None,
+        })
+    }
+
+    /// Which of `version` and `new_version` Choria's schema requires.
+    fn versions(self) -> (bool, bool) {
+        match self {
+            Kind::Startup | Kind::Alive => (true, false),
+            Kind::Shutdown | Kind::Provisioned => (false, false),
+            Kind::Upgraded => (true, true),
         }
     }
 }
 
-/// The subject an event of `kind` goes to.
+/// The subject a device's event of `kind` goes to.
 pub fn subject(kind: Kind) -> String {
-    format!("choria.lifecycle.event.{}.{COMPONENT}", kind.as_str())
+    subject_of(kind, COMPONENT)
 }
 
-/// Longest event accepted from a device (perch's own are about 200 bytes).
+/// The subject an event of `kind` from `component` goes to.
+pub fn subject_of(kind: Kind, component: &str) -> String {
+    format!("choria.lifecycle.event.{}.{component}", kind.as_str())
+}
+
+/// Longest event accepted from a device (perch's own are about 250 bytes).
 pub const MAX_EVENT: usize = 1024;
 
-/// Longest `version` accepted in a startup event.
-pub const MAX_VERSION: usize = 64;
+/// Longest `version` or `new_version` accepted (`NAME@COUNTER` of an
+/// `upgraded` event: a 64-byte name and a 20-digit counter).
+pub const MAX_VERSION: usize = 96;
 
 /// Why an event from a device is not republished.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -53,7 +96,7 @@ pub enum LifecycleError {
     Component(String),
     #[error("lifecycle event id {0:?} is not a version 4 UUID")]
     Id(String),
-    #[error("lifecycle event version is missing, too long or not printable")]
+    #[error("lifecycle event version or new_version is missing, extra, too long or not printable")]
     Version,
     #[error("lifecycle event names identity {claimed:?} but came from device {sender:?}")]
     Identity { claimed: String, sender: String },
@@ -70,13 +113,19 @@ pub struct Event {
     pub identity: String,
     pub component: String,
     pub timestamp: u64,
-    /// The agent version (startup only).
+    /// The agent version (startup, alive), or the bundle before
+    /// (upgraded).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub version: Option<String>,
+    /// The bundle after (upgraded only).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub new_version: Option<String>,
 }
 
 impl Event {
-    /// `id` is 16 random bytes (a version 4 UUID is made of them).
+    /// A device's event; `version` is the agent's, kept where the kind
+    /// has one. `id` is 16 random bytes (a version 4 UUID is made of
+    /// them). For `upgraded`, see [`Event::upgraded`].
     pub fn new(kind: Kind, identity: &str, version: &str, id: [u8; 16], now: u64) -> Event {
         Event {
             protocol: format!("io.choria.lifecycle.v1.{}", kind.as_str()),
@@ -84,8 +133,25 @@ impl Event {
             identity: identity.into(),
             component: COMPONENT.into(),
             timestamp: now,
-            version: (kind == Kind::Startup).then(|| version.to_string()),
+            version: kind.versions().0.then(|| version.to_string()),
+            new_version: None,
         }
+    }
+
+    /// A device's `upgraded` event: the bundle it ran before (`NAME@COUNTER`,
+    /// or [`NO_BUNDLE`]) and the one it committed.
+    pub fn upgraded(identity: &str, before: &str, after: &str, id: [u8; 16], now: u64) -> Event {
+        Event {
+            version: Some(before.into()),
+            new_version: Some(after.into()),
+            ..Event::new(Kind::Upgraded, identity, before, id, now)
+        }
+    }
+
+    /// The same event from another component (the provisioner's own).
+    pub fn from_component(mut self, component: &str) -> Event {
+        self.component = component.into();
+        self
     }
 
     pub fn to_json(&self) -> Vec<u8> {
@@ -100,10 +166,8 @@ impl Event {
         }
         let e: Event =
             serde_json::from_slice(payload).map_err(|err| LifecycleError::Malformed(err.to_string()))?;
-        let kind = match e.protocol.strip_prefix("io.choria.lifecycle.v1.") {
-            Some("startup") => Kind::Startup,
-            Some("shutdown") => Kind::Shutdown,
-            _ => return Err(LifecycleError::Protocol(e.protocol)),
+        let Some(kind) = Kind::from_protocol(&e.protocol) else {
+            return Err(LifecycleError::Protocol(e.protocol));
         };
         if e.component != COMPONENT {
             return Err(LifecycleError::Component(e.component));
@@ -111,14 +175,14 @@ impl Event {
         if !is_uuid_v4(&e.id) {
             return Err(LifecycleError::Id(e.id));
         }
-        let version_ok = match (&e.version, kind) {
-            (Some(v), Kind::Startup) => {
-                !v.is_empty() && v.len() <= MAX_VERSION && v.bytes().all(|c| c.is_ascii_graphic())
+        let fits = |v: &Option<String>, wanted: bool| match v {
+            Some(v) => {
+                wanted && !v.is_empty() && v.len() <= MAX_VERSION && v.bytes().all(|c| c.is_ascii_graphic())
             }
-            (None, Kind::Shutdown) => true,
-            _ => false,
+            None => !wanted,
         };
-        if !version_ok {
+        let (version, new_version) = kind.versions();
+        if !fits(&e.version, version) || !fits(&e.new_version, new_version) {
             return Err(LifecycleError::Version);
         }
         if e.identity != sender {
@@ -169,10 +233,34 @@ mod tests {
 
     #[test]
     fn a_device_s_own_events_are_accepted_as_sent() {
-        for kind in [Kind::Startup, Kind::Shutdown] {
+        for kind in [Kind::Startup, Kind::Shutdown, Kind::Alive, Kind::Provisioned] {
             let e = Event::new(kind, "drone-7", "0.1.0", [7; 16], 5);
             assert_eq!(Event::from_device(&e.to_json(), "drone-7"), Ok((kind, e)));
         }
+        let up = Event::upgraded("drone-7", "os@6", "os@7", [7; 16], 5);
+        assert_eq!(Event::from_device(&up.to_json(), "drone-7"), Ok((Kind::Upgraded, up)));
+    }
+
+    /// Each kind carries what Choria's schema requires of it, no more.
+    #[test]
+    fn each_kind_has_the_fields_choria_requires() {
+        let v = |e: &Event| serde_json::to_value(e).unwrap();
+        let alive = v(&Event::new(Kind::Alive, "d", "0.1.0", [1; 16], 5));
+        assert_eq!(
+            (&alive["protocol"], &alive["version"]),
+            (&"io.choria.lifecycle.v1.alive".into(), &"0.1.0".into())
+        );
+        let prov = v(&Event::new(Kind::Provisioned, "d", "0.1.0", [1; 16], 5));
+        assert!(prov.get("version").is_none() && prov.get("new_version").is_none(), "{prov}");
+        let up = v(&Event::upgraded("d", NO_BUNDLE, "os@7", [1; 16], 5));
+        assert_eq!((&up["version"], &up["new_version"]), (&"none".into(), &"os@7".into()));
+        assert_eq!(subject(Kind::Upgraded), "choria.lifecycle.event.upgraded.perch");
+        let p = Event::new(Kind::Startup, "prov-1", "0.1.0", [1; 16], 5).from_component(PROVISIONER);
+        assert_eq!(p.component, "perch-provisioner");
+        assert_eq!(
+            subject_of(Kind::Startup, PROVISIONER),
+            "choria.lifecycle.event.startup.perch-provisioner"
+        );
     }
 
     #[test]
@@ -193,7 +281,13 @@ mod tests {
             serde_json::to_vec(&v).unwrap()
         };
         let cases: Vec<(Vec<u8>, &str)> = vec![
-            (json(&|v| v["protocol"] = "io.choria.lifecycle.v1.alive".into()), "protocol"),
+            (json(&|v| v["protocol"] = "io.choria.lifecycle.v1.governor".into()), "protocol"),
+            (json(&|v| v["protocol"] = "io.choria.lifecycle.v1.shutdown".into()), "a version on a shutdown"),
+            (
+                json(&|v| v["protocol"] = "io.choria.lifecycle.v1.upgraded".into()),
+                "upgraded without new_version",
+            ),
+            (json(&|v| v["new_version"] = "os@2".into()), "new_version on a startup"),
             (json(&|v| v["component"] = "choria".into()), "component"),
             (json(&|v| v["id"] = "not-a-uuid".into()), "id"),
             (json(&|v| v["version"] = serde_json::Value::Null), "version"),

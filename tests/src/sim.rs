@@ -167,6 +167,7 @@ pub async fn start(
     let settings = LinkSettings {
         ping_interval: cfg.link.ping_interval,
         max_backoff: cfg.link.max_backoff,
+        alive_every: cfg.reports.heartbeat,
         urls: cfg.link.urls.clone(),
     };
     let link =

@@ -5,7 +5,19 @@
 use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
 
-use perch_tests::fleet::{wait_for, Fleet};
+use perch_tests::fleet::{wait_for, Fleet, Subscription};
+
+/// The next event on `subject` within `limit`, skipping others; parsed.
+fn next_on(events: &mut Subscription, subject: &str, limit: Duration) -> Option<serde_json::Value> {
+    let until = std::time::Instant::now() + limit;
+    while let Some(left) = until.checked_duration_since(std::time::Instant::now()) {
+        let m = events.next(left)?;
+        if m.subject.as_str() == subject {
+            return Some(serde_json::from_slice(&m.payload).expect("an event is JSON"));
+        }
+    }
+    None
+}
 
 #[test]
 fn ready_watchdog_and_choria_lifecycle_events() {
@@ -35,9 +47,8 @@ fn ready_watchdog_and_choria_lifecycle_events() {
         }
     }
     assert_eq!(status.as_deref(), Some("STATUS=deploy idle"));
-    let startup = events.next(Duration::from_secs(15)).expect("no startup event");
-    assert_eq!(startup.subject.as_str(), "choria.lifecycle.event.startup.perch");
-    let v: serde_json::Value = serde_json::from_slice(&startup.payload).unwrap();
+    let v = next_on(&mut events, "choria.lifecycle.event.startup.perch", Duration::from_secs(15))
+        .expect("no startup event");
     assert_eq!(v["protocol"], "io.choria.lifecycle.v1.startup");
     assert_eq!(v["identity"], "svc-1");
     assert_eq!(v["component"], "perch");
@@ -50,9 +61,77 @@ fn ready_watchdog_and_choria_lifecycle_events() {
         systemd.recv(&mut buf).is_ok_and(|n| String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1"))
     });
     assert!(stopping, "no STOPPING=1");
-    let shutdown = events.next(Duration::from_secs(5)).expect("no shutdown event");
-    assert_eq!(shutdown.subject.as_str(), "choria.lifecycle.event.shutdown.perch");
-    let v: serde_json::Value = serde_json::from_slice(&shutdown.payload).unwrap();
+    let v = next_on(&mut events, "choria.lifecycle.event.shutdown.perch", Duration::from_secs(5))
+        .expect("no shutdown event");
     assert_eq!(v["protocol"], "io.choria.lifecycle.v1.shutdown");
     assert_eq!(v["identity"], "svc-1");
+}
+
+#[test]
+fn choria_sees_devices_provisioned_alive_and_upgraded_and_the_provisioner_come_and_go() {
+    let mut f = Fleet::start(1);
+    let reader = f.reports_reader();
+    let mut events = reader.subscribe("choria.lifecycle.event.>");
+    let secs = Duration::from_secs;
+
+    // A second provisioner announces itself as its own component.
+    f.start_provisioner();
+    let up = next_on(&mut events, "choria.lifecycle.event.startup.perch-provisioner", secs(10))
+        .expect("no provisioner startup event");
+    assert_eq!(
+        (&up["component"], &up["version"]),
+        (&"perch-provisioner".into(), &env!("CARGO_PKG_VERSION").into())
+    );
+    assert!(up["identity"].as_str().is_some_and(|i| !i.is_empty()), "{up}");
+    assert_eq!(f.terminate_provisioner(1, secs(10)), Some(0));
+    let down = next_on(&mut events, "choria.lifecycle.event.shutdown.perch-provisioner", secs(10))
+        .expect("no provisioner shutdown event");
+    assert_eq!(down["protocol"], "io.choria.lifecycle.v1.shutdown");
+
+    // A desktop enrolls online: provisioned, once its daemon has a link.
+    let d = f.device("desk-1");
+    std::fs::copy(f.s.path("org/trust.doc"), d.trust()).unwrap();
+    let token = f.token_file("desk-1.token", &["--group", "desktops"]);
+    let r = d.agent(&["enroll", "--device-id", "desk-1", "--token-file", token.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    d.write_config("[reports]\nheartbeat = \"300ms\"\n");
+    let mut agent = d.spawn_run();
+    let p = next_on(&mut events, "choria.lifecycle.event.provisioned.perch", secs(15))
+        .expect("no provisioned event");
+    assert_eq!((&p["identity"], &p["component"]), (&"desk-1".into(), &"perch".into()), "{p}");
+    assert!(p.get("version").is_none(), "{p}");
+    // alive, on the heartbeat.
+    for _ in 0..2 {
+        let a = next_on(&mut events, "choria.lifecycle.event.alive.perch", secs(5)).expect("no alive event");
+        assert_eq!((&a["identity"], &a["version"]), (&"desk-1".into(), &env!("CARGO_PKG_VERSION").into()));
+    }
+
+    // Two deploys commit: upgraded names the bundles before and after.
+    for (counter, before) in [(1, "none"), (2, "app@1")] {
+        std::fs::create_dir_all(f.s.path(&format!("app{counter}"))).unwrap();
+        std::fs::write(f.s.path(&format!("app{counter}/app")), format!("app {counter}\n")).unwrap();
+        let file = format!("app{counter}.perch");
+        f.s.signed_archive("app", counter, &format!("app{counter}"), &file);
+        let r = d.agent(&["install", f.s.path(&file).to_str().unwrap()]);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        let u = next_on(&mut events, "choria.lifecycle.event.upgraded.perch", secs(15))
+            .expect("no upgraded event");
+        assert_eq!(
+            (&u["version"], &u["new_version"]),
+            (&before.into(), &format!("app@{counter}").into()),
+            "{u}"
+        );
+        assert_eq!(u["protocol"], "io.choria.lifecycle.v1.upgraded");
+    }
+    // Each once: a restart of the daemon owes nothing.
+    assert_eq!(agent.terminate(secs(10)), Some(0));
+    let _again = d.spawn_run();
+    let startup = next_on(&mut events, "choria.lifecycle.event.startup.perch", secs(15));
+    assert!(startup.is_some(), "no startup after the restart");
+    let until = std::time::Instant::now() + secs(3);
+    while let Some(left) = until.checked_duration_since(std::time::Instant::now()) {
+        let Some(m) = events.next(left) else { break };
+        let kind = m.subject.as_str();
+        assert!(!kind.contains(".upgraded.") && !kind.contains(".provisioned."), "{kind} sent again");
+    }
 }
