@@ -306,7 +306,9 @@ impl Runner<'_> {
             "status" => Inputs::new(data, &[]).and_then(|_| self.status()),
             "install" => Inputs::new(data, &["bundle"]).and_then(|i| self.install(&i, request)),
             "commit" | "rollback" => Inputs::new(data, &[]).and_then(|_| self.decide(action)),
-            "enroll" => Inputs::new(data, &["token", "device_id", "groups"]).and_then(|i| self.enroll(&i)),
+            "enroll" => {
+                Inputs::new(data, &["token", "device_id", "groups"]).and_then(|i| self.enroll(&i, request))
+            }
             other => Err(Reply::error(
                 StatusCode::UnknownAction,
                 format!(
@@ -385,18 +387,7 @@ impl Runner<'_> {
                 "input 'bundle' is an absolute path, a file:// URL or an http(s):// URL",
             ));
         }
-        // One file per request: two calls never share a download.
-        let id: String = request["requestid"]
-            .as_str()
-            .unwrap_or("")
-            .chars()
-            .filter(char::is_ascii_alphanumeric)
-            .take(64)
-            .collect();
-        let dir = self.settings.state_dir.join("choria");
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| Reply::error(StatusCode::Aborted, format!("{}: {e}", dir.display())))?;
-        let file = dir.join(format!("download-{id}.perch"));
+        let file = self.scratch(request, "download", "perch")?;
         let out = Command::new("curl")
             .args([
                 "--fail",
@@ -430,6 +421,25 @@ impl Runner<'_> {
         }
     }
 
+    /// A fresh path in `STATE/choria/` for this request (`KIND-REQUESTID.EXT`:
+    /// two calls never share one), with any file a killed call left there
+    /// removed.
+    fn scratch(&self, request: &Value, kind: &str, ext: &str) -> Result<PathBuf, Reply> {
+        let id: String = request["requestid"]
+            .as_str()
+            .unwrap_or("")
+            .chars()
+            .filter(char::is_ascii_alphanumeric)
+            .take(64)
+            .collect();
+        let dir = self.settings.state_dir.join("choria");
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| Reply::error(StatusCode::Aborted, format!("{}: {e}", dir.display())))?;
+        let file = dir.join(format!("{kind}-{id}.{ext}"));
+        let _ = std::fs::remove_file(&file);
+        Ok(file)
+    }
+
     fn decide(&self, action: &str) -> Result<Reply, Reply> {
         let out = self.agent([action])?;
         let mut data = Map::new();
@@ -445,28 +455,27 @@ impl Runner<'_> {
         Ok(Reply::ok(data))
     }
 
-    fn enroll(&self, inputs: &Inputs) -> Result<Reply, Reply> {
+    fn enroll(&self, inputs: &Inputs, request: &Value) -> Result<Reply, Reply> {
         let token = inputs.required("token", perch_protocol::token::MAX_TOKEN_TEXT)?;
         let device_id = inputs.string("device_id", 64)?;
         let groups = inputs.string("groups", 1024)?;
-        // On argv, the token would show in `ps`: a file only this user reads.
-        let token_file = self.settings.state_dir.join("choria").join("enroll.token");
-        let written = std::fs::create_dir_all(self.settings.state_dir.join("choria")).and_then(|()| {
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&token_file)?;
-            f.write_all(token.as_bytes())
-        });
+        // On argv, the token would show in `ps`: a file only this user
+        // reads, made new (never an old file's mode), one per request.
+        let token_file = self.scratch(request, "enroll", "token")?;
+        let written = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&token_file)
+            .and_then(|mut f| f.write_all(token.as_bytes()));
         written.map_err(|e| Reply::error(StatusCode::Aborted, format!("{}: {e}", token_file.display())))?;
         let mut args: Vec<OsString> = vec!["enroll".into(), "--token-file".into(), token_file.clone().into()];
+        // Attached (`--opt=value`): a value is never read as an option.
         if let Some(id) = device_id {
-            args.extend(["--device-id".into(), id.into()]);
+            args.push(format!("--device-id={id}").into());
         }
         for g in groups.iter().flat_map(|g| g.split(',')).filter(|g| !g.is_empty()) {
-            args.extend(["--group".into(), g.into()]);
+            args.push(format!("--group={g}").into());
         }
         let out = self.agent(&args);
         let _ = std::fs::remove_file(&token_file);
