@@ -8,6 +8,10 @@
 //! - `STATE/lifecycle-upgraded`: the last commit announced (or found when
 //!   the daemon first looked: a commit made before then is not news).
 //!
+//! It is the journal's latest commit that is owed: of several commits made
+//! while the link was down, only the last is announced, and a commit
+//! followed within the poll (2 s) by a failed install is not.
+//!
 //! Both are written with `durable` (write-temp, fsync, rename, fsync dir).
 
 use std::path::Path;
@@ -41,7 +45,9 @@ pub fn provisioned_owed(state_dir: &Path) -> bool {
 }
 
 pub fn provisioned_sent(state_dir: &Path) {
-    let _ = std::fs::remove_file(state_dir.join(PROVISIONED));
+    if let Err(e) = std::fs::remove_file(state_dir.join(PROVISIONED)) {
+        tracing::warn!("the Choria provisioned event may be sent again after a restart: {e}");
+    }
 }
 
 /// An `upgraded` event owed: the bundles before and after (`NAME@COUNTER`),
@@ -86,5 +92,7 @@ pub fn upgrade_owed(state_dir: &Path) -> Option<Upgrade> {
 }
 
 pub fn upgraded_sent(state_dir: &Path, u: &Upgrade) {
-    let _ = durable::write_bytes(&state_dir.join(UPGRADED), 0o644, Replace::Allow, u.key.as_bytes());
+    if let Err(e) = durable::write_bytes(&state_dir.join(UPGRADED), 0o644, Replace::Allow, u.key.as_bytes()) {
+        tracing::warn!("the Choria upgraded event may be sent again after a restart: {e}");
+    }
 }

@@ -50,14 +50,13 @@ pub enum StatusCode {
 
 impl StatusCode {
     /// perch-agent's exit code as a status code: 0 is OK; 1 (the action
-    /// failed) and 3 (the device refused: a security rejection, which the
-    /// reply also says in `refused` and its message) are Aborted; 2 (a
-    /// request the command refuses as malformed) is InvalidData; a child
-    /// killed by a signal is UnknownError.
+    /// failed), 2 (a usage or config error: the request was checked here
+    /// first, so it is the node's config) and 3 (the device refused: a
+    /// security rejection, which the reply also says in `refused` and its
+    /// message) are Aborted; a child killed by a signal is UnknownError.
     pub fn from_exit(code: Option<i32>) -> StatusCode {
         match code {
             Some(0) => StatusCode::Ok,
-            Some(2) => StatusCode::InvalidData,
             Some(_) => StatusCode::Aborted,
             None => StatusCode::UnknownError,
         }
@@ -170,8 +169,11 @@ impl Settings {
                 "config" => s.config = value.into(),
                 "state_dir" => s.state_dir = value.into(),
                 "download_max_bytes" => {
-                    s.download_max =
-                        value.parse().map_err(|_| format!("{}: download_max_bytes is a number", at()))?
+                    s.download_max = value
+                        .parse()
+                        .ok()
+                        .filter(|n| *n > 0)
+                        .ok_or_else(|| format!("{}: download_max_bytes is a number above 0", at()))?
                 }
                 other => {
                     return Err(format!(
@@ -357,10 +359,26 @@ impl Runner<'_> {
             data.insert("reason".into(), json!(f["reason"].as_str().unwrap_or("")));
         }
         if let Some(mut r) = failed(&out) {
-            data.entry("outcome")
-                .or_insert_with(|| json!(if out.status.code() == Some(3) { "refused" } else { "failed" }));
-            let reason = r.message.strip_prefix("refused: ").unwrap_or(&r.message);
-            data.insert("reason".into(), json!(reason));
+            match &finished {
+                // It ran and rolled back: the reason is in its JSON, and
+                // perch-agent says nothing on stderr.
+                Some(f) => {
+                    let reason = f["reason"].as_str().unwrap_or("");
+                    r.message = format!(
+                        "{} {}: {reason}",
+                        f["outcome"].as_str().unwrap_or("failed"),
+                        bundle_name(&f["bundle"])
+                    );
+                }
+                None => {
+                    data.insert(
+                        "outcome".into(),
+                        json!(if out.status.code() == Some(3) { "refused" } else { "failed" }),
+                    );
+                    let reason = r.message.strip_prefix("refused: ").unwrap_or(&r.message);
+                    data.insert("reason".into(), json!(reason));
+                }
+            }
             r.data = data;
             return Err(r);
         }
@@ -376,9 +394,12 @@ impl Runner<'_> {
             if !path.starts_with('/') {
                 return Err(Reply::error(StatusCode::InvalidData, "a file:// URL names an absolute path"));
             }
-            return Ok((path.into(), false));
+            return self.bundle_path(path, request);
         }
         if bundle.starts_with('/') {
+            if !Path::new(bundle).is_file() {
+                return Err(Reply::error(StatusCode::InvalidData, format!("{bundle}: no such bundle file")));
+            }
             return Ok((bundle.into(), false));
         }
         if !(bundle.starts_with("https://") || bundle.starts_with("http://")) {
@@ -387,38 +408,14 @@ impl Runner<'_> {
                 "input 'bundle' is an absolute path, a file:// URL or an http(s):// URL",
             ));
         }
+        // A killed call (the DDL timeout) leaves its download behind: the
+        // next install clears them.
+        self.clear_scratch("download");
         let file = self.scratch(request, "download", "perch")?;
-        let out = Command::new("curl")
-            .args([
-                "--fail",
-                "--silent",
-                "--show-error",
-                "--location",
-                "--proto",
-                "=http,https",
-                "--max-filesize",
-            ])
-            .arg(self.settings.download_max.to_string())
-            .arg("--output")
-            .arg(&file)
-            .arg("--")
-            .arg(bundle)
-            .stdin(Stdio::null())
-            .output();
-        match out {
-            Ok(o) if o.status.success() => Ok((file, true)),
-            Ok(o) => {
-                let _ = std::fs::remove_file(&file);
-                Err(Reply::error(
-                    StatusCode::Aborted,
-                    format!("downloading {bundle}: {}", last_line(&o.stderr)),
-                ))
-            }
-            Err(e) => Err(Reply::error(
-                StatusCode::Aborted,
-                format!("downloading {bundle} needs curl on the node's PATH: {e}"),
-            )),
-        }
+        download(bundle, &file, self.settings.download_max).map(|()| (file.clone(), true)).map_err(|e| {
+            let _ = std::fs::remove_file(&file);
+            Reply::error(StatusCode::Aborted, format!("downloading {bundle}: {e}"))
+        })
     }
 
     /// A fresh path in `STATE/choria/` for this request (`KIND-REQUESTID.EXT`:
@@ -435,9 +432,21 @@ impl Runner<'_> {
         let dir = self.settings.state_dir.join("choria");
         std::fs::create_dir_all(&dir)
             .map_err(|e| Reply::error(StatusCode::Aborted, format!("{}: {e}", dir.display())))?;
-        let file = dir.join(format!("{kind}-{id}.{ext}"));
+        // Each call is its own process: its pid keeps two calls apart even
+        // without a request id.
+        let file = dir.join(format!("{kind}-{}-{id}.{ext}", std::process::id()));
         let _ = std::fs::remove_file(&file);
         Ok(file)
+    }
+
+    /// Removes every `KIND-*` file in `STATE/choria/`.
+    fn clear_scratch(&self, kind: &str) {
+        let dir = self.settings.state_dir.join("choria");
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            if e.file_name().to_string_lossy().starts_with(&format!("{kind}-")) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
     }
 
     fn decide(&self, action: &str) -> Result<Reply, Reply> {
@@ -496,6 +505,42 @@ impl Runner<'_> {
     }
 }
 
+/// How long a download may take: under the DDL's 600 s, so that the reply
+/// still says why.
+const DOWNLOAD_TIME: &str = "540";
+
+/// Downloads `url` into `file` with the node's curl, never more than `max`
+/// bytes whatever the server says (curl's own `--max-filesize` trusts a
+/// Content-Length): curl writes to a pipe, and the copy stops past `max`.
+fn download(url: &str, file: &Path, max: u64) -> Result<(), String> {
+    let mut child = Command::new("curl")
+        .args(["--fail", "--silent", "--show-error", "--location", "--proto", "=http,https"])
+        .args(["--connect-timeout", "30", "--max-time", DOWNLOAD_TIME, "--output", "-", "--"])
+        .arg(url)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("it needs curl on the node's PATH: {e}"))?;
+    let copied = (|| -> std::io::Result<u64> {
+        let mut out = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(file)?;
+        let stdout = child.stdout.take().ok_or_else(|| std::io::Error::other("no pipe from curl"))?;
+        let n = std::io::copy(&mut std::io::Read::take(stdout, max.saturating_add(1)), &mut out)?;
+        out.sync_all()?;
+        Ok(n)
+    })();
+    if !matches!(copied, Ok(n) if n <= max) {
+        let _ = child.kill();
+    }
+    let done = child.wait_with_output().map_err(|e| format!("curl: {e}"))?;
+    match copied {
+        Err(e) => Err(format!("{}: {e}", file.display())),
+        Ok(n) if n > max => Err(format!("larger than download_max_bytes ({max})")),
+        Ok(_) if !done.status.success() => Err(last_line(&done.stderr)),
+        Ok(_) => Ok(()),
+    }
+}
+
 /// The reply for a command that did not exit 0: its one-line error (the
 /// CLI contract), with `refused:` before a security rejection.
 fn failed(out: &Output) -> Option<Reply> {
@@ -532,10 +577,11 @@ fn last_json(out: &Output) -> Result<Value, Reply> {
         .ok_or_else(|| Reply::error(StatusCode::UnknownError, "perch-agent printed no JSON"))
 }
 
-/// `NAME#COUNTER` of a bundle in a status document, or `-`.
+/// `NAME@COUNTER` (as `--bundle` names it) of a bundle in a status
+/// document, or `-`.
 fn bundle_name(b: &Value) -> String {
     match (b["name"].as_str(), b["counter"].as_u64()) {
-        (Some(name), Some(counter)) => format!("{name}#{counter}"),
+        (Some(name), Some(counter)) => format!("{name}@{counter}"),
         _ => "-".to_string(),
     }
 }
@@ -587,7 +633,7 @@ mod tests {
     fn exit_codes_become_status_codes() {
         assert_eq!(StatusCode::from_exit(Some(0)), StatusCode::Ok);
         assert_eq!(StatusCode::from_exit(Some(1)), StatusCode::Aborted);
-        assert_eq!(StatusCode::from_exit(Some(2)), StatusCode::InvalidData);
+        assert_eq!(StatusCode::from_exit(Some(2)), StatusCode::Aborted);
         assert_eq!(StatusCode::from_exit(Some(3)), StatusCode::Aborted);
         assert_eq!(StatusCode::from_exit(None), StatusCode::UnknownError);
     }

@@ -91,6 +91,13 @@ pub struct Link {
     alive_every: Duration,
 }
 
+/// The events this process has sent of those `announce` owes.
+#[derive(Default)]
+struct Sent {
+    provisioned: bool,
+    upgrade: Option<crate::announce::Upgrade>,
+}
+
 /// What `status` shows of the link: written by the running agent.
 pub const STATE_FILE: &str = "link.json";
 
@@ -169,6 +176,9 @@ impl Link {
     pub async fn watch(mut self, stop: Arc<tokio::sync::Notify>) {
         let id = self.v.credential.device_id.clone();
         let mut announced = false;
+        // Up once hello and startup went out: nothing else goes before them.
+        let mut up = false;
+        let mut sent = Sent::default();
         let mut alive = tokio::time::interval(self.alive_every.max(Duration::from_millis(100)));
         alive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         alive.tick().await;
@@ -183,11 +193,15 @@ impl Link {
                     None => return,
                 },
                 _ = alive.tick() => {
-                    self.lifecycle(Kind::Alive).await;
+                    if up {
+                        self.lifecycle(Kind::Alive).await;
+                    }
                     continue;
                 }
                 _ = owed.tick() => {
-                    self.send_owed().await;
+                    if up {
+                        self.send_owed(&mut sent).await;
+                    }
                     continue;
                 }
                 _ = stop.notified() => {
@@ -203,10 +217,12 @@ impl Link {
                     if !announced {
                         announced = self.lifecycle(Kind::Startup).await;
                     }
-                    self.send_owed().await;
+                    up = true;
+                    self.send_owed(&mut sent).await;
                     self.connected.notify_one();
                 }
                 Event::Disconnected => {
+                    up = false;
                     warn!(device = %id, "FLEET link down");
                     self.record("disconnected", None);
                 }
@@ -218,17 +234,25 @@ impl Link {
         }
     }
 
-    /// `provisioned` and `upgraded`, if owed and the link is up; each
-    /// marked sent only once the server has it.
-    async fn send_owed(&self) {
-        if crate::announce::provisioned_owed(&self.state_dir) && self.lifecycle(Kind::Provisioned).await {
+    /// `provisioned` and `upgraded`, if owed; each marked sent only once
+    /// the server has it, and remembered here too, so a record that cannot
+    /// be written (a full disk) does not repeat the event every tick.
+    async fn send_owed(&self, sent: &mut Sent) {
+        if !sent.provisioned
+            && crate::announce::provisioned_owed(&self.state_dir)
+            && self.lifecycle(Kind::Provisioned).await
+        {
+            sent.provisioned = true;
             crate::announce::provisioned_sent(&self.state_dir);
         }
-        if let Some(u) = crate::announce::upgrade_owed(&self.state_dir) {
+        let owed =
+            crate::announce::upgrade_owed(&self.state_dir).filter(|u| sent.upgrade.as_ref() != Some(u));
+        if let Some(u) = owed {
             let ev =
                 lifecycle::Event::upgraded(&self.v.credential.device_id, &u.before, &u.after, [0; 16], 0);
             if self.send(Kind::Upgraded, ev).await {
                 crate::announce::upgraded_sent(&self.state_dir, &u);
+                sent.upgrade = Some(u);
             }
         }
     }

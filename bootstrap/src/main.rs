@@ -179,7 +179,8 @@ struct RegistryAccess {
     #[arg(long, value_name = "FILE")]
     creds: Option<PathBuf>,
     /// The fleet CA certificate, with --creds (default: ORG_DIR/tls/ca.pem).
-    #[arg(long, env = "PERCH_CA", value_name = "FILE")]
+    /// Also PERCH_CA.
+    #[arg(long, value_name = "FILE")]
     ca: Option<PathBuf>,
     #[command(flatten)]
     server: Server,
@@ -210,7 +211,7 @@ impl RegistryAccess {
         let urls = self.server.urls;
         match (creds, dir) {
             (Some(creds), dir) => {
-                let ca = match (self.ca, dir) {
+                let ca = match (self.ca.or_else(|| var("PERCH_CA")), dir) {
                     (Some(ca), _) => ca,
                     (None, Some(dir)) => perch_bootstrap::tls::ca_cert_path(&dir),
                     (None, None) => {

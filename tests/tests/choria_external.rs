@@ -152,11 +152,11 @@ fn status_install_commit_and_a_refused_bundle_through_choria() {
     let data = &installed["data"];
     assert_eq!(
         (&data["outcome"], &data["bundle"], &data["exit_code"]),
-        (&json!("committed"), &json!("os#2"), &json!(0))
+        (&json!("committed"), &json!("os@2"), &json!(0))
     );
     assert_eq!(data["refused"], false);
     let st = node.rpc("status", json!({}));
-    assert_eq!((&st["data"]["bundle"], &st["data"]["running_slot"]), (&json!("os#2"), &json!("b")), "{st}");
+    assert_eq!((&st["data"]["bundle"], &st["data"]["running_slot"]), (&json!("os@2"), &json!("b")), "{st}");
     assert_eq!(st["data"]["last_outcome"], "committed");
 
     // A file:// URL names the same file: already running, nothing to do.
@@ -182,7 +182,7 @@ fn status_install_commit_and_a_refused_bundle_through_choria() {
         "{refused}"
     );
     let st = node.rpc("status", json!({}));
-    assert_eq!((&st["data"]["bundle"], &st["data"]["running_slot"]), (&json!("os#2"), &json!("b")), "{st}");
+    assert_eq!((&st["data"]["bundle"], &st["data"]["running_slot"]), (&json!("os@2"), &json!("b")), "{st}");
 
     // commit with no trial: the engine says so (exit 1), as on its command line.
     let commit = node.rpc("commit", json!({}));
@@ -190,6 +190,26 @@ fn status_install_commit_and_a_refused_bundle_through_choria() {
     assert!(commit["statusmsg"].as_str().unwrap().starts_with("nothing to commit"), "{commit}");
     assert_eq!(commit["data"]["deploy_state"], "failed", "{commit}");
     eprintln!("{refused}");
+}
+
+#[test]
+fn a_rollback_is_reported_with_its_reason() {
+    let mut d = Device::new(Backend::Dir);
+    d.health = "commands = [\"false\"]\ntrial = \"1s\"\ninterval = \"100ms\"\n".into();
+    d.write_config();
+    let node = node_for(&d);
+    d.archive_bundle("v2.perch", 2, &[("app", "unhealthy\n")]);
+    let r = node.rpc("install", json!({ "bundle": d.path("v2.perch").to_str().unwrap() }));
+    assert_eq!((&r["statuscode"], &r["data"]["outcome"]), (&json!(1), &json!("rolled_back")), "{r}");
+    let reason = r["data"]["reason"].as_str().unwrap();
+    assert!(reason.contains("health"), "{r}");
+    assert_eq!(r["statusmsg"].as_str().unwrap(), format!("rolled_back os@2: {reason}"), "{r}");
+    assert_eq!((&r["data"]["refused"], &r["data"]["exit_code"]), (&json!(false), &json!(1)), "{r}");
+    let st = node.rpc("status", json!({}));
+    assert_eq!(
+        (&st["data"]["running_slot"], &st["data"]["last_outcome"]),
+        (&json!("a"), &json!("rolled_back"))
+    );
 }
 
 #[test]
@@ -209,9 +229,9 @@ fn install_downloads_an_http_url_and_a_missing_file_is_invalid_data() {
     let left: Vec<_> = std::fs::read_dir(d.path("state/choria")).unwrap().flatten().collect();
     assert!(left.is_empty(), "{left:?}");
 
-    // perch-agent's exit 2 (no such bundle file) is InvalidData.
+    // No such bundle file: InvalidData, found before perch-agent runs.
     let missing = node.rpc("install", json!({ "bundle": "/nowhere/v9.perch" }));
-    assert_eq!((&missing["statuscode"], &missing["data"]["exit_code"]), (&json!(4), &json!(2)), "{missing}");
+    assert_eq!((&missing["statuscode"], missing["data"].get("exit_code")), (&json!(4), None), "{missing}");
     assert!(missing["statusmsg"].as_str().unwrap().contains("/nowhere/v9.perch"), "{missing}");
     // A URL nobody answers: the download's own error.
     let gone =
@@ -240,10 +260,11 @@ fn bad_requests_get_their_status_codes_and_start_nothing() {
     assert_eq!(code("install", json!({ "bundle": "ftp://host/x.perch" })).0, 4);
     assert_eq!(code("status", json!({ "colour": "blue" })).0, 4);
     assert_eq!(code("status", json!([1, 2])).0, 4);
+    // Nothing was started: perch-agent never ran, so it made no state at all.
+    let made: Vec<_> = std::fs::read_dir(d.path("state")).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(made.is_empty(), "{made:?}");
     // Choria's own key is passed through and ignored.
     assert_eq!(code("status", json!({ "process_results": true })).0, 0);
-    // Nothing was started: no journal, the running slot as it was.
-    assert_eq!(d.state(), "idle");
 
     // A request that is not JSON, or not for this agent: Aborted, and still a reply.
     let dir = node.agent_dir.parent().unwrap();
