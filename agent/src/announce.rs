@@ -32,11 +32,17 @@ pub fn owe_provisioned(state_dir: &Path) {
     }
 }
 
-/// Called before the daemon's engine runs: from now on, every commit is
-/// news (the first time, what the journal holds is not).
+/// Called before the daemon's engine runs (and by the link, for agents
+/// that run one without the daemon): from now on, every commit is news;
+/// what the journal holds the first time is not.
 pub fn baseline(state_dir: &Path) {
-    if !state_dir.join(UPGRADED).exists() {
-        let _ = upgrade_owed(state_dir);
+    if state_dir.join(UPGRADED).exists() {
+        return;
+    }
+    if let Some((key, _)) = latest_commit(state_dir) {
+        record(state_dir, &key);
+    } else {
+        record(state_dir, NONE);
     }
 }
 
@@ -59,26 +65,23 @@ pub struct Upgrade {
     key: String,
 }
 
-/// The last commit in the journal, if it was not announced yet. The first
-/// time (no record), what the journal holds is taken as announced.
+/// The key recorded when the journal holds no commit.
+const NONE: &str = "none";
+
+/// The journal's latest commit, if it was not announced yet; nothing
+/// before [`baseline`] made a record.
 pub fn upgrade_owed(state_dir: &Path) -> Option<Upgrade> {
+    let recorded = perch_support::durable::read_bounded(&state_dir.join(UPGRADED), 256).ok()?;
+    let (key, (before, after)) = latest_commit(state_dir)?;
+    (recorded != key.as_bytes()).then_some(Upgrade { before, after, key })
+}
+
+/// The latest commit's key (its time and digest) and the bundles before and
+/// after it, `NAME@COUNTER`.
+fn latest_commit(state_dir: &Path) -> Option<(String, (String, String))> {
     let journal = JournalStore::new(state_dir).load().ok()?;
-    let last = journal.last.as_ref().filter(|l| l.outcome == Outcome::Committed);
-    let key = last.and_then(|l| l.bundle.as_ref()).map_or_else(
-        || "none".to_string(),
-        |b| format!("{}:{}", last.map_or(0, |l| l.at), hex::encode(b.digest)),
-    );
-    let recorded = perch_support::durable::read_bounded(&state_dir.join(UPGRADED), 256).ok();
-    match recorded {
-        None => {
-            // First look: nothing is owed for what happened before.
-            let _ = durable::write_bytes(&state_dir.join(UPGRADED), 0o644, Replace::Allow, key.as_bytes());
-            return None;
-        }
-        Some(r) if r == key.as_bytes() => return None,
-        Some(_) => {}
-    }
-    let after = last?.bundle.as_ref()?;
+    let last = journal.last.as_ref().filter(|l| l.outcome == Outcome::Committed)?;
+    let after = last.bundle.as_ref()?;
     let name = |c: &SlotContent| match c {
         SlotContent::Bundle(b) => format!("{}@{}", b.name, b.counter),
         _ => NO_BUNDLE.to_string(),
@@ -88,11 +91,76 @@ pub fn upgrade_owed(state_dir: &Path) -> Option<Upgrade> {
         .into_iter()
         .find(|s| matches!(journal.slot_content(*s), SlotContent::Bundle(b) if b.digest == after.digest));
     let before = committed.map_or_else(|| NO_BUNDLE.to_string(), |s| name(journal.slot_content(s.other())));
-    Some(Upgrade { before, after: format!("{}@{}", after.name, after.counter), key })
+    let key = format!("{}:{}", last.at, hex::encode(after.digest));
+    Some((key, (before, format!("{}@{}", after.name, after.counter))))
+}
+
+fn record(state_dir: &Path, key: &str) {
+    if let Err(e) = durable::write_bytes(&state_dir.join(UPGRADED), 0o644, Replace::Allow, key.as_bytes()) {
+        tracing::warn!("the Choria upgraded event may be sent again after a restart: {e}");
+    }
 }
 
 pub fn upgraded_sent(state_dir: &Path, u: &Upgrade) {
-    if let Err(e) = durable::write_bytes(&state_dir.join(UPGRADED), 0o644, Replace::Allow, u.key.as_bytes()) {
-        tracing::warn!("the Choria upgraded event may be sent again after a restart: {e}");
+    record(state_dir, &u.key);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::journal::{BundleRef, Journal, LastOutcome};
+    use perch_protocol::bundle::PayloadKind;
+
+    fn app(counter: u64) -> BundleRef {
+        BundleRef {
+            name: "app".into(),
+            counter,
+            version: counter.to_string(),
+            digest: [counter as u8; 32],
+            kind: PayloadKind::Archive,
+            payload_len: 1,
+            chunk_count: 1,
+        }
+    }
+
+    /// The journal after committing `counter` into `slot`, `before` in the other.
+    fn commit(dir: &Path, slot: SlotId, counter: u64, before: SlotContent) {
+        let mut j = Journal::default();
+        j.set_slot(slot, SlotContent::Bundle(app(counter)));
+        j.set_slot(slot.other(), before);
+        j.last =
+            Some(LastOutcome { bundle: Some(app(counter)), outcome: Outcome::Committed, at: counter * 10 });
+        JournalStore::new(dir).save(&mut j).unwrap();
+    }
+
+    #[test]
+    fn each_commit_after_the_baseline_is_owed_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        commit(d, SlotId::B, 1, SlotContent::Unknown);
+        // No record yet: nothing is owed, and the baseline takes what is there.
+        assert_eq!(upgrade_owed(d), None);
+        baseline(d);
+        assert_eq!(upgrade_owed(d), None);
+        commit(d, SlotId::A, 2, SlotContent::Bundle(app(1)));
+        let u = upgrade_owed(d).unwrap();
+        assert_eq!((u.before.as_str(), u.after.as_str()), ("app@1", "app@2"));
+        upgraded_sent(d, &u);
+        assert_eq!(upgrade_owed(d), None);
+        // A baseline again changes nothing once there is a record.
+        commit(d, SlotId::B, 3, SlotContent::Dirty(app(2)));
+        baseline(d);
+        let u = upgrade_owed(d).unwrap();
+        assert_eq!((u.before.as_str(), u.after.as_str()), (NO_BUNDLE, "app@3"));
+    }
+
+    #[test]
+    fn provisioned_is_owed_until_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(!provisioned_owed(dir.path()));
+        owe_provisioned(dir.path());
+        assert!(provisioned_owed(dir.path()));
+        provisioned_sent(dir.path());
+        assert!(!provisioned_owed(dir.path()));
     }
 }

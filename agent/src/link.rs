@@ -184,6 +184,7 @@ impl Link {
         alive.tick().await;
         // A commit is announced within a couple of seconds of the journal
         // saying so, whoever's engine made it.
+        crate::announce::baseline(&self.state_dir);
         let mut owed = tokio::time::interval(Duration::from_secs(2));
         owed.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -266,7 +267,7 @@ impl Link {
     }
 
     /// Sends `ev` with a fresh id and the time now.
-    async fn send(&self, kind: Kind, mut ev: lifecycle::Event) -> bool {
+    async fn send(&self, kind: Kind, ev: lifecycle::Event) -> bool {
         if self.client.connection_state() != async_nats::connection::State::Connected {
             return false;
         }
@@ -275,8 +276,7 @@ impl Link {
             return false;
         }
         let id = &self.v.credential.device_id;
-        let fresh = lifecycle::Event::new(kind, id, "", uuid, perch_support::now_unix());
-        (ev.id, ev.timestamp) = (fresh.id, fresh.timestamp);
+        let ev = ev.stamped(uuid, perch_support::now_unix());
         let sent = async {
             // Its own subject: the provisioner republishes it for Choria.
             self.client.publish(subjects::lifecycle(id), ev.to_json().into()).await.ok()?;

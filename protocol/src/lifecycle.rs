@@ -148,6 +148,13 @@ impl Event {
         }
     }
 
+    /// The same event with a fresh id (16 random bytes) and time: as it is
+    /// sent, which may be later than it was made.
+    pub fn stamped(mut self, id: [u8; 16], now: u64) -> Event {
+        (self.id, self.timestamp) = (uuid_v4(id), now);
+        self
+    }
+
     /// The same event from another component (the provisioner's own).
     pub fn from_component(mut self, component: &str) -> Event {
         self.component = component.into();

@@ -24,8 +24,10 @@ use std::process::{Command, Output, Stdio};
 
 use serde_json::{json, Map, Value};
 
+mod scratch;
+
 /// The DDL the Choria server and `choria req` read (`perch.json`).
-pub const DDL: &str = include_str!("../choria/perch.json");
+pub const DDL: &str = include_str!("../../choria/perch.json");
 
 pub const RPC_REQUEST: &str = "io.choria.mcorpc.external.v1.rpc_request";
 pub const ACTIVATION_REQUEST: &str = "io.choria.mcorpc.external.v1.activation_request";
@@ -410,43 +412,19 @@ impl Runner<'_> {
         }
         // A killed call (the DDL timeout) leaves its download behind: the
         // next install clears them.
-        self.clear_scratch("download");
+        scratch::clear(&self.settings.state_dir, "download");
         let file = self.scratch(request, "download", "perch")?;
-        download(bundle, &file, self.settings.download_max).map(|()| (file.clone(), true)).map_err(|e| {
-            let _ = std::fs::remove_file(&file);
-            Reply::error(StatusCode::Aborted, format!("downloading {bundle}: {e}"))
-        })
+        scratch::download(bundle, &file, self.settings.download_max).map(|()| (file.clone(), true)).map_err(
+            |e| {
+                let _ = std::fs::remove_file(&file);
+                Reply::error(StatusCode::Aborted, format!("downloading {bundle}: {e}"))
+            },
+        )
     }
 
-    /// A fresh path in `STATE/choria/` for this request (`KIND-REQUESTID.EXT`:
-    /// two calls never share one), with any file a killed call left there
-    /// removed.
     fn scratch(&self, request: &Value, kind: &str, ext: &str) -> Result<PathBuf, Reply> {
-        let id: String = request["requestid"]
-            .as_str()
-            .unwrap_or("")
-            .chars()
-            .filter(char::is_ascii_alphanumeric)
-            .take(64)
-            .collect();
-        let dir = self.settings.state_dir.join("choria");
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| Reply::error(StatusCode::Aborted, format!("{}: {e}", dir.display())))?;
-        // Each call is its own process: its pid keeps two calls apart even
-        // without a request id.
-        let file = dir.join(format!("{kind}-{}-{id}.{ext}", std::process::id()));
-        let _ = std::fs::remove_file(&file);
-        Ok(file)
-    }
-
-    /// Removes every `KIND-*` file in `STATE/choria/`.
-    fn clear_scratch(&self, kind: &str) {
-        let dir = self.settings.state_dir.join("choria");
-        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-            if e.file_name().to_string_lossy().starts_with(&format!("{kind}-")) {
-                let _ = std::fs::remove_file(e.path());
-            }
-        }
+        scratch::path(&self.settings.state_dir, request["requestid"].as_str().unwrap_or(""), kind, ext)
+            .map_err(|e| Reply::error(StatusCode::Aborted, e))
     }
 
     fn decide(&self, action: &str) -> Result<Reply, Reply> {
@@ -505,42 +483,6 @@ impl Runner<'_> {
     }
 }
 
-/// How long a download may take: under the DDL's 600 s, so that the reply
-/// still says why.
-const DOWNLOAD_TIME: &str = "540";
-
-/// Downloads `url` into `file` with the node's curl, never more than `max`
-/// bytes whatever the server says (curl's own `--max-filesize` trusts a
-/// Content-Length): curl writes to a pipe, and the copy stops past `max`.
-fn download(url: &str, file: &Path, max: u64) -> Result<(), String> {
-    let mut child = Command::new("curl")
-        .args(["--fail", "--silent", "--show-error", "--location", "--proto", "=http,https"])
-        .args(["--connect-timeout", "30", "--max-time", DOWNLOAD_TIME, "--output", "-", "--"])
-        .arg(url)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("it needs curl on the node's PATH: {e}"))?;
-    let copied = (|| -> std::io::Result<u64> {
-        let mut out = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(file)?;
-        let stdout = child.stdout.take().ok_or_else(|| std::io::Error::other("no pipe from curl"))?;
-        let n = std::io::copy(&mut std::io::Read::take(stdout, max.saturating_add(1)), &mut out)?;
-        out.sync_all()?;
-        Ok(n)
-    })();
-    if !matches!(copied, Ok(n) if n <= max) {
-        let _ = child.kill();
-    }
-    let done = child.wait_with_output().map_err(|e| format!("curl: {e}"))?;
-    match copied {
-        Err(e) => Err(format!("{}: {e}", file.display())),
-        Ok(n) if n > max => Err(format!("larger than download_max_bytes ({max})")),
-        Ok(_) if !done.status.success() => Err(last_line(&done.stderr)),
-        Ok(_) => Ok(()),
-    }
-}
-
 /// The reply for a command that did not exit 0: its one-line error (the
 /// CLI contract), with `refused:` before a security rejection.
 fn failed(out: &Output) -> Option<Reply> {
@@ -558,7 +500,7 @@ fn failed(out: &Output) -> Option<Reply> {
     Some(Reply::error(StatusCode::from_exit(code), message))
 }
 
-fn last_line(bytes: &[u8]) -> String {
+pub(super) fn last_line(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes)
         .lines()
         .rev()
