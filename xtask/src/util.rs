@@ -16,7 +16,17 @@ pub fn step(title: &str) {
     // The time since xtask started, so a slow CI shows where it went.
     static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
     let at = START.get_or_init(std::time::Instant::now).elapsed().as_secs();
-    println!("\n==> [{}:{:02}] {title}", at / 60, at % 60);
+    // And the disk left, so a run that fills it shows what filled it.
+    let free = disk_free_gib().map(|g| format!(" {g:.1} GiB free")).unwrap_or_default();
+    println!("\n==> [{}:{:02}{free}] {title}", at / 60, at % 60);
+}
+
+/// Free space on the filesystem holding the workspace, from `df`.
+fn disk_free_gib() -> Option<f64> {
+    let out = Command::new("df").args(["-Pk"]).arg(root()).output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let kib: f64 = text.lines().nth(1)?.split_whitespace().nth(3)?.parse().ok()?;
+    Some(kib / (1024.0 * 1024.0))
 }
 
 /// Runs a command, echoing it, and fails if it fails.
