@@ -225,7 +225,7 @@ fn reporter(cfg: &Config, state_dir: &Path) -> Option<Reporter> {
 }
 
 fn open_reporter(cfg: &Config, state_dir: &Path) -> Result<Reporter, String> {
-    let device = identity::device_id(cfg, None).map_err(|e| e.to_string())?;
+    let device = identity::reporting_id(cfg, state_dir).map_err(|e| e.to_string())?;
     let boot_id = std::fs::read_to_string(&cfg.boot_id).map(|s| s.trim().to_string()).unwrap_or_default();
     let ocfg = OutboxConfig { telemetry_budget: cfg.reports.telemetry_budget, ..OutboxConfig::default() };
     let (outbox, repairs) = Outbox::open(state_dir, ocfg).map_err(|e| e.to_string())?;

@@ -215,6 +215,22 @@ pub fn configured_trust(cfg: &Config) -> Result<Option<SignedTrust>, IdentityErr
     SignedTrust::parse(&bytes).map(Some).map_err(|err| IdentityError::Trust { path: cfg.trust.clone(), err })
 }
 
+/// The id this device's reports carry: the enrolled credential's (the one
+/// its link may publish as), else the configured one. They differ after
+/// `enroll --device-id` overrode the config; reports under the configured
+/// id would be refused by the server, and wait in the outbox for ever.
+pub fn reporting_id(cfg: &Config, state_dir: &Path) -> Result<String, IdentityError> {
+    let path = Identity::new(state_dir).enrollment_path();
+    let enrolled = read_bounded(&path, MAX_MESSAGE * 2)
+        .ok()
+        .and_then(|b| Enrollment::from_text(&String::from_utf8_lossy(&b)).ok())
+        .and_then(|e| credential_id(&e).ok());
+    match enrolled {
+        Some(id) => Ok(id),
+        None => device_id(cfg, None),
+    }
+}
+
 /// This device's id: `override_id`, else `device.id`, else the first line
 /// of `device.id_file`, else the hostname's first label.
 pub fn device_id(cfg: &Config, override_id: Option<&str>) -> Result<String, IdentityError> {

@@ -17,6 +17,7 @@
 pub mod bundle;
 pub mod desired;
 pub mod enroll;
+pub mod hex_serde;
 pub mod jwt;
 pub mod keys;
 pub mod lifecycle;

@@ -45,6 +45,7 @@ pub struct BundleInfo {
     pub name: String,
     pub counter: u64,
     pub version: String,
+    #[serde(with = "crate::hex_serde")]
     pub digest: [u8; 32],
 }
 
@@ -56,7 +57,12 @@ pub enum ReportKind {
     /// The deploy journal changed state (`Staging`, `Trial`, `Committed`...).
     /// A deploy state the device reached, why, and the bundle (digest) it
     /// is about, so a rollout can tell this bundle's outcome from another's.
-    Deploy { state: String, reason: Option<String>, bundle: Option<[u8; 32]> },
+    Deploy {
+        state: String,
+        reason: Option<String>,
+        #[serde(with = "crate::hex_serde::option")]
+        bundle: Option<[u8; 32]>,
+    },
     /// Staging progress, every N chunks.
     Progress { chunks_done: u32, chunk_count: u32 },
     /// Telemetry records `first..=last` were dropped to stay in budget.
@@ -69,6 +75,7 @@ pub enum ReportKind {
     /// so compressed where the chunk is). Sent once staging is done.
     /// Appended last: older readers' variants keep their tags.
     Transfer {
+        #[serde(with = "crate::hex_serde")]
         bundle: [u8; 32],
         reused_bytes: u64,
         reused_chunks: u32,

@@ -443,7 +443,12 @@ impl ReportsReader {
         let (first, last) = (info.state.first_sequence, info.state.last_sequence);
         (first..=last)
             .filter_map(|seq| self.rt.block_on(s.get_raw_message(seq)).ok())
-            .map(|m| perch_protocol::report::Report::from_bytes(&m.payload).unwrap())
+            .map(|m| {
+                let r = perch_protocol::report::Report::from_bytes(&m.payload).unwrap();
+                // Every report a test reads matches schemas/wire/report.json.
+                crate::schema::check("wire/report", &serde_json::to_value(&r).unwrap());
+                r
+            })
             .collect()
     }
 }

@@ -8,6 +8,7 @@ pub mod device;
 pub mod fleet;
 pub mod hub;
 pub mod nats;
+pub mod schema;
 pub mod sim;
 /// Real U-Boot on qemu's virt board (its own crate: the demo uses it too).
 pub use perch_uboot_vm as uboot;

@@ -13,7 +13,9 @@ fn next_on(events: &mut Subscription, subject: &str, limit: Duration) -> Option<
     while let Some(left) = until.checked_duration_since(std::time::Instant::now()) {
         let m = events.next(left)?;
         if m.subject.as_str() == subject {
-            return Some(serde_json::from_slice(&m.payload).expect("an event is JSON"));
+            let v = serde_json::from_slice(&m.payload).expect("an event is JSON");
+            perch_tests::schema::check("wire/lifecycle", &v);
+            return Some(v);
         }
     }
     None
@@ -94,7 +96,7 @@ fn choria_sees_devices_provisioned_alive_and_upgraded_and_the_provisioner_come_a
     let token = f.token_file("desk-1.token", &["--group", "desktops"]);
     let r = d.agent(&["enroll", "--device-id", "desk-1", "--token-file", token.to_str().unwrap()]);
     assert_eq!(r.code, 0, "{}", r.stderr);
-    d.write_config("[reports]\nheartbeat = \"300ms\"\n");
+    d.write_config("[reports]\nheartbeat = \"300ms\"\n[fetch]\nresync = \"500ms\"\n");
     let mut agent = d.spawn_run();
     let p = next_on(&mut events, "choria.lifecycle.event.provisioned.perch", secs(15))
         .expect("no provisioned event");
@@ -123,6 +125,27 @@ fn choria_sees_devices_provisioned_alive_and_upgraded_and_the_provisioner_come_a
         );
         assert_eq!(u["protocol"], "io.choria.lifecycle.v1.upgraded");
     }
+    // What the device reported: heartbeats and the deploys, as the id it
+    // enrolled with.
+    let kinds = || {
+        let mut kinds = std::collections::BTreeSet::new();
+        for r in reader.all() {
+            // (The reader checks each against schemas/wire/report.json.)
+            let v = serde_json::to_value(&r).unwrap();
+            // As enrolled (--device-id), not as configured (the hostname).
+            assert_eq!(v["device"], "desk-1", "{v}");
+            let kind = v["kind"].as_object().and_then(|k| k.keys().next().cloned());
+            kinds.insert(kind.unwrap_or(v["kind"].to_string()));
+        }
+        kinds
+    };
+    // A local install is reported by the daemon's journal watch (on the
+    // resync tick), as its outcome: no transfer, which only a fleet deploy
+    // makes (checked in link.rs).
+    let wanted = ["\"Heartbeat\"", "Deploy"].map(String::from);
+    let all_kinds = wait_for(secs(15), || wanted.iter().all(|k| kinds().contains(k)));
+    assert!(all_kinds, "not every kind of report among {:?}", kinds());
+
     // Each once: nothing more of them from the stopping daemon, nor from a
     // restarted one (every event up to its startup, and 3 s after).
     assert_eq!(agent.terminate(secs(10)), Some(0));
