@@ -165,7 +165,9 @@ impl Device {
         for (k, v) in env {
             c.env(k, v);
         }
-        c.output().expect("spawn perch-agent").into()
+        let r: Run = c.output().expect("spawn perch-agent").into();
+        crate::schema::check_cli_output("perch-agent", args, &r.stdout);
+        r
     }
 
     pub fn status(&self) -> serde_json::Value {

@@ -289,6 +289,7 @@ impl Device {
     pub fn agent(&self, args: &[&str]) -> Run {
         let r: Run = self.cmd(args).output().unwrap().into();
         self.append_log(&r.stderr);
+        crate::schema::check_cli_output("perch-agent", args, &r.stdout);
         r
     }
 

@@ -173,8 +173,16 @@ impl Scratch {
     }
 
     /// Runs `program args...` in the scratch directory.
+    /// What it prints with `--json` is checked against its schema.
     pub fn run(&self, program: &str, args: &[&str]) -> Run {
-        Command::new(bin(program)).args(args).current_dir(self.dir.path()).output().expect("spawn").into()
+        let r: Run = Command::new(bin(program))
+            .args(args)
+            .current_dir(self.dir.path())
+            .output()
+            .expect("spawn")
+            .into();
+        schema::check_cli_output(program, args, &r.stdout);
+        r
     }
 
     /// Runs and asserts the exit code, returning the output.

@@ -106,3 +106,33 @@ pub fn toml_to_json(text: &str) -> Result<Value, String> {
     let doc = DeTable::parse(text).map_err(|e| e.to_string())?;
     Ok(table(doc.get_ref()))
 }
+
+/// Checks what `program args` printed with `--json` against its schema in
+/// `schemas/cli/`: the schema named by the longest run of the command's
+/// words (`perch bundle inspect FILE` is `perch-bundle-inspect`). Commands
+/// that print JSON lines have each line checked. A `--json` command with
+/// no schema fails the test: every `--json` output has one.
+pub fn check_cli_output(program: &str, args: &[&str], stdout: &str) {
+    if !args.contains(&"--json") || stdout.trim().is_empty() {
+        return;
+    }
+    let words: Vec<&str> = args.iter().copied().take_while(|a| !a.starts_with('-')).collect();
+    let schemas = all();
+    let name = (1..=words.len())
+        .rev()
+        .map(|n| format!("cli/{program}-{}", words[..n].join("-")))
+        .find(|n| schemas.contains_key(n))
+        // `perch deploy --bundle ...` is `deploy start`'s older form.
+        .or_else(|| (program == "perch" && words == ["deploy"]).then(|| "cli/perch-deploy-start".into()))
+        .unwrap_or_else(|| panic!("no schema in schemas/cli/ for {program} {args:?}"));
+    if let Ok(doc) = serde_json::from_str::<Value>(stdout) {
+        return check(&name, &doc);
+    }
+    // JSON lines (deploy start/resume), or a document and then a QR code
+    // (token issue --qr): every line that is JSON is checked.
+    let lines: Vec<Value> = stdout.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    assert!(!lines.is_empty(), "{program} {args:?} --json printed no JSON: {stdout}");
+    for doc in &lines {
+        check(&name, doc);
+    }
+}
