@@ -44,6 +44,7 @@ pub struct RequestBody {
     pub target: String,
     pub agent_version: String,
     /// Fresh for every attempt: the provisioner refuses a nonce it has seen.
+    #[serde(with = "crate::readable")]
     pub nonce: [u8; 16],
     /// The device's clock when it asked; shown, never trusted.
     pub created_at: u64,
@@ -170,6 +171,13 @@ impl SignedRequest {
 
     pub fn from_text(text: &str) -> Result<Self, EnrollError> {
         Self::from_bytes(&from_text("request", REQUEST_PREFIX, text)?)
+    }
+
+    /// The request as JSON (`schemas/wire/enroll-request.json`): the
+    /// body's fields and the signature in hex. For showing; what is signed
+    /// is the postcard body.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({"body": self.body, "signature": hex::encode(self.signature.0)})
     }
 
     /// What the request claims, before its signature was checked.
@@ -312,14 +320,17 @@ fn validate_credential(b: &CredentialBody) -> Result<(), EnrollError> {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Enrollment {
     /// [`SignedCredential`] bytes.
+    #[serde(with = "crate::readable::base64")]
     pub credential: Vec<u8>,
     /// The device's NATS user JWT in the FLEET account.
     pub user_jwt: String,
     /// FLEET NATS URLs.
     pub fleet_urls: Vec<String>,
     /// The org trust document, encoded.
+    #[serde(with = "crate::readable::base64")]
     pub trust: Vec<u8>,
     /// The fleet CA certificate (DER); the device trusts only servers it signed.
+    #[serde(with = "crate::readable::base64")]
     pub ca_der: Vec<u8>,
 }
 

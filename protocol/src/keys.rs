@@ -46,9 +46,36 @@ impl fmt::Debug for KeyId {
     }
 }
 
-/// An ed25519 public key.
-#[derive(Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// An ed25519 public key. In JSON (a message's readable form) it is 64
+/// hex digits; in postcard, the key's 32 bytes as before.
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct PublicKey(ed25519_dalek::VerifyingKey);
+
+impl Serialize for PublicKey {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            s.serialize_str(&hex::encode(self.to_bytes()))
+        } else {
+            s.serialize_newtype_struct("PublicKey", &self.0)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for PublicKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        if d.is_human_readable() {
+            let text = String::deserialize(d)?;
+            let bytes =
+                crate::digest_from_hex(&text).ok_or_else(|| D::Error::custom("expected 64 hex digits"))?;
+            PublicKey::from_bytes(&bytes).map_err(D::Error::custom)
+        } else {
+            #[derive(Deserialize)]
+            struct Raw(ed25519_dalek::VerifyingKey);
+            Raw::deserialize(d).map(|r| PublicKey(r.0))
+        }
+    }
+}
 
 impl PublicKey {
     pub fn from_bytes(bytes: &[u8; 32]) -> Result<Self, KeyError> {
@@ -279,6 +306,19 @@ fn parse_tagged(text: &str, tag: &'static str) -> Result<[u8; 32], KeyError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_public_key_is_its_32_bytes_in_postcard_and_hex_in_json() {
+        let pk = SecretKey::from_seed(&[7; 32]).public();
+        let wire = postcard::to_allocvec(&pk).unwrap();
+        // What the derived impl wrote: a byte string (length, then bytes).
+        assert_eq!(wire, [&[32u8][..], &pk.to_bytes()].concat());
+        assert_eq!(postcard::from_bytes::<PublicKey>(&wire).unwrap(), pk);
+        let json = serde_json::to_value(pk).unwrap();
+        assert_eq!(json, hex::encode(pk.to_bytes()));
+        assert_eq!(serde_json::from_value::<PublicKey>(json).unwrap(), pk);
+        assert!(serde_json::from_value::<PublicKey>("ab".into()).is_err());
+    }
 
     #[test]
     fn text_round_trip_and_sign() {

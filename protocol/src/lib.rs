@@ -17,11 +17,11 @@
 pub mod bundle;
 pub mod desired;
 pub mod enroll;
-pub mod hex_serde;
 pub mod jwt;
 pub mod keys;
 pub mod lifecycle;
 pub mod limits;
+pub mod readable;
 pub mod registry;
 pub mod report;
 pub mod subjects;

@@ -45,7 +45,7 @@ pub struct BundleInfo {
     pub name: String,
     pub counter: u64,
     pub version: String,
-    #[serde(with = "crate::hex_serde")]
+    #[serde(with = "crate::readable")]
     pub digest: [u8; 32],
 }
 
@@ -60,7 +60,7 @@ pub enum ReportKind {
     Deploy {
         state: String,
         reason: Option<String>,
-        #[serde(with = "crate::hex_serde::option")]
+        #[serde(with = "crate::readable::option")]
         bundle: Option<[u8; 32]>,
     },
     /// Staging progress, every N chunks.
@@ -75,7 +75,7 @@ pub enum ReportKind {
     /// so compressed where the chunk is). Sent once staging is done.
     /// Appended last: older readers' variants keep their tags.
     Transfer {
-        #[serde(with = "crate::hex_serde")]
+        #[serde(with = "crate::readable")]
         bundle: [u8; 32],
         reused_bytes: u64,
         reused_chunks: u32,

@@ -3,6 +3,7 @@
 //! documents for it (`docs/content/reference/cli.md`). The records the
 //! commands leave in the fleet's buckets match `schemas/wire/`.
 
+use perch_protocol::enroll::{EnrollResponse, Rejection};
 use perch_protocol::subjects;
 use perch_tests::device::{Backend, Device};
 use perch_tests::fleet::Fleet;
@@ -148,6 +149,27 @@ fn every_json_output_parses_and_has_its_documented_fields() {
         let r = d.agent(&["enroll", "--device-id", id, "--token-file", token.to_str().unwrap()]);
         assert_eq!(r.code, code, "{id}: {}", r.stderr);
     }
+    // The enrollment the provisioner sent e1, as the device keeps it, and
+    // the other answers a device can get.
+    let enrollment = f.device("e1").enrollment();
+    schema::check("wire/enrollment", &serde_json::to_value(&enrollment).unwrap());
+    let answers = [
+        EnrollResponse::Enrolled(Box::new(enrollment)),
+        EnrollResponse::Pending("waiting for an operator".into()),
+        EnrollResponse::Rejected(Rejection::TokenUsedUp),
+        EnrollResponse::Rejected(Rejection::IdNotAllowed { id: "x".into(), pattern: "drone-*".into() }),
+        EnrollResponse::Rejected(Rejection::Internal("registry: timed out".into())),
+    ];
+    for a in answers {
+        schema::check("wire/enroll-response", &serde_json::to_value(&a).unwrap());
+    }
+    // An offline request file, as a technician carries it.
+    let req = s.path("w2.req");
+    let r = f.device("w2").agent(&["enroll", "--device-id", "w2", "--request-out", req.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let text = std::fs::read_to_string(&req).unwrap();
+    let request = perch_protocol::enroll::SignedRequest::from_text(&text).unwrap();
+    schema::check("wire/enroll-request", &request.to_json());
     // Desired state for a device and a group.
     for scope in [["--device", "e1"], ["--group", "g"]] {
         let r = with_conn(&[&["desired", "set", "--bundle", "os@7"][..], &scope[..]].concat());
