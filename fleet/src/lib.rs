@@ -11,6 +11,7 @@ pub mod context;
 pub mod desired;
 pub mod diff;
 pub mod link;
+pub mod presence;
 pub mod publish;
 pub mod rollout;
 pub mod rollout_store;
@@ -20,6 +21,7 @@ pub mod streams;
 pub mod table;
 pub mod verify;
 pub mod view;
+pub mod watch;
 
 /// Finds the exit class of this crate's errors (see `perch_support::exit`).
 pub const CLASSIFY: perch_support::exit::Classifier = perch_support::classifier![
@@ -34,4 +36,5 @@ pub const CLASSIFY: perch_support::exit::Classifier = perch_support::classifier!
     sign::SignError,
     status::StatusError,
     verify::VerifyError,
+    watch::WatchError,
 ];

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, UNIX_EPOCH};
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
 use perch_fleet::catalog::BundleArg;
 use perch_protocol::bundle::BundleReader;
@@ -84,6 +84,26 @@ enum Command {
         /// Redraw every two seconds until interrupted.
         #[arg(long)]
         watch: bool,
+    },
+    /// Presence advisories (Choria's io.choria.sr.v2.age_advisory) as
+    /// devices are first heard from, go quiet, come back and expire, on
+    /// perch.advisories.<event>.<device>. A service: run one or more (one
+    /// is elected to send) until SIGTERM.
+    Watch {
+        #[command(flatten)]
+        conn: Conn,
+        /// This watcher's name, in each advisory's `replicator` (default: the host name).
+        #[arg(long)]
+        name: Option<String>,
+        /// A device silent this long times out.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "3m")]
+        stale_after: Duration,
+        /// A device silent this long expires: no more advisories until it is heard from.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "24h")]
+        expire_after: Duration,
+        /// How often to look.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+        every: Duration,
     },
     /// Each stream and bucket: its leader and copies, and whether every
     /// copy is current. Exits 1 unless all are: check it before taking
@@ -190,7 +210,50 @@ fn run(cli: Cli) -> Result<()> {
             status(&conn.target()?, &q, json, watch)
         }
         Command::Streams { conn, json } => streams(conn.target()?, json),
+        Command::Watch { conn, name, stale_after, expire_after, every } => {
+            let limits = perch_fleet::presence::Limits {
+                stale_after: stale_after.as_secs(),
+                expire_after: expire_after.as_secs(),
+            };
+            if limits.expire_after <= limits.stale_after || every.is_zero() {
+                bail!(UsageError(
+                    "--expire-after must be longer than --stale-after, and --every above 0".into()
+                ));
+            }
+            let name = name.unwrap_or_else(host_name);
+            watch(conn.target()?, &perch_fleet::watch::Settings { name, limits, every })
+        }
     }
+}
+
+/// The host's name, for `perch watch`'s default `--name`.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "perch-watch".into())
+}
+
+fn watch(target: perch_fleet::link::Target, settings: &perch_fleet::watch::Settings) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        let client = target.connect("perch watch").await?;
+        let stop = async {
+            use tokio::signal::unix::{signal, SignalKind};
+            match signal(SignalKind::terminate()) {
+                Ok(mut term) => {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = tokio::signal::ctrl_c() => {}
+                    }
+                }
+                Err(_) => drop(tokio::signal::ctrl_c().await),
+            }
+        };
+        perch_fleet::watch::run(&client, settings, stop).await?;
+        anyhow::Ok(())
+    })
 }
 
 fn streams(target: perch_fleet::link::Target, json: bool) -> Result<()> {

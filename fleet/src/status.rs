@@ -56,6 +56,8 @@ pub struct Query {
 /// What was read, and what was set aside.
 pub struct Read {
     pub view: FleetView,
+    /// The registry records the view was built from.
+    pub registry: Vec<DeviceRecord>,
     /// Reports that did not parse, or claimed another device's id.
     pub refused: Vec<String>,
 }
@@ -74,7 +76,7 @@ pub async fn read(client: &async_nats::Client, q: &Query, now: u64) -> Result<Re
     }
     let mut view = view::build(&registry, reports, now, q.stale_after_secs, q.device.is_some());
     view.sites = sites(&js).await?;
-    Ok(Read { view, refused })
+    Ok(Read { view, registry, refused })
 }
 
 /// Every device record, sorted by id; none if the bucket does not exist

@@ -14,6 +14,7 @@
 //! - Every parser rejects trailing bytes: one byte string, one meaning.
 #![forbid(unsafe_code)]
 
+pub mod advisory;
 pub mod bundle;
 pub mod desired;
 pub mod enroll;

@@ -26,6 +26,7 @@ const SERVER_TESTS: &[&str] = &[
     "site_config",
     "tokens",
     "trust_rotation",
+    "watch",
 ];
 
 pub fn run() -> Result<()> {
