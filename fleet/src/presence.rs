@@ -109,28 +109,10 @@ pub fn changes(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::view::{DeviceView, Liveness};
+    use crate::view::DeviceView;
 
     fn device(id: &str, last_seen: Option<u64>, registry: &str) -> DeviceView {
-        DeviceView {
-            id: id.into(),
-            registry: Some(registry.into()),
-            groups: vec![],
-            liveness: Liveness::Online,
-            last_seen,
-            boot_id: None,
-            agent_version: None,
-            running_slot: None,
-            running_bundle: None,
-            journal_state: None,
-            last_deploy: None,
-            progress: None,
-            transfer: None,
-            epoch: None,
-            last_seq: 0,
-            site: None,
-            reports: None,
-        }
+        DeviceView { registry: Some(registry.into()), last_seen, ..crate::view::empty(id) }
     }
 
     const LIMITS: Limits = Limits { stale_after: 60, expire_after: 600 };

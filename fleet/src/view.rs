@@ -264,7 +264,8 @@ pub fn build(
     FleetView { now, stale_after_secs, devices: by_id.into_values().collect(), sites: vec![], reports_seq }
 }
 
-fn empty(id: &str) -> DeviceView {
+/// A device with nothing known of it but its id.
+pub(crate) fn empty(id: &str) -> DeviceView {
     DeviceView {
         id: id.into(),
         registry: None,
