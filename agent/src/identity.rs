@@ -221,13 +221,21 @@ pub fn configured_trust(cfg: &Config) -> Result<Option<SignedTrust>, IdentityErr
 /// id would be refused by the server, and wait in the outbox for ever.
 pub fn reporting_id(cfg: &Config, state_dir: &Path) -> Result<String, IdentityError> {
     let path = Identity::new(state_dir).enrollment_path();
+    if !path.exists() {
+        return device_id(cfg, None);
+    }
     let enrolled = read_bounded(&path, MAX_MESSAGE * 2)
-        .ok()
-        .and_then(|b| Enrollment::from_text(&String::from_utf8_lossy(&b)).ok())
-        .and_then(|e| credential_id(&e).ok());
+        .map_err(|e| e.to_string())
+        .and_then(|b| Enrollment::from_text(&String::from_utf8_lossy(&b)).map_err(|e| e.to_string()))
+        .and_then(|e| credential_id(&e).map_err(|e| e.to_string()));
     match enrolled {
-        Some(id) => Ok(id),
-        None => device_id(cfg, None),
+        Ok(id) => Ok(id),
+        Err(why) => {
+            // The link cannot start either; the reports wait under the
+            // configured id, which is all there is to go by.
+            tracing::warn!(path = %path.display(), "enrollment unreadable ({why}): reports carry the configured id");
+            device_id(cfg, None)
+        }
     }
 }
 

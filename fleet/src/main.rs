@@ -238,18 +238,19 @@ fn host_name() -> String {
 fn watch(target: perch_fleet::link::Target, settings: &perch_fleet::watch::Settings) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async {
-        let client = target.connect("perch watch").await?;
-        let stop = async {
-            use tokio::signal::unix::{signal, SignalKind};
-            match signal(SignalKind::terminate()) {
-                Ok(mut term) => {
-                    tokio::select! {
-                        _ = term.recv() => {}
-                        _ = tokio::signal::ctrl_c() => {}
-                    }
-                }
-                Err(_) => drop(tokio::signal::ctrl_c().await),
+        use tokio::signal::unix::{signal, SignalKind};
+        // Listening from the start: a SIGTERM while it connects is a clean stop too.
+        let (mut term, mut int) = (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?);
+        let stop = async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
             }
+        };
+        tokio::pin!(stop);
+        let client = tokio::select! {
+            c = target.connect("perch watch") => c?,
+            _ = &mut stop => return Ok(()),
         };
         perch_fleet::watch::run(&client, settings, stop).await?;
         anyhow::Ok(())

@@ -55,8 +55,8 @@ pub struct Change {
 /// A device is judged by its last report (the server's time). One that
 /// never reported is judged from when it enrolled (`enrolled_at`, passed
 /// in `enrolled`): an enrolled device that never speaks times out too,
-/// with age -1. Devices not enrolled (pending, rejected, revoked) are not
-/// watched.
+/// with age -1. Devices the registry holds as anything but enrolled
+/// (pending, approved, rejected, revoked) are not watched.
 pub fn changes(
     view: &FleetView,
     enrolled: &BTreeMap<String, u64>,
@@ -66,17 +66,21 @@ pub fn changes(
 ) -> Vec<Change> {
     let mut out = vec![];
     for d in &view.devices {
-        let Some(since) = d.last_seen.or_else(|| enrolled.get(&d.id).copied()) else { continue };
-        if d.last_seen.is_none() && d.registry.as_deref() != Some("enrolled") {
+        if d.registry.as_deref().is_some_and(|s| s != "enrolled") {
             continue;
         }
+        let Some(since) = d.last_seen.or_else(|| enrolled.get(&d.id).copied()) else { continue };
         let quiet = now.saturating_sub(since);
-        let heard = d.last_seen.is_some() && quiet <= limits.stale_after;
+        let previous = known.get(&d.id).copied();
+        // Heard from since a timeout or expiry was advised, even if quiet
+        // again by now (it came and went between two looks): that is said
+        // before any new timeout.
+        let reported_since = previous.is_some_and(|p| p.advised != Advised::Live && d.last_seen > p.seen);
+        let heard = d.last_seen.is_some() && (quiet <= limits.stale_after || reported_since);
         if !heard && quiet <= limits.stale_after {
             // Enrolled a moment ago and not heard from yet: give it time.
             continue;
         }
-        let previous = known.get(&d.id).copied();
         let event = match (previous.map(|p| p.advised), heard) {
             // Heard from: new the first time (or after it expired, or
             // after a timeout it never recovered from because it was
@@ -171,6 +175,15 @@ mod tests {
     }
 
     #[test]
+    fn a_device_that_came_and_went_between_two_looks_recovers_then_times_out_again() {
+        let got = lifetime(&[(100, Some(100)), (200, Some(100)), (400, Some(300)), (410, Some(300))], 0);
+        assert_eq!(got, [(100, "new"), (200, "timeout"), (400, "recover"), (410, "timeout")], "{got:?}");
+        // The same past an expiry: it is new again, then times out.
+        let got = lifetime(&[(100, Some(100)), (800, Some(100)), (1000, Some(900)), (1010, Some(900))], 0);
+        assert_eq!(got, [(100, "new"), (800, "expire"), (1000, "new"), (1010, "timeout")], "{got:?}");
+    }
+
+    #[test]
     fn a_watcher_that_starts_late_says_where_each_device_stands() {
         // First look at a device quiet for 5 minutes, and one for a day.
         assert_eq!(lifetime(&[(400, Some(100))], 0), [(400, "timeout")]);
@@ -182,7 +195,7 @@ mod tests {
         let view = FleetView {
             now: 1000,
             stale_after_secs: 60,
-            devices: vec![device("p", None, "pending"), device("r", None, "revoked")],
+            devices: vec![device("p", None, "pending"), device("r", Some(10), "revoked")],
             sites: vec![],
             reports_seq: 0,
         };

@@ -6,12 +6,16 @@
 //! does) and records what it advised in the `PERCH_WATCH` bucket.
 //!
 //! Several may run (next to each provisioner, say); one is elected and
-//! the others wait. The leader rewrites the `leader` key every tick; a
-//! watcher that sees the same revision for the lease takes over by writing
-//! at that revision, which only one can. So each advisory is sent by one
-//! process, and a new leader carries on from the records, not from
-//! scratch. Clocks are not compared across hosts: each watcher times the
-//! lease on its own.
+//! the others wait. The leader rewrites the `leader` key every tick, and
+//! again during a long tick before it sends more; a watcher that sees the
+//! same revision for the lease takes over by writing at that revision,
+//! which only one can, and a leader whose rewrite fails stops sending. So
+//! each advisory is sent by one process, and a new leader carries on from
+//! the records, not from scratch.
+//!
+//! No clocks are compared across hosts: each watcher times the lease on
+//! its own, and devices are judged by the server's clock (the time the
+//! server stored the leader's rewrite), as their last-seen times are.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -69,10 +73,14 @@ struct Election {
     mine: Option<u64>,
     /// Another's revision, and when this watcher first saw it.
     theirs: Option<(u64, Instant)>,
+    /// When this watcher last rewrote the key.
+    renewed: Instant,
 }
 
 impl Election {
-    async fn lead(&mut self, kv: &jetstream::kv::Store, lease: Duration) -> Result<bool, WatchError> {
+    /// Whether this watcher leads now (taking over or renewing); if so, the
+    /// server's time of the rewrite (Unix seconds).
+    async fn lead(&mut self, kv: &jetstream::kv::Store, lease: Duration) -> Result<Option<u64>, WatchError> {
         let current = kv.entry(LEADER).await.map_err(nats)?;
         let me = self.me.clone().into_bytes();
         let won = match current {
@@ -96,7 +104,21 @@ impl Election {
         } else if won.is_none() && was {
             warn!(name = %self.me, "another watcher leads now");
         }
-        Ok(won.is_some())
+        let Some(rev) = won else { return Ok(None) };
+        self.renewed = Instant::now();
+        // The server's clock, from the entry just written.
+        let written = kv.entry_for_revision(LEADER, rev).await.map_err(nats)?;
+        let at = written.map_or(0, |e| e.created.unix_timestamp().max(0) as u64);
+        Ok(Some(at))
+    }
+
+    /// Renews the lease if half of it has gone by since the last rewrite;
+    /// false if another watcher took over meanwhile.
+    async fn still_leads(&mut self, kv: &jetstream::kv::Store, lease: Duration) -> Result<bool, WatchError> {
+        if self.renewed.elapsed() < lease / 2 {
+            return Ok(true);
+        }
+        Ok(self.lead(kv, lease).await?.is_some())
     }
 }
 
@@ -110,7 +132,8 @@ pub async fn run(
     let kv = perch_net::ensure_kv(&js, BUCKET, "perch watch: its leader, and what it advised per device", 1)
         .await
         .map_err(WatchError::Nats)?;
-    let mut election = Election { me: settings.name.clone(), mine: None, theirs: None };
+    let mut election =
+        Election { me: settings.name.clone(), mine: None, theirs: None, renewed: Instant::now() };
     tokio::pin!(stop);
     loop {
         // A lost connection or a busy server is a tick missed, not the end.
@@ -131,14 +154,19 @@ async fn tick(
     election: &mut Election,
     settings: &Settings,
 ) -> Result<(), WatchError> {
-    if !election.lead(kv, settings.lease()).await? {
+    let Some(now) = election.lead(kv, settings.lease()).await? else {
         return Ok(());
-    }
-    let now = perch_support::now_unix();
+    };
     let q = Query { device: None, stale_after_secs: settings.limits.stale_after };
     let read = status::read(client, &q, now).await.map_err(nats)?;
-    let enrolled: BTreeMap<String, u64> =
-        read.registry.iter().filter_map(|r| r.enrolled_at.map(|t| (r.id.clone(), t))).collect();
+    // Since when an enrolled device that never reported has been silent:
+    // its enrollment, or its record (an offline-enrolled device's is made
+    // by its first hello, its credential maybe issued days before).
+    let enrolled: BTreeMap<String, u64> = read
+        .registry
+        .iter()
+        .filter_map(|r| r.enrolled_at.map(|t| (r.id.clone(), t.max(r.created_at))))
+        .collect();
     let mut known = BTreeMap::new();
     for e in kv_entries(js, BUCKET, PRESENCE_PREFIX).await.map_err(WatchError::Nats)? {
         let device = e.key.trim_start_matches(PRESENCE_PREFIX).to_string();
@@ -151,6 +179,11 @@ async fn tick(
         }
     }
     for c in presence::changes(&read.view, &enrolled, &known, settings.limits, now) {
+        // A long tick (a whole site timing out at once) renews the lease
+        // before it says more, and stops if another watcher took over.
+        if !election.still_leads(kv, settings.lease()).await? {
+            break;
+        }
         let mut random = [0u8; 16];
         getrandom::getrandom(&mut random).map_err(|e| WatchError::Random(e.to_string()))?;
         let a = AgeAdvisory::new(c.event, &c.device, c.seen, now, &settings.name, random);

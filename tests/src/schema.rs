@@ -128,11 +128,18 @@ pub fn check_cli_output(program: &str, args: &[&str], stdout: &str) {
     if let Ok(doc) = serde_json::from_str::<Value>(stdout) {
         return check(&name, &doc);
     }
-    // JSON lines (deploy start/resume), or a document and then a QR code
-    // (token issue --qr): every line that is JSON is checked.
-    let lines: Vec<Value> = stdout.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
-    assert!(!lines.is_empty(), "{program} {args:?} --json printed no JSON: {stdout}");
-    for doc in &lines {
-        check(&name, doc);
+    // JSON lines (deploy start/resume): each line is a document. With
+    // --qr (token issue), the document is followed by the QR code.
+    let mut lines = stdout.lines().filter(|l| !l.trim().is_empty()).peekable();
+    if args.contains(&"--qr") {
+        let first = lines.next().unwrap_or_default();
+        let doc = serde_json::from_str(first).unwrap_or_else(|e| panic!("{program} {args:?}: {e}: {first}"));
+        return check(&name, &doc);
+    }
+    assert!(lines.peek().is_some(), "{program} {args:?} --json printed nothing");
+    for line in lines {
+        let doc = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("{program} {args:?}: not JSON ({e}): {line}"));
+        check(&name, &doc);
     }
 }

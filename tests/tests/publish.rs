@@ -97,7 +97,9 @@ fn a_context_or_the_environment_supplies_the_connection() {
             c.env_remove(var);
         }
         c.envs(env.iter().copied());
-        c.output().expect("spawn").into()
+        let r: perch_tests::Run = c.output().expect("spawn").into();
+        perch_tests::schema::check_cli_output("perch", args, &r.stdout);
+        r
     };
     let r = run(&["status", "--json"], &[]);
     assert_eq!(r.code, 2, "{}", r.stderr);

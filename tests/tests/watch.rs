@@ -64,7 +64,7 @@ fn watcher(f: &Fleet, name: &str) -> Running {
     let log = std::fs::File::create(f.s.path(&format!("{name}.log"))).unwrap();
     let child = Command::new(perch_tests::bin("perch"))
         .args(["watch", "--url", &f.url, "--creds", "reader.creds", "--ca", "org/tls/ca.pem", "--name", name])
-        .args(["--stale-after", "2s", "--expire-after", "6s", "--every", "300ms"])
+        .args(["--stale-after", "2s", "--expire-after", "6s", "--every", "500ms"])
         .current_dir(f.s.dir.path())
         .env("PERCH_LOG", "info")
         .stdout(Stdio::null())
