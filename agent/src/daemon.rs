@@ -168,7 +168,10 @@ async fn run(
 ) {
     if let Some(r) = &reporter {
         tokio::spawn(reports::heartbeat_loop(r.clone(), cfg.reports.heartbeat));
-        tokio::spawn(reports::journal_watch(r.clone(), engine.clone(), cfg.fetch.resync));
+        // A technician's install next to the daemon reaches the fleet within
+        // seconds, not on the next desired-state resync (30 s by default).
+        let every = cfg.fetch.resync.min(reports::JOURNAL_WATCH_EVERY);
+        tokio::spawn(reports::journal_watch(r.clone(), engine.clone(), every));
     }
     let Some(v) = enrolled(&cfg, &state_dir).await else {
         return stop.notified().await;

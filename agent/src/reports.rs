@@ -211,6 +211,10 @@ fn deploy_key(s: &crate::journal::DeployState) -> DeployKey {
     (s.name().to_string(), s.bundle().map(|b| b.digest))
 }
 
+/// How often [`journal_watch`] looks at the journal (a small file; the
+/// link's check for owed lifecycle events runs as often).
+pub const JOURNAL_WATCH_EVERY: Duration = Duration::from_secs(2);
+
 /// Reports deploy states that another process's engine reached: a
 /// technician's `perch-agent install`, `commit` or `rollback` while the
 /// agent runs. Every `every`, the journal's state is compared with the last

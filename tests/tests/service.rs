@@ -96,7 +96,7 @@ fn choria_sees_devices_provisioned_alive_and_upgraded_and_the_provisioner_come_a
     let token = f.token_file("desk-1.token", &["--group", "desktops"]);
     let r = d.agent(&["enroll", "--device-id", "desk-1", "--token-file", token.to_str().unwrap()]);
     assert_eq!(r.code, 0, "{}", r.stderr);
-    d.write_config("[reports]\nheartbeat = \"300ms\"\n[fetch]\nresync = \"500ms\"\n");
+    d.write_config("[reports]\nheartbeat = \"300ms\"\n");
     let mut agent = d.spawn_run();
     let p = next_on(&mut events, "choria.lifecycle.event.provisioned.perch", secs(15))
         .expect("no provisioned event");
@@ -139,9 +139,9 @@ fn choria_sees_devices_provisioned_alive_and_upgraded_and_the_provisioner_come_a
         }
         kinds
     };
-    // A local install is reported by the daemon's journal watch (on the
-    // resync tick), as its outcome: no transfer, which only a fleet deploy
-    // makes (checked in link.rs).
+    // A local install is reported by the daemon's journal watch (within
+    // 2 s), as its outcome: no transfer, which only a fleet deploy makes
+    // (checked in link.rs).
     let wanted = ["\"Heartbeat\"", "Deploy"].map(String::from);
     let all_kinds = wait_for(secs(15), || wanted.iter().all(|k| kinds().contains(k)));
     assert!(all_kinds, "not every kind of report among {:?}", kinds());
