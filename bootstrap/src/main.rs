@@ -795,8 +795,7 @@ fn token_cmd(cmd: TokenCommand, now: u64) -> Result<()> {
                 ))
                 .into());
             }
-            let trust = read_trust(&dir.join(TRUST_DOC))?;
-            let params = token::IssueParams {
+            let ask = token::Ask {
                 groups,
                 uses,
                 approval: match approval {
@@ -805,11 +804,9 @@ fn token_cmd(cmd: TokenCommand, now: u64) -> Result<()> {
                 },
                 id_pattern,
                 urls,
-                ca_fingerprint: perch_net::tls::fingerprint(&perch_bootstrap::tls::ca_der(&dir)?),
-                now,
-                expires_at: now.saturating_add(ttl.as_secs()),
+                ttl_secs: ttl.as_secs(),
             };
-            let t = token::issue(&dir, &trust, params)?;
+            let t = token::issue_from_org(&dir, ask, now)?;
             let text = t.to_text();
             if json {
                 let b = t.unverified_body();

@@ -22,6 +22,16 @@ pub enum IssueError {
     Token(#[from] TokenError),
     #[error("{0}")]
     Trust(String),
+    /// The org's trust document could not be read or parsed; its own
+    /// error (after this one in the chain) says why and how to exit.
+    #[error("{}", path.display())]
+    TrustDoc {
+        path: std::path::PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+    },
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 impl Classify for IssueError {
@@ -31,6 +41,8 @@ impl Classify for IssueError {
             // Parameters no valid token can carry: the operator's to fix.
             IssueError::Token(TokenError::Invalid(_)) => Some(Class::Usage),
             IssueError::Token(_) | IssueError::Trust(_) => Some(Class::Security),
+            IssueError::TrustDoc { .. } => None,
+            IssueError::Tls(e) => e.class(),
         }
     }
 }
@@ -45,6 +57,46 @@ pub struct IssueParams {
     pub ca_fingerprint: [u8; 32],
     pub now: u64,
     pub expires_at: u64,
+}
+
+/// What the operator asks for, the rest taken from the org directory.
+#[derive(Debug, Clone)]
+pub struct Ask {
+    pub groups: Vec<String>,
+    pub uses: u32,
+    pub approval: Approval,
+    pub id_pattern: Option<String>,
+    /// The NATS URLs devices enroll through.
+    pub urls: Vec<String>,
+    /// How long it is good for (at least 1 s).
+    pub ttl_secs: u64,
+}
+
+/// Issues a token for the org in `dir`, with its trust document and CA
+/// (what `perch-bootstrap token issue` and `perch console` do).
+pub fn issue_from_org(dir: &Path, ask: Ask, now: u64) -> Result<SignedToken, IssueError> {
+    // The format needs expires_at > issued_at; never round 0 s up silently.
+    if ask.ttl_secs == 0 {
+        return Err(IssueError::Token(TokenError::Invalid("a token must be valid for at least 1s".into())));
+    }
+    let path = dir.join(crate::org::TRUST_DOC);
+    let doc_err =
+        |e: Box<dyn std::error::Error + Send + Sync>| IssueError::TrustDoc { path: path.clone(), source: e };
+    let bytes = perch_support::durable::read_bounded(&path, perch_protocol::trust::MAX_TRUST_FILE_LEN)
+        .map_err(|e| doc_err(e.into()))?;
+    let trust = SignedTrust::parse(&bytes).map_err(|e| doc_err(e.into()))?;
+    let ca = crate::tls::ca_der(dir)?;
+    let params = IssueParams {
+        groups: ask.groups,
+        uses: ask.uses,
+        approval: ask.approval,
+        id_pattern: ask.id_pattern,
+        urls: ask.urls,
+        ca_fingerprint: perch_net::tls::fingerprint(&ca),
+        now,
+        expires_at: now.saturating_add(ask.ttl_secs),
+    };
+    issue(dir, &trust, params)
 }
 
 /// Issues a token for the org in `dir`.

@@ -19,6 +19,26 @@ pub struct Published {
     pub chunks: u32,
     pub payload_len: u64,
     pub published_at: u64,
+    // What the console's Bundles page shows. Entries written before these
+    // were recorded read as empty.
+    /// The release keys whose signatures met the threshold (key ids, hex).
+    #[serde(default)]
+    pub signers: Vec<String>,
+    /// How many signatures the trust document it was verified against asks for.
+    #[serde(default)]
+    pub threshold: u32,
+    /// The device classes it is for.
+    #[serde(default)]
+    pub targets: Vec<String>,
+    /// image or archive.
+    #[serde(default)]
+    pub kind: String,
+    /// Its chunks' bytes as they travel (compressed or not).
+    #[serde(default)]
+    pub stored_len: u64,
+    /// When devices stop accepting it (unix seconds).
+    #[serde(default)]
+    pub expires_at: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -146,6 +166,22 @@ pub async fn lookup(js: &jetstream::Context, name: &str, counter: u64) -> Result
     let k = key(name, counter);
     let bytes = kv.get(&k).await.map_err(|e| CatalogError::Nats(e.to_string()))?.ok_or_else(unknown)?;
     serde_json::from_slice(&bytes).map_err(|e| CatalogError::Corrupt { key: k, detail: e.to_string() })
+}
+
+/// Every published bundle, oldest first: one pass over the bucket.
+pub async fn list(js: &jetstream::Context) -> Result<Vec<Published>, CatalogError> {
+    let entries = perch_net::read::kv_entries(js, perch_protocol::subjects::BUNDLES_BUCKET, "")
+        .await
+        .map_err(CatalogError::Nats)?;
+    let mut out = entries
+        .iter()
+        .map(|e| {
+            serde_json::from_slice::<Published>(&e.value)
+                .map_err(|err| CatalogError::Corrupt { key: e.key.clone(), detail: err.to_string() })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    out.sort_by(|a, b| (a.published_at, &a.name, a.counter).cmp(&(b.published_at, &b.name, b.counter)));
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -119,16 +119,7 @@ pub fn run(args: DeployArgs) -> Result<()> {
             Some(Action::Start(a)) => start(a).await,
             Some(Action::Pause { conn, id, json }) => {
                 let c = connect(conn.target()?).await?;
-                let (r, _) = rollout_store::change(&c, &id, now_unix(), |r, _| match &r.state {
-                    State::Running => {
-                        let mut next = r.clone();
-                        next.state = State::Paused { reason: "paused by the operator".into() };
-                        next.updated_at = now_unix();
-                        Ok((next, vec![]))
-                    }
-                    other => Err(format!("rollout {id} is {}, not running", other.name())),
-                })
-                .await?;
+                let r = rollout_store::pause(&c, &id, now_unix()).await?;
                 if json {
                     return print_json(&r);
                 }
@@ -140,13 +131,7 @@ pub fn run(args: DeployArgs) -> Result<()> {
             }
             Some(Action::Resume { conn, id, detach, json }) => {
                 let c = connect(conn.target()?).await?;
-                let (r, _) = rollout_store::change(&c, &id, now_unix(), |r, view| match &r.state {
-                    State::Paused { .. } => Ok((rollout::resume(r, view, now_unix())?, vec![])),
-                    // Running: taken over as it is.
-                    State::Running => Ok((r.clone(), vec![])),
-                    other => Err(format!("rollout {id} is {}; it cannot resume", other.name())),
-                })
-                .await?;
+                let r = rollout_store::resume(&c, &id, now_unix()).await?;
                 if json {
                     event("resumed", &r)?;
                 } else {
@@ -159,11 +144,7 @@ pub fn run(args: DeployArgs) -> Result<()> {
             }
             Some(Action::Abort { conn, id, json }) => {
                 let c = connect(conn.target()?).await?;
-                let (r, notes) = rollout_store::change(&c, &id, now_unix(), |r, _| match &r.state {
-                    State::Aborted => Err(format!("rollout {id} is already aborted")),
-                    _ => Ok(rollout::abort(r, now_unix())),
-                })
-                .await?;
+                let (r, notes) = rollout_store::abort(&c, &id, now_unix()).await?;
                 for n in notes {
                     eprintln!("perch: {n}");
                 }

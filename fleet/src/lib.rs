@@ -7,6 +7,7 @@
 pub mod archive;
 pub mod build;
 pub mod catalog;
+pub mod console;
 pub mod context;
 pub mod desired;
 pub mod diff;
@@ -28,6 +29,7 @@ pub const CLASSIFY: perch_support::exit::Classifier = perch_support::classifier!
     archive::ArchiveError,
     build::BuildError,
     catalog::CatalogError,
+    console::ConsoleError,
     context::ContextError,
     desired::DesiredError,
     link::ConnectError,

@@ -105,6 +105,28 @@ enum Command {
         #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
         every: Duration,
     },
+    /// The fleet in a browser: devices, rollouts, enrollment and bundles,
+    /// live. Serves until SIGTERM; prints the login link at start.
+    Console {
+        #[command(flatten)]
+        conn: Conn,
+        /// Where to listen. Beyond loopback, --tls-cert and --tls-key are required.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+        /// The HTTPS certificate chain (PEM).
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// The HTTPS private key (PEM).
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// The org directory: lets the console revoke devices and issue
+        /// enrollment tokens (both are signed with the org's keys).
+        #[arg(long, env = "PERCH_ORG", value_name = "DIR")]
+        org: Option<PathBuf>,
+        /// A device silent this long is shown as stale.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "3m")]
+        stale_after: Duration,
+    },
     /// Each stream and bucket: its leader and copies, and whether every
     /// copy is current. Exits 1 unless all are: check it before taking
     /// another server of a cluster down.
@@ -210,6 +232,15 @@ fn run(cli: Cli) -> Result<()> {
             status(&conn.target()?, &q, json, watch)
         }
         Command::Streams { conn, json } => streams(conn.target()?, json),
+        Command::Console { conn, listen, tls_cert, tls_key, org, stale_after } => {
+            let opts = perch_fleet::console::Options {
+                listen,
+                tls: tls_cert.zip(tls_key),
+                org,
+                stale_after_secs: stale_after.as_secs(),
+            };
+            console(conn.target()?, opts)
+        }
         Command::Watch { conn, name, stale_after, expire_after, every } => {
             let limits = perch_fleet::presence::Limits {
                 stale_after: stale_after.as_secs(),
@@ -235,24 +266,42 @@ fn host_name() -> String {
         .unwrap_or_else(|| "perch-watch".into())
 }
 
+/// Resolves on SIGTERM or SIGINT, listening from the moment it is made.
+fn stop_signal() -> std::io::Result<impl std::future::Future<Output = ()> + Send + 'static> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (mut term, mut int) = (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?);
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
+}
+
 fn watch(target: perch_fleet::link::Target, settings: &perch_fleet::watch::Settings) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async {
-        use tokio::signal::unix::{signal, SignalKind};
         // Listening from the start: a SIGTERM while it connects is a clean stop too.
-        let (mut term, mut int) = (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?);
-        let stop = async move {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-        };
+        let stop = stop_signal()?;
         tokio::pin!(stop);
         let client = tokio::select! {
             c = target.connect("perch watch") => c?,
             _ = &mut stop => return Ok(()),
         };
         perch_fleet::watch::run(&client, settings, stop).await?;
+        anyhow::Ok(())
+    })
+}
+
+fn console(target: perch_fleet::link::Target, opts: perch_fleet::console::Options) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        let stop = stop_signal()?;
+        perch_fleet::console::run(&target, opts, stop, |login| {
+            println!("perch console: open {login}");
+            let _ = std::io::Write::flush(&mut std::io::stdout());
+        })
+        .await?;
         anyhow::Ok(())
     })
 }

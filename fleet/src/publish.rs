@@ -82,6 +82,12 @@ pub async fn publish(
         chunks: chunk_count,
         payload_len: m.payload_len(),
         published_at: now,
+        signers: bundle.manifest().signers().iter().map(|k| k.to_hex()).collect(),
+        threshold: trust.threshold(),
+        targets: m.targets.clone(),
+        kind: m.kind.as_str().to_string(),
+        stored_len: m.stored_len(),
+        expires_at: m.expires_at,
     };
     let mut head = Vec::new();
     bundle.manifest().head().write_to(&mut head).map_err(|e| file_err(e.to_string()))?;

@@ -89,7 +89,8 @@ pub async fn load(js: &jetstream::Context, id: &str) -> Result<(Rollout, u64), R
     Ok((parse(id, &e.value)?, e.revision))
 }
 
-fn parse(id: &str, bytes: &[u8]) -> Result<Rollout, RolloutError> {
+/// A rollout record as the bucket holds it.
+pub fn parse(id: &str, bytes: &[u8]) -> Result<Rollout, RolloutError> {
     let mut r: Rollout = serde_json::from_slice(bytes)
         .map_err(|err| RolloutError::Corrupt { id: id.into(), detail: err.to_string() })?;
     r.normalize();
@@ -273,6 +274,48 @@ pub async fn change(
             return Ok((next, notes));
         }
     }
+}
+
+/// Pauses a running rollout: no new wave starts; devices already told
+/// finish their install.
+pub async fn pause(client: &async_nats::Client, id: &str, now: u64) -> Result<Rollout, RolloutError> {
+    let (r, _) = change(client, id, now, |r, _| match &r.state {
+        State::Running => {
+            let mut next = r.clone();
+            next.state = State::Paused { reason: "paused by the operator".into() };
+            next.updated_at = now;
+            Ok((next, vec![]))
+        }
+        other => Err(format!("rollout {id} is {}, not running", other.name())),
+    })
+    .await?;
+    Ok(r)
+}
+
+/// Resumes a paused rollout (its failures so far accepted); a running one
+/// is taken over as it is. It then needs a driver ([`drive`]).
+pub async fn resume(client: &async_nats::Client, id: &str, now: u64) -> Result<Rollout, RolloutError> {
+    let (r, _) = change(client, id, now, |r, view| match &r.state {
+        State::Paused { .. } => Ok((rollout::resume(r, view, now)?, vec![])),
+        State::Running => Ok((r.clone(), vec![])),
+        other => Err(format!("rollout {id} is {}; it cannot resume", other.name())),
+    })
+    .await?;
+    Ok(r)
+}
+
+/// Aborts a rollout: the devices it reached are pointed back at what they
+/// ran before. Returns the notes of applying that.
+pub async fn abort(
+    client: &async_nats::Client,
+    id: &str,
+    now: u64,
+) -> Result<(Rollout, Vec<String>), RolloutError> {
+    change(client, id, now, |r, _| match &r.state {
+        State::Aborted => Err(format!("rollout {id} is already aborted")),
+        _ => Ok(rollout::abort(r, now)),
+    })
+    .await
 }
 
 /// How long a driver rides out NATS failures in a row before it gives up.

@@ -93,8 +93,9 @@ pub async fn registry_records(js: &jetstream::Context) -> Result<Vec<DeviceRecor
     Ok(out)
 }
 
-/// The reports to show: every one of `device`'s, or the last per subject.
-async fn reports(
+/// The reports to show: every one of `device`'s, or the last per subject;
+/// and those refused.
+pub async fn reports(
     js: &jetstream::Context,
     device: Option<&str>,
 ) -> Result<(Vec<Stored>, Vec<String>), StatusError> {
@@ -104,25 +105,35 @@ async fn reports(
     };
     let (mut out, mut refused) = (vec![], vec![]);
     read::each(js, REPORTS_STREAM, &filter, which, |m| {
-        let info = m.info().map_err(|e| e.to_string())?;
-        let (stream_seq, stored_at) = (info.stream_sequence, info.published.unix_timestamp().max(0) as u64);
-        let on = m.subject.split('.').nth(2).unwrap_or_default().to_string();
-        let site = m
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(SOURCE_HEADER))
-            .and_then(|v| perch_net::sites::site_of_source_header(v.as_str()))
-            .map(String::from);
-        match Report::from_bytes(&m.payload) {
-            Ok(report) if report.device == on => out.push(Stored { report, stored_at, stream_seq, site }),
-            Ok(report) => refused.push(format!("{}: claims to be from {}", m.subject, report.device)),
-            Err(e) => refused.push(format!("{}: {e}", m.subject)),
+        match stored(&m)? {
+            Ok(s) => out.push(s),
+            Err(why) => refused.push(why),
         }
         Ok(())
     })
     .await
     .map_err(StatusError::Nats)?;
     Ok((out, refused))
+}
+
+/// A report as stored in `PERCH_REPORTS`; Ok(Err(why)) if it is refused
+/// (unreadable, or claiming another device's id); Err if the message is
+/// not a JetStream one.
+pub fn stored(m: &jetstream::Message) -> Result<Result<Stored, String>, String> {
+    let info = m.info().map_err(|e| e.to_string())?;
+    let (stream_seq, stored_at) = (info.stream_sequence, info.published.unix_timestamp().max(0) as u64);
+    let on = m.subject.split('.').nth(2).unwrap_or_default();
+    let site = m
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(SOURCE_HEADER))
+        .and_then(|v| perch_net::sites::site_of_source_header(v.as_str()))
+        .map(String::from);
+    Ok(match Report::from_bytes(&m.payload) {
+        Ok(report) if report.device == on => Ok(Stored { report, stored_at, stream_seq, site }),
+        Ok(report) => Err(format!("{}: claims to be from {}", m.subject, report.device)),
+        Err(e) => Err(format!("{}: {e}", m.subject)),
+    })
 }
 
 fn is_not_found(e: &jetstream::context::GetStreamError) -> bool {

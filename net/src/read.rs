@@ -5,6 +5,8 @@
 //!
 //! - [`each`]: every message matching a filter, or only the last per
 //!   subject (the registry, the desired state, the last report per lane).
+//! - [`follow`]: the same, and then every new message as it is stored
+//!   (the console's live view).
 //! - [`kv_entries`]: the value of every key of a KV bucket under a prefix;
 //!   [`kv_entry`]: of one key.
 
@@ -58,6 +60,94 @@ pub async fn each(
     which: Which,
     mut f: impl FnMut(jetstream::Message) -> Result<(), String>,
 ) -> Result<bool, String> {
+    let Some(consumer) = ordered(js, stream, filter, which).await? else {
+        return Ok(false);
+    };
+    if consumer.cached_info().num_pending == 0 {
+        return Ok(true);
+    }
+    let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
+    while let Some(m) = messages.next().await {
+        let m = m.map_err(|e| e.to_string())?;
+        let pending = m.info().map_err(|e| e.to_string())?.pending;
+        f(m)?;
+        if pending == 0 {
+            break;
+        }
+    }
+    Ok(true)
+}
+
+/// What [`follow`] hands its callback.
+pub enum Followed {
+    /// A message, in stream order (after a reconnection the stream may
+    /// deliver messages already seen: compare sequences).
+    Message(Box<jetstream::Message>),
+    /// Every message stored when the consumer was made has been delivered.
+    CaughtUp,
+}
+
+/// Like [`each`], but it does not stop: after what is stored it hands `f`
+/// each new message as it is stored, for as long as `f` returns true. A
+/// stream that does not exist yet is looked for again, and a consumer lost
+/// with its server is made again (from the same policy: `f` sees the
+/// current messages again, then [`Followed::CaughtUp`]).
+pub async fn follow(
+    js: &jetstream::Context,
+    stream: &str,
+    filter: &str,
+    which: Which,
+    mut f: impl FnMut(Followed) -> bool,
+) {
+    loop {
+        match ordered(js, stream, filter, which).await {
+            Ok(Some(consumer)) => {
+                let mut caught_up = consumer.cached_info().num_pending == 0;
+                if caught_up && !f(Followed::CaughtUp) {
+                    return;
+                }
+                let mut messages = match consumer.messages().await {
+                    Ok(m) => m,
+                    Err(e) => {
+                        tracing::debug!("following {filter}: {e}");
+                        continue;
+                    }
+                };
+                while let Some(m) = messages.next().await {
+                    let m = match m {
+                        Ok(m) => m,
+                        Err(e) => {
+                            tracing::debug!("following {filter}: {e}; making the consumer again");
+                            break;
+                        }
+                    };
+                    let pending = m.info().map(|i| i.pending).unwrap_or(0);
+                    if !f(Followed::Message(Box::new(m))) {
+                        return;
+                    }
+                    if !caught_up && pending == 0 {
+                        caught_up = true;
+                        if !f(Followed::CaughtUp) {
+                            return;
+                        }
+                    }
+                }
+            }
+            Ok(None) => tracing::debug!("following {filter}: no stream {stream} yet"),
+            Err(e) => tracing::debug!("following {filter}: {e}"),
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    }
+}
+
+/// An ordered push consumer on `stream` for `filter`; None if the stream
+/// does not exist.
+async fn ordered(
+    js: &jetstream::Context,
+    stream: &str,
+    filter: &str,
+    which: Which,
+) -> Result<Option<jetstream::consumer::Consumer<OrderedConfig>>, String> {
     let mut tries = 0;
     let stream = loop {
         tries += 1;
@@ -67,7 +157,7 @@ pub async fn each(
                 jetstream::context::GetStreamErrorKind::JetStream(j)
                     if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND =>
                 {
-                    return Ok(false)
+                    return Ok(None)
                 }
                 // An account without JetStream (another account's
                 // credentials) will not have it in a moment: say so now.
@@ -86,7 +176,7 @@ pub async fn each(
         Which::LastPerSubject => DeliverPolicy::LastPerSubject,
     };
     let mut tries = 0;
-    let consumer = loop {
+    loop {
         tries += 1;
         let made = stream
             .create_consumer(OrderedConfig {
@@ -97,7 +187,7 @@ pub async fn each(
             })
             .await;
         match made {
-            Ok(c) => break c,
+            Ok(c) => return Ok(Some(c)),
             // Placed on a server that is down (see crate::EPHEMERAL_TRIES),
             // or a busy cluster's 503: ask again.
             Err(e) if tries < TRIES => {
@@ -106,20 +196,7 @@ pub async fn each(
             }
             Err(e) => return Err(e.to_string()),
         }
-    };
-    if consumer.cached_info().num_pending == 0 {
-        return Ok(true);
     }
-    let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
-    while let Some(m) = messages.next().await {
-        let m = m.map_err(|e| e.to_string())?;
-        let pending = m.info().map_err(|e| e.to_string())?.pending;
-        f(m)?;
-        if pending == 0 {
-            break;
-        }
-    }
-    Ok(true)
 }
 
 /// One key of a KV bucket as it stands.
@@ -155,8 +232,7 @@ async fn kv_matching(js: &jetstream::Context, bucket: &str, keys: &str) -> Resul
     let subject_prefix = format!("$KV.{bucket}.");
     let mut keys_seen = Latest::default();
     each(js, &format!("KV_{bucket}"), &format!("{subject_prefix}{keys}"), Which::LastPerSubject, |m| {
-        let op = m.headers.as_ref().and_then(|h| h.get("KV-Operation")).map(|v| v.as_str().to_string());
-        let deleted = op.is_some_and(|op| op == "DEL" || op == "PURGE");
+        let deleted = is_kv_delete(&m);
         let revision = m.info().map_err(|e| e.to_string())?.stream_sequence;
         let key = m.subject.strip_prefix(subject_prefix.as_str()).unwrap_or(&m.subject).to_string();
         keys_seen.offer(key, revision, (!deleted).then(|| m.payload.to_vec()));
@@ -164,6 +240,12 @@ async fn kv_matching(js: &jetstream::Context, bucket: &str, keys: &str) -> Resul
     })
     .await?;
     Ok(keys_seen.entries())
+}
+
+/// Whether a KV bucket's message deletes its key (a delete or purge marker).
+pub fn is_kv_delete(m: &async_nats::Message) -> bool {
+    let op = m.headers.as_ref().and_then(|h| h.get("KV-Operation"));
+    op.is_some_and(|op| op.as_str() == "DEL" || op.as_str() == "PURGE")
 }
 
 /// The latest revision seen of each key, a delete included (so an older

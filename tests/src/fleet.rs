@@ -123,6 +123,25 @@ impl Fleet {
         d
     }
 
+    /// A device in `group` with dir slots, enrolled offline to this
+    /// server, that reports every second and judges each release by its
+    /// `bin/check` (slot `a` holds one that passes).
+    pub fn checked_device(&self, name: &str, group: &str) -> Device {
+        let d = self.enrolled_device(
+            name,
+            &self.url,
+            group,
+            &format!(
+                "[link]\nping_interval = \"1s\"\nmax_backoff = \"1s\"\n[reports]\nheartbeat = \"1s\"\n[health]\ncommands = [\"sh {}/slots/current/bin/check\"]\ntrial = \"1s\"\ninterval = \"200ms\"\n",
+                self.s.path(name).display()
+            ),
+        );
+        std::fs::create_dir_all(d.dir.join("slots/a/bin")).unwrap();
+        std::fs::write(d.dir.join("slots/a/bin/check"), "exit 0\n").unwrap();
+        std::os::unix::fs::symlink("a", d.dir.join("slots/current")).unwrap();
+        d
+    }
+
     /// A device with dir slots, enrolled offline (so its FLEET URL can be
     /// anything: the server, or a proxy in front of it) into `group`, and
     /// its agent.toml with `extra` appended.

@@ -4,6 +4,7 @@
 
 /// The fault-injecting proxy (its own crate: the demo uses it too).
 pub use perch_chaos as chaos;
+pub mod browser;
 pub mod device;
 pub mod fleet;
 pub mod hub;

@@ -7,23 +7,6 @@ use std::time::Duration;
 
 use perch_tests::fleet::{wait_for, Device, Fleet, Running};
 
-/// A device in group `g` whose releases are judged by `current/bin/check`.
-fn device(f: &Fleet, name: &str) -> Device {
-    let d = f.enrolled_device(
-        name,
-        &f.url,
-        "g",
-        &format!(
-            "[link]\nping_interval = \"1s\"\nmax_backoff = \"1s\"\n[reports]\nheartbeat = \"1s\"\n[health]\ncommands = [\"sh {}/slots/current/bin/check\"]\ntrial = \"1s\"\ninterval = \"200ms\"\n",
-            f.s.path(name).display()
-        ),
-    );
-    std::fs::create_dir_all(d.dir.join("slots/a/bin")).unwrap();
-    std::fs::write(d.dir.join("slots/a/bin/check"), "exit 0\n").unwrap();
-    std::os::unix::fs::symlink("a", d.dir.join("slots/current")).unwrap();
-    d
-}
-
 /// A release whose health check exits `code`, built, signed and published.
 fn release(f: &Fleet, counter: u32, code: i32) -> [u8; 32] {
     let dir = format!("app-{counter}");
@@ -45,7 +28,7 @@ fn running(d: &Device) -> (String, Option<u64>) {
 fn waves_commit_in_order_a_failing_wave_pauses_and_abort_points_back() {
     let f = Fleet::start(1);
     let names = ["g-a", "g-b", "g-c", "g-d"];
-    let devices: Vec<Device> = names.iter().map(|n| device(&f, n)).collect();
+    let devices: Vec<Device> = names.iter().map(|n| f.checked_device(n, "g")).collect();
     let mut agents: Vec<Running> = devices.iter().map(|d| d.spawn_run()).collect();
     // Every device has said hello (so the registry has it) and reported.
     let all_seen = wait_for(Duration::from_secs(30), || {

@@ -12,6 +12,7 @@ use crate::util::{cargo, root, sh, step};
 const SERVER_TESTS: &[&str] = &[
     "choria_external",
     "cluster",
+    "console",
     "enroll",
     "exit_codes",
     "fleet_scale",

@@ -21,6 +21,7 @@ pub fn run() -> Result<()> {
         .current_dir(root().join("docs"))
         .args(["--panicOnWarning", "--printPathWarnings", "--quiet", "--destination"])
         .arg(&out))?;
+    fresh_screenshots(&out)?;
     step("docs: link check");
     let mut pages = Vec::new();
     collect_html(&out, &mut pages)?;
@@ -39,6 +40,29 @@ pub fn run() -> Result<()> {
     println!("{} pages, all internal links resolve", pages.len());
     step("docs: in headless Chromium");
     browser_checks(&out)
+}
+
+/// The console's screenshots from this run's browser test
+/// (`target/console-screenshots/`, written by tests/tests/console.rs) in
+/// place of the committed copies, if the test ran.
+fn fresh_screenshots(site: &Path) -> Result<()> {
+    let from = root().join("target/console-screenshots");
+    let Ok(entries) = fs::read_dir(&from) else {
+        println!("console screenshots: the committed copies (the browser test did not run)");
+        return Ok(());
+    };
+    let mut n = 0;
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let to = site.join("console").join(&name);
+        // Only pictures the page shows: a stray file is not published.
+        if to.exists() {
+            fs::copy(e.path(), &to).with_context(|| format!("copying {}", e.path().display()))?;
+            n += 1;
+        }
+    }
+    println!("console screenshots: {n} from this run's browser test");
+    Ok(())
 }
 
 /// Loads `url` in headless Chromium and returns the DOM after its scripts ran.

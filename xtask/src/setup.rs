@@ -16,6 +16,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("grub-common", "grub-editenv for GRUB slots"),
     ("hugo", "builds the docs site"),
     ("chromium", "headless browser the docs site is checked in (search, layout)"),
+    ("chromium-driver", "WebDriver for the console's browser tests"),
     ("qemu-user-static", "runs the ARM builds"),
     ("gcc-aarch64-linux-gnu", "aarch64 linker"),
     ("libc6-dev-arm64-cross", "aarch64 C library"),
