@@ -36,9 +36,10 @@ impl Drop for Console {
 
 fn console(f: &Fleet, extra: &[&str]) -> Console {
     f.s.fleet_creds("operator");
+    let listen: &[&str] = if extra.contains(&"--listen") { &[] } else { &["--listen", "127.0.0.1:0"] };
     let mut child = Command::new(perch_tests::bin("perch"))
-        .args(["console", "--listen", "127.0.0.1:0", "--url", &f.url, "--creds", "operator.creds"])
-        .args(["--ca", "org/tls/ca.pem"])
+        .args(["console", "--url", &f.url, "--creds", "operator.creds", "--ca", "org/tls/ca.pem"])
+        .args(listen)
         .args(extra)
         .current_dir(f.s.path(""))
         .stdout(Stdio::piped())
@@ -69,8 +70,8 @@ impl Answer {
 }
 
 /// One request on its own connection, `headers` as given.
-fn http(c: &Console, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Answer {
-    let host = c.base.trim_start_matches("http://");
+fn http(base: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Answer {
+    let host = base.trim_start_matches("http://");
     let mut s = TcpStream::connect(host).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
@@ -83,7 +84,8 @@ fn http(c: &Console, method: &str, path: &str, headers: &[(&str, &str)], body: &
     req.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
     s.write_all(req.as_bytes()).unwrap();
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
+    // A TLS port may answer with an alert and a reset: what was read is the answer.
+    let _ = s.read_to_end(&mut raw);
     let raw = String::from_utf8_lossy(&raw).into_owned();
     let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
     let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
@@ -92,7 +94,7 @@ fn http(c: &Console, method: &str, path: &str, headers: &[(&str, &str)], body: &
 
 /// Logs in with the printed token; the session cookie (`name=value`).
 fn login(c: &Console) -> String {
-    let a = http(c, "GET", &format!("/login?token={}", c.token), &[], "");
+    let a = http(&c.base, "GET", &format!("/login?token={}", c.token), &[], "");
     assert_eq!(a.status, 303, "{}", a.head);
     let cookie = a.header("set-cookie").unwrap().to_string();
     assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"), "{cookie}");
@@ -101,7 +103,7 @@ fn login(c: &Console) -> String {
 
 /// The CSRF token of the page `path`, from its `<meta name="csrf">`.
 fn csrf(c: &Console, cookie: &str) -> String {
-    let a = http(c, "GET", "/", &[("Cookie", cookie)], "");
+    let a = http(&c.base, "GET", "/", &[("Cookie", cookie)], "");
     let at = a.body.find("name=\"csrf\" content=\"").unwrap() + "name=\"csrf\" content=\"".len();
     a.body[at..at + 64].to_string()
 }
@@ -133,28 +135,28 @@ fn the_console_refuses_anonymous_and_cross_site_requests_and_escapes_what_device
     // Nothing is served without a session: not a page, not the events, not the script.
     for path in ["/", "/events", "/static/console.js", "/device/evil-1", "/bundles", "/fleet/rows?id=evil-1"]
     {
-        let a = http(&c, "GET", path, &[], "");
+        let a = http(&c.base, "GET", path, &[], "");
         assert_eq!(a.status, 401, "{path}: {}", a.head);
         assert!(!a.body.contains("evil-1"), "{path}: {}", a.body);
     }
-    let a = http(&c, "GET", "/", &[("Cookie", "perch_console=0123")], "");
+    let a = http(&c.base, "GET", "/", &[("Cookie", "perch_console=0123")], "");
     assert_eq!(a.status, 401);
-    assert_eq!(http(&c, "GET", "/login?token=00", &[], "").status, 401);
+    assert_eq!(http(&c.base, "GET", "/login?token=00", &[], "").status, 401);
     // A wrong token by form, too.
-    assert_eq!(http(&c, "POST", "/login", &[], "token=00").status, 401);
+    assert_eq!(http(&c.base, "POST", "/login", &[], "token=00").status, 401);
 
     let cookie = login(&c);
     let ok = wait_for(Duration::from_secs(10), || {
-        http(&c, "GET", "/", &[("Cookie", &cookie)], "").body.contains("evil-1")
+        http(&c.base, "GET", "/", &[("Cookie", &cookie)], "").body.contains("evil-1")
     });
     assert!(ok, "the fleet page lists the device");
-    let page = http(&c, "GET", "/", &[("Cookie", &cookie)], "");
+    let page = http(&c.base, "GET", "/", &[("Cookie", &cookie)], "");
     assert_eq!(page.status, 200);
     let csp = page.header("content-security-policy").unwrap();
     assert!(csp.contains("script-src 'self'") && !csp.contains("unsafe-inline"), "{csp}");
     // The reason is text: escaped in the fleet page, the device page and a row.
     for path in ["/", "/device/evil-1", "/fleet/rows?id=evil-1"] {
-        let a = http(&c, "GET", path, &[("Cookie", &cookie)], "");
+        let a = http(&c.base, "GET", path, &[("Cookie", &cookie)], "");
         assert_eq!(a.status, 200, "{path}");
         assert!(
             a.body.contains("&lt;script&gt;document.title='owned'&lt;/script&gt;&lt;img"),
@@ -171,12 +173,12 @@ fn the_console_refuses_anonymous_and_cross_site_requests_and_escapes_what_device
     assert_eq!(r.code, 1, "{}", r.stderr);
     let token = csrf(&c, &cookie);
     let approve = "/enrollment/drone-9/approve";
-    let no_csrf = http(&c, "POST", approve, &[("Cookie", &cookie)], "");
+    let no_csrf = http(&c.base, "POST", approve, &[("Cookie", &cookie)], "");
     assert_eq!(no_csrf.status, 403, "{}", no_csrf.body);
-    let wrong = http(&c, "POST", approve, &[("Cookie", &cookie)], &format!("csrf={}", "0".repeat(64)));
+    let wrong = http(&c.base, "POST", approve, &[("Cookie", &cookie)], &format!("csrf={}", "0".repeat(64)));
     assert_eq!(wrong.status, 403);
     let other_origin = http(
-        &c,
+        &c.base,
         "POST",
         approve,
         &[("Cookie", &cookie), ("Origin", "http://evil.example")],
@@ -184,25 +186,28 @@ fn the_console_refuses_anonymous_and_cross_site_requests_and_escapes_what_device
     );
     assert_eq!(other_origin.status, 403);
     let cross = http(
-        &c,
+        &c.base,
         "POST",
         approve,
         &[("Cookie", &cookie), ("Sec-Fetch-Site", "cross-site")],
         &format!("csrf={token}"),
     );
     assert_eq!(cross.status, 403);
-    let anonymous = http(&c, "POST", approve, &[], &format!("csrf={token}"));
+    let anonymous = http(&c.base, "POST", approve, &[], &format!("csrf={token}"));
     assert_eq!(anonymous.status, 401);
     assert_eq!(f.device_status("drone-9").as_deref(), Some("pending"), "none of those changed anything");
     let origin = c.base.clone();
     let done =
-        http(&c, "POST", approve, &[("Cookie", &cookie), ("Origin", &origin)], &format!("csrf={token}"));
+        http(&c.base, "POST", approve, &[("Cookie", &cookie), ("Origin", &origin)], &format!("csrf={token}"));
     assert_eq!(done.status, 303, "{}", done.body);
     assert_eq!(f.device_status("drone-9").as_deref(), Some("approved"));
 
     // Logged out, the cookie is worth nothing.
-    assert_eq!(http(&c, "POST", "/logout", &[("Cookie", &cookie)], &format!("csrf={token}")).status, 200);
-    assert_eq!(http(&c, "GET", "/", &[("Cookie", &cookie)], "").status, 401);
+    assert_eq!(
+        http(&c.base, "POST", "/logout", &[("Cookie", &cookie)], &format!("csrf={token}")).status,
+        200
+    );
+    assert_eq!(http(&c.base, "GET", "/", &[("Cookie", &cookie)], "").status, 401);
 }
 
 #[test]
@@ -226,6 +231,55 @@ fn the_console_will_not_listen_beyond_loopback_without_tls() {
     assert_eq!(r.code, 2, "{}", r.stderr);
     assert!(r.stderr.contains("needs TLS"), "{}", r.stderr);
     assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+}
+
+#[test]
+fn beyond_loopback_the_console_serves_https_only_with_a_secure_cookie() {
+    let f = Fleet::start(1);
+    let key = f.s.path("console-key.pem");
+    let cert = f.s.path("console.pem");
+    let made = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+        ])
+        .args(["-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let c =
+        console(&f, &["--listen", "0.0.0.0:0", "--tls-cert", "console.pem", "--tls-key", "console-key.pem"]);
+    let port = c.base.rsplit(':').next().unwrap().to_string();
+    assert!(c.base.starts_with("https://"), "{}", c.base);
+    let curl = |path: &str| {
+        let out = Command::new("curl")
+            .args(["-sS", "-i", "--max-time", "10", "--cacert"])
+            .arg(&cert)
+            .arg(format!("https://localhost:{port}{path}"))
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let (code, out) = curl("/");
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.starts_with("HTTP/1.1 401"), "{out}");
+    let (_, out) = curl(&format!("/login?token={}", c.token));
+    assert!(out.starts_with("HTTP/1.1 303"), "{out}");
+    let cookie = out.lines().find(|l| l.to_ascii_lowercase().starts_with("set-cookie:")).unwrap();
+    assert!(cookie.contains("; Secure") && cookie.contains("HttpOnly"), "{cookie}");
+    // Plain HTTP on the same port gets no page.
+    let plain = http(&format!("http://127.0.0.1:{port}"), "GET", "/", &[], "");
+    assert_eq!(plain.status, 0, "{}", plain.head);
 }
 
 /// Where the screenshots go: `target/console-screenshots/`.
@@ -342,6 +396,21 @@ fn an_operator_sees_the_fleet_rolls_out_approves_and_revokes_in_a_real_browser()
         }
         let bundles = b.text("#bundles").await.unwrap();
         assert!(bundles.contains("app@2") && bundles.contains("of threshold 1"), "{bundles}");
+        // What a device says is text in the browser too: no script runs.
+        let evil = "<script>document.title='owned'</script><img src=x onerror=\"document.title='owned'\">";
+        // (From a thread of its own: the reader blocks on its own runtime.)
+        std::thread::scope(|t| {
+            t.spawn(|| {
+                f.reports_reader().js_publish("perch.report.evil-1.events", failed_report("evil-1", evil))
+            });
+        });
+        b.goto(&format!("{}/?q=evil", c.base)).await.unwrap();
+        let row = ok!(b, b.wait_text("#fleet tr[data-device='evil-1']", "<script>", LIVE).await);
+        assert!(row.contains(evil), "{row}");
+        b.goto(&format!("{}/device/evil-1", c.base)).await.unwrap();
+        ok!(b, b.wait_text("#timeline", "<img src=x", LIVE).await);
+        let title = b.execute("return document.title;", vec![]).await.unwrap();
+        assert_eq!(title, serde_json::json!("Device evil-1 · perch console"));
         b.close().await.unwrap();
     });
 }
