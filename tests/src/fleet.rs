@@ -551,9 +551,27 @@ impl ReportsReader {
     /// Publishes `payload` on `subject` and waits for JetStream's ack: what
     /// any FLEET publisher can do, with no release key.
     pub fn js_publish(&self, subject: &str, payload: Vec<u8>) {
+        self.js_publish_all(vec![(subject.to_string(), payload)]);
+    }
+
+    /// Publishes every `(subject, payload)` in order, waiting for
+    /// JetStream's acks a thousand at a time (async-nats holds back a
+    /// publish while too many acks are outstanding).
+    pub fn js_publish_all(&self, messages: Vec<(String, Vec<u8>)>) {
         let js = &self.js;
         self.rt.block_on(async move {
-            js.publish(subject.to_string(), payload.into()).await.expect("publish").await.expect("ack")
+            let mut acks = Vec::with_capacity(1000);
+            for (subject, payload) in messages {
+                acks.push(js.publish(subject, payload.into()).await.expect("publish"));
+                if acks.len() == 1000 {
+                    for ack in acks.drain(..) {
+                        ack.await.expect("ack");
+                    }
+                }
+            }
+            for ack in acks {
+                ack.await.expect("ack");
+            }
         });
     }
 }

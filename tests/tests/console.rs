@@ -110,6 +110,10 @@ fn csrf(c: &Console, cookie: &str) -> String {
 
 /// A report as a device would send it, with a failure reason of our choosing.
 fn failed_report(device: &str, reason: &str) -> Vec<u8> {
+    deploy_report(device, "failed", Some(reason))
+}
+
+fn deploy_report(device: &str, state: &str, reason: Option<&str>) -> Vec<u8> {
     Report {
         device: device.into(),
         epoch: 7,
@@ -120,7 +124,7 @@ fn failed_report(device: &str, reason: &str) -> Vec<u8> {
         running_slot: Some("a".into()),
         running_bundle: None,
         journal_state: "idle".into(),
-        kind: ReportKind::Deploy { state: "failed".into(), reason: Some(reason.into()), bundle: None },
+        kind: ReportKind::Deploy { state: state.into(), reason: reason.map(String::from), bundle: None },
     }
     .to_bytes()
 }
@@ -294,7 +298,11 @@ macro_rules! ok {
     ($b:expr, $e:expr) => {
         match $e {
             Ok(v) => v,
-            Err(e) => panic!("{e}\nthe page:\n{}", $b.source().await.unwrap_or_default()),
+            Err(e) => {
+                let page = $b.source().await.unwrap_or_default();
+                let from = page.len().saturating_sub(4000);
+                panic!("{e}\nthe page (its last 4000 bytes):\n{}", page.get(from..).unwrap_or(&page))
+            }
         }
     };
 }
@@ -411,6 +419,49 @@ fn an_operator_sees_the_fleet_rolls_out_approves_and_revokes_in_a_real_browser()
         ok!(b, b.wait_text("#timeline", "<img src=x", LIVE).await);
         let title = b.execute("return document.title;", vec![]).await.unwrap();
         assert_eq!(title, serde_json::json!("Device evil-1 · perch console"));
+        b.close().await.unwrap();
+    });
+}
+
+#[test]
+fn ten_thousand_devices_are_paged_sorted_and_filtered_in_the_browser() {
+    // (A provisioner makes the streams.)
+    let f = Fleet::start(1);
+    let c = console(&f, &[]);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let b = Browser::start(1280, 900).await.unwrap();
+        b.goto(&format!("{}/login?token={}", c.base, c.token)).await.unwrap();
+        ok!(b, b.wait_text("#summary", "0 devices", LIVE).await);
+        // 10,000 devices report while the page is open; every tenth failed.
+        let reports: Vec<(String, Vec<u8>)> = (0..10_000)
+            .map(|i| {
+                let id = format!("sim-{i:05}");
+                let state = if i % 10 == 0 { "failed" } else { "committed" };
+                (format!("perch.report.{id}.events"), deploy_report(&id, state, None))
+            })
+            .collect();
+        std::thread::scope(|t| {
+            t.spawn(|| f.reports_reader().js_publish_all(reports));
+        });
+        // They are counted live; not being on the page, they are offered
+        // as a reload instead of growing it.
+        ok!(b, b.wait_text("#summary", "10000 devices: 10000 online", LIVE).await);
+        ok!(b, b.wait_for("#newer:not([hidden])", LIVE).await);
+        b.click("#newer a").await.unwrap();
+        let rows =
+            b.execute("return document.querySelectorAll('#fleet tbody tr').length;", vec![]).await.unwrap();
+        assert_eq!(rows, serde_json::json!(100));
+        ok!(b, b.wait_text(".pager", "page 1 of 100", LIVE).await);
+        // Sorted by id, reversed by a second click on its heading.
+        b.click("#fleet th a[href*='sort=id']").await.unwrap();
+        ok!(b, b.wait_text("#fleet tbody tr:first-child", "sim-09999", LIVE).await);
+        // The failed ones, page 2 of 10.
+        b.goto(&format!("{}/?state=failed&sort=id&page=2", c.base)).await.unwrap();
+        ok!(b, b.wait_text(".pager", "1000 shown · page 2 of 10", LIVE).await);
+        ok!(b, b.wait_text("#fleet tbody tr:first-child", "sim-01000", LIVE).await);
+        b.click(".pager a[rel=next]").await.unwrap();
+        ok!(b, b.wait_text("#fleet tbody tr:first-child", "sim-02000", LIVE).await);
         b.close().await.unwrap();
     });
 }

@@ -95,9 +95,6 @@ pub fn body(all: Vec<DeviceView>, q: &Query, now: u64) -> Markup {
             d.last_deploy.as_ref().map(|l| l.state.as_str()).into_iter().chain(d.registry.as_deref())
         })
         .collect();
-    let count = |l: Liveness| all.iter().filter(|d| d.liveness == l).count();
-    let (online, stale, silent) = (count(Liveness::Online), count(Liveness::Stale), count(Liveness::Silent));
-    let total = all.len();
     let mut shown: Vec<DeviceView> = all.iter().filter(|d| matches(d, q)).cloned().collect();
     sort(&mut shown, q);
     let pages = shown.len().div_ceil(PAGE).max(1);
@@ -115,13 +112,8 @@ pub fn body(all: Vec<DeviceView>, q: &Query, now: u64) -> Markup {
     };
     let links: BTreeSet<&str> = ["online", "stale", "silent"].into_iter().collect();
     html! {
-        p.summary #summary {
-            (total) " devices: "
-            span.badge.online { (online) " online" } " "
-            span.badge.stale { (stale) " stale" } " "
-            span.badge.silent { (silent) " silent" }
-            span #newer hidden { " · " a href="" { "devices changed: reload" } }
-        }
+        (summary(&all))
+        p.newer #newer hidden { a href="" { "Devices came or changed off this page: reload" } }
         form.filters method="get" action="/" {
             label { "Device " input type="search" name="q" value=(q.q) placeholder="id contains"; }
             (select("group", "Group", &groups, &q.group))
@@ -149,6 +141,20 @@ pub fn body(all: Vec<DeviceView>, q: &Query, now: u64) -> Markup {
             span { (shown.len()) " shown · page " (page) " of " (pages) }
             @if page > 1 { " " a rel="prev" href=(page_link(q, page - 1)) { "← previous" } }
             @if page < pages { " " a rel="next" href=(page_link(q, page + 1)) { "next →" } }
+        }
+    }
+}
+
+/// How many devices, and how many of them are heard from (the script
+/// fetches it again as devices report: `/fleet/summary`).
+pub fn summary(all: &[DeviceView]) -> Markup {
+    let count = |l: Liveness| all.iter().filter(|d| d.liveness == l).count();
+    html! {
+        p.summary #summary {
+            (all.len()) " devices: "
+            span.badge.online { (count(Liveness::Online)) " online" } " "
+            span.badge.stale { (count(Liveness::Stale)) " stale" } " "
+            span.badge.silent { (count(Liveness::Silent)) " silent" }
         }
     }
 }
@@ -191,7 +197,8 @@ pub fn row(d: &DeviceView, now: u64) -> Markup {
 }
 
 fn sort_link(q: &Query, key: &str) -> String {
-    let desc = if q.sort == key && q.desc != "1" { "1" } else { "" };
+    let current = if q.sort.is_empty() { "id" } else { q.sort.as_str() };
+    let desc = if current == key && q.desc != "1" { "1" } else { "" };
     link(q, key, desc, 1)
 }
 

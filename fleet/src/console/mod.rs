@@ -162,6 +162,7 @@ fn router(app: App) -> Router {
     Router::new()
         .route("/", get(fleet))
         .route("/fleet/rows", get(fleet_rows))
+        .route("/fleet/summary", get(fleet_summary))
         .route("/device/{id}", get(device))
         .route("/device/{id}/body", get(device_body))
         .route("/rollouts", get(rollouts).post(start_rollout))
@@ -375,6 +376,10 @@ async fn fleet(
     let view = c.live.fleet(now, c.stale_after_secs);
     let body = fleet_page::body(view.devices, &q, now);
     page(&c, &s, "Fleet", Nav::Fleet, stale_note(&c).as_ref(), body)
+}
+
+async fn fleet_summary(State(c): State<App>) -> Response {
+    fleet_page::summary(&c.live.fleet(now_unix(), c.stale_after_secs).devices).into_response()
 }
 
 /// The rows of the devices named `id=` (the script asks for those on its

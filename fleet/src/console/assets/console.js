@@ -4,7 +4,8 @@
 // data names what changed: "d:ID" for a device, "r:ID" for a rollout.
 // Each page fetches again only the part that shows what changed: the
 // fleet page its rows on screen, the device page its body, the rollouts
-// page the list, the enrollment page the pending list. Nothing polls.
+// page the list, the enrollment page the pending list, the fleet page
+// also its counts. Nothing polls.
 "use strict";
 
 document.addEventListener("submit", (e) => {
@@ -62,6 +63,8 @@ const refreshRows = serial(async () => {
   }
 });
 
+const refreshSummary = serial(async () => swap("#summary", await get("/fleet/summary")));
+
 const device = document.getElementById("device-body");
 const refreshDevice = serial(async () => {
   swap("#device-body", await get("/device/" + encodeURIComponent(device.dataset.device) + "/body"));
@@ -82,6 +85,7 @@ function changed(words) {
       else unseen = true;
     }
     refreshRows();
+    if (devices.length) refreshSummary();
     const newer = document.getElementById("newer");
     if (unseen && newer) newer.hidden = false;
   }
