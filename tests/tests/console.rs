@@ -353,6 +353,40 @@ fn an_operator_sees_the_fleet_rolls_out_approves_and_revokes_in_a_real_browser()
         ok!(b, b.wait_text("#fleet tr[data-device='g-a']", "app@2", LIVE).await);
         ok!(b, b.wait_text("#fleet tr[data-device='g-b']", "committed", LIVE).await);
 
+        // A broken release (its health check fails) in two waves: the first
+        // wave's device rolls back, the rollout pauses by itself, and the
+        // page shows why, live; then the operator aborts it.
+        std::thread::scope(|t| {
+            t.spawn(|| {
+                std::fs::create_dir_all(f.s.path("app-3/bin")).unwrap();
+                std::fs::write(f.s.path("app-3/bin/check"), "exit 1\n").unwrap();
+                let (file, _, _) = f.bundle_of_dir("app", 3, "app-3");
+                f.publish(&file);
+            });
+        });
+        b.goto(&format!("{}/rollouts", c.base)).await.unwrap();
+        ok!(b, b.wait_text("select[name=bundle]", "app@3", LIVE).await);
+        b.execute("document.querySelector('select[name=group]').value = 'g';", vec![]).await.unwrap();
+        b.execute("document.querySelector('input[name=waves]').value = '50%,100%';", vec![]).await.unwrap();
+        ok!(b, b.click("form[action='/rollouts'] button[type=submit]").await);
+        ok!(b, b.accept_confirm().await);
+        let broken = "section.rollout:first-of-type";
+        ok!(b, b.wait_text(&format!("{broken} h2"), "app@3", LIVE).await);
+        ok!(b, b.wait_text(&format!("{broken} h2"), "paused", LIVE).await);
+        ok!(b, b.wait_text(&format!("{broken} tr[data-wave='0'] td.failed"), "g-a", LIVE).await);
+        ok!(b, b.wait_text(&format!("{broken} .note.err"), "1 of 1 devices failed (g-a)", LIVE).await);
+        // Resumed (its failure accepted), the next wave fails the same way
+        // and it pauses again.
+        ok!(b, b.click(&format!("{broken} form[action$='/resume'] button")).await);
+        ok!(b, b.accept_confirm().await);
+        ok!(b, b.wait_text(".note.ok", "Resumed rollout", LIVE).await);
+        ok!(b, b.wait_text(&format!("{broken} tr[data-wave='1'] td.failed"), "g-b", LIVE).await);
+        ok!(b, b.wait_text(&format!("{broken} .note.err"), "1 of 1 devices failed (g-b)", LIVE).await);
+        ok!(b, b.click(&format!("{broken} form[action$='/abort'] button")).await);
+        ok!(b, b.accept_confirm().await);
+        ok!(b, b.wait_text(".note.ok", "Aborted rollout", LIVE).await);
+        ok!(b, b.wait_text(&format!("{broken} h2"), "aborted", LIVE).await);
+
         // A device asks to enroll and waits for approval: it appears live.
         b.goto(&format!("{}/enrollment", c.base)).await.unwrap();
         ok!(b, b.wait_for("#no-pending", LIVE).await);
