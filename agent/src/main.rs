@@ -22,6 +22,12 @@ use perch_support::now_unix;
 use perch_support::trustfile::load_trust;
 
 fn main() -> ExitCode {
+    // The static ARM build carries no unwind tables (`cargo xtask cross`
+    // takes them out: with panic = "abort" nothing unwinds), so a panic is
+    // reported by its message and location alone, whatever
+    // RUST_BACKTRACE says; the default hook would try to walk the stack.
+    #[cfg(target_feature = "crt-static")]
+    std::panic::set_hook(Box::new(|info| eprintln!("perch-agent: {info}")));
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     if let Some(rest) = choria_external::invoked_as(&args) {
         return choria(rest);

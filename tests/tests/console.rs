@@ -134,7 +134,7 @@ fn the_console_refuses_anonymous_and_cross_site_requests_and_escapes_what_device
     let f = Fleet::start(1);
     let evil = "<script>document.title='owned'</script><img src=x onerror=alert(1)>";
     f.reports_reader().js_publish("perch.report.evil-1.events", failed_report("evil-1", evil));
-    let c = console(&f, &["--org", "org"]);
+    let mut c = console(&f, &["--org", "org"]);
 
     // Nothing is served without a session: not a page, not the events, not the script.
     for path in ["/", "/events", "/static/console.js", "/device/evil-1", "/bundles", "/fleet/rows?id=evil-1"]
@@ -206,6 +206,31 @@ fn the_console_refuses_anonymous_and_cross_site_requests_and_escapes_what_device
     assert_eq!(done.status, 303, "{}", done.body);
     assert_eq!(f.device_status("drone-9").as_deref(), Some("approved"));
 
+    // SIGTERM with a browser listening for events: the stream ends and
+    // the console exits 0 at once (an open stream would hold it forever).
+    let host = c.base.trim_start_matches("http://").to_string();
+    let mut events = TcpStream::connect(&host).unwrap();
+    write!(events, "GET /events HTTP/1.1\r\nHost: {host}\r\nCookie: {cookie}\r\n\r\n").unwrap();
+    let mut head = [0u8; 64];
+    let n = events.read(&mut head).unwrap();
+    assert!(String::from_utf8_lossy(&head[..n]).starts_with("HTTP/1.1 200"), "{:?}", &head[..n]);
+    let stopped = Command::new("kill").args(["-TERM", &c.child.id().to_string()]).status().unwrap();
+    assert!(stopped.success());
+    let exited = wait_for(Duration::from_secs(10), || c.child.try_wait().unwrap().is_some());
+    assert!(exited, "the console still runs 10 s after SIGTERM");
+    assert_eq!(c.child.wait().unwrap().code(), Some(0));
+    drop(events);
+}
+
+#[test]
+fn the_console_logs_out() {
+    let f = Fleet::start(1);
+    let c = console(&f, &[]);
+    let cookie = login(&c);
+    let token = csrf(&c, &cookie);
+    // Logging out is a change like any other: not without the CSRF token.
+    assert_eq!(http(&c.base, "POST", "/logout", &[("Cookie", &cookie)], "").status, 403);
+    assert_eq!(http(&c.base, "GET", "/", &[("Cookie", &cookie)], "").status, 200);
     // Logged out, the cookie is worth nothing.
     assert_eq!(
         http(&c.base, "POST", "/logout", &[("Cookie", &cookie)], &format!("csrf={token}")).status,

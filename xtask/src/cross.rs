@@ -19,6 +19,9 @@ pub struct Target {
     pub qemu: Option<&'static str>,
     pub qemu_prefix: Option<&'static str>,
     pub static_crt: bool,
+    /// For static builds: the binutils `objcopy` that takes the unwind
+    /// tables out (see [`UNWIND_SECTIONS`]).
+    pub objcopy: Option<&'static str>,
 }
 
 pub const TARGETS: &[Target] = &[
@@ -29,6 +32,7 @@ pub const TARGETS: &[Target] = &[
         qemu: Some("qemu-aarch64-static"),
         qemu_prefix: None,
         static_crt: true,
+        objcopy: Some("aarch64-linux-gnu-objcopy"),
     },
     Target {
         class: "armv7-drone",
@@ -37,6 +41,7 @@ pub const TARGETS: &[Target] = &[
         qemu: Some("qemu-arm-static"),
         qemu_prefix: Some("/usr/arm-linux-gnueabihf"),
         static_crt: false,
+        objcopy: None,
     },
     Target {
         class: "x86_64-desktop",
@@ -45,6 +50,7 @@ pub const TARGETS: &[Target] = &[
         qemu: None,
         qemu_prefix: None,
         static_crt: false,
+        objcopy: None,
     },
 ];
 
@@ -74,11 +80,23 @@ fn build(t: &Target) -> Result<PathBuf> {
 /// (release profile, Debian's rustc, static on aarch64); its path.
 /// For static builds: no `.eh_frame_hdr` (about 90 KB of the aarch64 agent).
 /// It is only a lookup table for the unwinder; with `panic = "abort"`
-/// nothing unwinds, and a `RUST_BACKTRACE` backtrace still prints, because
-/// a static binary's startup code registers `.eh_frame` itself (checked
-/// under qemu). Dynamic builds keep it: there the unwinder finds frames
+/// nothing unwinds. Dynamic builds keep it: there the unwinder finds frames
 /// only through it.
 pub const STATIC_LINK_ARGS: &str = " -C link-arg=-Wl,--no-eh-frame-hdr";
+
+/// Taken out of static builds after the link: the unwind tables
+/// (`.eh_frame`, 370 KB of the aarch64 agent, and the landing-pad tables
+/// they point to). With `panic = "abort"` nothing in the agent unwinds: a
+/// panic prints its message and location and aborts (the agent's panic
+/// hook never asks for a backtrace, which in a stripped binary has no
+/// names anyway); no thread is cancelled or `pthread_exit`s. rustc 1.85
+/// gives every function a personality routine and unwind table even with
+/// `panic = "abort"`, and `-C force-unwind-tables=no` does not remove
+/// them from std, so they go after the link. The startup code only records
+/// where the section was; it is read when unwinding, which never happens.
+/// A debugger unwinds a core dump of the unstripped build
+/// (`CARGO_PROFILE_RELEASE_STRIP=false`).
+pub const UNWIND_SECTIONS: [&str; 2] = [".eh_frame", ".gcc_except_table"];
 
 pub fn build_package(t: &Target, package: &str, bin: &str) -> Result<PathBuf> {
     step(&format!("cross: {bin} for {} ({}) with Debian's rustc 1.85", t.class, t.triple));
@@ -118,6 +136,13 @@ pub fn build_package(t: &Target, package: &str, bin: &str) -> Result<PathBuf> {
         .args(["build", "--locked", "--release", "-p", package, "--bin", bin, "--target", t.triple]);
     sh(&mut c)?;
     let bin = target_dir.join(t.triple).join("release").join(bin);
+    if let Some(objcopy) = t.objcopy {
+        let mut strip = Command::new(objcopy);
+        for section in UNWIND_SECTIONS {
+            strip.arg(format!("--remove-section={section}"));
+        }
+        sh(strip.arg(&bin))?;
+    }
     let size = std::fs::metadata(&bin)?.len();
     println!("built {} ({} bytes, {:.2} MiB)", bin.display(), size, size as f64 / 1048576.0);
     Ok(bin)

@@ -19,7 +19,14 @@ pub struct Issued {
     pub groups: Vec<String>,
 }
 
-pub fn body(s: &Session, registry: &[DeviceRecord], has_org: bool, issued: Option<&Issued>) -> Markup {
+/// `org_urls`: with the org's keys, the servers a token names by default.
+pub fn body(
+    s: &Session,
+    registry: &[DeviceRecord],
+    org_urls: Option<&[String]>,
+    issued: Option<&Issued>,
+) -> Markup {
+    let has_org = org_urls.is_some();
     html! {
         div #enrollment-body {
             h2 { "Waiting for approval" }
@@ -61,6 +68,9 @@ pub fn body(s: &Session, registry: &[DeviceRecord], has_org: bool, issued: Optio
                         }
                     }
                     label { "Device ids must match " input type="text" name="id_pattern" placeholder="drone-*"; }
+                    label { "Servers devices enroll through "
+                        input type="text" name="urls" value=(org_urls.unwrap_or_default().join(", "));
+                    }
                     button.primary type="submit" { "Issue token" }
                 }
             } @else {

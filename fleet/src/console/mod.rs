@@ -146,7 +146,14 @@ pub async fn run(
         stale_after_secs: opts.stale_after_secs,
         driving: Mutex::default(),
     });
-    let router = router(app);
+    // Open event streams would hold a graceful shutdown forever: they are
+    // ended first, then the server waits for the requests under way.
+    let (stopping, stopped) = tokio::sync::watch::channel(false);
+    let stop = async move {
+        stop.await;
+        let _ = stopping.send(true);
+    };
+    let router = router(app, stopped);
     started(&login);
     let served = match tls {
         Some(config) => {
@@ -158,7 +165,7 @@ pub async fn run(
     served.map_err(|e| ConsoleError::Serve(e.to_string()))
 }
 
-fn router(app: App) -> Router {
+fn router(app: App, stopped: tokio::sync::watch::Receiver<bool>) -> Router {
     Router::new()
         .route("/", get(fleet))
         .route("/fleet/rows", get(fleet_rows))
@@ -174,7 +181,7 @@ fn router(app: App) -> Router {
         .route("/enrollment/revoke", post(revoke_by_form))
         .route("/enrollment/{id}/{action}", post(enrollment_action))
         .route("/bundles", get(bundles))
-        .route("/events", get(events))
+        .route("/events", get(move |state| events(state, stopped.clone())))
         .route(
             "/static/console.js",
             get(|| async { asset("text/javascript", include_str!("assets/console.js")) }),
@@ -264,8 +271,8 @@ fn login(c: &Console, token: &str) -> Response {
     }
 }
 
-async fn logout(State(c): State<App>, req: Request) -> Response {
-    c.gate.logout(req.headers().get(header::COOKIE).and_then(|v| v.to_str().ok()));
+async fn logout(State(c): State<App>, headers: axum::http::HeaderMap, _form: Posted) -> Response {
+    c.gate.logout(headers.get(header::COOKIE).and_then(|v| v.to_str().ok()));
     login_page(StatusCode::OK, Some("Logged out."))
 }
 
@@ -569,7 +576,8 @@ fn enrollment_page(
     note: Option<Note>,
     issued: Option<&enrollment_page::Issued>,
 ) -> Response {
-    let body = enrollment_page::body(s, &c.live.registry(), c.org.is_some(), issued);
+    let body =
+        enrollment_page::body(s, &c.live.registry(), c.org.is_some().then_some(c.urls.as_slice()), issued);
     page(c, s, "Enrollment", Nav::Enrollment, note.as_ref(), body)
 }
 
@@ -677,12 +685,16 @@ fn token_ask(f: &Posted, urls: &[String]) -> Result<perch_bootstrap::token::Ask,
         _ => Approval::Auto,
     };
     let pattern = f.get("id_pattern").trim();
+    // The servers the devices will enroll through: the console's own
+    // unless the form names others (a site's address as devices see it).
+    let named: Vec<String> =
+        f.get("urls").split([',', ' ']).map(str::trim).filter(|u| !u.is_empty()).map(String::from).collect();
     Ok(perch_bootstrap::token::Ask {
         groups,
         uses,
         approval,
         id_pattern: (!pattern.is_empty()).then(|| pattern.to_string()),
-        urls: urls.to_vec(),
+        urls: if named.is_empty() { urls.to_vec() } else { named },
         ttl_secs: ttl.as_secs(),
     })
 }
@@ -699,39 +711,46 @@ async fn bundles(State(c): State<App>, Extension(s): Extension<Session>) -> Resp
 /// Server-sent events: what changed, coalesced over half a second, as
 /// `changed` events whose data is `d:ID` and `r:ID` words (a device, a
 /// rollout); `reload` if this browser fell too far behind.
-async fn events(State(c): State<App>) -> impl IntoResponse {
-    use tokio::sync::broadcast::error::RecvError;
-    let rx = c.live.subscribe();
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        let first = match rx.recv().await {
-            Ok(e) => e,
-            Err(RecvError::Lagged(_)) => {
-                return Some((Ok::<_, Infallible>(SseEvent::default().event("reload").data("")), rx))
-            }
-            Err(RecvError::Closed) => return None,
-        };
-        let mut words: BTreeSet<String> = BTreeSet::new();
-        let mut add = |e: live::Event| {
-            words.insert(match e {
-                live::Event::Device(id) => format!("d:{id}"),
-                live::Event::Rollout(id) => format!("r:{id}"),
-            });
-        };
-        add(first);
-        let until = tokio::time::Instant::now() + Duration::from_millis(500);
-        loop {
-            match tokio::time::timeout_at(until, rx.recv()).await {
-                Ok(Ok(e)) => add(e),
-                Ok(Err(RecvError::Lagged(_))) => {
-                    return Some((Ok(SseEvent::default().event("reload").data("")), rx));
-                }
-                Ok(Err(RecvError::Closed)) | Err(_) => break,
-            }
-        }
-        let data = words.into_iter().collect::<Vec<_>>().join(" ");
-        Some((Ok(SseEvent::default().event("changed").data(data)), rx))
-    });
+async fn events(State(c): State<App>, stopped: tokio::sync::watch::Receiver<bool>) -> impl IntoResponse {
+    let stream =
+        futures_util::stream::unfold((c.live.subscribe(), stopped), |(mut rx, mut stopped)| async move {
+            let next = tokio::select! {
+                e = changes(&mut rx) => e,
+                // The console is stopping: end the stream.
+                _ = stopped.wait_for(|s| *s) => None,
+            };
+            next.map(|e| (Ok::<_, Infallible>(e), (rx, stopped)))
+        });
     Sse::new(stream).keep_alive(KeepAlive::default())
+}
+
+/// The next `changed` event: what changed over half a second from the
+/// first change on; `reload` if this browser fell behind; None once the
+/// picture is gone.
+async fn changes(rx: &mut tokio::sync::broadcast::Receiver<live::Event>) -> Option<SseEvent> {
+    use tokio::sync::broadcast::error::RecvError;
+    let reload = || Some(SseEvent::default().event("reload").data(""));
+    let mut words: BTreeSet<String> = BTreeSet::new();
+    let mut add = |e: live::Event| {
+        words.insert(match e {
+            live::Event::Device(id) => format!("d:{id}"),
+            live::Event::Rollout(id) => format!("r:{id}"),
+        });
+    };
+    match rx.recv().await {
+        Ok(e) => add(e),
+        Err(RecvError::Lagged(_)) => return reload(),
+        Err(RecvError::Closed) => return None,
+    }
+    let until = tokio::time::Instant::now() + Duration::from_millis(500);
+    loop {
+        match tokio::time::timeout_at(until, rx.recv()).await {
+            Ok(Ok(e)) => add(e),
+            Ok(Err(RecvError::Lagged(_))) => return reload(),
+            Ok(Err(RecvError::Closed)) | Err(_) => break,
+        }
+    }
+    Some(SseEvent::default().event("changed").data(words.into_iter().collect::<Vec<_>>().join(" ")))
 }
 
 fn asset(content_type: &'static str, body: &'static str) -> Response {
