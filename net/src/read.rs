@@ -91,7 +91,9 @@ pub enum Followed {
 /// each new message as it is stored, for as long as `f` returns true. A
 /// stream that does not exist yet is looked for again, and a consumer lost
 /// with its server is made again (from the same policy: `f` sees the
-/// current messages again, then [`Followed::CaughtUp`]).
+/// current messages again, then [`Followed::CaughtUp`]). While the stream
+/// does not exist, `f` is told [`Followed::CaughtUp`] every time it is
+/// looked for.
 pub async fn follow(
     js: &jetstream::Context,
     stream: &str,
@@ -133,7 +135,13 @@ pub async fn follow(
                     }
                 }
             }
-            Ok(None) => tracing::debug!("following {filter}: no stream {stream} yet"),
+            Ok(None) => {
+                tracing::debug!("following {filter}: no stream {stream} yet");
+                // Nothing is stored: nothing to catch up with.
+                if !f(Followed::CaughtUp) {
+                    return;
+                }
+            }
             Err(e) => tracing::debug!("following {filter}: {e}"),
         }
         tokio::time::sleep(std::time::Duration::from_secs(2)).await;

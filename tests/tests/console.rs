@@ -512,6 +512,9 @@ fn ten_thousand_devices_are_paged_sorted_and_filtered_in_the_browser() {
             b.execute("return document.querySelectorAll('#fleet tbody tr').length;", vec![]).await.unwrap();
         assert_eq!(rows, serde_json::json!(100));
         ok!(b, b.wait_text(".pager", "page 1 of 100", LIVE).await);
+        // No rollout bucket exists yet: that is not "still reading".
+        let page = b.source().await.unwrap();
+        assert!(!page.contains("Still reading"), "a fleet without rollouts is not incomplete");
         // Sorted by id, reversed by a second click on its heading.
         b.click("#fleet th a[href*='sort=id']").await.unwrap();
         ok!(b, b.wait_text("#fleet tbody tr:first-child", "sim-09999", LIVE).await);
