@@ -323,10 +323,7 @@ fn spawn_driver() -> Result<Driver, String> {
         .map_err(|e| format!("browser scratch dir: {e}"))?;
     // Free now; chromedriver takes it a moment later (a start that loses
     // the race fails with chromedriver's log saying so).
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map_err(|e| format!("free loopback port: {e}"))?
-        .port();
+    let port = crate::nats::free_port();
     let log = dir.path().join("chromedriver.log");
     let out = std::fs::File::create(&log).map_err(|e| format!("create {}: {e}", log.display()))?;
     let err = out.try_clone().map_err(|e| format!("{}: {e}", log.display()))?;

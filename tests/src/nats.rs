@@ -62,7 +62,7 @@ impl NatsServer {
             dir,
             &format!("domain: \"{}\"", perch_protocol::subjects::HUB_DOMAIN),
             |_| {
-                leaf.set(TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port());
+                leaf.set(free_port());
                 let tls = |f: &str| dir.join(org).join("tls").join(f).display().to_string();
                 format!(
                 "leafnodes {{\n  listen: \"127.0.0.1:{}\"\n  tls {{ cert_file: \"{}\", key_file: \"{}\", ca_file: \"{}\", timeout: 5 }}\n}}\ninclude \"{org}/nats/server.conf\"",
@@ -90,7 +90,7 @@ impl NatsServer {
         // A free port can be taken by another test between our probe and
         // nats-server's bind; then nats-server exits, and we try another.
         for _ in 0..5 {
-            let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            let port = free_port();
             let conf = dir.join("nats-server.conf");
             std::fs::write(
                 &conf,
@@ -175,11 +175,8 @@ impl NatsCluster {
             .iter()
             .map(|a| a.to_string())
             .collect();
-        // Probe all ports while holding them, so no two are the same.
-        let probes: Vec<TcpListener> =
-            (0..3 * n).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
-        let ports: Vec<u16> = probes.iter().map(|l| l.local_addr().unwrap().port()).collect();
-        drop(probes);
+        // free_port never gives the same port twice.
+        let ports: Vec<u16> = (0..3 * n).map(|_| free_port()).collect();
         for i in 0..n {
             // Client, route and leafnode port: all on one host.
             let p = &ports[3 * i..3 * i + 3];
@@ -261,7 +258,22 @@ impl NatsServer {
 
 /// A loopback port that was free a moment ago.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    use std::hash::{BuildHasher, Hasher};
+    // Below Linux's ephemeral range (32768-60999): a port handed to a
+    // server that starts a moment later must not be taken meanwhile by a
+    // port-0 listener or an outgoing connection of a test running beside
+    // it (a browser opens many). Never the same port twice in a process.
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_usize(given.len());
+        let port = 20_000 + (h.finish() % 12_000) as u16;
+        if !given.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// The nats-server the tests run: `$PERCH_NATS_SERVER` (a path or a name on
