@@ -125,26 +125,17 @@ pub fn bytes(n: u64) -> String {
     }
 }
 
-/// A UTC date and time, to the second.
+/// A UTC date and time, to the second (humantime's RFC 3339, as `perch
+/// bundle inspect` prints, with a space and "UTC" for people); a time past
+/// the year 9999, which it cannot write, as that bound.
 pub fn when(t: u64) -> String {
-    let days = t / 86400;
-    let secs = t % 86400;
-    let (y, m, d) = civil_from_days(days as i64);
-    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC", secs / 3600, secs / 60 % 60, secs % 60)
-}
-
-/// Howard Hinnant's days-to-civil algorithm (proleptic Gregorian).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (if m <= 2 { y + 1 } else { y }, m, d)
+    use std::fmt::Write;
+    let at = std::time::UNIX_EPOCH.checked_add(std::time::Duration::from_secs(t));
+    let mut out = String::new();
+    match at.map(|at| write!(out, "{}", humantime::format_rfc3339_seconds(at))) {
+        Some(Ok(())) => out.replacen('T', " ", 1).replacen('Z', " UTC", 1),
+        _ => "after 9999-12-31 UTC".into(),
+    }
 }
 
 #[cfg(test)]
@@ -156,6 +147,7 @@ mod tests {
         assert_eq!(when(0), "1970-01-01 00:00:00 UTC");
         assert_eq!(when(1_764_547_200), "2025-12-01 00:00:00 UTC");
         assert_eq!(when(951_782_400), "2000-02-29 00:00:00 UTC");
+        assert_eq!(when(u64::MAX), "after 9999-12-31 UTC");
         assert_eq!(ago(100, 95), "5 s ago");
         assert_eq!(ago(10_000, 0), "2 h ago");
         assert_eq!(bytes(1_500_000), "1.5 MB");

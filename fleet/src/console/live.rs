@@ -207,6 +207,11 @@ impl Live {
         view::build(&registry, reports, now, stale_after_secs, false).devices
     }
 
+    /// One device's registry record.
+    pub fn record(&self, id: &str) -> Option<DeviceRecord> {
+        self.read().registry.get(id).and_then(|(_, r)| r.clone())
+    }
+
     /// Every registry record, by id.
     pub fn registry(&self) -> Vec<DeviceRecord> {
         self.read().registry.values().filter_map(|(_, r)| r.clone()).collect()

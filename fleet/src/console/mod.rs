@@ -428,7 +428,7 @@ async fn device_markup(c: &Console, s: &Session, id: &str) -> Result<Markup, (St
     let js = async_nats::jetstream::new(c.client.clone());
     let (reports, refused) =
         crate::status::reports(&js, Some(id)).await.map_err(|e| (StatusCode::BAD_GATEWAY, e.to_string()))?;
-    let registry: Vec<_> = c.live.registry().into_iter().filter(|r| r.id == id).collect();
+    let registry: Vec<_> = c.live.record(id).into_iter().collect();
     if registry.is_empty() && reports.is_empty() {
         return Err((
             StatusCode::NOT_FOUND,
