@@ -134,7 +134,8 @@ fn index(m: &Manifest) -> HashMap<[u8; 32], (u64, u32)> {
 /// A bundle's bytes, which can be told in advance which chunks staging
 /// will read.
 pub trait BundleSource: std::io::Read + std::io::Seek {
-    /// Staging will read these chunks (in increasing order), and others
+    /// Staging will read these chunks, in this order (payload order, or
+    /// its chains side by side: see `sequencer::lanes`), and others
     /// only when a chunk taken from the device fails its check. A source
     /// that fetches ahead fetches these and skips the rest.
     fn plan(&mut self, _chunks: &[u32]) {}

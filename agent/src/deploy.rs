@@ -31,13 +31,18 @@ use crate::journal::{
 };
 use crate::progress::Progress;
 use crate::recovery::{self, Problem, Recovered};
-use crate::sequencer;
+use crate::sequencer::{self, Lanes};
 use crate::slots::{self, SlotBackend, SlotError, Staged, Switch};
+use crate::spares::Spares;
 use crate::{health, inhibit, statefile};
 
 /// Threads that hash chunks while staging: two keep up with a fast disk
 /// on a two-core device, while reading and writing run beside them.
 const HASHERS: usize = 2;
+/// At most this many lanes of linked chunks are decoded at once (each
+/// keeps its own window: up to twice the manifest's largest, 8 MiB at the
+/// default `--compress-window`).
+const MAX_LANES: usize = 4;
 
 /// Where staging looks for chunks before it fetches them.
 #[derive(Clone, Copy)]
@@ -521,6 +526,11 @@ impl Engine {
         // others are asked of the bundle.
         let total = layout.chunk_count();
         let mut scratch = Vec::new();
+        // One lane per core for a bundle in several chains, read a chunk
+        // of each in turn; otherwise payload order.
+        let cores = thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_LANES);
+        let lanes = sequencer::lanes(layout.as_ref(), from_chunk, cores);
+        let order = sequencer::read_order(&lanes, total);
         let held: Vec<Option<(&LocalChunks, u64)>> = (from_chunk..total)
             .map(|i| {
                 let c = layout.chunk(i)?;
@@ -532,8 +542,8 @@ impl Engine {
             })
             .collect();
         drop(scratch);
-        let wanted: Vec<u32> =
-            (from_chunk..total).zip(&held).filter(|(_, h)| h.is_none()).map(|(i, _)| i).collect();
+        let held_at = |index: u32| held.get((index - from_chunk) as usize).copied().flatten();
+        let wanted: Vec<u32> = order.iter().copied().filter(|&i| held_at(i).is_none()).collect();
         reader.source_mut().plan(&wanted);
         let on = |s: SlotId| held.iter().flatten().filter(|(l, _)| l.slot() == s).count();
         let (from_running, in_place) = (local.map_or(0, |l| on(l.slot())), on(slot));
@@ -559,7 +569,7 @@ impl Engine {
         // the receiver is gone and the reader's sends fail.
         let raw_rx = Arc::new(Mutex::new(raw_rx));
         let (checked_tx, checked_rx) = mpsc::sync_channel::<CheckedChunk>(8);
-        let (spare_tx, spare_rx) = mpsc::channel::<Vec<u8>>();
+        let spares = Spares::default();
         // Bytes written since this call started, for the progress bar.
         let written_bytes = AtomicU64::new(0);
         let (sync_tx, sync_rx) = mpsc::channel::<u32>();
@@ -579,7 +589,15 @@ impl Engine {
         // Scoped: no thread of this staging outlives it (a late syncer
         // must not overwrite the journal), and they borrow what they share.
         let (hashed, read_all, written, synced) = thread::scope(|s| {
-            let (onward, sequencer) = sequencer::onward(s, &manifest, window, checked_tx, &abort, HASHERS);
+            let (onward, sequencer) = sequencer::onward(
+                s,
+                &manifest,
+                Lanes { starts: &lanes, window },
+                checked_tx,
+                &abort,
+                HASHERS,
+                &spares,
+            );
             let hashers: Vec<_> = (0..HASHERS)
                 .map(|_| {
                     let (rx, tx, manifest, abort) = (raw_rx.clone(), onward.clone(), &manifest, &abort);
@@ -616,7 +634,7 @@ impl Engine {
                 Ok(journal)
             });
 
-            let (abort, written_bytes, at) = (&abort, &written_bytes, &layout);
+            let (abort, written_bytes, at, spares) = (&abort, &written_bytes, &layout, &spares);
             let write_thread = s.spawn(move || -> Result<(), SlotError> {
                 // Chunks arrive out of order from the hashers; `durable_from` is
                 // the first chunk not yet written, the only safe checkpoint.
@@ -639,18 +657,18 @@ impl Engine {
                         since = 0;
                         let _ = sync_tx.send(durable_from);
                     }
-                    let _ = spare_tx.send(chunk.into_buffer());
+                    spares.give(chunk.into_buffer());
                 }
                 drop(sync_tx);
                 writer.sync()
             });
 
             let read_all = (|| -> Result<(), DeployError> {
-                for (index, at) in (from_chunk..count).zip(held.iter().copied()) {
+                for (index, at) in order.iter().map(|&i| (i, held_at(i))) {
                     if abort.load(Ordering::SeqCst) {
                         break;
                     }
-                    let mut buf = spare_rx.try_recv().unwrap_or_default();
+                    let mut buf = spares.take();
                     // `Some(buf)`: still to fetch, into `buf`.
                     let to_fetch = match at {
                         Some((l, offset)) => {

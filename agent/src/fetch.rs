@@ -21,7 +21,7 @@
 //! those in flight when it dropped are sent again the moment it is back. What stops a fetch is the server saying a
 //! chunk does not exist, or the bundle's data budget running out.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -80,12 +80,21 @@ pub struct ChunkSource {
     pos: u64,
     current: Option<(u32, Vec<u8>)>,
     ahead: VecDeque<(u32, JoinHandle<io::Result<Vec<u8>>>)>,
-    /// The chunks staging will read (increasing), once it says; until
-    /// then, every chunk in order.
-    plan: Option<Vec<u32>>,
+    /// The chunks staging will read, in the order it reads them, once it
+    /// says; until then, every chunk in order.
+    plan: Option<Plan>,
     /// Chunks taken, for how often the ledger is saved.
     loads: u32,
     fetched: Arc<AtomicU64>,
+}
+
+/// The order staging reads chunks in ([`BundleSource::plan`]), and each
+/// one's place in it.
+///
+/// [`BundleSource::plan`]: crate::delta::BundleSource::plan
+struct Plan {
+    order: Vec<u32>,
+    at: HashMap<u32, usize>,
 }
 
 /// Why [`ChunkSource::open`] gave no source.
@@ -204,11 +213,24 @@ impl ChunkSource {
         self.rt.spawn(get(self.client.clone(), subject, self.settings.clone(), self.fetched.clone()))
     }
 
-    /// The chunk fetched after `index`: the next in the plan, or the next.
+    /// The chunk fetched after `index`: the next in the plan (none after
+    /// a chunk out of it), or the next.
     fn after(&self, index: u32) -> Option<u32> {
         match &self.plan {
-            Some(plan) => plan.get(plan.partition_point(|&i| i <= index)).copied(),
+            Some(plan) => plan.at.get(&index).and_then(|&at| plan.order.get(at + 1)).copied(),
             None => index.checked_add(1).filter(|&n| n < self.layout.chunk_count()),
+        }
+    }
+
+    /// Whether chunk `a` is read before chunk `b`.
+    fn before(&self, a: u32, b: u32) -> bool {
+        match &self.plan {
+            Some(plan) => match (plan.at.get(&a), plan.at.get(&b)) {
+                (Some(a), Some(b)) => a < b,
+                // A chunk out of the plan passes none of it.
+                _ => false,
+            },
+            None => a < b,
         }
     }
 
@@ -218,7 +240,7 @@ impl ChunkSource {
             return Ok(());
         }
         // Chunks fetched ahead of one now passed are of no use.
-        while self.ahead.front().is_some_and(|(i, _)| *i < index) {
+        while self.ahead.front().is_some_and(|(i, _)| self.before(*i, index)) {
             if let Some((_, h)) = self.ahead.pop_front() {
                 h.abort();
             }
@@ -265,7 +287,8 @@ impl crate::delta::BundleSource for ChunkSource {
         for (_, h) in self.ahead.drain(..) {
             h.abort();
         }
-        self.plan = Some(chunks.to_vec());
+        let at = chunks.iter().enumerate().map(|(at, &i)| (i, at)).collect();
+        self.plan = Some(Plan { order: chunks.to_vec(), at });
     }
 }
 

@@ -41,6 +41,7 @@ pub mod reports;
 pub(crate) mod sequencer;
 pub mod service;
 pub mod slots;
+pub(crate) mod spares;
 pub(crate) mod statefile;
 pub mod status;
 pub mod trust_store;

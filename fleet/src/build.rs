@@ -75,11 +75,13 @@ impl Cut {
 ///
 /// With compression, `window` > 0 links each chunk to the `window` written
 /// bytes before it (see [`ChunkEntry::ZstdLinked`]); 0 makes every chunk
-/// an independent frame.
+/// an independent frame. Linking restarts every `chain` bytes (see
+/// [`LINK_CHAIN`]).
 pub fn build_bundle(
     params: ManifestParams,
     cut: Cut,
     window: u32,
+    chain: u64,
     input: &Path,
     out: &Path,
 ) -> Result<Manifest, BuildError> {
@@ -113,7 +115,7 @@ pub fn build_bundle(
     };
     if params.format == Format::V3 {
         let chunking = cut.chunking(params.chunk_size);
-        return build_v3(params, chunking, window, payload_path, out_dir, out);
+        return build_v3(params, chunking, window, chain, payload_path, out_dir, out);
     }
     if cut != Cut::Fixed {
         return Err(BuildError::InvalidParams("format 2 has fixed-size chunks only".into()));
@@ -145,6 +147,7 @@ fn build_v3(
     params: ManifestParams,
     chunking: Chunking,
     window: u32,
+    chain: u64,
     payload: &Path,
     out_dir: &Path,
     out: &Path,
@@ -163,8 +166,9 @@ fn build_v3(
     let window = if level.is_some() { window } else { 0 };
     // The payload's last `window` bytes before the batch.
     let mut history = Vec::new();
+    let mut chain = Chain { len: chain.max(1), ..Chain::default() };
     let mut flush = |batch: &mut Vec<Vec<u8>>| -> Result<(), BuildError> {
-        let built = build_batch(batch, &mut history, level, window, threads);
+        let built = build_batch(batch, &mut history, &mut chain, level, window, threads);
         for (raw, b) in batch.drain(..).zip(built) {
             let (entry, z) = b.map_err(BuildError::InvalidParams)?;
             builder.push_chunk(chunking, entry).map_err(params_error)?;
@@ -209,6 +213,7 @@ type Built = Result<(ChunkEntry, Option<Vec<u8>>), String>;
 fn build_batch(
     batch: &[Vec<u8>],
     history: &mut Vec<u8>,
+    chain: &mut Chain,
     level: Option<i32>,
     window: u32,
     threads: usize,
@@ -216,17 +221,24 @@ fn build_batch(
     // The history and the batch in one buffer, so that each chunk's
     // prefix is one slice of it.
     let mut ctx = std::mem::take(history);
+    // Each chunk's prefix, as a range of `ctx`, and the window it names.
     let mut at = Vec::with_capacity(batch.len());
     for raw in batch {
-        at.push(ctx.len());
+        let (before, first) = chain.next(raw.len());
+        let reach = before.min(u64::from(window));
+        let end = ctx.len();
+        // In the first chain the window may reach before the payload's
+        // start (a device clips it there); later, it must stop at its
+        // chain's start, or the chains could not be decoded apart.
+        let named = if first { window } else { u32::try_from(reach).unwrap_or(window) };
+        at.push((end.saturating_sub(usize::try_from(reach).unwrap_or(usize::MAX))..end, named));
         if window > 0 {
             ctx.extend_from_slice(raw);
         }
     }
     let ctx = &ctx;
-    let build = |(raw, &start): (&Vec<u8>, &usize)| {
-        let prefix = if window > 0 { &ctx[start.saturating_sub(window as usize)..start] } else { &[][..] };
-        build_linked_chunk(raw, level, window, prefix)
+    let build = |(raw, (prefix, named)): (&Vec<u8>, &(std::ops::Range<usize>, u32))| {
+        build_linked_chunk(raw, level, *named, &ctx[prefix.clone()])
     };
     let built = if batch.len() <= 1 || threads <= 1 {
         batch.iter().zip(&at).map(build).collect()
@@ -249,6 +261,36 @@ fn build_batch(
     let keep = ctx.len().min(window as usize);
     *history = ctx[ctx.len() - keep..].to_vec();
     built
+}
+
+/// How far a chain of linked chunks runs, by default, before the next
+/// chunk starts a new one, decoded alone: an installer decodes the chains
+/// on all its cores at once (`Manifest::chain_starts`). Each restart
+/// costs about a window's worth of context: 1.5 % of a root image's
+/// compressed size at 32 MiB (see the benchmarks page).
+pub const LINK_CHAIN: u64 = 32 << 20;
+
+/// Where the payload's chunks fall in chains of `len` bytes.
+#[derive(Default)]
+struct Chain {
+    len: u64,
+    /// The payload offset of the next chunk.
+    offset: u64,
+    /// Where the chain it belongs to starts.
+    start: u64,
+}
+
+impl Chain {
+    /// Places the next chunk, of `len` bytes: how many bytes of its chain
+    /// come before it, and whether that chain is the payload's first.
+    fn next(&mut self, len: usize) -> (u64, bool) {
+        if self.offset - self.start >= self.len {
+            self.start = self.offset;
+        }
+        let before = self.offset - self.start;
+        self.offset += len as u64;
+        (before, self.start == 0)
+    }
 }
 
 /// The payload cut into chunks as `chunking` says.

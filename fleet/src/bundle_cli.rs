@@ -128,6 +128,11 @@ pub struct BuildArgs {
     /// while it installs; `0` makes every chunk decode alone.
     #[arg(long, value_name = "SIZE", default_value = "4M", value_parser = parse_window)]
     compress_window: u32,
+    /// With --compress and a window: start linking afresh every SIZE bytes
+    /// (`32M`, `1M`, ...). A device decodes that many chains at once, one
+    /// per core; each restart costs about a window's worth of context.
+    #[arg(long, value_name = "SIZE", default_value = "32M", value_parser = parse_chain)]
+    compress_chain: u64,
     /// A compatible device target; repeat for several. None means any target.
     #[arg(long = "target", value_name = "T")]
     targets: Vec<String>,
@@ -224,7 +229,7 @@ fn build(a: BuildArgs) -> Result<()> {
         (None, PayloadKind::Archive, Format::V3) => Cut::ContentDefined,
         _ => Cut::Fixed,
     };
-    let manifest = build_bundle(params, cut, a.compress_window, &a.input, &a.out)?;
+    let manifest = build_bundle(params, cut, a.compress_window, a.compress_chain, &a.input, &a.out)?;
     if a.json {
         let head = BundleReader::open(std::fs::File::open(&a.out)?)?;
         let doc = json!({
@@ -337,7 +342,7 @@ fn inspect(file: &Path, json: bool) -> Result<()> {
     println!("  payload     {} bytes in {} chunks ({})", m.payload_len(), m.chunk_count(), chunking(m));
     let window = match m.max_window() {
         0 => String::new(),
-        w => format!(", each decoded against up to {w} bytes before it"),
+        w => format!(", each decoded against up to {w} bytes before it, in {} chains", linked_chains(m)),
     };
     println!("  stored      {} bytes ({} chunks compressed{window})", m.stored_len(), compressed(m));
     if let Some(h) = m.payload_sha256() {
@@ -370,20 +375,42 @@ fn parse_compress(s: &str) -> Result<i32, String> {
     Ok(level)
 }
 
-/// `--compress-window`: bytes, or K or M (binary), up to [`MAX_WINDOW`].
-fn parse_window(s: &str) -> Result<u32, String> {
+/// A size in bytes, or K, M or G (binary).
+fn parse_size(s: &str) -> Result<u64, String> {
     let (digits, unit) = match s.strip_suffix(['K', 'k']) {
-        Some(d) => (d, 1024),
+        Some(d) => (d, 1 << 10),
         None => match s.strip_suffix(['M', 'm']) {
-            Some(d) => (d, 1024 * 1024),
-            None => (s, 1),
+            Some(d) => (d, 1 << 20),
+            None => match s.strip_suffix(['G', 'g']) {
+                Some(d) => (d, 1 << 30),
+                None => (s, 1),
+            },
         },
     };
     let n: u64 = digits.parse().map_err(|_| format!("'{s}': expected a size such as 4M, 512K or 0"))?;
-    n.checked_mul(unit)
+    n.checked_mul(unit).ok_or_else(|| format!("'{s}' is too large"))
+}
+
+/// `--compress-chain`: a size of at least 64 KiB.
+fn parse_chain(s: &str) -> Result<u64, String> {
+    Some(parse_size(s)?).filter(|&b| b >= 64 << 10).ok_or_else(|| format!("'{s}' is under 64K"))
+}
+
+/// `--compress-window`: a size up to [`MAX_WINDOW`].
+fn parse_window(s: &str) -> Result<u32, String> {
+    Some(parse_size(s)?)
         .filter(|&b| b <= u64::from(MAX_WINDOW))
         .and_then(|b| u32::try_from(b).ok())
         .ok_or_else(|| format!("'{s}' is over the largest window, {} MiB", MAX_WINDOW >> 20))
+}
+
+/// How many chains of linked chunks the payload is in (chains a device
+/// can decode at once); 0 without linked chunks.
+fn linked_chains(m: &Manifest) -> usize {
+    if m.max_window() == 0 {
+        return 0;
+    }
+    m.chain_starts().len()
 }
 
 /// How the payload was cut, as `inspect` shows it.
@@ -413,6 +440,7 @@ fn manifest_json(m: &Manifest) -> serde_json::Value {
         "chunk_count": m.chunk_count(),
         "compressed_chunks": compressed(m),
         "compress_window": m.max_window(),
+        "compress_chains": linked_chains(m),
         "payload_sha256": m.payload_sha256().map(hex::encode),
         "created_at": m.created_at,
         "expires_at": m.expires_at,

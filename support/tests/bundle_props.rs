@@ -610,8 +610,12 @@ fn a_linked_chunk_is_decoded_only_against_the_checked_chunks_before_it() {
     let _ = b.read_unchecked(Vec::new()).unwrap().unwrap();
     let one = b.read_unchecked(Vec::new()).unwrap().unwrap();
     let perch_protocol::bundle::Checked::Linked(one) = m.check(one).unwrap() else { panic!("not linked") };
-    let late = Window::starting_at(m.manifest(), 1);
-    assert!(matches!(m.decode_linked(one, &late), Err(BundleError::NoWindow { index: 1, .. })));
+    let mut late = Window::starting_at(m.manifest(), 1);
+    let mut decoder = perch_protocol::bundle::Decoder::default();
+    assert!(matches!(
+        m.decode_linked(one, &mut late, &mut decoder, Vec::new()),
+        Err(BundleError::NoWindow { index: 1, .. })
+    ));
     let mut w = Window::starting_at(m.manifest(), 0);
     let c1 = m.check_written(1, block.clone()).ok().unwrap();
     assert!(matches!(w.push(&c1), Err(BundleError::NoWindow { index: 1, .. })));

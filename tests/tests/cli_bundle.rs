@@ -703,7 +703,31 @@ fn the_compress_window_links_chunks_to_the_bytes_before_them() {
     // linked, only the first copy is stored.
     assert!(linked.as_u64().unwrap() * 3 < alone.as_u64().unwrap(), "linked {linked}, alone {alone}");
     let text = s.ok("perch", &["bundle", "inspect", "linked.perch"]).stdout;
-    assert!(text.contains("decoded against up to 262144 bytes before it"), "{text}");
+    assert!(text.contains("decoded against up to 262144 bytes before it, in 1 chains"), "{text}");
+    assert_eq!(inspect("linked.perch")["compress_chains"], 1);
+    assert_eq!(inspect("alone.perch")["compress_chains"], 0);
+    // Linking starts afresh every --compress-chain bytes (a device decodes
+    // the chains side by side); each restart stores its first chunk whole.
+    let chained = |out: &str, chain: &str| {
+        let args =
+            ["bundle", "build", "--name", "app", "--counter", "1", "--kind", "image", "--input", "img"];
+        let more =
+            ["--compress", "zstd:3", "--compress-window", "256K", "--compress-chain", chain, "--out", out];
+        s.run("perch", &[&args[..], &more[..]].concat())
+    };
+    let r = chained("chains.perch", "512K");
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    s.ok("perch", &["bundle", "sign", "--key", "k1.key", "chains.perch"]);
+    s.ok("perch", &["bundle", "verify", "--trust", "org/trust.doc", "chains.perch"]);
+    s.ok("perch-agent", &["check", "--trust", "org/trust.doc", "chains.perch"]);
+    let v = inspect("chains.perch");
+    assert_eq!(v["compress_chains"], 2, "{v}");
+    assert!(v["stored_len"].as_u64() > linked.as_u64(), "{v}");
+    for bad in ["32K", "1x"] {
+        let r = chained("bad.perch", bad);
+        assert_eq!(r.code, 2, "{bad}: {}", r.stderr);
+        assert!(r.stderr.contains(bad), "{bad}: {}", r.stderr);
+    }
     for bad in ["9M", "12x", "-1"] {
         let r = build("bad.perch", bad);
         assert_eq!(r.code, 2, "{bad}: {}", r.stderr);

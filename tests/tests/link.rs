@@ -678,7 +678,10 @@ fn a_release_that_changes_one_file_fetches_only_its_chunks_over_the_link() {
     let mut digests = vec![];
     for (counter, dir) in [(2, "os-2"), (3, "os-3")] {
         let file = format!("os-{counter}.perch");
-        let (digest, len) = f.s.signed_archive_with("os", counter, dir, &file, &["--compress", "zstd:3"]);
+        // Two chains of linked chunks: the agent decodes them side by
+        // side, so it asks for the chunks of both in turn.
+        let args = ["--compress", "zstd:3", "--compress-chain", "4M"];
+        let (digest, len) = f.s.signed_archive_with("os", counter, dir, &file, &args);
         f.publish(&file);
         digests.push((digest, len));
     }

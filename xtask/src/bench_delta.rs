@@ -24,12 +24,15 @@ use anyhow::{bail, Context, Result};
 
 use crate::util::{flag_pairs, run_in, step};
 
-const USAGE: &str = "usage: cargo xtask bench delta [--image-mib N] (N >= 16)";
+const USAGE: &str = "usage: cargo xtask bench delta [--image-mib N] (N >= 16) | --install-only";
 /// The changed file: 1 MiB, as the measure says.
 const CHANGED: usize = 1 << 20;
 const RUNS: usize = 3;
 
 pub fn run(args: &[String]) -> Result<()> {
+    if args.iter().any(|a| a == "--install-only") {
+        return install_only(args);
+    }
     let mut image_mib = 256usize;
     for (flag, value) in flag_pairs(args, USAGE)? {
         match flag {
@@ -125,15 +128,7 @@ pub fn run(args: &[String]) -> Result<()> {
     }
 
     // -------------------------------------------------------------- install
-    step(&format!("bench delta: install of the compressed image bundle vs dd conv=fsync, best of {RUNS}"));
-    let native = install_vs_dd(&dir, &bin.join("perch-agent"), None)?;
-    let aarch64 = crate::util::root().join("target/cross/aarch64-unknown-linux-gnu/release/perch-agent");
-    let emulated = if aarch64.exists() && crate::util::have("qemu-aarch64-static") {
-        Some(install_vs_dd(&dir, &aarch64, Some("qemu-aarch64-static"))?)
-    } else {
-        println!("(no aarch64 agent: run `cargo xtask cross` first to measure it under qemu)");
-        None
-    };
+    let (native, emulated) = installs(&dir, &bin)?;
 
     println!();
     println!("{:<64} {:>10} {:>8}", "measure", "value", "goal");
@@ -155,14 +150,51 @@ pub fn run(args: &[String]) -> Result<()> {
             if *chunking == "cdc" { "<= 0.10" } else { "" },
         );
     }
-    line("install compressed image ÷ dd conv=fsync (x86_64)", native.ratio(), ">= 0.90");
-    if let Some(e) = emulated {
-        line("install compressed image ÷ dd conv=fsync (aarch64 under qemu)", e.ratio(), "ratio");
-    }
+    install_lines(&native, emulated.as_ref());
     if std::env::var_os("PERCH_BENCH_KEEP").is_none() {
         fs::remove_dir_all(&dir)?;
     }
     Ok(())
+}
+
+/// `--install-only`: times the installs again on the bundles a run with
+/// `PERCH_BENCH_KEEP=1` kept (building them takes most of the bench), for
+/// work on the installer. The bundle was built by the binaries of that run.
+fn install_only(args: &[String]) -> Result<()> {
+    if args.len() != 1 {
+        bail!("{USAGE}");
+    }
+    let dir = crate::util::root().join("target/bench-delta");
+    if !dir.join("n.perch").is_file() || !dir.join("n.ext4").is_file() {
+        bail!("--install-only needs the bundles of a kept run: `PERCH_BENCH_KEEP=1 cargo xtask bench delta` first");
+    }
+    let bin = crate::util::release_bins("delta", &["perch-agent"])?;
+    let (native, emulated) = installs(&dir, &bin)?;
+    install_lines(&native, emulated.as_ref());
+    Ok(())
+}
+
+/// The install of `n.perch` against `dd`, natively and, if `cargo xtask
+/// cross` built it, for the aarch64 agent under qemu.
+fn installs(dir: &Path, bin: &Path) -> Result<(Timed, Option<Timed>)> {
+    step(&format!("bench delta: install of the compressed image bundle vs dd conv=fsync, best of {RUNS}"));
+    let native = install_vs_dd(dir, &bin.join("perch-agent"), None)?;
+    let aarch64 = crate::util::root().join("target/cross/aarch64-unknown-linux-gnu/release/perch-agent");
+    let emulated = if aarch64.exists() && crate::util::have("qemu-aarch64-static") {
+        Some(install_vs_dd(dir, &aarch64, Some("qemu-aarch64-static"))?)
+    } else {
+        println!("(no aarch64 agent: run `cargo xtask cross` first to measure it under qemu)");
+        None
+    };
+    Ok((native, emulated))
+}
+
+fn install_lines(native: &Timed, emulated: Option<&Timed>) {
+    let line = |what: &str, value: f64, goal: &str| println!("{what:<64} {value:>10.3} {goal:>8}");
+    line("install compressed image ÷ dd conv=fsync (x86_64)", native.ratio(), ">= 0.90");
+    if let Some(e) = emulated {
+        line("install compressed image ÷ dd conv=fsync (aarch64 under qemu)", e.ratio(), "ratio");
+    }
 }
 
 /// Copies regular files from `/usr/share` then `/usr/lib`, in name order,

@@ -289,6 +289,23 @@ impl Manifest {
         end.saturating_sub(u64::from(window))..end
     }
 
+    /// The chunks that start a chain: no chunk from one on is decoded
+    /// against bytes before it, so the chains can be decoded at once, each
+    /// against its own [`Window`](super::Window). Chunk 0 always starts
+    /// one; in a bundle without linked chunks every chunk does.
+    pub fn chain_starts(&self) -> Vec<u32> {
+        let mut starts = Vec::new();
+        let mut reach = u64::MAX;
+        for index in (0..self.chunk_count()).rev() {
+            reach = reach.min(self.prefix_range(index).start);
+            if reach >= self.written_offset(index) {
+                starts.push(index);
+            }
+        }
+        starts.reverse();
+        starts
+    }
+
     /// The largest window any chunk names (0: every chunk decodes alone).
     pub fn max_window(&self) -> u32 {
         self.chunks.iter().map(ChunkEntry::window).max().unwrap_or(0)
@@ -630,6 +647,28 @@ mod tests {
         assert_eq!(m.chunk_at_written(14_103), None);
         assert_eq!(m.chunk_at_stored(5_099), Some(1));
         assert_eq!(m.chunk_at_stored(5_100), Some(2));
+    }
+
+    #[test]
+    fn a_chain_starts_where_no_later_chunk_reaches_back_past_it() {
+        let linked = |window| ChunkEntry::ZstdLinked {
+            window,
+            stored_hash: [1; 32],
+            stored_len: 100,
+            hash: [2; 32],
+            len: 4096,
+        };
+        let fixed = Chunking::Fixed { size: 4096 };
+        let chain =
+            |chunks| Manifest::from_parts(release(), Format::V3, fixed, chunks, None).unwrap().chain_starts();
+        // Unlinked chunks: each one starts a chain.
+        assert_eq!(chain(vec![raw(4096), raw(4096), raw(4096)]), [0, 1, 2]);
+        // Chunk 3 starts again (its own window stays inside), but chunk 5
+        // reaches back two chunks, into chunk 3's chain: 4 starts none.
+        let chunks = vec![raw(4096), linked(4096), linked(8192), raw(4096), linked(4096), linked(8192)];
+        assert_eq!(chain(chunks), [0, 3]);
+        // A window that reaches before the payload's start changes nothing.
+        assert_eq!(chain(vec![linked(MAX_WINDOW), raw(4096), linked(1)]), [0, 1]);
     }
 
     #[test]

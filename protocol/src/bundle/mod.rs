@@ -31,12 +31,13 @@ mod window;
 mod writer;
 
 pub use archive::{check_archive, raw_entry, ArchiveError, ArchivePolicy, Refusal, MAX_ENTRY_PATH};
+pub use decompress::Decoder;
 pub use manifest::{
     ChunkEntry, Chunking, Format, Manifest, ManifestError, PayloadKind, Release, MAX_WINDOW, MIN_CDC_CHUNK,
 };
 pub use reader::{
-    check_archive_payload, claimed_digest, verify_stream, BundleReader, Checked, CheckedChunk, DecodedChunk,
-    LinkedChunk, PayloadHasher, UncheckedChunk, VerifiedBundle, VerifiedManifest,
+    check_archive_payload, claimed_digest, verify_stream, BundleReader, Checked, CheckedChunk, Decoded,
+    DecodedChunk, LinkedChunk, PayloadHasher, UncheckedChunk, VerifiedBundle, VerifiedManifest,
 };
 pub use window::Window;
 pub use writer::{build_chunk, build_linked_chunk, BundleHead, ManifestBuilder, ManifestParams, ZSTD_LEVELS};

@@ -3,8 +3,8 @@ use std::io::{self, Read};
 use sha2::{Digest, Sha256};
 
 use super::{
-    manifest_context, BundleDigest, BundleError, BundleHead, ChunkEntry, Format, Manifest, ManifestError,
-    Section, Window, BUNDLE_MAGIC,
+    manifest_context, BundleDigest, BundleError, BundleHead, ChunkEntry, Decoder, Format, Manifest,
+    ManifestError, Section, Window, BUNDLE_MAGIC,
 };
 use crate::codec::{self, FrameError, HEADER_LEN};
 use crate::keys::{check_signatures, SignatureEntry};
@@ -265,18 +265,20 @@ impl<R: Read> VerifiedBundle<R> {
 
 impl<R: Read + io::Seek> VerifiedBundle<R> {
     /// [`read_unchecked`](Self::read_unchecked) of chunk `index`, seeking
-    /// forward past the chunks before it that are not wanted (a delta
-    /// install takes those from the device). Chunks are taken in
-    /// increasing order; asking for one already passed is an error.
+    /// to it first: past the chunks not wanted (a delta install takes
+    /// those from the device), or back, for an installer that reads the
+    /// payload's chains side by side (`Manifest::chain_starts`).
     pub fn read_unchecked_at(&mut self, index: u32, buf: Vec<u8>) -> Result<UncheckedChunk, BundleError> {
         let m = &self.manifest.head.manifest;
         let count = m.chunk_count();
-        if index < self.next || index >= count {
+        if index >= count {
             return Err(BundleError::ChunkOutOfRange { index, count });
         }
-        if index > self.next {
-            let skip = m.stored_offset(index) - m.stored_offset(self.next);
-            let skip = i64::try_from(skip).map_err(|_| BundleError::ChunkOutOfRange { index, count })?;
+        if index != self.next {
+            let (to, from) = (m.stored_offset(index), m.stored_offset(self.next));
+            let out_of_range = |_| BundleError::ChunkOutOfRange { index, count };
+            let skip =
+                i64::try_from(to).map_err(out_of_range)? - i64::try_from(from).map_err(out_of_range)?;
             self.r.seek(io::SeekFrom::Current(skip)).map_err(BundleError::Io)?;
             self.next = index;
         }
@@ -296,7 +298,9 @@ impl UncheckedChunk {
     }
 }
 
-/// A payload chunk whose SHA-256 matched the verified manifest.
+/// A payload chunk an install may write: its SHA-256 matched its signed
+/// written hash, or it is what a checksummed frame of signed stored bytes
+/// decoded to ([`Decoded::Written`]).
 pub struct CheckedChunk {
     index: u32,
     data: Vec<u8>,
@@ -337,7 +341,10 @@ impl VerifiedManifest {
             }
             ChunkEntry::Zstd { .. } => {
                 check_stored(entry, index, count, &chunk.data)?;
-                let data = decode_checked(m, index, &chunk.data, &[])?;
+                let data = match decode_trusted(m, index, &chunk.data, &[])? {
+                    Decoded::Written(c) => c.data,
+                    Decoded::Unhashed(c) => self.check_decoded(c)?.data,
+                };
                 Ok(Checked::Written(CheckedChunk { index, data }))
             }
             ChunkEntry::ZstdLinked { .. } => {
@@ -347,19 +354,31 @@ impl VerifiedManifest {
         }
     }
 
-    /// Decodes a linked chunk against `window`, which must hold the
-    /// chunks just before it, into exactly its signed length. The result
-    /// becomes a [`CheckedChunk`] only through
-    /// [`check_decoded`](Self::check_decoded); it may go into the window
-    /// first (the decoder's output for signed bytes), so that the next
-    /// chunk is decoded while this one is hashed on another thread.
-    pub fn decode_linked(&self, chunk: LinkedChunk, window: &Window) -> Result<DecodedChunk, BundleError> {
+    /// Decodes a linked chunk straight into `window`, which must hold the
+    /// chunks just before it, into exactly its signed length, and copies
+    /// it into `buf` (any spare buffer) for the writer. The window takes
+    /// it at once (the decoder's output for signed bytes), so that the
+    /// next chunk can be decoded while this one, if its frame has no
+    /// checksum ([`Decoded::Unhashed`]), is hashed on another thread. The
+    /// stored bytes' buffer comes back for reuse.
+    pub fn decode_linked(
+        &self,
+        chunk: LinkedChunk,
+        window: &mut Window,
+        decoder: &mut Decoder,
+        mut buf: Vec<u8>,
+    ) -> Result<(Decoded, Vec<u8>), BundleError> {
         let m = &self.head.manifest;
-        let (index, count) = (chunk.index, m.chunk_count());
-        let len = m.chunk_len(index);
-        let data = super::decompress::chunk(&chunk.data, len, window.prefix(m, index)?)
-            .map_err(|detail| BundleError::Decompress { index, count, detail })?;
-        Ok(DecodedChunk { index, data })
+        let index = chunk.index;
+        let decoded = window.decode_next(m, index, &chunk.data, decoder)?;
+        buf.clear();
+        buf.extend_from_slice(decoded);
+        let decoded = if super::decompress::is_one_checksummed_frame(&chunk.data) {
+            Decoded::Written(CheckedChunk { index, data: buf })
+        } else {
+            Decoded::Unhashed(DecodedChunk { index, data: buf })
+        };
+        Ok((decoded, chunk.data))
     }
 
     /// Compares a decoded linked chunk with its signed hash.
@@ -380,10 +399,38 @@ impl DecodedChunk {
     pub fn index(&self) -> u32 {
         self.index
     }
+}
 
-    pub(super) fn data(&self) -> &[u8] {
-        &self.data
-    }
+/// A compressed chunk as an installer decodes it, from stored bytes that
+/// matched their signed hash.
+pub enum Decoded {
+    /// Decoded from exactly one zstd frame with a content checksum, which
+    /// the decoder confirmed. `perch bundle build` sets the checksum and
+    /// signs a frame only once it decodes back to its chunk, so this is
+    /// the signer's chunk, and is written without hashing it again: each
+    /// byte an install writes is hashed once, as it travels. (Verifying a
+    /// bundle still hashes the decoded bytes: that is what checks the
+    /// signer's written hashes, which delta installs rely on.)
+    Written(CheckedChunk),
+    /// From a frame without a content checksum (built before perch set
+    /// one): still to be compared with its signed hash
+    /// ([`VerifiedManifest::check_decoded`]) before any of it is written.
+    Unhashed(DecodedChunk),
+}
+
+/// Decodes compressed chunk `index`, whose stored bytes already matched
+/// their signed hash, into exactly its signed length (see [`Decoded`]).
+fn decode_trusted(m: &Manifest, index: u32, stored: &[u8], prefix: &[u8]) -> Result<Decoded, BundleError> {
+    let count = m.chunk_count();
+    let entry = m.chunk(index).ok_or(BundleError::ChunkOutOfRange { index, count })?;
+    let prefix = if entry.window() == 0 { &[][..] } else { prefix };
+    let data = super::decompress::chunk(stored, entry.len() as usize, prefix)
+        .map_err(|detail| BundleError::Decompress { index, count, detail })?;
+    Ok(if super::decompress::is_one_checksummed_frame(stored) {
+        Decoded::Written(CheckedChunk { index, data })
+    } else {
+        Decoded::Unhashed(DecodedChunk { index, data })
+    })
 }
 
 /// A chunk after [`VerifiedManifest::check`].

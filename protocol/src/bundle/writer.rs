@@ -110,8 +110,16 @@ fn compress(raw: &[u8], level: i32, prefix: &[u8]) -> Result<Vec<u8>, &'static s
         c.set_parameter(CParameter::WindowLog(log)).map_err(get_error_name)?;
         c.ref_prefix(prefix).map_err(get_error_name)?;
     }
+    // The XXH64 of the chunk, which the decoder checks: what lets an
+    // installer write a decoded chunk without hashing it again.
+    c.set_parameter(CParameter::ChecksumFlag(true)).map_err(get_error_name)?;
     c.compress2(&mut out, raw).map_err(get_error_name)?;
-    Ok(out)
+    // Signed only once it decodes back to the chunk: a device trusts a
+    // checksummed frame's output as the signer's.
+    match super::decompress::chunk(&out, raw.len(), prefix) {
+        Ok(back) if back == raw => Ok(out),
+        _ => Err("the frame does not decode back to the chunk"),
+    }
 }
 
 impl ManifestBuilder {

@@ -1,0 +1,28 @@
+//! Chunk buffers passed back for reuse while staging: the slot writer
+//! gives back each chunk's buffer once written, the sequencer each stored
+//! chunk's once decoded, and the reader and the sequencer take them for
+//! the next chunks. Fresh 256 KiB buffers cost a page fault per 4 KiB.
+
+use std::sync::{Arc, Mutex};
+
+/// More than the pipeline ever holds in flight: beyond it, a buffer is
+/// dropped.
+const MAX_SPARES: usize = 64;
+
+#[derive(Clone, Default)]
+pub struct Spares(Arc<Mutex<Vec<Vec<u8>>>>);
+
+impl Spares {
+    /// A spare buffer, or a new empty one.
+    pub fn take(&self) -> Vec<u8> {
+        self.0.lock().ok().and_then(|mut v| v.pop()).unwrap_or_default()
+    }
+
+    pub fn give(&self, buf: Vec<u8>) {
+        if let Ok(mut v) = self.0.lock() {
+            if v.len() < MAX_SPARES {
+                v.push(buf);
+            }
+        }
+    }
+}
