@@ -9,7 +9,8 @@
 //! compressed chunk its decoding into exactly its signed length, hashed
 //! too). Format 2 adds its
 //! whole-payload digest on one more thread. A bundle with linked chunks
-//! (each decoded against the chunks before it) is read in order instead.
+//! (each decoded against the chunks before it) is checked a chain at a
+//! time on each worker, each chain in order.
 
 use std::fs::File;
 use std::io::{self, Seek};
@@ -18,7 +19,9 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Mutex;
 use std::thread;
 
-use perch_protocol::bundle::{BundleError, BundleReader, PayloadHasher, Section, VerifiedManifest};
+use perch_protocol::bundle::{
+    BundleError, BundleReader, Decoder, PayloadHasher, Section, VerifiedManifest, Window,
+};
 use perch_protocol::trust::VerifiedTrust;
 
 /// Bytes read and hashed at a time for format 2's whole-payload digest.
@@ -36,31 +39,20 @@ pub fn verify_file(
 ) -> Result<VerifiedManifest, BundleError> {
     let mut reader = file;
     reader.rewind().map_err(BundleError::Io)?;
-    let mut bundle = BundleReader::open_verified(reader, trust, now)?;
+    let bundle = BundleReader::open_verified(reader, trust, now)?;
     let start = reader.stream_position().map_err(BundleError::Io)?;
     let len = file.metadata().map_err(BundleError::Io)?.len();
     bundle.manifest().check_file_len(start, len)?;
-    if bundle.manifest().manifest().max_window() > 0 {
-        // Linked chunks are decoded in payload order, each against the
-        // chunks before it: one pass, in order.
-        let mut buf = Vec::new();
-        while bundle.read_chunk(&mut buf)?.is_some() {}
-        return Ok(bundle.into_manifest());
-    }
     let manifest = bundle.into_manifest();
     let m = manifest.manifest();
+    if m.max_window() > 0 {
+        return verify_chains(file, start, manifest, threads);
+    }
     let count = m.chunk_count();
     let next = AtomicU32::new(0);
     let abort = AtomicBool::new(false);
     let failed: Mutex<Option<(u32, BundleError)>> = Mutex::new(None);
-    let fail = |index: u32, e: BundleError| {
-        abort.store(true, Ordering::SeqCst);
-        if let Ok(mut f) = failed.lock() {
-            if f.as_ref().is_none_or(|(i, _)| index < *i) {
-                *f = Some((index, e));
-            }
-        }
-    };
+    let fail = |index: u32, e: BundleError| first_failure(&failed, &abort, index, e);
     let whole = thread::scope(|s| {
         let whole =
             m.payload_sha256().map(|_| s.spawn(|| payload_digest(file, start, m.stored_len(), &abort)));
@@ -91,8 +83,62 @@ pub fn verify_file(
     Ok(manifest)
 }
 
-/// Checks chunk `index` where it lies in the file.
-fn check_at(
+/// Linked chunks are decoded in payload order, each against the chunks
+/// before it in its chain: each worker takes the next chain whole (see
+/// `Manifest::chain_starts`) and checks its chunks in order.
+fn verify_chains(
+    file: &File,
+    start: u64,
+    manifest: VerifiedManifest,
+    threads: usize,
+) -> Result<VerifiedManifest, BundleError> {
+    let m = manifest.manifest();
+    let starts = m.chain_starts();
+    let ends: Vec<u32> = starts.iter().skip(1).copied().chain([m.chunk_count()]).collect();
+    let next = AtomicU32::new(0);
+    let abort = AtomicBool::new(false);
+    let failed: Mutex<Option<(u32, BundleError)>> = Mutex::new(None);
+    thread::scope(|s| {
+        for _ in 0..threads.max(1).min(starts.len()) {
+            s.spawn(|| {
+                let (mut buf, mut decoder) = (Vec::new(), Decoder::default());
+                while !abort.load(Ordering::SeqCst) {
+                    let chain = next.fetch_add(1, Ordering::SeqCst) as usize;
+                    let (Some(&first), Some(&end)) = (starts.get(chain), ends.get(chain)) else { break };
+                    let mut window = Window::starting_at(m, first);
+                    for index in first..end {
+                        let checked =
+                            read_stored_at(file, start, &manifest, index, &mut buf).and_then(|()| {
+                                manifest.check_stored_in_chain(index, &buf, &mut window, &mut decoder)
+                            });
+                        if let Err(e) = checked {
+                            first_failure(&failed, &abort, index, e);
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    match failed.into_inner().ok().flatten() {
+        Some((_, e)) => Err(e),
+        None => Ok(manifest),
+    }
+}
+
+/// Keeps the failure of the lowest chunk seen failing, and stops the
+/// workers.
+fn first_failure(failed: &Mutex<Option<(u32, BundleError)>>, abort: &AtomicBool, index: u32, e: BundleError) {
+    abort.store(true, Ordering::SeqCst);
+    if let Ok(mut f) = failed.lock() {
+        if f.as_ref().is_none_or(|(i, _)| index < *i) {
+            *f = Some((index, e));
+        }
+    }
+}
+
+/// Reads chunk `index`'s stored bytes from where they lie in the file.
+fn read_stored_at(
     file: &File,
     start: u64,
     manifest: &VerifiedManifest,
@@ -103,7 +149,18 @@ fn check_at(
     let count = m.chunk_count();
     let entry = m.chunk(index).ok_or(BundleError::ChunkOutOfRange { index, count })?;
     buf.resize(entry.stored_len() as usize, 0);
-    read_at(file, buf, start + m.stored_offset(index))?;
+    read_at(file, buf, start + m.stored_offset(index))
+}
+
+/// Checks chunk `index` where it lies in the file.
+fn check_at(
+    file: &File,
+    start: u64,
+    manifest: &VerifiedManifest,
+    index: u32,
+    buf: &mut Vec<u8>,
+) -> Result<(), BundleError> {
+    read_stored_at(file, start, manifest, index, buf)?;
     manifest.check_stored(index, buf)
 }
 

@@ -531,10 +531,18 @@ fn noise(len: usize, mut x: u64) -> Vec<u8> {
 /// against the `window` bytes before it (0: independent frames): the
 /// manifest's chunks and the stored bytes.
 fn linked_parts(payload: &[u8], chunk: usize, window: u32) -> (Vec<ChunkEntry>, Vec<u8>) {
+    chained_parts(payload, chunk, window, usize::MAX)
+}
+
+/// [`linked_parts`], with linking starting afresh every `chain` bytes (as
+/// `perch bundle build --compress-chain` does).
+fn chained_parts(payload: &[u8], chunk: usize, window: u32, chain: usize) -> (Vec<ChunkEntry>, Vec<u8>) {
     let (mut entries, mut stored) = (Vec::new(), Vec::new());
     for (i, raw) in payload.chunks(chunk).enumerate() {
         let start = i * chunk;
-        let prefix = &payload[start.saturating_sub(window as usize)..start];
+        let from = start.saturating_sub(window as usize).max(start / chain * chain);
+        let prefix = &payload[from..start];
+        let window = if from == start / chain * chain && from > 0 { prefix.len() as u32 } else { window };
         let (entry, z) = build_linked_chunk(raw, Some(3), window, prefix).unwrap();
         entries.push(entry);
         stored.extend_from_slice(z.as_deref().unwrap_or(raw));
@@ -569,6 +577,29 @@ fn linked_chunks_refer_back_and_give_back_their_payload() {
     );
     let bytes = linked_bundle(linked, &linked_stored, 16 * 1024);
     assert_eq!(verify(&bytes, &t).unwrap(), p);
+}
+
+/// A payload in several chains verifies the same on a stream (in order)
+/// and as a file (each chain on its own worker), and a damaged chunk in
+/// any chain is refused by both.
+#[test]
+fn a_bundle_in_chains_verifies_a_chain_per_worker() {
+    let t = trust(1, 1);
+    let block = noise(64 * 1024, 11);
+    let p: Vec<u8> = block.iter().cycle().take(8 * block.len()).copied().collect();
+    let (entries, stored) = chained_parts(&p, 16 * 1024, 128 * 1024, 128 * 1024);
+    let bytes = linked_bundle(entries.clone(), &stored, 16 * 1024);
+    let m = BundleReader::open(Cursor::new(&bytes)).unwrap().head().unverified_manifest().clone();
+    assert_eq!(m.chain_starts(), [0, 8, 16, 24]);
+    assert_eq!(verify(&bytes, &t).unwrap(), p);
+    // One byte of each chain's last chunk: refused, whichever worker has it.
+    let head = bytes.len() - stored.len();
+    for chain_end in [7u32, 15, 23, 31] {
+        let mut b = bytes.clone();
+        b[head + m.stored_offset(chain_end) as usize + 3] ^= 0x20;
+        let e = verify(&b, &t).expect_err("a damaged chunk");
+        assert!(e.is_security(), "chunk {chain_end}: {e}");
+    }
 }
 
 /// A linked chunk decoded against anything but the checked chunks just

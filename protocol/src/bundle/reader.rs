@@ -158,6 +158,43 @@ impl VerifiedManifest {
     /// reader that checks chunks out of order (`perch_support::bundle_file`).
     /// A linked chunk cannot be checked alone: `NoWindow`.
     pub fn check_stored(&self, index: u32, stored: &[u8]) -> Result<(), BundleError> {
+        let entry = self.stored_entry(index, stored)?;
+        if entry.window() > 0 {
+            return Err(BundleError::NoWindow { index, count: self.head.manifest.chunk_count() });
+        }
+        if entry.is_compressed() {
+            decode_checked(&self.head.manifest, index, stored, &[])?;
+        }
+        Ok(())
+    }
+
+    /// [`check_stored`](Self::check_stored) for a reader that checks a
+    /// chain of chunks in order (see [`Manifest::chain_starts`]), each
+    /// chain on its own thread: `window` holds the chunks before this one
+    /// in its chain, a linked chunk is decoded against it, and every chunk
+    /// joins it. Decoded bytes are compared with their signed hash too.
+    pub fn check_stored_in_chain(
+        &self,
+        index: u32,
+        stored: &[u8],
+        window: &mut Window,
+        decoder: &mut Decoder,
+    ) -> Result<(), BundleError> {
+        let m = &self.head.manifest;
+        let entry = self.stored_entry(index, stored)?;
+        match entry {
+            ChunkEntry::Raw { .. } => window.push_verified(index, stored),
+            ChunkEntry::Zstd { .. } => window.push_verified(index, &decode_checked(m, index, stored, &[])?),
+            ChunkEntry::ZstdLinked { .. } => {
+                let decoded = window.decode_next(m, index, stored, decoder)?;
+                m.check_chunk(index, decoded)
+            }
+        }
+    }
+
+    /// Chunk `index`'s entry, once `stored` matched its signed length and
+    /// hash.
+    fn stored_entry(&self, index: u32, stored: &[u8]) -> Result<&ChunkEntry, BundleError> {
         let m = &self.head.manifest;
         let count = m.chunk_count();
         let entry = m.chunk(index).ok_or(BundleError::ChunkOutOfRange { index, count })?;
@@ -172,13 +209,7 @@ impl VerifiedManifest {
         if Sha256::digest(stored).as_slice() != entry.stored_hash() {
             return Err(BundleError::ChunkMismatch { index, count });
         }
-        if entry.window() > 0 {
-            return Err(BundleError::NoWindow { index, count });
-        }
-        if entry.is_compressed() {
-            decode_checked(m, index, stored, &[])?;
-        }
-        Ok(())
+        Ok(entry)
     }
 
     /// Compares a whole-payload digest (from [`PayloadHasher`]) with the
