@@ -3,7 +3,7 @@
 //! bundle format is perch-protocol's, building and signing perch-fleet's.)
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
@@ -451,5 +451,5 @@ fn manifest_json(m: &Manifest) -> serde_json::Value {
 }
 
 fn time(unix: u64) -> String {
-    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(unix)).to_string()
+    perch_fleet::table::rfc3339(unix)
 }

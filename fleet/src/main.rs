@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
@@ -349,7 +349,7 @@ fn streams(target: perch_fleet::link::Target, json: bool) -> Result<()> {
 }
 
 fn time(unix: u64) -> String {
-    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(unix)).to_string()
+    perch_fleet::table::rfc3339(unix)
 }
 
 fn publish(trust: &Path, target: perch_fleet::link::Target, file: &Path, json: bool) -> Result<()> {

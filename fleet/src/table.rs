@@ -6,6 +6,19 @@ use std::fmt::Write;
 use crate::rollout::{self, Outcome, Rollout, State};
 use crate::view::{Accounting, DeviceView, FleetView, Liveness, SiteView, TransferReport};
 
+/// A Unix time as RFC 3339 (`2026-12-01T04:12:47Z`), or `after
+/// 9999-12-31T23:59:59Z` for one the format cannot show: a signed bundle
+/// may say it expires in the year 500 billion, and that must print, not
+/// panic.
+pub fn rfc3339(unix: u64) -> String {
+    let at = std::time::UNIX_EPOCH.checked_add(std::time::Duration::from_secs(unix));
+    let mut out = String::new();
+    match at.map(|at| write!(out, "{}", humantime::format_rfc3339_seconds(at))) {
+        Some(Ok(())) => out,
+        _ => "after 9999-12-31T23:59:59Z".into(),
+    }
+}
+
 /// `text` cut to about `max` characters, keeping its start and its end
 /// (where a failure usually says what went wrong).
 pub fn shorten(text: &str, max: usize) -> String {

@@ -735,3 +735,23 @@ fn the_compress_window_links_chunks_to_the_bytes_before_them() {
         assert!(!s.path("bad.perch").exists());
     }
 }
+
+/// A bundle may be signed to expire past what RFC 3339 can show (the year
+/// 9999): inspecting it prints a bound, never a panic.
+#[test]
+fn an_expiry_past_the_year_9999_prints_as_a_bound() {
+    let s = Scratch::new();
+    s.org(1, 1);
+    fs::write(s.path("img"), vec![7u8; 5000]).unwrap();
+    let args = ["bundle", "build", "--name", "app", "--counter", "1", "--kind", "image", "--input", "img"];
+    let r =
+        s.run("perch", &[&args[..], &["--out", "far.perch", "--expires-in", "500000000000years"]].concat());
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    s.ok("perch", &["bundle", "sign", "--key", "k1.key", "far.perch"]);
+    let text = s.ok("perch", &["bundle", "inspect", "far.perch"]).stdout;
+    assert!(text.contains("expires     after 9999-12-31T23:59:59Z"), "{text}");
+    let json: serde_json::Value =
+        serde_json::from_str(&s.ok("perch", &["bundle", "inspect", "--json", "far.perch"]).stdout).unwrap();
+    assert!(json["expires_at"].as_u64().unwrap() > 253_402_300_800, "{json}");
+    s.ok("perch", &["bundle", "verify", "--trust", "org/trust.doc", "far.perch"]);
+}

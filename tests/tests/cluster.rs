@@ -344,12 +344,7 @@ fn a_server_with_another_orgs_certificate_cannot_join_the_cluster() {
     let rogue = Scratch::new();
     rogue.org(1, 1);
     let mut args = vec!["nats", "cluster", "--dir", "org", "--bind", "127.0.0.1"];
-    let ports: Vec<u16> = (0..9)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect::<Vec<_>>()
-        .iter()
-        .map(|l| l.local_addr().unwrap().port())
-        .collect();
+    let ports: Vec<u16> = (0..9).map(|_| perch_tests::nats::free_port()).collect();
     let servers: Vec<String> = (0..3)
         .map(|i| format!("x{i}=127.0.0.1:{}:{}:{}", ports[3 * i], ports[3 * i + 1], ports[3 * i + 2]))
         .collect();

@@ -164,7 +164,7 @@ impl HubAndSite {
 /// Writes site `SITE` with `site init` for `hubs` and starts its server on
 /// a free loopback port.
 fn start_site(s: &Scratch, hubs: &[String]) -> NatsServer {
-    let client_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let client_port = perch_tests::nats::free_port();
     let port = client_port.to_string();
     let mut args = vec!["site", "init", "--dir", "org", "--name", SITE];
     for h in hubs {

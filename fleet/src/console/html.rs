@@ -129,12 +129,9 @@ pub fn bytes(n: u64) -> String {
 /// bundle inspect` prints, with a space and "UTC" for people); a time past
 /// the year 9999, which it cannot write, as that bound.
 pub fn when(t: u64) -> String {
-    use std::fmt::Write;
-    let at = std::time::UNIX_EPOCH.checked_add(std::time::Duration::from_secs(t));
-    let mut out = String::new();
-    match at.map(|at| write!(out, "{}", humantime::format_rfc3339_seconds(at))) {
-        Some(Ok(())) => out.replacen('T', " ", 1).replacen('Z', " UTC", 1),
-        _ => "after 9999-12-31 UTC".into(),
+    match crate::table::rfc3339(t) {
+        s if s.starts_with("after") => "after 9999-12-31 UTC".into(),
+        s => s.replacen('T', " ", 1).replacen('Z', " UTC", 1),
     }
 }
 
