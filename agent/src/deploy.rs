@@ -668,7 +668,7 @@ impl Engine {
                     if abort.load(Ordering::SeqCst) {
                         break;
                     }
-                    let mut buf = spares.take();
+                    let mut buf = spares.take(layout.chunk(index).map_or(0, |c| c.stored_len() as usize));
                     // `Some(buf)`: still to fetch, into `buf`.
                     let to_fetch = match at {
                         Some((l, offset)) => {

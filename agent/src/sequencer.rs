@@ -187,8 +187,9 @@ fn sequence(
                     writer.send(c).is_ok()
                 }
                 Checked::Linked(c) => {
+                    let buf = spares.take(manifest.manifest().chunk_len(c.index()));
                     let (decoded, stored) = manifest
-                        .decode_linked(c, &mut window, &mut decoder, spares.take())
+                        .decode_linked(c, &mut window, &mut decoder, buf)
                         .inspect_err(|_| abort.store(true, Ordering::SeqCst))?;
                     spares.give(stored);
                     match decoded {

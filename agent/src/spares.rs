@@ -13,9 +13,15 @@ const MAX_SPARES: usize = 64;
 pub struct Spares(Arc<Mutex<Vec<Vec<u8>>>>);
 
 impl Spares {
-    /// A spare buffer, or a new empty one.
-    pub fn take(&self) -> Vec<u8> {
-        self.0.lock().ok().and_then(|mut v| v.pop()).unwrap_or_default()
+    /// A spare buffer that holds `len` bytes without growing if there is
+    /// one (growing one copies it), else any spare, else a new one. Stored
+    /// chunks are small and decoded ones large: both kinds come back here.
+    pub fn take(&self, len: usize) -> Vec<u8> {
+        let Ok(mut v) = self.0.lock() else { return Vec::new() };
+        match v.iter().rposition(|b| b.capacity() >= len) {
+            Some(at) => v.swap_remove(at),
+            None => v.pop().unwrap_or_default(),
+        }
     }
 
     pub fn give(&self, buf: Vec<u8>) {
