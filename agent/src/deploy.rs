@@ -668,7 +668,11 @@ impl Engine {
                     if abort.load(Ordering::SeqCst) {
                         break;
                     }
-                    let mut buf = spares.take(layout.chunk(index).map_or(0, |c| c.stored_len() as usize));
+                    // Sized for what goes in: the chunk as written when the
+                    // device holds it, else as stored.
+                    let c = layout.chunk(index);
+                    let len = if at.is_some() { c.map(|c| c.len()) } else { c.map(|c| c.stored_len()) };
+                    let mut buf = spares.take(len.unwrap_or(0) as usize);
                     // `Some(buf)`: still to fetch, into `buf`.
                     let to_fetch = match at {
                         Some((l, offset)) => {
