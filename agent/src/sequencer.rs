@@ -33,8 +33,9 @@ use perch_protocol::bundle::{
 pub enum Onward {
     /// The writer, and the bundle's chunk count.
     Writer(SyncSender<CheckedChunk>, u32),
-    /// The sequencer of each lane, by its first chunk (increasing).
-    Sequencers(Vec<(u32, SyncSender<Checked>)>),
+    /// The sequencer of each lane, by its first chunk (increasing), and
+    /// the bundle's chunk count.
+    Sequencers(Vec<(u32, SyncSender<Checked>)>, u32),
 }
 
 impl Onward {
@@ -43,7 +44,7 @@ impl Onward {
     pub fn send(&self, chunk: Checked) -> Result<bool, BundleError> {
         match (self, chunk) {
             (Onward::Writer(tx, _), Checked::Written(c)) => Ok(tx.send(c).is_ok()),
-            (Onward::Sequencers(lanes), c) => {
+            (Onward::Sequencers(lanes, count), c) => {
                 let index = match &c {
                     Checked::Written(c) => c.index(),
                     Checked::Linked(c) => c.index(),
@@ -52,7 +53,7 @@ impl Onward {
                 // before it. A chunk before the first is never asked for.
                 match lanes.iter().rev().find(|(start, _)| *start <= index) {
                     Some((_, tx)) => Ok(tx.send(c).is_ok()),
-                    None => Err(BundleError::NoWindow { index, count: lanes.first().map_or(0, |l| l.0) }),
+                    None => Err(BundleError::NoWindow { index, count: *count }),
                 }
             }
             // Only a manifest with linked chunks makes them, and such a
@@ -157,7 +158,7 @@ pub fn onward<'scope>(
         let (writer, decoded_tx, spares) = (writer.clone(), decoded_tx.clone(), spares.clone());
         threads.push(s.spawn(move || sequence(manifest, window, rx, &writer, &decoded_tx, abort, &spares)));
     }
-    (Onward::Sequencers(senders), threads)
+    (Onward::Sequencers(senders, m.chunk_count()), threads)
 }
 
 /// One lane's sequencer: puts its chunks back in payload order, decodes

@@ -64,7 +64,9 @@ pub fn verify_file(
                     if index >= count {
                         break;
                     }
-                    if let Err(e) = check_at(file, start, &manifest, index, &mut buf) {
+                    let checked = read_stored_at(file, start, &manifest, index, &mut buf)
+                        .and_then(|()| manifest.check_stored(index, &buf));
+                    if let Err(e) = checked {
                         fail(index, e);
                         break;
                     }
@@ -150,18 +152,6 @@ fn read_stored_at(
     let entry = m.chunk(index).ok_or(BundleError::ChunkOutOfRange { index, count })?;
     buf.resize(entry.stored_len() as usize, 0);
     read_at(file, buf, start + m.stored_offset(index))
-}
-
-/// Checks chunk `index` where it lies in the file.
-fn check_at(
-    file: &File,
-    start: u64,
-    manifest: &VerifiedManifest,
-    index: u32,
-    buf: &mut Vec<u8>,
-) -> Result<(), BundleError> {
-    read_stored_at(file, start, manifest, index, buf)?;
-    manifest.check_stored(index, buf)
 }
 
 /// Format 2's whole-payload SHA-256, read in order on its own thread.
