@@ -3,11 +3,10 @@
 //! the journal before its side effects, and [`Engine::resume`] picks up
 //! whatever a crash or reboot interrupted.
 
-use std::collections::BTreeSet;
 use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 
@@ -23,7 +22,7 @@ use crate::config::Config;
 use crate::decision::{self, Decision};
 use crate::delta::{self, BundleSource, LocalChunks};
 use crate::engine_lock::{EngineLock, LockError};
-use crate::failpoint::{self, hit};
+use crate::failpoint::hit;
 use crate::health::TrialEnd;
 use crate::journal::{
     BundleRef, DeployState, Highest, Journal, JournalError, JournalStore, LastOutcome, Outcome,
@@ -31,17 +30,18 @@ use crate::journal::{
 };
 use crate::progress::Progress;
 use crate::recovery::{self, Problem, Recovered};
-use crate::sequencer::{self, Lanes};
+use crate::sequencer::{self, LaneError, Lanes};
 use crate::slots::{self, SlotBackend, SlotError, Staged, Switch};
 use crate::spares::Spares;
+use crate::written::Written;
 use crate::{health, inhibit, statefile};
 
 /// Threads that hash chunks while staging: two keep up with a fast disk
 /// on a two-core device, while reading and writing run beside them.
 const HASHERS: usize = 2;
-/// At most this many lanes of linked chunks are decoded at once (each
-/// keeps its own window: up to twice the manifest's largest, 8 MiB at the
-/// default `--compress-window`).
+/// At most this many lanes of linked chunks are decoded at once, one per
+/// core (each keeps its own window: three times the manifest's largest and
+/// a chunk, 12.25 MiB at the default `--compress-window`).
 const MAX_LANES: usize = 4;
 
 /// Where staging looks for chunks before it fetches them.
@@ -491,9 +491,12 @@ impl Engine {
     /// A pipeline, so that reading, hashing, writing and syncing overlap:
     /// this thread reads chunks; [`HASHERS`] threads compare each with its
     /// signed hash; a writer thread writes the checked chunks (and only
-    /// those: it takes [`CheckedChunk`]s) to the slot; every
-    /// `checkpoint_bytes` a syncer thread syncs the slot and then records in
-    /// the journal the first chunk not yet known to be durable.
+    /// those: it takes [`CheckedChunk`]s) to the slot. A bundle with linked
+    /// chunks goes to lanes instead (see [`sequencer`]): each hashes,
+    /// decodes and writes its own chunks, on its own core. Every
+    /// `checkpoint_bytes` written ([`Written`]) a syncer thread syncs the
+    /// slot and then records in the journal the first chunk not yet known
+    /// to be durable.
     ///
     /// Every byte that reaches the slot matched its signed chunk hash, and
     /// chunks kept from an interrupted install were re-hashed on the slot
@@ -564,22 +567,27 @@ impl Engine {
         }
         self.progress.start(&format!("staging {bundle} into slot {slot}"), resumed_bytes, bundle.payload_len);
         let abort = AtomicBool::new(false);
+        let linked = layout.max_window() > 0;
         let (raw_tx, raw_rx) = mpsc::sync_channel::<UncheckedChunk>(8);
         // Shared by the hashers, and only by them: once they all stop,
         // the receiver is gone and the reader's sends fail.
         let raw_rx = Arc::new(Mutex::new(raw_rx));
         let (checked_tx, checked_rx) = mpsc::sync_channel::<CheckedChunk>(8);
         let spares = Spares::default();
-        // Bytes written since this call started, for the progress bar.
-        let written_bytes = AtomicU64::new(0);
         let (sync_tx, sync_rx) = mpsc::channel::<u32>();
-        let (checkpoint, count) = (self.cfg.checkpoint_bytes, bundle.chunk_count);
+        let written = Written::new(from_chunk, bundle.chunk_count, self.cfg.checkpoint_bytes, sync_tx);
         // Syncs and the journal checkpoints after them run on their own
         // thread: a sync that returns covers every write issued before it
         // started, and only then does the journal record the progress.
-        let mut sync_handle = writer.sync_handle()?;
+        let mut sync_handle = writer.handle()?;
+        // Each lane of linked chunks writes what it decodes itself.
+        let lane_handles = match linked {
+            false => vec![],
+            true => lanes.iter().map(|_| writer.handle()).collect::<Result<Vec<_>, _>>()?,
+        };
         let (store, mut journal, staging) = (self.store.clone(), self.journal.clone(), bundle.clone());
         let manifest = reader.manifest().clone();
+        let count = bundle.chunk_count;
         let mut told = from_chunk / PROGRESS_EVERY;
         let observer = &mut self.observer;
         let progress = &mut self.progress;
@@ -588,20 +596,22 @@ impl Engine {
 
         // Scoped: no thread of this staging outlives it (a late syncer
         // must not overwrite the journal), and they borrow what they share.
-        let (hashed, read_all, written, synced) = thread::scope(|s| {
-            let (onward, sequencer) = sequencer::onward(
+        let (hashed, read_all, written_ok, synced) = thread::scope(|s| {
+            let (onward, lanes) = sequencer::onward(
                 s,
                 &manifest,
                 Lanes { starts: &lanes, window },
+                lane_handles,
                 checked_tx,
+                &written,
                 &abort,
-                HASHERS,
                 &spares,
             );
-            let hashers: Vec<_> = (0..HASHERS)
+            // Lanes hash their own chunks; otherwise hashers do.
+            let hashers: Vec<_> = (0..if linked { 0 } else { HASHERS })
                 .map(|_| {
                     let (rx, tx, manifest, abort) = (raw_rx.clone(), onward.clone(), &manifest, &abort);
-                    s.spawn(move || -> Result<(), BundleError> {
+                    s.spawn(move || -> Result<(), LaneError> {
                         loop {
                             let next = rx
                                 .lock()
@@ -618,8 +628,6 @@ impl Engine {
                     })
                 })
                 .collect();
-            // Chunks taken from the device go on as the hashers' do.
-            let local_tx = onward;
             drop(raw_rx);
 
             let sync_thread = s.spawn(move || -> Result<Journal, DeployError> {
@@ -631,36 +639,23 @@ impl Engine {
                     journal.state = DeployState::Staging { bundle: staging.clone(), slot, next_chunk: upto };
                     store.save(&mut journal)?;
                 }
+                // Staging ended: the last writes, made durable.
+                sync_handle.sync()?;
                 Ok(journal)
             });
 
-            let (abort, written_bytes, at, spares) = (&abort, &written_bytes, &layout, &spares);
+            let (abort, written, at, spares) = (&abort, &written, &layout, &spares);
             let write_thread = s.spawn(move || -> Result<(), SlotError> {
-                // Chunks arrive out of order from the hashers; `durable_from` is
-                // the first chunk not yet written, the only safe checkpoint.
-                let (mut since, mut durable_from, mut written) = (0u64, from_chunk, BTreeSet::new());
                 for chunk in checked_rx {
                     let index = chunk.index();
-                    if let Err(e) = writer.write_at(at.written_offset(index), chunk.data()) {
+                    if let Err(e) = sequencer::write_chunk(writer.as_mut(), at, index, chunk.data()) {
                         abort.store(true, Ordering::SeqCst);
                         return Err(e);
                     }
-                    failpoint::trace(format_args!("write {index}"));
-                    hit("chunk-written");
-                    written.insert(index);
-                    while written.remove(&durable_from) {
-                        durable_from += 1;
-                    }
-                    since += chunk.data().len() as u64;
-                    written_bytes.fetch_add(chunk.data().len() as u64, Ordering::Relaxed);
-                    if since >= checkpoint && durable_from < count {
-                        since = 0;
-                        let _ = sync_tx.send(durable_from);
-                    }
+                    written.record(index, chunk.data().len());
                     spares.give(chunk.into_buffer());
                 }
-                drop(sync_tx);
-                writer.sync()
+                Ok(())
             });
 
             let read_all = (|| -> Result<(), DeployError> {
@@ -689,7 +684,7 @@ impl Engine {
                                 Ok(checked) => {
                                     transfer.reused_bytes += u64::from(len);
                                     transfer.reused_chunks += 1;
-                                    if !local_tx.send(Checked::Written(checked)).map_err(bundle_err)? {
+                                    if !onward.send(Checked::Written(checked)).map_err(bundle_err)? {
                                         return Ok(()); // the writer stopped; its error is reported below
                                     }
                                     None
@@ -704,12 +699,16 @@ impl Engine {
                         transfer.fetched_bytes +=
                             layout.chunk(index).map_or(0, |c| u64::from(c.stored_len()));
                         transfer.fetched_chunks += 1;
-                        if raw_tx.send(chunk).is_err() {
-                            return Ok(()); // the hashers stopped; their error is reported below
+                        let sent = match onward.takes_read_chunks() {
+                            true => onward.send_read(chunk).map_err(bundle_err)?,
+                            false => raw_tx.send(chunk).is_ok(),
+                        };
+                        if !sent {
+                            return Ok(()); // the next stage stopped; its error is reported below
                         }
                     }
                     // Reused chunks move the progress too.
-                    let staged_bytes = resumed_bytes + written_bytes.load(Ordering::Relaxed);
+                    let staged_bytes = resumed_bytes + written.bytes();
                     progress.set(staged_bytes);
                     let done = layout.chunk_at_written(staged_bytes).unwrap_or(count);
                     if done / PROGRESS_EVERY > told {
@@ -722,23 +721,30 @@ impl Engine {
                 Ok(())
             })();
             drop(raw_tx);
-            drop(local_tx);
+            drop(onward);
             // Every thread joined before any result is looked at.
             let join_err = |what: &str| DeployError::Nothing(format!("{what} thread panicked"));
             let mut hashed = Ok(());
-            for h in hashers.into_iter().chain(sequencer) {
+            for h in hashers.into_iter().chain(lanes) {
                 match h.join() {
                     Err(_) => hashed = Err(join_err("hasher")),
-                    Ok(Err(e)) if hashed.is_ok() => hashed = Err(bundle_err(e)),
+                    Ok(Err(e)) if hashed.is_ok() => {
+                        hashed = Err(match e {
+                            LaneError::Bundle(e) => bundle_err(e),
+                            LaneError::Slot(e) => DeployError::Slot(e),
+                        })
+                    }
                     Ok(_) => {}
                 }
             }
-            let written = write_thread.join().map_err(|_| join_err("slot writer"));
+            let written_ok = write_thread.join().map_err(|_| join_err("slot writer"));
+            // Every write has returned: the syncer's last sync covers them.
+            written.finish();
             let synced = sync_thread.join().map_err(|_| join_err("slot syncer")).and_then(|r| r);
-            (hashed, read_all, written, synced)
+            (hashed, read_all, written_ok, synced)
         });
         let hashed_ok = hashed;
-        let written = written.and_then(|r| r.map_err(DeployError::from));
+        let written = written_ok.and_then(|r| r.map_err(DeployError::from));
         self.progress.finish();
         // The syncer's copy of the journal is the newest one.
         if let Ok(j) = &synced {

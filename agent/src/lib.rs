@@ -46,6 +46,7 @@ pub(crate) mod statefile;
 pub mod status;
 pub mod trust_store;
 pub(crate) mod trust_update;
+pub(crate) mod written;
 
 /// Finds the exit class of this crate's errors (see `perch_support::exit`).
 pub const CLASSIFY: perch_support::exit::Classifier = perch_support::classifier![

@@ -4,63 +4,123 @@
 //! The hashers check chunks in any order, but a linked chunk can only be
 //! decoded once every chunk before it is known. For a bundle with linked
 //! chunks, a sequencer thread takes every checked chunk (fetched or reused
-//! from the device), puts them back in payload order, and decodes each
-//! linked one against a [`Window`] of the chunks before it. A payload
-//! built in several chains (`perch bundle build` starts one every 32 MiB)
-//! is split into lanes, one sequencer each, so that the chains are decoded
-//! on every core at once; staging reads the lanes' chunks in turn. A chunk from a
-//! checksummed frame goes to the writer as it is decoded
-//! ([`Decoded::Written`]); one from an older bundle without frame
-//! checksums goes to checker threads, which compare it with its signed
-//! hash while the next is decoded, and only then hand it to the writer. A
-//! bundle without linked chunks goes straight to the writer.
+//! from the device), puts them back in payload order, decodes each linked
+//! one against a [`Window`] of the chunks before it, checks it there, and
+//! writes it to the slot from the window itself. A payload built in
+//! several chains (`perch bundle build` starts one every 32 MiB) is split
+//! into lanes, one sequencer each, so that the chains are decoded on every
+//! core at once; staging reads the lanes' chunks in turn.
+//!
+//! Each lane writes what it decoded on its own core, through its own
+//! handle on the slot: handing 256 KiB chunks to a writer thread on the
+//! other core made that thread's copy into the page cache five times
+//! slower than the same copy from a cache the data is still in (the
+//! writer thread was the bottleneck of a compressed install). The writer
+//! thread then only records what each lane wrote, for the journal. A
+//! bundle without linked chunks goes straight to the writer thread.
 
 use std::collections::BTreeMap;
-use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender};
-use std::sync::{Arc, Mutex};
 use std::thread::{Scope, ScopedJoinHandle};
 
-use crate::spares::Spares;
-
 use perch_protocol::bundle::{
-    BundleError, Checked, CheckedChunk, Decoded, DecodedChunk, Decoder, Manifest, VerifiedManifest, Window,
+    BundleError, Checked, CheckedChunk, Decoder, Manifest, UncheckedChunk, VerifiedManifest, Window,
 };
 
-/// Where a checked chunk goes next.
+use crate::failpoint;
+use crate::slots::{SlotError, SlotWriter};
+use crate::spares::Spares;
+use crate::written::Written;
+
+/// Why a lane (or a hasher) stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum LaneError {
+    #[error(transparent)]
+    Bundle(#[from] BundleError),
+    #[error(transparent)]
+    Slot(#[from] SlotError),
+}
+
+/// Writes chunk `index`'s checked bytes at their place in the slot.
+pub fn write_chunk(
+    writer: &mut dyn SlotWriter,
+    m: &Manifest,
+    index: u32,
+    data: &[u8],
+) -> Result<(), SlotError> {
+    writer.write_at(m.written_offset(index), data)?;
+    failpoint::trace(format_args!("write {index}"));
+    failpoint::hit("chunk-written");
+    Ok(())
+}
+
+/// A chunk for a lane: read from the bundle, or already checked (taken
+/// from the device).
+pub enum ForLane {
+    Read(UncheckedChunk),
+    Checked(Checked),
+}
+
+impl ForLane {
+    fn index(&self) -> u32 {
+        match self {
+            ForLane::Read(c) => c.index(),
+            ForLane::Checked(Checked::Written(c)) => c.index(),
+            ForLane::Checked(Checked::Linked(c)) => c.index(),
+        }
+    }
+}
+
+/// Where a chunk goes next.
 #[derive(Clone)]
 pub enum Onward {
-    /// The writer, and the bundle's chunk count.
+    /// Checked chunks go to the writer (a bundle without linked chunks),
+    /// with the bundle's chunk count.
     Writer(SyncSender<CheckedChunk>, u32),
-    /// The sequencer of each lane, by its first chunk (increasing), and
-    /// the bundle's chunk count.
-    Sequencers(Vec<(u32, SyncSender<Checked>)>, u32),
+    /// Every chunk goes to the lane it falls in, by the lane's first chunk
+    /// (increasing), with the bundle's chunk count.
+    Lanes(Vec<(u32, SyncSender<ForLane>)>, u32),
 }
 
 impl Onward {
-    /// Passes `chunk` on. `Ok(false)`: the next stage has stopped (it
-    /// reports its own error).
+    /// Passes a checked chunk on. `Ok(false)`: the next stage has stopped
+    /// (it reports its own error).
     pub fn send(&self, chunk: Checked) -> Result<bool, BundleError> {
         match (self, chunk) {
             (Onward::Writer(tx, _), Checked::Written(c)) => Ok(tx.send(c).is_ok()),
-            (Onward::Sequencers(lanes, count), c) => {
-                let index = match &c {
-                    Checked::Written(c) => c.index(),
-                    Checked::Linked(c) => c.index(),
-                };
-                // The lane the chunk falls in: the last that starts at or
-                // before it. A chunk before the first is never asked for.
-                match lanes.iter().rev().find(|(start, _)| *start <= index) {
-                    Some((_, tx)) => Ok(tx.send(c).is_ok()),
-                    None => Err(BundleError::NoWindow { index, count: *count }),
-                }
-            }
+            (Onward::Lanes(..), c) => self.to_lane(ForLane::Checked(c)),
             // Only a manifest with linked chunks makes them, and such a
-            // manifest always gets a sequencer.
+            // manifest always gets lanes.
             (Onward::Writer(_, count), Checked::Linked(c)) => {
                 Err(BundleError::NoWindow { index: c.index(), count: *count })
             }
+        }
+    }
+
+    /// Whether chunks as read go to the lanes, unchecked: each lane hashes
+    /// its own (else they go to the hashers).
+    pub fn takes_read_chunks(&self) -> bool {
+        matches!(self, Onward::Lanes(..))
+    }
+
+    /// Passes on a chunk as read, to its lane (see
+    /// [`takes_read_chunks`](Self::takes_read_chunks)).
+    pub fn send_read(&self, chunk: UncheckedChunk) -> Result<bool, BundleError> {
+        self.to_lane(ForLane::Read(chunk))
+    }
+
+    fn to_lane(&self, chunk: ForLane) -> Result<bool, BundleError> {
+        let index = chunk.index();
+        let (lanes, count) = match self {
+            Onward::Lanes(lanes, count) => (&lanes[..], *count),
+            Onward::Writer(_, count) => (&[][..], *count),
+        };
+        // The lane the chunk falls in: the last that starts at or before
+        // it. A chunk before the first is never asked for.
+        match lanes.iter().rev().find(|(start, _)| *start <= index) {
+            Some((_, tx)) => Ok(tx.send(chunk).is_ok()),
+            None => Err(BundleError::NoWindow { index, count }),
         }
     }
 }
@@ -68,7 +128,7 @@ impl Onward {
 /// Where staging from chunk `from` splits the payload into lanes, each
 /// decoded by its own sequencer: the first chunk of each, `from` first.
 /// Lanes start only where a chain does (`Manifest::chain_starts`), near
-/// equal shares of the bytes left, at most `cores` of them; a bundle
+/// equal shares of the work left, at most `cores` of them; a bundle
 /// without linked chunks, or with one chain, has one lane.
 pub fn lanes(m: &Manifest, from: u32, cores: usize) -> Vec<u32> {
     let mut starts = vec![from];
@@ -76,16 +136,28 @@ pub fn lanes(m: &Manifest, from: u32, cores: usize) -> Vec<u32> {
         return starts;
     }
     let chains: Vec<u32> = m.chain_starts().into_iter().filter(|&c| c > from).collect();
-    let (begin, end) = (m.written_offset(from), m.payload_len());
+    let (begin, end) = (work_before(m, from), work_before(m, m.chunk_count()));
     for share in 1..cores as u64 {
         let target = begin + (end - begin) * share / cores as u64;
-        if let Some(&c) = chains.iter().find(|&&c| m.written_offset(c) >= target) {
+        if let Some(&c) = chains.iter().find(|&&c| work_before(m, c) >= target) {
             if starts.last().is_some_and(|&last| c > last) {
                 starts.push(c);
             }
         }
     }
     starts
+}
+
+/// A lane's work up to chunk `index`, in units of one written byte. Each
+/// written byte costs its frame checksum, the window and the copy into
+/// the page cache; each stored byte its SHA-256 and most of zstd's work
+/// (a run of zeros stores in a few bytes and decodes almost for free).
+/// Measured on the bench's ext4 image (x86_64, 2026-12-01), a stored byte
+/// cost about as much as 6 written ones: splitting by written bytes alone
+/// left one of two lanes with 30 % more work.
+fn work_before(m: &Manifest, index: u32) -> u64 {
+    const STORED_BYTE: u64 = 6;
+    m.written_offset(index) + STORED_BYTE * m.stored_offset(index)
 }
 
 /// The order staging reads chunks `lanes[0]..count` in: a chunk of each
@@ -111,99 +183,97 @@ pub struct Lanes<'a> {
     pub window: Window,
 }
 
-/// Where the hashers send checked chunks: the writer's channel itself, or,
-/// for a bundle with linked chunks, a sequencer per lane started here that
-/// feeds it, with `checkers` threads that compare each decoded chunk of an
-/// older bundle with its signed hash while the sequencer decodes the next.
-/// The threads are `s`'s: none outlives the staging that made them.
+/// Where chunks go once read: for a bundle without linked chunks, to the
+/// hashers and then the writer's channel; for one with linked chunks, to a
+/// lane started here for each of `lanes`, which hashes, decodes and
+/// writes its chunks through its own handle in `handles`, and records
+/// each in `written`. The threads are `s`'s: none outlives the staging
+/// that made them.
+#[allow(clippy::too_many_arguments)]
 pub fn onward<'scope>(
     s: &'scope Scope<'scope, '_>,
     manifest: &'scope VerifiedManifest,
     Lanes { starts: lanes, window }: Lanes<'_>,
+    handles: Vec<Box<dyn SlotWriter>>,
     writer: SyncSender<CheckedChunk>,
+    written: &'scope Written,
     abort: &'scope AtomicBool,
-    checkers: usize,
     spares: &Spares,
-) -> (Onward, Vec<ScopedJoinHandle<'scope, Result<(), BundleError>>>) {
+) -> (Onward, Vec<ScopedJoinHandle<'scope, Result<(), LaneError>>>) {
     let m = manifest.manifest();
     if m.max_window() == 0 {
         return (Onward::Writer(writer, m.chunk_count()), vec![]);
     }
-    let (decoded_tx, decoded_rx) = mpsc::sync_channel::<DecodedChunk>(8);
-    let decoded_rx = Arc::new(Mutex::new(decoded_rx));
-    let mut threads: Vec<_> = (0..checkers.max(1))
-        .map(|_| {
-            let (rx, writer) = (decoded_rx.clone(), writer.clone());
-            s.spawn(move || -> Result<(), BundleError> {
-                loop {
-                    let next =
-                        rx.lock().map_err(|_| BundleError::Io(io::Error::other("checker lock")))?.recv();
-                    let Ok(decoded) = next else { return Ok(()) };
-                    let checked = manifest
-                        .check_decoded(decoded)
-                        .inspect_err(|_| abort.store(true, Ordering::SeqCst))?;
-                    if writer.send(checked).is_err() {
-                        return Ok(()); // the writer stopped; it reports why
-                    }
-                }
-            })
-        })
-        .collect();
     let mut first = Some(window);
     let mut senders = Vec::with_capacity(lanes.len());
-    for &start in lanes {
+    let mut threads = Vec::with_capacity(lanes.len());
+    for (&start, handle) in lanes.iter().zip(handles) {
         let window = first.take().unwrap_or_else(|| Window::starting_at(m, start));
-        let (tx, rx) = mpsc::sync_channel::<Checked>(16);
+        let (tx, rx) = mpsc::sync_channel::<ForLane>(16);
         senders.push((start, tx));
-        let (writer, decoded_tx, spares) = (writer.clone(), decoded_tx.clone(), spares.clone());
-        threads.push(s.spawn(move || sequence(manifest, window, rx, &writer, &decoded_tx, abort, &spares)));
+        let lane = Lane { manifest, written, handle, spares: spares.clone(), abort };
+        threads
+            .push(s.spawn(move || lane.run(window, rx).inspect_err(|_| abort.store(true, Ordering::SeqCst))));
     }
-    (Onward::Sequencers(senders, m.chunk_count()), threads)
+    (Onward::Lanes(senders, m.chunk_count()), threads)
 }
 
-/// One lane's sequencer: puts its chunks back in payload order, decodes
-/// each linked one against `window`, and hands them on.
-fn sequence(
-    manifest: &VerifiedManifest,
-    mut window: Window,
-    rx: Receiver<Checked>,
-    writer: &SyncSender<CheckedChunk>,
-    decoded_tx: &SyncSender<DecodedChunk>,
-    abort: &AtomicBool,
-    spares: &Spares,
-) -> Result<(), BundleError> {
-    // Chunks that came early; at most what the pipeline holds in flight.
-    let mut early: BTreeMap<u32, Checked> = BTreeMap::new();
-    let mut decoder = Decoder::default();
-    for chunk in rx {
-        let index = match &chunk {
-            Checked::Written(c) => c.index(),
-            Checked::Linked(c) => c.index(),
-        };
-        early.insert(index, chunk);
-        while let Some(chunk) = early.remove(&window.next()) {
-            let sent = match chunk {
-                Checked::Written(c) => {
-                    window.push(&c)?;
-                    writer.send(c).is_ok()
+/// One lane.
+struct Lane<'a> {
+    manifest: &'a VerifiedManifest,
+    written: &'a Written,
+    /// This lane's own handle on the slot.
+    handle: Box<dyn SlotWriter>,
+    spares: Spares,
+    abort: &'a AtomicBool,
+}
+
+impl Lane<'_> {
+    /// Hashes each chunk read as it comes, puts the lane's chunks back in
+    /// payload order, decodes each linked one against `window`, and writes
+    /// them.
+    fn run(mut self, mut window: Window, rx: Receiver<ForLane>) -> Result<(), LaneError> {
+        let m = self.manifest.manifest();
+        // Chunks that came early; at most what the pipeline holds in flight.
+        let mut early: BTreeMap<u32, Checked> = BTreeMap::new();
+        let mut decoder = Decoder::default();
+        for chunk in rx {
+            if self.abort.load(Ordering::SeqCst) {
+                return Ok(()); // another thread failed; it reports why
+            }
+            let chunk = match chunk {
+                ForLane::Read(c) => {
+                    let checked = self.manifest.check(c)?;
+                    failpoint::hit("chunk-verified");
+                    checked
                 }
-                Checked::Linked(c) => {
-                    let buf = spares.take(manifest.manifest().chunk_len(c.index()));
-                    let (decoded, stored) = manifest
-                        .decode_linked(c, &mut window, &mut decoder, buf)
-                        .inspect_err(|_| abort.store(true, Ordering::SeqCst))?;
-                    spares.give(stored);
-                    match decoded {
-                        Decoded::Written(c) => writer.send(c).is_ok(),
-                        Decoded::Unhashed(decoded) => decoded_tx.send(decoded).is_ok(),
-                    }
-                }
+                ForLane::Checked(c) => c,
             };
-            crate::failpoint::hit("chunk-in-order");
-            if !sent {
-                return Ok(()); // the writer or the checkers stopped; they report why
+            let index = match &chunk {
+                Checked::Written(c) => c.index(),
+                Checked::Linked(c) => c.index(),
+            };
+            early.insert(index, chunk);
+            while let Some(chunk) = early.remove(&window.next()) {
+                let (index, len) = match chunk {
+                    Checked::Written(c) => {
+                        window.push(&c)?;
+                        write_chunk(self.handle.as_mut(), m, c.index(), c.data())?;
+                        let done = (c.index(), c.data().len());
+                        self.spares.give(c.into_buffer());
+                        done
+                    }
+                    Checked::Linked(c) => {
+                        let (decoded, stored) = self.manifest.decode_linked(c, &mut window, &mut decoder)?;
+                        write_chunk(self.handle.as_mut(), m, decoded.index(), decoded.data())?;
+                        self.spares.give(stored);
+                        (decoded.index(), decoded.data().len())
+                    }
+                };
+                failpoint::hit("chunk-in-order");
+                self.written.record(index, len);
             }
         }
+        Ok(())
     }
-    Ok(())
 }

@@ -644,7 +644,7 @@ fn a_linked_chunk_is_decoded_only_against_the_checked_chunks_before_it() {
     let mut late = Window::starting_at(m.manifest(), 1);
     let mut decoder = perch_protocol::bundle::Decoder::default();
     assert!(matches!(
-        m.decode_linked(one, &mut late, &mut decoder, Vec::new()),
+        m.decode_linked(one, &mut late, &mut decoder),
         Err(BundleError::NoWindow { index: 1, .. })
     ));
     let mut w = Window::starting_at(m.manifest(), 0);

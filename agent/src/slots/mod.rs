@@ -71,9 +71,12 @@ pub trait SlotWriter: Send {
     fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), SlotError>;
     /// Makes everything written so far durable.
     fn sync(&mut self) -> Result<(), SlotError>;
-    /// A second handle whose `sync` can run on another thread while writing
-    /// goes on, so the device never waits for the writer.
-    fn sync_handle(&self) -> Result<Box<dyn SlotWriter>, SlotError>;
+    /// A second handle on the same slot, for another thread: its writes
+    /// land where this one's would, and its `sync` covers every write, by
+    /// any handle, that returned before it started. So the device never
+    /// waits for the writer, and each lane of linked chunks writes what it
+    /// decodes on its own core.
+    fn handle(&self) -> Result<Box<dyn SlotWriter>, SlotError>;
 }
 
 pub trait SlotBackend {
@@ -201,7 +204,7 @@ impl SlotWriter for FileWriter {
         self.file.sync_data().map_err(io_err(&self.path))
     }
 
-    fn sync_handle(&self) -> Result<Box<dyn SlotWriter>, SlotError> {
+    fn handle(&self) -> Result<Box<dyn SlotWriter>, SlotError> {
         let file = self.file.try_clone().map_err(io_err(&self.path))?;
         Ok(Box::new(FileWriter { file, path: self.path.clone() }))
     }

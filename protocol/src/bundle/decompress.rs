@@ -70,7 +70,7 @@ impl Decoder {
 /// decoding, failing the frame on a mismatch). `perch bundle build` sets it
 /// on every frame and decodes each frame back to its chunk before signing,
 /// so on a device such a frame's output is what the signer checked: an
-/// installer need not hash it again (see [`Decoded`](super::Decoded)).
+/// installer need not hash it again.
 pub(super) fn is_one_checksummed_frame(stored: &[u8]) -> bool {
     const MAGIC: [u8; 4] = 0xFD2F_B528u32.to_le_bytes();
     // The frame header descriptor's bit 2 is Content_Checksum_flag.

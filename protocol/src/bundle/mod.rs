@@ -36,8 +36,8 @@ pub use manifest::{
     ChunkEntry, Chunking, Format, Manifest, ManifestError, PayloadKind, Release, MAX_WINDOW, MIN_CDC_CHUNK,
 };
 pub use reader::{
-    check_archive_payload, claimed_digest, verify_stream, BundleReader, Checked, CheckedChunk, Decoded,
-    DecodedChunk, LinkedChunk, PayloadHasher, UncheckedChunk, VerifiedBundle, VerifiedManifest,
+    check_archive_payload, claimed_digest, verify_stream, BundleReader, Checked, CheckedBytes, CheckedChunk,
+    LinkedChunk, PayloadHasher, UncheckedChunk, VerifiedBundle, VerifiedManifest,
 };
 pub use window::Window;
 pub use writer::{build_chunk, build_linked_chunk, BundleHead, ManifestBuilder, ManifestParams, ZSTD_LEVELS};

@@ -277,8 +277,12 @@ impl<R: Read> VerifiedBundle<R> {
             return Ok(None);
         }
         let index = self.next;
-        buf.resize(m.chunk(index).map_or(0, |c| c.stored_len() as usize), 0);
-        read_exact(&mut self.r, &mut buf, Section::Payload)?;
+        read_exact_into(
+            &mut self.r,
+            m.chunk(index).map_or(0, |c| c.stored_len()),
+            &mut buf,
+            Section::Payload,
+        )?;
         self.next += 1;
         if self.next == count {
             expect_eof(&mut self.r)?;
@@ -331,7 +335,7 @@ impl UncheckedChunk {
 
 /// A payload chunk an install may write: its SHA-256 matched its signed
 /// written hash, or it is what a checksummed frame of signed stored bytes
-/// decoded to ([`Decoded::Written`]).
+/// decoded to (see [`decoded_is_checked`]).
 pub struct CheckedChunk {
     index: u32,
     data: Vec<u8>,
@@ -372,10 +376,11 @@ impl VerifiedManifest {
             }
             ChunkEntry::Zstd { .. } => {
                 check_stored(entry, index, count, &chunk.data)?;
-                let data = match decode_trusted(m, index, &chunk.data, &[])? {
-                    Decoded::Written(c) => c.data,
-                    Decoded::Unhashed(c) => self.check_decoded(c)?.data,
-                };
+                let data = super::decompress::chunk(&chunk.data, entry.len() as usize, &[])
+                    .map_err(|detail| BundleError::Decompress { index, count, detail })?;
+                if !decoded_is_checked(&chunk.data) {
+                    self.check_chunk(index, &data)?;
+                }
                 Ok(Checked::Written(CheckedChunk { index, data }))
             }
             ChunkEntry::ZstdLinked { .. } => {
@@ -386,82 +391,56 @@ impl VerifiedManifest {
     }
 
     /// Decodes a linked chunk straight into `window`, which must hold the
-    /// chunks just before it, into exactly its signed length, and copies
-    /// it into `buf` (any spare buffer) for the writer. The window takes
-    /// it at once (the decoder's output for signed bytes), so that the
-    /// next chunk can be decoded while this one, if its frame has no
-    /// checksum ([`Decoded::Unhashed`]), is hashed on another thread. The
-    /// stored bytes' buffer comes back for reuse.
-    pub fn decode_linked(
+    /// chunks just before it, into exactly its signed length, and checks
+    /// it there (see [`decoded_is_checked`]): the decoded bytes, now part
+    /// of the window, as [`CheckedBytes`] to write from where they lie;
+    /// and the stored bytes' buffer, for reuse. A chunk that fails its
+    /// check has joined the window, but the error ends the install, so
+    /// nothing decoded against it is written.
+    pub fn decode_linked<'w>(
         &self,
         chunk: LinkedChunk,
-        window: &mut Window,
+        window: &'w mut Window,
         decoder: &mut Decoder,
-        mut buf: Vec<u8>,
-    ) -> Result<(Decoded, Vec<u8>), BundleError> {
+    ) -> Result<(CheckedBytes<'w>, Vec<u8>), BundleError> {
         let m = &self.head.manifest;
         let index = chunk.index;
-        let decoded = window.decode_next(m, index, &chunk.data, decoder)?;
-        buf.clear();
-        buf.extend_from_slice(decoded);
-        let decoded = if super::decompress::is_one_checksummed_frame(&chunk.data) {
-            Decoded::Written(CheckedChunk { index, data: buf })
-        } else {
-            Decoded::Unhashed(DecodedChunk { index, data: buf })
-        };
-        Ok((decoded, chunk.data))
-    }
-
-    /// Compares a decoded linked chunk with its signed hash.
-    pub fn check_decoded(&self, chunk: DecodedChunk) -> Result<CheckedChunk, BundleError> {
-        self.check_chunk(chunk.index, &chunk.data)?;
-        Ok(CheckedChunk { index: chunk.index, data: chunk.data })
+        let data = window.decode_next(m, index, &chunk.data, decoder)?;
+        if !decoded_is_checked(&chunk.data) {
+            self.check_chunk(index, data)?;
+        }
+        Ok((CheckedBytes { index, data }, chunk.data))
     }
 }
 
-/// A linked chunk as [`VerifiedManifest::decode_linked`] decoded it, not
-/// yet compared with its signed hash.
-pub struct DecodedChunk {
+/// A linked chunk's written bytes, decoded and checked where they lie, in
+/// a [`Window`] (only [`VerifiedManifest::decode_linked`] makes one).
+pub struct CheckedBytes<'w> {
     index: u32,
-    data: Vec<u8>,
+    data: &'w [u8],
 }
 
-impl DecodedChunk {
+impl CheckedBytes<'_> {
     pub fn index(&self) -> u32 {
         self.index
     }
+
+    pub fn data(&self) -> &[u8] {
+        self.data
+    }
 }
 
-/// A compressed chunk as an installer decodes it, from stored bytes that
-/// matched their signed hash.
-pub enum Decoded {
-    /// Decoded from exactly one zstd frame with a content checksum, which
-    /// the decoder confirmed. `perch bundle build` sets the checksum and
-    /// signs a frame only once it decodes back to its chunk, so this is
-    /// the signer's chunk, and is written without hashing it again: each
-    /// byte an install writes is hashed once, as it travels. (Verifying a
-    /// bundle still hashes the decoded bytes: that is what checks the
-    /// signer's written hashes, which delta installs rely on.)
-    Written(CheckedChunk),
-    /// From a frame without a content checksum (built before perch set
-    /// one): still to be compared with its signed hash
-    /// ([`VerifiedManifest::check_decoded`]) before any of it is written.
-    Unhashed(DecodedChunk),
-}
-
-/// Decodes compressed chunk `index`, whose stored bytes already matched
-/// their signed hash, into exactly its signed length (see [`Decoded`]).
-fn decode_trusted(m: &Manifest, index: u32, stored: &[u8], prefix: &[u8]) -> Result<Decoded, BundleError> {
-    let count = m.chunk_count();
-    let entry = m.chunk(index).ok_or(BundleError::ChunkOutOfRange { index, count })?;
-    let prefix = if entry.window() == 0 { &[][..] } else { prefix };
-    let data = super::decompress::chunk(stored, entry.len() as usize, prefix)
-        .map_err(|detail| BundleError::Decompress { index, count, detail })?;
-    Ok(if super::decompress::is_one_checksummed_frame(stored) {
-        Decoded::Written(CheckedChunk { index, data })
-    } else {
-        Decoded::Unhashed(DecodedChunk { index, data })
-    })
+/// Whether the bytes decoded from `stored` (which matched their signed
+/// hash) are the signer's chunk without hashing them again: `stored` is
+/// exactly one zstd frame with a content checksum, which the decoder
+/// confirmed. `perch bundle build` sets the checksum and signs a frame
+/// only once it decodes back to its chunk, so each byte an install
+/// writes is hashed once, as it travels. A frame without a checksum
+/// (built before perch set one) is compared with its signed hash.
+/// (Verifying a bundle still hashes the decoded bytes: that is what
+/// checks the signer's written hashes, which delta installs rely on.)
+fn decoded_is_checked(stored: &[u8]) -> bool {
+    super::decompress::is_one_checksummed_frame(stored)
 }
 
 /// A chunk after [`VerifiedManifest::check`].
@@ -722,6 +701,23 @@ fn read_exact<R: Read>(r: &mut R, buf: &mut [u8], section: Section) -> Result<()
         io::ErrorKind::UnexpectedEof => BundleError::Truncated(section),
         _ => BundleError::Io(e),
     })
+}
+
+/// Reads exactly `len` bytes into `buf`, replacing what it held, without
+/// zeroing its spare room first (4 % of an install's CPU did that).
+fn read_exact_into<R: Read>(
+    r: &mut R,
+    len: u32,
+    buf: &mut Vec<u8>,
+    section: Section,
+) -> Result<(), BundleError> {
+    buf.clear();
+    buf.reserve_exact(len as usize);
+    let got = r.take(u64::from(len)).read_to_end(buf).map_err(BundleError::Io)?;
+    if got < len as usize {
+        return Err(BundleError::Truncated(section));
+    }
+    Ok(())
 }
 
 /// The header and signature block: everything read before the signatures
