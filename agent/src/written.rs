@@ -80,3 +80,38 @@ impl Written {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+
+    #[test]
+    fn a_checkpoint_names_the_first_chunk_not_yet_written() {
+        let (tx, rx) = mpsc::channel();
+        let w = Written::new(2, 10, 300, tx);
+        // Chunks 3 and 4 before 2: nothing before 2 is missing, but 2 is.
+        w.record(3, 100);
+        w.record(4, 100);
+        w.record(6, 100);
+        assert_eq!(rx.try_recv(), Ok(2), "300 bytes written, chunk 2 still missing");
+        w.record(2, 100);
+        w.record(5, 100);
+        assert!(rx.try_recv().is_err(), "200 bytes since the last checkpoint");
+        w.record(7, 100);
+        assert_eq!(rx.try_recv(), Ok(8), "2..=7 are written");
+        assert_eq!(w.bytes(), 600);
+    }
+
+    #[test]
+    fn no_checkpoint_once_every_chunk_is_written_and_the_syncer_stops_at_finish() {
+        let (tx, rx) = mpsc::channel();
+        let w = Written::new(0, 2, 1, tx);
+        w.record(1, 10);
+        assert_eq!(rx.try_recv(), Ok(0));
+        w.record(0, 10);
+        assert!(rx.try_recv().is_err(), "the last sync, at the end, covers it");
+        w.finish();
+        assert_eq!(rx.recv(), Err(mpsc::RecvError), "the syncer's loop ends");
+    }
+}
