@@ -130,7 +130,7 @@ fn verify(args: &[String]) -> Result<()> {
 
 /// The fastest of [`RUNS`] runs (after one untimed), with the CPU time
 /// (user + system) that run took, from `wait4`'s resource usage.
-fn best_cpu(dir: &std::path::Path, cmd: &mut Command) -> Result<(Duration, Duration)> {
+pub(crate) fn best_cpu(dir: &std::path::Path, cmd: &mut Command) -> Result<(Duration, Duration)> {
     cmd.current_dir(dir).stdout(Stdio::null());
     let mut best = (Duration::MAX, Duration::ZERO);
     let hz = clock_ticks()?;
