@@ -1,23 +1,25 @@
 //! Linked chunks while staging (`ChunkEntry::ZstdLinked`: compressed
 //! against the written bytes before them).
 //!
-//! The hashers check chunks in any order, but a linked chunk can only be
-//! decoded once every chunk before it is known. For a bundle with linked
-//! chunks, a sequencer thread takes every checked chunk (fetched or reused
-//! from the device), puts them back in payload order, decodes each linked
-//! one against a [`Window`] of the chunks before it, checks it there, and
+//! A linked chunk can only be decoded once every chunk before it is
+//! known. For a bundle with linked chunks, staging sends each chunk to a
+//! lane: the chunks it reads, unchecked, and the ones it takes from the
+//! device, checked. A lane hashes the stored bytes of each chunk as it
+//! comes, puts its chunks back in payload order, decodes each linked one
+//! against a [`Window`] of the chunks before it, checks it there, and
 //! writes it to the slot from the window itself. A payload built in
 //! several chains (`perch bundle build` starts one every 32 MiB) is split
-//! into lanes, one sequencer each, so that the chains are decoded on every
-//! core at once; staging reads the lanes' chunks in turn.
+//! into lanes, one per core, so that the chains are decoded on every core
+//! at once; staging reads the lanes' chunks in turn.
 //!
 //! Each lane writes what it decoded on its own core, through its own
 //! handle on the slot: handing 256 KiB chunks to a writer thread on the
 //! other core made that thread's copy into the page cache five times
 //! slower than the same copy from a cache the data is still in (the
-//! writer thread was the bottleneck of a compressed install). The writer
-//! thread then only records what each lane wrote, for the journal. A
-//! bundle without linked chunks goes straight to the writer thread.
+//! writer thread was the bottleneck of a compressed install). What the
+//! lanes wrote goes to [`Written`], for the journal's checkpoints. A
+//! bundle without linked chunks goes to the hashers and the writer
+//! thread instead.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
