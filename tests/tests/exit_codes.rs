@@ -142,15 +142,18 @@ fn output_to_a_closed_pipe_ends_quietly() {
         ("perch-agent", vec!["check", "--trust", "org/trust.doc", "v2.perch"]),
     ];
     for (bin, args) in runs {
-        let mut child = Command::new(perch_tests::bin(bin))
+        // The reader is gone before the command starts, so its first write
+        // meets a closed pipe. (Dropped after the spawn, a busy machine
+        // let a fast command write and end first.)
+        let (reader, writer) = nix::unistd::pipe().unwrap();
+        drop(reader);
+        let child = Command::new(perch_tests::bin(bin))
             .args(&args)
             .current_dir(d.s.dir.path())
-            .stdout(Stdio::piped())
+            .stdout(Stdio::from(writer))
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        // The reader goes away before the command writes a byte.
-        drop(child.stdout.take());
         let out = child.wait_with_output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.is_empty(), "{bin} {args:?}: {stderr}");
