@@ -243,6 +243,7 @@ impl Lane<'_> {
             if self.abort.load(Ordering::SeqCst) {
                 return Ok(()); // another thread failed; it reports why
             }
+            let index = chunk.index();
             let chunk = match chunk {
                 ForLane::Read(c) => {
                     let checked = self.manifest.check(c)?;
@@ -250,10 +251,6 @@ impl Lane<'_> {
                     checked
                 }
                 ForLane::Checked(c) => c,
-            };
-            let index = match &chunk {
-                Checked::Written(c) => c.index(),
-                Checked::Linked(c) => c.index(),
             };
             early.insert(index, chunk);
             while let Some(chunk) = early.remove(&window.next()) {
